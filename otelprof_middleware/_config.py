@@ -1,0 +1,265 @@
+"""Typed configuration: keyword arguments first, then ``OTELPROF_*`` environment variables.
+
+Every field has a safe default. An invalid value raises ``ValueError`` at start-up,
+naming the keyword and its environment variable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+__all__ = ["DEBUG_PREFIX", "Config", "env_name"]
+
+DEBUG_PREFIX = "/debug/profile"
+"""Where the viewer lives, in the app and in ``otelprof serve``."""
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+
+T = TypeVar("T")
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a setting: ``sample_rate`` -> ``OTELPROF_SAMPLE_RATE``."""
+    return "OTELPROF_" + field_name.upper()
+
+
+def _where(name: str) -> str:
+    return f"{name} ({env_name(name)})"
+
+
+def _parse_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ValueError(f"{_where(name)} must be true/false/1/0/yes/no, got {value!r}")
+
+
+def _parse_float(name: str, value: object, *, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{_where(name)} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{_where(name)} must be a number, got {value!r}") from None
+    if math.isnan(number) or not low <= number <= high:
+        bounds = f"between {low:g} and {high:g}" if high != math.inf else f">= {low:g}"
+        raise ValueError(f"{_where(name)} must be {bounds}, got {value!r}")
+    return number
+
+
+def _parse_int(name: str, value: object, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{_where(name)} must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{_where(name)} must be an integer, got {value!r}") from None
+    if number < low:
+        raise ValueError(f"{_where(name)} must be >= {low}, got {value!r}")
+    return number
+
+
+def _parse_optional_str(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{_where(name)} must be a string, got {value!r}")
+    return value.strip() or None
+
+
+def _parse_paths(name: str, value: object) -> tuple[str, ...]:
+    items: list[object]
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, (list, tuple, frozenset, set)):
+        items = list(value)
+    else:
+        raise ValueError(f"{_where(name)} must be a comma-separated string or a list of paths")
+    paths: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not item.startswith("/"):
+            raise ValueError(f"{_where(name)}: every path must start with '/', got {item!r}")
+        paths.append(item.rstrip("/") or "/")
+    return tuple(paths)
+
+
+def _parse_public_url(name: str, value: object) -> str | None:
+    text = _parse_optional_str(name, value)
+    if text is None:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{_where(name)} must be an absolute http(s) URL, got {text!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{_where(name)} must not carry a query or fragment, got {text!r}")
+    return text.rstrip("/")
+
+
+def _parse_store(name: str, value: object) -> str | None:
+    text = _parse_optional_str(name, value)
+    if text is None:
+        return None
+    scheme = text.split(":", 1)[0].lower() if ":" in text else ""
+    if scheme not in ("sqlite", "memory", "redis", "rediss"):
+        raise ValueError(
+            f"{_where(name)} must be a URL like sqlite:///path/profiles.db, memory:// "
+            f"or redis://host:6379/0, got {text!r}"
+        )
+    return text
+
+
+def _parse_header(name: str, value: object) -> str:
+    text = _parse_optional_str(name, value)
+    if text is None or _HEADER_NAME.fullmatch(text) is None:
+        raise ValueError(f"{_where(name)} must be an HTTP header name, got {value!r}")
+    return text.lower()
+
+
+def _parse_service(name: str, value: object) -> str | None:
+    text = _parse_optional_str(name, value)
+    if text is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", text):
+        raise ValueError(
+            f"{_where(name)} may hold only letters, digits, '.', '_' and '-', got {text!r}"
+        )
+    return text
+
+
+_PARSERS: dict[str, Callable[[str, object], Any]] = {
+    "enabled": _parse_bool,
+    "sample_rate": lambda n, v: _parse_float(n, v, low=0.0, high=1.0),
+    "min_duration_ms": lambda n, v: _parse_float(n, v, low=0.0),
+    "store": _parse_store,
+    "store_max_profiles": lambda n, v: _parse_int(n, v, low=1),
+    "store_max_bytes": lambda n, v: _parse_int(n, v, low=1024),
+    "debug_route": _parse_bool,
+    "debug_token": _parse_optional_str,
+    "public_url": _parse_public_url,
+    "interval_ms": lambda n, v: _parse_float(n, v, low=0.05, high=1000.0),
+    "exclude_paths": _parse_paths,
+    "trigger_header": _parse_header,
+    "max_concurrent": lambda n, v: _parse_int(n, v, low=1),
+    "max_samples": lambda n, v: _parse_int(n, v, low=10),
+    "writer_queue_size": lambda n, v: _parse_int(n, v, low=1),
+    "service_name": _parse_service,
+    "state_dir": _parse_optional_str,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """All settings of the middleware. Build it with :meth:`Config.load`.
+
+    Attributes:
+        enabled: master switch (``OTELPROF_ENABLED``, default ``True``).
+        sample_rate: fraction of traces profiled, decided by trace id
+            (``OTELPROF_SAMPLE_RATE``, default ``0.1``).
+        min_duration_ms: keep a profile only when the request took at least this long
+            (``OTELPROF_MIN_DURATION_MS``, default ``0``: keep all).
+        store: store URL (``OTELPROF_STORE``); ``None`` means the embedded SQLite
+            store under ``state_dir``.
+        store_max_profiles: the store keeps at most this many profiles
+            (``OTELPROF_STORE_MAX_PROFILES``, default ``1000``).
+        store_max_bytes: and at most this many compressed bytes
+            (``OTELPROF_STORE_MAX_BYTES``, default 64 MiB).
+        debug_route: serve ``/debug/profile`` (``OTELPROF_DEBUG_ROUTE``, default ``False``).
+        debug_token: when set, the viewer and the trigger header require it
+            (``OTELPROF_DEBUG_TOKEN``).
+        public_url: base URL put in span links, e.g. ``https://api.example.com``
+            (``OTELPROF_PUBLIC_URL``); default: the request's own scheme and host.
+        interval_ms: sampling interval (``OTELPROF_INTERVAL_MS``, default ``1``).
+        exclude_paths: paths (and their sub-paths) never profiled
+            (``OTELPROF_EXCLUDE_PATHS``, comma-separated). The viewer's own routes are
+            always excluded.
+        trigger_header: request header that asks for a profile
+            (``OTELPROF_TRIGGER_HEADER``, default ``x-otelprof``).
+        max_concurrent: profiled requests in flight per process
+            (``OTELPROF_MAX_CONCURRENT``, default ``32``).
+        max_samples: samples kept per profile (``OTELPROF_MAX_SAMPLES``, default ``20000``).
+        writer_queue_size: profiles waiting for the background writer
+            (``OTELPROF_WRITER_QUEUE_SIZE``, default ``256``); more are dropped and counted.
+        service_name: names the state directory (``OTELPROF_SERVICE_NAME``); default
+            ``OTEL_SERVICE_NAME`` or ``unknown_service``.
+        state_dir: where the embedded store lives (``OTELPROF_STATE_DIR``); default
+            ``$XDG_STATE_HOME/otelprof/<service_name>`` (``~/.local/state/...``).
+    """
+
+    enabled: bool = True
+    sample_rate: float = 0.1
+    min_duration_ms: float = 0.0
+    store: str | None = None
+    store_max_profiles: int = 1000
+    store_max_bytes: int = 64 * 1024 * 1024
+    debug_route: bool = False
+    debug_token: str | None = None
+    public_url: str | None = None
+    interval_ms: float = 1.0
+    exclude_paths: tuple[str, ...] = ()
+    trigger_header: str = "x-otelprof"
+    max_concurrent: int = 32
+    max_samples: int = 20_000
+    writer_queue_size: int = 256
+    service_name: str | None = None
+    state_dir: str | None = None
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str] | None = None, /, **overrides: object
+    ) -> Config:
+        """Build a config from keyword ``overrides``, then ``OTELPROF_*`` variables, then defaults.
+
+        Raises:
+            ValueError: an unknown keyword, or a value that does not parse; the message
+                names the setting and its environment variable.
+        """
+        env = os.environ if environ is None else environ
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown otelprof setting(s): {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for name in known:
+            if name in overrides and overrides[name] is not None:
+                values[name] = _PARSERS[name](name, overrides[name])
+            elif env_name(name) in env:
+                values[name] = _PARSERS[name](name, env[env_name(name)])
+        if "service_name" not in values and env.get("OTEL_SERVICE_NAME"):
+            values["service_name"] = _parse_service("service_name", env["OTEL_SERVICE_NAME"])
+        return cls(**values)
+
+    @property
+    def interval(self) -> float:
+        """The sampling interval in seconds."""
+        return self.interval_ms / 1000.0
+
+    @property
+    def resolved_service_name(self) -> str:
+        """``service_name``, or ``unknown_service`` as OTel names an unnamed service."""
+        return self.service_name or "unknown_service"
+
+    def resolved_state_dir(self) -> str:
+        """The per-service directory of the embedded store."""
+        if self.state_dir:
+            return self.state_dir
+        base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".local", "state"
+        )
+        return os.path.join(base, "otelprof", self.resolved_service_name)
+
+    def resolved_store_url(self) -> str:
+        """The store URL in force: ``store`` or the embedded SQLite file."""
+        if self.store:
+            return self.store
+        return "sqlite:///" + os.path.join(self.resolved_state_dir(), "profiles.db")

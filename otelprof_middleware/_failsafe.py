@@ -1,0 +1,77 @@
+"""Fail open: catch, count and log (rate-limited) every internal failure.
+
+Nothing in the profiler, store, writer or renderer may fail or slow the user's
+request. Each risky step runs under ``with fail_open("stage"):``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["counters", "count", "fail_open", "log_failure", "reset_counters", "snapshot"]
+
+logger = logging.getLogger("otelprof_middleware")
+
+LOG_INTERVAL_SECONDS = 60.0
+"""A failure of one stage is logged at most once per this many seconds."""
+
+_lock = threading.Lock()
+counters: Counter[str] = Counter()
+_last_logged: dict[str, float] = {}
+
+
+def count(name: str, amount: int = 1) -> None:
+    """Add ``amount`` to the counter ``name`` (e.g. ``"dropped.queue_full"``)."""
+    with _lock:
+        counters[name] += amount
+
+
+def snapshot() -> dict[str, int]:
+    """A copy of all counters, for metrics pages and tests."""
+    with _lock:
+        return dict(counters)
+
+
+def reset_counters() -> None:
+    """Clear counters and the log rate limiter (tests use this)."""
+    with _lock:
+        counters.clear()
+        _last_logged.clear()
+
+
+def log_failure(stage: str, exc: BaseException) -> None:
+    """Count a failure of ``stage`` and log it unless it was logged recently."""
+    now = time.monotonic()
+    with _lock:
+        counters[f"failed.{stage}"] += 1
+        last = _last_logged.get(stage)
+        if last is not None and now - last < LOG_INTERVAL_SECONDS:
+            return
+        _last_logged[stage] = now
+    logger.warning(
+        "otelprof: %s failed (%s: %s); the request goes on unprofiled. "
+        "Further %s failures are counted and logged at most once per %.0f s.",
+        stage,
+        type(exc).__name__,
+        exc,
+        stage,
+        LOG_INTERVAL_SECONDS,
+        exc_info=exc,
+    )
+
+
+@contextmanager
+def fail_open(stage: str) -> Iterator[None]:
+    """Run the block; on ``Exception``, count and log it and carry on.
+
+    ``BaseException`` (cancellation, ``KeyboardInterrupt``) is never swallowed.
+    """
+    try:
+        yield
+    except Exception as exc:
+        log_failure(stage, exc)
