@@ -11,10 +11,10 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
-__all__ = ["DEBUG_PREFIX", "Config", "env_name"]
+__all__ = ["DEBUG_PREFIX", "Config", "Settings", "env_name"]
 
 DEBUG_PREFIX = "/debug/profile"
 """Where the viewer lives, in the app and in ``otelprof serve``."""
@@ -137,6 +137,28 @@ def _parse_service(name: str, value: object) -> str | None:
     return text
 
 
+class Settings(TypedDict, total=False):
+    """The keyword arguments both middlewares accept; see :class:`Config` for each."""
+
+    enabled: bool
+    sample_rate: float
+    min_duration_ms: float
+    store: str
+    store_max_profiles: int
+    store_max_bytes: int
+    debug_route: bool
+    debug_token: str
+    public_url: str
+    interval_ms: float
+    exclude_paths: tuple[str, ...] | list[str] | str
+    trigger_header: str
+    max_concurrent: int
+    max_samples: int
+    writer_queue_size: int
+    service_name: str
+    state_dir: str
+
+
 _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "enabled": _parse_bool,
     "sample_rate": lambda n, v: _parse_float(n, v, low=0.0, high=1.0),
@@ -257,6 +279,12 @@ class Config:
             os.path.expanduser("~"), ".local", "state"
         )
         return os.path.join(base, "otelprof", self.resolved_service_name)
+
+    def base_url(self, scheme: str, host: str | None, root_path: str) -> str:
+        """The start of profile links: ``public_url``, else the request's scheme and host."""
+        if self.public_url:
+            return self.public_url
+        return f"{scheme}://{host or 'localhost'}{root_path.rstrip('/')}"
 
     def resolved_store_url(self) -> str:
         """The store URL in force: ``store`` or the embedded SQLite file."""

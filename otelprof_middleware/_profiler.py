@@ -1,0 +1,268 @@
+"""The framework-agnostic core the ASGI and WSGI adapters delegate to.
+
+``start()`` decides and starts a request's profile; ``finish()`` stops it, decides
+whether to keep it, puts the link on the span and hands the session to the writer.
+Both are fail-open: any internal error leaves the request unprofiled, never harmed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import re
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from contextvars import Token
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+from opentelemetry.trace import format_span_id, format_trace_id
+from pyinstrument.stack_sampler import build_call_stack
+
+from ._config import Config
+from ._failsafe import count, fail_open, log_failure
+from ._record import ProfileRecord, ProfileSummary
+from ._sampling import Sampler
+from ._session import RequestProfile, ThreadSampler, current_request, thread_sampler
+from ._span import profile_url, set_profile_attributes
+from ._writer import ProfileWriter
+from .stores import open_store
+from .stores._base import ProfileStore
+
+__all__ = ["ActiveProfile", "LazyStore", "ProfilerCore", "normalise_method", "safe_host"]
+
+_KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
+STORE_RETRY_SECONDS = 5.0
+
+
+def normalise_method(method: str) -> str:
+    """The request method, or ``_OTHER`` as OTel's semantic conventions spell unknown ones."""
+    return method if method in _KNOWN_METHODS else "_OTHER"
+
+
+def safe_host(host: str | None) -> str | None:
+    """``host`` when it is a plain ``name[:port]`` or ``[v6][:port]``; else None."""
+    if host and _HOST.fullmatch(host):
+        return host
+    return None
+
+
+@dataclass(slots=True)
+class ActiveProfile:
+    """A request being profiled."""
+
+    request: RequestProfile
+    sampler: ThreadSampler
+    span: trace.Span
+    trace_id: str
+    span_id: str
+    method: str
+    token: Token[RequestProfile | None] | None
+    finished: bool = field(default=False)
+
+
+class ProfilerCore:
+    """Sampling, the per-request session, the store and the writer, behind two calls.
+
+    Args:
+        config: the settings.
+        store: a store instance to use instead of opening ``config.store``.
+    """
+
+    def __init__(self, config: Config, *, store: ProfileStore | None = None) -> None:
+        self.config = config
+        self.sampler = Sampler(config)
+        self._store = store
+        self._store_lock = threading.Lock()
+        self._store_retry_at = 0.0
+        self.writer = ProfileWriter(self.get_store, config.writer_queue_size)
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._interval = config.interval
+        self._min_duration = config.min_duration_ms / 1000.0
+        atexit.register(self.writer.close, 2.0)
+
+    def get_store(self) -> ProfileStore:
+        """The store, opened on first use; after a failure, retried every few seconds.
+
+        Raises:
+            Exception: whatever opening the store raised (callers fail open).
+        """
+        store = self._store
+        if store is not None:
+            return store
+        with self._store_lock:
+            if self._store is not None:
+                return self._store
+            now = time.monotonic()
+            if now < self._store_retry_at:
+                raise RuntimeError("profile store unavailable (retrying shortly)")
+            try:
+                self._store = open_store(
+                    self.config.resolved_store_url(),
+                    max_profiles=self.config.store_max_profiles,
+                    max_bytes=self.config.store_max_bytes,
+                )
+            except Exception:
+                self._store_retry_at = now + STORE_RETRY_SECONDS
+                raise
+            return self._store
+
+    def start(
+        self, span: trace.Span, *, method: str, trigger: bytes | None, description: str
+    ) -> ActiveProfile | None:
+        """Decide whether to profile this request and, if so, start its profile.
+
+        Must run on the thread (and in the asyncio task) that runs the request.
+        """
+        context = span.get_span_context()
+        sampler = self.sampler
+        if not (
+            sampler.is_triggered(trigger)
+            or sampler.is_sampled(context.trace_id, span.is_recording())
+        ):
+            return None
+        if current_request.get() is not None:
+            return None  # already profiled by an outer middleware: never twice
+        with self._active_lock:
+            if self._active >= self.config.max_concurrent:
+                count("skipped.concurrency_cap")
+                return None
+            self._active += 1
+        try:
+            request = RequestProfile(
+                interval=self._interval,
+                max_samples=self.config.max_samples,
+                start_call_stack=build_call_stack(sys._getframe(2), "initial", None),
+                description=description,
+            )
+            token = current_request.set(request)
+            hook = thread_sampler(self._interval)
+            try:
+                hook.acquire()
+            except BaseException:
+                current_request.reset(token)
+                raise
+        except Exception as exc:
+            with self._active_lock:
+                self._active -= 1
+            log_failure("profiler.start", exc)
+            return None
+        return ActiveProfile(
+            request=request,
+            sampler=hook,
+            span=span,
+            trace_id=format_trace_id(context.trace_id),
+            span_id=format_span_id(context.span_id),
+            method=normalise_method(method),
+            token=token,
+        )
+
+    def finish(
+        self, active: ActiveProfile, *, status_code: int, route: str, base_url: str
+    ) -> None:
+        """Stop the profile; keep it when long enough: span link, then the writer.
+
+        Safe to call more than once (only the first call counts) and from any task.
+        """
+        if active.finished:
+            return
+        active.finished = True
+        request = active.request
+        request.closed = True
+        duration = time.perf_counter() - request.start_perf
+        with fail_open("profiler.stop"):
+            if active.sampler.thread_id == threading.get_ident():
+                active.sampler.release()
+            else:  # finished elsewhere: the hook removes itself on that thread's next event
+                active.sampler.users -= 1
+        with self._active_lock:
+            self._active -= 1
+        if duration < self._min_duration:
+            count("discarded.short")
+            return
+        with fail_open("span"):
+            if active.span.is_recording():
+                url = profile_url(base_url, active.trace_id, active.span_id)
+                set_profile_attributes(active.span, active.trace_id, active.span_id, url)
+        with fail_open("writer.submit"):
+            summary = ProfileSummary(
+                trace_id=active.trace_id,
+                span_id=active.span_id,
+                method=active.method,
+                route=route,
+                status_code=status_code,
+                duration_ms=round(duration * 1000.0, 3),
+                start_time=request.start_wall,
+                sample_count=len(request.records),
+                mode="hook",
+                interval_ms=self.config.interval_ms,
+            )
+            request.description = f"{active.method} {route or '(unmatched route)'}"
+            self.writer.submit(summary, request.to_session(duration))
+
+    @staticmethod
+    def detach(active: ActiveProfile) -> None:
+        """Clear the request's contextvar in the context that set it."""
+        token, active.token = active.token, None
+        if token is None:
+            return
+        try:
+            current_request.reset(token)
+        except ValueError:  # a different context (e.g. close() on another task/thread)
+            current_request.set(None)
+
+
+class LazyStore:
+    """A :class:`ProfileStore` that opens the core's store on first use (for the viewer)."""
+
+    def __init__(self, core: ProfilerCore) -> None:
+        self._core = core
+
+    @property
+    def url(self) -> str:
+        """The store's URL."""
+        return self._core.config.resolved_store_url()
+
+    def put(self, record: ProfileRecord) -> None:
+        """See :meth:`ProfileStore.put`."""
+        self._core.get_store().put(record)
+
+    def get(self, trace_id: str, span_id: str | None = None) -> Sequence[ProfileRecord]:
+        """See :meth:`ProfileStore.get`."""
+        return self._core.get_store().get(trace_id, span_id)
+
+    def list(
+        self,
+        *,
+        limit: int = 100,
+        route: str | None = None,
+        min_duration_ms: float | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        order: str = "newest",
+    ) -> Sequence[ProfileSummary]:
+        """See :meth:`ProfileStore.list`."""
+        return self._core.get_store().list(
+            limit=limit,
+            route=route,
+            min_duration_ms=min_duration_ms,
+            since=since,
+            until=until,
+            order=order,
+        )
+
+    def delete(self, trace_id: str, span_id: str | None = None) -> int:
+        """See :meth:`ProfileStore.delete`."""
+        return self._core.get_store().delete(trace_id, span_id)
+
+    def stats(self) -> tuple[int, int]:
+        """See :meth:`ProfileStore.stats`."""
+        return self._core.get_store().stats()
+
+    def close(self) -> None:
+        """Closing is the core's business; nothing to do."""

@@ -1,0 +1,61 @@
+"""Which requests to profile, decided at request start, cheapest test first (DESIGN.md).
+
+1. disabled, or path excluded (the viewer's own routes always) -> no;
+2. trigger header, when allowed -> yes;
+3. trace not sampled (span not recording) -> no;
+4. deterministic by trace id at ``sample_rate`` (same rule as OTel's TraceIdRatioBased);
+5. the concurrency cap is applied by the caller when it starts the profile.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from ._config import DEBUG_PREFIX, Config
+
+__all__ = ["Sampler"]
+
+_TRACE_ID_LOW_BITS = (1 << 64) - 1
+
+
+class Sampler:
+    """The per-request decision, with everything that can be precomputed done in ``__init__``.
+
+    Args:
+        config: the middleware's settings.
+    """
+
+    __slots__ = ("_bound", "_enabled", "_excluded", "_token", "trigger_header", "triggers_allowed")
+
+    def __init__(self, config: Config) -> None:
+        self._enabled = config.enabled
+        self._excluded = (DEBUG_PREFIX, *config.exclude_paths)
+        # The same bound as opentelemetry.sdk.trace.sampling.TraceIdRatioBased, so a
+        # rate shared by every service in a trace profiles the same traces everywhere.
+        self._bound = round(config.sample_rate * (1 << 64))
+        self._token = config.debug_token.encode() if config.debug_token else None
+        self.trigger_header = config.trigger_header.encode("latin-1")
+        # Triggers: with a token, only a request carrying it; without one, only in
+        # development (the viewer is on and therefore loopback-only).
+        self.triggers_allowed = self._token is not None or config.debug_route
+
+    def is_excluded(self, path: str) -> bool:
+        """True for paths never profiled: when disabled, the viewer, ``exclude_paths``."""
+        if not self._enabled:
+            return True
+        for prefix in self._excluded:
+            if path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/"):
+                return True
+        return False
+
+    def is_triggered(self, header_value: bytes | None) -> bool:
+        """True when the trigger header asks for a profile and triggers are allowed."""
+        if header_value is None or not self.triggers_allowed:
+            return False
+        if self._token is None:
+            return True
+        return hmac.compare_digest(header_value.strip(), self._token)
+
+    def is_sampled(self, trace_id: int, is_recording: bool) -> bool:
+        """Steps 3 and 4: only recorded traces, deterministically by trace id."""
+        return is_recording and (trace_id & _TRACE_ID_LOW_BITS) < self._bound

@@ -1,0 +1,197 @@
+"""One profile per request, routed by a contextvar: concurrent requests never mix.
+
+How it works (the Go pprof-labels idea, on pyinstrument's own low-level hook):
+
+* The request being profiled is kept in the contextvar ``current_request``. asyncio
+  tasks copy their context when created, so the request's own task and every child task
+  it spawns see it; other requests' tasks do not.
+* One pyinstrument ``setstatprofile`` hook per thread (:class:`ThreadSampler`), installed
+  while at least one profiled request runs on that thread and removed when the last one
+  ends, so unprofiled traffic pays nothing once no profile is active. The hook is given
+  ``current_request`` as its context var: pyinstrument's C code reports every change of
+  its value (a task switch on the event loop) as a ``context_changed`` event.
+* Each sample goes to the :class:`RequestProfile` that is current at that moment. When a
+  request is switched out while awaiting, it remembers the awaiting stack; when it is
+  switched back in, the time away is recorded under that stack plus pyinstrument's
+  ``[await]`` frame, exactly as pyinstrument's own async mode shows it.
+* At the end, the request's records become a plain pyinstrument :class:`Session`, so all
+  of pyinstrument's renderers draw it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import types
+from contextvars import ContextVar
+from typing import Any
+
+from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
+from pyinstrument.low_level.stat_profile import setstatprofile
+from pyinstrument.session import Session
+from pyinstrument.stack_sampler import build_call_stack
+
+from ._failsafe import count
+
+__all__ = ["RequestProfile", "ThreadSampler", "current_request", "thread_sampler"]
+
+current_request: ContextVar[RequestProfile | None] = ContextVar(
+    "otelprof_current_request", default=None
+)
+
+_SYS_PREFIXES = Session.current_sys_prefixes()
+
+FrameRecord = tuple[list[str], float]
+
+
+class RequestProfile:
+    """The samples of one request, appended by the hooks of whichever threads run it."""
+
+    __slots__ = (
+        "closed",
+        "description",
+        "dropped_samples",
+        "interval",
+        "max_samples",
+        "own_seconds",
+        "records",
+        "start_call_stack",
+        "start_perf",
+        "start_wall",
+        "suspended_at",
+        "suspended_stack",
+    )
+
+    def __init__(
+        self,
+        *,
+        interval: float,
+        max_samples: int,
+        start_call_stack: list[str],
+        description: str = "",
+    ) -> None:
+        self.records: list[FrameRecord] = []
+        self.interval = interval
+        self.max_samples = max_samples
+        self.dropped_samples = 0
+        self.own_seconds = 0.0
+        self.start_call_stack = start_call_stack
+        self.description = description
+        self.start_wall = time.time()
+        self.start_perf = time.perf_counter()
+        self.suspended_at: float | None = None
+        self.suspended_stack: list[str] | None = None
+        self.closed = False
+
+    def add(self, stack: list[str], seconds: float) -> None:
+        """Record ``seconds`` spent in ``stack`` (root first)."""
+        if len(self.records) >= self.max_samples:
+            self.dropped_samples += 1
+            return
+        self.records.append((stack, seconds))
+        self.own_seconds += seconds
+
+    def suspend(self, stack: list[str], now: float) -> None:
+        """The request was switched out at ``now``; ``stack`` is where it waits."""
+        self.suspended_at = now
+        self.suspended_stack = stack
+
+    def resume(self, now: float) -> None:
+        """The request runs again: the time away is an ``[await]`` under its waiting stack."""
+        if self.suspended_at is not None and self.suspended_stack is not None:
+            waited = now - self.suspended_at
+            if waited > 0 and len(self.records) < self.max_samples:
+                self.records.append(([*self.suspended_stack, AWAIT_FRAME_IDENTIFIER], waited))
+        self.suspended_at = None
+        self.suspended_stack = None
+
+    def to_session(self, duration: float) -> Session:
+        """Freeze the samples into a pyinstrument session (call after ``closed`` is set)."""
+        description = self.description
+        if self.dropped_samples:
+            description += f" (sample cap reached: {self.dropped_samples} samples dropped)"
+        return Session(
+            frame_records=self.records,
+            start_time=self.start_wall,
+            duration=duration,
+            min_interval=self.interval,
+            max_interval=self.interval,
+            sample_count=len(self.records),
+            start_call_stack=self.start_call_stack,
+            target_description=description,
+            cpu_time=self.own_seconds,
+            sys_path=list(sys.path),
+            sys_prefixes=list(_SYS_PREFIXES),
+        )
+
+
+class ThreadSampler:
+    """The pyinstrument hook of one thread, shared by the profiled requests running on it.
+
+    Only ever touched from its own thread (``acquire``/``release`` run where the
+    request runs), so it needs no lock.
+    """
+
+    __slots__ = ("_last", "interval", "thread_id", "users")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.thread_id = threading.get_ident()
+        self.users = 0
+        self._last = 0.0
+
+    def acquire(self) -> None:
+        """Install the hook on this thread unless it is already installed."""
+        if self.users == 0:
+            self._last = time.perf_counter()
+            setstatprofile(
+                target=self._on_event, interval=self.interval, context_var=current_request
+            )
+        self.users += 1
+
+    def release(self) -> None:
+        """Remove the hook when the last profiled request on this thread ends."""
+        self.users -= 1
+        if self.users <= 0:
+            self.users = 0
+            setstatprofile(None)
+
+    def _on_event(self, frame: types.FrameType, event: str, arg: Any) -> None:
+        # An exception escaping here would remove the hook *and* surface in the user's
+        # code, so nothing may escape.
+        try:
+            if self.users <= 0:  # the last request ended on another thread
+                setstatprofile(None)
+                return
+            now = time.perf_counter()
+            elapsed = now - self._last
+            self._last = now
+            if event == "context_changed":
+                new, old, await_stack = arg
+                if old is not None and not old.closed:
+                    stack = build_call_stack(frame, event, arg)
+                    old.add(stack, elapsed)
+                    if await_stack:
+                        stack = stack + list(reversed(await_stack))
+                    old.suspend(stack, now)
+                if new is not None and not new.closed:
+                    new.resume(now)
+            else:
+                request = current_request.get()
+                if request is not None and not request.closed:
+                    request.add(build_call_stack(frame, event, arg), elapsed)
+        except Exception:
+            count("failed.sample")
+
+
+_local = threading.local()
+
+
+def thread_sampler(interval: float) -> ThreadSampler:
+    """The sampler of the calling thread (created on first use)."""
+    sampler: ThreadSampler | None = getattr(_local, "sampler", None)
+    if sampler is None:
+        sampler = ThreadSampler(interval)
+        _local.sampler = sampler
+    return sampler

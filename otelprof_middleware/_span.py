@@ -1,0 +1,63 @@
+"""Everything about the OTel span: which one we join, and the attribute names we set.
+
+Attribute names live here and nowhere else; docs/attributes.md explains the choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import trace
+
+from ._config import DEBUG_PREFIX
+
+__all__ = [
+    "PROFILE_ID",
+    "PROFILE_URL",
+    "current_server_span",
+    "profile_url",
+    "route_attribute",
+    "set_profile_attributes",
+]
+
+PROFILE_ID = "otelprof.profile.id"
+"""``<trace_id>-<span_id>``: the stored profile's key."""
+
+PROFILE_URL = "otelprof.profile.url"
+"""Absolute URL of the profile page; Grafana shows it in the span's attributes."""
+
+
+def current_server_span() -> trace.Span | None:
+    """The span to join: the current span when it was started in this process.
+
+    Every instrumentation that runs before us (FastAPI's own telemetry,
+    FastAPIInstrumentor, OpenTelemetryMiddleware, FlaskInstrumentor's WSGI wrapper)
+    makes its server span current, so at our entry it is ``get_current_span()``. A remote
+    parent (a ``NonRecordingSpan`` built from headers) or no span means nobody opened
+    the server span yet; the adapters then open one through the OTel middleware.
+    """
+    span = trace.get_current_span()
+    context = span.get_span_context()
+    if not context.is_valid or context.is_remote:
+        return None
+    return span
+
+
+def profile_url(base_url: str, trace_id: str, span_id: str) -> str:
+    """The absolute link to one profile. Never carries the debug token."""
+    return f"{base_url}{DEBUG_PREFIX}/{trace_id}?span_id={span_id}"
+
+
+def set_profile_attributes(span: trace.Span, trace_id: str, span_id: str, url: str) -> None:
+    """Put the profile id and URL on ``span`` (call before the span ends)."""
+    span.set_attributes({PROFILE_ID: f"{trace_id}-{span_id}", PROFILE_URL: url})
+
+
+def route_attribute(span: trace.Span) -> str | None:
+    """The ``http.route`` an instrumentation already put on ``span``, if readable."""
+    attributes: Mapping[str, Any] | None = getattr(span, "attributes", None)
+    if not attributes:
+        return None
+    route = attributes.get("http.route")
+    return route if isinstance(route, str) else None

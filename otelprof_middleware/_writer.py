@@ -1,0 +1,100 @@
+"""Background writer: serialisation and store writes happen off the request path.
+
+The queue is bounded; when it is full the profile is dropped and counted, the request
+never waits. The thread starts on first use and again in a forked child (gunicorn
+``--preload``), since threads do not survive ``fork()``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+from pyinstrument.session import Session
+
+from ._failsafe import count, fail_open
+from ._record import ProfileRecord, ProfileSummary
+from .stores._base import ProfileStore
+
+__all__ = ["ProfileWriter"]
+
+_STOP = object()
+
+
+class ProfileWriter:
+    """Hands kept profiles to a store on a daemon thread.
+
+    Args:
+        get_store: returns the store to write to (may raise; the failure is counted).
+        queue_size: profiles that may wait; more are dropped (counter ``dropped.queue_full``).
+    """
+
+    def __init__(self, get_store: Callable[[], ProfileStore], queue_size: int) -> None:
+        self._get_store = get_store
+        self._queue_size = queue_size
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._queue: queue.Queue[object] = queue.Queue(queue_size)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, summary: ProfileSummary, session: Session) -> bool:
+        """Queue a profile for writing; never blocks. Returns False when it was dropped."""
+        if self._pid != os.getpid():
+            self._start()
+        try:
+            self._queue.put_nowait((summary, session))
+        except queue.Full:
+            count("dropped.queue_full")
+            return False
+        return True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued profile is written (tests, shutdown). True if drained."""
+        if self._thread is None or self._pid != os.getpid():
+            return True
+        done = threading.Event()
+        try:
+            self._queue.put((done, None), timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the thread."""
+        thread = self._thread
+        if thread is None or self._pid != os.getpid():
+            return
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return
+        thread.join(timeout)
+        self._thread = None
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._queue = queue.Queue(self._queue_size)
+            self._thread = threading.Thread(
+                target=self._run, args=(self._queue,), name="otelprof-writer", daemon=True
+            )
+            self._thread.start()
+            self._pid = os.getpid()
+
+    def _run(self, work: queue.Queue[object]) -> None:
+        while True:
+            item = work.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, tuple)
+            first, second = item
+            if isinstance(first, threading.Event):
+                first.set()
+                continue
+            with fail_open("store.put"):
+                record = ProfileRecord.from_session(first, second)
+                self._get_store().put(record)
+                count("written")

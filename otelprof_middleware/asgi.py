@@ -1,0 +1,175 @@
+"""``ProfilingMiddleware``: the ASGI adapter (FastAPI, Starlette, Django's ASGI app)."""
+
+from __future__ import annotations
+
+from typing import Unpack
+
+import anyio.to_thread
+from opentelemetry import trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+from ._config import Config, Settings
+from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
+from ._span import current_server_span, route_attribute
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .stores._base import ProfileStore
+from .viewer import Viewer, ViewerRequest
+
+__all__ = ["ProfilingMiddleware"]
+
+
+class ProfilingMiddleware:
+    """Profile sampled requests with pyinstrument and link each profile from its span.
+
+    Pure ASGI (no ``BaseHTTPMiddleware``): contextvars, streaming and background tasks
+    behave exactly as without it. Websocket and lifespan scopes pass straight through.
+
+    Example::
+
+        from fastapi import FastAPI
+        from otelprof_middleware import ProfilingMiddleware
+
+        app = FastAPI()
+        app.add_middleware(ProfilingMiddleware, sample_rate=0.1, debug_route=True)
+
+    Args:
+        app: the ASGI application to wrap.
+        tracer_provider: used only when no instrumentation opened a server span; then
+            this middleware opens one through opentelemetry-instrumentation-asgi.
+            Default: the global provider.
+        profile_store: a store instance (tests, custom backends) instead of the
+            ``store`` URL.
+        **settings: every :class:`~otelprof_middleware.Config` field, e.g.
+            ``sample_rate=0.1`` (also read from ``OTELPROF_*`` environment variables;
+            an explicit argument wins).
+
+    Raises:
+        ValueError: a setting or ``OTELPROF_*`` variable is invalid (named in the message).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        /,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        profile_store: ProfileStore | None = None,
+        **settings: Unpack[Settings],
+    ) -> None:
+        self.app = app
+        self.config = Config.load(**settings)
+        self._core = ProfilerCore(self.config, store=profile_store)
+        self._sampler = self._core.sampler
+        self._trigger_header = self._sampler.trigger_header
+        self._viewer = (
+            Viewer(
+                LazyStore(self._core),
+                token=self.config.debug_token,
+                public_url=self.config.public_url,
+            )
+            if self.config.debug_route
+            else None
+        )
+        self._traced_app = OpenTelemetryMiddleware(
+            self._profiled, tracer_provider=tracer_provider, exclude_spans=["receive", "send"]
+        )
+
+    @property
+    def core(self) -> ProfilerCore:
+        """The framework-agnostic core (store, writer, counters), for tests and tools."""
+        return self._core
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if self._viewer is not None and self._viewer.handles(path):
+            await self._serve_viewer(self._viewer, scope, send)
+        elif self._sampler.is_excluded(path):
+            await self.app(scope, receive, send)
+        elif current_server_span() is None:
+            await self._traced_app(scope, receive, send)
+        else:
+            await self._profiled(scope, receive, send)
+
+    async def _profiled(self, scope: Scope, receive: Receive, send: Send) -> None:
+        trigger = self._find_trigger(scope) if self._sampler.triggers_allowed else None
+        active = self._core.start(
+            trace.get_current_span(), method=scope["method"], trigger=trigger, description=""
+        )
+        if active is None:
+            await self.app(scope, receive, send)
+            return
+        status_code = 500
+
+        async def send_profiled(message: Message) -> None:
+            nonlocal status_code
+            kind = message["type"]
+            if kind == "http.response.start":
+                status_code = message["status"]
+            elif (
+                kind == "http.response.body" and not message.get("more_body", False)
+            ) or kind == "http.response.pathsend":
+                # The server span ends right after this message: link it first.
+                self._finish(active, scope, status_code)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_profiled)
+        finally:
+            self._finish(active, scope, status_code)
+            self._core.detach(active)
+
+    def _finish(self, active: ActiveProfile, scope: Scope, status_code: int) -> None:
+        if active.finished:
+            return
+        route = getattr(scope.get("route"), "path", None)
+        if not isinstance(route, str):
+            route = route_attribute(active.span) or ""
+        host = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = safe_host(value.decode("latin-1"))
+                break
+        if host is None and scope.get("server"):
+            server_host, server_port = scope["server"]
+            host = safe_host(f"{server_host}:{server_port}")
+        base_url = self.config.base_url(
+            scope.get("scheme", "http"), host, scope.get("root_path", "")
+        )
+        self._core.finish(active, status_code=status_code, route=route, base_url=base_url)
+
+    def _find_trigger(self, scope: Scope) -> bytes | None:
+        for name, value in scope["headers"]:
+            if name == self._trigger_header:
+                return bytes(value)
+        return None
+
+    async def _serve_viewer(self, viewer: Viewer, scope: Scope, send: Send) -> None:
+        headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in scope["headers"]
+        }
+        client = scope.get("client")
+        request = ViewerRequest(
+            method=scope["method"],
+            path=scope["path"],
+            query_string=scope.get("query_string", b""),
+            headers=headers,
+            client_host=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            host=safe_host(headers.get("host")),
+        )
+        response = await anyio.to_thread.run_sync(viewer.handle, request)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    (name.lower().encode("latin-1"), value.encode("latin-1"))
+                    for name, value in response.headers
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})

@@ -1,0 +1,337 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from otelprof_middleware import ProfilingMiddleware
+from otelprof_middleware._span import PROFILE_ID, PROFILE_URL
+from otelprof_middleware.stores import MemoryStore
+
+from .helpers import make_provider, marker_alpha, marker_beta, server_spans, text_of
+
+LOOPBACK = ("127.0.0.1", 50000)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+async def alpha(request: Request) -> JSONResponse:
+    await asyncio.sleep(0.002)
+    marker_alpha(0.02)
+    await asyncio.sleep(0.002)
+    return JSONResponse({"endpoint": "alpha"})
+
+
+async def beta(request: Request) -> JSONResponse:
+    await asyncio.sleep(0.002)
+    marker_beta(0.02)
+    await asyncio.sleep(0.002)
+    return JSONResponse({"endpoint": "beta"})
+
+
+async def item(request: Request) -> JSONResponse:
+    marker_alpha(0.005)
+    return JSONResponse({"id": request.path_params["item_id"]})
+
+
+async def stream(request: Request) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        for index in range(5):
+            marker_beta(0.004)
+            yield f"chunk{index}\n".encode()
+
+    return StreamingResponse(body())
+
+
+async def fail(request: Request) -> PlainTextResponse:
+    marker_alpha(0.005)
+    raise Boom("on purpose")
+
+
+def make_app() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/alpha", alpha),
+            Route("/beta", beta),
+            Route("/items/{item_id}", item),
+            Route("/stream", stream),
+            Route("/fail", fail),
+        ]
+    )
+
+
+@pytest.fixture
+def otel() -> tuple[TracerProvider, InMemorySpanExporter]:
+    return make_provider()
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+def wrap(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, **settings: Any
+) -> ProfilingMiddleware:
+    settings.setdefault("sample_rate", 1.0)
+    settings.setdefault("debug_route", True)
+    return ProfilingMiddleware(
+        make_app(), tracer_provider=otel[0], profile_store=store, **settings
+    )
+
+
+@pytest.fixture
+def closing() -> Iterator[list[ProfilingMiddleware]]:
+    made: list[ProfilingMiddleware] = []
+    yield made
+    for middleware in made:
+        middleware.core.writer.close()
+
+
+def test_opens_one_server_span_links_it_and_stores_the_profile(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    app = wrap(otel, store)
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        response = client.get("/items/42")
+        assert response.json() == {"id": "42"}
+        assert app.core.writer.flush()
+        spans = server_spans(otel[1])
+        assert len(spans) == 1
+        span = spans[0]
+        trace_id = format(span.context.trace_id, "032x")
+        span_id = format(span.context.span_id, "016x")
+        assert span.attributes is not None
+        assert span.attributes[PROFILE_ID] == f"{trace_id}-{span_id}"
+        url = str(span.attributes[PROFILE_URL])
+        assert url == f"http://testserver/debug/profile/{trace_id}?span_id={span_id}"
+        [record] = store.get(trace_id)
+        assert record.summary.route == "/items/{item_id}"
+        assert record.summary.method == "GET"
+        assert record.summary.status_code == 200
+        assert "marker_alpha" in text_of(record.session())
+        page = client.get(url.replace("http://testserver", ""), params={"format": "text"})
+        assert page.status_code == 200
+        assert "marker_alpha" in page.text
+
+
+def test_joins_an_outer_otel_middleware_span(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    inner = wrap(otel, store)
+    closing.append(inner)
+    app = OpenTelemetryMiddleware(inner, tracer_provider=otel[0])
+    with TestClient(app, client=LOOPBACK) as client:
+        assert client.get("/alpha").status_code == 200
+    spans = server_spans(otel[1])
+    assert len(spans) == 1
+    assert spans[0].attributes is not None and PROFILE_URL in spans[0].attributes
+
+
+def test_joins_fastapi_native_and_instrumentor_spans(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    from fastapi import FastAPI
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    for use_instrumentor in (False, True):
+        otel[1].clear()
+        api = FastAPI(telemetry={"tracer_provider": otel[0]})  # type: ignore[typeddict-item]
+
+        @api.get("/things/{thing_id}")
+        async def thing(thing_id: int) -> dict[str, int]:
+            marker_alpha(0.005)
+            return {"thing_id": thing_id}
+
+        api.add_middleware(
+            ProfilingMiddleware, profile_store=store, sample_rate=1.0, tracer_provider=otel[0]
+        )
+        if use_instrumentor:
+            FastAPIInstrumentor.instrument_app(api, tracer_provider=otel[0])
+        with TestClient(api, client=LOOPBACK) as client:
+            assert client.get("/things/7").json() == {"thing_id": 7}
+        spans = server_spans(otel[1])
+        assert len(spans) == 1, [s.name for s in spans]
+        assert spans[0].attributes is not None
+        assert PROFILE_URL in spans[0].attributes, use_instrumentor
+        if use_instrumentor:
+            FastAPIInstrumentor.uninstrument_app(api)
+
+
+def test_exception_keeps_profile_and_span_records_error(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    app = wrap(otel, store)
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK, raise_server_exceptions=False) as client:
+        assert client.get("/fail").status_code == 500
+    with TestClient(app, client=LOOPBACK) as client, pytest.raises(Boom):
+        client.get("/fail")
+    app.core.writer.flush()
+    [span, _] = server_spans(otel[1])
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes is not None and PROFILE_URL in span.attributes
+    records = store.list()
+    assert len(records) == 2
+    assert {r.status_code for r in records} == {500}
+    [record] = store.get(records[0].trace_id)
+    assert "fail" in text_of(record.session())
+
+
+def test_streaming_body_is_profiled_until_the_last_chunk(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    app = wrap(otel, store)
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        assert client.get("/stream").text == "".join(f"chunk{i}\n" for i in range(5))
+    app.core.writer.flush()
+    [summary] = store.list()
+    [record] = store.get(summary.trace_id)
+    assert "marker_beta" in text_of(record.session())
+    assert summary.duration_ms >= 15
+
+
+def test_min_duration_drops_fast_requests_and_sets_no_attribute(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    app = wrap(otel, store, min_duration_ms=10_000)
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        client.get("/alpha")
+    app.core.writer.flush()
+    assert store.list() == []
+    [span] = server_spans(otel[1])
+    assert span.attributes is not None and PROFILE_URL not in span.attributes
+
+
+def test_unsampled_requests_are_untouched(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    app = wrap(otel, store, sample_rate=0.0)
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        assert client.get("/alpha").json() == {"endpoint": "alpha"}
+        # the trigger header works in development (viewer on, no token)
+        assert client.get("/beta", headers={"x-otelprof": "1"}).status_code == 200
+    app.core.writer.flush()
+    assert [s.route for s in store.list()] == ["/beta"]
+
+
+def test_debug_route_is_off_by_default_and_passes_through(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    app = wrap(otel, store, debug_route=False)
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        response = client.get("/debug/profile")
+    assert response.status_code == 404
+    assert "content-security-policy" not in response.headers  # the app's own 404
+
+
+def test_viewer_refuses_non_loopback_and_requires_token(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    app = wrap(otel, store)
+    closing.append(app)
+    with TestClient(app, client=("203.0.113.9", 4000)) as client:
+        assert client.get("/debug/profile").status_code == 403
+    tokened = wrap(otel, store, debug_token="tok-123")
+    closing.append(tokened)
+    with TestClient(tokened, client=LOOPBACK) as client:
+        assert client.get("/debug/profile").status_code == 401
+        ok = client.get("/debug/profile", headers={"authorization": "Bearer tok-123"})
+        assert ok.status_code == 200
+        assert ok.headers["x-content-type-options"] == "nosniff"
+        assert "content-security-policy" in ok.headers
+        client.get("/alpha", headers={"x-otelprof": "tok-123"})
+    tokened.core.writer.flush()
+    for span in server_spans(otel[1]):
+        assert "tok-123" not in str(span.attributes)
+
+
+def test_malformed_and_unknown_ids(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    app = wrap(otel, store)
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        assert client.get("/debug/profile/not-an-id").status_code == 400
+        assert client.get("/debug/profile/" + "A" * 32).status_code == 400
+        assert client.get("/debug/profile/" + "a" * 32).status_code == 404
+        assert client.get("/debug/profile/" + "a" * 32, params={"span_id": "zz"}).status_code == 400
+
+
+class BrokenStore(MemoryStore):
+    def put(self, record: Any) -> None:
+        raise OSError("disk on fire")
+
+    def get(self, trace_id: str, span_id: str | None = None) -> Any:
+        raise OSError("disk on fire")
+
+    def list(self, **kwargs: Any) -> Any:
+        raise OSError("disk on fire")
+
+
+def test_store_failure_never_changes_the_response(
+    otel: tuple[TracerProvider, InMemorySpanExporter], closing: list[Any]
+) -> None:
+    plain = TestClient(make_app(), client=LOOPBACK)
+    app = wrap(otel, BrokenStore())  # type: ignore[arg-type]
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        for path in ("/alpha", "/items/9", "/stream", "/nope"):
+            ours, theirs = client.get(path), plain.get(path)
+            assert (ours.status_code, ours.content) == (theirs.status_code, theirs.content)
+        app.core.writer.flush()
+        assert client.get("/debug/profile").status_code == 503
+    from otelprof_middleware import counters
+
+    assert counters()["failed.store.put"] == 4
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_never_mix(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    app = wrap(otel, store)
+    closing.append(app)
+    transport = httpx.ASGITransport(app=app, client=LOOPBACK)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        responses = await asyncio.gather(
+            *[client.get("/alpha" if i % 2 else "/beta") for i in range(24)]
+        )
+    assert all(r.status_code == 200 for r in responses)
+    app.core.writer.flush()
+    summaries = store.list()
+    assert len(summaries) == 24
+    for summary in summaries:
+        [record] = store.get(summary.trace_id)
+        text = text_of(record.session())
+        own, other = (
+            ("marker_alpha", "marker_beta")
+            if summary.route == "/alpha"
+            else ("marker_beta", "marker_alpha")
+        )
+        assert own in text and other not in text, text
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+

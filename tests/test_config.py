@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+
+from otelprof_middleware import Config
+from otelprof_middleware._config import env_name
+
+
+def test_defaults_are_safe() -> None:
+    config = Config.load({})
+    assert config.enabled is True
+    assert config.debug_route is False
+    assert config.debug_token is None
+    assert 0 < config.sample_rate < 1
+    assert config.resolved_store_url().startswith("sqlite:///")
+    assert config.resolved_store_url().endswith("/otelprof/unknown_service/profiles.db")
+
+
+def test_environment_is_read_and_keyword_wins() -> None:
+    env = {"OTELPROF_SAMPLE_RATE": "0.25", "OTELPROF_DEBUG_ROUTE": "yes", "OTELPROF_ENABLED": "0"}
+    config = Config.load(env)
+    assert (config.sample_rate, config.debug_route, config.enabled) == (0.25, True, False)
+    assert Config.load(env, sample_rate=0.5).sample_rate == 0.5
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("sample_rate", "1.5", "between 0 and 1"),
+        ("sample_rate", "nan", "between 0 and 1"),
+        ("sample_rate", "lots", "must be a number"),
+        ("min_duration_ms", "-1", ">= 0"),
+        ("enabled", "maybe", "true/false"),
+        ("debug_route", "2", "true/false"),
+        ("store", "ftp://x", "sqlite:///"),
+        ("public_url", "example.com", "absolute http(s) URL"),
+        ("public_url", "https://x.example/?a=1", "query"),
+        ("interval_ms", "0", "between"),
+        ("exclude_paths", "health", "start with '/'"),
+        ("trigger_header", "bad header", "HTTP header name"),
+        ("max_concurrent", "0", ">= 1"),
+        ("store_max_profiles", "ten", "integer"),
+        ("service_name", "a/b", "letters"),
+    ],
+)
+def test_invalid_values_name_the_setting_and_variable(name: str, value: str, fragment: str) -> None:
+    with pytest.raises(ValueError) as from_env:
+        Config.load({env_name(name): value})
+    assert name in str(from_env.value)
+    assert env_name(name) in str(from_env.value)
+    assert fragment in str(from_env.value)
+    with pytest.raises(ValueError, match=env_name(name)):
+        Config.load({}, **{name: value})
+
+
+def test_unknown_keyword_is_refused() -> None:
+    with pytest.raises(ValueError, match="sample_rat"):
+        Config.load({}, sample_rat=0.5)
+
+
+def test_exclude_paths_and_service_name() -> None:
+    config = Config.load({"OTELPROF_EXCLUDE_PATHS": "/health, /metrics/", "OTEL_SERVICE_NAME": "shop"})
+    assert config.exclude_paths == ("/health", "/metrics")
+    assert config.resolved_state_dir().endswith("/otelprof/shop")
+    assert Config.load({}, exclude_paths=["/a"]).exclude_paths == ("/a",)
+
+
+def test_base_url_prefers_public_url() -> None:
+    assert Config.load({}).base_url("https", "api.test:8443", "/v1/") == "https://api.test:8443/v1"
+    config = Config.load({}, public_url="https://profiles.example.com/")
+    assert config.base_url("http", "internal:80", "") == "https://profiles.example.com"

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+
+from pyinstrument.stack_sampler import build_call_stack
+
+from otelprof_middleware._session import RequestProfile, current_request, thread_sampler
+
+from .helpers import marker_alpha, marker_beta, text_of
+
+
+def _new_request(name: str) -> RequestProfile:
+    return RequestProfile(
+        interval=0.001,
+        max_samples=10_000,
+        start_call_stack=build_call_stack(sys._getframe(1), "initial", None),
+        description=name,
+    )
+
+
+async def _profiled(name: str, work: object, out: dict[str, str]) -> None:
+    request = _new_request(name)
+    token = current_request.set(request)
+    hook = thread_sampler(0.001)
+    hook.acquire()
+    try:
+        await asyncio.sleep(0.003)
+        work()  # type: ignore[operator]
+        await asyncio.sleep(0.003)
+    finally:
+        request.closed = True
+        hook.release()
+        current_request.reset(token)
+    out[name] = text_of(request.to_session(0.05))
+
+
+def test_concurrent_tasks_never_mix() -> None:
+    out: dict[str, str] = {}
+
+    async def main() -> None:
+        await asyncio.gather(
+            *[_profiled(f"a{i}", marker_alpha, out) for i in range(6)],
+            *[_profiled(f"b{i}", marker_beta, out) for i in range(6)],
+        )
+
+    asyncio.run(main())
+    assert len(out) == 12
+    for name, text in out.items():
+        own, other = ("marker_alpha", "marker_beta") if name[0] == "a" else ("marker_beta", "marker_alpha")
+        assert own in text, name
+        assert other not in text, f"{name} holds {other}:\n{text}"
+        assert "[await]" in text  # the sleeps show as awaits, as in pyinstrument's async mode
+
+
+def test_hook_is_removed_when_the_last_request_ends_and_threads_are_independent() -> None:
+    seen: dict[str, str] = {}
+
+    def worker(name: str, work: object) -> None:
+        request = _new_request(name)
+        token = current_request.set(request)
+        hook = thread_sampler(0.001)
+        hook.acquire()
+        work()  # type: ignore[operator]
+        request.closed = True
+        hook.release()
+        current_request.reset(token)
+        assert sys.getprofile() is None
+        seen[name] = text_of(request.to_session(0.02))
+
+    threads = [
+        threading.Thread(target=worker, args=(f"t{i}", marker_alpha if i % 2 else marker_beta))
+        for i in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, text in seen.items():
+        own = "marker_alpha" if int(name[1]) % 2 else "marker_beta"
+        other = "marker_beta" if own == "marker_alpha" else "marker_alpha"
+        assert own in text and other not in text
+
+
+def test_sample_cap_counts_dropped_samples() -> None:
+    request = RequestProfile(interval=0.001, max_samples=10, start_call_stack=[], description="x")
+    for _ in range(25):
+        request.add(["root\x00file\x001"], 0.001)
+    assert len(request.records) == 10
+    assert request.dropped_samples == 15
+    assert "15 samples dropped" in request.to_session(0.1).target_description
+
+
+def test_a_hook_exception_never_reaches_user_code() -> None:
+    class Exploding(RequestProfile):
+        def add(self, stack: list[str], seconds: float) -> None:
+            raise RuntimeError("boom")
+
+    request = Exploding(interval=0.0001, max_samples=10, start_call_stack=[], description="x")
+    token = current_request.set(request)
+    hook = thread_sampler(0.0001)
+    hook.acquire()
+    try:
+        assert marker_alpha(0.01) > 0  # user code runs normally
+    finally:
+        request.closed = True
+        hook.release()
+        current_request.reset(token)
+    from otelprof_middleware._failsafe import snapshot
+
+    assert snapshot().get("failed.sample", 0) > 0
