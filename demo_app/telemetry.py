@@ -27,7 +27,9 @@ def _one_line(span: ReadableSpan) -> str:
 def configure_tracing(service_name: str) -> TracerProvider:
     """Install a global TracerProvider for the demo and return it."""
     provider = TracerProvider(
-        resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+        resource=Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)}
+        )
     )
     spans_dir = os.environ.get("OTELPROF_DEMO_SPANS_DIR")
     if spans_dir:

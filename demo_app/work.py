@@ -35,7 +35,7 @@ def load_settings() -> dict[str, str]:
 
 def render_chunk(index: int) -> str:
     """Work done per chunk of the streaming endpoints."""
-    _fibonacci(15)
+    _fibonacci(17)
     return f"chunk {index}\n"
 
 

@@ -237,9 +237,7 @@ class Config:
     state_dir: str | None = None
 
     @classmethod
-    def load(
-        cls, environ: Mapping[str, str] | None = None, /, **overrides: object
-    ) -> Config:
+    def load(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Config:
         """Build a config from keyword ``overrides``, then ``OTELPROF_*`` variables, then defaults.
 
         Raises:

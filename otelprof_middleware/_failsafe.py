@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["counters", "count", "fail_open", "log_failure", "reset_counters", "snapshot"]
+__all__ = ["count", "counters", "fail_open", "log_failure", "reset_counters", "snapshot"]
 
 logger = logging.getLogger("otelprof_middleware")
 

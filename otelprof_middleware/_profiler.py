@@ -162,9 +162,7 @@ class ProfilerCore:
             token=token,
         )
 
-    def finish(
-        self, active: ActiveProfile, *, status_code: int, route: str, base_url: str
-    ) -> None:
+    def finish(self, active: ActiveProfile, *, status_code: int, route: str, base_url: str) -> None:
         """Stop the profile; keep it when long enough: span link, then the writer.
 
         Safe to call more than once (only the first call counts) and from any task.

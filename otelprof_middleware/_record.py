@@ -104,4 +104,5 @@ def decompress_session(payload: bytes) -> Session:
         data = json.loads(zlib.decompress(payload).decode("utf-8"))
     except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"corrupt profile payload: {exc}") from exc
-    return Session.from_json(data)
+    session: Session = Session.from_json(data)
+    return session

@@ -20,6 +20,8 @@ How it works (the Go pprof-labels idea, on pyinstrument's own low-level hook):
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import sys
 import threading
 import time
@@ -84,13 +86,16 @@ class RequestProfile:
         self.suspended_stack: list[str] | None = None
         self.closed = False
 
-    def add(self, stack: list[str], seconds: float) -> None:
-        """Record ``seconds`` spent in ``stack`` (root first)."""
+    def add(self, stack: list[str], seconds: float, *, waiting: bool = False) -> None:
+        """Record ``seconds`` spent in ``stack`` (root first); ``waiting``: at an await."""
         if len(self.records) >= self.max_samples:
             self.dropped_samples += 1
             return
-        self.records.append((stack, seconds))
-        self.own_seconds += seconds
+        if waiting:
+            self.records.append(([*stack, AWAIT_FRAME_IDENTIFIER], seconds))
+        else:
+            self.records.append((stack, seconds))
+            self.own_seconds += seconds
 
     def suspend(self, stack: list[str], now: float) -> None:
         """The request was switched out at ``now``; ``stack`` is where it waits."""
@@ -101,8 +106,8 @@ class RequestProfile:
         """The request runs again: the time away is an ``[await]`` under its waiting stack."""
         if self.suspended_at is not None and self.suspended_stack is not None:
             waited = now - self.suspended_at
-            if waited > 0 and len(self.records) < self.max_samples:
-                self.records.append(([*self.suspended_stack, AWAIT_FRAME_IDENTIFIER], waited))
+            if waited > 0:
+                self.add(self.suspended_stack, waited, waiting=True)
         self.suspended_at = None
         self.suspended_stack = None
 
@@ -133,22 +138,52 @@ class ThreadSampler:
     request runs), so it needs no lock.
     """
 
-    __slots__ = ("_last", "interval", "thread_id", "users")
+    __slots__ = ("_last", "_ticking", "interval", "thread_id", "users")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self.thread_id = threading.get_ident()
         self.users = 0
         self._last = 0.0
+        self._ticking = False
 
     def acquire(self) -> None:
         """Install the hook on this thread unless it is already installed."""
         if self.users == 0:
             self._last = time.perf_counter()
             setstatprofile(
-                target=self._on_event, interval=self.interval, context_var=current_request
+                target=self._on_event,
+                interval=self.interval,
+                context_var=current_request,  # type: ignore[arg-type]  # invariant ContextVar
             )
+            self._start_ticker()
         self.users += 1
+
+    def _start_ticker(self) -> None:
+        """On an event loop thread, run a no-op Python callback every ``interval``.
+
+        pyinstrument sees a task switch only at the next Python-level event. A C event
+        loop (uvloop) can suspend a task, sit in epoll and resume it without running any
+        Python code, so the wait would be invisible and charged to whatever frame runs
+        next. The tick runs in an empty context, so a suspended request's switch-out is
+        seen within one interval, with pyinstrument's await stack intact.
+        """
+        if self._ticking:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not an event loop thread (WSGI worker, thread pool)
+        empty = contextvars.Context()
+        self._ticking = True
+
+        def tick() -> None:
+            if self.users > 0:
+                loop.call_later(self.interval, tick, context=empty)
+            else:
+                self._ticking = False
+
+        loop.call_later(self.interval, tick, context=empty)
 
     def release(self) -> None:
         """Remove the hook when the last profiled request on this thread ends."""
@@ -171,9 +206,11 @@ class ThreadSampler:
                 new, old, await_stack = arg
                 if old is not None and not old.closed:
                     stack = build_call_stack(frame, event, arg)
-                    old.add(stack, elapsed)
-                    if await_stack:
-                        stack = stack + list(reversed(await_stack))
+                    if await_stack:  # switched out at an await: that is where it waits
+                        stack.extend(reversed(await_stack))
+                        old.add(stack, elapsed, waiting=True)
+                    else:
+                        old.add(stack, elapsed)
                     old.suspend(stack, now)
                 if new is not None and not new.closed:
                     new.resume(now)

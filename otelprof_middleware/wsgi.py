@@ -82,7 +82,8 @@ class WSGIProfilingMiddleware:
         if self._sampler.is_excluded(path):
             return self.app(environ, start_response)
         if current_server_span() is None:
-            return self._traced_app(environ, start_response)  # type: ignore[arg-type]
+            result: Iterable[bytes] = self._traced_app(environ, start_response)
+            return result
         return self._profiled(environ, start_response)
 
     def _profiled(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -101,7 +102,10 @@ class WSGIProfilingMiddleware:
         route: str | None = None
 
         def start_profiled(
-            status_line: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None, /
+            status_line: str,
+            headers: list[tuple[str, str]],
+            exc_info: ExcInfo | None = None,
+            /,
         ) -> Callable[[bytes], object]:
             nonlocal status, route
             code = status_line.split(" ", 1)[0]

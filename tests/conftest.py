@@ -23,7 +23,5 @@ def no_writer_threads_left() -> Iterator[None]:
     """Asserts that the test stopped every writer thread it started."""
     before = {t.ident for t in threading.enumerate() if t.name == "otelprof-writer"}
     yield
-    after = {
-        t.ident for t in threading.enumerate() if t.name == "otelprof-writer" and t.is_alive()
-    }
+    after = {t.ident for t in threading.enumerate() if t.name == "otelprof-writer" and t.is_alive()}
     assert after <= before, "a writer thread was left running"

@@ -89,9 +89,7 @@ def wrap(
 ) -> ProfilingMiddleware:
     settings.setdefault("sample_rate", 1.0)
     settings.setdefault("debug_route", True)
-    return ProfilingMiddleware(
-        make_app(), tracer_provider=otel[0], profile_store=store, **settings
-    )
+    return ProfilingMiddleware(make_app(), tracer_provider=otel[0], profile_store=store, **settings)
 
 
 @pytest.fixture
@@ -334,4 +332,3 @@ async def test_concurrent_requests_never_mix(
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-

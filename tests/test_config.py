@@ -59,7 +59,9 @@ def test_unknown_keyword_is_refused() -> None:
 
 
 def test_exclude_paths_and_service_name() -> None:
-    config = Config.load({"OTELPROF_EXCLUDE_PATHS": "/health, /metrics/", "OTEL_SERVICE_NAME": "shop"})
+    config = Config.load(
+        {"OTELPROF_EXCLUDE_PATHS": "/health, /metrics/", "OTEL_SERVICE_NAME": "shop"}
+    )
     assert config.exclude_paths == ("/health", "/metrics")
     assert config.resolved_state_dir().endswith("/otelprof/shop")
     assert Config.load({}, exclude_paths=["/a"]).exclude_paths == ("/a",)

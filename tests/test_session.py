@@ -48,7 +48,9 @@ def test_concurrent_tasks_never_mix() -> None:
     asyncio.run(main())
     assert len(out) == 12
     for name, text in out.items():
-        own, other = ("marker_alpha", "marker_beta") if name[0] == "a" else ("marker_beta", "marker_alpha")
+        own, other = (
+            ("marker_alpha", "marker_beta") if name[0] == "a" else ("marker_beta", "marker_alpha")
+        )
         assert own in text, name
         assert other not in text, f"{name} holds {other}:\n{text}"
         assert "[await]" in text  # the sleeps show as awaits, as in pyinstrument's async mode

@@ -165,5 +165,8 @@ def test_viewer_off_by_default_and_loopback_only(otel: Any, made: list[Any]) -> 
     assert Client(app).get("/debug/profile", environ_base=LOOPBACK).status_code == 404
     app2 = make_flask()
     profiled(app2, otel, MemoryStore(), made)
-    assert Client(app2).get("/debug/profile", environ_base={"REMOTE_ADDR": "10.0.0.7"}).status_code == 403
+    assert (
+        Client(app2).get("/debug/profile", environ_base={"REMOTE_ADDR": "10.0.0.7"}).status_code
+        == 403
+    )
     assert Client(app2).get("/debug/profile/xyz", environ_base=LOOPBACK).status_code == 400

@@ -18,7 +18,9 @@ class ProfileStore(Protocol):
     Every method may raise on backend failure; callers wrap them in ``fail_open``.
     """
 
-    url: str
+    @property
+    def url(self) -> str:
+        """The store's URL (``memory://``, ``sqlite:///...``)."""
 
     def put(self, record: ProfileRecord) -> None:
         """Store ``record`` (replacing one with the same trace and span id), then evict

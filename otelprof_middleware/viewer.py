@@ -1,0 +1,689 @@
+"""Framework-free handler of the ``/debug/profile`` routes.
+
+The ASGI and WSGI adapters and ``otelprof serve`` translate their request into a
+:class:`ViewerRequest`, call :meth:`Viewer.handle` (synchronous: run it in a worker
+thread from async code) and send the :class:`ViewerResponse` back unchanged.
+
+Routes, under ``prefix`` (default ``/debug/profile``):
+
+- ``GET {prefix}``: recent profiles, newest first, as HTML; ``?format=json`` gives
+  ``{"profiles": [{"trace_id", "span_id", "method", "route", "status_code",
+  "duration_ms", "start_time", "url"}, ...]}``. Filters: ``route=``,
+  ``min_duration_ms=``, ``order=newest|slowest``, ``limit=`` (1..1000, default 100).
+- ``GET {prefix}/{trace_id}``: that trace's profile, ``?format=html|speedscope|text|
+  json|folded`` (default ``html``), ``?span_id=`` to pick one when the trace crossed
+  this service more than once (without it: a list of that trace's profiles).
+- ``HEAD`` like ``GET`` without a body; other methods answer 405.
+
+Every answer carries a Content-Security-Policy, ``nosniff``, ``no-referrer`` and
+``no-store``. Nothing here answers 500 or shows a stack trace: a failing store gives
+503, a profile that cannot be decoded or rendered gives 422, each logged and counted
+through :mod:`otelprof_middleware._failsafe`.
+
+Access: without a token, loopback clients only (``X-Forwarded-For`` is never
+trusted). With a token, everyone must present it: ``Authorization: Bearer <token>``,
+``?token=<token>`` (which also sets an ``HttpOnly`` cookie scoped to ``prefix``, so
+the links in the pages work), or that cookie. The token is never written into a
+page, a link or a JSON body.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl, quote, unquote, urlencode
+
+from ._config import DEBUG_PREFIX
+from ._failsafe import count, log_failure
+from ._record import ProfileRecord, ProfileSummary, is_span_id, is_trace_id
+from .render import FORMATS, inline_script_hashes, render
+from .stores._base import ProfileStore
+
+__all__ = [
+    "INDEX_FORMATS",
+    "MAX_LIMIT",
+    "ORDERS",
+    "TOKEN_COOKIE",
+    "Viewer",
+    "ViewerRequest",
+    "ViewerResponse",
+]
+
+TOKEN_COOKIE = "otelprof_token"
+"""Name of the cookie that carries the debug token after a ``?token=`` visit."""
+
+INDEX_FORMATS = ("html", "json")
+"""Formats of the index and of a trace's list of profiles."""
+
+ORDERS = ("newest", "slowest")
+"""Sort orders of the index."""
+
+MAX_LIMIT = 1000
+"""Most rows the index shows at once."""
+
+DEFAULT_LIMIT = 100
+
+_PAGE_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+# Text, JSON and error bodies: nothing may load or run, even if a browser renders them.
+_DATA_CSP = (
+    "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; sandbox"
+)
+# pyinstrument's page: its two inline scripts, allowed by hash, so nothing injected
+# can run; inline styles (its app sets style attributes); its data: images. Its
+# Google Fonts stylesheet is deliberately not allowed: nothing external.
+_PROFILE_CSP = (
+    "default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; img-src data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_TEXT = "text/plain; charset=utf-8"
+_HTML = "text/html; charset=utf-8"
+_JSON = "application/json; charset=utf-8"
+_ALLOW = "GET, HEAD"
+_MAX_QUERY_FIELDS = 50
+_MAX_ROUTE_LENGTH = 2048
+_HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+@dataclass(frozen=True)
+class ViewerRequest:
+    """What the viewer needs of one HTTP request.
+
+    Args:
+        method: the HTTP method, e.g. ``"GET"``.
+        path: the URL path, percent-decoded (ASGI's ``scope["path"]``).
+        query_string: the raw query string, without ``?``.
+        headers: request headers; names in lowercase.
+        client_host: the peer's IP address (ASGI ``scope["client"][0]``,
+            WSGI ``REMOTE_ADDR``), ``None`` when unknown.
+        scheme: ``"http"`` or ``"https"``; used for absolute links.
+        host: the ``Host`` the client used (with port); default: the ``host`` header.
+    """
+
+    method: str
+    path: str
+    query_string: bytes
+    headers: Mapping[str, str]
+    client_host: str | None
+    scheme: str = "http"
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class ViewerResponse:
+    """The viewer's answer, ready to send.
+
+    Args:
+        status: HTTP status code.
+        headers: ``(name, value)`` pairs, names in lowercase; includes
+            ``content-type`` and ``content-length``.
+        body: the body (empty for ``HEAD``).
+    """
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class _Abort(Exception):
+    """Stop handling and answer ``status`` with a plain-text ``message``."""
+
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+class Viewer:
+    """Serves the profile index and single profiles from a :class:`ProfileStore`.
+
+    Args:
+        store: where the profiles are.
+        token: the debug token (``OTELPROF_DEBUG_TOKEN``, default ``None``). When
+            ``None`` only loopback clients are served; when set, every client must
+            present it.
+        public_url: base of the absolute URLs in ``?format=json``
+            (``OTELPROF_PUBLIC_URL``, e.g. ``https://api.example.com``); default:
+            the request's own scheme and host.
+        prefix: where the routes live (default ``/debug/profile``).
+
+    Raises:
+        ValueError: an empty ``token`` or a ``prefix`` not starting with ``/``.
+
+    Example::
+
+        viewer = Viewer(MemoryStore())
+        if viewer.handles(path):
+            response = viewer.handle(
+                ViewerRequest("GET", path, b"format=json", {}, client_host="127.0.0.1")
+            )
+    """
+
+    def __init__(
+        self,
+        store: ProfileStore,
+        *,
+        token: str | None = None,
+        public_url: str | None = None,
+        prefix: str = DEBUG_PREFIX,
+    ) -> None:
+        if token is not None and not token:
+            raise ValueError("token must be a non-empty string or None")
+        prefix = prefix.rstrip("/")
+        if not prefix.startswith("/"):
+            raise ValueError(f"prefix must start with '/', got {prefix!r}")
+        self._store = store
+        self._token = token.encode("utf-8") if token is not None else None
+        self._public_url = public_url.rstrip("/") if public_url else None
+        self._prefix = prefix
+
+    @property
+    def prefix(self) -> str:
+        """The path prefix of the viewer's routes, without a trailing slash."""
+        return self._prefix
+
+    def handles(self, path: str) -> bool:
+        """True when ``path`` is one of the viewer's routes (the prefix or below it)."""
+        return path == self._prefix or path.startswith(self._prefix + "/")
+
+    def handle(self, request: ViewerRequest) -> ViewerResponse:
+        """Answer ``request``. Never raises, never answers 500.
+
+        Args:
+            request: the request, translated by an adapter.
+
+        Returns:
+            The response to send as is (no body for ``HEAD``).
+        """
+        set_cookie: str | None = None
+        try:
+            set_cookie = self._authorize(request)
+            response = self._route(request)
+        except _Abort as abort:
+            response = _plain(abort.status, abort.message, abort.headers)
+        except Exception as exc:
+            log_failure("viewer", exc)
+            response = _plain(503, "the profile viewer failed; the error was logged.\n")
+        if set_cookie is not None:
+            response.headers.append(("set-cookie", set_cookie))
+        if request.method.upper() == "HEAD":
+            response = ViewerResponse(response.status, response.headers, b"")
+        return response
+
+    # access
+
+    def _authorize(self, request: ViewerRequest) -> str | None:
+        """Raise 401/403 unless the client may look; return a ``Set-Cookie`` value or None."""
+        if self._token is None:
+            if _is_loopback(request.client_host):
+                return None
+            count("viewer.refused")
+            raise _Abort(
+                403,
+                "the profile viewer answers loopback clients only; configure a debug "
+                "token (OTELPROF_DEBUG_TOKEN) to open it to other clients.\n",
+            )
+        headers = _lower(request.headers)
+        authorization = headers.get("authorization", "")
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and self._is_token(credentials.strip()):
+            return None
+        query_tokens = _query_values(request.query_string, "token")
+        if len(query_tokens) == 1 and self._is_token(query_tokens[0]):
+            return self._cookie(request)
+        for cookie in _cookies(headers.get("cookie", ""), TOKEN_COOKIE):
+            if self._is_token(cookie):
+                return None
+        count("viewer.refused")
+        raise _Abort(
+            401,
+            "a debug token is required: send 'Authorization: Bearer <token>', or open "
+            f"{self._prefix}?token=<token> once in a browser.\n",
+            [("www-authenticate", 'Bearer realm="otelprof"')],
+        )
+
+    def _is_token(self, candidate: str) -> bool:
+        token = self._token
+        return token is not None and hmac.compare_digest(
+            candidate.encode("utf-8", "surrogatepass"), token
+        )
+
+    def _cookie(self, request: ViewerRequest) -> str:
+        value = quote((self._token or b"").decode("utf-8"), safe="")
+        cookie = f"{TOKEN_COOKIE}={value}; Path={self._prefix}; HttpOnly; SameSite=Strict"
+        if request.scheme == "https":
+            cookie += "; Secure"
+        return cookie
+
+    # routing
+
+    def _route(self, request: ViewerRequest) -> ViewerResponse:
+        if not self.handles(request.path):
+            raise _Abort(404, "not a profile viewer page.\n")
+        if request.method.upper() not in ("GET", "HEAD"):
+            raise _Abort(405, f"method not allowed; use {_ALLOW}.\n", [("allow", _ALLOW)])
+        query = _parse_query(request.query_string)
+        rest = request.path[len(self._prefix) :].strip("/")
+        if not rest:
+            return self._index(request, query)
+        if "/" in rest:
+            raise _Abort(404, "not a profile viewer page.\n")
+        if not is_trace_id(rest):
+            raise _Abort(
+                400, "malformed trace id: expected 32 lowercase hex digits, not all zero.\n"
+            )
+        return self._profile(request, query, rest)
+
+    def _index(self, request: ViewerRequest, query: dict[str, list[str]]) -> ViewerResponse:
+        fmt = _one(query, "format") or "html"
+        if fmt not in INDEX_FORMATS:
+            raise _Abort(400, f"unknown format {_shown(fmt)}; the index speaks html or json.\n")
+        filters = _Filters.parse(query)
+        try:
+            summaries = list(
+                self._store.list(
+                    limit=filters.limit,
+                    route=filters.route,
+                    min_duration_ms=filters.min_duration_ms,
+                    order=filters.order,
+                )
+            )
+        except Exception as exc:
+            log_failure("viewer.store", exc)
+            raise _Abort(503, "profile store unavailable.\n") from None
+        if fmt == "json":
+            return self._json_list(request, summaries)
+        page = _index_page(self._prefix, filters, summaries)
+        return _response(200, _HTML, page.encode("utf-8"), _PAGE_CSP)
+
+    def _profile(
+        self, request: ViewerRequest, query: dict[str, list[str]], trace_id: str
+    ) -> ViewerResponse:
+        fmt = _one(query, "format") or "html"
+        if fmt not in FORMATS:
+            raise _Abort(
+                400, f"unknown format {_shown(fmt)}; expected one of {', '.join(FORMATS)}.\n"
+            )
+        span_id = _one(query, "span_id")
+        if span_id is not None and not is_span_id(span_id):
+            raise _Abort(
+                400, "malformed span id: expected 16 lowercase hex digits, not all zero.\n"
+            )
+        try:
+            records = [
+                record
+                for record in self._store.get(trace_id, span_id)
+                if record.summary.trace_id == trace_id
+                and (span_id is None or record.summary.span_id == span_id)
+            ]
+        except Exception as exc:
+            log_failure("viewer.store", exc)
+            raise _Abort(503, "profile store unavailable.\n") from None
+        if not records:
+            raise _Abort(
+                404,
+                "no profile for this trace"
+                + (" and span" if span_id else "")
+                + ": it was not kept, not written yet, or has been evicted.\n",
+            )
+        if len(records) > 1:
+            summaries = [record.summary for record in records]
+            if fmt == "json":
+                return self._json_list(request, summaries)
+            page = _trace_page(self._prefix, trace_id, fmt, summaries)
+            return _response(200, _HTML, page.encode("utf-8"), _PAGE_CSP)
+        return self._render(records[0], fmt)
+
+    def _render(self, record: ProfileRecord, fmt: str) -> ViewerResponse:
+        try:
+            session = record.session()
+        except Exception as exc:
+            log_failure("viewer.decode", exc)
+            raise _Abort(
+                422, "the stored profile is corrupt and cannot be shown; the error was logged.\n"
+            ) from None
+        try:
+            body, content_type = render(session, fmt)
+        except Exception as exc:
+            log_failure("viewer.render", exc)
+            raise _Abort(
+                422, f"the profile could not be rendered as {fmt}; the error was logged.\n"
+            ) from None
+        extra: list[tuple[str, str]] = []
+        if fmt == "html":
+            csp = _PROFILE_CSP.format(scripts=" ".join(inline_script_hashes(body)) or "'none'")
+        else:
+            csp = _DATA_CSP
+        if fmt == "speedscope":
+            summary = record.summary
+            name = (
+                f"{summary.trace_id}-{summary.span_id}"
+                if is_trace_id(summary.trace_id) and is_span_id(summary.span_id)
+                else "profile"
+            )
+            extra.append(("content-disposition", f'attachment; filename="{name}.speedscope.json"'))
+        return _response(200, content_type, body.encode("utf-8"), csp, extra)
+
+    def _json_list(
+        self, request: ViewerRequest, summaries: Sequence[ProfileSummary]
+    ) -> ViewerResponse:
+        base = self._base_url(request)
+        rows = [
+            {
+                "trace_id": s.trace_id,
+                "span_id": s.span_id,
+                "method": s.method,
+                "route": s.route,
+                "status_code": s.status_code,
+                "duration_ms": s.duration_ms,
+                "start_time": s.start_time,
+                "url": base + _profile_path(self._prefix, s),
+            }
+            for s in summaries
+        ]
+        body = json.dumps({"profiles": rows}, indent=1) + "\n"
+        return _response(200, _JSON, body.encode("utf-8"), _DATA_CSP)
+
+    def _base_url(self, request: ViewerRequest) -> str:
+        """``public_url``, else ``scheme://host`` of the request, else ``""`` (relative)."""
+        if self._public_url:
+            return self._public_url
+        host = request.host or _lower(request.headers).get("host")
+        scheme = request.scheme if request.scheme in ("http", "https") else "http"
+        if host and _HOST.fullmatch(host):
+            return f"{scheme}://{host.lower()}"
+        return ""
+
+
+@dataclass(frozen=True)
+class _Filters:
+    route: str | None = None
+    min_duration_ms: float | None = None
+    order: str = "newest"
+    limit: int = DEFAULT_LIMIT
+
+    @classmethod
+    def parse(cls, query: dict[str, list[str]]) -> _Filters:
+        route = _one(query, "route")
+        if route is not None and len(route) > _MAX_ROUTE_LENGTH:
+            raise _Abort(400, f"route is too long (more than {_MAX_ROUTE_LENGTH} characters).\n")
+        min_duration_ms: float | None = None
+        raw = _one(query, "min_duration_ms")
+        if raw is not None:
+            try:
+                min_duration_ms = float(raw)
+            except ValueError:
+                min_duration_ms = math.nan
+            if not math.isfinite(min_duration_ms) or min_duration_ms < 0:
+                raise _Abort(400, f"min_duration_ms must be a number >= 0, got {_shown(raw)}.\n")
+        order = _one(query, "order") or "newest"
+        if order not in ORDERS:
+            raise _Abort(400, f"order must be newest or slowest, got {_shown(order)}.\n")
+        limit = DEFAULT_LIMIT
+        raw = _one(query, "limit")
+        if raw is not None:
+            if not re.fullmatch(r"[0-9]{1,7}", raw) or not 1 <= int(raw) <= MAX_LIMIT:
+                raise _Abort(
+                    400, f"limit must be an integer from 1 to {MAX_LIMIT}, got {_shown(raw)}.\n"
+                )
+            limit = int(raw)
+        return cls(route=route, min_duration_ms=min_duration_ms, order=order, limit=limit)
+
+    @property
+    def active(self) -> bool:
+        return self.route is not None or self.min_duration_ms is not None
+
+    def query(self, **extra: str) -> str:
+        """These filters as a query string (defaults left out), plus ``extra``."""
+        params: dict[str, str] = {}
+        if self.route is not None:
+            params["route"] = self.route
+        if self.min_duration_ms is not None:
+            params["min_duration_ms"] = f"{self.min_duration_ms:g}"
+        if self.order != "newest":
+            params["order"] = self.order
+        if self.limit != DEFAULT_LIMIT:
+            params["limit"] = str(self.limit)
+        params.update(extra)
+        return urlencode(params)
+
+
+# request parsing
+
+
+def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def _is_loopback(host: str | None) -> bool:
+    """True when ``host`` is an IPv4 or IPv6 loopback address (IPv4-mapped too)."""
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _parse_query(query_string: bytes) -> dict[str, list[str]]:
+    try:
+        pairs = parse_qsl(
+            query_string.decode("latin-1"),
+            keep_blank_values=True,
+            encoding="utf-8",
+            errors="replace",
+            max_num_fields=_MAX_QUERY_FIELDS,
+        )
+    except ValueError:
+        raise _Abort(400, f"too many query parameters (at most {_MAX_QUERY_FIELDS}).\n") from None
+    query: dict[str, list[str]] = {}
+    for name, value in pairs:
+        query.setdefault(name, []).append(value)
+    return query
+
+
+def _query_values(query_string: bytes, name: str) -> list[str]:
+    try:
+        return _parse_query(query_string).get(name, [])
+    except _Abort:
+        return []
+
+
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    """The single value of ``name``; ``None`` when absent or empty (as forms send it)."""
+    values = query.get(name, [])
+    if len(values) > 1:
+        raise _Abort(400, f"query parameter {name!r} given more than once.\n")
+    return values[0] if values and values[0] != "" else None
+
+
+def _cookies(header: str, name: str) -> list[str]:
+    found = []
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            found.append(unquote(value.strip().strip('"')))
+    return found
+
+
+def _shown(value: str) -> str:
+    """A user-supplied value, shortened and quoted for a plain-text error message."""
+    return repr(value[:40] + ("..." if len(value) > 40 else ""))
+
+
+# responses
+
+
+def _response(
+    status: int,
+    content_type: str,
+    body: bytes,
+    csp: str,
+    extra: Sequence[tuple[str, str]] = (),
+) -> ViewerResponse:
+    headers = [
+        ("content-type", content_type),
+        ("content-length", str(len(body))),
+        ("content-security-policy", csp),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-store"),
+        ("x-frame-options", "DENY"),
+        *extra,
+    ]
+    return ViewerResponse(status, headers, body)
+
+
+def _plain(status: int, message: str, extra: Sequence[tuple[str, str]] = ()) -> ViewerResponse:
+    return _response(status, _TEXT, message.encode("utf-8"), _DATA_CSP, extra)
+
+
+# pages
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #1d1d1f; }
+h1 { font-size: 1.3rem; margin: 0 0 1rem; }
+form { display: flex; flex-wrap: wrap; gap: .75rem; align-items: end; margin-bottom: 1rem; }
+label { display: flex; flex-direction: column; font-size: .8rem; color: #555; }
+input, select, button { font: inherit; padding: .2rem .4rem; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .3rem .6rem; border-bottom: 1px solid #e3e3e3; }
+th { font-size: .8rem; color: #555; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: .85rem; }
+.muted { color: #777; }
+.note { background: #f6f6f6; padding: .8rem 1rem; border-radius: 4px; max-width: 48rem; }
+a { color: #0b5cad; }
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_e(title)}</title>\n<style>{_STYLE}</style>\n</head>\n"
+        f"<body>\n<h1>{_e(title)}</h1>\n{body}</body>\n</html>\n"
+    )
+
+
+def _utc(epoch: float) -> str:
+    try:
+        moment = datetime.fromtimestamp(epoch, UTC)
+    except (OverflowError, OSError, ValueError, TypeError):
+        return "?"
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _profile_path(prefix: str, summary: ProfileSummary, fmt: str = "html") -> str:
+    path = f"{prefix}/{quote(summary.trace_id, safe='')}?span_id={quote(summary.span_id, safe='')}"
+    if fmt != "html":
+        path += f"&format={quote(fmt, safe='')}"
+    return path
+
+
+def _index_page(prefix: str, filters: _Filters, summaries: Sequence[ProfileSummary]) -> str:
+    order_options = "".join(
+        f'<option value="{o}"{" selected" if o == filters.order else ""}>{o} first</option>'
+        for o in ORDERS
+    )
+    min_ms = "" if filters.min_duration_ms is None else f"{filters.min_duration_ms:g}"
+    form = (
+        f'<form method="get" action="{_e(prefix)}">\n'
+        f'<label>Route <input name="route" value="{_e(filters.route or "")}" '
+        'placeholder="/items/{item_id}"></label>\n'
+        f'<label>Min duration (ms) <input name="min_duration_ms" value="{_e(min_ms)}" '
+        'inputmode="decimal" size="8"></label>\n'
+        f'<label>Order <select name="order">{order_options}</select></label>\n'
+        f'<label>Limit <input name="limit" value="{filters.limit}" inputmode="numeric" '
+        'size="5"></label>\n'
+        '<button type="submit">Filter</button>\n'
+        f'<a href="{_e(prefix)}">clear</a>\n'
+        f'<a href="{_e(prefix + "?" + filters.query(format="json"))}">JSON</a>\n'
+        "</form>\n"
+    )
+    if not summaries:
+        if filters.active:
+            note = "No profiles match these filters."
+        else:
+            note = (
+                "No profiles yet. A profile appears here a moment after a profiled "
+                "request finishes: requests are profiled by trace at "
+                "<code>sample_rate</code> (<code>OTELPROF_SAMPLE_RATE</code>) or when "
+                "asked for with the trigger header (<code>OTELPROF_TRIGGER_HEADER</code>, "
+                "default <code>x-otelprof</code>; its value must be the debug token when "
+                "one is set), and kept when they took at least "
+                "<code>min_duration_ms</code> (<code>OTELPROF_MIN_DURATION_MS</code>). "
+                "Each kept profile is also linked from its request's server span."
+            )
+        return _page("otelprof — recent profiles", form + f'<p class="note">{note}</p>\n')
+    rows = []
+    for s in summaries:
+        link = _e(_profile_path(prefix, s))
+        others = " ".join(
+            f'<a href="{_e(_profile_path(prefix, s, fmt))}">{fmt}</a>'
+            for fmt in ("text", "speedscope", "json")
+        )
+        route_link = _e(prefix + "?" + filters.query(route=s.route))
+        rows.append(
+            "<tr>"
+            f'<td class="mono"><a href="{link}">{_e(_utc(s.start_time))}</a></td>'
+            f"<td>{_e(s.method)}</td>"
+            f'<td class="mono"><a href="{route_link}" title="only this route">'
+            f"{_e(s.route)}</a></td>"
+            f'<td class="num">{_e(s.status_code)}</td>'
+            f'<td class="num">{s.duration_ms:.1f}</td>'
+            f'<td class="mono"><a href="{link}">{_e(s.trace_id)}</a></td>'
+            f'<td class="muted">{others}</td>'
+            "</tr>\n"
+        )
+    order_note = "newest first" if filters.order == "newest" else "slowest first"
+    table = (
+        f'<p class="muted">{len(summaries)} profile{"" if len(summaries) == 1 else "s"}, '
+        f"{order_note}. Times are UTC.</p>\n"
+        "<table>\n<thead><tr><th>Time (UTC)</th><th>Method</th><th>Route</th>"
+        "<th>Status</th><th>Duration (ms)</th><th>Trace id</th><th>Other formats</th>"
+        "</tr></thead>\n<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n"
+    )
+    return _page("otelprof — recent profiles", form + table)
+
+
+def _trace_page(prefix: str, trace_id: str, fmt: str, summaries: Sequence[ProfileSummary]) -> str:
+    rows = []
+    for s in summaries:
+        link = _e(_profile_path(prefix, s, fmt))
+        rows.append(
+            "<tr>"
+            f'<td class="mono"><a href="{link}">{_e(s.span_id)}</a></td>'
+            f'<td class="mono">{_e(_utc(s.start_time))}</td>'
+            f"<td>{_e(s.method)}</td>"
+            f'<td class="mono">{_e(s.route)}</td>'
+            f'<td class="num">{_e(s.status_code)}</td>'
+            f'<td class="num">{s.duration_ms:.1f}</td>'
+            "</tr>\n"
+        )
+    body = (
+        f"<p>This trace crossed the service {len(summaries)} times; pick one "
+        f'profile. <a href="{_e(prefix)}">All recent profiles</a></p>\n'
+        "<table>\n<thead><tr><th>Span id</th><th>Time (UTC)</th><th>Method</th>"
+        "<th>Route</th><th>Status</th><th>Duration (ms)</th></tr></thead>\n<tbody>\n"
+        + "".join(rows)
+        + "</tbody>\n</table>\n"
+    )
+    return _page(f"otelprof — trace {trace_id}", body)

@@ -1,0 +1,140 @@
+"""Start real uvicorn / gunicorn processes on 127.0.0.1 for the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    base_url: str
+    state_dir: Path
+    spans_dir: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def spans(self) -> list[dict[str, Any]]:
+        spans: list[dict[str, Any]] = []
+        for path in self.spans_dir.glob("spans-*.jsonl"):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    spans.append(json.loads(line))
+        return spans
+
+    def server_spans(self) -> list[dict[str, Any]]:
+        return [s for s in self.spans() if s["kind"] == "SpanKind.SERVER"]
+
+
+@contextmanager
+def run_server(
+    command: Sequence[str], tmp: Path, *, env: dict[str, str] | None = None, port: int
+) -> Iterator[Server]:
+    state_dir, spans_dir = tmp / "state", tmp / "spans"
+    log = tmp / "server.log"
+    full_env = {
+        **os.environ,
+        "OTELPROF_STATE_DIR": str(state_dir),
+        "OTELPROF_DEMO_SPANS_DIR": str(spans_dir),
+        "OTELPROF_SAMPLE_RATE": "1",
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            list(command),
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", state_dir, spans_dir, process, log)
+    try:
+        _wait_ready(server)
+        yield server
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
+def _wait_ready(server: Server, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError("server exited:\n" + server.log.read_text())
+        try:
+            httpx.get(server.base_url + "/debug/profile?format=json", timeout=1.0)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise RuntimeError("server did not start:\n" + server.log.read_text())
+
+
+def uvicorn(app: str, port: int, workers: int = 2) -> list[str]:
+    return [
+        str(BIN / "python"),
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--no-access-log",
+    ]
+
+
+def gunicorn(app: str, port: int, workers: int = 2, threads: int = 4) -> list[str]:
+    return [
+        str(BIN / "python"),
+        "-m",
+        "gunicorn",
+        app,
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        str(threads),
+    ]
+
+
+def fetch_profile(url: str, fmt: str = "text", timeout: float = 10.0) -> httpx.Response:
+    """GET a profile link, waiting for the background writer to store it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(url + f"&format={fmt}", timeout=10.0)
+        if response.status_code != 404 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.1)

@@ -1,0 +1,161 @@
+"""End to end: real uvicorn and gunicorn processes, several workers, real exported spans."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .servers import Server, fetch_profile, free_port, gunicorn, run_server, uvicorn
+
+pytestmark = pytest.mark.e2e
+
+PROFILE_URL = "otelprof.profile.url"
+
+# endpoint -> a function of the demo that its profile must show
+DEMO_ENDPOINTS = {
+    "/cpu?ms=40": "crunch_numbers",
+    "/io?ms=30": "io",
+    "/items/42": "item",
+    "/stream?chunks=30": "render_chunk",
+    "/fail": "fail",
+}
+
+
+def _links_by_route(server: Server) -> dict[str, list[str]]:
+    links: dict[str, list[str]] = {}
+    for span in server.server_spans():
+        url = span["attributes"].get(PROFILE_URL)
+        if url:
+            links.setdefault(span["attributes"].get("http.route", span["name"]), []).append(url)
+    return links
+
+
+def _exercise(server: Server, rounds: int = 4) -> dict[str, list[httpx.Response]]:
+    responses: dict[str, list[httpx.Response]] = {}
+    # No keep-alive: an app exception makes uvicorn close the connection (as it should).
+    no_reuse = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=server.base_url, timeout=30, limits=no_reuse) as client:
+        for _ in range(rounds):
+            for path in DEMO_ENDPOINTS:
+                responses.setdefault(path, []).append(client.get(path))
+    return responses
+
+
+def _linked_spans(server: Server, expected_count: int) -> list[dict[str, Any]]:
+    """Spans end after the response is sent (WSGI: at close()), so wait for the last ones."""
+    deadline = time.monotonic() + 10
+    while True:
+        spans = server.server_spans()
+        linked = [s for s in spans if PROFILE_URL in s["attributes"]]
+        if len(linked) >= expected_count or time.monotonic() > deadline:
+            return linked
+        time.sleep(0.1)
+
+
+def _check_every_link_opens_its_profile(server: Server, expected_count: int) -> None:
+    spans = server.server_spans()
+    linked = _linked_spans(server, expected_count)
+    assert len(linked) == expected_count, [s["name"] for s in spans]
+    for span in linked:
+        url = span["attributes"][PROFILE_URL]
+        trace_id = span["context"]["trace_id"].removeprefix("0x")
+        span_id = span["context"]["span_id"].removeprefix("0x")
+        assert url.endswith(f"/debug/profile/{trace_id}?span_id={span_id}")
+        assert url.startswith(server.base_url)
+        response = fetch_profile(url)
+        assert response.status_code == 200, (url, response.text)
+        assert response.headers["x-content-type-options"] == "nosniff"
+        html = fetch_profile(url, "html")
+        assert html.status_code == 200 and "<html" in html.text.lower()
+    # Profiles were written by both worker processes into one embedded store.
+    pids = {s["resource"]["attributes"].get("process.pid") for s in linked}
+    assert None not in pids
+
+
+@pytest.fixture
+def fastapi_server(tmp_path: Path) -> Iterator[Server]:
+    port = free_port()
+    with run_server(uvicorn("demo_app.fastapi_app:app", port, workers=2), tmp_path, port=port) as s:
+        yield s
+
+
+@pytest.fixture
+def flask_server(tmp_path: Path) -> Iterator[Server]:
+    port = free_port()
+    command = gunicorn("demo_app.flask_app:app", port, workers=2, threads=4)
+    with run_server(command, tmp_path, port=port) as s:
+        yield s
+
+
+def test_fastapi_under_uvicorn_two_workers(fastapi_server: Server) -> None:
+    responses = _exercise(fastapi_server)
+    assert all(r.status_code == 200 for p, rs in responses.items() if p != "/fail" for r in rs)
+    assert all(r.status_code == 500 for r in responses["/fail"])
+    total = sum(len(rs) for rs in responses.values())
+    _check_every_link_opens_its_profile(fastapi_server, total)
+    for span in fastapi_server.server_spans():
+        url = span["attributes"].get(PROFILE_URL)
+        if url is None:  # the viewer's own requests: never profiled
+            assert span["attributes"]["url.path"].startswith("/debug/profile")
+            continue
+        text = fetch_profile(url).text
+        target = span["attributes"].get("url.path", "")
+        for path, function in DEMO_ENDPOINTS.items():
+            if path.split("?")[0] == target:
+                assert function in text, (path, text)
+    index = httpx.get(fastapi_server.base_url + "/debug/profile?format=json").json()
+    routes = {row["route"] for row in index["profiles"]}
+    assert {"/cpu", "/io", "/items/{item_id}", "/stream", "/fail"} <= routes
+    starts = [row["start_time"] for row in index["profiles"]]
+    assert starts == sorted(starts, reverse=True)
+    fail_span = next(
+        s for s in fastapi_server.server_spans() if s["attributes"].get("url.path") == "/fail"
+    )
+    assert fail_span["status"]["status_code"] == "ERROR"
+
+
+def test_flask_under_gunicorn_two_gthread_workers(flask_server: Server) -> None:
+    responses = _exercise(flask_server)
+    assert all(r.status_code == 200 for p, rs in responses.items() if p != "/fail" for r in rs)
+    total = sum(len(rs) for rs in responses.values())
+    _check_every_link_opens_its_profile(flask_server, total)
+    index = httpx.get(flask_server.base_url + "/debug/profile?format=json").json()
+    routes = {row["route"] for row in index["profiles"]}
+    assert {"/cpu", "/io", "/items/<int:item_id>", "/stream", "/fail"} <= routes
+    for row in index["profiles"]:
+        if row["route"] == "/cpu":
+            assert "crunch_numbers" in fetch_profile(row["url"]).text
+        if row["route"] == "/stream":
+            assert "render_chunk" in fetch_profile(row["url"]).text
+
+
+def test_concurrent_async_requests_never_mix_under_uvicorn(tmp_path: Path) -> None:
+    port = free_port()
+    command = uvicorn("tests.e2e.marker_app:app", port, workers=1)
+    with run_server(command, tmp_path, port=port) as server:
+        paths = ["/alpha" if i % 2 else "/beta" for i in range(64)]
+        with (
+            httpx.Client(base_url=server.base_url, timeout=30) as client,
+            ThreadPoolExecutor(32) as pool,
+        ):
+            statuses = list(pool.map(lambda p: client.get(p).status_code, paths))
+        assert statuses == [200] * 64
+        checked = 0
+        for span in _linked_spans(server, 64):
+            url = span["attributes"].get(PROFILE_URL)
+            if not url:
+                continue
+            text = fetch_profile(url).text
+            path = span["attributes"].get("url.path") or span["attributes"]["http.target"]
+            own = "marker_alpha_work" if path == "/alpha" else "marker_beta_work"
+            other = "marker_beta_work" if own == "marker_alpha_work" else "marker_alpha_work"
+            assert own in text, text
+            assert other not in text, text
+            checked += 1
+        assert checked == 64
