@@ -332,3 +332,85 @@ async def test_concurrent_requests_never_mix(
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_crashing_profiler_leaves_the_request_alone(
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    store: MemoryStore,
+    closing: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from otelprof_middleware import _session
+
+    def explode(self: Any) -> None:
+        raise RuntimeError("profiler broke")
+
+    monkeypatch.setattr(_session.ThreadSampler, "acquire", explode)
+    app = wrap(otel, store)
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        for _ in range(3):
+            assert client.get("/alpha").json() == {"endpoint": "alpha"}
+    app.core.writer.flush()
+    from otelprof_middleware import counters
+
+    assert counters()["failed.profiler.start"] == 3
+    assert store.list() == []
+    assert app.core._active == 0  # the concurrency slot was given back
+
+
+@pytest.mark.anyio
+async def test_client_disconnect_mid_stream_keeps_the_profile(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    app = wrap(otel, store)
+    closing.append(app)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(10)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and len(sent) >= 3:
+            raise OSError("client went away")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/stream",
+        "raw_path": b"/stream",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"example.test")],
+        "client": LOOPBACK,
+        "server": ("127.0.0.1", 8000),
+    }
+    with pytest.raises(BaseException):  # noqa: B017 - whatever the app lets escape
+        await app(scope, receive, send)
+    app.core.writer.flush()
+    [summary] = store.list()
+    assert summary.route == "/stream"
+    [span] = server_spans(otel[1])
+    assert span.attributes is not None and PROFILE_URL in span.attributes
+    assert app.core._active == 0
+
+
+@pytest.mark.anyio
+async def test_lifespan_and_websocket_pass_straight_through(
+    store: MemoryStore, closing: list[Any]
+) -> None:
+    seen: list[str] = []
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    app = ProfilingMiddleware(inner, profile_store=store, sample_rate=1.0)
+    closing.append(app)
+    for kind in ("lifespan", "websocket"):
+        await app({"type": kind, "path": "/"}, None, None)  # type: ignore[arg-type]
+    assert seen == ["lifespan", "websocket"]

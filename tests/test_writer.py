@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pyinstrument import Profiler
+
+from otelprof_middleware import ProfileSummary, counters
+from otelprof_middleware._writer import ProfileWriter
+from otelprof_middleware.stores import MemoryStore
+
+from .helpers import marker_alpha
+
+
+def _summary(index: int) -> ProfileSummary:
+    return ProfileSummary(
+        trace_id=f"{index + 1:032x}",
+        span_id=f"{index + 1:016x}",
+        method="GET",
+        route="/x",
+        status_code=200,
+        duration_ms=1.0,
+        start_time=1000.0 + index,
+    )
+
+
+def _session() -> Any:
+    profiler = Profiler(interval=0.0005)
+    profiler.start()
+    marker_alpha(0.003)
+    return profiler.stop()
+
+
+def test_writes_in_the_background_and_flushes() -> None:
+    store = MemoryStore()
+    writer = ProfileWriter(lambda: store, queue_size=10)
+    session = _session()
+    for index in range(5):
+        assert writer.submit(_summary(index), session)
+    assert writer.flush()
+    writer.close()
+    assert len(store.list()) == 5
+    assert "marker_alpha" in store.get(_summary(0).trace_id)[0].session().to_json().__repr__()
+    assert counters()["written"] == 5
+
+
+def test_drops_and_counts_when_the_queue_is_full() -> None:
+    release = threading.Event()
+    store = MemoryStore()
+
+    def slow_store() -> MemoryStore:
+        release.wait(10)
+        return store
+
+    writer = ProfileWriter(slow_store, queue_size=2)
+    session = _session()
+    accepted = [writer.submit(_summary(index), session) for index in range(10)]
+    # one item may already be in the writer's hands, two wait in the queue
+    assert accepted.count(True) in (2, 3)
+    assert counters()["dropped.queue_full"] == accepted.count(False)
+    release.set()
+    writer.close()
+    assert len(store.list()) == accepted.count(True)
+
+
+def test_a_failing_store_is_counted_and_the_writer_keeps_going() -> None:
+    calls = 0
+    store = MemoryStore()
+
+    def flaky() -> MemoryStore:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise OSError("store offline")
+        return store
+
+    writer = ProfileWriter(flaky, queue_size=10)
+    session = _session()
+    for index in range(4):
+        writer.submit(_summary(index), session)
+    writer.close()
+    assert counters()["failed.store.put"] == 2
+    assert len(store.list()) == 2  # profiling resumes once the store is back
