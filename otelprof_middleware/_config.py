@@ -256,7 +256,9 @@ class Config:
             elif env_name(name) in env:
                 values[name] = _PARSERS[name](name, env[env_name(name)])
         if "service_name" not in values and env.get("OTEL_SERVICE_NAME"):
-            values["service_name"] = _parse_service("service_name", env["OTEL_SERVICE_NAME"])
+            # OTel allows any service name; ours names a directory, so tame it, never fail.
+            tamed = re.sub(r"[^A-Za-z0-9._-]", "_", env["OTEL_SERVICE_NAME"].strip())[:100]
+            values["service_name"] = tamed.strip(".") or None
         return cls(**values)
 
     @property

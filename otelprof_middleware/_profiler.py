@@ -120,6 +120,8 @@ class ProfilerCore:
         Must run on the thread (and in the asyncio task) that runs the request.
         """
         context = span.get_span_context()
+        if not context.is_valid:  # no SDK provider: nothing to key or link the profile by
+            return None
         sampler = self.sampler
         if not (
             sampler.is_triggered(trigger)

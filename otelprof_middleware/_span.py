@@ -32,10 +32,12 @@ def current_server_span() -> trace.Span | None:
     """The span to join: the current span when it was started in this process.
 
     Every instrumentation that runs before us (FastAPI's own telemetry,
-    FastAPIInstrumentor, OpenTelemetryMiddleware, FlaskInstrumentor's WSGI wrapper)
-    makes its server span current, so at our entry it is ``get_current_span()``. A remote
-    parent (a ``NonRecordingSpan`` built from headers) or no span means nobody opened
-    the server span yet; the adapters then open one through the OTel middleware.
+    FastAPIInstrumentor, OpenTelemetryMiddleware outside ours) makes its server span
+    current, so at our entry it is ``get_current_span()``. A remote parent (a
+    ``NonRecordingSpan`` built from headers) or no span means nobody opened the server
+    span yet; the adapters then open one through the OTel middleware. FlaskInstrumentor
+    starts its span later, in ``before_request``: it then finds ours current and makes
+    its own an INTERNAL child, so there is still exactly one server span.
     """
     span = trace.get_current_span()
     context = span.get_span_context()

@@ -10,5 +10,6 @@ stamp=".venv/.otelprof-installed-$1"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e ".[$1]"
+  rm -f .venv/.otelprof-installed-*  # another extra may have changed the set
   touch "$stamp"
 fi

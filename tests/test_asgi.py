@@ -414,3 +414,22 @@ async def test_lifespan_and_websocket_pass_straight_through(
     for kind in ("lifespan", "websocket"):
         await app({"type": kind, "path": "/"}, None, None)  # type: ignore[arg-type]
     assert seen == ["lifespan", "websocket"]
+
+
+def test_no_sdk_provider_means_no_profile_even_when_triggered(
+    store: MemoryStore, closing: list[Any]
+) -> None:
+    from opentelemetry.trace import NoOpTracerProvider
+
+    app = ProfilingMiddleware(
+        make_app(),
+        tracer_provider=NoOpTracerProvider(),
+        profile_store=store,
+        sample_rate=1.0,
+        debug_route=True,
+    )
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        assert client.get("/beta", headers={"x-otelprof": "1"}).json() == {"endpoint": "beta"}
+    app.core.writer.flush()
+    assert store.list() == []

@@ -71,3 +71,9 @@ def test_base_url_prefers_public_url() -> None:
     assert Config.load({}).base_url("https", "api.test:8443", "/v1/") == "https://api.test:8443/v1"
     config = Config.load({}, public_url="https://profiles.example.com/")
     assert config.base_url("http", "internal:80", "") == "https://profiles.example.com"
+
+
+def test_any_otel_service_name_is_accepted_and_tamed() -> None:
+    config = Config.load({"OTEL_SERVICE_NAME": "my shop/api"})
+    assert config.service_name == "my_shop_api"
+    assert config.resolved_state_dir().endswith("/otelprof/my_shop_api")
