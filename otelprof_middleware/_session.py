@@ -63,6 +63,7 @@ class RequestProfile:
         "start_wall",
         "suspended_at",
         "suspended_stack",
+        "worker_seconds",
     )
 
     def __init__(
@@ -84,6 +85,7 @@ class RequestProfile:
         self.start_perf = time.perf_counter()
         self.suspended_at: float | None = None
         self.suspended_stack: list[str] | None = None
+        self.worker_seconds = 0.0
         self.closed = False
 
     def add(self, stack: list[str], seconds: float, *, waiting: bool = False) -> None:
@@ -97,6 +99,11 @@ class RequestProfile:
             self.records.append((stack, seconds))
             self.own_seconds += seconds
 
+    def add_worker(self, stack: list[str], seconds: float) -> None:
+        """Record worker-thread time; the loop's next ``[await]`` shrinks by as much."""
+        self.add(stack, seconds)
+        self.worker_seconds += seconds
+
     def suspend(self, stack: list[str], now: float) -> None:
         """The request was switched out at ``now``; ``stack`` is where it waits."""
         self.suspended_at = now
@@ -106,6 +113,10 @@ class RequestProfile:
         """The request runs again: the time away is an ``[await]`` under its waiting stack."""
         if self.suspended_at is not None and self.suspended_stack is not None:
             waited = now - self.suspended_at
+            # Worker threads' samples already account for part of this wait.
+            covered = min(waited, self.worker_seconds)
+            self.worker_seconds -= covered
+            waited -= covered
             if waited > 0:
                 self.add(self.suspended_stack, waited, waiting=True)
         self.suspended_at = None
@@ -149,15 +160,23 @@ class ThreadSampler:
 
     def acquire(self) -> None:
         """Install the hook on this thread unless it is already installed."""
-        if self.users == 0:
-            self._last = time.perf_counter()
+        self.users += 1
+        if self.users > 1:
+            return
+        # ``users`` is counted first: the hook may fire as soon as it is installed, and
+        # a hook that sees no users removes itself.
+        self._last = time.perf_counter()
+        try:
             setstatprofile(
                 target=self._on_event,
                 interval=self.interval,
                 context_var=current_request,  # type: ignore[arg-type]  # invariant ContextVar
             )
             self._start_ticker()
-        self.users += 1
+        except BaseException:
+            self.users -= 1
+            setstatprofile(None)
+            raise
 
     def _start_ticker(self) -> None:
         """On an event loop thread, run a no-op Python callback every ``interval``.

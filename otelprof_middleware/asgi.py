@@ -11,6 +11,7 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from ._config import Config, Settings
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
 from ._span import current_server_span, route_attribute
+from ._threads import install as install_worker_thread_profiling
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .stores._base import ProfileStore
 from .viewer import Viewer, ViewerRequest
@@ -73,6 +74,8 @@ class ProfilingMiddleware:
         self._traced_app = OpenTelemetryMiddleware(
             self._profiled, tracer_provider=tracer_provider, exclude_spans=["receive", "send"]
         )
+        if self.config.enabled:
+            install_worker_thread_profiling()
 
     @property
     def core(self) -> ProfilerCore:

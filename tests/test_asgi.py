@@ -433,3 +433,31 @@ def test_no_sdk_provider_means_no_profile_even_when_triggered(
         assert client.get("/beta", headers={"x-otelprof": "1"}).json() == {"endpoint": "beta"}
     app.core.writer.flush()
     assert store.list() == []
+
+
+def test_def_endpoint_work_on_the_worker_thread_is_in_the_profile(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    from fastapi import Depends, FastAPI
+
+    def sync_dependency() -> int:
+        marker_beta(0.01)
+        return 1
+
+    api = FastAPI()
+
+    @api.get("/report")
+    def report(dep: int = Depends(sync_dependency)) -> dict[str, int]:
+        marker_alpha(0.02)
+        return {"dep": dep}
+
+    app = ProfilingMiddleware(api, tracer_provider=otel[0], profile_store=store, sample_rate=1.0)
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        assert client.get("/report").json() == {"dep": 1}
+    app.core.writer.flush()
+    [summary] = store.list()
+    text = text_of(store.get(summary.trace_id)[0].session())
+    # the worker's real frames, placed under the request (below run_in_threadpool)
+    assert "marker_alpha" in text and "marker_beta" in text, text
+    assert text.index("run_in_threadpool") < text.index("marker_alpha")

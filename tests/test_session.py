@@ -112,3 +112,28 @@ def test_a_hook_exception_never_reaches_user_code() -> None:
     from otelprof_middleware._failsafe import snapshot
 
     assert snapshot().get("failed.sample", 0) > 0
+
+
+def test_hook_firing_during_installation_does_not_remove_itself(monkeypatch: object) -> None:
+    import time as _time
+
+    from otelprof_middleware import _session
+
+    def slow_ticker(self: _session.ThreadSampler) -> None:
+        end = _time.perf_counter() + 0.005  # several intervals of Python calls
+        while _time.perf_counter() < end:
+            abs(-1)
+
+    monkeypatch.setattr(_session.ThreadSampler, "_start_ticker", slow_ticker)  # type: ignore[attr-defined]
+    request = _new_request("x")
+    token = current_request.set(request)
+    hook = _session.ThreadSampler(0.0005)
+    hook.acquire()
+    try:
+        assert sys.getprofile() is not None
+        marker_alpha(0.01)
+    finally:
+        request.closed = True
+        hook.release()
+        current_request.reset(token)
+    assert "marker_alpha" in text_of(request.to_session(0.02))
