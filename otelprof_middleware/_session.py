@@ -114,9 +114,8 @@ class RequestProfile:
         if self.suspended_at is not None and self.suspended_stack is not None:
             waited = now - self.suspended_at
             # Worker threads' samples already account for part of this wait.
-            covered = min(waited, self.worker_seconds)
-            self.worker_seconds -= covered
-            waited -= covered
+            waited -= min(waited, self.worker_seconds)
+            self.worker_seconds = 0.0  # concurrent jobs may exceed the wait: never carry over
             if waited > 0:
                 self.add(self.suspended_stack, waited, waiting=True)
         self.suspended_at = None

@@ -1,14 +1,18 @@
 """Worker-thread work inside the request's profile (FastAPI ``def`` endpoints and friends).
 
 FastAPI and Starlette run ``def`` endpoints, sync dependencies, ``run_in_threadpool``
-and sync streaming bodies through ``anyio.to_thread.run_sync``. A hook on the event loop
-thread sees that work only as an opaque ``[await]``. While a profiled request is current,
-:func:`install` makes ``anyio.to_thread.run_sync`` run the job through
-:func:`run_profiled`, which, on the worker thread, installs a short-lived pyinstrument
-hook for exactly the job's duration and grafts its samples under the stack that
-submitted the job. The loop's ``[await]`` for that wait is reduced by the time the
-worker's samples account for, so nothing is counted twice. Unprofiled requests go
-straight to anyio: one contextvar read.
+and sync streaming bodies through ``anyio.to_thread.run_sync``; ``loop.run_in_executor``
+and ``asyncio.to_thread`` go through ``concurrent.futures.ThreadPoolExecutor.submit``.
+A hook on the event loop thread sees that work only as an opaque ``[await]``.
+
+While a profiled request is current in the submitting context, :func:`install` makes
+both entry points run the job through :func:`run_profiled`, which, on the worker thread,
+installs a short-lived pyinstrument hook for exactly the job's duration and grafts its
+samples under the stack that submitted the job (the request it belongs to is captured
+at submission, so it works whether or not the executor copies contextvars). The loop's
+``[await]`` for that wait is reduced by the time the worker's samples account for, so
+nothing is counted twice. Jobs of unprofiled requests go straight through: one
+contextvar read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 import time
 import types
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import anyio.to_thread
@@ -31,19 +36,25 @@ __all__ = ["install", "run_profiled"]
 
 T = TypeVar("T")
 
-_original_run_sync: Callable[..., Any] | None = None
+_installed = False
 
 
 def install() -> None:
-    """Route ``anyio.to_thread.run_sync`` jobs of profiled requests through the profiler.
+    """Route worker-thread jobs of profiled requests through the profiler.
 
-    Idempotent. Unprofiled calls are passed to anyio untouched.
+    Wraps ``anyio.to_thread.run_sync`` and ``ThreadPoolExecutor.submit``. Idempotent.
+    Jobs submitted while no profiled request is current pass through untouched.
     """
-    global _original_run_sync
-    if _original_run_sync is not None:
+    global _installed
+    if _installed:
         return
+    _installed = True
+    _wrap_anyio()
+    _wrap_thread_pool_executor()
+
+
+def _wrap_anyio() -> None:
     original = anyio.to_thread.run_sync
-    _original_run_sync = original
 
     @functools.wraps(original)
     async def run_sync(func: Callable[..., T], *args: object, **kwargs: Any) -> T:
@@ -60,12 +71,35 @@ def install() -> None:
     anyio.to_thread.run_sync = run_sync  # type: ignore[assignment]
 
 
+def _wrap_thread_pool_executor() -> None:
+    original: Callable[..., Any] = ThreadPoolExecutor.submit
+
+    @functools.wraps(original)
+    def submit(
+        self: ThreadPoolExecutor, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> Future[T]:
+        request = current_request.get()
+        if request is None or request.closed:
+            future: Future[T] = original(self, fn, *args, **kwargs)
+            return future
+        submitted_from = build_call_stack(sys._getframe(1), "initial", None)
+        job = functools.partial(run_profiled, request, submitted_from, fn)
+        future = original(self, job, *args, **kwargs)
+        return future
+
+    ThreadPoolExecutor.submit = submit  # type: ignore[method-assign,assignment]
+
+
 def run_profiled(
-    request: RequestProfile, submitted_from: list[str], func: Callable[..., T], *args: object
+    request: RequestProfile,
+    submitted_from: list[str],
+    func: Callable[..., T],
+    *args: Any,
+    **kwargs: Any,
 ) -> T:
     """Run ``func`` on this (worker) thread with a hook feeding ``request``'s profile."""
     if sys.getprofile() is not None or request.closed:
-        return func(*args)  # a hook is already here (nested job, another profiler)
+        return func(*args, **kwargs)  # a hook is already here (nested job, a profiler)
     stop_code = run_profiled.__code__
     last = time.perf_counter()
 
@@ -84,9 +118,9 @@ def run_profiled(
         setstatprofile(target=on_event, interval=request.interval)
     except Exception:
         count("failed.profiler.worker")
-        return func(*args)
+        return func(*args, **kwargs)
     try:
-        return func(*args)
+        return func(*args, **kwargs)
     finally:
         setstatprofile(None)
         now = time.perf_counter()

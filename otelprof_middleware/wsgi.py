@@ -11,6 +11,7 @@ from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 from ._config import Config, Settings
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
 from ._span import current_server_span, route_attribute
+from ._threads import install as install_worker_thread_profiling
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .stores._base import ProfileStore
 from .viewer import Viewer, ViewerRequest
@@ -69,6 +70,8 @@ class WSGIProfilingMiddleware:
             else None
         )
         self._traced_app = OpenTelemetryMiddleware(self._profiled, tracer_provider=tracer_provider)
+        if self.config.enabled:
+            install_worker_thread_profiling()
 
     @property
     def core(self) -> ProfilerCore:

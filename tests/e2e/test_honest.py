@@ -1,0 +1,245 @@
+"""Issue 4's measurement: what fraction of each marker's known time is in its own profile.
+
+Known time is the requested 30 ms of wall-clock spinning. Under contention a marker can
+run past its deadline (it notices the deadline only once it holds the GIL again), so
+fractions above 100% appear; the lower bound is what the test holds.
+
+Real uvicorn (one worker, so every request shares one event loop) and gunicorn gthread
+(8 threads). Each request calls its own uniquely named marker function for a known
+wall-clock time; the stored pyinstrument session is read back from the store and the
+time under that marker summed. A profile must hold >= 90% of its own marker's time and
+no other request's marker. The per-case figures go to test-artifacts/honest-profiles.md.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import statistics
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from otelprof_middleware import ProfileRecord
+from otelprof_middleware.stores import SQLiteStore
+
+from .attribution import attribute
+from .servers import ROOT, Server, free_port, gunicorn, run_server, uvicorn
+
+pytestmark = pytest.mark.e2e
+
+MARKER_MS = 30.0
+OWN_TARGET = 0.90
+ASGI_CASES = [
+    "async",
+    "def",
+    "dep",
+    "threadpool",
+    "anyio",
+    "executor",
+    "to-thread",
+    "stream-async",
+    "stream-sync",
+    "raise",
+    "background",
+]
+WSGI_CASES = ["wsgi", "wsgi-stream", "wsgi-raise"]
+
+
+@dataclass
+class Sent:
+    case: str
+    n: int
+    trace_id: str
+    status: int
+
+
+def _send(base_url: str, case: str, n: int) -> Sent:
+    trace_id = secrets.token_hex(16)
+    headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    limits = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=base_url, timeout=30, limits=limits) as client:
+        response = client.get(f"/{case}/{n}", params={"ms": MARKER_MS}, headers=headers)
+    return Sent(case, n, trace_id, response.status_code)
+
+
+def _stored(
+    server: Server, trace_ids: list[str], timeout: float = 15.0
+) -> dict[str, ProfileRecord]:
+    store = SQLiteStore(str(server.state_dir / "profiles.db"))
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = {t: r[0] for t in trace_ids if (r := store.get(t))}
+            if len(found) == len(trace_ids) or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+    finally:
+        store.close()
+
+
+def _report(title: str, rows: dict[str, list[float]], foreign: dict[str, int]) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| case | requests | own min | own median | foreign markers |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for case, fractions in rows.items():
+        lines.append(
+            f"| {case} | {len(fractions)} | {min(fractions):.0%} | "
+            f"{statistics.median(fractions):.0%} | {foreign[case]} |"
+        )
+    text = "\n".join(lines) + "\n"
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with open(artifacts / "honest-profiles.md", "a", encoding="utf-8") as out:
+        out.write(text + "\n")
+    print("\n" + text)
+    return text
+
+
+def _check(server: Server, sent: list[Sent], title: str) -> None:
+    records = _stored(server, [s.trace_id for s in sent])
+    missing = [s for s in sent if s.trace_id not in records]
+    assert not missing, f"no profile stored for {missing}"
+    rows: dict[str, list[float]] = {}
+    foreign: dict[str, int] = {}
+    failures = []
+    for s in sent:
+        result = attribute(records[s.trace_id].session(), s.n)
+        fraction = result.own_fraction(MARKER_MS / 1000.0)
+        rows.setdefault(s.case, []).append(fraction)
+        foreign[s.case] = foreign.get(s.case, 0) + len(result.foreign)
+        if fraction < OWN_TARGET or result.foreign:
+            failures.append((s.case, s.n, round(fraction, 3), sorted(result.foreign)))
+    _report(title, rows, foreign)
+    assert not failures, failures
+
+
+@pytest.fixture(scope="module")
+def asgi_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("honest-asgi")
+    with run_server(uvicorn("tests.e2e.honest_app:app", port, workers=1), tmp, port=port) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def wsgi_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("honest-wsgi")
+    command = gunicorn("tests.e2e.honest_flask:app", port, workers=1, threads=8)
+    with run_server(command, tmp, port=port) as s:
+        yield s
+
+
+def test_each_case_one_at_a_time(asgi_server: Server) -> None:
+    sent = [_send(asgi_server.base_url, case, n) for n in range(3) for case in ASGI_CASES]
+    for s in sent:
+        assert s.status == (500 if s.case == "raise" else 200), s
+    _check(asgi_server, sent, "ASGI (uvicorn, 1 worker), one request at a time")
+
+
+def test_32_concurrent_requests_never_mix(asgi_server: Server) -> None:
+    jobs = [(ASGI_CASES[n % len(ASGI_CASES)], n) for n in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        sent = list(pool.map(lambda job: _send(asgi_server.base_url, *job), jobs))
+    _check(asgi_server, sent, "ASGI (uvicorn, 1 worker), 32 concurrent requests")
+
+
+def test_background_task_work_is_in_no_profile(asgi_server: Server) -> None:
+    sent = [_send(asgi_server.base_url, "background", n) for n in range(4)]
+    time.sleep(0.3)  # the background tasks run after the responses
+    records = _stored(asgi_server, [s.trace_id for s in sent])
+    for s in sent:
+        result = attribute(records[s.trace_id].session(), s.n)
+        assert result.own_fraction(MARKER_MS / 1000.0) >= OWN_TARGET
+        assert result.foreign == frozenset(), (s, result.foreign)  # n + 32 is not in it
+    # ... nor in any other profile: background work is not attributed to any request.
+    store = SQLiteStore(str(asgi_server.state_dir / "profiles.db"))
+    try:
+        for summary in store.list(limit=1000):
+            for record in store.get(summary.trace_id):
+                names = {
+                    f.split("\x00")[0] for stack, _ in record.session().frame_records for f in stack
+                }
+                assert not any(f"marker_{n + 32}" in names for n in range(4)), summary
+    finally:
+        store.close()
+
+
+def test_exception_keeps_profile_with_raising_frames_and_error_span(asgi_server: Server) -> None:
+    s = _send(asgi_server.base_url, "raise", 5)
+    assert s.status == 500
+    [record] = _stored(asgi_server, [s.trace_id]).values()
+    assert record.summary.status_code == 500
+    names = {f.split("\x00")[0] for stack, _ in record.session().frame_records for f in stack}
+    assert {"raises", "marker_5"} <= names
+    deadline = time.monotonic() + 10
+    while True:
+        spans = [
+            x
+            for x in asgi_server.server_spans()
+            if x["context"]["trace_id"].removeprefix("0x") == s.trace_id
+        ]
+        if spans or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    [span] = spans
+    assert span["status"]["status_code"] == "ERROR"
+    assert "otelprof.profile.url" in span["attributes"]
+
+
+def test_short_request_gets_an_honest_profile(asgi_server: Server) -> None:
+    trace_id = secrets.token_hex(16)
+    response = httpx.get(
+        asgi_server.base_url + "/short",
+        headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+    )
+    assert response.status_code == 200
+    [record] = _stored(asgi_server, [trace_id]).values()
+    assert record.summary.duration_ms > 0
+    text = httpx.get(f"{asgi_server.base_url}/debug/profile/{trace_id}?format=text").text
+    assert record.summary.route in text or "/short" in text
+    if record.summary.sample_count == 0:
+        assert "No samples were taken" in text
+
+
+def test_client_disconnect_mid_stream_keeps_profile_and_leaks_nothing(asgi_server: Server) -> None:
+    trace_id = secrets.token_hex(16)
+    host, port = asgi_server.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            f"GET /stream-sync/7?ms=600 HTTP/1.1\r\nHost: {host}\r\n"
+            f"traceparent: 00-{trace_id}-{secrets.token_hex(8)}-01\r\n\r\n".encode()
+        )
+        assert b"200 OK" in sock.recv(4096)
+    # the connection is closed mid-stream; the server notices on its next send
+    [record] = _stored(asgi_server, [trace_id]).values()
+    assert attribute(record.session(), 7).own_seconds > 0
+    later = [_send(asgi_server.base_url, "async", 8) for _ in range(3)]
+    for s in later:
+        [other] = _stored(asgi_server, [s.trace_id]).values()
+        assert 7 not in attribute(other.session(), 8).foreign
+
+
+def test_wsgi_threads_each_hold_their_own_frames(wsgi_server: Server) -> None:
+    jobs = [(WSGI_CASES[n % len(WSGI_CASES)], n) for n in range(24)]
+    with ThreadPoolExecutor(16) as pool:
+        sent = list(pool.map(lambda job: _send(wsgi_server.base_url, *job), jobs))
+    for s in sent:
+        assert s.status == (500 if s.case == "wsgi-raise" else 200), s
+    _check(wsgi_server, sent, "WSGI (gunicorn gthread, 8 threads), 24 requests 16 at a time")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_report() -> None:
+    path = ROOT / "test-artifacts" / "honest-profiles.md"
+    if path.exists() and os.environ.get("OTELPROF_KEEP_REPORT") != "1":
+        path.unlink()
