@@ -113,7 +113,13 @@ class ProfilerCore:
             return self._store
 
     def start(
-        self, span: trace.Span, *, method: str, trigger: bytes | None, description: str
+        self,
+        span: trace.Span,
+        *,
+        method: str,
+        trigger: bytes | None,
+        client_host: str | None,
+        description: str,
     ) -> ActiveProfile | None:
         """Decide whether to profile this request and, if so, start its profile.
 
@@ -124,7 +130,7 @@ class ProfilerCore:
             return None
         sampler = self.sampler
         if not (
-            sampler.is_triggered(trigger)
+            sampler.is_triggered(trigger, client_host)
             or sampler.is_sampled(context.trace_id, span.is_recording())
         ):
             return None

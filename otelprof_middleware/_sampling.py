@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 
 from ._config import DEBUG_PREFIX, Config
+from ._net import is_loopback
 
 __all__ = ["Sampler"]
 
@@ -48,12 +49,16 @@ class Sampler:
                 return True
         return False
 
-    def is_triggered(self, header_value: bytes | None) -> bool:
-        """True when the trigger header asks for a profile and triggers are allowed."""
+    def is_triggered(self, header_value: bytes | None, client_host: str | None) -> bool:
+        """True when the trigger header asks for a profile and triggers are allowed.
+
+        With a debug token, the header must carry it. Without one (development, viewer
+        on), only loopback clients may trigger, as only they may open the viewer.
+        """
         if header_value is None or not self.triggers_allowed:
             return False
         if self._token is None:
-            return True
+            return is_loopback(client_host)
         return hmac.compare_digest(header_value.strip(), self._token)
 
     def is_sampled(self, trace_id: int, is_recording: bool) -> bool:

@@ -98,8 +98,13 @@ class ProfilingMiddleware:
 
     async def _profiled(self, scope: Scope, receive: Receive, send: Send) -> None:
         trigger = self._find_trigger(scope) if self._sampler.triggers_allowed else None
+        client = scope.get("client")
         active = self._core.start(
-            trace.get_current_span(), method=scope["method"], trigger=trigger, description=""
+            trace.get_current_span(),
+            method=scope["method"],
+            trigger=trigger,
+            client_host=client[0] if client else None,
+            description="",
         )
         if active is None:
             await self.app(scope, receive, send)

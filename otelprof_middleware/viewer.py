@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hmac
 import html
-import ipaddress
 import json
 import math
 import re
@@ -42,6 +41,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from ._config import DEBUG_PREFIX
 from ._failsafe import count, log_failure
+from ._net import is_loopback
 from ._record import ProfileRecord, ProfileSummary, is_span_id, is_trace_id
 from .render import FORMATS, inline_script_hashes, render
 from .stores._base import ProfileStore
@@ -225,7 +225,7 @@ class Viewer:
     def _authorize(self, request: ViewerRequest) -> str | None:
         """Raise 401/403 unless the client may look; return a ``Set-Cookie`` value or None."""
         if self._token is None:
-            if _is_loopback(request.client_host):
+            if is_loopback(request.client_host):
                 return None
             count("viewer.refused")
             raise _Abort(
@@ -260,7 +260,7 @@ class Viewer:
 
     def _cookie(self, request: ViewerRequest) -> str:
         value = quote((self._token or b"").decode("utf-8"), safe="")
-        cookie = f"{TOKEN_COOKIE}={value}; Path={self._prefix}; HttpOnly; SameSite=Strict"
+        cookie = f"{TOKEN_COOKIE}={value}; Path={self._prefix}; HttpOnly; SameSite=Lax"
         if request.scheme == "https":
             cookie += "; Secure"
         return cookie
@@ -463,19 +463,6 @@ class _Filters:
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
     return {name.lower(): value for name, value in headers.items()}
-
-
-def _is_loopback(host: str | None) -> bool:
-    """True when ``host`` is an IPv4 or IPv6 loopback address (IPv4-mapped too)."""
-    if not host:
-        return False
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 def _parse_query(query_string: bytes) -> dict[str, list[str]]:

@@ -97,6 +97,7 @@ class WSGIProfilingMiddleware:
             trace.get_current_span(),
             method=environ.get("REQUEST_METHOD", "GET"),
             trigger=trigger,
+            client_host=environ.get("REMOTE_ADDR"),
             description="",
         )
         if active is None:

@@ -52,10 +52,14 @@ def test_same_decision_as_otel_trace_id_ratio_sampler() -> None:
 
 
 def test_trigger_only_when_allowed() -> None:
-    assert not sampler().is_triggered(b"1")  # production default: no viewer, no token
-    assert sampler(debug_route=True).is_triggered(b"1")  # development
-    assert not sampler(debug_route=True).is_triggered(None)
+    local, remote = "127.0.0.1", "198.51.100.7"
+    assert not sampler().is_triggered(b"1", local)  # production default: no viewer, no token
+    assert sampler(debug_route=True).is_triggered(b"1", local)  # development
+    assert sampler(debug_route=True).is_triggered(b"1", "::1")
+    assert not sampler(debug_route=True).is_triggered(b"1", remote)  # loopback only, as the viewer
+    assert not sampler(debug_route=True).is_triggered(b"1", None)
+    assert not sampler(debug_route=True).is_triggered(None, local)
     with_token = sampler(debug_token="s3cret")
-    assert with_token.is_triggered(b"s3cret")
-    assert not with_token.is_triggered(b"wrong")
-    assert not with_token.is_triggered(b"1")
+    assert with_token.is_triggered(b"s3cret", remote)
+    assert not with_token.is_triggered(b"wrong", local)
+    assert not with_token.is_triggered(b"1", local)
