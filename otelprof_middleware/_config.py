@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any, TypedDict, TypeVar
 from urllib.parse import urlsplit
 
-__all__ = ["DEBUG_PREFIX", "Config", "Settings", "env_name"]
+__all__ = ["DEBUG_PREFIX", "MODES", "Config", "Settings", "env_name"]
 
 DEBUG_PREFIX = "/debug/profile"
 """Where the viewer lives, in the app and in ``otelprof serve``."""
@@ -152,11 +152,25 @@ class Settings(TypedDict, total=False):
     interval_ms: float
     exclude_paths: tuple[str, ...] | list[str] | str
     trigger_header: str
+    mode: str
+    hook_sample_rate: float
+    always_on_interval_ms: float
     max_concurrent: int
     max_samples: int
     writer_queue_size: int
     service_name: str
     state_dir: str
+
+
+MODES = ("hook", "always_on")
+
+
+def _parse_mode(name: str, value: object) -> str:
+    text = _parse_optional_str(name, value)
+    mode = (text or "").lower().replace("-", "_")
+    if mode not in MODES:
+        raise ValueError(f"{_where(name)} must be one of {', '.join(MODES)}, got {value!r}")
+    return mode
 
 
 _PARSERS: dict[str, Callable[[str, object], Any]] = {
@@ -171,6 +185,9 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "public_url": _parse_public_url,
     "interval_ms": lambda n, v: _parse_float(n, v, low=0.05, high=1000.0),
     "exclude_paths": _parse_paths,
+    "mode": _parse_mode,
+    "hook_sample_rate": lambda n, v: _parse_float(n, v, low=0.0, high=1.0),
+    "always_on_interval_ms": lambda n, v: _parse_float(n, v, low=0.5, high=1000.0),
     "trigger_header": _parse_header,
     "max_concurrent": lambda n, v: _parse_int(n, v, low=1),
     "max_samples": lambda n, v: _parse_int(n, v, low=10),
@@ -205,10 +222,21 @@ class Config:
         exclude_paths: paths (and their sub-paths) never profiled
             (``OTELPROF_EXCLUDE_PATHS``, comma-separated). The viewer's own routes are
             always excluded.
+        mode: ``hook`` (default): a pyinstrument hook on the threads of each profiled
+            request, full detail, pyinstrument's cost per Python call; ``always_on``: one
+            sampler thread per process reads the stacks of the threads serving profiled
+            requests every ``always_on_interval_ms``, about 1% cost, so every request can be
+            profiled (``OTELPROF_MODE``).
+        hook_sample_rate: in ``always_on`` mode, the fraction of traces profiled with the
+            hook instead (``OTELPROF_HOOK_SAMPLE_RATE``, default ``0``); triggered
+            requests always get the hook. Ignored in ``hook`` mode.
+        always_on_interval_ms: the sampler thread's interval
+            (``OTELPROF_ALWAYS_ON_INTERVAL_MS``, default ``5``).
         trigger_header: request header that asks for a profile
             (``OTELPROF_TRIGGER_HEADER``, default ``x-otelprof``).
-        max_concurrent: profiled requests in flight per process
-            (``OTELPROF_MAX_CONCURRENT``, default ``32``).
+        max_concurrent: hook-profiled requests in flight per process
+            (``OTELPROF_MAX_CONCURRENT``, default ``32``); always-on profiles are capped at
+            1024 in flight.
         max_samples: samples kept per profile (``OTELPROF_MAX_SAMPLES``, default ``20000``).
         writer_queue_size: profiles waiting for the background writer
             (``OTELPROF_WRITER_QUEUE_SIZE``, default ``256``); more are dropped and counted.
@@ -230,6 +258,9 @@ class Config:
     interval_ms: float = 1.0
     exclude_paths: tuple[str, ...] = ()
     trigger_header: str = "x-otelprof"
+    mode: str = "hook"
+    hook_sample_rate: float = 0.0
+    always_on_interval_ms: float = 5.0
     max_concurrent: int = 32
     max_samples: int = 20_000
     writer_queue_size: int = 256

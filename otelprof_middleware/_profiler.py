@@ -20,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import format_span_id, format_trace_id
 from pyinstrument.stack_sampler import build_call_stack
 
+from ._always_on import always_on_sampler
 from ._config import Config
 from ._failsafe import count, fail_open, log_failure
 from ._record import ProfileRecord, ProfileSummary
@@ -37,6 +38,7 @@ _KNOWN_METHODS = frozenset(
 )
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 STORE_RETRY_SECONDS = 5.0
+ALWAYS_ON_MAX_CONCURRENT = 1024
 
 
 def normalise_method(method: str) -> str:
@@ -56,7 +58,7 @@ class ActiveProfile:
     """A request being profiled."""
 
     request: RequestProfile
-    sampler: ThreadSampler
+    sampler: ThreadSampler | None  # None: the always-on sampler thread
     span: trace.Span
     trace_id: str
     span_id: str
@@ -81,8 +83,10 @@ class ProfilerCore:
         self._store_retry_at = 0.0
         self.writer = ProfileWriter(self.get_store, config.writer_queue_size)
         self._active = 0
+        self._active_always_on = 0
         self._active_lock = threading.Lock()
         self._interval = config.interval
+        self._always_on_interval = config.always_on_interval_ms / 1000.0
         self._min_duration = config.min_duration_ms / 1000.0
         atexit.register(self.writer.close, 2.0)
 
@@ -128,36 +132,43 @@ class ProfilerCore:
         context = span.get_span_context()
         if not context.is_valid:  # no SDK provider: nothing to key or link the profile by
             return None
-        sampler = self.sampler
-        if not (
-            sampler.is_triggered(trigger, client_host)
-            or sampler.is_sampled(context.trace_id, span.is_recording())
-        ):
+        kind = self.sampler.choose(context.trace_id, span.is_recording(), trigger, client_host)
+        if kind is None:
             return None
         if current_request.get() is not None:
             return None  # already profiled by an outer middleware: never twice
+        continuous = kind == "always_on"
+        cap = ALWAYS_ON_MAX_CONCURRENT if continuous else self.config.max_concurrent
         with self._active_lock:
-            if self._active >= self.config.max_concurrent:
+            active_now = self._active_always_on if continuous else self._active
+            if active_now >= cap:
                 count("skipped.concurrency_cap")
                 return None
-            self._active += 1
+            if continuous:
+                self._active_always_on += 1
+            else:
+                self._active += 1
+        hook: ThreadSampler | None = None
         try:
             request = RequestProfile(
-                interval=self._interval,
+                interval=self._always_on_interval if continuous else self._interval,
                 max_samples=self.config.max_samples,
                 start_call_stack=build_call_stack(sys._getframe(2), "initial", None),
                 description=description,
+                continuous=continuous,
             )
             token = current_request.set(request)
-            hook = thread_sampler(self._interval)
             try:
-                hook.acquire()
+                if continuous:
+                    always_on_sampler(self._always_on_interval).register_current(request)
+                else:
+                    hook = thread_sampler(self._interval)
+                    hook.acquire()
             except BaseException:
                 current_request.reset(token)
                 raise
         except Exception as exc:
-            with self._active_lock:
-                self._active -= 1
+            self._release_slot(continuous)
             log_failure("profiler.start", exc)
             return None
         return ActiveProfile(
@@ -182,12 +193,14 @@ class ProfilerCore:
         request.closed = True
         duration = time.perf_counter() - request.start_perf
         with fail_open("profiler.stop"):
-            if active.sampler.thread_id == threading.get_ident():
-                active.sampler.release()
+            hook = active.sampler
+            if hook is None:
+                always_on_sampler(self._always_on_interval).unregister_current(request)
+            elif hook.thread_id == threading.get_ident():
+                hook.release()
             else:  # finished elsewhere: the hook removes itself on that thread's next event
-                active.sampler.users -= 1
-        with self._active_lock:
-            self._active -= 1
+                hook.users -= 1
+        self._release_slot(request.continuous)
         if duration < self._min_duration:
             count("discarded.short")
             return
@@ -205,11 +218,22 @@ class ProfilerCore:
                 duration_ms=round(duration * 1000.0, 3),
                 start_time=request.start_wall,
                 sample_count=len(request.records),
-                mode="hook",
-                interval_ms=self.config.interval_ms,
+                mode="always_on" if request.continuous else "hook",
+                interval_ms=round(request.interval * 1000.0, 3),
             )
-            request.description = f"{active.method} {route or '(unmatched route)'}"
+            how = "always-on sampler thread" if request.continuous else "pyinstrument hook"
+            request.description = (
+                f"{active.method} {route or '(unmatched route)'}"
+                f" · {how}, interval {summary.interval_ms:g} ms"
+            )
             self.writer.submit(summary, request.to_session(duration))
+
+    def _release_slot(self, continuous: bool) -> None:
+        with self._active_lock:
+            if continuous:
+                self._active_always_on -= 1
+            else:
+                self._active -= 1
 
     @staticmethod
     def detach(active: ActiveProfile) -> None:

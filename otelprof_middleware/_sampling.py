@@ -26,7 +26,16 @@ class Sampler:
         config: the middleware's settings.
     """
 
-    __slots__ = ("_bound", "_enabled", "_excluded", "_token", "trigger_header", "triggers_allowed")
+    __slots__ = (
+        "_always_on",
+        "_bound",
+        "_enabled",
+        "_excluded",
+        "_hook_bound",
+        "_token",
+        "trigger_header",
+        "triggers_allowed",
+    )
 
     def __init__(self, config: Config) -> None:
         self._enabled = config.enabled
@@ -34,6 +43,8 @@ class Sampler:
         # The same bound as opentelemetry.sdk.trace.sampling.TraceIdRatioBased, so a
         # rate shared by every service in a trace profiles the same traces everywhere.
         self._bound = round(config.sample_rate * (1 << 64))
+        self._always_on = config.mode == "always_on"
+        self._hook_bound = round(config.hook_sample_rate * (1 << 64)) if self._always_on else 0
         self._token = config.debug_token.encode() if config.debug_token else None
         self.trigger_header = config.trigger_header.encode("latin-1")
         # Triggers: with a token, only a request carrying it; without one, only in
@@ -64,3 +75,23 @@ class Sampler:
     def is_sampled(self, trace_id: int, is_recording: bool) -> bool:
         """Steps 3 and 4: only recorded traces, deterministically by trace id."""
         return is_recording and (trace_id & _TRACE_ID_LOW_BITS) < self._bound
+
+    def choose(
+        self, trace_id: int, is_recording: bool, trigger: bytes | None, client_host: str | None
+    ) -> str | None:
+        """Which profiler a request gets: ``"hook"``, ``"always_on"`` or None (none).
+
+        A triggered request always gets the detailed hook. In ``always_on`` mode,
+        ``hook_sample_rate`` of the recorded traces get the hook too (decided first, so a
+        request is never profiled twice) and ``sample_rate`` of them the sampler thread.
+        """
+        if self.is_triggered(trigger, client_host):
+            return "hook"
+        if not is_recording:
+            return None
+        low = trace_id & _TRACE_ID_LOW_BITS
+        if self._always_on:
+            if low < self._hook_bound:
+                return "hook"
+            return "always_on" if low < self._bound else None
+        return "hook" if low < self._bound else None

@@ -52,6 +52,7 @@ class RequestProfile:
 
     __slots__ = (
         "closed",
+        "continuous",
         "description",
         "dropped_samples",
         "interval",
@@ -73,8 +74,10 @@ class RequestProfile:
         max_samples: int,
         start_call_stack: list[str],
         description: str = "",
+        continuous: bool = False,
     ) -> None:
         self.records: list[FrameRecord] = []
+        self.continuous = continuous  # sampled by the always-on thread, not a hook
         self.interval = interval
         self.max_samples = max_samples
         self.dropped_samples = 0

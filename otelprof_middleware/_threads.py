@@ -29,6 +29,7 @@ import anyio.to_thread
 from pyinstrument.low_level.stat_profile import get_frame_info, setstatprofile
 from pyinstrument.stack_sampler import build_call_stack
 
+from ._always_on import always_on_sampler
 from ._failsafe import count
 from ._session import RequestProfile, current_request
 
@@ -98,9 +99,16 @@ def run_profiled(
     **kwargs: Any,
 ) -> T:
     """Run ``func`` on this (worker) thread with a hook feeding ``request``'s profile."""
+    stop_code = run_profiled.__code__
+    if request.continuous:  # always-on mode: the sampler thread reads this thread
+        sampler = always_on_sampler(request.interval)
+        sampler.register_worker(request, submitted_from, stop_code)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            sampler.unregister_worker()
     if sys.getprofile() is not None or request.closed:
         return func(*args, **kwargs)  # a hook is already here (nested job, a profiler)
-    stop_code = run_profiled.__code__
     last = time.perf_counter()
 
     def on_event(frame: types.FrameType, event: str, arg: Any) -> None:

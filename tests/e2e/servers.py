@@ -35,6 +35,7 @@ class Server:
     spans_dir: Path
     process: subprocess.Popen[bytes]
     log: Path
+    mode: str = "hook"
 
     def spans(self) -> list[dict[str, Any]]:
         spans: list[dict[str, Any]] = []

@@ -34,7 +34,8 @@ from .servers import ROOT, Server, free_port, gunicorn, run_server, uvicorn
 pytestmark = pytest.mark.e2e
 
 MARKER_MS = 30.0
-OWN_TARGET = 0.90
+OWN_TARGET = 0.90  # hook mode: every request
+ALWAYS_ON_MEDIAN_TARGET = 0.70  # always-on mode: the median over all requests of a run
 ASGI_CASES = [
     "async",
     "def",
@@ -96,15 +97,20 @@ def _report(title: str, rows: dict[str, list[float]], foreign: dict[str, int]) -
             f"{statistics.median(fractions):.0%} | {foreign[case]} |"
         )
     text = "\n".join(lines) + "\n"
+    _append(text)
+    return text
+
+
+def _append(text: str) -> None:
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     with open(artifacts / "honest-profiles.md", "a", encoding="utf-8") as out:
         out.write(text + "\n")
     print("\n" + text)
-    return text
 
 
 def _check(server: Server, sent: list[Sent], title: str) -> None:
+    title = f"{title}, mode {server.mode}"
     records = _stored(server, [s.trace_id for s in sent])
     missing = [s for s in sent if s.trace_id not in records]
     assert not missing, f"no profile stored for {missing}"
@@ -116,31 +122,45 @@ def _check(server: Server, sent: list[Sent], title: str) -> None:
         fraction = result.own_fraction(MARKER_MS / 1000.0)
         rows.setdefault(s.case, []).append(fraction)
         foreign[s.case] = foreign.get(s.case, 0) + len(result.foreign)
-        if fraction < OWN_TARGET or result.foreign:
+        # Always-on ticks are statistical (5 ms, jittered, GIL-bound): a single 30 ms
+        # marker may get no tick under contention, so only the median is held there.
+        too_low = server.mode == "hook" and fraction < OWN_TARGET
+        if too_low or result.foreign:
             failures.append((s.case, s.n, round(fraction, 3), sorted(result.foreign)))
     _report(title, rows, foreign)
     assert not failures, failures
+    if server.mode == "always_on":
+        pooled = statistics.median(f for fractions in rows.values() for f in fractions)
+        _append(f"pooled median own fraction over {len(sent)} requests: {pooled:.0%}\n")
+        assert pooled >= ALWAYS_ON_MEDIAN_TARGET, rows
 
 
-@pytest.fixture(scope="module")
-def asgi_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=["hook", "always_on"])
+def asgi_server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Server]:
     port = free_port()
     tmp = tmp_path_factory.mktemp("honest-asgi")
-    with run_server(uvicorn("tests.e2e.honest_app:app", port, workers=1), tmp, port=port) as s:
+    command = uvicorn("tests.e2e.honest_app:app", port, workers=1)
+    with run_server(command, tmp, port=port, env={"OTELPROF_MODE": request.param}) as s:
+        s.mode = request.param
         yield s
 
 
-@pytest.fixture(scope="module")
-def wsgi_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=["hook", "always_on"])
+def wsgi_server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Server]:
     port = free_port()
     tmp = tmp_path_factory.mktemp("honest-wsgi")
     command = gunicorn("tests.e2e.honest_flask:app", port, workers=1, threads=8)
-    with run_server(command, tmp, port=port) as s:
+    with run_server(command, tmp, port=port, env={"OTELPROF_MODE": request.param}) as s:
+        s.mode = request.param
         yield s
 
 
 def test_each_case_one_at_a_time(asgi_server: Server) -> None:
-    sent = [_send(asgi_server.base_url, case, n) for n in range(3) for case in ASGI_CASES]
+    sent = [_send(asgi_server.base_url, case, n) for n in range(5) for case in ASGI_CASES]
     for s in sent:
         assert s.status == (500 if s.case == "raise" else 200), s
     _check(asgi_server, sent, "ASGI (uvicorn, 1 worker), one request at a time")
@@ -159,7 +179,8 @@ def test_background_task_work_is_in_no_profile(asgi_server: Server) -> None:
     records = _stored(asgi_server, [s.trace_id for s in sent])
     for s in sent:
         result = attribute(records[s.trace_id].session(), s.n)
-        assert result.own_fraction(MARKER_MS / 1000.0) >= OWN_TARGET
+        if asgi_server.mode == "hook":
+            assert result.own_fraction(MARKER_MS / 1000.0) >= OWN_TARGET
         assert result.foreign == frozenset(), (s, result.foreign)  # n + 32 is not in it
     # ... nor in any other profile: background work is not attributed to any request.
     store = SQLiteStore(str(asgi_server.state_dir / "profiles.db"))

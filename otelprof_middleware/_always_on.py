@@ -1,0 +1,357 @@
+"""Always-on mode: one sampler thread per process, samples attributed per request.
+
+pyinstrument's hook runs on every Python call, so a profiled call-heavy request runs
+several times slower. A thread that wakes every ``interval`` and reads the other threads'
+frames (``sys._current_frames()``) costs time per sample instead, about 1% (see
+docs/always-on.md). What Pyroscope-style samplers lose, and this keeps, is *which
+request* each sample belongs to:
+
+* **event loop threads**: the asyncio task running at that moment
+  (``asyncio.current_task(loop)``, readable from another thread) is mapped to its
+  request. A request's own task is registered when it starts; the tasks it creates are
+  registered by a task factory on the loop, which looks at the creating context.
+* **worker threads** (``def`` endpoints, ``run_in_threadpool``, executors): the job
+  wrapper in ``_threads`` registers the thread for the job's duration, with the stack
+  that submitted it; the worker's frames are grafted under that stack.
+* **WSGI threads**: the request's thread is registered until the body's ``close()``.
+
+A registered request that is not running anywhere at a tick is waiting: the tick goes
+to its ``[await]`` under the coroutine chain its task is suspended in.
+
+The sampler needs the GIL to run: a thread that never releases it hands it over only
+every ``sys.getswitchinterval()`` (5 ms by default), which caps the effective rate for
+CPU-bound code at about 200 samples per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import random
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from pyinstrument.low_level.stat_profile import get_frame_info
+
+from ._failsafe import count
+from ._session import RequestProfile
+
+__all__ = ["AlwaysOnSampler", "always_on_sampler"]
+
+
+def _thread_identifier(ident: int) -> str:
+    thread = threading._active.get(ident)  # type: ignore[attr-defined]
+    name = thread.name if thread is not None else "Thread"
+    return f"{name}\x00<thread>\x00{ident}"
+
+
+def _stack(
+    ident: int, frame: types.FrameType | None, stop: types.CodeType | None = None
+) -> list[str]:
+    """Root-first frame identifiers of ``frame``'s chain, stopping below ``stop``'s frame."""
+    stack: list[str] = []
+    while frame is not None and frame.f_code is not stop:
+        stack.append(get_frame_info(frame))
+        frame = frame.f_back
+    stack.append(_thread_identifier(ident))
+    stack.reverse()
+    return stack
+
+
+def _await_chain(coro: Any) -> list[str]:
+    """The frames of a suspended coroutine and what it awaits, outermost first."""
+    chain: list[str] = []
+    depth = 0
+    while coro is not None and depth < 200:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        chain.append(get_frame_info(frame))
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        depth += 1
+    return chain
+
+
+class _LoopState:
+    __slots__ = ("loop", "prefix", "requests")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.prefix: list[str] | None = None  # the loop's frames below a task's coroutine
+        self.requests: dict[RequestProfile, asyncio.Task[Any]] = {}  # request -> its task
+
+
+class AlwaysOnSampler:
+    """The process's sampler thread and the registry of what runs where.
+
+    Registration calls come from the threads serving requests; the sampler thread reads
+    the registry. Plain dict operations are atomic under the GIL; the sampler iterates
+    over copies.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._loops: dict[int, _LoopState] = {}  # loop thread ident -> state
+        self._tasks: dict[asyncio.Task[Any], RequestProfile] = {}
+        self._threads: dict[
+            int, tuple[RequestProfile, list[str] | None, types.CodeType | None]
+        ] = {}
+        self._factories: set[int] = set()  # ids of loops with our task factory
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+        self.samples = 0
+        self._previous: dict[RequestProfile, _State] = {}  # written by the sampler thread
+        self._last_tick = time.perf_counter()
+
+    # -- registration (request threads) -------------------------------------------------
+
+    def register_current(self, request: RequestProfile) -> None:
+        """Register ``request`` as running on this thread (its task, on an event loop)."""
+        self._ensure_thread()
+        ident = threading.get_ident()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._threads[ident] = (request, None, None)
+        else:
+            task = asyncio.current_task(loop)
+            state = self._loops.get(ident)
+            if state is None or state.loop is not loop:
+                state = self._loops[ident] = _LoopState(loop)
+            self._install_task_factory(loop)
+            if task is not None:
+                self._tasks[task] = request
+                state.requests[request] = task
+        self._wake.set()
+
+    def unregister_current(self, request: RequestProfile) -> None:
+        """Forget ``request`` (called when its profile finishes, on any thread).
+
+        The time since the sampler's last tick is split: half goes to the state that
+        tick saw (on average the state changed halfway), the rest is not attributed.
+        """
+        before = self._previous.get(request)
+        if before is not None:
+            trailing = time.perf_counter() - self._last_tick
+            if 0 < trailing < 10 * self.interval:
+                _add(request, before, trailing / 2)
+        for ident, (registered, _, _) in list(self._threads.items()):
+            if registered is request:
+                self._threads.pop(ident, None)
+        for state in list(self._loops.values()):
+            task = state.requests.pop(request, None)
+            if task is not None:
+                self._tasks.pop(task, None)
+
+    def register_worker(
+        self, request: RequestProfile, submitted_from: list[str], stop: types.CodeType
+    ) -> None:
+        """This worker thread runs a job of ``request`` (frames above ``stop`` are its)."""
+        self._ensure_thread()
+        self._threads[threading.get_ident()] = (request, submitted_from, stop)
+        self._wake.set()
+
+    def unregister_worker(self) -> None:
+        """The job on this worker thread ended."""
+        self._threads.pop(threading.get_ident(), None)
+
+    def _install_task_factory(self, loop: asyncio.AbstractEventLoop) -> None:
+        if id(loop) in self._factories:
+            return
+        self._factories.add(id(loop))
+        previous = loop.get_task_factory()
+        tasks = self._tasks
+
+        def factory(
+            loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+        ) -> asyncio.Future[Any]:
+            if previous is not None:
+                task = previous(loop, coro, **kwargs)
+            else:
+                task = asyncio.Task(coro, loop=loop, **kwargs)
+            from ._session import current_request  # the creating context decides
+
+            request = current_request.get()
+            if request is not None and request.continuous and not request.closed:
+                tasks[task] = request  # type: ignore[index]
+                task.add_done_callback(_forget(tasks))
+            return task
+
+        loop.set_task_factory(factory)  # type: ignore[arg-type]
+
+    # -- the sampler thread ------------------------------------------------------------
+
+    def _ensure_thread(self) -> None:
+        if self._pid == os.getpid() and self._thread is not None:
+            return
+        with self._lock:
+            if self._pid == os.getpid() and self._thread is not None:
+                return
+            self._stop = threading.Event()
+            self._wake = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="otelprof-sampler", daemon=True)
+            self._thread.start()
+            self._pid = os.getpid()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the sampler thread (at exit; tests)."""
+        thread = self._thread
+        if thread is None or self._pid != os.getpid():
+            return
+        self._stop.set()
+        self._wake.set()
+        thread.join(timeout)
+        self._thread = None
+
+    def _run(self) -> None:
+        stop, wake = self._stop, self._wake
+        # Jitter: a CPU-bound thread hands the GIL over on a fixed 5 ms beat; a fixed
+        # sleep phase-locks the ticks to the work and biases what they see.
+        jitter = random.Random()
+        last = time.perf_counter()
+        while not stop.is_set():
+            if not self._threads and not self._tasks:
+                wake.clear()
+                wake.wait(1.0)
+                last = time.perf_counter()
+                continue
+            asked = self.interval * (0.5 + jitter.random())
+            time.sleep(asked)
+            now = time.perf_counter()
+            elapsed, last = now - last, now
+            self._last_tick = now
+            try:
+                self._sample(elapsed, min(asked, elapsed))
+            except Exception:
+                count("failed.sample")
+
+    def _sample(self, elapsed: float, slept: float) -> None:
+        """One tick: find each registered request's state now and credit the interval.
+
+        ``elapsed - slept`` is how long the sampler waited for the GIL after its sleep:
+        a thread held it and ran on. When a request's state changed since the last
+        tick, that wait is credited to its previous state (what was running), the sleep
+        is split evenly between the two, so neither boundary is biased.
+        """
+        frames = sys._current_frames()
+        now_states: dict[RequestProfile, _State] = {}
+        for ident, state in list(self._loops.items()):
+            task = asyncio.current_task(state.loop)
+            frame = frames.get(ident)
+            if task is None or frame is None:
+                continue
+            root = getattr(task.get_coro(), "cr_frame", None)
+            if root is not None:
+                state.prefix = _prefix_below(ident, frame, root.f_code)
+            request = self._tasks.get(task)
+            if request is not None and not request.closed:
+                now_states[request] = (_stack(ident, frame), _RUNNING)
+        for ident, (request, submitted_from, stop_code) in list(self._threads.items()):
+            frame = frames.get(ident)
+            if frame is None or request.closed:
+                continue
+            if submitted_from is None:
+                now_states[request] = (_stack(ident, frame), _RUNNING)
+            else:  # frames above the job wrapper, under the stack that submitted it
+                tail = _stack(ident, frame, stop_code)[1:]
+                now_states[request] = (submitted_from + tail, _WORKER)
+        for state in list(self._loops.values()):
+            for request, task in list(state.requests.items()):
+                if request in now_states or request.closed or task.done():
+                    continue
+                chain = _await_chain(task.get_coro())
+                now_states[request] = ([*(state.prefix or []), *chain], _WAITING)
+        gil_wait = max(0.0, elapsed - slept)
+        for request in {*now_states, *self._previous}:
+            if request.closed:
+                continue
+            _credit(
+                request,
+                self._previous.get(request),
+                now_states.get(request),
+                elapsed,
+                slept,
+                gil_wait,
+            )
+        self._previous = now_states
+        self.samples += 1
+
+
+_RUNNING, _WORKER, _WAITING = 0, 1, 2
+_State = tuple[list[str], int]
+
+
+def _credit(
+    request: RequestProfile,
+    before: _State | None,
+    now: _State | None,
+    elapsed: float,
+    slept: float,
+    gil_wait: float,
+) -> None:
+    if now is not None and before is not None and now == before:
+        _add(request, now, elapsed)
+        return
+    if before is None:  # started during the interval
+        if now is not None:
+            # The GIL wait was spent running (by whoever held it, most likely this
+            # state); of the sleep, on average half. Never more than its age.
+            age = time.perf_counter() - request.start_perf
+            _add(request, now, min(age, elapsed, gil_wait + slept / 2))
+        return
+    share = slept / 2 + (gil_wait if before[1] != _WAITING else 0.0)
+    _add(request, before, share)
+    if now is not None:
+        _add(request, now, elapsed - share)
+
+
+def _add(request: RequestProfile, state: _State, seconds: float) -> None:
+    stack, kind = state
+    if kind == _WORKER:
+        request.add_worker(stack, seconds)
+    else:
+        request.add(stack, seconds, waiting=kind == _WAITING)
+
+
+def _prefix_below(ident: int, frame: types.FrameType, root_code: types.CodeType) -> list[str]:
+    """The loop thread's frames below the running task's root coroutine."""
+    chain: list[types.FrameType] = []
+    current: types.FrameType | None = frame
+    while current is not None:
+        chain.append(current)
+        current = current.f_back
+    for index, candidate in enumerate(chain):
+        if candidate.f_code is root_code:
+            below = chain[index + 1 :]
+            return [_thread_identifier(ident), *(get_frame_info(f) for f in reversed(below))]
+    return [_thread_identifier(ident)]
+
+
+def _forget(tasks: dict[asyncio.Task[Any], RequestProfile]) -> Callable[[Any], None]:
+    def forget(task: Any) -> None:
+        tasks.pop(task, None)
+
+    return forget
+
+
+_sampler: AlwaysOnSampler | None = None
+_sampler_lock = threading.Lock()
+
+
+def always_on_sampler(interval: float) -> AlwaysOnSampler:
+    """The process's sampler (created on first use; its interval is the first asked for)."""
+    global _sampler
+    if _sampler is None:
+        with _sampler_lock:
+            if _sampler is None:
+                _sampler = AlwaysOnSampler(interval)
+                atexit.register(_sampler.stop)
+    return _sampler

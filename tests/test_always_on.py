@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from otelprof_middleware import Config, ProfilingMiddleware
+from otelprof_middleware._always_on import always_on_sampler
+from otelprof_middleware._sampling import Sampler
+from otelprof_middleware.stores import MemoryStore
+
+from .helpers import make_provider, marker_alpha, marker_beta, text_of
+
+
+def test_mode_setting_is_validated() -> None:
+    assert Config.load({"OTELPROF_MODE": "always-on"}).mode == "always_on"
+    assert Config.load({}).mode == "hook"
+    with pytest.raises(ValueError, match="OTELPROF_MODE"):
+        Config.load({"OTELPROF_MODE": "sometimes"})
+    with pytest.raises(ValueError, match="OTELPROF_HOOK_SAMPLE_RATE"):
+        Config.load({"OTELPROF_HOOK_SAMPLE_RATE": "2"})
+
+
+def test_one_profiler_per_request_hook_first() -> None:
+    sampler = Sampler(
+        Config.load({}, mode="always_on", sample_rate=1.0, hook_sample_rate=0.25, debug_route=True)
+    )
+    rng = random.Random(5)
+    kinds = [sampler.choose(rng.getrandbits(128), True, None, None) for _ in range(4000)]
+    assert set(kinds) == {"hook", "always_on"}
+    assert 0.22 < kinds.count("hook") / len(kinds) < 0.28
+    assert sampler.choose(1, True, b"1", "127.0.0.1") == "hook"  # a trigger gets the hook
+    assert sampler.choose(1, False, None, None) is None
+    hook_only = Sampler(Config.load({}, sample_rate=1.0, hook_sample_rate=1.0))
+    assert hook_only.choose(7, True, None, None) == "hook"  # ignored outside always_on
+
+
+@pytest.fixture
+def app() -> Iterator[tuple[ProfilingMiddleware, MemoryStore]]:
+    async def alpha(request: Request) -> JSONResponse:
+        await asyncio.sleep(0.005)
+        marker_alpha(0.04)
+        await asyncio.sleep(0.005)
+        return JSONResponse({"endpoint": "alpha"})
+
+    async def beta(request: Request) -> JSONResponse:
+        await run_in_threadpool(marker_beta, 0.04)
+        await asyncio.sleep(0.005)
+        return JSONResponse({"endpoint": "beta"})
+
+    store = MemoryStore()
+    middleware = ProfilingMiddleware(
+        Starlette(routes=[Route("/alpha", alpha), Route("/beta", beta)]),
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        sample_rate=1.0,
+        mode="always_on",
+        always_on_interval_ms=2,
+    )
+    yield middleware, store
+    middleware.core.writer.close()
+
+
+@pytest.mark.anyio
+async def test_concurrent_loop_and_worker_requests_never_mix(
+    app: tuple[ProfilingMiddleware, MemoryStore],
+) -> None:
+    middleware, store = app
+    transport = httpx.ASGITransport(app=middleware, client=("127.0.0.1", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        responses = await asyncio.gather(
+            *[client.get("/alpha" if i % 2 else "/beta") for i in range(16)]
+        )
+    assert all(r.status_code == 200 for r in responses)
+    middleware.core.writer.flush()
+    summaries = store.list()
+    assert len(summaries) == 16
+    found_own = 0
+    for summary in summaries:
+        assert summary.mode == "always_on"
+        assert summary.interval_ms == 2
+        session = store.get(summary.trace_id)[0].session()
+        text = text_of(session)
+        assert "always-on sampler thread, interval 2 ms" in session.target_description
+        own, other = (
+            ("marker_alpha", "marker_beta")
+            if summary.route == "/alpha"
+            else ("marker_beta", "marker_alpha")
+        )
+        assert other not in text, text
+        found_own += own in text
+    assert found_own >= 12  # statistical: a 40 ms marker is almost always sampled
+
+
+def test_wsgi_style_threads_are_attributed_by_thread() -> None:
+    from otelprof_middleware._profiler import ProfilerCore
+
+    provider, _ = make_provider()
+    tracer = provider.get_tracer("t")
+    store = MemoryStore()
+    core = ProfilerCore(
+        Config.load({}, sample_rate=1.0, mode="always_on", always_on_interval_ms=2),
+        store=store,
+    )
+
+    def request(work: Any) -> None:
+        with tracer.start_as_current_span("GET") as span:
+            active = core.start(span, method="GET", trigger=None, client_host=None, description="")
+            assert active is not None and active.sampler is None
+            work(0.05)
+            core.finish(active, status_code=200, route=work.__name__, base_url="http://h")
+            core.detach(active)
+
+    threads = [
+        threading.Thread(target=request, args=(marker_alpha if i % 2 else marker_beta,))
+        for i in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    core.writer.close()
+    for summary in store.list():
+        text = text_of(store.get(summary.trace_id)[0].session())
+        other = "marker_beta" if summary.route == "marker_alpha" else "marker_alpha"
+        assert other not in text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_sampler_thread_restarts_in_a_forked_child() -> None:
+    sampler = always_on_sampler(0.005)
+    sampler._ensure_thread()
+    assert sampler._thread is not None and sampler._thread.is_alive()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: the parent's thread is gone; the sampler starts its own
+        try:
+            sampler._ensure_thread()
+            ok = sampler._thread is not None and sampler._thread.is_alive()
+            sampler.stop()
+            os.write(write, b"1" if ok and sampler._thread is None else b"0")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    os.close(read)
+    os.close(write)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
