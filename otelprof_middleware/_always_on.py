@@ -121,6 +121,7 @@ class AlwaysOnSampler:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._threads[ident] = (request, None, None)
+            request.registration = (ident, None)
         else:
             task = asyncio.current_task(loop)
             state = self._loops.get(ident)
@@ -130,7 +131,9 @@ class AlwaysOnSampler:
             if task is not None:
                 self._tasks[task] = request
                 state.requests[request] = task
-        self._wake.set()
+                request.registration = (ident, state)
+        if not self._wake.is_set():
+            self._wake.set()
 
     def unregister_current(self, request: RequestProfile) -> None:
         """Forget ``request`` (called when its profile finishes, on any thread).
@@ -143,13 +146,18 @@ class AlwaysOnSampler:
             trailing = time.perf_counter() - self._last_tick
             if 0 < trailing < 10 * self.interval:
                 _add(request, before, trailing / 2)
-        for ident, (registered, _, _) in list(self._threads.items()):
-            if registered is request:
-                self._threads.pop(ident, None)
-        for state in list(self._loops.values()):
+        registration, request.registration = request.registration, None
+        if registration is None:
+            return
+        ident, state = registration
+        if isinstance(state, _LoopState):
             task = state.requests.pop(request, None)
             if task is not None:
                 self._tasks.pop(task, None)
+        else:
+            job = self._threads.get(ident)
+            if job is not None and job[0] is request:
+                self._threads.pop(ident, None)
 
     def register_worker(
         self, request: RequestProfile, submitted_from: list[str], stop: types.CodeType
@@ -157,7 +165,8 @@ class AlwaysOnSampler:
         """This worker thread runs a job of ``request`` (frames above ``stop`` are its)."""
         self._ensure_thread()
         self._threads[threading.get_ident()] = (request, submitted_from, stop)
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
 
     def unregister_worker(self) -> None:
         """The job on this worker thread ended."""

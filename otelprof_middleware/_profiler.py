@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+import types
 from collections.abc import Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
@@ -39,6 +40,31 @@ _KNOWN_METHODS = frozenset(
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 STORE_RETRY_SECONDS = 5.0
 ALWAYS_ON_MAX_CONCURRENT = 1024
+
+
+_start_stacks: dict[tuple[object, ...], list[str]] = {}
+
+
+def _start_stack(frame: types.FrameType) -> list[str]:
+    """pyinstrument's ``build_call_stack`` of ``frame``, cached by call site.
+
+    Every request of a server starts at the same few call chains; walking the chain's
+    code objects is much cheaper than building each frame's identifier. (Identifiers
+    carry line numbers; one chain of code objects nearly always has one set of call
+    lines, and the start stack only steers pyinstrument's stem trimming.)
+    """
+    key: list[object] = [threading.get_ident()]
+    current: types.FrameType | None = frame
+    while current is not None:
+        key.append(current.f_code)
+        current = current.f_back
+    cache_key = tuple(key)
+    stack = _start_stacks.get(cache_key)
+    if stack is None:
+        if len(_start_stacks) >= 512:
+            _start_stacks.clear()
+        stack = _start_stacks[cache_key] = build_call_stack(frame, "initial", None)
+    return stack
 
 
 def normalise_method(method: str) -> str:
@@ -153,7 +179,7 @@ class ProfilerCore:
             request = RequestProfile(
                 interval=self._always_on_interval if continuous else self._interval,
                 max_samples=self.config.max_samples,
-                start_call_stack=build_call_stack(sys._getframe(2), "initial", None),
+                start_call_stack=_start_stack(sys._getframe(2)),
                 description=description,
                 continuous=continuous,
             )

@@ -58,6 +58,7 @@ class RequestProfile:
         "interval",
         "max_samples",
         "own_seconds",
+        "registration",
         "records",
         "start_call_stack",
         "start_perf",
@@ -78,6 +79,7 @@ class RequestProfile:
     ) -> None:
         self.records: list[FrameRecord] = []
         self.continuous = continuous  # sampled by the always-on thread, not a hook
+        self.registration: tuple[int, object] | None = None  # always-on: where registered
         self.interval = interval
         self.max_samples = max_samples
         self.dropped_samples = 0
