@@ -21,6 +21,7 @@ from .stores._base import ProfileStore
 __all__ = ["ProfileWriter"]
 
 _STOP = object()
+BATCH_SIZE = 64
 
 
 class ProfileWriter:
@@ -86,15 +87,46 @@ class ProfileWriter:
 
     def _run(self, work: queue.Queue[object]) -> None:
         while True:
-            item = work.get()
-            if item is _STOP:
+            batch = [work.get()]
+            while len(batch) < BATCH_SIZE:  # under load, one transaction for many
+                try:
+                    batch.append(work.get_nowait())
+                except queue.Empty:
+                    break
+            records: list[ProfileRecord] = []
+            flushed: list[threading.Event] = []
+            stop = False
+            for item in batch:
+                if item is _STOP:
+                    stop = True
+                    continue
+                assert isinstance(item, tuple)
+                first, second = item
+                if isinstance(first, threading.Event):
+                    flushed.append(first)
+                    continue
+                with fail_open("store.put"):
+                    records.append(ProfileRecord.from_session(first, second))
+            if records:
+                self._write(records)
+            for event in flushed:
+                event.set()
+            if stop:
                 return
-            assert isinstance(item, tuple)
-            first, second = item
-            if isinstance(first, threading.Event):
-                first.set()
-                continue
+
+    def _write(self, records: list[ProfileRecord]) -> None:
+        """One ``put_many`` when the store has it; on any failure, record by record, so
+        each profile is either written or counted as failed."""
+        try:
+            store = self._get_store()
+            put_many = getattr(store, "put_many", None)
+            if put_many is not None and len(records) > 1:
+                put_many(records)
+                count("written", len(records))
+                return
+        except Exception:
+            pass  # retried one by one below: failures are counted per profile
+        for record in records:
             with fail_open("store.put"):
-                record = ProfileRecord.from_session(first, second)
                 self._get_store().put(record)
                 count("written")

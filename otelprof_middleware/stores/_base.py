@@ -15,6 +15,8 @@ class ProfileStore(Protocol):
     """Where kept profiles live. Implementations must be thread-safe.
 
     Ids passed in are already validated by callers (lowercase hex, 32/16 chars).
+    A store may also offer ``put_many(records)``: the background writer then stores each
+    batch in one call (one transaction for SQLite); without it, it calls ``put`` per record.
     Every method may raise on backend failure; callers wrap them in ``fail_open``.
     """
 

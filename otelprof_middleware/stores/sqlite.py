@@ -282,20 +282,7 @@ class SQLiteStore:
         """
         check_fits(record, self.max_bytes)
         s = record.summary
-        row = (
-            s.trace_id,
-            s.span_id,
-            s.start_time,
-            s.method,
-            s.route,
-            s.status_code,
-            s.duration_ms,
-            s.sample_count,
-            s.mode,
-            s.interval_ms,
-            record.size,
-            record.payload,
-        )
+        row = _row(record)
         with self._connection() as conn, _immediate(conn):
             # DELETE + INSERT rather than INSERT OR REPLACE: REPLACE's implicit delete
             # does not fire the totals trigger unless recursive_triggers is on.
@@ -304,6 +291,25 @@ class SQLiteStore:
                 (s.trace_id, s.span_id),
             )
             conn.execute(_INSERT, row)
+            self._evict(conn)
+
+    def put_many(self, records: Sequence[ProfileRecord]) -> None:
+        """:meth:`put` for several records in one transaction (the writer's batches).
+
+        Raises:
+            ValueError: a record alone is larger than ``max_bytes`` (nothing is written).
+            sqlite3.Error: the database failed.
+        """
+        for record in records:
+            check_fits(record, self.max_bytes)
+        with self._connection() as conn, _immediate(conn):
+            for record in records:
+                s = record.summary
+                conn.execute(
+                    "DELETE FROM profiles WHERE trace_id = ? AND span_id = ?",
+                    (s.trace_id, s.span_id),
+                )
+                conn.execute(_INSERT, _row(record))
             self._evict(conn)
 
     def _evict(self, conn: sqlite3.Connection) -> None:
@@ -450,6 +456,24 @@ def _user_version(conn: sqlite3.Connection) -> int:
 def _totals(conn: sqlite3.Connection) -> tuple[int, int]:
     count, total = conn.execute("SELECT count, bytes FROM totals WHERE id = 0").fetchone()
     return int(count), int(total)
+
+
+def _row(record: ProfileRecord) -> tuple[Any, ...]:
+    s = record.summary
+    return (
+        s.trace_id,
+        s.span_id,
+        s.start_time,
+        s.method,
+        s.route,
+        s.status_code,
+        s.duration_ms,
+        s.sample_count,
+        s.mode,
+        s.interval_ms,
+        record.size,
+        record.payload,
+    )
 
 
 def _summary(row: Sequence[Any]) -> ProfileSummary:

@@ -489,3 +489,15 @@ def test_pid_change_without_fork_hooks_reopens(store: SQLiteStore) -> None:
         assert old is not None
         sqlite_module._ABANDONED.remove(old)
         old.close()
+
+
+def test_put_many_writes_in_one_transaction_and_evicts(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "many.db"), max_profiles=5)
+    try:
+        store.put_many([_record(n, start_time=1000.0 + n) for n in range(8)])
+        kept = store.list(limit=100)
+        assert [s.start_time for s in kept] == [1007.0, 1006.0, 1005.0, 1004.0, 1003.0]
+        assert store.stats() == (5, 500)
+        assert _integrity_and_totals(tmp_path / "many.db")[0] == "ok"
+    finally:
+        store.close()
