@@ -27,7 +27,7 @@ from ._failsafe import count, fail_open, log_failure
 from ._record import ProfileRecord, ProfileSummary
 from ._sampling import Sampler
 from ._session import RequestProfile, ThreadSampler, current_request, thread_sampler
-from ._span import profile_url, set_profile_attributes
+from ._span import set_profile_attributes
 from ._writer import ProfileWriter
 from .stores import open_store
 from .stores._base import ProfileStore
@@ -232,8 +232,9 @@ class ProfilerCore:
             return
         with fail_open("span"):
             if active.span.is_recording():
-                url = profile_url(base_url, active.trace_id, active.span_id)
-                set_profile_attributes(active.span, active.trace_id, active.span_id, url)
+                set_profile_attributes(
+                    active.span, active.trace_id, active.span_id, base_url, has_route=bool(route)
+                )
         with fail_open("writer.submit"):
             summary = ProfileSummary(
                 trace_id=active.trace_id,

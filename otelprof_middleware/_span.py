@@ -13,9 +13,11 @@ from opentelemetry import trace
 from ._config import DEBUG_PREFIX
 
 __all__ = [
+    "BASELINE_URL",
     "PROFILE_ID",
     "PROFILE_URL",
     "current_server_span",
+    "diff_url",
     "profile_url",
     "route_attribute",
     "set_profile_attributes",
@@ -26,6 +28,9 @@ PROFILE_ID = "otelprof.profile.id"
 
 PROFILE_URL = "otelprof.profile.url"
 """Absolute URL of the profile page; Grafana shows it in the span's attributes."""
+
+BASELINE_URL = "otelprof.profile.baseline_url"
+"""Absolute URL of this request compared with the recent requests of its route."""
 
 
 def current_server_span() -> trace.Span | None:
@@ -51,9 +56,22 @@ def profile_url(base_url: str, trace_id: str, span_id: str) -> str:
     return f"{base_url}{DEBUG_PREFIX}/{trace_id}?span_id={span_id}"
 
 
-def set_profile_attributes(span: trace.Span, trace_id: str, span_id: str, url: str) -> None:
-    """Put the profile id and URL on ``span`` (call before the span ends)."""
-    span.set_attributes({PROFILE_ID: f"{trace_id}-{span_id}", PROFILE_URL: url})
+def diff_url(base_url: str, trace_id: str, span_id: str) -> str:
+    """The absolute link to a request compared with its route's baseline."""
+    return f"{base_url}{DEBUG_PREFIX}/{trace_id}/diff?span_id={span_id}"
+
+
+def set_profile_attributes(
+    span: trace.Span, trace_id: str, span_id: str, base_url: str, *, has_route: bool
+) -> None:
+    """Put the profile id and links on ``span`` (call before the span ends)."""
+    attributes = {
+        PROFILE_ID: f"{trace_id}-{span_id}",
+        PROFILE_URL: profile_url(base_url, trace_id, span_id),
+    }
+    if has_route:  # an unmatched request has no route, so no baseline
+        attributes[BASELINE_URL] = diff_url(base_url, trace_id, span_id)
+    span.set_attributes(attributes)
 
 
 def route_attribute(span: trace.Span) -> str | None:

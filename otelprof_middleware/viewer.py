@@ -39,6 +39,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
+from pyinstrument.session import Session
+
+from . import baseline
 from ._config import DEBUG_PREFIX
 from ._failsafe import count, log_failure
 from ._net import is_loopback
@@ -69,6 +72,12 @@ MAX_LIMIT = 1000
 """Most rows the index shows at once."""
 
 DEFAULT_LIMIT = 100
+
+BASELINE_LIMIT = 20
+"""Recent profiles of a route combined into its baseline (``?limit=`` up to 100)."""
+
+MAX_BASELINE_LIMIT = 100
+MAX_DIFF_ROWS = 200
 
 _PAGE_CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
@@ -276,13 +285,109 @@ class Viewer:
         rest = request.path[len(self._prefix) :].strip("/")
         if not rest:
             return self._index(request, query)
-        if "/" in rest:
+        if rest == "route":
+            return self._baseline(query)
+        trace_id, _, page = rest.partition("/")
+        if page not in ("", "diff"):
             raise _Abort(404, "not a profile viewer page.\n")
-        if not is_trace_id(rest):
+        if not is_trace_id(trace_id):
             raise _Abort(
                 400, "malformed trace id: expected 32 lowercase hex digits, not all zero.\n"
             )
-        return self._profile(request, query, rest)
+        if page == "diff":
+            return self._diff(query, trace_id)
+        return self._profile(request, query, trace_id)
+
+    # route baselines
+
+    def _baseline_sessions(
+        self, route: str, limit: int, exclude: ProfileSummary | None = None
+    ) -> list[Session]:
+        try:
+            summaries = [
+                s
+                for s in self._store.list(route=route, limit=limit + 1)
+                if s.route == route
+                and (
+                    exclude is None
+                    or (s.trace_id, s.span_id) != (exclude.trace_id, exclude.span_id)
+                )
+            ][:limit]
+            records = [r for s in summaries for r in self._store.get(s.trace_id, s.span_id)]
+        except Exception as exc:
+            log_failure("viewer.store", exc)
+            raise _Abort(503, "profile store unavailable.\n") from None
+        try:
+            return [record.session() for record in records]
+        except Exception as exc:
+            log_failure("viewer.decode", exc)
+            raise _Abort(422, "a stored profile is corrupt; the error was logged.\n") from None
+
+    def _baseline(self, query: dict[str, list[str]]) -> ViewerResponse:
+        route = _one(query, "route")
+        if not route:
+            raise _Abort(400, "route is required, e.g. ?route=/items/{item_id}\n")
+        if len(route) > _MAX_ROUTE_LENGTH:
+            raise _Abort(400, f"route is too long (more than {_MAX_ROUTE_LENGTH} characters).\n")
+        fmt = _one(query, "format") or "html"
+        if fmt not in FORMATS:
+            raise _Abort(
+                400, f"unknown format {_shown(fmt)}; expected one of {', '.join(FORMATS)}.\n"
+            )
+        limit = _bounded_int(query, "limit", BASELINE_LIMIT, MAX_BASELINE_LIMIT)
+        sessions = self._baseline_sessions(route, limit)
+        if not sessions:
+            raise _Abort(404, "no kept profiles of this route yet.\n")
+        combined = baseline.combine(sessions)
+        combined.target_description = (
+            f"{route}: {len(sessions)} recent request{'s' if len(sessions) > 1 else ''} combined"
+        )
+        return self._render_session(combined, fmt, "baseline")
+
+    def _diff(self, query: dict[str, list[str]], trace_id: str) -> ViewerResponse:
+        fmt = _one(query, "format") or "html"
+        if fmt not in INDEX_FORMATS:
+            raise _Abort(400, f"unknown format {_shown(fmt)}; the diff speaks html or json.\n")
+        span_id = _one(query, "span_id")
+        if span_id is not None and not is_span_id(span_id):
+            raise _Abort(
+                400, "malformed span id: expected 16 lowercase hex digits, not all zero.\n"
+            )
+        limit = _bounded_int(query, "limit", BASELINE_LIMIT, MAX_BASELINE_LIMIT)
+        try:
+            records = list(self._store.get(trace_id, span_id))
+        except Exception as exc:
+            log_failure("viewer.store", exc)
+            raise _Abort(503, "profile store unavailable.\n") from None
+        if not records:
+            raise _Abort(404, "no profile for this trace.\n")
+        if len(records) > 1:
+            raise _Abort(400, "this trace has several profiles here: add ?span_id=...\n")
+        record = records[0]
+        if not record.summary.route:
+            raise _Abort(404, "this request matched no route, so it has no baseline.\n")
+        sessions = self._baseline_sessions(record.summary.route, limit, exclude=record.summary)
+        if not sessions:
+            raise _Abort(404, "no other kept profiles of this route to compare with yet.\n")
+        try:
+            rows = baseline.diff(record.session(), sessions)
+        except Exception as exc:
+            log_failure("viewer.diff", exc)
+            raise _Abort(422, "the comparison failed; the error was logged.\n") from None
+        if fmt == "json":
+            body = json.dumps(
+                {
+                    "trace_id": record.summary.trace_id,
+                    "span_id": record.summary.span_id,
+                    "route": record.summary.route,
+                    "baseline_profiles": len(sessions),
+                    "functions": [row.to_json() for row in rows[:MAX_DIFF_ROWS]],
+                },
+                indent=1,
+            )
+            return _response(200, _JSON, (body + "\n").encode("utf-8"), _DATA_CSP)
+        page = _diff_page(self._prefix, record.summary, len(sessions), rows)
+        return _response(200, _HTML, page.encode("utf-8"), _PAGE_CSP)
 
     def _index(self, request: ViewerRequest, query: dict[str, list[str]]) -> ViewerResponse:
         fmt = _one(query, "format") or "html"
@@ -352,6 +457,15 @@ class Viewer:
             raise _Abort(
                 422, "the stored profile is corrupt and cannot be shown; the error was logged.\n"
             ) from None
+        summary = record.summary
+        name = (
+            f"{summary.trace_id}-{summary.span_id}"
+            if is_trace_id(summary.trace_id) and is_span_id(summary.span_id)
+            else "profile"
+        )
+        return self._render_session(session, fmt, name)
+
+    def _render_session(self, session: Session, fmt: str, name: str) -> ViewerResponse:
         try:
             body, content_type = render(session, fmt)
         except Exception as exc:
@@ -365,12 +479,6 @@ class Viewer:
         else:
             csp = _DATA_CSP
         if fmt == "speedscope":
-            summary = record.summary
-            name = (
-                f"{summary.trace_id}-{summary.span_id}"
-                if is_trace_id(summary.trace_id) and is_span_id(summary.span_id)
-                else "profile"
-            )
             extra.append(("content-disposition", f'attachment; filename="{name}.speedscope.json"'))
         return _response(200, content_type, body.encode("utf-8"), csp, extra)
 
@@ -627,6 +735,14 @@ def _index_page(prefix: str, filters: _Filters, summaries: Sequence[ProfileSumma
             f'<a href="{_e(_profile_path(prefix, s, fmt))}">{fmt}</a>'
             for fmt in ("text", "speedscope", "json")
         )
+        if s.route:
+            diff_link = f"{prefix}/{s.trace_id}/diff?" + urlencode({"span_id": s.span_id})
+            others += f' · <a href="{_e(diff_link)}" title="this request vs its route">vs route</a>'
+            baseline_link = prefix + "/route?" + urlencode({"route": s.route})
+            others += (
+                f' <a href="{_e(baseline_link)}" title="recent requests combined">baseline</a>'
+            )
+
         route_link = _e(prefix + "?" + filters.query(route=s.route))
         rows.append(
             "<tr>"
@@ -649,6 +765,56 @@ def _index_page(prefix: str, filters: _Filters, summaries: Sequence[ProfileSumma
         "</tr></thead>\n<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n"
     )
     return _page("otelprof — recent profiles", form + table)
+
+
+def _bounded_int(query: dict[str, list[str]], name: str, default: int, high: int) -> int:
+    text = _one(query, name)
+    if text is None:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= high:
+        raise _Abort(400, f"{name} must be a whole number from 1 to {high}.\n")
+    return int(text)
+
+
+def _diff_page(
+    prefix: str, summary: ProfileSummary, baseline_count: int, rows: Sequence[baseline.DiffRow]
+) -> str:
+    def table(title: str, chosen: Sequence[baseline.DiffRow]) -> str:
+        if not chosen:
+            return f'<h2>{_e(title)}</h2>\n<p class="muted">None.</p>\n'
+        body = "".join(
+            "<tr>"
+            f'<td class="mono">{_e(row.function)}</td>'
+            f'<td class="mono muted">{_e(row.filename)}:{row.line}</td>'
+            f'<td class="num">{row.request_ms:.1f}</td>'
+            f'<td class="num">{row.baseline_ms:.1f}</td>'
+            f'<td class="num">{row.delta_ms:+.1f}</td>'
+            f'<td class="num">{row.request_share:.0%}</td>'
+            f'<td class="num">{row.baseline_share:.0%}</td>'
+            "</tr>\n"
+            for row in chosen
+        )
+        return (
+            f"<h2>{_e(title)}</h2>\n<table>\n<thead><tr><th>Function</th><th>Where</th>"
+            "<th>This request (ms)</th><th>Route mean (ms)</th><th>Difference (ms)</th>"
+            "<th>Share here</th><th>Share usually</th></tr></thead>\n<tbody>\n"
+            + body
+            + "</tbody>\n</table>\n"
+        )
+
+    more = [row for row in rows if row.delta_ms > 0][:30]
+    less = [row for row in rows if row.delta_ms < 0][:30]
+    route_link = prefix + "/route?" + urlencode({"route": summary.route})
+    intro = (
+        f'<p>Request <a class="mono" href="{_e(_profile_path(prefix, summary))}">'
+        f"{_e(summary.trace_id)}</a> ({_e(summary.method)} "
+        f'<span class="mono">{_e(summary.route)}</span>, {summary.duration_ms:.1f} ms) '
+        f'against the mean of the <a href="{_e(route_link)}">{baseline_count} other recent '
+        f"profile{'s' if baseline_count != 1 else ''} of its route</a>. Times are inclusive: "
+        "the time each function was on the stack, waits included.</p>\n"
+    )
+    body = intro + table("Took more time than usual", more) + table("Took less time", less)
+    return _page("otelprof — request vs route baseline", body)
 
 
 def _trace_page(prefix: str, trace_id: str, fmt: str, summaries: Sequence[ProfileSummary]) -> str:

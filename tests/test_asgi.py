@@ -461,3 +461,24 @@ def test_def_endpoint_work_on_the_worker_thread_is_in_the_profile(
     # the worker's real frames, placed under the request (below run_in_threadpool)
     assert "marker_alpha" in text and "marker_beta" in text, text
     assert text.index("run_in_threadpool") < text.index("marker_alpha")
+
+
+def test_span_carries_the_baseline_link_when_the_route_matched(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    from otelprof_middleware._span import BASELINE_URL
+
+    app = wrap(otel, store)
+    closing.append(app)
+    with TestClient(app, client=LOOPBACK) as client:
+        client.get("/items/1")
+        client.get("/items/2")
+        client.get("/no-such-route")
+        app.core.writer.flush()
+        by_path = {s.attributes["http.target"]: s for s in server_spans(otel[1])}  # type: ignore[index]
+        link = str(by_path["/items/2"].attributes[BASELINE_URL])  # type: ignore[index]
+        assert "/diff?span_id=" in link
+        assert BASELINE_URL not in by_path["/no-such-route"].attributes  # type: ignore[operator]
+        page = client.get(link.replace("http://testserver", ""), params={"format": "json"})
+        assert page.status_code == 200
+        assert page.json()["baseline_profiles"] == 1

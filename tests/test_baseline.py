@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import pytest
+from pyinstrument.session import Session
+
+from otelprof_middleware.baseline import combine, diff, function_times
+
+ROOT = "MainThread\x00<thread>\x001"
+A = "handler\x00app.py\x0010\x01l12"
+B = "query_db\x00db.py\x0020\x01l25"
+B_OTHER_LINE = "query_db\x00db.py\x0020\x01l27"  # same function, another line
+C = "render\x00views.py\x0030"
+FIB = "fib\x00math.py\x0040"
+
+
+def session(records: list[tuple[list[str], float]]) -> Session:
+    return Session(
+        frame_records=records,
+        start_time=0.0,
+        duration=sum(seconds for _, seconds in records),
+        min_interval=0.001,
+        max_interval=0.001,
+        sample_count=len(records),
+        start_call_stack=[ROOT],
+        target_description="t",
+        cpu_time=0.0,
+        sys_path=[],
+        sys_prefixes=[],
+    )
+
+
+def test_function_times_are_inclusive_and_count_recursion_once() -> None:
+    s = session(
+        [
+            ([ROOT, A, B], 0.010),
+            ([ROOT, A, B_OTHER_LINE, "[await]"], 0.020),
+            ([ROOT, A, C], 0.005),
+            ([ROOT, A, FIB, FIB, FIB], 0.004),
+        ]
+    )
+    times, total = function_times(s)
+    assert total == pytest.approx(0.039)
+    assert times[("handler", "app.py", 10)] == pytest.approx(0.039)
+    assert times[("query_db", "db.py", 20)] == pytest.approx(0.030)  # lines merged, await in
+    assert times[("render", "views.py", 30)] == pytest.approx(0.005)
+    assert times[("fib", "math.py", 40)] == pytest.approx(0.004)  # not 0.012
+    assert not any(key[1] == "<thread>" for key in times)
+
+
+def test_diff_against_the_mean_of_the_baseline() -> None:
+    usual = [
+        session([([ROOT, A, B], 0.010), ([ROOT, A, C], 0.010)]),
+        session([([ROOT, A, B], 0.030), ([ROOT, A, C], 0.010)]),
+    ]
+    slow = session([([ROOT, A, B], 0.100), ([ROOT, A, C], 0.005)])
+    rows = {row.function: row for row in diff(slow, usual)}
+    assert rows["query_db"].request_ms == pytest.approx(100.0)
+    assert rows["query_db"].baseline_ms == pytest.approx(20.0)
+    assert rows["query_db"].delta_ms == pytest.approx(80.0)
+    assert rows["render"].delta_ms == pytest.approx(-5.0)
+    assert rows["handler"].delta_ms == pytest.approx(75.0)
+    assert rows["query_db"].request_share == pytest.approx(100 / 105)
+    assert rows["query_db"].baseline_share == pytest.approx(40 / 60)
+    ordered = [row.function for row in diff(slow, usual)]
+    assert ordered == ["query_db", "handler", "render"]  # biggest |delta| first
+
+
+def test_functions_only_on_one_side_appear_with_zero_on_the_other() -> None:
+    rows = {
+        r.function: r for r in diff(session([([ROOT, FIB], 0.01)]), [session([([ROOT, C], 0.02)])])
+    }
+    assert rows["fib"].baseline_ms == 0 and rows["fib"].request_ms == pytest.approx(10.0)
+    assert rows["render"].request_ms == 0 and rows["render"].delta_ms == pytest.approx(-20.0)
+
+
+def test_combine_and_empty_inputs() -> None:
+    combined = combine([session([([ROOT, A], 0.01)]), session([([ROOT, B], 0.02)])])
+    assert combined.sample_count == 2
+    assert function_times(combined)[1] == pytest.approx(0.03)
+    with pytest.raises(ValueError):
+        combine([])
+    with pytest.raises(ValueError):
+        diff(session([]), [])
+
+
+# -- through the viewer ------------------------------------------------------------------
+
+from otelprof_middleware import ProfileRecord, ProfileSummary  # noqa: E402
+from otelprof_middleware.stores import MemoryStore  # noqa: E402
+from otelprof_middleware.viewer import Viewer, ViewerRequest  # noqa: E402
+
+ROUTE = "/items/{item_id}"
+
+
+def _put(
+    store: MemoryStore, n: int, records: list[tuple[list[str], float]], route: str = ROUTE
+) -> ProfileSummary:
+    summary = ProfileSummary(
+        trace_id=f"{n + 1:032x}",
+        span_id=f"{n + 1:016x}",
+        method="GET",
+        route=route,
+        status_code=200,
+        duration_ms=sum(s for _, s in records) * 1000,
+        start_time=1000.0 + n,
+    )
+    store.put(ProfileRecord.from_session(summary, session(records)))
+    return summary
+
+
+def _get(viewer: Viewer, path: str, query: str = "") -> tuple[int, str]:
+    response = viewer.handle(
+        ViewerRequest("GET", path, query.encode(), {}, client_host="127.0.0.1")
+    )
+    return response.status, response.body.decode()
+
+
+def test_route_baseline_and_request_diff_pages() -> None:
+    import json
+
+    store = MemoryStore()
+    _put(store, 0, [([ROOT, A, B], 0.010), ([ROOT, A, C], 0.010)])
+    _put(store, 1, [([ROOT, A, B], 0.030), ([ROOT, A, C], 0.010)])
+    slow = _put(store, 2, [([ROOT, A, B], 0.100), ([ROOT, A, C], 0.005)])
+    _put(store, 3, [([ROOT, FIB], 0.5)], route="/other")
+    viewer = Viewer(store)
+
+    status, text = _get(viewer, "/debug/profile/route", "route=/items/{item_id}&format=text")
+    assert status == 200
+    assert "3 recent requests combined" in text
+    assert "query_db" in text and "fib" not in text
+
+    status, body = _get(
+        viewer, f"/debug/profile/{slow.trace_id}/diff", f"span_id={slow.span_id}&format=json"
+    )
+    assert status == 200
+    data = json.loads(body)
+    assert data["baseline_profiles"] == 2  # the request itself is not its own baseline
+    rows = {row["function"]: row for row in data["functions"]}
+    assert rows["query_db"]["delta_ms"] == pytest.approx(80.0)
+    assert rows["render"]["delta_ms"] == pytest.approx(-5.0)
+
+    status, page = _get(viewer, f"/debug/profile/{slow.trace_id}/diff")
+    assert status == 200
+    assert (
+        page.index("Took more time than usual")
+        < page.index("query_db")
+        < page.index("Took less time")
+    )
+
+
+def test_baseline_bad_paths() -> None:
+    store = MemoryStore()
+    lone = _put(store, 0, [([ROOT, A], 0.01)])
+    unmatched = _put(store, 1, [([ROOT, A], 0.01)], route="")
+    viewer = Viewer(store)
+    assert _get(viewer, "/debug/profile/route")[0] == 400
+    assert _get(viewer, "/debug/profile/route", "route=/nope")[0] == 404
+    assert _get(viewer, "/debug/profile/route", f"route={ROUTE}&format=pdf")[0] == 400
+    assert _get(viewer, "/debug/profile/route", f"route={ROUTE}&limit=0")[0] == 400
+    assert _get(viewer, f"/debug/profile/{lone.trace_id}/diff")[0] == 404  # nothing to compare
+    assert _get(viewer, f"/debug/profile/{unmatched.trace_id}/diff")[0] == 404
+    assert _get(viewer, "/debug/profile/" + "z" * 32 + "/diff")[0] == 400
+    assert _get(viewer, f"/debug/profile/{lone.trace_id}/other")[0] == 404
+
+
+def test_diff_page_escapes_function_names() -> None:
+    store = MemoryStore()
+    evil = "<script>alert(1)</script>\x00<img src=x onerror=alert(1)>.py\x001"
+    _put(store, 0, [([ROOT, A], 0.01)])
+    target = _put(store, 1, [([ROOT, A, evil], 0.02)])
+    status, page = _get(Viewer(store), f"/debug/profile/{target.trace_id}/diff")
+    assert status == 200
+    assert "<script>alert(1)" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
