@@ -5,6 +5,7 @@ Attribute names live here and nowhere else; docs/attributes.md explains the choi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "current_server_span",
     "diff_url",
     "profile_url",
+    "redact_viewer_token",
     "route_attribute",
     "set_profile_attributes",
 ]
@@ -72,6 +74,26 @@ def set_profile_attributes(
     if has_route:  # an unmatched request has no route, so no baseline
         attributes[BASELINE_URL] = diff_url(base_url, trace_id, span_id)
     span.set_attributes(attributes)
+
+
+_TOKEN_IN_QUERY = re.compile(r"(^|[?&])token=[^&#]*")
+_URL_ATTRIBUTES = ("url.query", "url.full", "http.url", "http.target")
+
+
+def redact_viewer_token(span: trace.Span) -> None:
+    """Blank ``token=`` in the URL attributes an outer instrumentation put on ``span``.
+
+    A browser opens the viewer once with ``?token=...``; an OTel server span opened
+    around the middleware has already recorded that URL, and would export the token with
+    the trace.
+    """
+    if not span.is_recording():
+        return
+    attributes: Mapping[str, Any] | None = getattr(span, "attributes", None)
+    for key in _URL_ATTRIBUTES:
+        value = attributes.get(key) if attributes else None
+        if isinstance(value, str) and "token=" in value:
+            span.set_attribute(key, _TOKEN_IN_QUERY.sub(r"\1token=REDACTED", value))
 
 
 def route_attribute(span: trace.Span) -> str | None:

@@ -10,7 +10,7 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 from ._config import Config, Settings
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
-from ._span import current_server_span, route_attribute
+from ._span import current_server_span, redact_viewer_token, route_attribute
 from ._threads import install as install_worker_thread_profiling
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .stores._base import ProfileStore
@@ -155,6 +155,8 @@ class ProfilingMiddleware:
         return None
 
     async def _serve_viewer(self, viewer: Viewer, scope: Scope, send: Send) -> None:
+        if b"token=" in scope.get("query_string", b""):
+            redact_viewer_token(trace.get_current_span())
         headers = {
             name.decode("latin-1").lower(): value.decode("latin-1")
             for name, value in scope["headers"]

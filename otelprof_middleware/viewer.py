@@ -78,6 +78,7 @@ BASELINE_LIMIT = 20
 
 MAX_BASELINE_LIMIT = 100
 MAX_DIFF_ROWS = 200
+_SMALL_INT = re.compile(r"[0-9]{1,7}")
 
 _PAGE_CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
@@ -771,7 +772,7 @@ def _bounded_int(query: dict[str, list[str]], name: str, default: int, high: int
     text = _one(query, name)
     if text is None:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= high:
+    if not _SMALL_INT.fullmatch(text) or not 1 <= int(text) <= high:
         raise _Abort(400, f"{name} must be a whole number from 1 to {high}.\n")
     return int(text)
 

@@ -10,7 +10,7 @@ from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 
 from ._config import Config, Settings
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
-from ._span import current_server_span, route_attribute
+from ._span import current_server_span, redact_viewer_token, route_attribute
 from ._threads import install as install_worker_thread_profiling
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .stores._base import ProfileStore
@@ -148,6 +148,8 @@ class WSGIProfilingMiddleware:
     def _serve_viewer(
         self, viewer: Viewer, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
+        if "token=" in str(environ.get("QUERY_STRING", "")):
+            redact_viewer_token(trace.get_current_span())
         headers = {
             key[5:].replace("_", "-").lower(): str(value)
             for key, value in environ.items()
