@@ -13,7 +13,15 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["count", "counters", "fail_open", "log_failure", "reset_counters", "snapshot"]
+__all__ = [
+    "count",
+    "counters",
+    "fail_open",
+    "log_event",
+    "log_failure",
+    "reset_counters",
+    "snapshot",
+]
 
 logger = logging.getLogger("otelprof_middleware")
 
@@ -44,15 +52,29 @@ def reset_counters() -> None:
         _last_logged.clear()
 
 
-def log_failure(stage: str, exc: BaseException) -> None:
-    """Count a failure of ``stage`` and log it unless it was logged recently."""
+def _due(stage: str) -> bool:
+    """True when ``stage`` was not logged within the last interval (and mark it logged)."""
     now = time.monotonic()
     with _lock:
-        counters[f"failed.{stage}"] += 1
         last = _last_logged.get(stage)
         if last is not None and now - last < LOG_INTERVAL_SECONDS:
-            return
+            return False
         _last_logged[stage] = now
+        return True
+
+
+def log_event(stage: str, message: str, *args: object) -> None:
+    """Log a warning about ``stage`` at most once per interval (counting is the caller's)."""
+    if _due(stage):
+        logger.warning(message, *args)
+
+
+def log_failure(stage: str, exc: BaseException) -> None:
+    """Count a failure of ``stage`` and log it unless it was logged recently."""
+    with _lock:
+        counters[f"failed.{stage}"] += 1
+    if not _due(stage):
+        return
     logger.warning(
         "otelprof: %s failed (%s: %s); the request goes on unprofiled. "
         "Further %s failures are counted and logged at most once per %.0f s.",

@@ -223,7 +223,13 @@ class ProfilerCore:
             if hook is None:
                 always_on_sampler(self._always_on_interval).unregister_current(request)
             elif hook.thread_id == threading.get_ident():
-                hook.release()
+                users = hook.users
+                try:
+                    hook.release()
+                except Exception:
+                    if hook.users == users:  # failed before giving its user back: do it,
+                        hook.users = max(0, users - 1)  # the hook then removes itself
+                    raise
             else:  # finished elsewhere: the hook removes itself on that thread's next event
                 hook.users -= 1
         self._release_slot(request.continuous)

@@ -30,7 +30,7 @@ from pyinstrument.low_level.stat_profile import get_frame_info, setstatprofile
 from pyinstrument.stack_sampler import build_call_stack
 
 from ._always_on import always_on_sampler
-from ._failsafe import count
+from ._failsafe import count, log_failure
 from ._session import RequestProfile, current_request
 
 __all__ = ["install", "run_profiled"]
@@ -124,8 +124,8 @@ def run_profiled(
 
     try:
         setstatprofile(target=on_event, interval=request.interval)
-    except Exception:
-        count("failed.profiler.worker")
+    except Exception as exc:
+        log_failure("profiler.worker", exc)
         return func(*args, **kwargs)
     try:
         return func(*args, **kwargs)

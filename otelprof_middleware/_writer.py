@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from pyinstrument.session import Session
 
-from ._failsafe import count, fail_open
+from ._failsafe import count, fail_open, log_event, log_failure
 from ._record import ProfileRecord, ProfileSummary
 from .stores._base import ProfileStore
 
@@ -48,6 +48,12 @@ class ProfileWriter:
             self._queue.put_nowait((summary, session))
         except queue.Full:
             count("dropped.queue_full")
+            log_event(
+                "writer.queue_full",
+                "otelprof: the profile writer's queue is full (writer_queue_size=%d); "
+                "profiles are dropped and counted in dropped.queue_full",
+                self._queue_size,
+            )
             return False
         return True
 
@@ -115,18 +121,28 @@ class ProfileWriter:
                 return
 
     def _write(self, records: list[ProfileRecord]) -> None:
-        """One ``put_many`` when the store has it; on any failure, record by record, so
-        each profile is either written or counted as failed."""
+        """One ``put_many`` when the store has it, else ``put`` per record. Every profile
+        is either written or counted in ``failed.store.put``."""
         try:
             store = self._get_store()
-            put_many = getattr(store, "put_many", None)
-            if put_many is not None and len(records) > 1:
+        except Exception as exc:  # the store cannot be opened: the whole batch is lost
+            log_failure("store.put", exc)
+            count("failed.store.put", len(records) - 1)
+            return
+        put_many = getattr(store, "put_many", None)
+        if put_many is not None and len(records) > 1:
+            try:
                 put_many(records)
+            except ValueError:
+                pass  # one record does not fit: store the others one by one below
+            except Exception as exc:  # locked, full, gone: retrying each would only wait
+                log_failure("store.put", exc)
+                count("failed.store.put", len(records) - 1)
+                return
+            else:
                 count("written", len(records))
                 return
-        except Exception:
-            pass  # retried one by one below: failures are counted per profile
         for record in records:
             with fail_open("store.put"):
-                self._get_store().put(record)
+                store.put(record)
                 count("written")
