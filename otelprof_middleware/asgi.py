@@ -16,7 +16,7 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 from .stores._base import ProfileStore
 from .viewer import Viewer, ViewerRequest
 
-__all__ = ["ProfilingMiddleware"]
+__all__ = ["ProfilingMiddleware", "serve_viewer"]
 
 
 class ProfilingMiddleware:
@@ -88,7 +88,7 @@ class ProfilingMiddleware:
             return
         path: str = scope["path"]
         if self._viewer is not None and self._viewer.handles(path):
-            await self._serve_viewer(self._viewer, scope, send)
+            await serve_viewer(self._viewer, scope, send)
         elif self._sampler.is_excluded(path):
             await self.app(scope, receive, send)
         elif current_server_span() is None:
@@ -154,32 +154,38 @@ class ProfilingMiddleware:
                 return bytes(value)
         return None
 
-    async def _serve_viewer(self, viewer: Viewer, scope: Scope, send: Send) -> None:
-        if b"token=" in scope.get("query_string", b""):
-            redact_viewer_token(trace.get_current_span())
-        headers = {
-            name.decode("latin-1").lower(): value.decode("latin-1")
-            for name, value in scope["headers"]
+
+async def serve_viewer(
+    viewer: Viewer, scope: Scope, send: Send, *, scheme: str | None = None
+) -> None:
+    """Answer an ASGI HTTP request with :class:`Viewer` (the middleware and ``otelprof serve``).
+
+    The viewer reads the store synchronously, so it runs in a worker thread. The Host
+    header is passed on as is: the viewer validates it before using it in links.
+    """
+    if b"token=" in scope.get("query_string", b""):
+        redact_viewer_token(trace.get_current_span())
+    headers = {
+        name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]
+    }
+    client = scope.get("client")
+    request = ViewerRequest(
+        method=scope["method"],
+        path=scope["path"],
+        query_string=scope.get("query_string", b""),
+        headers=headers,
+        client_host=client[0] if client else None,
+        scheme=scheme or scope.get("scheme", "http"),
+    )
+    response = await anyio.to_thread.run_sync(viewer.handle, request)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": [
+                (name.lower().encode("latin-1"), value.encode("latin-1"))
+                for name, value in response.headers
+            ],
         }
-        client = scope.get("client")
-        request = ViewerRequest(
-            method=scope["method"],
-            path=scope["path"],
-            query_string=scope.get("query_string", b""),
-            headers=headers,
-            client_host=client[0] if client else None,
-            scheme=scope.get("scheme", "http"),
-            host=safe_host(headers.get("host")),
-        )
-        response = await anyio.to_thread.run_sync(viewer.handle, request)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": [
-                    (name.lower().encode("latin-1"), value.encode("latin-1"))
-                    for name, value in response.headers
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": response.body})
+    )
+    await send({"type": "http.response.body", "body": response.body})

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ._base import ProfileStore
 from .memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_PROFILES, MemoryStore
+from .redis import RedisStore
 from .sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "ProfileStore", "SQLiteStore", "open_store"]
+__all__ = ["MemoryStore", "ProfileStore", "RedisStore", "SQLiteStore", "open_store"]
 
 
 def open_store(
@@ -22,8 +23,12 @@ def open_store(
     ``sqlite:///profiles.db`` is relative to the current directory and
     ``sqlite:////var/lib/otelprof/profiles.db`` (four slashes) is absolute.
 
+    Redis URLs are ``redis://[[user]:password@]host[:port][/db]`` or ``rediss://...``
+    (TLS), with optional ``?ttl=<seconds>`` and ``?prefix=<key prefix>``; other query
+    parameters go to redis-py (see :class:`~otelprof_middleware.stores.RedisStore`).
+
     Args:
-        url: ``memory://``, ``sqlite:///<path>``; ``redis://`` is reserved.
+        url: ``memory://``, ``sqlite:///<path>``, ``redis://...`` or ``rediss://...``.
         max_profiles: the store keeps at most this many profiles
             (``OTELPROF_STORE_MAX_PROFILES``, default ``1000``).
         max_bytes: and at most this many compressed payload bytes
@@ -36,6 +41,8 @@ def open_store(
         ValueError: the URL is malformed or names an unknown or unavailable backend.
         OSError: the SQLite file or its directory cannot be created.
         sqlite3.DatabaseError: the SQLite file is not a usable store.
+        ImportError: a Redis URL, and redis-py is not installed
+            (``pip install otelprof-middleware[redis]``).
 
     Example::
 
@@ -63,11 +70,8 @@ def open_store(
             )
         return SQLiteStore(path, max_profiles=max_profiles, max_bytes=max_bytes)
     if scheme in ("redis", "rediss"):
-        raise ValueError(
-            f"OTELPROF_STORE: the redis store is not available yet, got {url!r}; use "
-            "sqlite:///path/profiles.db (one host, several workers) or memory://"
-        )
+        return RedisStore(url, max_profiles=max_profiles, max_bytes=max_bytes)
     raise ValueError(
         f"OTELPROF_STORE: unknown store scheme {scheme!r} in {url!r}; expected "
-        "sqlite:///path/profiles.db or memory://"
+        "sqlite:///path/profiles.db, memory:// or redis://host:6379/0"
     )

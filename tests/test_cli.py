@@ -1,0 +1,540 @@
+"""The ``otelprof`` command: ls/show/export against a real SQLite store, exit codes, and
+``otelprof serve`` as a real subprocess on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from pyinstrument import Profiler
+from pyinstrument.session import Session
+
+import otelprof_middleware
+from otelprof_middleware._record import ProfileRecord, ProfileSummary
+from otelprof_middleware.cli import ViewerApp, main
+from otelprof_middleware.stores import MemoryStore, SQLiteStore
+from otelprof_middleware.viewer import Viewer
+
+ROOT = Path(next(iter(otelprof_middleware.__path__))).parent
+T0 = 1_700_000_000.0
+A, B, C = "a1" + "0" * 30, "b1" + "0" * 30, "c1" + "0" * 30
+
+
+def cli_profiled_work() -> None:
+    end = time.perf_counter() + 0.02
+    while time.perf_counter() < end:
+        sum(range(200))
+
+
+@pytest.fixture(scope="module")
+def session() -> Session:
+    profiler = Profiler(interval=0.0001, async_mode="disabled")
+    profiler.start()
+    cli_profiled_work()
+    return profiler.stop()
+
+
+def _summary(trace_id: str, span: int, route: str, duration_ms: float, at: float) -> ProfileSummary:
+    return ProfileSummary(
+        trace_id=trace_id,
+        span_id=f"{span:016x}",
+        method="GET",
+        route=route,
+        status_code=200,
+        duration_ms=duration_ms,
+        start_time=T0 + at,
+    )
+
+
+def _fill(path: Path, session: Session) -> str:
+    store = SQLiteStore(path)
+    try:
+        for summary in (
+            _summary(A, 1, "/items/{item_id}", 25.0, 1),
+            _summary(B, 2, "/slow", 300.0, 2),
+            _summary(C, 3, "/fanout", 5.0, 3),
+            _summary(C, 4, "/fanout", 7.0, 4),
+        ):
+            store.put(ProfileRecord.from_session(summary, session))
+    finally:
+        store.close()
+    return "sqlite:///" + str(path)
+
+
+@pytest.fixture
+def store_url(tmp_path: Path, session: Session) -> str:
+    return _fill(tmp_path / "profiles.db", session)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("OTELPROF_") or name in ("OTEL_SERVICE_NAME", "XDG_STATE_HOME"):
+            monkeypatch.delenv(name)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- ls --------------------------------------------------------------------------------
+
+
+def test_ls_prints_a_table_newest_first(capsys: pytest.CaptureFixture[str], store_url: str) -> None:
+    code, out, _ = run(capsys, "ls", "--store", store_url)
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split()[:3] == ["TIME", "(UTC)", "METHOD"]
+    assert [row.split()[-2] for row in rows] == [C, C, B, A]
+    assert rows[-1].split()[:4] == ["2023-11-14T22:13:21.000Z", "GET", "/items/{item_id}", "200"]
+    assert rows[-1].split()[4] == "25.0"
+
+
+def test_ls_filters_orders_and_json(capsys: pytest.CaptureFixture[str], store_url: str) -> None:
+    def traces(*args: str) -> list[str]:
+        code, out, _ = run(capsys, "ls", "--store", store_url, "--json", *args)
+        assert code == 0
+        return [row["trace_id"] for row in json.loads(out)["profiles"]]
+
+    assert traces() == [C, C, B, A]
+    assert traces("--slowest") == [B, A, C, C]
+    assert traces("--route", "/slow") == [B]
+    assert traces("--min-duration-ms", "20") == [B, A]
+    assert traces("--slowest", "--limit", "1") == [B]
+    _, out, _ = run(capsys, "ls", "--store", store_url, "--json", "--limit", "1")
+    assert json.loads(out)["profiles"][0] == _summary(C, 4, "/fanout", 7.0, 4).to_json()
+
+
+def test_ls_with_no_match_says_so(capsys: pytest.CaptureFixture[str], store_url: str) -> None:
+    code, out, err = run(capsys, "ls", "--store", store_url, "--route", "/nope")
+    assert (code, out) == (0, "")
+    assert "no profiles match" in err
+
+
+@pytest.mark.parametrize("args", [["--limit", "0"], ["--limit", "x"], ["--min-duration-ms", "-1"]])
+def test_ls_rejects_bad_options(
+    capsys: pytest.CaptureFixture[str], store_url: str, args: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["ls", "--store", store_url, *args])
+    assert exit_.value.code == 2
+
+
+# -- show and export -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expect"),
+    [
+        ("text", "cli_profiled_work"),
+        ("html", "<html"),
+        ("folded", "cli_profiled_work"),
+    ],
+)
+def test_show_renders_each_format(
+    capsys: pytest.CaptureFixture[str], store_url: str, fmt: str, expect: str
+) -> None:
+    code, out, _ = run(capsys, "show", A, "--store", store_url, "--format", fmt)
+    assert code == 0
+    assert expect in out
+
+
+def test_show_defaults_to_text_and_json_formats_parse(
+    capsys: pytest.CaptureFixture[str], store_url: str
+) -> None:
+    code, out, _ = run(capsys, "show", A, "--store", store_url)
+    assert code == 0 and "cli_profiled_work" in out
+    code, out, _ = run(capsys, "show", A, "--store", store_url, "--format", "json")
+    assert code == 0 and "cli_profiled_work" in json.dumps(json.loads(out))
+    code, out, _ = run(capsys, "show", A, "--store", store_url, "--format", "speedscope")
+    assert code == 0 and "speedscope" in json.loads(out)["$schema"]
+
+
+def test_a_trace_with_several_profiles_needs_a_span_id(
+    capsys: pytest.CaptureFixture[str], store_url: str
+) -> None:
+    code, out, err = run(capsys, "show", C, "--store", store_url)
+    assert (code, out) == (2, "")
+    assert "--span-id 0000000000000004" in err and "--span-id 0000000000000003" in err
+    code, out, _ = run(capsys, "show", C, "--span-id", "0000000000000003", "--store", store_url)
+    assert code == 0 and "cli_profiled_work" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["xyz"], "malformed trace id"),
+        ([A.upper()], "malformed trace id"),
+        (["0" * 32], "malformed trace id"),
+        ([A + "0"], "malformed trace id"),
+        ([A, "--span-id", "zz"], "malformed span id"),
+        ([A, "--span-id", "0" * 16], "malformed span id"),
+    ],
+)
+def test_malformed_ids_exit_2(
+    capsys: pytest.CaptureFixture[str], store_url: str, args: list[str], message: str
+) -> None:
+    for command in (["show"], ["export", "-o", "unused.html"]):
+        code, out, err = run(capsys, *command, *args, "--store", store_url)
+        assert (code, out) == (2, "")
+        assert message in err
+
+
+@pytest.mark.parametrize("args", [["e" * 32], [A, "--span-id", "f" * 16]])
+def test_unknown_ids_exit_1(
+    capsys: pytest.CaptureFixture[str], store_url: str, args: list[str]
+) -> None:
+    code, out, err = run(capsys, "show", *args, "--store", store_url)
+    assert (code, out) == (1, "")
+    assert f"no profile for trace {args[0]}" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "expect"),
+    [
+        ("profile.html", None, "<html"),
+        ("profile.speedscope.json", None, '"$schema"'),
+        ("profile.json", None, '"root_frame"'),
+        ("profile.txt", None, "cli_profiled_work"),
+        ("profile.out", None, "<html"),
+        ("profile.out", "folded", "cli_profiled_work"),
+    ],
+)
+def test_export_writes_the_file(
+    capsys: pytest.CaptureFixture[str],
+    store_url: str,
+    tmp_path: Path,
+    name: str,
+    fmt: str | None,
+    expect: str,
+) -> None:
+    target = tmp_path / name
+    args = ["export", A, "--store", store_url, "-o", str(target)]
+    if fmt:
+        args += ["--format", fmt]
+    code, out, err = run(capsys, *args)
+    assert (code, out) == (0, "")
+    assert expect in target.read_text()
+    assert f"wrote {target}" in err
+
+
+def test_export_to_stdout_and_unwritable_file(
+    capsys: pytest.CaptureFixture[str], store_url: str, tmp_path: Path
+) -> None:
+    code, out, _ = run(capsys, "export", A, "--store", store_url, "--format", "text", "-o", "-")
+    assert code == 0 and "cli_profiled_work" in out
+    target = tmp_path / "missing-dir" / "p.html"
+    code, _, err = run(capsys, "export", A, "--store", store_url, "-o", str(target))
+    assert code == 1 and "cannot write" in err
+
+
+def test_export_needs_an_output(capsys: pytest.CaptureFixture[str], store_url: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", A, "--store", store_url])
+    assert exit_.value.code == 2
+
+
+# -- which store -------------------------------------------------------------------------
+
+
+def test_store_defaults_to_the_state_dir(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    session: Session,
+) -> None:
+    _fill(tmp_path / "state" / "profiles.db", session)
+    monkeypatch.setenv("OTELPROF_STATE_DIR", str(tmp_path / "state"))
+    code, out, _ = run(capsys, "show", B)
+    assert code == 0 and "cli_profiled_work" in out
+
+
+def test_store_defaults_to_the_service_directory(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    session: Session,
+) -> None:
+    _fill(tmp_path / "xdg" / "otelprof" / "checkout" / "profiles.db", session)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("OTELPROF_SERVICE_NAME", "checkout")
+    code, out, _ = run(capsys, "ls", "--json")
+    assert code == 0 and len(json.loads(out)["profiles"]) == 4
+
+    monkeypatch.setenv("OTELPROF_SERVICE_NAME", "other")
+    code, out, err = run(capsys, "ls")
+    assert (code, out) == (1, "")
+    assert "no profile store at" in err
+    assert not (tmp_path / "xdg" / "otelprof" / "other").exists()  # nothing created
+
+
+def test_store_from_otelprof_store_and_option_wins(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    store_url: str,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("OTELPROF_STORE", store_url)
+    code, out, _ = run(capsys, "ls", "--json")
+    assert code == 0 and len(json.loads(out)["profiles"]) == 4
+    code, _, err = run(capsys, "ls", "--store", "sqlite:///" + str(tmp_path / "nope.db"))
+    assert code == 1 and "no profile store at" in err
+
+
+def test_bad_settings_exit_2_naming_the_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTELPROF_STORE", "ftp://example.com/profiles")
+    code, _, err = run(capsys, "ls")
+    assert code == 2 and "OTELPROF_STORE" in err
+    code, _, err = run(capsys, "ls", "--store", "s3://bucket/x")
+    assert code == 2 and "OTELPROF_STORE" in err
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_unreachable_redis_exits_1_without_showing_the_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{_closed_port()}/0"
+    started = time.monotonic()
+    code, out, err = run(capsys, "ls", "--store", url)
+    assert time.monotonic() - started < 5
+    assert (code, out) == (1, "")
+    assert "cannot read the profile store redis://:***@127.0.0.1" in err
+    assert "hunter2" not in err
+
+
+def test_runs_as_a_module_and_as_the_console_script(store_url: str) -> None:
+    commands = [[sys.executable, "-m", "otelprof_middleware.cli"]]
+    script = Path(sys.executable).parent / "otelprof"
+    if script.exists():
+        commands.append([str(script)])
+    for command in commands:
+        done = subprocess.run(
+            [*command, "show", "e" * 32, "--store", store_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert done.returncode == 1, done.stderr
+        assert "no profile for trace" in done.stderr
+        done = subprocess.run(
+            [*command, "ls", "--store", store_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert done.returncode == 0 and B in done.stdout
+
+
+# -- serve --------------------------------------------------------------------------------
+
+
+@contextmanager
+def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
+    port = _closed_port()
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"otelprof-serve-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTELPROF_")} | (env or {})
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "otelprof_middleware.cli", "serve", "--port", str(port), *args],
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError("otelprof serve exited:\n" + log.read_text())
+            try:
+                httpx.get(base + "/", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "otelprof serve did not start:\n" + log.read_text()
+                    ) from None
+                time.sleep(0.1)
+        yield base, log
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+        log.unlink(missing_ok=True)
+
+
+def test_serve_answers_loopback_clients_without_a_token(store_url: str) -> None:
+    with serve("--store", store_url) as (base, log):
+        root = httpx.get(base + "/")
+        assert (root.status_code, root.headers["location"]) == (307, "/debug/profile")
+        index = httpx.get(base + "/debug/profile", params={"format": "json"})
+        assert index.status_code == 200
+        rows = index.json()["profiles"]
+        assert [row["trace_id"] for row in rows] == [C, C, B, A]
+        assert rows[-1]["url"] == f"{base}/debug/profile/{A}?span_id={1:016x}"
+
+        page = httpx.get(rows[-1]["url"])
+        assert page.status_code == 200
+        assert "<html" in page.text.lower()
+        assert "script-src 'sha256-" in page.headers["content-security-policy"]
+        text = httpx.get(rows[-1]["url"] + "&format=text")
+        assert "cli_profiled_work" in text.text
+        assert httpx.get(base + "/debug/profile", params={"route": "/slow"}).status_code == 200
+        assert httpx.get(base + "/debug/profile/xyz").status_code == 400
+        assert httpx.get(base + "/debug/profile/" + "e" * 32).status_code == 404
+        assert httpx.get(base + "/elsewhere").status_code == 404
+        assert "loopback clients only" in log.read_text()
+
+
+def test_serve_with_a_token_and_public_url(store_url: str) -> None:
+    token = "s3cret-token"
+    with serve(
+        "--store",
+        store_url,
+        "--public-url",
+        "https://profiles.example.com/",
+        env={"OTELPROF_DEBUG_TOKEN": token},
+    ) as (base, log):
+        assert httpx.get(base + "/debug/profile").status_code == 401
+        wrong = {"authorization": "Bearer nope"}
+        assert httpx.get(base + "/debug/profile", headers=wrong).status_code == 401
+        bearer = {"authorization": f"Bearer {token}"}
+        index = httpx.get(base + "/debug/profile?format=json", headers=bearer)
+        assert index.status_code == 200
+        url = index.json()["profiles"][0]["url"]
+        assert url == f"https://profiles.example.com/debug/profile/{C}?span_id={4:016x}"
+        assert token not in index.text
+
+        with httpx.Client(base_url=base) as browser:
+            first = browser.get("/debug/profile", params={"token": token})
+            assert first.status_code == 200
+            assert "HttpOnly" in first.headers["set-cookie"]
+            assert "Secure" in first.headers["set-cookie"]  # public_url is https
+        assert token not in log.read_text()  # no access log with ?token=
+    with (
+        serve("--store", store_url, env={"OTELPROF_DEBUG_TOKEN": token}) as (base, _),
+        httpx.Client(base_url=base) as browser,
+    ):
+        first = browser.get("/debug/profile", params={"token": token})
+        assert first.status_code == 200
+        assert "Secure" not in first.headers["set-cookie"]  # plain http, no https public_url
+        assert browser.get(f"/debug/profile/{B}").status_code == 200  # by cookie
+
+
+@pytest.fixture
+def uvicorn_runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """Replace uvicorn.run: record how serve would start, never bind anything."""
+    import uvicorn
+
+    calls: list[dict[str, object]] = []
+
+    def fake_run(app: object, **kwargs: object) -> None:
+        calls.append({"app": app, **kwargs})
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    return calls
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.com"])
+def test_serve_refuses_a_non_loopback_host_without_a_token(
+    capsys: pytest.CaptureFixture[str],
+    store_url: str,
+    uvicorn_runs: list[dict[str, object]],
+    host: str,
+) -> None:
+    code, _, err = run(capsys, "serve", "--store", store_url, "--host", host)
+    assert code == 2
+    assert f"refusing to serve on {host}" in err and "--token" in err
+    assert uvicorn_runs == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_serve_starts_on_loopback_hosts_without_a_token(
+    capsys: pytest.CaptureFixture[str],
+    store_url: str,
+    uvicorn_runs: list[dict[str, object]],
+    host: str,
+) -> None:
+    code, _, err = run(capsys, "serve", "--store", store_url, "--host", host, "--port", "9999")
+    assert code == 0
+    [call] = uvicorn_runs
+    assert (call["host"], call["port"]) == (host, 9999)
+    assert "loopback clients only" in err
+
+
+def test_serve_on_any_host_with_a_token_never_trusts_proxy_headers(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    store_url: str,
+    uvicorn_runs: list[dict[str, object]],
+) -> None:
+    monkeypatch.setenv("OTELPROF_DEBUG_TOKEN", "from-env")
+    code, _, err = run(capsys, "serve", "--store", store_url, "--host", "0.0.0.0")
+    assert code == 0
+    [call] = uvicorn_runs
+    assert call["host"] == "0.0.0.0" and call["port"] == 8089
+    # The peer address decides loopback access, and ?token= must not reach a log.
+    assert call["proxy_headers"] is False and call["access_log"] is False
+    assert isinstance(call["app"], ViewerApp)
+    assert "from-env" not in err and "debug token" in err
+    code, _, err = run(capsys, "serve", "--store", store_url, "--host", "::", "--token", " ")
+    assert code == 2 and "--token" in err
+
+
+def test_serve_rejects_a_bad_public_url(capsys: pytest.CaptureFixture[str], store_url: str) -> None:
+    code, _, err = run(capsys, "serve", "--store", store_url, "--public-url", "ftp://x")
+    assert code == 2 and "--public-url" in err
+
+
+# -- the ASGI app behind serve --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("client", "token", "headers", "status"),
+    [
+        ("127.0.0.1", None, {}, 200),
+        ("::1", None, {}, 200),
+        ("10.1.2.3", None, {}, 403),
+        ("10.1.2.3", None, {"x-forwarded-for": "127.0.0.1"}, 403),
+        ("10.1.2.3", "t0ken", {}, 401),
+        ("10.1.2.3", "t0ken", {"authorization": "Bearer t0ken"}, 200),
+    ],
+)
+async def test_viewer_app_decides_by_the_peer_address(
+    client: str, token: str | None, headers: dict[str, str], status: int
+) -> None:
+    app = ViewerApp(Viewer(MemoryStore(), token=token))
+    transport = httpx.ASGITransport(app=app, client=(client, 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://viewer") as http:
+        response = await http.get("/debug/profile", params={"format": "json"}, headers=headers)
+    assert response.status_code == status
+    if status == 200:
+        assert response.json() == {"profiles": []}
