@@ -121,6 +121,19 @@ def _parse_store(name: str, value: object) -> str | None:
     return text
 
 
+def _parse_pyroscope_url(name: str, value: object) -> str | None:
+    text = _parse_optional_str(name, value)
+    if text is None:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # Never echo the value: it may carry basic-auth credentials.
+        raise ValueError(f"{_where(name)} must be an absolute http(s) URL")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{_where(name)} must not carry a query or fragment")
+    return text
+
+
 def _parse_header(name: str, value: object) -> str:
     text = _parse_optional_str(name, value)
     if text is None or _HEADER_NAME.fullmatch(text) is None:
@@ -160,6 +173,8 @@ class Settings(TypedDict, total=False):
     writer_queue_size: int
     service_name: str
     state_dir: str
+    pyroscope_url: str
+    pyroscope_tenant_id: str
 
 
 MODES = ("hook", "always_on")
@@ -194,6 +209,8 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "writer_queue_size": lambda n, v: _parse_int(n, v, low=1),
     "service_name": _parse_service,
     "state_dir": _parse_optional_str,
+    "pyroscope_url": _parse_pyroscope_url,
+    "pyroscope_tenant_id": _parse_optional_str,
 }
 
 
@@ -244,6 +261,12 @@ class Config:
             ``OTEL_SERVICE_NAME`` or ``unknown_service``.
         state_dir: where the embedded store lives (``OTELPROF_STATE_DIR``); default
             ``$XDG_STATE_HOME/otelprof/<service_name>`` (``~/.local/state/...``).
+        pyroscope_url: also push each kept profile to this Grafana Pyroscope server,
+            e.g. ``http://pyroscope:4040`` (``OTELPROF_PYROSCOPE_URL``; default: off).
+            ``user:password@`` in the URL is sent as basic auth. When on, kept profiles
+            also get the span attribute ``pyroscope.profile.id``; see docs/pyroscope.md.
+        pyroscope_tenant_id: ``X-Scope-OrgID`` sent to Pyroscope
+            (``OTELPROF_PYROSCOPE_TENANT_ID``; default: none).
     """
 
     enabled: bool = True
@@ -266,6 +289,8 @@ class Config:
     writer_queue_size: int = 256
     service_name: str | None = None
     state_dir: str | None = None
+    pyroscope_url: str | None = None
+    pyroscope_tenant_id: str | None = None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Config:

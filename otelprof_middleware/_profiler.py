@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from opentelemetry.trace import format_span_id, format_trace_id
+from pyinstrument.session import Session
 from pyinstrument.stack_sampler import build_call_stack
 
 from ._always_on import always_on_sampler
@@ -27,8 +28,9 @@ from ._failsafe import count, fail_open, log_failure
 from ._record import ProfileRecord, ProfileSummary
 from ._sampling import Sampler
 from ._session import RequestProfile, ThreadSampler, current_request, thread_sampler
-from ._span import set_profile_attributes
+from ._span import profile_url, set_profile_attributes
 from ._writer import ProfileWriter
+from .exporters import ProfileExporter, SpanFacts, open_exporter
 from .stores import open_store
 from .stores._base import ProfileStore
 
@@ -99,9 +101,17 @@ class ProfilerCore:
     Args:
         config: the settings.
         store: a store instance to use instead of opening ``config.store``.
+        exporter: an exporter to use instead of the one the settings ask for
+            (``pyroscope_url``); None and no such setting: no export.
     """
 
-    def __init__(self, config: Config, *, store: ProfileStore | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: ProfileStore | None = None,
+        exporter: ProfileExporter | None = None,
+    ) -> None:
         self.config = config
         self.sampler = Sampler(config)
         self._store = store
@@ -115,6 +125,13 @@ class ProfilerCore:
         self._always_on_interval = config.always_on_interval_ms / 1000.0
         self._min_duration = config.min_duration_ms / 1000.0
         atexit.register(self.writer.close, 2.0)
+        self.exporter = exporter or open_exporter(
+            config.pyroscope_url,
+            tenant_id=config.pyroscope_tenant_id,
+            service_name=config.service_name,
+        )
+        if self.exporter is not None:
+            atexit.register(self.exporter.close, 2.0)
 
     def get_store(self) -> ProfileStore:
         """The store, opened on first use; after a failure, retried every few seconds.
@@ -207,6 +224,14 @@ class ProfilerCore:
             token=token,
         )
 
+    def link(self, active: ActiveProfile, base_url: str) -> None:
+        """Note the URL the profile will have if kept, for the request's log records.
+
+        Adapters call it right after :meth:`start`, once they know the base URL.
+        """
+        with fail_open("profiler.link"):
+            active.request.url = profile_url(base_url, active.trace_id, active.span_id)
+
     def finish(self, active: ActiveProfile, *, status_code: int, route: str, base_url: str) -> None:
         """Stop the profile; keep it when long enough: span link, then the writer.
 
@@ -234,6 +259,7 @@ class ProfilerCore:
                 hook.users -= 1
         self._release_slot(request.continuous)
         if duration < self._min_duration:
+            request.url = None  # later log records must not point at a discarded profile
             count("discarded.short")
             return
         with fail_open("span"):
@@ -241,6 +267,7 @@ class ProfilerCore:
                 set_profile_attributes(
                     active.span, active.trace_id, active.span_id, base_url, has_route=bool(route)
                 )
+        session: Session | None = None
         with fail_open("writer.submit"):
             summary = ProfileSummary(
                 trace_id=active.trace_id,
@@ -259,7 +286,17 @@ class ProfilerCore:
                 f"{active.method} {route or '(unmatched route)'}"
                 f" · {how}, interval {summary.interval_ms:g} ms"
             )
-            self.writer.submit(summary, request.to_session(duration))
+            session = request.to_session(duration)
+            if not self.writer.submit(summary, session):
+                request.url = None  # dropped (queue full): no link for later log records
+        exporter = self.exporter
+        if exporter is not None and session is not None:
+            with fail_open("exporter.submit"):
+                # The exporter's attributes (pyroscope.profile.id) only if it took the
+                # profile, and while the span is still open.
+                accepted = exporter.submit(summary, session, SpanFacts.of(active.span))
+                if accepted and active.span.is_recording():
+                    active.span.set_attributes(exporter.span_attributes(summary))
 
     def _release_slot(self, continuous: bool) -> None:
         with self._active_lock:

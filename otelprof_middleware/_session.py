@@ -65,6 +65,7 @@ class RequestProfile:
         "start_wall",
         "suspended_at",
         "suspended_stack",
+        "url",
         "worker_seconds",
     )
 
@@ -92,6 +93,10 @@ class RequestProfile:
         self.suspended_stack: list[str] | None = None
         self.worker_seconds = 0.0
         self.closed = False
+        # The link this profile will have if it is kept: set by the core as soon as the
+        # adapter knows the base URL, cleared when the profile is discarded. Read by
+        # otelprof_middleware.logging so the request's log records can carry it.
+        self.url: str | None = None
 
     def add(self, stack: list[str], seconds: float, *, waiting: bool = False) -> None:
         """Record ``seconds`` spent in ``stack`` (root first); ``waiting``: at an await."""

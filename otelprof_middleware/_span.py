@@ -17,6 +17,8 @@ __all__ = [
     "BASELINE_URL",
     "PROFILE_ID",
     "PROFILE_URL",
+    "PYROSCOPE_PROFILE_ID",
+    "ROUTE_KEY",
     "current_server_span",
     "diff_url",
     "profile_url",
@@ -30,6 +32,14 @@ PROFILE_ID = "otelprof.profile.id"
 
 PROFILE_URL = "otelprof.profile.url"
 """Absolute URL of the profile page; Grafana shows it in the span's attributes."""
+
+PYROSCOPE_PROFILE_ID = "pyroscope.profile.id"
+"""The span id, set only while the Pyroscope export is on: Grafana's "traces to
+profiles" reads it and asks Pyroscope for the samples labelled ``span_id=<it>``."""
+
+ROUTE_KEY = "otelprof.route"
+"""ASGI scope / WSGI environ key where a framework integration leaves the route template
+(``otelprof_middleware.django.RouteMiddleware``); the adapters read it."""
 
 BASELINE_URL = "otelprof.profile.baseline_url"
 """Absolute URL of this request compared with the recent requests of its route."""

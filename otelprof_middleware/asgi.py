@@ -10,7 +10,7 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 from ._config import Config, Settings
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
-from ._span import current_server_span, redact_viewer_token, route_attribute
+from ._span import ROUTE_KEY, current_server_span, redact_viewer_token, route_attribute
 from ._threads import install as install_worker_thread_profiling
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .stores._base import ProfileStore
@@ -109,6 +109,8 @@ class ProfilingMiddleware:
         if active is None:
             await self.app(scope, receive, send)
             return
+        base_url = self._base_url(scope)
+        self._core.link(active, base_url)
         status_code = 500
 
         async def send_profiled(message: Message) -> None:
@@ -120,21 +122,26 @@ class ProfilingMiddleware:
                 kind == "http.response.body" and not message.get("more_body", False)
             ) or kind == "http.response.pathsend":
                 # The server span ends right after this message: link it first.
-                self._finish(active, scope, status_code)
+                self._finish(active, scope, status_code, base_url)
             await send(message)
 
         try:
             await self.app(scope, receive, send_profiled)
         finally:
-            self._finish(active, scope, status_code)
+            self._finish(active, scope, status_code, base_url)
             self._core.detach(active)
 
-    def _finish(self, active: ActiveProfile, scope: Scope, status_code: int) -> None:
+    def _finish(self, active: ActiveProfile, scope: Scope, status_code: int, base_url: str) -> None:
         if active.finished:
             return
         route = getattr(scope.get("route"), "path", None)
+        if not isinstance(route, str):  # Django: otelprof_middleware.django.RouteMiddleware
+            route = scope.get(ROUTE_KEY)
         if not isinstance(route, str):
             route = route_attribute(active.span) or ""
+        self._core.finish(active, status_code=status_code, route=route, base_url=base_url)
+
+    def _base_url(self, scope: Scope) -> str:
         host = None
         for name, value in scope["headers"]:
             if name == b"host":
@@ -143,10 +150,7 @@ class ProfilingMiddleware:
         if host is None and scope.get("server"):
             server_host, server_port = scope["server"]
             host = safe_host(f"{server_host}:{server_port}")
-        base_url = self.config.base_url(
-            scope.get("scheme", "http"), host, scope.get("root_path", "")
-        )
-        self._core.finish(active, status_code=status_code, route=route, base_url=base_url)
+        return self.config.base_url(scope.get("scheme", "http"), host, scope.get("root_path", ""))
 
     def _find_trigger(self, scope: Scope) -> bytes | None:
         for name, value in scope["headers"]:

@@ -10,7 +10,7 @@ from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 
 from ._config import Config, Settings
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
-from ._span import current_server_span, redact_viewer_token, route_attribute
+from ._span import ROUTE_KEY, current_server_span, redact_viewer_token, route_attribute
 from ._threads import install as install_worker_thread_profiling
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .stores._base import ProfileStore
@@ -102,6 +102,7 @@ class WSGIProfilingMiddleware:
         )
         if active is None:
             return self.app(environ, start_response)
+        self._core.link(active, self._base_url(environ))
         status = 500
         route: str | None = None
 
@@ -117,6 +118,8 @@ class WSGIProfilingMiddleware:
             # Flask's request (with its matched rule) is in the environ only until the
             # app returns, so the route template is read here.
             rule = getattr(getattr(environ.get("werkzeug.request"), "url_rule", None), "rule", None)
+            if not isinstance(rule, str):  # Django: otelprof_middleware.django.RouteMiddleware
+                rule = environ.get(ROUTE_KEY)
             route = rule if isinstance(rule, str) else None
             return start_response(status_line, headers, exc_info)
 
@@ -137,13 +140,17 @@ class WSGIProfilingMiddleware:
         if active.finished:
             return
         route = route or route_attribute(active.span) or ""
+        self._core.finish(
+            active, status_code=status_code, route=route, base_url=self._base_url(environ)
+        )
+
+    def _base_url(self, environ: WSGIEnvironment) -> str:
         host = safe_host(environ.get("HTTP_HOST")) or safe_host(
             f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}"
         )
-        base_url = self.config.base_url(
+        return self.config.base_url(
             environ.get("wsgi.url_scheme", "http"), host, environ.get("SCRIPT_NAME", "")
         )
-        self._core.finish(active, status_code=status_code, route=route, base_url=base_url)
 
     def _serve_viewer(
         self, viewer: Viewer, environ: WSGIEnvironment, start_response: StartResponse

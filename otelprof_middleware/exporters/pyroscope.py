@@ -1,0 +1,424 @@
+"""Push kept profiles to Grafana Pyroscope, labelled so Grafana finds them by span.
+
+What is sent (sources in ``docs/pyroscope.md``):
+
+* ``POST <url>/ingest?name=<app>{service_name=<svc>}&from=<s>&until=<s>&format=pprof
+  &spyName=otelprof`` with a gzipped pprof ``Profile`` as the body. Pyroscope's ingest
+  handler takes the series labels from ``name`` and, for ``format=pprof``, the sample
+  types and units from the profile itself (``units``, ``sampleRate`` and
+  ``aggregationType`` are ignored for pprof, so they are not sent).
+* One sample type, ``wall``/``nanoseconds`` (period type the same, period the sampling
+  interval): pyinstrument measures wall-clock time and its samples carry unequal
+  durations, so each stack's value is its measured time in nanoseconds, not a count.
+  Pyroscope lists it as the profile type ``wall:wall:nanoseconds:wall:nanoseconds``.
+* Per-sample pprof labels: ``span_id`` (16 hex digits; Pyroscope keeps it per sample
+  for span profiles, which is what Grafana's ``spanSelector`` queries), ``span_name``
+  and ``http_route`` (Pyroscope turns other sample labels into series labels; both have
+  low cardinality). Folded text cannot carry per-sample labels: a ``span_id`` in the
+  ``name`` would become a series label, one series per request, that Grafana's span
+  query does not read. That is why this exporter speaks pprof.
+
+Delivery runs on one daemon thread per process with a bounded queue; a full queue
+drops the profile (counter ``pyroscope.dropped.queue_full``) and the request never
+waits. Profiles waiting together are sent as one request (one pprof with several
+spans). Every failure is counted (``pyroscope.failed`` per profile, and
+``failed.pyroscope.push`` per request, logged at most once a minute) and nothing is
+retried: the profile is still in otelprof's own store.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import queue
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import httpx
+from pyinstrument.frame_info import ATTRIBUTES_SEP, IDENTIFIER_SEP
+from pyinstrument.session import Session
+
+from .._failsafe import count, fail_open, log_failure
+from .._record import ProfileSummary
+from .._span import PYROSCOPE_PROFILE_ID
+from . import SpanFacts
+
+__all__ = ["PyroscopeExporter", "QueuedProfile", "encode_pprof", "ingest_name"]
+
+SPY_NAME = "otelprof"
+"""``spyName`` sent with each profile; becomes Pyroscope's ``pyroscope_spy`` label."""
+
+SAMPLE_TYPE = ("wall", "nanoseconds")
+"""The one pprof sample type (and period type) of every exported profile."""
+
+_STOP = object()
+_APP_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-/")
+
+
+class PyroscopeError(RuntimeError):
+    """Pyroscope answered with an error status."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedProfile:
+    """One kept profile waiting for export: its index fields, session and span facts."""
+
+    summary: ProfileSummary
+    session: Session
+    span: SpanFacts
+
+
+class PyroscopeExporter:
+    """Sends each kept profile to a Pyroscope server's ``/ingest`` endpoint.
+
+    Off by default; turned on by ``OTELPROF_PYROSCOPE_URL`` (``pyroscope_url=``).
+    When on, every profile that is queued for export also gets the span attribute
+    ``pyroscope.profile.id`` = its span id, which Grafana's "traces to profiles" reads.
+
+    Example::
+
+        exporter = PyroscopeExporter("http://pyroscope:4040", tenant_id="team-a")
+        exporter.submit(summary, session, SpanFacts(name="GET /items/{id}"))
+
+    Args:
+        url: base URL of the Pyroscope server (or Grafana Cloud Profiles endpoint);
+            ``user:password@`` in it becomes HTTP basic auth and is never logged.
+        service_name: ``service_name`` label for spans whose resource has no
+            ``service.name`` (default ``unknown_service``). Grafana's default profile
+            query is ``{service_name="<the span's service.name>"}``.
+        tenant_id: sent as ``X-Scope-OrgID`` (multi-tenant Pyroscope).
+        queue_size: profiles that may wait (default 256); more are dropped and counted.
+        batch_size: at most this many profiles per request (default 32).
+        timeout: seconds per HTTP request (default 5).
+        transport: an httpx transport (tests).
+
+    Raises:
+        ValueError: ``url`` is not an absolute http(s) URL.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        service_name: str | None = None,
+        tenant_id: str | None = None,
+        queue_size: int = 256,
+        batch_size: int = 32,
+        timeout: float = 5.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the Pyroscope URL must be an absolute http(s) URL")
+        self._auth: tuple[str, str] | None = None
+        if parts.username is not None:
+            self._auth = (unquote(parts.username), unquote(parts.password or ""))
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+        self.ingest_url = urlunsplit(
+            (parts.scheme, netloc, parts.path.rstrip("/") + "/ingest", "", "")
+        )
+        self._headers = {"Content-Type": "application/octet-stream"}  # a gzipped pprof
+        if tenant_id:
+            self._headers["X-Scope-OrgID"] = tenant_id
+        self._service_name = service_name or "unknown_service"
+        self._queue_size = max(1, queue_size)
+        self._batch_size = max(1, batch_size)
+        self._timeout = timeout
+        self._transport = transport
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._queue: queue.Queue[object] = queue.Queue(self._queue_size)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def span_attributes(self, summary: ProfileSummary) -> Mapping[str, str]:
+        """``{"pyroscope.profile.id": <span id>}``: what Grafana's span query selects."""
+        return {PYROSCOPE_PROFILE_ID: summary.span_id}
+
+    def submit(self, summary: ProfileSummary, session: Session, span: SpanFacts) -> bool:
+        """Queue a kept profile; never blocks. False (and counted) when it was dropped."""
+        if self._closed:
+            count("pyroscope.dropped.closed")
+            return False
+        if self._pid != os.getpid():
+            self._start()
+        try:
+            self._queue.put_nowait(QueuedProfile(summary, session, span))
+        except queue.Full:
+            count("pyroscope.dropped.queue_full")
+            return False
+        return True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued was sent or counted as failed. True if drained."""
+        if self._thread is None or self._pid != os.getpid():
+            return True
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued, then stop the thread; later submits are dropped."""
+        self._closed = True
+        thread = self._thread
+        if thread is None or self._pid != os.getpid():
+            return
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return
+        thread.join(timeout)
+        self._thread = None
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._queue = queue.Queue(self._queue_size)  # a forked child starts afresh
+            self._thread = threading.Thread(
+                target=self._run, args=(self._queue,), name="otelprof-pyroscope", daemon=True
+            )
+            self._thread.start()
+            self._pid = os.getpid()
+
+    def _run(self, work: queue.Queue[object]) -> None:
+        client: httpx.Client | None = None
+        try:
+            while True:
+                batch = [work.get()]
+                while len(batch) < self._batch_size:
+                    try:
+                        batch.append(work.get_nowait())
+                    except queue.Empty:
+                        break
+                items = [item for item in batch if isinstance(item, QueuedProfile)]
+                if items:
+                    try:
+                        if client is None:
+                            # httpx's default trust_env: HTTPS_PROXY, NO_PROXY and
+                            # SSL_CERT_FILE apply, as egress to a hosted Pyroscope often needs.
+                            client = httpx.Client(
+                                timeout=self._timeout, transport=self._transport, auth=self._auth
+                            )
+                        self._send(client, items)
+                    except Exception as exc:  # the thread must outlive any failure
+                        count("pyroscope.failed", len(items))
+                        log_failure("pyroscope.push", exc)
+                for item in batch:
+                    if isinstance(item, threading.Event):
+                        item.set()
+                if any(item is _STOP for item in batch):
+                    return
+        finally:
+            if client is not None:
+                client.close()
+
+    def _send(self, client: httpx.Client, items: Sequence[QueuedProfile]) -> None:
+        groups: dict[str, list[QueuedProfile]] = {}
+        for item in items:
+            service = item.span.service_name or self._service_name
+            groups.setdefault(service, []).append(item)
+        for service, group in groups.items():
+            body: bytes | None = None
+            with fail_open("pyroscope.encode"):
+                body = gzip.compress(encode_pprof(group), compresslevel=6)
+            if body is None:
+                count("pyroscope.failed", len(group))
+                continue
+            start = min(item.summary.start_time for item in group)
+            end = max(item.summary.start_time + item.session.duration for item in group)
+            params = {
+                "name": ingest_name(service),
+                "from": str(math.floor(start)),
+                "until": str(max(math.ceil(end), math.floor(start) + 1)),
+                "format": "pprof",
+                "spyName": SPY_NAME,
+            }
+            try:
+                response = client.post(
+                    self.ingest_url, params=params, content=body, headers=self._headers
+                )
+                if response.status_code >= 300:
+                    raise PyroscopeError(
+                        f"HTTP {response.status_code}: {response.text[:200].strip()}"
+                    )
+            except Exception as exc:
+                count("pyroscope.failed", len(group))
+                log_failure("pyroscope.push", exc)
+            else:
+                count("pyroscope.exported", len(group))
+
+
+def ingest_name(service_name: str) -> str:
+    """The ``name`` query parameter: ``<app>{service_name=<service>}``.
+
+    Pyroscope's label-set parser takes no escapes: the application name may hold only
+    letters, digits and ``_ . - /``, and a label value ends at ``,`` or ``}``; other
+    characters become ``_``.
+    """
+    app = "".join(ch if ch in _APP_NAME_OK else "_" for ch in service_name) or "unknown_service"
+    value = "".join("_" if ch in ",{}" else ch for ch in service_name).strip() or app
+    return f"{app}{{service_name={value}}}"
+
+
+def encode_pprof(items: Iterable[QueuedProfile]) -> bytes:
+    """One uncompressed pprof ``Profile`` holding the samples of ``items``.
+
+    Each pyinstrument frame becomes a ``Function`` (``Class.method (path:first_line)``,
+    file name, first line) and a ``Location`` at the frame's current line. Stacks are
+    written leaf first, as pprof wants. Samples carry the labels ``span_id``,
+    ``span_name`` and ``http_route`` (the last two when known).
+    """
+    builder = _PprofBuilder()
+    for item in items:
+        builder.add(item)
+    return builder.encode()
+
+
+class _PprofBuilder:
+    """Interns strings, functions and locations; sums values per (stack, labels)."""
+
+    def __init__(self) -> None:
+        self.strings: dict[str, int] = {"": 0}
+        self.functions: dict[tuple[str, str, int], int] = {}
+        self.function_rows: list[tuple[int, int, int, int, int]] = []
+        self.locations: dict[tuple[int, int], int] = {}
+        self.location_rows: list[tuple[int, int, int]] = []
+        self.samples: dict[tuple[tuple[int, ...], tuple[tuple[int, int], ...]], int] = {}
+        self.start = math.inf
+        self.end = 0.0
+        self.period_ns = 0
+
+    def string(self, text: str) -> int:
+        index = self.strings.get(text)
+        if index is None:
+            index = self.strings[text] = len(self.strings)
+        return index
+
+    def add(self, item: QueuedProfile) -> None:
+        session = item.session
+        self.start = min(self.start, item.summary.start_time)
+        self.end = max(self.end, item.summary.start_time + session.duration)
+        self.period_ns = max(self.period_ns, round(session.min_interval * 1e9))
+        labels = [(self.string("span_id"), self.string(item.summary.span_id))]
+        if item.span.name:
+            labels.append((self.string("span_name"), self.string(item.span.name)))
+        if item.summary.route:
+            labels.append((self.string("http_route"), self.string(item.summary.route)))
+        label_key = tuple(labels)
+        frame_cache: dict[str, int] = {}
+        for stack, seconds in session.frame_records:
+            nanoseconds = round(seconds * 1e9)
+            if nanoseconds <= 0 or not stack:
+                continue
+            ids: list[int] = []
+            for frame_info in reversed(stack):  # pprof: leaf first
+                location = frame_cache.get(frame_info)
+                if location is None:
+                    location = frame_cache[frame_info] = self._location(session, frame_info)
+                ids.append(location)
+            key = (tuple(ids), label_key)
+            self.samples[key] = self.samples.get(key, 0) + nanoseconds
+
+    def _location(self, session: Session, frame_info: str) -> int:
+        identifier, _, attributes = frame_info.partition(ATTRIBUTES_SEP)
+        parts = identifier.split(IDENTIFIER_SEP)
+        name = parts[0] or "<unknown>"
+        path = parts[1] if len(parts) > 1 else ""
+        first_line = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+        line = first_line
+        for attribute in attributes.split(ATTRIBUTES_SEP) if attributes else ():
+            if attribute[:1] == "c" and len(attribute) > 1:
+                name = f"{attribute[1:]}.{name}"
+            elif attribute[:1] == "l" and attribute[1:].isdigit():
+                line = int(attribute[1:])
+        key = (name, path, first_line)
+        function = self.functions.get(key)
+        if function is None:
+            shown = f"{name} ({session.shorten_path(path)}:{first_line})" if path else name
+            function = self.functions[key] = len(self.function_rows) + 1
+            self.function_rows.append(
+                (
+                    function,
+                    self.string(shown),
+                    self.string(parts[0] or name),
+                    self.string(path),
+                    first_line,
+                )
+            )
+        location_key = (function, line)
+        location = self.locations.get(location_key)
+        if location is None:
+            location = self.locations[location_key] = len(self.location_rows) + 1
+            self.location_rows.append((location, function, line))
+        return location
+
+    def encode(self) -> bytes:
+        out = bytearray()
+        wall, nanoseconds = self.string(SAMPLE_TYPE[0]), self.string(SAMPLE_TYPE[1])
+        value_type = _message([(1, wall), (2, nanoseconds)])
+        _field_bytes(out, 1, value_type)  # sample_type
+        for (location_ids, labels), value in self.samples.items():
+            sample = bytearray()
+            _field_bytes(sample, 1, _packed(location_ids))
+            _field_bytes(sample, 2, _packed((value,)))
+            for key, value_index in labels:
+                _field_bytes(sample, 3, _message([(1, key), (2, value_index)]))
+            _field_bytes(out, 2, bytes(sample))
+        for location_id, function_id, line in self.location_rows:
+            location = bytearray(_message([(1, location_id)]))
+            _field_bytes(location, 4, _message([(1, function_id), (2, line)]))
+            _field_bytes(out, 4, bytes(location))
+        for function_id, name, system_name, filename, start_line in self.function_rows:
+            row = [(1, function_id), (2, name), (3, system_name), (4, filename), (5, start_line)]
+            _field_bytes(out, 5, _message(row))
+        for text in self.strings:  # dicts keep insertion order: index order
+            _field_bytes(out, 6, text.encode("utf-8"))
+        start = 0.0 if self.start == math.inf else self.start
+        # Epoch seconds as floats hold microseconds, not nanoseconds: round to those.
+        start_us, duration_us = round(start * 1e6), max(0, round((self.end - start) * 1e6))
+        out += _message([(9, start_us * 1000), (10, duration_us * 1000)])
+        _field_bytes(out, 11, value_type)  # period_type
+        out += _message([(12, self.period_ns)])
+        return bytes(out)
+
+
+# Protocol buffers wire format: just what pprof's profile.proto needs (varints and
+# length-delimited fields), so no protobuf runtime or generated code is required.
+
+
+def _varint(out: bytearray, value: int) -> None:
+    value &= (1 << 64) - 1  # int64 negatives as two's complement, like protobuf
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _message(fields: Iterable[tuple[int, int]]) -> bytes:
+    """Varint fields; zero values are left out, as proto3 does."""
+    out = bytearray()
+    for number, value in fields:
+        if value:
+            _varint(out, number << 3)
+            _varint(out, value)
+    return bytes(out)
+
+
+def _field_bytes(out: bytearray, number: int, data: bytes) -> None:
+    _varint(out, (number << 3) | 2)
+    _varint(out, len(data))
+    out += data
+
+
+def _packed(values: Iterable[int]) -> bytes:
+    out = bytearray()
+    for value in values:
+        _varint(out, value)
+    return bytes(out)

@@ -1,0 +1,168 @@
+"""End to end: the Django test project under uvicorn (ASGI) and gunicorn gthread (WSGI).
+
+Real server processes on 127.0.0.1, spans exported by the real SDK
+(``tests/django_app/asgi.py`` and ``wsgi.py`` configure it), profiles opened through
+the links on those spans. Two in-process tests at the end cover the route's way into
+the index when another span is current inside Django.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import django
+import httpx
+import pytest
+from django.core.asgi import get_asgi_application
+from django.core.wsgi import get_wsgi_application
+from django.test import override_settings
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from werkzeug.test import Client
+
+from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
+from otelprof_middleware.stores import MemoryStore
+
+from ..django_app import middleware
+from ..helpers import make_provider
+from .servers import Server, fetch_profile, free_port, gunicorn, run_server, uvicorn
+from .test_servers import _linked_spans
+
+pytestmark = pytest.mark.e2e
+
+PROFILE_URL = "otelprof.profile.url"
+# path -> (route template, a function its profile must show)
+PATHS = {
+    "/items/7/": ("/items/<int:item_id>/", "django_sync_marker"),
+    "/async/items/8/": ("/async/items/<int:item_id>/", "django_async_marker"),
+}
+ROUNDS = 3
+
+
+@pytest.fixture
+def asgi_server(tmp_path: Path) -> Iterator[Server]:
+    port = free_port()
+    with run_server(uvicorn("tests.django_app.asgi:application", port), tmp_path, port=port) as s:
+        yield s
+
+
+@pytest.fixture
+def wsgi_server(tmp_path: Path) -> Iterator[Server]:
+    port = free_port()
+    command = gunicorn("tests.django_app.wsgi:application", port, workers=2, threads=4)
+    with run_server(command, tmp_path, port=port) as s:
+        yield s
+
+
+def _check(server: Server) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        for _ in range(ROUNDS):
+            for path in PATHS:
+                response = client.get(path)
+                assert response.status_code == 200, response.text
+        assert client.get("/no/such/page/").status_code == 404
+    linked = _linked_spans(server, ROUNDS * len(PATHS) + 1)
+    assert len(linked) == ROUNDS * len(PATHS) + 1
+    seen: set[str] = set()
+    for span in linked:
+        attributes = span["attributes"]
+        # OTel's generic ASGI/WSGI middleware still emits the old HTTP conventions.
+        path = attributes.get("url.path") or attributes["http.target"]
+        url = attributes[PROFILE_URL]
+        span_id = span["context"]["span_id"].removeprefix("0x")
+        assert url.startswith(server.base_url) and url.endswith(f"?span_id={span_id}")
+        response = fetch_profile(url)
+        assert response.status_code == 200, (url, response.text)
+        if path not in PATHS:  # the 404: profiled too, but no route matched
+            assert "http.route" not in attributes
+            continue
+        route, function = PATHS[path]
+        # RouteMiddleware put Django's pattern on the server span.
+        assert attributes["http.route"] == route
+        assert function in response.text, (path, response.text)
+        seen.add(path)
+    assert seen == set(PATHS)
+    index = httpx.get(server.base_url + "/debug/profile?format=json&limit=1000").json()
+    routes = [row["route"] for row in index["profiles"]]
+    assert {route for route, _ in PATHS.values()} <= set(routes)
+    assert routes.count("") == 1  # the 404
+
+
+def test_django_asgi_under_uvicorn(asgi_server: Server) -> None:
+    _check(asgi_server)
+
+
+def test_django_wsgi_under_gunicorn_gthread(wsgi_server: Server) -> None:
+    _check(wsgi_server)
+
+
+# In-process: the route must reach the profile index even when the span current inside
+# Django is not the server span (DjangoInstrumentor's, here a stand-in), through the
+# ASGI scope / WSGI environ key that RouteMiddleware fills.
+
+ROUTE_FIRST = [
+    "tests.django_app.middleware.ChildSpanMiddleware",
+    "otelprof_middleware.django.RouteMiddleware",
+]
+
+
+@pytest.fixture
+def django_with_child_span() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.django_app.settings")
+    django.setup()
+    provider, spans = make_provider()
+    middleware.PROVIDER = provider
+    try:
+        with override_settings(MIDDLEWARE=ROUTE_FIRST):
+            yield provider, spans
+    finally:
+        middleware.PROVIDER = None
+
+
+def _route_checks(spans: InMemorySpanExporter, store: MemoryStore) -> None:
+    by_kind = {s.kind: s for s in spans.get_finished_spans()}
+    server, child = by_kind[SpanKind.SERVER], by_kind[SpanKind.INTERNAL]
+    assert child.parent is not None and child.parent.span_id == server.context.span_id
+    assert (child.attributes or {}).get("http.route") == "/items/<int:item_id>/"
+    assert "http.route" not in (server.attributes or {})  # the span route went elsewhere
+    assert PROFILE_URL in (server.attributes or {})
+    [summary] = store.list()
+    assert summary.route == "/items/<int:item_id>/"  # read from the scope / environ
+
+
+def test_asgi_route_reaches_the_index_through_the_scope(
+    django_with_child_span: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, spans = django_with_child_span
+    store = MemoryStore()
+    app = ProfilingMiddleware(
+        get_asgi_application(), tracer_provider=provider, profile_store=store, sample_rate=1.0
+    )
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            return await client.get("/items/3/")
+
+    response = anyio.run(call)
+    assert response.json() == {"item_id": 3, "view": "sync"}
+    app.core.writer.flush(5)
+    _route_checks(spans, store)
+
+
+def test_wsgi_route_reaches_the_index_through_the_environ(
+    django_with_child_span: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, spans = django_with_child_span
+    store = MemoryStore()
+    app = WSGIProfilingMiddleware(
+        get_wsgi_application(), tracer_provider=provider, profile_store=store, sample_rate=1.0
+    )
+    response = Client(app).get("/items/3/", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    assert response.get_json() == {"item_id": 3, "view": "sync"}
+    app.core.writer.flush(5)
+    _route_checks(spans, store)
