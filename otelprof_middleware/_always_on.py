@@ -63,18 +63,39 @@ def _stack(
     return stack
 
 
-def _await_chain(coro: Any) -> list[str]:
+def _await_frames(coro: Any) -> tuple[types.FrameType, ...]:
     """The frames of a suspended coroutine and what it awaits, outermost first."""
-    chain: list[str] = []
-    depth = 0
-    while coro is not None and depth < 200:
+    frames: list[types.FrameType] = []
+    while coro is not None and len(frames) < 200:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
         if frame is None:
             break
-        chain.append(get_frame_info(frame))
+        frames.append(frame)
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-        depth += 1
-    return chain
+    return tuple(frames)
+
+
+class _AwaitCache:
+    """A waiting request's await stack, rebuilt only when where it waits changes.
+
+    Walking the awaited coroutines is cheap; naming each frame is not, and a request
+    usually waits at one await for many ticks.
+    """
+
+    __slots__ = ("_frames", "_lines", "_stack")
+
+    def __init__(self) -> None:
+        self._frames: tuple[types.FrameType, ...] = ()
+        self._lines: tuple[int, ...] = ()
+        self._stack: list[str] = []
+
+    def stack(self, prefix: list[str], coro: Any) -> list[str]:
+        frames = _await_frames(coro)
+        lines = tuple(frame.f_lineno for frame in frames)
+        if frames != self._frames or lines != self._lines or not self._stack:
+            self._frames, self._lines = frames, lines
+            self._stack = [*prefix, *(get_frame_info(frame) for frame in frames)]
+        return self._stack
 
 
 class _LoopState:
@@ -110,6 +131,7 @@ class AlwaysOnSampler:
         self.samples = 0
         self._previous: dict[RequestProfile, _State] = {}  # written by the sampler thread
         self._last_tick = time.perf_counter()
+        self._await_caches: dict[RequestProfile, _AwaitCache] = {}  # sampler thread only
 
     # -- registration (request threads) -------------------------------------------------
 
@@ -276,8 +298,10 @@ class AlwaysOnSampler:
             for request, task in list(state.requests.items()):
                 if request in now_states or request.closed or task.done():
                     continue
-                chain = _await_chain(task.get_coro())
-                now_states[request] = ([*(state.prefix or []), *chain], _WAITING)
+                cache = self._await_caches.get(request)
+                if cache is None:
+                    cache = self._await_caches[request] = _AwaitCache()
+                now_states[request] = (cache.stack(state.prefix or [], task.get_coro()), _WAITING)
         gil_wait = max(0.0, elapsed - slept)
         for request in {*now_states, *self._previous}:
             if request.closed:
@@ -291,6 +315,8 @@ class AlwaysOnSampler:
                 gil_wait,
             )
         self._previous = now_states
+        for gone in [r for r in self._await_caches if r not in now_states]:
+            del self._await_caches[gone]
         self.samples += 1
 
 
