@@ -51,7 +51,12 @@ class Server:
 
 @contextmanager
 def run_server(
-    command: Sequence[str], tmp: Path, *, env: dict[str, str] | None = None, port: int
+    command: Sequence[str],
+    tmp: Path,
+    *,
+    env: dict[str, str] | None = None,
+    port: int,
+    host: str = "127.0.0.1",
 ) -> Iterator[Server]:
     state_dir, spans_dir = tmp / "state", tmp / "spans"
     log = tmp / "server.log"
@@ -72,7 +77,7 @@ def run_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = Server(f"http://127.0.0.1:{port}", state_dir, spans_dir, process, log)
+    server = Server(f"http://{host}:{port}", state_dir, spans_dir, process, log)
     try:
         _wait_ready(server)
         yield server
@@ -98,20 +103,22 @@ def _wait_ready(server: Server, timeout: float = 30.0) -> None:
     raise RuntimeError("server did not start:\n" + server.log.read_text())
 
 
-def uvicorn(app: str, port: int, workers: int = 2) -> list[str]:
-    return [
+def uvicorn(
+    app: str, port: int, workers: int = 2, *, host: str = "127.0.0.1", access_log: bool = False
+) -> list[str]:
+    command = [
         str(BIN / "python"),
         "-m",
         "uvicorn",
         app,
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--workers",
         str(workers),
-        "--no-access-log",
     ]
+    return command if access_log else [*command, "--no-access-log"]
 
 
 def gunicorn(app: str, port: int, workers: int = 2, threads: int = 4) -> list[str]:

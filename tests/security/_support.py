@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 from pyinstrument import Profiler
 from pyinstrument.session import Session
 
-from ..e2e.servers import BIN, ROOT, Server, _wait_ready, free_port
+from ..e2e.servers import ROOT, Server, free_port, run_server, uvicorn
 
 TALLY: Counter[str] = Counter()
 """What the security tests did (fuzz cases, requests sent); printed at the end of the run."""
@@ -193,50 +192,8 @@ def network_namespace() -> Iterator[Namespace]:
 def uvicorn_on(
     host: str, app: str, tmp: Path, env: Mapping[str, str], *, access_log: bool = True
 ) -> Iterator[Server]:
-    """A real one-worker uvicorn serving ``app`` on ``host`` (any local address).
-
-    Like :func:`tests.e2e.servers.run_server`, which only binds 127.0.0.1.
-    """
+    """A real one-worker uvicorn serving ``app`` on ``host`` (any local address)."""
     port = free_port()
-    state_dir, spans_dir, log = tmp / "state", tmp / "spans", tmp / "server.log"
-    command = [
-        str(BIN / "python"),
-        "-m",
-        "uvicorn",
-        app,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    if not access_log:
-        command.append("--no-access-log")
-    full_env = {
-        **os.environ,
-        "OTELPROF_STATE_DIR": str(state_dir),
-        "OTELPROF_DEMO_SPANS_DIR": str(spans_dir),
-        "PYTHONPATH": str(ROOT),
-        **env,
-    }
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(f"http://{host}:{port}", state_dir, spans_dir, process, log)
-    try:
-        _wait_ready(server)
+    command = uvicorn(app, port, workers=1, host=host, access_log=access_log)
+    with run_server(command, tmp, env=dict(env), port=port, host=host) as server:
         yield server
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
