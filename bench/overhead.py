@@ -102,7 +102,7 @@ def _cases(async_mode: bool) -> tuple[dict[str, Case], Callable[[], None]]:
     def ours_unsampled() -> int:
         span = tracer.start_span("GET /x")
         began = clock()
-        active = unsampled.start(span, method="GET", trigger=None, client_host=None, description="")
+        active = unsampled.start(span, method="GET", trigger=None, client_host=None)
         elapsed = clock() - began
         span.end()
         if active is not None:
@@ -112,7 +112,7 @@ def _cases(async_mode: bool) -> tuple[dict[str, Case], Callable[[], None]]:
     def ours() -> int:
         span = tracer.start_span("GET /x")
         began = clock()
-        active = profiled.start(span, method="GET", trigger=None, client_host=None, description="")
+        active = profiled.start(span, method="GET", trigger=None, client_host=None)
         if active is None:
             raise RuntimeError("sample_rate=1 did not start a profile")
         profiled.finish(active, status_code=200, route="/x", base_url="http://h")
@@ -167,7 +167,7 @@ def _profile_of(work_iterations: int) -> tuple[ProfileSummary, Any]:
     captured = _Captured()
     core.writer = captured  # type: ignore[assignment]  # only submit() is used
     span = provider.get_tracer("otelprof-bench").start_span("GET /x")
-    active = core.start(span, method="GET", trigger=None, client_host=None, description="")
+    active = core.start(span, method="GET", trigger=None, client_host=None)
     if active is None:
         raise RuntimeError("sample_rate=1 did not start a profile")
     cpu_work(work_iterations)

@@ -166,7 +166,6 @@ class ProfilerCore:
         method: str,
         trigger: bytes | None,
         client_host: str | None,
-        description: str,
     ) -> ActiveProfile | None:
         """Decide whether to profile this request and, if so, start its profile.
 
@@ -197,7 +196,6 @@ class ProfilerCore:
                 interval=self._always_on_interval if continuous else self._interval,
                 max_samples=self.config.max_samples,
                 start_call_stack=_start_stack(sys._getframe(2)),
-                description=description,
                 continuous=continuous,
             )
             token = current_request.set(request)

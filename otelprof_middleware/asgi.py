@@ -104,7 +104,6 @@ class ProfilingMiddleware:
             method=scope["method"],
             trigger=trigger,
             client_host=client[0] if client else None,
-            description="",
         )
         if active is None:
             await self.app(scope, receive, send)

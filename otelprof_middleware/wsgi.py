@@ -98,7 +98,6 @@ class WSGIProfilingMiddleware:
             method=environ.get("REQUEST_METHOD", "GET"),
             trigger=trigger,
             client_host=environ.get("REMOTE_ADDR"),
-            description="",
         )
         if active is None:
             return self.app(environ, start_response)

@@ -116,7 +116,7 @@ def test_wsgi_style_threads_are_attributed_by_thread() -> None:
 
     def request(work: Any) -> None:
         with tracer.start_as_current_span("GET") as span:
-            active = core.start(span, method="GET", trigger=None, client_host=None, description="")
+            active = core.start(span, method="GET", trigger=None, client_host=None)
             assert active is not None and active.sampler is None
             work(0.05)
             core.finish(active, status_code=200, route=work.__name__, base_url="http://h")
