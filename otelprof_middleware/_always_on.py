@@ -36,9 +36,10 @@ import types
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pyinstrument.low_level.stat_profile import get_frame_info
+from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
 from ._failsafe import count
+from ._frames import frame_identifier, frame_stack
 from ._session import RequestProfile
 
 __all__ = ["AlwaysOnSampler", "always_on_sampler"]
@@ -54,48 +55,43 @@ def _stack(
     ident: int, frame: types.FrameType | None, stop: types.CodeType | None = None
 ) -> list[str]:
     """Root-first frame identifiers of ``frame``'s chain, stopping below ``stop``'s frame."""
-    stack: list[str] = []
-    while frame is not None and frame.f_code is not stop:
-        stack.append(get_frame_info(frame))
-        frame = frame.f_back
+    stack = frame_stack(frame, stop)
     stack.append(_thread_identifier(ident))
     stack.reverse()
     return stack
 
 
-def _await_frames(coro: Any) -> tuple[types.FrameType, ...]:
-    """The frames of a suspended coroutine and what it awaits, outermost first."""
-    frames: list[types.FrameType] = []
-    while coro is not None and len(frames) < 200:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+def _await_stack(prefix: list[str], coro: object) -> list[str]:
+    """Where a suspended task waits: ``prefix``, its coroutine chain, then ``[await]``.
+
+    Only real coroutines and generators are followed (``cr_await``/``gi_yieldfrom``),
+    so no user-defined attribute lookup ever runs on the sampler thread.
+    """
+    stack = list(prefix)
+    depth = 0
+    while depth < 200:
+        if isinstance(coro, types.CoroutineType):
+            frame, coro = coro.cr_frame, coro.cr_await
+        elif isinstance(coro, types.GeneratorType):
+            frame, coro = coro.gi_frame, coro.gi_yieldfrom
+        else:
+            break
         if frame is None:
             break
-        frames.append(frame)
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    return tuple(frames)
+        stack.append(frame_identifier(frame))
+        depth += 1
+    stack.append(AWAIT_FRAME_IDENTIFIER)
+    return stack
 
 
-class _AwaitCache:
-    """A waiting request's await stack, rebuilt only when where it waits changes.
+class _Wait:
+    """Where a request's task waited at the last tick: the future and the stack."""
 
-    Walking the awaited coroutines is cheap; naming each frame is not, and a request
-    usually waits at one await for many ticks.
-    """
+    __slots__ = ("future", "state")
 
-    __slots__ = ("_frames", "_lines", "_stack")
-
-    def __init__(self) -> None:
-        self._frames: tuple[types.FrameType, ...] = ()
-        self._lines: tuple[int, ...] = ()
-        self._stack: list[str] = []
-
-    def stack(self, prefix: list[str], coro: Any) -> list[str]:
-        frames = _await_frames(coro)
-        lines = tuple(frame.f_lineno for frame in frames)
-        if frames != self._frames or lines != self._lines or not self._stack:
-            self._frames, self._lines = frames, lines
-            self._stack = [*prefix, *(get_frame_info(frame) for frame in frames)]
-        return self._stack
+    def __init__(self, future: object, state: _State) -> None:
+        self.future = future
+        self.state = state
 
 
 class _LoopState:
@@ -131,7 +127,7 @@ class AlwaysOnSampler:
         self.samples = 0
         self._previous: dict[RequestProfile, _State] = {}  # written by the sampler thread
         self._last_tick = time.perf_counter()
-        self._await_caches: dict[RequestProfile, _AwaitCache] = {}  # sampler thread only
+        self._waits: dict[RequestProfile, _Wait] = {}  # sampler thread only
 
     # -- registration (request threads) -------------------------------------------------
 
@@ -250,8 +246,11 @@ class AlwaysOnSampler:
         last = time.perf_counter()
         while not stop.is_set():
             if not self._threads and not self._tasks:
+                # Clear, then look again: a registration between the two sets the
+                # event again, so it is never missed for a whole wait.
                 wake.clear()
-                wake.wait(1.0)
+                if not self._threads and not self._tasks:
+                    wake.wait(1.0)
                 last = time.perf_counter()
                 continue
             asked = self.interval * (0.5 + jitter.random())
@@ -294,29 +293,49 @@ class AlwaysOnSampler:
             else:  # frames above the job wrapper, under the stack that submitted it
                 tail = _stack(ident, frame, stop_code)[1:]
                 now_states[request] = (submitted_from + tail, _WORKER)
+        del frames  # frame objects of other threads: hold them no longer than needed
+        previous = self._previous
+        waits = self._waits
+        unchanged: list[RequestProfile] = []
         for state in list(self._loops.values()):
             for request, task in list(state.requests.items()):
-                if request in now_states or request.closed or task.done():
+                if request in now_states or request.closed:
                     continue
-                cache = self._await_caches.get(request)
-                if cache is None:
-                    cache = self._await_caches[request] = _AwaitCache()
-                now_states[request] = (cache.stack(state.prefix or [], task.get_coro()), _WAITING)
+                # A suspended task waits on one future until it runs again; the same
+                # future as last tick means the same await stack (the common case: a
+                # request waiting on I/O costs one identity check per tick).
+                future = getattr(task, "_fut_waiter", None)
+                wait = waits.get(request)
+                if (
+                    future is not None
+                    and wait is not None
+                    and wait.future is future
+                    and previous.get(request) is wait.state
+                ):
+                    now_states[request] = wait.state
+                    unchanged.append(request)
+                    continue
+                if task.done():
+                    continue
+                wait = waits[request] = _Wait(
+                    future, (_await_stack(state.prefix or [], task.get_coro()), _WAITING)
+                )
+                now_states[request] = wait.state
         gil_wait = max(0.0, elapsed - slept)
-        for request in {*now_states, *self._previous}:
-            if request.closed:
-                continue
-            _credit(
-                request,
-                self._previous.get(request),
-                now_states.get(request),
-                elapsed,
-                slept,
-                gil_wait,
-            )
+        for request in unchanged:
+            request.add_wait(now_states[request][0], elapsed)
+        for request, now in now_states.items():
+            before = previous.get(request)
+            if before is now:
+                continue  # an unchanged wait, credited above
+            _credit(request, before, now, elapsed, slept, gil_wait)
+        for request, before in previous.items():
+            if request not in now_states and not request.closed:
+                _credit(request, before, None, elapsed, slept, gil_wait)
         self._previous = now_states
-        for gone in [r for r in self._await_caches if r not in now_states]:
-            del self._await_caches[gone]
+        if len(waits) > len(now_states):
+            for gone in [r for r in waits if r not in now_states]:
+                del waits[gone]
         self.samples += 1
 
 
@@ -350,10 +369,12 @@ def _credit(
 
 def _add(request: RequestProfile, state: _State, seconds: float) -> None:
     stack, kind = state
-    if kind == _WORKER:
-        request.add_worker(stack, seconds)
+    if kind == _RUNNING:
+        request.add(stack, seconds)
+    elif kind == _WAITING:  # the stack ends with [await] already
+        request.add_wait(stack, seconds)
     else:
-        request.add(stack, seconds, waiting=kind == _WAITING)
+        request.add_worker(stack, seconds)
 
 
 def _prefix_below(ident: int, frame: types.FrameType, root_code: types.CodeType) -> list[str]:
@@ -366,7 +387,7 @@ def _prefix_below(ident: int, frame: types.FrameType, root_code: types.CodeType)
     for index, candidate in enumerate(chain):
         if candidate.f_code is root_code:
             below = chain[index + 1 :]
-            return [_thread_identifier(ident), *(get_frame_info(f) for f in reversed(below))]
+            return [_thread_identifier(ident), *(frame_identifier(f) for f in reversed(below))]
     return [_thread_identifier(ident)]
 
 

@@ -109,6 +109,23 @@ class RequestProfile:
             self.records.append((stack, seconds))
             self.own_seconds += seconds
 
+    def add_wait(self, stack: list[str], seconds: float) -> None:
+        """Record ``seconds`` of waiting at ``stack`` (which ends with ``[await]``).
+
+        Consecutive waits at the same stack object extend one record, so a request that
+        waits through many sampler ticks keeps one record, not one per tick.
+        """
+        records = self.records
+        if records:
+            last_stack, last_seconds = records[-1]
+            if last_stack is stack:
+                records[-1] = (stack, last_seconds + seconds)
+                return
+        if len(records) >= self.max_samples:
+            self.dropped_samples += 1
+            return
+        records.append((stack, seconds))
+
     def add_worker(self, stack: list[str], seconds: float) -> None:
         """Record worker-thread time; the loop's next ``[await]`` shrinks by as much."""
         self.add(stack, seconds)

@@ -1,0 +1,58 @@
+"""pyinstrument frame identifiers for *other threads'* frames, built read-only.
+
+pyinstrument's C ``get_frame_info`` is meant for the calling thread's own frames: to
+name a method's class it reads the frame's locals (``PyFrame_GetLocals``), which on
+Python 3.11 rewrites the frame's fast locals into a dict and can run its free-variable
+setup. Done from the sampler to a frame another thread is executing, that corrupted
+memory and crashed the interpreter (seen as segfaults under uvicorn). Here only
+``f_code``, ``f_lineno`` and ``f_back`` are read, which is what ``traceback`` does with
+``sys._current_frames()``; the class comes from the code's ``co_qualname`` (the class
+that defines the method, where pyinstrument shows the instance's class).
+
+The identifier format is pyinstrument's: ``name\\x00file\\x00first_line`` plus the
+``\\x01c<class>``, ``\\x01l<line>`` and ``\\x01h1`` attributes.
+"""
+
+from __future__ import annotations
+
+import types
+
+__all__ = ["frame_identifier", "frame_stack"]
+
+_CODE_PREFIXES: dict[types.CodeType, tuple[str, str]] = {}
+_MAX_CODES = 8192
+
+
+def _code_parts(code: types.CodeType) -> tuple[str, str]:
+    """(``name\\x00file\\x00first[\\x01cClass]``, ``\\x01h1`` or ``""``) for ``code``."""
+    parts = _CODE_PREFIXES.get(code)
+    if parts is None:
+        head = f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}"
+        varnames = code.co_varnames
+        if varnames and varnames[0] in ("self", "cls"):
+            owner = code.co_qualname.rpartition(".")[0].rpartition(".")[2]
+            if owner and owner != "<locals>":
+                head += f"\x01c{owner}"
+        hidden = "\x01h1" if "__tracebackhide__" in varnames else ""
+        if len(_CODE_PREFIXES) >= _MAX_CODES:
+            _CODE_PREFIXES.clear()
+        parts = _CODE_PREFIXES[code] = (head, hidden)
+    return parts
+
+
+def frame_identifier(frame: types.FrameType) -> str:
+    """pyinstrument's identifier of ``frame``, without touching its locals."""
+    head, hidden = _code_parts(frame.f_code)
+    line = frame.f_lineno
+    if line is not None and line > 0:
+        return f"{head}\x01l{line}{hidden}"
+    return head + hidden
+
+
+def frame_stack(frame: types.FrameType | None, stop: types.CodeType | None = None) -> list[str]:
+    """Identifiers of ``frame`` and its callers, innermost first, up to ``stop``'s frame."""
+    stack: list[str] = []
+    while frame is not None and frame.f_code is not stop:
+        stack.append(frame_identifier(frame))
+        frame = frame.f_back
+    return stack
