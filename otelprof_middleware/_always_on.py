@@ -1,15 +1,15 @@
-"""Always-on mode: one sampler thread per process, samples attributed per request.
+"""Always-on mode: a sampler per process, samples attributed per request.
 
 pyinstrument's hook runs on every Python call, so a profiled call-heavy request runs
-several times slower. A thread that wakes every ``interval`` and reads the other threads'
-frames (``sys._current_frames()``) costs time per sample instead, about 1% (see
-docs/always-on.md). What Pyroscope-style samplers lose, and this keeps, is *which
-request* each sample belongs to:
+several times slower. Reading the threads' frames (``sys._current_frames()``) every
+``interval`` costs time per sample instead (see docs/always-on.md). What
+Pyroscope-style samplers lose, and this keeps, is *which request* each sample belongs
+to:
 
 * **event loop threads**: the asyncio task running at that moment
-  (``asyncio.current_task(loop)``, readable from another thread) is mapped to its
-  request. A request's own task is registered when it starts; the tasks it creates are
-  registered by a task factory on the loop, which looks at the creating context.
+  (``asyncio.current_task(loop)``) is mapped to its request. A request's own task is
+  registered when it starts; the tasks it creates are registered by a task factory on
+  the loop, which looks at the creating context.
 * **worker threads** (``def`` endpoints, ``run_in_threadpool``, executors): the job
   wrapper in ``_threads`` registers the thread for the job's duration, with the stack
   that submitted it; the worker's frames are grafted under that stack.
@@ -18,17 +18,30 @@ request* each sample belongs to:
 A registered request that is not running anywhere at a tick is waiting: the tick goes
 to its ``[await]`` under the coroutine chain its task is suspended in.
 
-The sampler needs the GIL to run: a thread that never releases it hands it over only
-every ``sys.getswitchinterval()`` (5 ms by default), which caps the effective rate for
-CPU-bound code at about 200 samples per second.
+What drives the ticks:
+
+* **An event loop on the main thread** (uvicorn, gunicorn's uvicorn workers, hypercorn):
+  ``SIGPROF`` from a one-shot, jittered ``ITIMER_PROF`` timer (process CPU time), whose
+  Python handler runs on the loop thread itself, in the interrupted task, plus a
+  ``call_later`` tick on the loop for the time the process is idle (requests waiting).
+  No second thread competes for the GIL. A sampler *thread* does not work here: under
+  load the loop releases and retakes the GIL at every poll, and a thread waiting for it
+  wakes, fails and sleeps again (hundreds of context switches a second, few samples).
+* **Anything else** (WSGI threads, a loop on another thread): one sampler thread. It
+  needs the GIL to run: a thread that never releases it hands it over only every
+  ``sys.getswitchinterval()`` (5 ms by default), which caps the effective rate for
+  CPU-bound code at about 200 samples per second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import contextvars
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -40,7 +53,7 @@ from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
 from ._failsafe import count
 from ._frames import frame_identifier, frame_stack
-from ._session import RequestProfile
+from ._session import RequestProfile, current_request
 
 __all__ = ["AlwaysOnSampler", "always_on_sampler"]
 
@@ -95,69 +108,90 @@ class _Wait:
 
 
 class _LoopState:
-    __slots__ = ("loop", "prefix", "requests")
+    __slots__ = ("driven", "loop", "prefix", "requests", "ticking")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, driven: bool) -> None:
         self.loop = loop
         self.prefix: list[str] | None = None  # the loop's frames below a task's coroutine
         self.requests: dict[RequestProfile, asyncio.Task[Any]] = {}  # request -> its task
+        self.driven = driven  # ticked by SIGPROF and its own call_later, not the thread
+        self.ticking = False
+
+
+_Job = tuple[RequestProfile, list[str] | None, types.CodeType | None]
 
 
 class AlwaysOnSampler:
-    """The process's sampler thread and the registry of what runs where.
+    """The process's sampler: the registry of what runs where, and what ticks it.
 
-    Registration calls come from the threads serving requests; the sampler thread reads
-    the registry. Plain dict operations are atomic under the GIL; the sampler iterates
-    over copies.
+    Registration calls come from the threads serving requests; ticks come from the
+    sampler thread, the ``SIGPROF`` handler or a loop's ``call_later``, one at a time
+    (a tick that finds another running is skipped). Plain dict operations are atomic
+    under the GIL; ticks iterate over copies.
+
+    Args:
+        interval: seconds between ticks (jittered between 0.5x and 1.5x).
+        sigprof: drive a main-thread event loop with ``SIGPROF`` (when that signal is
+            free); False: always the sampler thread.
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, *, sigprof: bool = True) -> None:
         self.interval = interval
+        self.sigprof = sigprof and hasattr(signal, "setitimer")
         self._loops: dict[int, _LoopState] = {}  # loop thread ident -> state
         self._tasks: dict[asyncio.Task[Any], RequestProfile] = {}
-        self._threads: dict[
-            int, tuple[RequestProfile, list[str] | None, types.CodeType | None]
-        ] = {}
+        self._threads: dict[int, _Job] = {}
         self._factories: set[int] = set()  # ids of loops with our task factory
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = -1
         self._lock = threading.Lock()
+        self._tick_lock = threading.Lock()
         self.samples = 0
-        self._previous: dict[RequestProfile, _State] = {}  # written by the sampler thread
+        self._failures = 0  # failed ticks not yet counted (a signal handler takes no locks)
+        self._previous: dict[RequestProfile, _State] = {}  # written by ticks only
         self._last_tick = time.perf_counter()
-        self._waits: dict[RequestProfile, _Wait] = {}  # sampler thread only
+        self._waits: dict[RequestProfile, _Wait] = {}  # ticks only
+        self._jitter = random.Random()
+        self._handler_installed = False
+        self._armed_pid = -1  # the process whose SIGPROF timer is armed
+        self._main_ident = threading.main_thread().ident
 
     # -- registration (request threads) -------------------------------------------------
 
     def register_current(self, request: RequestProfile) -> None:
         """Register ``request`` as running on this thread (its task, on an event loop)."""
-        self._ensure_thread()
         ident = threading.get_ident()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._threads[ident] = (request, None, None)
             request.registration = (ident, None)
+            self._wake_thread()
         else:
-            task = asyncio.current_task(loop)
             state = self._loops.get(ident)
             if state is None or state.loop is not loop:
-                state = self._loops[ident] = _LoopState(loop)
-            self._install_task_factory(loop)
+                state = self._loops[ident] = _LoopState(loop, self._can_drive(ident))
+                self._install_task_factory(loop)
+            task = asyncio.current_task(loop)
             if task is not None:
                 self._tasks[task] = request
                 state.requests[request] = task
                 request.registration = (ident, state)
-        if not self._wake.is_set():
-            self._wake.set()
+            if state.driven:
+                self._drive(state)
+            else:
+                self._wake_thread()
+        if self._failures:
+            failures, self._failures = self._failures, 0
+            count("failed.sample", failures)
 
     def unregister_current(self, request: RequestProfile) -> None:
         """Forget ``request`` (called when its profile finishes, on any thread).
 
-        The time since the sampler's last tick is split: half goes to the state that
-        tick saw (on average the state changed halfway), the rest is not attributed.
+        The time since the last tick is split: half goes to the state that tick saw
+        (on average the state changed halfway), the rest is not attributed.
         """
         before = self._previous.get(request)
         if before is not None:
@@ -181,10 +215,9 @@ class AlwaysOnSampler:
         self, request: RequestProfile, submitted_from: list[str], stop: types.CodeType
     ) -> None:
         """This worker thread runs a job of ``request`` (frames above ``stop`` are its)."""
-        self._ensure_thread()
         self._threads[threading.get_ident()] = (request, submitted_from, stop)
-        if not self._wake.is_set():
-            self._wake.set()
+        if not _driven(request):
+            self._wake_thread()
 
     def unregister_worker(self) -> None:
         """The job on this worker thread ended."""
@@ -196,6 +229,7 @@ class AlwaysOnSampler:
         self._factories.add(id(loop))
         previous = loop.get_task_factory()
         tasks = self._tasks
+        forget = _forget(tasks)
 
         def factory(
             loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
@@ -204,17 +238,100 @@ class AlwaysOnSampler:
                 task = previous(loop, coro, **kwargs)
             else:
                 task = asyncio.Task(coro, loop=loop, **kwargs)
-            from ._session import current_request  # the creating context decides
-
-            request = current_request.get()
+            request = current_request.get()  # the creating context decides
             if request is not None and request.continuous and not request.closed:
                 tasks[task] = request  # type: ignore[index]
-                task.add_done_callback(_forget(tasks))
+                task.add_done_callback(forget)
             return task
 
         loop.set_task_factory(factory)  # type: ignore[arg-type]
 
+    # -- SIGPROF and the loop's own tick (an event loop on the main thread) --------------
+
+    def _can_drive(self, ident: int) -> bool:
+        """Whether this thread's loop can be ticked by SIGPROF (installing the handler)."""
+        if not self.sigprof or ident != self._main_ident:
+            return False
+        if self._handler_installed:
+            return signal.getsignal(signal.SIGPROF) == self._on_sigprof
+        try:
+            if signal.getsignal(signal.SIGPROF) not in (signal.SIG_DFL, None):
+                return False  # another profiler owns SIGPROF: leave it alone
+            signal.signal(signal.SIGPROF, self._on_sigprof)
+            signal.siginterrupt(signal.SIGPROF, False)  # restart interrupted system calls
+        except (ValueError, OSError):
+            return False
+        self._handler_installed = True
+        return True
+
+    def _drive(self, state: _LoopState) -> None:
+        if self._armed_pid != os.getpid():
+            self._arm()
+        if not state.ticking:
+            state.ticking = True
+            state.loop.call_later(self._next_interval(), self._loop_tick, state, context=_EMPTY)
+
+    def _next_interval(self) -> float:
+        return self.interval * (0.5 + self._jitter.random())
+
+    def _arm(self) -> None:
+        """Arm the one-shot SIGPROF timer (the handler re-arms it while work is registered)."""
+        try:
+            signal.setitimer(signal.ITIMER_PROF, self._next_interval())
+            self._armed_pid = os.getpid()
+        except (ValueError, OSError):
+            self._armed_pid = -1
+
+    def _disarm(self) -> None:
+        if self._armed_pid == os.getpid():
+            self._armed_pid = -1
+            with contextlib.suppress(ValueError, OSError):
+                signal.setitimer(signal.ITIMER_PROF, 0)
+
+    def _on_sigprof(self, signum: int, frame: types.FrameType | None) -> None:
+        # Runs on the main thread between two bytecodes of whatever it was running:
+        # never raise, never block, take no lock that code might hold.
+        try:
+            self._armed_pid = -1
+            if self._tasks or self._threads:
+                self._tick(frame, None)
+                self._arm()
+        except Exception:
+            self._failures += 1
+
+    def _loop_tick(self, state: _LoopState) -> None:
+        """The loop's own tick: no task runs now, so it sees every request waiting."""
+        try:
+            if not state.requests or not state.driven:
+                state.ticking = False
+                return
+            if signal.getsignal(signal.SIGPROF) != self._on_sigprof:
+                state.driven = False  # someone replaced our handler: the thread takes over
+                state.ticking = False
+                self._wake_thread()
+                return
+            if time.perf_counter() - self._last_tick >= self.interval / 2:
+                self._tick(None, None)
+            if self._armed_pid != os.getpid():
+                self._arm()
+            state.loop.call_later(self._next_interval(), self._loop_tick, state, context=_EMPTY)
+        except Exception:
+            state.ticking = False
+            self._failures += 1
+
     # -- the sampler thread ------------------------------------------------------------
+
+    def _wake_thread(self) -> None:
+        self._ensure_thread()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _needs_thread(self) -> bool:
+        """Whether anything registered is not ticked by SIGPROF."""
+        for state in list(self._loops.values()):
+            if state.requests and not state.driven:
+                return True
+        return any(not _driven(job[0]) for job in list(self._threads.values()))
 
     def _ensure_thread(self) -> None:
         if self._pid == os.getpid() and self._thread is not None:
@@ -229,7 +346,8 @@ class AlwaysOnSampler:
             self._pid = os.getpid()
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stop the sampler thread (at exit; tests)."""
+        """Stop the sampler thread and the SIGPROF timer (at exit; tests)."""
+        self._disarm()
         thread = self._thread
         if thread is None or self._pid != os.getpid():
             return
@@ -243,27 +361,46 @@ class AlwaysOnSampler:
         # Jitter: a CPU-bound thread hands the GIL over on a fixed 5 ms beat; a fixed
         # sleep phase-locks the ticks to the work and biases what they see.
         jitter = random.Random()
-        last = time.perf_counter()
         while not stop.is_set():
-            if not self._threads and not self._tasks:
+            if not self._needs_thread():
                 # Clear, then look again: a registration between the two sets the
                 # event again, so it is never missed for a whole wait.
                 wake.clear()
-                if not self._threads and not self._tasks:
+                if not self._needs_thread():
                     wake.wait(1.0)
-                last = time.perf_counter()
                 continue
             asked = self.interval * (0.5 + jitter.random())
             time.sleep(asked)
-            now = time.perf_counter()
-            elapsed, last = now - last, now
-            self._last_tick = now
-            try:
-                self._sample(elapsed, min(asked, elapsed))
-            except Exception:
-                count("failed.sample")
+            self._tick(None, asked)
+            if self._failures:
+                failures, self._failures = self._failures, 0
+                count("failed.sample", failures)
 
-    def _sample(self, elapsed: float, slept: float) -> None:
+    # -- one tick ----------------------------------------------------------------------
+
+    def _tick(self, main_frame: types.FrameType | None, slept: float | None) -> None:
+        """Credit the time since the last tick; ``main_frame``: the interrupted frame.
+
+        ``slept``: how long the sampler thread slept (the rest of the interval it waited
+        for the GIL); None for SIGPROF and loop ticks, which wait for nothing.
+        """
+        if not self._tick_lock.acquire(blocking=False):
+            return  # another tick is running (a signal arrived during a loop tick)
+        try:
+            now = time.perf_counter()
+            elapsed = now - self._last_tick
+            self._last_tick = now
+            if slept is None or slept > elapsed:
+                slept = elapsed
+            self._sample(elapsed, slept, main_frame)
+        except Exception:
+            self._failures += 1
+        finally:
+            self._tick_lock.release()
+
+    def _sample(
+        self, elapsed: float, slept: float, main_frame: types.FrameType | None = None
+    ) -> None:
         """One tick: find each registered request's state now and credit the interval.
 
         ``elapsed - slept`` is how long the sampler waited for the GIL after its sleep:
@@ -272,6 +409,8 @@ class AlwaysOnSampler:
         is split evenly between the two, so neither boundary is biased.
         """
         frames = sys._current_frames()
+        if main_frame is not None:  # SIGPROF: the main thread is in the handler now
+            frames[self._main_ident] = main_frame  # type: ignore[index]
         now_states: dict[RequestProfile, _State] = {}
         for ident, state in list(self._loops.items()):
             task = asyncio.current_task(state.loop)
@@ -391,6 +530,19 @@ def _prefix_below(ident: int, frame: types.FrameType, root_code: types.CodeType)
     return [_thread_identifier(ident)]
 
 
+_EMPTY = contextvars.Context()  # loop ticks run outside every request
+
+
+def _driven(request: RequestProfile) -> bool:
+    """Whether ``request`` is registered on a loop that SIGPROF ticks."""
+    registration = request.registration
+    return (
+        registration is not None
+        and isinstance(registration[1], _LoopState)
+        and (registration[1].driven)
+    )
+
+
 def _forget(tasks: dict[asyncio.Task[Any], RequestProfile]) -> Callable[[Any], None]:
     def forget(task: Any) -> None:
         tasks.pop(task, None)
@@ -402,12 +554,12 @@ _sampler: AlwaysOnSampler | None = None
 _sampler_lock = threading.Lock()
 
 
-def always_on_sampler(interval: float) -> AlwaysOnSampler:
-    """The process's sampler (created on first use; its interval is the first asked for)."""
+def always_on_sampler(interval: float, *, sigprof: bool = True) -> AlwaysOnSampler:
+    """The process's sampler (created on first use, with the first caller's settings)."""
     global _sampler
     if _sampler is None:
         with _sampler_lock:
             if _sampler is None:
-                _sampler = AlwaysOnSampler(interval)
+                _sampler = AlwaysOnSampler(interval, sigprof=sigprof)
                 atexit.register(_sampler.stop)
     return _sampler

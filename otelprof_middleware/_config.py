@@ -168,6 +168,7 @@ class Settings(TypedDict, total=False):
     mode: str
     hook_sample_rate: float
     always_on_interval_ms: float
+    always_on_sigprof: bool
     max_concurrent: int
     max_samples: int
     writer_queue_size: int
@@ -203,6 +204,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "mode": _parse_mode,
     "hook_sample_rate": lambda n, v: _parse_float(n, v, low=0.0, high=1.0),
     "always_on_interval_ms": lambda n, v: _parse_float(n, v, low=0.5, high=1000.0),
+    "always_on_sigprof": _parse_bool,
     "trigger_header": _parse_header,
     "max_concurrent": lambda n, v: _parse_int(n, v, low=1),
     "max_samples": lambda n, v: _parse_int(n, v, low=10),
@@ -247,8 +249,12 @@ class Config:
         hook_sample_rate: in ``always_on`` mode, the fraction of traces profiled with the
             hook instead (``OTELPROF_HOOK_SAMPLE_RATE``, default ``0``); triggered
             requests always get the hook. Ignored in ``hook`` mode.
-        always_on_interval_ms: the sampler thread's interval
+        always_on_interval_ms: the always-on sampler's interval
             (``OTELPROF_ALWAYS_ON_INTERVAL_MS``, default ``5``).
+        always_on_sigprof: in ``always_on`` mode, tick an event loop that runs on the
+            main thread with ``SIGPROF`` (a process CPU-time timer) instead of the
+            sampler thread, when no other code uses that signal
+            (``OTELPROF_ALWAYS_ON_SIGPROF``, default ``True``).
         trigger_header: request header that asks for a profile
             (``OTELPROF_TRIGGER_HEADER``, default ``x-otelprof``).
         max_concurrent: hook-profiled requests in flight per process
@@ -284,6 +290,7 @@ class Config:
     mode: str = "hook"
     hook_sample_rate: float = 0.0
     always_on_interval_ms: float = 5.0
+    always_on_sigprof: bool = True
     max_concurrent: int = 32
     max_samples: int = 20_000
     writer_queue_size: int = 256

@@ -22,7 +22,7 @@ from opentelemetry.trace import format_span_id, format_trace_id
 from pyinstrument.session import Session
 from pyinstrument.stack_sampler import build_call_stack
 
-from ._always_on import always_on_sampler
+from ._always_on import AlwaysOnSampler, always_on_sampler
 from ._config import Config
 from ._failsafe import count, fail_open, log_failure
 from ._record import ProfileRecord, ProfileSummary
@@ -201,7 +201,7 @@ class ProfilerCore:
             token = current_request.set(request)
             try:
                 if continuous:
-                    always_on_sampler(self._always_on_interval).register_current(request)
+                    self._always_on_sampler().register_current(request)
                 else:
                     hook = thread_sampler(self._interval)
                     hook.acquire()
@@ -244,7 +244,7 @@ class ProfilerCore:
         with fail_open("profiler.stop"):
             hook = active.sampler
             if hook is None:
-                always_on_sampler(self._always_on_interval).unregister_current(request)
+                self._always_on_sampler().unregister_current(request)
             elif hook.thread_id == threading.get_ident():
                 users = hook.users
                 try:
@@ -295,6 +295,9 @@ class ProfilerCore:
                 accepted = exporter.submit(summary, session, SpanFacts.of(active.span))
                 if accepted and active.span.is_recording():
                     active.span.set_attributes(exporter.span_attributes(summary))
+
+    def _always_on_sampler(self) -> AlwaysOnSampler:
+        return always_on_sampler(self._always_on_interval, sigprof=self.config.always_on_sigprof)
 
     def _release_slot(self, continuous: bool) -> None:
         with self._active_lock:

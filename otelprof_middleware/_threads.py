@@ -101,7 +101,7 @@ def run_profiled(
     """Run ``func`` on this (worker) thread with a hook feeding ``request``'s profile."""
     stop_code = run_profiled.__code__
     if request.continuous:  # always-on mode: the sampler thread reads this thread
-        sampler = always_on_sampler(request.interval)
+        sampler = always_on_sampler(request.interval)  # created by the core already
         sampler.register_worker(request, submitted_from, stop_code)
         try:
             return func(*args, **kwargs)
