@@ -19,25 +19,29 @@ import types
 
 __all__ = ["frame_identifier", "frame_stack"]
 
-_CODE_PREFIXES: dict[types.CodeType, tuple[str, str]] = {}
+# Keyed by id(): hashing a code object hashes its bytecode and constants every time.
+# The entry keeps its code alive and is checked by identity, so an id is never reused
+# for a different code while it is cached.
+_CODE_PARTS: dict[int, tuple[types.CodeType, str, str]] = {}
 _MAX_CODES = 8192
 
 
 def _code_parts(code: types.CodeType) -> tuple[str, str]:
     """(``name\\x00file\\x00first[\\x01cClass]``, ``\\x01h1`` or ``""``) for ``code``."""
-    parts = _CODE_PREFIXES.get(code)
-    if parts is None:
-        head = f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}"
-        varnames = code.co_varnames
-        if varnames and varnames[0] in ("self", "cls"):
-            owner = code.co_qualname.rpartition(".")[0].rpartition(".")[2]
-            if owner and owner != "<locals>":
-                head += f"\x01c{owner}"
-        hidden = "\x01h1" if "__tracebackhide__" in varnames else ""
-        if len(_CODE_PREFIXES) >= _MAX_CODES:
-            _CODE_PREFIXES.clear()
-        parts = _CODE_PREFIXES[code] = (head, hidden)
-    return parts
+    entry = _CODE_PARTS.get(id(code))
+    if entry is not None and entry[0] is code:
+        return entry[1], entry[2]
+    head = f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}"
+    varnames = code.co_varnames
+    if varnames and varnames[0] in ("self", "cls"):
+        owner = code.co_qualname.rpartition(".")[0].rpartition(".")[2]
+        if owner and owner != "<locals>":
+            head += f"\x01c{owner}"
+    hidden = "\x01h1" if "__tracebackhide__" in varnames else ""
+    if len(_CODE_PARTS) >= _MAX_CODES:
+        _CODE_PARTS.clear()
+    _CODE_PARTS[id(code)] = (code, head, hidden)
+    return head, hidden
 
 
 def frame_identifier(frame: types.FrameType) -> str:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
 
@@ -44,21 +44,22 @@ STORE_RETRY_SECONDS = 5.0
 ALWAYS_ON_MAX_CONCURRENT = 1024
 
 
-_start_stacks: dict[tuple[object, ...], list[str]] = {}
+_start_stacks: dict[tuple[int, ...], list[str]] = {}
+_START_STACK_KEY_DEPTH = 12
 
 
 def _start_stack(frame: types.FrameType) -> list[str]:
     """pyinstrument's ``build_call_stack`` of ``frame``, cached by call site.
 
-    Every request of a server starts at the same few call chains; walking the chain's
-    code objects is much cheaper than building each frame's identifier. (Identifiers
-    carry line numbers; one chain of code objects nearly always has one set of call
-    lines, and the start stack only steers pyinstrument's stem trimming.)
+    Every request of a server starts at the same few call chains; the code objects of
+    the innermost frames are much cheaper to read than building each frame's
+    identifier, and the innermost dozen tell the chains apart. (The start stack only
+    steers pyinstrument's stem trimming: a rare stale entry costs a less trimmed tree.)
     """
-    key: list[object] = [threading.get_ident()]
+    key = [threading.get_ident()]
     current: types.FrameType | None = frame
-    while current is not None:
-        key.append(current.f_code)
+    while current is not None and len(key) <= _START_STACK_KEY_DEPTH:
+        key.append(id(current.f_code))  # hashing a code object hashes its bytecode
         current = current.f_back
     cache_key = tuple(key)
     stack = _start_stacks.get(cache_key)
@@ -93,6 +94,7 @@ class ActiveProfile:
     method: str
     token: Token[RequestProfile | None] | None
     finished: bool = field(default=False)
+    duration: float = field(default=0.0)  # seconds, set when stopped
 
 
 class ProfilerCore:
@@ -222,21 +224,37 @@ class ProfilerCore:
             token=token,
         )
 
-    def link(self, active: ActiveProfile, base_url: str) -> None:
+    def link(self, active: ActiveProfile, base_url: str | Callable[[], str]) -> None:
         """Note the URL the profile will have if kept, for the request's log records.
 
-        Adapters call it right after :meth:`start`, once they know the base URL.
+        Adapters call it right after :meth:`start`. ``base_url`` may be a function: it
+        is then called only if a log record asks for the URL.
         """
+        trace_id, span_id = active.trace_id, active.span_id
+        if callable(base_url):
+            make_base = base_url
+            active.request.url_factory = lambda: profile_url(make_base(), trace_id, span_id)
+            return
         with fail_open("profiler.link"):
-            active.request.url = profile_url(base_url, active.trace_id, active.span_id)
+            active.request.url = profile_url(base_url, trace_id, span_id)
 
     def finish(self, active: ActiveProfile, *, status_code: int, route: str, base_url: str) -> None:
         """Stop the profile; keep it when long enough: span link, then the writer.
 
         Safe to call more than once (only the first call counts) and from any task.
+        :meth:`stop` and :meth:`keep` are its two halves, for adapters that work out
+        ``route`` and ``base_url`` only for profiles that are kept.
+        """
+        if self.stop(active):
+            self.keep(active, status_code=status_code, route=route, base_url=base_url)
+
+    def stop(self, active: ActiveProfile) -> bool:
+        """Stop the profile; True when it is long enough to keep (call :meth:`keep`).
+
+        Only the first call (of this or :meth:`finish`) stops; later ones return False.
         """
         if active.finished:
-            return
+            return False
         active.finished = True
         request = active.request
         request.closed = True
@@ -256,10 +274,17 @@ class ProfilerCore:
             else:  # finished elsewhere: the hook removes itself on that thread's next event
                 hook.users -= 1
         self._release_slot(request.continuous)
+        active.duration = duration
         if duration < self._min_duration:
             request.url = None  # later log records must not point at a discarded profile
             count("discarded.short")
-            return
+            return False
+        return True
+
+    def keep(self, active: ActiveProfile, *, status_code: int, route: str, base_url: str) -> None:
+        """Keep a profile :meth:`stop` stopped: span link, then the writer (and exporter)."""
+        request = active.request
+        duration = active.duration
         with fail_open("span"):
             if active.span.is_recording():
                 set_profile_attributes(

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -51,6 +52,7 @@ class RequestProfile:
     """The samples of one request, appended by the hooks of whichever threads run it."""
 
     __slots__ = (
+        "_url",
         "closed",
         "continuous",
         "description",
@@ -65,7 +67,7 @@ class RequestProfile:
         "start_wall",
         "suspended_at",
         "suspended_stack",
-        "url",
+        "url_factory",
         "worker_seconds",
     )
 
@@ -93,10 +95,29 @@ class RequestProfile:
         self.suspended_stack: list[str] | None = None
         self.worker_seconds = 0.0
         self.closed = False
-        # The link this profile will have if it is kept: set by the core as soon as the
-        # adapter knows the base URL, cleared when the profile is discarded. Read by
-        # otelprof_middleware.logging so the request's log records can carry it.
-        self.url: str | None = None
+        self._url: str | None = None
+        self.url_factory: Callable[[], str] | None = None  # makes ``url`` when first read
+
+    @property
+    def url(self) -> str | None:
+        """The link this profile will have if it is kept; None once it is discarded.
+
+        Set by the core (or made on first read by ``url_factory``), read by
+        otelprof_middleware.logging so the request's log records can carry it.
+        """
+        factory = self.url_factory
+        if factory is not None and self._url is None:
+            self.url_factory = None
+            try:
+                self._url = factory()
+            except Exception:
+                count("failed.profiler.link")
+        return self._url
+
+    @url.setter
+    def url(self, value: str | None) -> None:
+        self._url = value
+        self.url_factory = None
 
     def add(self, stack: list[str], seconds: float, *, waiting: bool = False) -> None:
         """Record ``seconds`` spent in ``stack`` (root first); ``waiting``: at an await."""

@@ -108,8 +108,7 @@ class ProfilingMiddleware:
         if active is None:
             await self.app(scope, receive, send)
             return
-        base_url = self._base_url(scope)
-        self._core.link(active, base_url)
+        self._core.link(active, lambda: self._base_url(scope))  # made only if needed
         status_code = 500
 
         async def send_profiled(message: Message) -> None:
@@ -121,24 +120,26 @@ class ProfilingMiddleware:
                 kind == "http.response.body" and not message.get("more_body", False)
             ) or kind == "http.response.pathsend":
                 # The server span ends right after this message: link it first.
-                self._finish(active, scope, status_code, base_url)
+                self._finish(active, scope, status_code)
             await send(message)
 
         try:
             await self.app(scope, receive, send_profiled)
         finally:
-            self._finish(active, scope, status_code, base_url)
+            self._finish(active, scope, status_code)
             self._core.detach(active)
 
-    def _finish(self, active: ActiveProfile, scope: Scope, status_code: int, base_url: str) -> None:
-        if active.finished:
-            return
+    def _finish(self, active: ActiveProfile, scope: Scope, status_code: int) -> None:
+        if not self._core.stop(active):
+            return  # already stopped, or too short to keep: nothing more to work out
         route = getattr(scope.get("route"), "path", None)
         if not isinstance(route, str):  # Django: otelprof_middleware.django.RouteMiddleware
             route = scope.get(ROUTE_KEY)
         if not isinstance(route, str):
             route = route_attribute(active.span) or ""
-        self._core.finish(active, status_code=status_code, route=route, base_url=base_url)
+        self._core.keep(
+            active, status_code=status_code, route=route, base_url=self._base_url(scope)
+        )
 
     def _base_url(self, scope: Scope) -> str:
         host = None

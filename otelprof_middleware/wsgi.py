@@ -101,7 +101,7 @@ class WSGIProfilingMiddleware:
         )
         if active is None:
             return self.app(environ, start_response)
-        self._core.link(active, self._base_url(environ))
+        self._core.link(active, lambda: self._base_url(environ))  # made only if needed
         status = 500
         route: str | None = None
 
@@ -136,10 +136,10 @@ class WSGIProfilingMiddleware:
     def _finish(
         self, active: ActiveProfile, environ: WSGIEnvironment, status_code: int, route: str | None
     ) -> None:
-        if active.finished:
-            return
+        if not self._core.stop(active):
+            return  # already stopped, or too short to keep: nothing more to work out
         route = route or route_attribute(active.span) or ""
-        self._core.finish(
+        self._core.keep(
             active, status_code=status_code, route=route, base_url=self._base_url(environ)
         )
 

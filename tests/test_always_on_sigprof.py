@@ -1,0 +1,553 @@
+"""Always-on mode on a main-thread event loop: SIGPROF ticks, the loop's own tick, fallbacks.
+
+Each test builds its own :class:`AlwaysOnSampler` (never the process singleton) and the
+``sigprof`` fixture gives it a free SIGPROF (``SIG_DFL``, no timer armed), then puts back
+whatever handler and timer were there before (the singleton's, when earlier tests made it).
+A one-shot ITIMER_PROF fires at the kernel's CPU-timer granularity, not at the interval
+asked: POSIX CPU timers are checked on the scheduler tick (4 ms at HZ=250), and re-arming a
+one-shot timer from its handler costs one more tick, so 2 ms asked gives a tick every ~8 ms
+of CPU on such a kernel. The SIGPROF tick counts are therefore held against what a bare
+one-shot handler gets on this machine (:func:`_bare_one_shot_ticks`), with loose bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
+
+from otelprof_middleware import _failsafe
+from otelprof_middleware._always_on import AlwaysOnSampler, _LoopState
+from otelprof_middleware._session import RequestProfile, current_request
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(signal, "setitimer") or not hasattr(signal, "SIGPROF"),
+    reason="needs SIGPROF and setitimer",
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+INTERVAL = 0.002
+BUSY = 0.1  # CPU seconds of marker work
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def marker_sigprof_busy(cpu_seconds: float = BUSY) -> int:
+    """Spin for ``cpu_seconds`` of this thread's CPU time (2 s of wall time at most)."""
+    start = time.thread_time()
+    deadline = time.perf_counter() + 2.0
+    total = 0
+    while time.thread_time() - start < cpu_seconds and time.perf_counter() < deadline:
+        total += sum(range(50))
+    return total
+
+
+async def marker_sigprof_wait(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+def _absorb(signum: int, frame: types.FrameType | None) -> None:
+    """A SIGPROF handler that does nothing (takes any signal still pending)."""
+
+
+def _settle() -> None:
+    """Run any Python signal handler whose signal is pending (a bytecode boundary)."""
+    for _ in range(3):
+        pass
+
+
+def _quiet_sigprof() -> None:
+    """Disarm ITIMER_PROF with a harmless handler in place, so nothing pending is lost."""
+    signal.signal(signal.SIGPROF, _absorb)
+    signal.setitimer(signal.ITIMER_PROF, 0)
+    _settle()
+
+
+@pytest.fixture
+def sigprof() -> Iterator[None]:
+    """A free SIGPROF for the test; the previous handler and timer afterwards."""
+    previous = signal.getsignal(signal.SIGPROF)
+    signal.signal(signal.SIGPROF, _absorb)
+    timer = signal.setitimer(signal.ITIMER_PROF, 0)
+    _settle()
+    signal.signal(signal.SIGPROF, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        _quiet_sigprof()
+        if previous is None:
+            signal.signal(signal.SIGPROF, signal.SIG_DFL)
+        else:
+            signal.signal(signal.SIGPROF, previous)
+            if timer[0] > 0 and callable(previous):  # e.g. the singleton's pending tick
+                signal.setitimer(signal.ITIMER_PROF, *timer)
+
+
+@pytest.fixture
+def sampler(sigprof: None) -> Iterator[AlwaysOnSampler]:
+    sampler = AlwaysOnSampler(INTERVAL)
+    try:
+        yield sampler
+    finally:
+        _quiet_sigprof()  # before stop(): a pending tick must not re-arm the timer
+        sampler.stop()
+        assert sampler._thread is None
+
+
+@pytest.fixture
+def thread_sampler(sigprof: None) -> Iterator[AlwaysOnSampler]:
+    sampler = AlwaysOnSampler(INTERVAL, sigprof=False)
+    try:
+        yield sampler
+    finally:
+        _quiet_sigprof()
+        sampler.stop()
+
+
+class Foreign:
+    """Another profiler's Python SIGPROF handler: counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, signum: int, frame: types.FrameType | None) -> None:
+        self.calls += 1
+
+
+def _new_request() -> RequestProfile:
+    return RequestProfile(
+        interval=INTERVAL, max_samples=100_000, start_call_stack=[], continuous=True
+    )
+
+
+@contextlib.asynccontextmanager
+async def _registered(sampler: AlwaysOnSampler) -> AsyncIterator[RequestProfile]:
+    """A continuous request registered for the current task (as ``ProfilerCore.start``)."""
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+    request = _new_request()
+    token = current_request.set(request)
+    sampler.register_current(request)
+    try:
+        yield request
+    finally:
+        request.closed = True
+        sampler.unregister_current(request)
+        current_request.reset(token)
+        loop.set_task_factory(factory)  # the test runner's loop outlives this sampler
+
+
+def _loop_state(sampler: AlwaysOnSampler) -> _LoopState:
+    return sampler._loops[threading.get_ident()]
+
+
+def _name(identifier: str) -> str:
+    return identifier.split("\x00", 1)[0]
+
+
+def _records_with(request: RequestProfile, function: str) -> list[tuple[list[str], float]]:
+    return [
+        (stack, seconds)
+        for stack, seconds in request.records
+        if any(_name(frame) == function for frame in stack)
+    ]
+
+
+def _handler_is(handler: object) -> bool:
+    return signal.getsignal(signal.SIGPROF) is handler
+
+
+def _our_handler(sampler: AlwaysOnSampler) -> bool:
+    return bool(signal.getsignal(signal.SIGPROF) == sampler._on_sigprof)
+
+
+def _timer_armed() -> bool:
+    return signal.getitimer(signal.ITIMER_PROF)[0] > 0
+
+
+def _bare_one_shot_ticks(cpu_seconds: float = BUSY) -> float:
+    """How many ticks a bare handler re-arming a one-shot ``INTERVAL`` timer gets in
+    ``cpu_seconds`` of CPU here (measured over a third of it); SIGPROF is left free."""
+    ticks = 0
+
+    def rearm(signum: int, frame: types.FrameType | None) -> None:
+        nonlocal ticks
+        ticks += 1
+        signal.setitimer(signal.ITIMER_PROF, INTERVAL)
+
+    signal.signal(signal.SIGPROF, rearm)
+    try:
+        signal.setitimer(signal.ITIMER_PROF, INTERVAL)
+        marker_sigprof_busy(cpu_seconds / 3)
+    finally:
+        _quiet_sigprof()
+        signal.signal(signal.SIGPROF, signal.SIG_DFL)
+    return ticks * 3.0
+
+
+def _expected_ticks(bare: float) -> float:
+    """The least SIGPROF ticks a sampler must get where a bare handler got ``bare``."""
+    return max(5.0, 0.5 * bare)
+
+
+# -- SIGPROF drives a main-thread loop ---------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_main_thread_loop_is_driven_by_sigprof_not_the_thread(
+    sampler: AlwaysOnSampler,
+) -> None:
+    assert threading.current_thread() is threading.main_thread()
+    least = _expected_ticks(_bare_one_shot_ticks())
+    assert signal.getsignal(signal.SIGPROF) == signal.SIG_DFL
+    async with _registered(sampler) as request:
+        state = _loop_state(sampler)
+        assert state.driven
+        assert state.requests == {request: asyncio.current_task()}
+        assert _our_handler(sampler)
+        assert sampler._armed_pid == os.getpid() and _timer_armed()
+        assert sampler._thread is None
+        before = sampler.samples
+        marker_sigprof_busy()
+        ticks = sampler.samples - before
+        assert sampler._thread is None  # still no thread competing for the GIL
+    busy = _records_with(request, "marker_sigprof_busy")
+    # about one tick per kernel timer period (12 per 0.1 s at HZ=250); a CPU-bound task
+    # lets no loop tick run, so these are all SIGPROF's
+    assert ticks >= least, (ticks, least)
+    assert len(busy) >= least, (len(busy), least)
+    assert sum(seconds for _, seconds in busy) == pytest.approx(BUSY, rel=0.5)
+    for stack, _ in request.records:
+        # the interrupted frame stands in for the main thread's: never the handler's own
+        names = {_name(frame) for frame in stack}
+        assert not names & {"_on_sigprof", "_tick", "_sample", "_loop_tick"}, stack
+    for stack, _ in busy:
+        assert stack[-1].startswith("marker_sigprof_busy\x00"), stack[-3:]
+        assert _name(stack[0]) == "MainThread"
+    assert sampler._thread is None
+
+
+@pytest.mark.anyio
+async def test_idle_wait_is_ticked_by_the_loop_and_shown_as_await(
+    sampler: AlwaysOnSampler,
+) -> None:
+    async with _registered(sampler) as request:
+        assert _loop_state(sampler).driven
+        started = time.perf_counter()
+        await marker_sigprof_wait(0.1)
+        waited = time.perf_counter() - started
+        assert _loop_state(sampler).ticking  # the call_later tick is running
+    assert sampler._thread is None
+    waits = [
+        (stack, seconds)
+        for stack, seconds in _records_with(request, "marker_sigprof_wait")
+        if stack[-1] == AWAIT_FRAME_IDENTIFIER
+    ]
+    assert waits, request.records
+    for stack, _ in waits:
+        names = [_name(frame) for frame in stack]
+        assert names.index("marker_sigprof_wait") < names.index("sleep") < len(names) - 1
+    total = sum(seconds for _, seconds in waits)
+    assert 0.6 * 0.1 <= total <= waited + 0.01, (total, waited)
+    # waiting through many ticks at the same await extends one record
+    assert len(waits) <= 3, len(waits)
+
+
+@pytest.mark.anyio
+async def test_the_loop_tick_stops_when_the_last_request_ends(sampler: AlwaysOnSampler) -> None:
+    async with _registered(sampler):
+        await asyncio.sleep(0.01)
+    state = _loop_state(sampler)
+    await asyncio.sleep(0.01)  # the next loop tick finds no request
+    assert not state.ticking
+    before = sampler.samples
+    marker_sigprof_busy(0.03)
+    await asyncio.sleep(0.01)
+    assert sampler.samples == before  # nothing registered: SIGPROF no longer ticks
+    assert not _timer_armed() and sampler._armed_pid == -1
+    async with _registered(sampler):  # a new request drives again
+        assert state.ticking and _timer_armed()
+        marker_sigprof_busy(0.03)
+    assert sampler.samples - before >= 3
+
+
+# -- when SIGPROF is not ours: the sampler thread ---------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_foreign_sigprof_handler_is_left_alone(sampler: AlwaysOnSampler) -> None:
+    foreign = Foreign()
+    signal.signal(signal.SIGPROF, foreign)
+    async with _registered(sampler) as request:
+        assert _handler_is(foreign)
+        assert not _loop_state(sampler).driven
+        assert not _timer_armed() and sampler._armed_pid == -1
+        assert sampler._thread is not None and sampler._thread.is_alive()
+        before = sampler.samples
+        marker_sigprof_busy()
+        await asyncio.sleep(0.02)
+        ticks = sampler.samples - before
+    assert _handler_is(foreign)
+    assert foreign.calls == 0  # no timer of ours fired into it
+    assert ticks >= 3, ticks
+    assert len(_records_with(request, "marker_sigprof_busy")) >= 2, request.records
+
+
+@pytest.mark.anyio
+async def test_sigprof_false_uses_the_thread(thread_sampler: AlwaysOnSampler) -> None:
+    sampler = thread_sampler
+    assert not sampler.sigprof
+    async with _registered(sampler) as request:
+        assert not _loop_state(sampler).driven
+        assert signal.getsignal(signal.SIGPROF) == signal.SIG_DFL
+        assert not _timer_armed()
+        assert sampler._thread is not None and sampler._thread.is_alive()
+        before = sampler.samples
+        marker_sigprof_busy()
+        await asyncio.sleep(0.02)
+        ticks = sampler.samples - before
+    assert signal.getsignal(signal.SIGPROF) == signal.SIG_DFL
+    assert not sampler._handler_installed
+    assert ticks >= 3, ticks
+    assert len(_records_with(request, "marker_sigprof_busy")) >= 2, request.records
+
+
+@pytest.mark.anyio
+async def test_a_replaced_handler_hands_the_loop_to_the_thread(sampler: AlwaysOnSampler) -> None:
+    foreign = Foreign()
+    async with _registered(sampler) as request:
+        state = _loop_state(sampler)
+        assert state.driven and sampler._thread is None
+        signal.signal(signal.SIGPROF, foreign)
+        deadline = time.monotonic() + 2.0
+        while state.driven and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # the loop's next tick notices
+        assert not state.driven
+        assert _handler_is(foreign)  # not taken back
+        assert sampler._thread is not None and sampler._thread.is_alive()
+        before = sampler.samples
+        marker_sigprof_busy()
+        await asyncio.sleep(0.02)
+        ticks = sampler.samples - before
+        calls = foreign.calls
+        marker_sigprof_busy(0.03)
+        assert foreign.calls == calls  # our timer is no longer re-armed into it
+    assert ticks >= 3, ticks
+    assert len(_records_with(request, "marker_sigprof_busy")) >= 2, request.records
+    assert _handler_is(foreign)
+
+
+# -- the handler never raises into user code ---------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_failing_tick_never_reaches_user_code(
+    sampler: AlwaysOnSampler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+
+    def broken(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("broken sample")
+
+    monkeypatch.setattr(sampler, "_sample", broken)
+    expected = marker_sigprof_busy(0.0)
+    async with _registered(sampler):
+        assert _loop_state(sampler).driven
+        result = marker_sigprof_busy()  # would raise here if the handler let it out
+        await asyncio.sleep(0.01)
+        assert _timer_armed()  # the handler re-arms after a failed tick
+    assert result >= expected
+    assert calls >= 3, calls
+    failures = sampler._failures
+    assert failures == calls
+    assert _failsafe.snapshot().get("failed.sample", 0) == 0  # a handler takes no lock
+    monkeypatch.undo()
+    async with _registered(sampler):  # the next registration counts them
+        counted = _failsafe.snapshot().get("failed.sample", 0)
+        assert counted >= failures
+        assert sampler._failures <= counted - failures + 1
+
+
+# -- fork --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_arms_its_own_timer(sampler: AlwaysOnSampler) -> None:
+    least = _expected_ticks(_bare_one_shot_ticks())
+
+    async def parent() -> None:
+        async with _registered(sampler):
+            marker_sigprof_busy(0.01)
+
+    asyncio.run(parent())
+    sampler._arm()  # armed in the parent at the fork
+    assert _timer_armed() and sampler._armed_pid == os.getpid()
+
+    async def child() -> dict[str, Any]:
+        report: dict[str, Any] = {
+            "inherited_timer": _timer_armed(),
+            "armed_for_child": sampler._armed_pid == os.getpid(),
+        }
+        async with _registered(sampler) as request:
+            report["driven"] = _loop_state(sampler).driven
+            report["rearmed"] = sampler._armed_pid == os.getpid() and _timer_armed()
+            before = sampler.samples
+            marker_sigprof_busy()
+            report["ticks"] = sampler.samples - before
+        report["busy"] = len(_records_with(request, "marker_sigprof_busy"))
+        report["thread"] = sampler._thread is not None
+        return report
+
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # 3.12+: fork of a multi-threaded process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            try:
+                out: dict[str, Any] = asyncio.run(child())
+            except BaseException as exc:
+                out = {"error": repr(exc)}
+            os.write(write, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    report = json.loads(data)
+    assert "error" not in report, report
+    assert report["inherited_timer"] is False
+    assert report["armed_for_child"] is False
+    assert report["driven"] is True
+    assert report["rearmed"] is True
+    assert report["ticks"] >= least, (report, least)
+    assert report["busy"] >= least, (report, least)
+    assert report["thread"] is False
+    assert sampler._armed_pid == os.getpid()  # the parent's state is its own
+
+
+# -- exit: an armed ITIMER_PROF must never outlive the handler ---------------------------
+
+_EXIT_SCRIPT = """
+import asyncio, atexit, json, signal, sys, time
+
+def burn(seconds):
+    end = time.process_time() + seconds
+    deadline = time.perf_counter() + 3.0
+    while time.process_time() < end and time.perf_counter() < deadline:
+        sum(range(50))
+
+atexit.register(burn, 0.05)  # runs after the sampler's own atexit stop(): CPU at exit
+
+from otelprof_middleware import Config
+from otelprof_middleware._always_on import always_on_sampler
+from otelprof_middleware._profiler import ProfilerCore
+from otelprof_middleware._session import RequestProfile, current_request
+from otelprof_middleware.stores import MemoryStore
+from opentelemetry.sdk.trace import TracerProvider
+
+LOOP, VIA, END = sys.argv[1:4]
+report = {}
+
+async def main():
+    if VIA == "core":
+        core = ProfilerCore(
+            Config.load({}, sample_rate=1.0, mode="always_on", always_on_interval_ms=1),
+            store=MemoryStore(),
+        )
+        span = TracerProvider().get_tracer("t").start_span("GET")
+        active = core.start(span, method="GET", trigger=None, client_host=None)
+        assert active is not None
+        sampler = core._always_on_sampler()
+    else:
+        sampler = always_on_sampler(0.001)
+        request = RequestProfile(
+            interval=0.001, max_samples=100000, start_call_stack=[], continuous=True
+        )
+        current_request.set(request)
+        sampler.register_current(request)
+    burn(0.1)
+    await asyncio.sleep(0.01)
+    burn(0.05)
+    state = next(iter(sampler._loops.values()))
+    report.update(driven=state.driven, samples=sampler.samples)
+    if END == "finish":
+        if VIA == "core":
+            core.finish(active, status_code=200, route="/x", base_url="http://h")
+            core.detach(active)
+            span.end()
+        else:
+            request.closed = True
+            sampler.unregister_current(request)
+    report["armed"] = signal.getitimer(signal.ITIMER_PROF)[0] > 0
+    print(json.dumps(report), flush=True)
+    if END == "sys-exit":
+        sys.exit(0)
+
+if LOOP == "uvloop":
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
+"""
+
+_EXIT_CASES = [
+    ("asyncio", "core", "finish"),
+    ("uvloop", "core", "registered"),
+    ("asyncio", "singleton", "registered"),
+    ("uvloop", "singleton", "finish"),
+    ("asyncio", "singleton", "sys-exit"),
+]
+
+
+def test_exit_never_dies_of_an_armed_profiling_timer() -> None:
+    pytest.importorskip("uvloop")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTELPROF_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    script = textwrap.dedent(_EXIT_SCRIPT)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *case],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for case in _EXIT_CASES
+    ]
+    for case, process in zip(_EXIT_CASES, processes, strict=True):
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, (case, process.returncode, err)
+        assert "Profiling timer expired" not in err, (case, err)
+        assert "Traceback" not in err, (case, err)
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["driven"] is True, (case, report)  # SIGPROF really drove the loop
+        assert report["samples"] >= 5, (case, report)
+        if case[2] != "finish":
+            assert report["armed"] is True, (case, report)  # the timer was armed at exit
