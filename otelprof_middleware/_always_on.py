@@ -173,7 +173,8 @@ class AlwaysOnSampler:
             state = self._loops.get(ident)
             if state is None or state.loop is not loop:
                 state = self._loops[ident] = _LoopState(loop, self._can_drive(ident))
-                self._install_task_factory(loop)
+                if not state.driven:  # SIGPROF ticks read the running task's context
+                    self._install_task_factory(loop)
             task = asyncio.current_task(loop)
             if task is not None:
                 self._tasks[task] = request
@@ -265,8 +266,10 @@ class AlwaysOnSampler:
         return True
 
     def _drive(self, state: _LoopState) -> None:
-        if self._armed_pid != os.getpid():
+        if self._armed_pid != _pid():
             self._arm()
+        if not self._wake.is_set() or self._pid != _pid():
+            self._wake_thread()  # the watchdog
         if not state.ticking:
             state.ticking = True
             state.loop.call_later(self._next_interval(), self._loop_tick, state, context=_EMPTY)
@@ -278,12 +281,12 @@ class AlwaysOnSampler:
         """Arm the one-shot SIGPROF timer (the handler re-arms it while work is registered)."""
         try:
             signal.setitimer(signal.ITIMER_PROF, self._next_interval())
-            self._armed_pid = os.getpid()
+            self._armed_pid = _pid()
         except (ValueError, OSError):
             self._armed_pid = -1
 
     def _disarm(self) -> None:
-        if self._armed_pid == os.getpid():
+        if self._armed_pid == _pid():
             self._armed_pid = -1
             with contextlib.suppress(ValueError, OSError):
                 signal.setitimer(signal.ITIMER_PROF, 0)
@@ -307,12 +310,13 @@ class AlwaysOnSampler:
                 return
             if signal.getsignal(signal.SIGPROF) != self._on_sigprof:
                 state.driven = False  # someone replaced our handler: the thread takes over
+                self._install_task_factory(state.loop)
                 state.ticking = False
                 self._wake_thread()
                 return
             if time.perf_counter() - self._last_tick >= self.interval / 2:
                 self._tick(None, None)
-            if self._armed_pid != os.getpid():
+            if self._armed_pid != _pid():
                 self._arm()
             state.loop.call_later(self._next_interval(), self._loop_tick, state, context=_EMPTY)
         except Exception:
@@ -326,6 +330,10 @@ class AlwaysOnSampler:
         if not self._wake.is_set():
             self._wake.set()
 
+    def _watching(self) -> bool:
+        """Whether a SIGPROF-driven loop has requests (the thread watches for stalls)."""
+        return any(state.driven and state.requests for state in list(self._loops.values()))
+
     def _needs_thread(self) -> bool:
         """Whether anything registered is not ticked by SIGPROF."""
         for state in list(self._loops.values()):
@@ -334,22 +342,22 @@ class AlwaysOnSampler:
         return any(not _driven(job[0]) for job in list(self._threads.values()))
 
     def _ensure_thread(self) -> None:
-        if self._pid == os.getpid() and self._thread is not None:
+        if self._pid == _pid() and self._thread is not None:
             return
         with self._lock:
-            if self._pid == os.getpid() and self._thread is not None:
+            if self._pid == _pid() and self._thread is not None:
                 return
             self._stop = threading.Event()
             self._wake = threading.Event()
             self._thread = threading.Thread(target=self._run, name="otelprof-sampler", daemon=True)
             self._thread.start()
-            self._pid = os.getpid()
+            self._pid = _pid()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the sampler thread and the SIGPROF timer (at exit; tests)."""
         self._disarm()
         thread = self._thread
-        if thread is None or self._pid != os.getpid():
+        if thread is None or self._pid != _pid():
             return
         self._stop.set()
         self._wake.set()
@@ -361,17 +369,37 @@ class AlwaysOnSampler:
         # Jitter: a CPU-bound thread hands the GIL over on a fixed 5 ms beat; a fixed
         # sleep phase-locks the ticks to the work and biases what they see.
         jitter = random.Random()
+        stalled = False
+        unwatched = 0  # watchdog rounds in a row that found no request to watch
         while not stop.is_set():
-            if not self._needs_thread():
+            sampling = self._needs_thread()
+            if sampling or self._watching():
+                unwatched = 0
+            elif unwatched < _WATCHDOG_IDLE_ROUNDS:
+                # Between two short requests there is often nothing registered for a
+                # moment: stay (asleep) in watch mode rather than idle, so the next
+                # request does not have to set the event and wake this thread.
+                unwatched += 1
+            else:
                 # Clear, then look again: a registration between the two sets the
                 # event again, so it is never missed for a whole wait.
                 wake.clear()
-                if not self._needs_thread():
+                if not self._needs_thread() and not self._watching():
                     wake.wait(1.0)
                 continue
             asked = self.interval * (0.5 + jitter.random())
-            time.sleep(asked)
-            self._tick(None, asked)
+            if sampling:
+                time.sleep(asked)
+                self._tick(None, asked)
+            else:
+                # Watchdog for SIGPROF-driven loops: a loop blocked in a call that
+                # releases the GIL (time.sleep, a sync database driver) uses no CPU and
+                # runs no loop tick, so nothing else would see it. Rarely awake while
+                # the loop ticks (every wake-up must win the GIL from a busy loop).
+                time.sleep(asked if stalled else _WATCHDOG_INTERVALS * self.interval)
+                stalled = time.perf_counter() - self._last_tick > 2 * self.interval
+                if stalled:
+                    self._tick(None, None)
             if self._failures:
                 failures, self._failures = self._failures, 0
                 count("failed.sample", failures)
@@ -417,12 +445,20 @@ class AlwaysOnSampler:
             frame = frames.get(ident)
             if task is None or frame is None:
                 continue
+            if main_frame is not None and ident == self._main_ident:
+                # The handler runs in the interrupted task's context: its request is
+                # current, child tasks included (they copied the context).
+                request = current_request.get()
+                if request is not None and not request.continuous:
+                    request = None  # a hook-mode request: its hook profiles it
+            else:
+                request = self._tasks.get(task)
             root = getattr(task.get_coro(), "cr_frame", None)
-            if root is not None:
-                state.prefix = _prefix_below(ident, frame, root.f_code)
-            request = self._tasks.get(task)
+            stack, below_root = _running_stack(ident, frame, root)
+            if below_root:
+                state.prefix = stack[:below_root]
             if request is not None and not request.closed:
-                now_states[request] = (_stack(ident, frame), _RUNNING)
+                now_states[request] = (stack, _RUNNING)
         for ident, (request, submitted_from, stop_code) in list(self._threads.items()):
             frame = frames.get(ident)
             if frame is None or request.closed:
@@ -516,21 +552,45 @@ def _add(request: RequestProfile, state: _State, seconds: float) -> None:
         request.add_worker(stack, seconds)
 
 
-def _prefix_below(ident: int, frame: types.FrameType, root_code: types.CodeType) -> list[str]:
-    """The loop thread's frames below the running task's root coroutine."""
-    chain: list[types.FrameType] = []
+def _running_stack(
+    ident: int, frame: types.FrameType, root: types.FrameType | None
+) -> tuple[list[str], int]:
+    """The loop thread's stack, root first, and how many entries lie below ``root``.
+
+    ``root`` is the running task's outermost coroutine frame: what lies below it (the
+    thread and the loop's own frames) is where the loop's waiting tasks hang too.
+    """
+    stack = frame_stack(frame)
+    stack.append(_thread_identifier(ident))
+    stack.reverse()
+    if root is None:
+        return stack, 0
+    depth = 0  # frames from the root coroutine up to ``frame``
     current: types.FrameType | None = frame
     while current is not None:
-        chain.append(current)
+        depth += 1
+        if current is root:
+            return stack, len(stack) - depth
         current = current.f_back
-    for index, candidate in enumerate(chain):
-        if candidate.f_code is root_code:
-            below = chain[index + 1 :]
-            return [_thread_identifier(ident), *(frame_identifier(f) for f in reversed(below))]
-    return [_thread_identifier(ident)]
+    return stack, 0
 
 
 _EMPTY = contextvars.Context()  # loop ticks run outside every request
+_PROCESS = [os.getpid()]  # this process's id, kept current across fork (no syscall)
+
+
+def _pid() -> int:
+    return _PROCESS[0]
+
+
+def _after_fork_in_child() -> None:
+    _PROCESS[0] = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+_WATCHDOG_INTERVALS = 4  # the watchdog's sleep while the loop ticks, in intervals
+_WATCHDOG_IDLE_ROUNDS = 50  # rounds without requests before the watchdog idles
 
 
 def _driven(request: RequestProfile) -> bool:

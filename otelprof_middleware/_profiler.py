@@ -18,7 +18,7 @@ from contextvars import Token
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from opentelemetry.trace import format_span_id, format_trace_id
+from opentelemetry.trace import SpanContext, format_span_id, format_trace_id
 from pyinstrument.session import Session
 from pyinstrument.stack_sampler import build_call_stack
 
@@ -45,7 +45,7 @@ ALWAYS_ON_MAX_CONCURRENT = 1024
 
 
 _start_stacks: dict[tuple[int, ...], list[str]] = {}
-_START_STACK_KEY_DEPTH = 12
+_START_STACK_KEY_DEPTH = 2
 
 
 def _start_stack(frame: types.FrameType) -> list[str]:
@@ -53,7 +53,7 @@ def _start_stack(frame: types.FrameType) -> list[str]:
 
     Every request of a server starts at the same few call chains; the code objects of
     the innermost frames are much cheaper to read than building each frame's
-    identifier, and the innermost dozen tell the chains apart. (The start stack only
+    identifier, and the two innermost tell the chains apart. (The start stack only
     steers pyinstrument's stem trimming: a rare stale entry costs a less trimmed tree.)
     """
     key = [threading.get_ident()]
@@ -87,14 +87,23 @@ class ActiveProfile:
     """A request being profiled."""
 
     request: RequestProfile
-    sampler: ThreadSampler | None  # None: the always-on sampler thread
+    sampler: ThreadSampler | None  # None: the always-on sampler
     span: trace.Span
-    trace_id: str
-    span_id: str
+    context: SpanContext
     method: str
     token: Token[RequestProfile | None] | None
     finished: bool = field(default=False)
     duration: float = field(default=0.0)  # seconds, set when stopped
+
+    @property
+    def trace_id(self) -> str:
+        """The trace id in hex (formatted when asked: most profiles are never kept)."""
+        return format_trace_id(self.context.trace_id)
+
+    @property
+    def span_id(self) -> str:
+        """The span id in hex."""
+        return format_span_id(self.context.span_id)
 
 
 class ProfilerCore:
@@ -126,6 +135,7 @@ class ProfilerCore:
         self._interval = config.interval
         self._always_on_interval = config.always_on_interval_ms / 1000.0
         self._min_duration = config.min_duration_ms / 1000.0
+        self._sampler_instance: AlwaysOnSampler | None = None
         atexit.register(self.writer.close, 2.0)
         self.exporter = exporter or open_exporter(
             config.pyroscope_url,
@@ -218,8 +228,7 @@ class ProfilerCore:
             request=request,
             sampler=hook,
             span=span,
-            trace_id=format_trace_id(context.trace_id),
-            span_id=format_span_id(context.span_id),
+            context=context,
             method=normalise_method(method),
             token=token,
         )
@@ -259,7 +268,7 @@ class ProfilerCore:
         request = active.request
         request.closed = True
         duration = time.perf_counter() - request.start_perf
-        with fail_open("profiler.stop"):
+        try:  # (not ``fail_open``: a generator context manager costs ~2 µs a request)
             hook = active.sampler
             if hook is None:
                 self._always_on_sampler().unregister_current(request)
@@ -273,6 +282,8 @@ class ProfilerCore:
                     raise
             else:  # finished elsewhere: the hook removes itself on that thread's next event
                 hook.users -= 1
+        except Exception as exc:
+            log_failure("profiler.stop", exc)
         self._release_slot(request.continuous)
         active.duration = duration
         if duration < self._min_duration:
@@ -322,7 +333,12 @@ class ProfilerCore:
                     active.span.set_attributes(exporter.span_attributes(summary))
 
     def _always_on_sampler(self) -> AlwaysOnSampler:
-        return always_on_sampler(self._always_on_interval, sigprof=self.config.always_on_sigprof)
+        sampler = self._sampler_instance
+        if sampler is None:
+            sampler = self._sampler_instance = always_on_sampler(
+                self._always_on_interval, sigprof=self.config.always_on_sigprof
+            )
+        return sampler
 
     def _release_slot(self, continuous: bool) -> None:
         with self._active_lock:
