@@ -52,7 +52,7 @@ from typing import Any
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
 from ._failsafe import count
-from ._frames import frame_identifier, frame_stack
+from ._frames import ON_CLEAR, frame_identifier, frame_stack
 from ._session import RequestProfile, current_request
 
 __all__ = ["AlwaysOnSampler", "always_on_sampler"]
@@ -74,15 +74,24 @@ def _stack(
     return stack
 
 
+_AWAIT_STACKS: dict[tuple[int, ...], list[str]] = {}
+_MAX_AWAIT_STACKS = 4096
+# Keys hold code ids: every code in a key went through frame_identifier, whose cache
+# keeps it alive, and this cache is emptied whenever that one is.
+ON_CLEAR.append(_AWAIT_STACKS.clear)
+
+
 def _await_stack(prefix: list[str], coro: object) -> list[str]:
     """Where a suspended task waits: ``prefix``, its coroutine chain, then ``[await]``.
 
     Only real coroutines and generators are followed (``cr_await``/``gi_yieldfrom``),
-    so no user-defined attribute lookup ever runs on the sampler thread.
+    so no user-defined attribute lookup ever runs on the sampler thread. Concurrent
+    requests mostly wait at the same few places: the stack is cached by the chain's
+    code objects and instruction offsets (naming each frame costs more than that).
     """
-    stack = list(prefix)
-    depth = 0
-    while depth < 200:
+    frames: list[types.FrameType] = []
+    key = [id(prefix)]
+    while len(frames) < 200:
         if isinstance(coro, types.CoroutineType):
             frame, coro = coro.cr_frame, coro.cr_await
         elif isinstance(coro, types.GeneratorType):
@@ -91,9 +100,16 @@ def _await_stack(prefix: list[str], coro: object) -> list[str]:
             break
         if frame is None:
             break
-        stack.append(frame_identifier(frame))
-        depth += 1
-    stack.append(AWAIT_FRAME_IDENTIFIER)
+        frames.append(frame)
+        key.append(id(frame.f_code))
+        key.append(frame.f_lasti)
+    cache_key = tuple(key)
+    stack = _AWAIT_STACKS.get(cache_key)
+    if stack is None:
+        stack = [*prefix, *(frame_identifier(frame) for frame in frames), AWAIT_FRAME_IDENTIFIER]
+        if len(_AWAIT_STACKS) >= _MAX_AWAIT_STACKS:
+            _AWAIT_STACKS.clear()
+        _AWAIT_STACKS[cache_key] = stack
     return stack
 
 
@@ -141,7 +157,6 @@ class AlwaysOnSampler:
         self._loops: dict[int, _LoopState] = {}  # loop thread ident -> state
         self._tasks: dict[asyncio.Task[Any], RequestProfile] = {}
         self._threads: dict[int, _Job] = {}
-        self._factories: set[int] = set()  # ids of loops with our task factory
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -211,6 +226,8 @@ class AlwaysOnSampler:
             job = self._threads.get(ident)
             if job is not None and job[0] is request:
                 self._threads.pop(ident, None)
+        if not self._tasks and not self._threads and self._armed_pid == _pid():
+            self._disarm()  # idle: no timer left armed (it would survive an exec)
 
     def register_worker(
         self, request: RequestProfile, submitted_from: list[str], stop: types.CodeType
@@ -225,10 +242,9 @@ class AlwaysOnSampler:
         self._threads.pop(threading.get_ident(), None)
 
     def _install_task_factory(self, loop: asyncio.AbstractEventLoop) -> None:
-        if id(loop) in self._factories:
-            return
-        self._factories.add(id(loop))
         previous = loop.get_task_factory()
+        if getattr(previous, "otelprof_factory", False):
+            return  # ours already (a loop's id may be reused by a later loop: not a key)
         tasks = self._tasks
         forget = _forget(tasks)
 
@@ -245,6 +261,7 @@ class AlwaysOnSampler:
                 task.add_done_callback(forget)
             return task
 
+        factory.otelprof_factory = True  # type: ignore[attr-defined]
         loop.set_task_factory(factory)  # type: ignore[arg-type]
 
     # -- SIGPROF and the loop's own tick (an event loop on the main thread) --------------
@@ -278,9 +295,15 @@ class AlwaysOnSampler:
         return self.interval * (0.5 + self._jitter.random())
 
     def _arm(self) -> None:
-        """Arm the one-shot SIGPROF timer (the handler re-arms it while work is registered)."""
+        """Arm the periodic SIGPROF timer; it is disarmed when nothing is registered.
+
+        Periodic, not one-shot: re-arming from the handler costs a kernel tick each
+        time (a 5 ms one-shot fired every 12 ms here), and the kernel quantizes any
+        jitter away. An armed timer also survives ``exec``, which would kill the new
+        program: that is why it never stays armed while the process is idle.
+        """
         try:
-            signal.setitimer(signal.ITIMER_PROF, self._next_interval())
+            signal.setitimer(signal.ITIMER_PROF, self.interval, self.interval)
             self._armed_pid = _pid()
         except (ValueError, OSError):
             self._armed_pid = -1
@@ -295,10 +318,10 @@ class AlwaysOnSampler:
         # Runs on the main thread between two bytecodes of whatever it was running:
         # never raise, never block, take no lock that code might hold.
         try:
-            self._armed_pid = -1
             if self._tasks or self._threads:
                 self._tick(frame, None)
-                self._arm()
+            else:
+                self._disarm()
         except Exception:
             self._failures += 1
 
@@ -310,14 +333,18 @@ class AlwaysOnSampler:
                 return
             if signal.getsignal(signal.SIGPROF) != self._on_sigprof:
                 state.driven = False  # someone replaced our handler: the thread takes over
+                with contextlib.suppress(ValueError, OSError):
+                    if signal.getitimer(signal.ITIMER_PROF)[1] == self.interval:
+                        signal.setitimer(signal.ITIMER_PROF, 0)  # ours: not into theirs
+                self._armed_pid = -1
                 self._install_task_factory(state.loop)
                 state.ticking = False
                 self._wake_thread()
                 return
             if time.perf_counter() - self._last_tick >= self.interval / 2:
                 self._tick(None, None)
-            if self._armed_pid != _pid():
-                self._arm()
+            if self._armed_pid != _pid() or signal.getitimer(signal.ITIMER_PROF)[0] == 0:
+                self._arm()  # (other code may have set the timer to zero)
             state.loop.call_later(self._next_interval(), self._loop_tick, state, context=_EMPTY)
         except Exception:
             state.ticking = False
@@ -371,6 +398,8 @@ class AlwaysOnSampler:
         jitter = random.Random()
         stalled = False
         unwatched = 0  # watchdog rounds in a row that found no request to watch
+        main_cpu = _main_thread_cpu_clock()
+        last_cpu = last_wall = 0.0
         while not stop.is_set():
             sampling = self._needs_thread()
             if sampling or self._watching():
@@ -397,7 +426,15 @@ class AlwaysOnSampler:
                 # runs no loop tick, so nothing else would see it. Rarely awake while
                 # the loop ticks (every wake-up must win the GIL from a busy loop).
                 time.sleep(asked if stalled else _WATCHDOG_INTERVALS * self.interval)
-                stalled = time.perf_counter() - self._last_tick > 2 * self.interval
+                wall = time.perf_counter()
+                cpu = _cpu_seconds(main_cpu)
+                # Busy (its CPU clock ran for over half the time): SIGPROF ticks it,
+                # however late the last tick looks. Blocked: the watchdog ticks.
+                busy = cpu is not None and cpu - last_cpu > (wall - last_wall) / 2
+                last_cpu, last_wall = cpu or 0.0, wall
+                stalled = (
+                    not busy and wall - self._last_tick > 2 * self.interval and self._watching()
+                )
                 if stalled:
                     self._tick(None, None)
             if self._failures:
@@ -445,6 +482,8 @@ class AlwaysOnSampler:
             frame = frames.get(ident)
             if task is None or frame is None:
                 continue
+            if main_frame is None and ident == self._main_ident:
+                frame = _outside_sampler(frame)  # a thread tick may catch the handler
             if main_frame is not None and ident == self._main_ident:
                 # The handler runs in the interrupted task's context: its request is
                 # current, child tasks included (they copied the context).
@@ -456,7 +495,10 @@ class AlwaysOnSampler:
             root = getattr(task.get_coro(), "cr_frame", None)
             stack, below_root = _running_stack(ident, frame, root)
             if below_root:
-                state.prefix = stack[:below_root]
+                prefix = stack[:below_root]
+                if prefix != state.prefix:  # kept as one object while it is the same:
+                    state.prefix = prefix  # await stacks are cached by its identity
+                    _AWAIT_STACKS.clear()
             if request is not None and not request.closed:
                 now_states[request] = (stack, _RUNNING)
         for ident, (request, submitted_from, stop_code) in list(self._threads.items()):
@@ -576,6 +618,35 @@ def _running_stack(
 
 
 _EMPTY = contextvars.Context()  # loop ticks run outside every request
+_THIS_FILE = __file__
+
+
+def _outside_sampler(frame: types.FrameType) -> types.FrameType:
+    """``frame``, or its first caller outside this module (never the sampler's frames)."""
+    current: types.FrameType | None = frame
+    while current is not None and current.f_code.co_filename == _THIS_FILE:
+        current = current.f_back
+    return current if current is not None else frame
+
+
+def _main_thread_cpu_clock() -> int | None:
+    """The main thread's CPU-time clock id, where the platform has one."""
+    ident = threading.main_thread().ident
+    try:
+        return time.pthread_getcpuclockid(ident) if ident is not None else None
+    except (AttributeError, OSError):
+        return None
+
+
+def _cpu_seconds(clock: int | None) -> float | None:
+    if clock is None:
+        return None
+    try:
+        return time.clock_gettime(clock)
+    except OSError:
+        return None
+
+
 _PROCESS = [os.getpid()]  # this process's id, kept current across fork (no syscall)
 
 

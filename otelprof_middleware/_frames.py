@@ -16,6 +16,7 @@ The identifier format is pyinstrument's: ``name\\x00file\\x00first_line`` plus t
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 
 __all__ = ["frame_identifier", "frame_stack"]
 
@@ -24,6 +25,8 @@ __all__ = ["frame_identifier", "frame_stack"]
 # for a different code while it is cached.
 _CODE_PARTS: dict[int, tuple[types.CodeType, str, str]] = {}
 _MAX_CODES = 8192
+ON_CLEAR: list[Callable[[], None]] = []
+"""Called when the code cache is cleared: other caches keyed by ``id(code)`` must go too."""
 
 
 def _code_parts(code: types.CodeType) -> tuple[str, str]:
@@ -40,6 +43,8 @@ def _code_parts(code: types.CodeType) -> tuple[str, str]:
     hidden = "\x01h1" if "__tracebackhide__" in varnames else ""
     if len(_CODE_PARTS) >= _MAX_CODES:
         _CODE_PARTS.clear()
+        for forget in ON_CLEAR:  # caches keyed by code ids relied on these staying alive
+            forget()
     _CODE_PARTS[id(code)] = (code, head, hidden)
     return head, hidden
 

@@ -161,3 +161,34 @@ def test_sampler_thread_restarts_in_a_forked_child() -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_every_new_loop_gets_the_task_factory_even_at_a_reused_address() -> None:
+    # The factory was once remembered by id(loop): a later loop at a freed loop's
+    # address then went without it, and its requests' child tasks were not attributed.
+    from otelprof_middleware._always_on import AlwaysOnSampler
+    from otelprof_middleware._session import RequestProfile, current_request
+
+    sampler = AlwaysOnSampler(0.005, sigprof=False)
+
+    async def request() -> bool:
+        profile = RequestProfile(
+            interval=0.005, max_samples=100, start_call_stack=[], continuous=True
+        )
+        token = current_request.set(profile)
+        sampler.register_current(profile)
+        try:
+            child = asyncio.ensure_future(asyncio.sleep(0))
+            attributed = sampler._tasks.get(child) is profile
+            await child
+            return attributed
+        finally:
+            profile.closed = True
+            sampler.unregister_current(profile)
+            current_request.reset(token)
+
+    try:
+        results = [asyncio.run(request()) for _ in range(12)]
+    finally:
+        sampler.stop()
+    assert all(results), results

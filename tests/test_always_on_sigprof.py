@@ -3,11 +3,12 @@
 Each test builds its own :class:`AlwaysOnSampler` (never the process singleton) and the
 ``sigprof`` fixture gives it a free SIGPROF (``SIG_DFL``, no timer armed), then puts back
 whatever handler and timer were there before (the singleton's, when earlier tests made it).
-A one-shot ITIMER_PROF fires at the kernel's CPU-timer granularity, not at the interval
-asked: POSIX CPU timers are checked on the scheduler tick (4 ms at HZ=250), and re-arming a
-one-shot timer from its handler costs one more tick, so 2 ms asked gives a tick every ~8 ms
-of CPU on such a kernel. The SIGPROF tick counts are therefore held against what a bare
-one-shot handler gets on this machine (:func:`_bare_one_shot_ticks`), with loose bounds.
+ITIMER_PROF fires at the kernel's CPU-timer granularity, not at the interval asked: POSIX
+CPU timers are checked on scheduler ticks (every 4 ms at HZ=250); on a machine short of
+CPU, gaps of 20-50 ms of CPU were measured even for a bare handler. So the SIGPROF tests
+burn CPU until they have seen a few ticks (:func:`_burn_until`, with a CPU cap) instead of
+expecting a rate. The timer is periodic while requests are registered and disarmed as soon
+as none is (an armed timer would survive an ``exec``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import threading
 import time
 import types
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[1]
 INTERVAL = 0.002
 BUSY = 0.1  # CPU seconds of marker work
+SAMPLER_FRAMES = {"_on_sigprof", "_arm", "_next_interval", "_tick", "_sample", "_loop_tick"}
+TICKS = 8  # SIGPROF ticks a test waits for
+CPU_LIMIT = 0.6  # CPU seconds it waits at most (a tick every 75 ms of CPU: a broken driver)
 
 
 @pytest.fixture
@@ -111,8 +115,9 @@ def sampler(sigprof: None) -> Iterator[AlwaysOnSampler]:
         yield sampler
     finally:
         _quiet_sigprof()  # before stop(): a pending tick must not re-arm the timer
+        thread = sampler._thread
         sampler.stop()
-        assert sampler._thread is None
+        assert sampler._thread is None and (thread is None or not thread.is_alive())
 
 
 @pytest.fixture
@@ -133,6 +138,45 @@ class Foreign:
 
     def __call__(self, signum: int, frame: types.FrameType | None) -> None:
         self.calls += 1
+
+
+class TickSources:
+    """Counts ``_tick`` calls by where they come from (wraps the sampler's ``_tick``).
+
+    ``thread_ticks=False``: the sampler thread's ticks are counted but not taken, so what
+    the profile holds comes from SIGPROF and the loop tick only.
+    """
+
+    def __init__(
+        self,
+        sampler: AlwaysOnSampler,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        thread_ticks: bool = True,
+    ) -> None:
+        self.sigprof = 0  # the SIGPROF handler (given the interrupted frame)
+        self.loop = 0  # the loop's call_later tick
+        self.thread = 0  # the sampler thread
+        self.arms = 0  # SIGPROF timer armings
+        tick, arm = sampler._tick, sampler._arm
+
+        def counting(main_frame: types.FrameType | None, slept: float | None) -> None:
+            if threading.current_thread() is not threading.main_thread():
+                self.thread += 1
+                if not thread_ticks:
+                    return
+            elif main_frame is not None:
+                self.sigprof += 1
+            else:
+                self.loop += 1
+            tick(main_frame, slept)
+
+        def arming() -> None:
+            self.arms += 1
+            arm()
+
+        monkeypatch.setattr(sampler, "_tick", counting)
+        monkeypatch.setattr(sampler, "_arm", arming)
 
 
 def _new_request() -> RequestProfile:
@@ -186,29 +230,12 @@ def _timer_armed() -> bool:
     return signal.getitimer(signal.ITIMER_PROF)[0] > 0
 
 
-def _bare_one_shot_ticks(cpu_seconds: float = BUSY) -> float:
-    """How many ticks a bare handler re-arming a one-shot ``INTERVAL`` timer gets in
-    ``cpu_seconds`` of CPU here (measured over a third of it); SIGPROF is left free."""
-    ticks = 0
-
-    def rearm(signum: int, frame: types.FrameType | None) -> None:
-        nonlocal ticks
-        ticks += 1
-        signal.setitimer(signal.ITIMER_PROF, INTERVAL)
-
-    signal.signal(signal.SIGPROF, rearm)
-    try:
-        signal.setitimer(signal.ITIMER_PROF, INTERVAL)
-        marker_sigprof_busy(cpu_seconds / 3)
-    finally:
-        _quiet_sigprof()
-        signal.signal(signal.SIGPROF, signal.SIG_DFL)
-    return ticks * 3.0
-
-
-def _expected_ticks(bare: float) -> float:
-    """The least SIGPROF ticks a sampler must get where a bare handler got ``bare``."""
-    return max(5.0, 0.5 * bare)
+def _burn_until(done: Callable[[], bool], cpu_limit: float = CPU_LIMIT) -> float:
+    """Run the marker until ``done()`` (``cpu_limit`` seconds of CPU at most); CPU used."""
+    start = time.thread_time()
+    while not done() and time.thread_time() - start < cpu_limit:
+        marker_sigprof_busy(0.005)
+    return time.thread_time() - start
 
 
 # -- SIGPROF drives a main-thread loop ---------------------------------------------------
@@ -216,10 +243,10 @@ def _expected_ticks(bare: float) -> float:
 
 @pytest.mark.anyio
 async def test_main_thread_loop_is_driven_by_sigprof_not_the_thread(
-    sampler: AlwaysOnSampler,
+    sampler: AlwaysOnSampler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert threading.current_thread() is threading.main_thread()
-    least = _expected_ticks(_bare_one_shot_ticks())
+    sources = TickSources(sampler, monkeypatch, thread_ticks=False)  # SIGPROF's ticks only
     assert signal.getsignal(signal.SIGPROF) == signal.SIG_DFL
     async with _registered(sampler) as request:
         state = _loop_state(sampler)
@@ -227,38 +254,59 @@ async def test_main_thread_loop_is_driven_by_sigprof_not_the_thread(
         assert state.requests == {request: asyncio.current_task()}
         assert _our_handler(sampler)
         assert sampler._armed_pid == os.getpid() and _timer_armed()
-        assert sampler._thread is None
+        assert not sampler._needs_thread()  # nothing for the sampler thread to sample
         before = sampler.samples
-        marker_sigprof_busy()
+        started = time.perf_counter()
+        cpu = _burn_until(lambda: sources.sigprof >= TICKS)
+        wall = time.perf_counter() - started
         ticks = sampler.samples - before
-        assert sampler._thread is None  # still no thread competing for the GIL
+        assert not sampler._needs_thread()
     busy = _records_with(request, "marker_sigprof_busy")
-    # about one tick per kernel timer period (12 per 0.1 s at HZ=250); a CPU-bound task
-    # lets no loop tick run, so these are all SIGPROF's
-    assert ticks >= least, (ticks, least)
-    assert len(busy) >= least, (len(busy), least)
-    assert sum(seconds for _, seconds in busy) == pytest.approx(BUSY, rel=0.5)
+    # a CPU-bound task lets no loop tick run: the ticks are SIGPROF's
+    assert sources.sigprof >= TICKS, (vars(sources), cpu)
+    assert ticks >= TICKS - 1, ticks  # (one may find the loop's tick running)
+    assert 1 <= sources.arms < sources.sigprof, vars(sources)  # periodic: armed once
+    assert len(busy) >= 0.7 * sources.sigprof, (len(busy), vars(sources))
+    # each tick credits the wall time since the last one (not the first tick's half)
+    assert 0.4 * wall <= sum(seconds for _, seconds in busy) <= wall + 0.02, wall
     for stack, _ in request.records:
         # the interrupted frame stands in for the main thread's: never the handler's own
-        names = {_name(frame) for frame in stack}
-        assert not names & {"_on_sigprof", "_tick", "_sample", "_loop_tick"}, stack
+        assert not {_name(frame) for frame in stack} & SAMPLER_FRAMES, stack
     for stack, _ in busy:
         assert stack[-1].startswith("marker_sigprof_busy\x00"), stack[-3:]
         assert _name(stack[0]) == "MainThread"
-    assert sampler._thread is None
+
+
+@pytest.mark.anyio
+async def test_no_thread_ticks_a_busy_driven_loop(
+    sampler: AlwaysOnSampler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources = TickSources(sampler, monkeypatch)
+    async with _registered(sampler) as request:
+        assert _loop_state(sampler).driven
+        _burn_until(lambda: sources.sigprof >= TICKS)
+    assert sources.sigprof >= TICKS, vars(sources)
+    # a watchdog may look in, but the loop is running: SIGPROF samples it
+    assert sources.thread <= max(2, sources.sigprof // 4), vars(sources)
+    for stack, _ in request.records:  # (a thread tick can catch the handler running)
+        assert not {_name(frame) for frame in stack} & SAMPLER_FRAMES, stack
 
 
 @pytest.mark.anyio
 async def test_idle_wait_is_ticked_by_the_loop_and_shown_as_await(
-    sampler: AlwaysOnSampler,
+    sampler: AlwaysOnSampler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    sources = TickSources(sampler, monkeypatch, thread_ticks=False)  # the loop's ticks only
     async with _registered(sampler) as request:
         assert _loop_state(sampler).driven
         started = time.perf_counter()
         await marker_sigprof_wait(0.1)
         waited = time.perf_counter() - started
         assert _loop_state(sampler).ticking  # the call_later tick is running
-    assert sampler._thread is None
+        assert not sampler._needs_thread()
+    # the process is idle, so SIGPROF hardly fires: the loop's call_later tick (1-3 ms
+    # apart) covers the wait
+    assert sources.loop >= 10, vars(sources)
     waits = [
         (stack, seconds)
         for stack, seconds in _records_with(request, "marker_sigprof_wait")
@@ -275,21 +323,44 @@ async def test_idle_wait_is_ticked_by_the_loop_and_shown_as_await(
 
 
 @pytest.mark.anyio
-async def test_the_loop_tick_stops_when_the_last_request_ends(sampler: AlwaysOnSampler) -> None:
+async def test_the_loop_tick_stops_when_the_last_request_ends(
+    sampler: AlwaysOnSampler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources = TickSources(sampler, monkeypatch)
     async with _registered(sampler):
         await asyncio.sleep(0.01)
     state = _loop_state(sampler)
     await asyncio.sleep(0.01)  # the next loop tick finds no request
     assert not state.ticking
-    before = sampler.samples
-    marker_sigprof_busy(0.03)
+    assert not _timer_armed()  # disarmed when the last request ended
+    sigprof, loop = sources.sigprof, sources.loop
+    marker_sigprof_busy(0.02)
     await asyncio.sleep(0.01)
-    assert sampler.samples == before  # nothing registered: SIGPROF no longer ticks
+    # nothing registered: neither SIGPROF nor the loop ticks (a watchdog thread may)
+    assert (sources.sigprof, sources.loop) == (sigprof, loop), vars(sources)
     assert not _timer_armed() and sampler._armed_pid == -1
     async with _registered(sampler):  # a new request drives again
-        assert state.ticking and _timer_armed()
-        marker_sigprof_busy(0.03)
-    assert sampler.samples - before >= 3
+        assert state.ticking and _timer_armed() and sampler._armed_pid == os.getpid()
+        _burn_until(lambda: sources.sigprof - sigprof >= 3)
+    assert sources.sigprof - sigprof >= 3, vars(sources)
+
+
+def marker_sigprof_blocking(seconds: float) -> None:
+    time.sleep(seconds)  # a blocking call made on the event loop (sync I/O, time.sleep)
+
+
+@pytest.mark.anyio
+async def test_a_blocking_call_on_the_loop_is_seen(sampler: AlwaysOnSampler) -> None:
+    # ITIMER_PROF counts CPU time and the loop tick cannot run while the loop thread
+    # blocks: without something else looking (a watchdog), a blocking call on a
+    # SIGPROF-driven loop gets no tick and its time is credited to the [await]s around it.
+    async with _registered(sampler) as request:
+        assert _loop_state(sampler).driven
+        await asyncio.sleep(0.01)
+        marker_sigprof_blocking(0.15)
+        await asyncio.sleep(0.01)
+    blocked = sum(seconds for _, seconds in _records_with(request, "marker_sigprof_blocking"))
+    assert blocked >= 0.5 * 0.15, request.records  # the sampler thread (sigprof=False) sees it
 
 
 # -- when SIGPROF is not ours: the sampler thread ---------------------------------------
@@ -338,13 +409,14 @@ async def test_a_replaced_handler_hands_the_loop_to_the_thread(sampler: AlwaysOn
     foreign = Foreign()
     async with _registered(sampler) as request:
         state = _loop_state(sampler)
-        assert state.driven and sampler._thread is None
+        assert state.driven and not sampler._needs_thread()
         signal.signal(signal.SIGPROF, foreign)
         deadline = time.monotonic() + 2.0
         while state.driven and time.monotonic() < deadline:
             await asyncio.sleep(0.005)  # the loop's next tick notices
         assert not state.driven
         assert _handler_is(foreign)  # not taken back
+        assert sampler._needs_thread()
         assert sampler._thread is not None and sampler._thread.is_alive()
         before = sampler.samples
         marker_sigprof_busy()
@@ -352,7 +424,7 @@ async def test_a_replaced_handler_hands_the_loop_to_the_thread(sampler: AlwaysOn
         ticks = sampler.samples - before
         calls = foreign.calls
         marker_sigprof_busy(0.03)
-        assert foreign.calls == calls  # our timer is no longer re-armed into it
+        assert foreign.calls == calls  # our periodic timer was disarmed, not left to fire
     assert ticks >= 3, ticks
     assert len(_records_with(request, "marker_sigprof_busy")) >= 2, request.records
     assert _handler_is(foreign)
@@ -376,19 +448,21 @@ async def test_a_failing_tick_never_reaches_user_code(
     expected = marker_sigprof_busy(0.0)
     async with _registered(sampler):
         assert _loop_state(sampler).driven
-        result = marker_sigprof_busy()  # would raise here if the handler let it out
+        _burn_until(lambda: calls >= 3)  # would raise here if the handler let it out
+        result = marker_sigprof_busy(0.02)
         await asyncio.sleep(0.01)
-        assert _timer_armed()  # the handler re-arms after a failed tick
+        assert _timer_armed()  # a failed tick leaves the timer running
     assert result >= expected
     assert calls >= 3, calls
-    failures = sampler._failures
-    assert failures == calls
-    assert _failsafe.snapshot().get("failed.sample", 0) == 0  # a handler takes no lock
+    # Every failed tick is either pending (``_failures``: the handler takes no lock, so it
+    # cannot count) or counted (by the sampler thread, if one ticked). The thread's
+    # read-and-reset can lose an increment made by the handler meanwhile: a little slack.
+    pending = sampler._failures
+    assert calls - 2 <= pending + _failsafe.snapshot().get("failed.sample", 0) <= calls
     monkeypatch.undo()
-    async with _registered(sampler):  # the next registration counts them
-        counted = _failsafe.snapshot().get("failed.sample", 0)
-        assert counted >= failures
-        assert sampler._failures <= counted - failures + 1
+    async with _registered(sampler):  # the next registration counts the pending ones
+        assert sampler._failures <= 1, sampler._failures
+        assert calls - 2 <= _failsafe.snapshot().get("failed.sample", 0) <= calls + 1
 
 
 # -- fork --------------------------------------------------------------------------------
@@ -396,13 +470,12 @@ async def test_a_failing_tick_never_reaches_user_code(
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_arms_its_own_timer(sampler: AlwaysOnSampler) -> None:
-    least = _expected_ticks(_bare_one_shot_ticks())
-
     async def parent() -> None:
         async with _registered(sampler):
             marker_sigprof_busy(0.01)
 
     asyncio.run(parent())
+    assert _our_handler(sampler)  # (an armed timer with SIG_DFL would kill pytest)
     sampler._arm()  # armed in the parent at the fork
     assert _timer_armed() and sampler._armed_pid == os.getpid()
 
@@ -415,10 +488,10 @@ def test_a_forked_child_arms_its_own_timer(sampler: AlwaysOnSampler) -> None:
             report["driven"] = _loop_state(sampler).driven
             report["rearmed"] = sampler._armed_pid == os.getpid() and _timer_armed()
             before = sampler.samples
-            marker_sigprof_busy()
+            _burn_until(lambda: sampler.samples - before >= TICKS)
             report["ticks"] = sampler.samples - before
+            report["needs_thread"] = sampler._needs_thread()
         report["busy"] = len(_records_with(request, "marker_sigprof_busy"))
-        report["thread"] = sampler._thread is not None
         return report
 
     read, write = os.pipe()
@@ -445,10 +518,9 @@ def test_a_forked_child_arms_its_own_timer(sampler: AlwaysOnSampler) -> None:
     assert report["armed_for_child"] is False
     assert report["driven"] is True
     assert report["rearmed"] is True
-    assert report["ticks"] >= least, (report, least)
-    assert report["busy"] >= least, (report, least)
-    assert report["thread"] is False
-    assert sampler._armed_pid == os.getpid()  # the parent's state is its own
+    assert report["ticks"] >= TICKS, report
+    assert report["busy"] >= TICKS // 2, report
+    assert report["needs_thread"] is False
 
 
 # -- exit: an armed ITIMER_PROF must never outlive the handler ---------------------------
@@ -462,7 +534,7 @@ def burn(seconds):
     while time.process_time() < end and time.perf_counter() < deadline:
         sum(range(50))
 
-atexit.register(burn, 0.05)  # runs after the sampler's own atexit stop(): CPU at exit
+atexit.register(burn, 0.03)  # runs after the sampler's own atexit stop(): CPU at exit
 
 from otelprof_middleware import Config
 from otelprof_middleware._always_on import always_on_sampler
@@ -491,9 +563,9 @@ async def main():
         )
         current_request.set(request)
         sampler.register_current(request)
-    burn(0.1)
+    burn(0.08)
     await asyncio.sleep(0.01)
-    burn(0.05)
+    burn(0.03)
     state = next(iter(sampler._loops.values()))
     report.update(driven=state.driven, samples=sampler.samples)
     if END == "finish":
@@ -520,7 +592,6 @@ _EXIT_CASES = [
     ("asyncio", "core", "finish"),
     ("uvloop", "core", "registered"),
     ("asyncio", "singleton", "registered"),
-    ("uvloop", "singleton", "finish"),
     ("asyncio", "singleton", "sys-exit"),
 ]
 
@@ -548,6 +619,6 @@ def test_exit_never_dies_of_an_armed_profiling_timer() -> None:
         assert "Traceback" not in err, (case, err)
         report = json.loads(out.strip().splitlines()[-1])
         assert report["driven"] is True, (case, report)  # SIGPROF really drove the loop
-        assert report["samples"] >= 5, (case, report)
+        assert report["samples"] >= 3, (case, report)
         if case[2] != "finish":
             assert report["armed"] is True, (case, report)  # the timer was armed at exit
