@@ -124,7 +124,7 @@ class _Wait:
 
 
 class _LoopState:
-    __slots__ = ("driven", "loop", "prefix", "requests", "ticking")
+    __slots__ = ("driven", "idle_ticks", "loop", "prefix", "requests", "ticking")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, driven: bool) -> None:
         self.loop = loop
@@ -132,6 +132,7 @@ class _LoopState:
         self.requests: dict[RequestProfile, asyncio.Task[Any]] = {}  # request -> its task
         self.driven = driven  # ticked by SIGPROF and its own call_later, not the thread
         self.ticking = False
+        self.idle_ticks = 0  # loop ticks in a row that found no request
 
 
 _Job = tuple[RequestProfile, list[str] | None, types.CodeType | None]
@@ -226,8 +227,6 @@ class AlwaysOnSampler:
             job = self._threads.get(ident)
             if job is not None and job[0] is request:
                 self._threads.pop(ident, None)
-        if not self._tasks and not self._threads and self._armed_pid == _pid():
-            self._disarm()  # idle: no timer left armed (it would survive an exec)
 
     def register_worker(
         self, request: RequestProfile, submitted_from: list[str], stop: types.CodeType
@@ -320,17 +319,26 @@ class AlwaysOnSampler:
         try:
             if self._tasks or self._threads:
                 self._tick(frame, None)
-            else:
-                self._disarm()
         except Exception:
             self._failures += 1
 
     def _loop_tick(self, state: _LoopState) -> None:
         """The loop's own tick: no task runs now, so it sees every request waiting."""
         try:
-            if not state.requests or not state.driven:
+            if not state.driven:
                 state.ticking = False
                 return
+            if state.requests:
+                state.idle_ticks = 0
+            else:
+                # Short requests leave the loop without one for moments at a time: keep
+                # ticking (and the timer armed) through those, stop once really idle.
+                state.idle_ticks += 1
+                if state.idle_ticks > _LOOP_IDLE_TICKS:
+                    state.ticking = False
+                    if not self._tasks and not self._threads:
+                        self._disarm()  # no timer left armed while idle: it survives exec
+                    return
             if signal.getsignal(signal.SIGPROF) != self._on_sigprof:
                 state.driven = False  # someone replaced our handler: the thread takes over
                 with contextlib.suppress(ValueError, OSError):
@@ -341,7 +349,7 @@ class AlwaysOnSampler:
                 state.ticking = False
                 self._wake_thread()
                 return
-            if time.perf_counter() - self._last_tick >= self.interval / 2:
+            if state.requests and time.perf_counter() - self._last_tick >= self.interval / 2:
                 self._tick(None, None)
             if self._armed_pid != _pid() or signal.getitimer(signal.ITIMER_PROF)[0] == 0:
                 self._arm()  # (other code may have set the timer to zero)
@@ -400,6 +408,7 @@ class AlwaysOnSampler:
         unwatched = 0  # watchdog rounds in a row that found no request to watch
         main_cpu = _main_thread_cpu_clock()
         last_cpu = last_wall = 0.0
+        busy = False
         while not stop.is_set():
             sampling = self._needs_thread()
             if sampling or self._watching():
@@ -425,7 +434,10 @@ class AlwaysOnSampler:
                 # releases the GIL (time.sleep, a sync database driver) uses no CPU and
                 # runs no loop tick, so nothing else would see it. Rarely awake while
                 # the loop ticks (every wake-up must win the GIL from a busy loop).
-                time.sleep(asked if stalled else _WATCHDOG_INTERVALS * self.interval)
+                if stalled:
+                    time.sleep(asked)
+                else:  # every wake-up must win the GIL from the loop: fewer while it runs
+                    time.sleep((_WATCHDOG_BUSY if busy else _WATCHDOG_INTERVALS) * self.interval)
                 wall = time.perf_counter()
                 cpu = _cpu_seconds(main_cpu)
                 # Busy (its CPU clock ran for over half the time): SIGPROF ticks it,
@@ -660,7 +672,9 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+_LOOP_IDLE_TICKS = 20  # empty loop ticks before the loop tick stops and the timer is disarmed
 _WATCHDOG_INTERVALS = 4  # the watchdog's sleep while the loop ticks, in intervals
+_WATCHDOG_BUSY = 8  # its sleep while the loop thread was running on the CPU, in intervals
 _WATCHDOG_IDLE_ROUNDS = 50  # rounds without requests before the watchdog idles
 
 
