@@ -197,7 +197,8 @@ class AlwaysOnSampler:
                 state.requests[request] = task
                 request.registration = (ident, state)
             if state.driven:
-                self._drive(state)
+                if not state.ticking or self._armed_pid != _PROCESS[0]:
+                    self._drive(state)  # (steady state: ticking and armed, nothing to do)
             else:
                 self._wake_thread()
         if self._failures:
@@ -284,9 +285,8 @@ class AlwaysOnSampler:
     def _drive(self, state: _LoopState) -> None:
         if self._armed_pid != _pid():
             self._arm()
-        if not self._wake.is_set() or self._pid != _pid():
-            self._wake_thread()  # the watchdog
         if not state.ticking:
+            self._wake_thread()  # the watchdog
             state.ticking = True
             state.loop.call_later(self._next_interval(), self._loop_tick, state, context=_EMPTY)
 

@@ -91,16 +91,18 @@ class ProfilingMiddleware:
             await serve_viewer(self._viewer, scope, send)
         elif self._sampler.is_excluded(path):
             await self.app(scope, receive, send)
-        elif current_server_span() is None:
+        elif (span := current_server_span()) is None:
             await self._traced_app(scope, receive, send)
         else:
-            await self._profiled(scope, receive, send)
+            await self._profiled(scope, receive, send, span)
 
-    async def _profiled(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _profiled(
+        self, scope: Scope, receive: Receive, send: Send, span: trace.Span | None = None
+    ) -> None:
         trigger = self._find_trigger(scope) if self._sampler.triggers_allowed else None
         client = scope.get("client")
         active = self._core.start(
-            trace.get_current_span(),
+            span or trace.get_current_span(),
             method=scope["method"],
             trigger=trigger,
             client_host=client[0] if client else None,
