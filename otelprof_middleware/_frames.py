@@ -25,7 +25,9 @@ __all__ = ["frame_identifier", "frame_stack"]
 # for a different code while it is cached.
 _CODE_PARTS: dict[int, tuple[types.CodeType, str, str]] = {}
 _MAX_CODES = 8192
-ON_CLEAR: list[Callable[[], None]] = []
+_IDENTIFIERS: dict[tuple[int, int], str] = {}  # (id(code), f_lasti): codes kept alive above
+_MAX_IDENTIFIERS = 65536
+ON_CLEAR: list[Callable[[], None]] = [_IDENTIFIERS.clear]
 """Called when the code cache is cleared: other caches keyed by ``id(code)`` must go too."""
 
 
@@ -50,12 +52,24 @@ def _code_parts(code: types.CodeType) -> tuple[str, str]:
 
 
 def frame_identifier(frame: types.FrameType) -> str:
-    """pyinstrument's identifier of ``frame``, without touching its locals."""
-    head, hidden = _code_parts(frame.f_code)
+    """pyinstrument's identifier of ``frame``, without touching its locals.
+
+    Cached by code and instruction offset (which fix the line): the sampler names the same
+    few hundred frames over and over.
+    """
+    code = frame.f_code
+    key = (id(code), frame.f_lasti)
+    identifier = _IDENTIFIERS.get(key)
+    if identifier is not None:
+        return identifier
+    head, hidden = _code_parts(code)  # keeps ``code`` alive while its key is cached
     line = frame.f_lineno
-    if line is not None and line > 0:
-        return f"{head}\x01l{line}{hidden}"
-    return head + hidden
+    has_line = line is not None and line > 0
+    identifier = f"{head}\x01l{line}{hidden}" if has_line else head + hidden
+    if len(_IDENTIFIERS) >= _MAX_IDENTIFIERS:
+        _IDENTIFIERS.clear()
+    _IDENTIFIERS[key] = identifier
+    return identifier
 
 
 def frame_stack(frame: types.FrameType | None, stop: types.CodeType | None = None) -> list[str]:

@@ -315,7 +315,7 @@ class ProfilerCore:
                 mode="always_on" if request.continuous else "hook",
                 interval_ms=round(request.interval * 1000.0, 3),
             )
-            how = "always-on sampler thread" if request.continuous else "pyinstrument hook"
+            how = "always-on sampler" if request.continuous else "pyinstrument hook"
             request.description = (
                 f"{active.method} {route or '(unmatched route)'}"
                 f" · {how}, interval {summary.interval_ms:g} ms"

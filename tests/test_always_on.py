@@ -92,7 +92,7 @@ async def test_concurrent_loop_and_worker_requests_never_mix(
         assert summary.interval_ms == 2
         session = store.get(summary.trace_id)[0].session()
         text = text_of(session)
-        assert "always-on sampler thread, interval 2 ms" in session.target_description
+        assert "always-on sampler, interval 2 ms" in session.target_description
         own, other = (
             ("marker_alpha", "marker_beta")
             if summary.route == "/alpha"
