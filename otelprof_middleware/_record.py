@@ -95,7 +95,9 @@ class ProfileRecord:
 def compress_session(session: Session) -> bytes:
     """Serialise a pyinstrument session to compact JSON and compress it."""
     text = json.dumps(session.to_json(), separators=(",", ":"))
-    return zlib.compress(text.encode("utf-8"), 6)
+    # Level 1: half the time of level 6 for ~15% more bytes (the writer runs in the
+    # server process, and under always-on it may store thousands of profiles a second).
+    return zlib.compress(text.encode("utf-8"), 1)
 
 
 def decompress_session(payload: bytes) -> Session:
