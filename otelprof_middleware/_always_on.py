@@ -349,7 +349,8 @@ class AlwaysOnSampler:
                 state.ticking = False
                 self._wake_thread()
                 return
-            if state.requests and time.perf_counter() - self._last_tick >= self.interval / 2:
+            # (skipped when a SIGPROF tick was recent: a busy loop gets those)
+            if state.requests and time.perf_counter() - self._last_tick >= 0.75 * self.interval:
                 self._tick(None, None)
             if self._armed_pid != _pid() or signal.getitimer(signal.ITIMER_PROF)[0] == 0:
                 self._arm()  # (other code may have set the timer to zero)

@@ -239,13 +239,15 @@ class ProfilerCore:
         Adapters call it right after :meth:`start`. ``base_url`` may be a function: it
         is then called only if a log record asks for the URL.
         """
-        trace_id, span_id = active.trace_id, active.span_id
         if callable(base_url):
-            make_base = base_url
-            active.request.url_factory = lambda: profile_url(make_base(), trace_id, span_id)
+            make_base = base_url  # everything, the hex ids included, made on first read
+            context = active.context  # (not ``active``: no reference cycle for the GC)
+            active.request.url_factory = lambda: profile_url(
+                make_base(), format_trace_id(context.trace_id), format_span_id(context.span_id)
+            )
             return
         with fail_open("profiler.link"):
-            active.request.url = profile_url(base_url, trace_id, span_id)
+            active.request.url = profile_url(base_url, active.trace_id, active.span_id)
 
     def finish(self, active: ActiveProfile, *, status_code: int, route: str, base_url: str) -> None:
         """Stop the profile; keep it when long enough: span link, then the writer.
