@@ -86,12 +86,40 @@ def _await_stack(prefix: list[str], coro: object) -> list[str]:
 
     Only real coroutines and generators are followed (``cr_await``/``gi_yieldfrom``),
     so no user-defined attribute lookup ever runs on the sampler thread. Concurrent
-    requests mostly wait at the same few places: the stack is cached by the chain's
-    code objects and instruction offsets (naming each frame costs more than that).
+    requests mostly wait at the same few places, so the stack is cached by the chain's
+    code objects and the innermost one's instruction offset: reading those needs no
+    frame object, and naming frames costs far more. (An outer function that awaits the
+    same function from two lines shares one entry: only its line attribute may be off.)
     """
-    frames: list[types.FrameType] = []
     key = [id(prefix)]
-    while len(frames) < 200:
+    innermost: object = None
+    node = coro
+    while len(key) <= 200:
+        kind = type(node)
+        if kind is types.CoroutineType:
+            key.append(id(node.cr_code))  # type: ignore[attr-defined]
+            innermost, node = node, node.cr_await  # type: ignore[attr-defined]
+        elif kind is types.GeneratorType:
+            key.append(id(node.gi_code))  # type: ignore[attr-defined]
+            innermost, node = node, node.gi_yieldfrom  # type: ignore[attr-defined]
+        else:
+            break
+    frame = getattr(innermost, "cr_frame", None) or getattr(innermost, "gi_frame", None)
+    key.append(frame.f_lasti if frame is not None else -1)
+    cache_key = tuple(key)
+    stack = _AWAIT_STACKS.get(cache_key)
+    if stack is None:
+        stack = [*prefix, *_await_identifiers(coro), AWAIT_FRAME_IDENTIFIER]
+        if len(_AWAIT_STACKS) >= _MAX_AWAIT_STACKS:
+            _AWAIT_STACKS.clear()
+        _AWAIT_STACKS[cache_key] = stack
+    return stack
+
+
+def _await_identifiers(coro: object) -> list[str]:
+    """The identifiers of a suspended coroutine chain's frames, outermost first."""
+    identifiers: list[str] = []
+    while len(identifiers) < 200:
         if isinstance(coro, types.CoroutineType):
             frame, coro = coro.cr_frame, coro.cr_await
         elif isinstance(coro, types.GeneratorType):
@@ -100,17 +128,8 @@ def _await_stack(prefix: list[str], coro: object) -> list[str]:
             break
         if frame is None:
             break
-        frames.append(frame)
-        key.append(id(frame.f_code))
-        key.append(frame.f_lasti)
-    cache_key = tuple(key)
-    stack = _AWAIT_STACKS.get(cache_key)
-    if stack is None:
-        stack = [*prefix, *(frame_identifier(frame) for frame in frames), AWAIT_FRAME_IDENTIFIER]
-        if len(_AWAIT_STACKS) >= _MAX_AWAIT_STACKS:
-            _AWAIT_STACKS.clear()
-        _AWAIT_STACKS[cache_key] = stack
-    return stack
+        identifiers.append(frame_identifier(frame))
+    return identifiers
 
 
 class _Wait:
