@@ -242,10 +242,10 @@ class Config:
             (``OTELPROF_EXCLUDE_PATHS``, comma-separated). The viewer's own routes are
             always excluded.
         mode: ``hook`` (default): a pyinstrument hook on the threads of each profiled
-            request, full detail, pyinstrument's cost per Python call; ``always_on``: one
-            sampler thread per process reads the stacks of the threads serving profiled
-            requests every ``always_on_interval_ms``, about 1% cost, so every request can be
-            profiled (``OTELPROF_MODE``).
+            request, full detail, pyinstrument's cost per Python call; ``always_on``: a
+            sampler per process reads the stacks of the threads serving profiled requests
+            every ``always_on_interval_ms``, a few percent, so every request can be profiled
+            (``OTELPROF_MODE``).
         hook_sample_rate: in ``always_on`` mode, the fraction of traces profiled with the
             hook instead (``OTELPROF_HOOK_SAMPLE_RATE``, default ``0``); triggered
             requests always get the hook. Ignored in ``hook`` mode.
