@@ -570,7 +570,11 @@ class AlwaysOnSampler:
                     future, (_await_stack(state.prefix or [], task.get_coro()), _WAITING)
                 )
                 now_states[request] = wait.state
-        gil_wait = max(0.0, elapsed - slept)
+        # A long wait for the GIL (threads contending) is not credited beyond a cap: the
+        # sampler wins the GIL when a thread *releases* it, typically in I/O right after
+        # its CPU work, so crediting the whole wait to what it then sees put a request's
+        # 30 ms of work under gunicorn's socket write. Unseen time stays unattributed.
+        gil_wait = min(max(0.0, elapsed - slept), _GIL_WAIT_CAP * self.interval)
         for request in unchanged:
             request.add_wait(now_states[request][0], elapsed)
         for request, now in now_states.items():
@@ -610,10 +614,14 @@ def _credit(
             age = time.perf_counter() - request.start_perf
             _add(request, now, min(age, elapsed, gil_wait + slept / 2))
         return
-    share = slept / 2 + (gil_wait if before[1] != _WAITING else 0.0)
-    _add(request, before, share)
-    if now is not None:
-        _add(request, now, elapsed - share)
+    if before[1] != _WAITING:  # the GIL wait was most likely spent running ``before``
+        _add(request, before, slept / 2 + gil_wait)
+        if now is not None:
+            _add(request, now, slept / 2)
+    else:  # a waiting request held no GIL: the wait went to what runs now
+        _add(request, before, slept / 2)
+        if now is not None:
+            _add(request, now, slept / 2 + gil_wait)
 
 
 def _add(request: RequestProfile, state: _State, seconds: float) -> None:
@@ -692,6 +700,7 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+_GIL_WAIT_CAP = 2  # most GIL wait credited per tick, in intervals
 _LOOP_IDLE_TICKS = 20  # empty loop ticks before the loop tick stops and the timer is disarmed
 _WATCHDOG_INTERVALS = 4  # the watchdog's sleep while the loop ticks, in intervals
 _WATCHDOG_BUSY = 8  # its sleep while the loop thread was running on the CPU, in intervals
