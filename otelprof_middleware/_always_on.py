@@ -21,10 +21,11 @@ to its ``[await]`` under the coroutine chain its task is suspended in.
 What drives the ticks:
 
 * **An event loop on the main thread** (uvicorn, gunicorn's uvicorn workers, hypercorn):
-  ``SIGPROF`` from a one-shot, jittered ``ITIMER_PROF`` timer (process CPU time), whose
-  Python handler runs on the loop thread itself, in the interrupted task, plus a
-  ``call_later`` tick on the loop for the time the process is idle (requests waiting).
-  No second thread competes for the GIL. A sampler *thread* does not work here: under
+  ``SIGPROF`` from a periodic ``ITIMER_PROF`` timer (process CPU time), whose Python
+  handler runs on the loop thread itself, in the interrupted task, plus a ``call_later``
+  tick on the loop for the time the process is idle (requests waiting), plus a watchdog
+  thread for a loop blocked in a call that releases the GIL. No second thread competes
+  for the GIL while the loop runs. A sampler *thread* does not work here: under
   load the loop releases and retakes the GIL at every poll, and a thread waiting for it
   wakes, fails and sleeps again (hundreds of context switches a second, few samples).
 * **Anything else** (WSGI threads, a loop on another thread): one sampler thread. It
@@ -81,55 +82,66 @@ _MAX_AWAIT_STACKS = 4096
 ON_CLEAR.append(_AWAIT_STACKS.clear)
 
 
+def _await_chain(coro: object) -> list[Any]:
+    """A suspended coroutine and what it awaits, outermost first.
+
+    Only real coroutines and generators are followed (``cr_await``/``gi_yieldfrom``),
+    so no user-defined attribute lookup ever runs on the sampler thread.
+    """
+    chain: list[Any] = []
+    while len(chain) < 200:
+        kind = type(coro)
+        if kind is types.CoroutineType:
+            chain.append(coro)
+            coro = coro.cr_await  # type: ignore[attr-defined]
+        elif kind is types.GeneratorType:
+            chain.append(coro)
+            coro = coro.gi_yieldfrom  # type: ignore[attr-defined]
+        else:
+            break
+    return chain
+
+
 def _await_stack(prefix: list[str], coro: object) -> list[str]:
     """Where a suspended task waits: ``prefix``, its coroutine chain, then ``[await]``.
 
-    Only real coroutines and generators are followed (``cr_await``/``gi_yieldfrom``),
-    so no user-defined attribute lookup ever runs on the sampler thread. Concurrent
-    requests mostly wait at the same few places, so the stack is cached by the chain's
-    code objects and the innermost one's instruction offset: reading those needs no
-    frame object, and naming frames costs far more. (An outer function that awaits the
+    Concurrent requests mostly wait at the same few places, so the stack is cached by the
+    chain's code objects and the innermost one's instruction offset: reading those needs
+    no frame object, and naming frames costs far more. (An outer function that awaits the
     same function from two lines shares one entry: only its line attribute may be off.)
     """
-    key = [id(prefix)]
-    innermost: object = None
-    node = coro
-    while len(key) <= 200:
-        kind = type(node)
-        if kind is types.CoroutineType:
-            key.append(id(node.cr_code))  # type: ignore[attr-defined]
-            innermost, node = node, node.cr_await  # type: ignore[attr-defined]
-        elif kind is types.GeneratorType:
-            key.append(id(node.gi_code))  # type: ignore[attr-defined]
-            innermost, node = node, node.gi_yieldfrom  # type: ignore[attr-defined]
-        else:
-            break
-    frame = getattr(innermost, "cr_frame", None) or getattr(innermost, "gi_frame", None)
-    key.append(frame.f_lasti if frame is not None else -1)
+    chain = _await_chain(coro)
+    key = [id(prefix), *(id(_code_of(node)) for node in chain)]
+    innermost = _frame_of(chain[-1]) if chain else None
+    key.append(innermost.f_lasti if innermost is not None else -1)
     cache_key = tuple(key)
     stack = _AWAIT_STACKS.get(cache_key)
     if stack is None:
-        stack = [*prefix, *_await_identifiers(coro), AWAIT_FRAME_IDENTIFIER]
+        stack = list(prefix)
+        for node in chain:
+            frame = _frame_of(node)
+            if frame is None:
+                break
+            stack.append(frame_identifier(frame))
+        stack.append(AWAIT_FRAME_IDENTIFIER)
         if len(_AWAIT_STACKS) >= _MAX_AWAIT_STACKS:
             _AWAIT_STACKS.clear()
         _AWAIT_STACKS[cache_key] = stack
     return stack
 
 
-def _await_identifiers(coro: object) -> list[str]:
-    """The identifiers of a suspended coroutine chain's frames, outermost first."""
-    identifiers: list[str] = []
-    while len(identifiers) < 200:
-        if isinstance(coro, types.CoroutineType):
-            frame, coro = coro.cr_frame, coro.cr_await
-        elif isinstance(coro, types.GeneratorType):
-            frame, coro = coro.gi_frame, coro.gi_yieldfrom
-        else:
-            break
-        if frame is None:
-            break
-        identifiers.append(frame_identifier(frame))
-    return identifiers
+def _code_of(node: Any) -> types.CodeType:
+    """The code of a coroutine or generator from :func:`_await_chain`."""
+    code: types.CodeType = node.cr_code if type(node) is types.CoroutineType else node.gi_code
+    return code
+
+
+def _frame_of(node: Any) -> types.FrameType | None:
+    """The frame of a coroutine or generator from :func:`_await_chain` (None: finished)."""
+    frame: types.FrameType | None = (
+        node.cr_frame if type(node) is types.CoroutineType else node.gi_frame
+    )
+    return frame
 
 
 class _Wait:
@@ -220,9 +232,7 @@ class AlwaysOnSampler:
                     self._drive(state)  # (steady state: ticking and armed, nothing to do)
             else:
                 self._wake_thread()
-        if self._failures:
-            failures, self._failures = self._failures, 0
-            count("failed.sample", failures)
+        self._count_failures()
 
     def unregister_current(self, request: RequestProfile) -> None:
         """Forget ``request`` (called when its profile finishes, on any thread).
@@ -310,6 +320,8 @@ class AlwaysOnSampler:
             state.loop.call_later(self._next_interval(), self._loop_tick, state, context=_EMPTY)
 
     def _next_interval(self) -> float:
+        # Jitter: a CPU-bound thread hands the GIL over on a fixed 5 ms beat; a fixed
+        # sleep phase-locks the ticks to the work and biases what they see.
         return self.interval * (0.5 + self._jitter.random())
 
     def _arm(self) -> None:
@@ -380,6 +392,12 @@ class AlwaysOnSampler:
 
     # -- the sampler thread ------------------------------------------------------------
 
+    def _count_failures(self) -> None:
+        """Move failed ticks into the counters (not from a signal handler: it takes a lock)."""
+        if self._failures:
+            failures, self._failures = self._failures, 0
+            count("failed.sample", failures)
+
     def _wake_thread(self) -> None:
         self._ensure_thread()
         if not self._wake.is_set():
@@ -421,9 +439,6 @@ class AlwaysOnSampler:
 
     def _run(self) -> None:
         stop, wake = self._stop, self._wake
-        # Jitter: a CPU-bound thread hands the GIL over on a fixed 5 ms beat; a fixed
-        # sleep phase-locks the ticks to the work and biases what they see.
-        jitter = random.Random()
         stalled = False
         unwatched = 0  # watchdog rounds in a row that found no request to watch
         main_cpu = _main_thread_cpu_clock()
@@ -445,7 +460,7 @@ class AlwaysOnSampler:
                 if not self._needs_thread() and not self._watching():
                     wake.wait(1.0)
                 continue
-            asked = self.interval * (0.5 + jitter.random())
+            asked = self._next_interval()
             if sampling:
                 time.sleep(asked)
                 self._tick(None, asked)
@@ -469,9 +484,7 @@ class AlwaysOnSampler:
                 )
                 if stalled:
                     self._tick(None, None)
-            if self._failures:
-                failures, self._failures = self._failures, 0
-                count("failed.sample", failures)
+            self._count_failures()
 
     # -- one tick ----------------------------------------------------------------------
 
@@ -514,16 +527,17 @@ class AlwaysOnSampler:
             frame = frames.get(ident)
             if task is None or frame is None:
                 continue
-            if main_frame is None and ident == self._main_ident:
+            if ident != self._main_ident:
+                request = self._tasks.get(task)
+            elif main_frame is None:
                 frame = _outside_sampler(frame)  # a thread tick may catch the handler
-            if main_frame is not None and ident == self._main_ident:
+                request = self._tasks.get(task)
+            else:
                 # The handler runs in the interrupted task's context: its request is
                 # current, child tasks included (they copied the context).
                 request = current_request.get()
                 if request is not None and not request.continuous:
                     request = None  # a hook-mode request: its hook profiles it
-            else:
-                request = self._tasks.get(task)
             root = getattr(task.get_coro(), "cr_frame", None)
             stack, below_root = _running_stack(ident, frame, root)
             if below_root:
@@ -642,9 +656,7 @@ def _running_stack(
     ``root`` is the running task's outermost coroutine frame: what lies below it (the
     thread and the loop's own frames) is where the loop's waiting tasks hang too.
     """
-    stack = frame_stack(frame)
-    stack.append(_thread_identifier(ident))
-    stack.reverse()
+    stack = _stack(ident, frame)
     if root is None:
         return stack, 0
     depth = 0  # frames from the root coroutine up to ``frame``
@@ -700,6 +712,7 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
 _GIL_WAIT_CAP = 2  # most GIL wait credited per tick, in intervals
 _LOOP_IDLE_TICKS = 20  # empty loop ticks before the loop tick stops and the timer is disarmed
 _WATCHDOG_INTERVALS = 4  # the watchdog's sleep while the loop ticks, in intervals

@@ -35,7 +35,7 @@ from pyinstrument.low_level.stat_profile import setstatprofile
 from pyinstrument.session import Session
 from pyinstrument.stack_sampler import build_call_stack
 
-from ._failsafe import count
+from ._failsafe import count, log_failure
 
 __all__ = ["RequestProfile", "ThreadSampler", "current_request", "thread_sampler"]
 
@@ -110,8 +110,8 @@ class RequestProfile:
             self.url_factory = None
             try:
                 self._url = factory()
-            except Exception:
-                count("failed.profiler.link")
+            except Exception as exc:  # counted and logged as the eager link was
+                log_failure("profiler.link", exc)
         return self._url
 
     @url.setter
