@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
-import queue
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -41,6 +38,7 @@ import httpx
 from pyinstrument.frame_info import ATTRIBUTES_SEP, IDENTIFIER_SEP
 from pyinstrument.session import Session
 
+from .._background import BatchingThread
 from .._failsafe import count, fail_open, log_failure
 from .._record import ProfileSummary
 from .._span import PYROSCOPE_PROFILE_ID
@@ -54,7 +52,6 @@ SPY_NAME = "otelprof"
 SAMPLE_TYPE = ("wall", "nanoseconds")
 """The one pprof sample type (and period type) of every exported profile."""
 
-_STOP = object()
 _APP_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-/")
 
 
@@ -71,7 +68,7 @@ class QueuedProfile:
     span: SpanFacts
 
 
-class PyroscopeExporter:
+class PyroscopeExporter(BatchingThread):
     """Sends each kept profile to a Pyroscope server's ``/ingest`` endpoint.
 
     Off by default; turned on by ``OTELPROF_PYROSCOPE_URL`` (``pyroscope_url=``).
@@ -124,15 +121,11 @@ class PyroscopeExporter:
         if tenant_id:
             self._headers["X-Scope-OrgID"] = tenant_id
         self._service_name = service_name or "unknown_service"
-        self._queue_size = max(1, queue_size)
-        self._batch_size = max(1, batch_size)
         self._timeout = timeout
         self._transport = transport
-        self._lock = threading.Lock()
-        self._pid = -1
-        self._queue: queue.Queue[object] = queue.Queue(self._queue_size)
-        self._thread: threading.Thread | None = None
         self._closed = False
+        self._client: httpx.Client | None = None  # the thread's, made on first send
+        super().__init__("otelprof-pyroscope", queue_size, batch_size)
 
     def span_attributes(self, summary: ProfileSummary) -> Mapping[str, str]:
         """``{"pyroscope.profile.id": <span id>}``: what Grafana's span query selects."""
@@ -143,81 +136,39 @@ class PyroscopeExporter:
         if self._closed:
             count("pyroscope.dropped.closed")
             return False
-        if self._pid != os.getpid():
-            self._start()
-        try:
-            self._queue.put_nowait(QueuedProfile(summary, session, span))
-        except queue.Full:
+        if not self.offer(QueuedProfile(summary, session, span)):
             count("pyroscope.dropped.queue_full")
             return False
         return True
 
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything queued was sent or counted as failed. True if drained."""
-        if self._thread is None or self._pid != os.getpid():
-            return True
-        done = threading.Event()
-        try:
-            self._queue.put(done, timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(timeout)
-
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued, then stop the thread; later submits are dropped."""
         self._closed = True
-        thread = self._thread
-        if thread is None or self._pid != os.getpid():
-            return
+        super().close(timeout)
+
+    def _process(self, items: list[object]) -> None:
+        """Push one batch (grouped by service); a failure is counted, never raised."""
+        profiles = [item for item in items if isinstance(item, QueuedProfile)]
         try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            return
-        thread.join(timeout)
-        self._thread = None
+            if self._client is None:
+                # httpx's default trust_env: HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE
+                # apply, as egress to a hosted Pyroscope often needs.
+                self._client = httpx.Client(
+                    timeout=self._timeout, transport=self._transport, auth=self._auth
+                )
+            self._send(self._client, profiles)
+        except Exception as exc:  # the thread must outlive any failure
+            count("pyroscope.failed", len(profiles))
+            log_failure("pyroscope.push", exc)
 
     def _start(self) -> None:
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._queue = queue.Queue(self._queue_size)  # a forked child starts afresh
-            self._thread = threading.Thread(
-                target=self._run, args=(self._queue,), name="otelprof-pyroscope", daemon=True
-            )
-            self._thread.start()
-            self._pid = os.getpid()
+        self._client = None  # a forked child's thread must not share the parent's pool
+        super()._start()
 
-    def _run(self, work: queue.Queue[object]) -> None:
-        client: httpx.Client | None = None
-        try:
-            while True:
-                batch = [work.get()]
-                while len(batch) < self._batch_size:
-                    try:
-                        batch.append(work.get_nowait())
-                    except queue.Empty:
-                        break
-                items = [item for item in batch if isinstance(item, QueuedProfile)]
-                if items:
-                    try:
-                        if client is None:
-                            # httpx's default trust_env: HTTPS_PROXY, NO_PROXY and
-                            # SSL_CERT_FILE apply, as egress to a hosted Pyroscope often needs.
-                            client = httpx.Client(
-                                timeout=self._timeout, transport=self._transport, auth=self._auth
-                            )
-                        self._send(client, items)
-                    except Exception as exc:  # the thread must outlive any failure
-                        count("pyroscope.failed", len(items))
-                        log_failure("pyroscope.push", exc)
-                for item in batch:
-                    if isinstance(item, threading.Event):
-                        item.set()
-                if any(item is _STOP for item in batch):
-                    return
-        finally:
-            if client is not None:
-                client.close()
+    def _thread_exit(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def _send(self, client: httpx.Client, items: Sequence[QueuedProfile]) -> None:
         groups: dict[str, list[QueuedProfile]] = {}

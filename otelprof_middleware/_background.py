@@ -1,0 +1,110 @@
+"""A daemon thread fed by a bounded queue, working in batches: the writer and exporters.
+
+The thread starts on first use and again in a forked child (gunicorn ``--preload``),
+since threads do not survive ``fork()``. ``offer`` never blocks: a full queue refuses
+the item, and the caller counts the drop.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+
+__all__ = ["BatchingThread"]
+
+_STOP = object()
+
+
+class BatchingThread:
+    """Runs :meth:`_process` on batches of offered items, on its own daemon thread.
+
+    Args:
+        name: the thread's name.
+        queue_size: items that may wait; more are refused.
+        batch_size: most items handed to one :meth:`_process` call.
+    """
+
+    def __init__(self, name: str, queue_size: int, batch_size: int) -> None:
+        self._thread_name = name
+        self._queue_size = max(1, queue_size)
+        self._batch_size = max(1, batch_size)
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._queue: queue.Queue[object] = queue.Queue(self._queue_size)
+        self._thread: threading.Thread | None = None
+
+    def offer(self, item: object) -> bool:
+        """Queue ``item``; never blocks. False when the queue is full."""
+        if self._pid != os.getpid():
+            self._start()
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            return False
+        return True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued item is processed (tests, shutdown). True if drained."""
+        if self._thread is None or self._pid != os.getpid():
+            return True
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Process what is queued, then stop the thread."""
+        thread = self._thread
+        if thread is None or self._pid != os.getpid():
+            return
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return
+        thread.join(timeout)
+        self._thread = None
+
+    def _process(self, items: list[object]) -> None:
+        """Handle one batch (on the thread). Must count its own failures, never raise."""
+        raise NotImplementedError
+
+    def _thread_exit(self) -> None:
+        """Release what the thread held (on the thread, as it stops)."""
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._queue = queue.Queue(self._queue_size)  # a forked child starts afresh
+            self._thread = threading.Thread(
+                target=self._run, args=(self._queue,), name=self._thread_name, daemon=True
+            )
+            self._thread.start()
+            self._pid = os.getpid()
+
+    def _run(self, work: queue.Queue[object]) -> None:
+        try:
+            while True:
+                batch = [work.get()]
+                while len(batch) < self._batch_size:  # under load, many at once
+                    try:
+                        batch.append(work.get_nowait())
+                    except queue.Empty:
+                        break
+                items = [
+                    item
+                    for item in batch
+                    if item is not _STOP and not isinstance(item, threading.Event)
+                ]
+                if items:
+                    self._process(items)
+                for item in batch:
+                    if isinstance(item, threading.Event):
+                        item.set()
+                if any(item is _STOP for item in batch):
+                    return
+        finally:
+            self._thread_exit()
