@@ -77,6 +77,7 @@ def _stack(
 
 _AWAIT_STACKS: dict[tuple[int, ...], list[str]] = {}
 _MAX_AWAIT_STACKS = 4096
+_MAX_AWAIT_DEPTH = 200  # coroutines followed down an awaited chain
 # Keys hold code ids: every code in a key went through frame_identifier, whose cache
 # keeps it alive, and this cache is emptied whenever that one is.
 ON_CLEAR.append(_AWAIT_STACKS.clear)
@@ -89,7 +90,7 @@ def _await_chain(coro: object) -> list[Any]:
     so no user-defined attribute lookup ever runs on the sampler thread.
     """
     chain: list[Any] = []
-    while len(chain) < 200:
+    while len(chain) < _MAX_AWAIT_DEPTH:
         kind = type(coro)
         if kind is types.CoroutineType:
             chain.append(coro)
@@ -110,30 +111,37 @@ def _await_stack(prefix: list[str], coro: object) -> list[str]:
     no frame object, and naming frames costs far more. (An outer function that awaits the
     same function from two lines shares one entry: only its line attribute may be off.)
     """
-    chain = _await_chain(coro)
-    key = [id(prefix), *(id(_code_of(node)) for node in chain)]
-    innermost = _frame_of(chain[-1]) if chain else None
-    key.append(innermost.f_lasti if innermost is not None else -1)
+    # The key is read in one tight loop: this runs once per wait of every request.
+    key = [id(prefix)]
+    append = key.append
+    node: Any = coro
+    innermost: Any = None
+    for _ in range(_MAX_AWAIT_DEPTH):
+        kind = type(node)
+        if kind is types.CoroutineType:
+            append(id(node.cr_code))
+            innermost, node = node, node.cr_await
+        elif kind is types.GeneratorType:
+            append(id(node.gi_code))
+            innermost, node = node, node.gi_yieldfrom
+        else:
+            break
+    frame = _frame_of(innermost) if innermost is not None else None
+    append(frame.f_lasti if frame is not None else -1)
     cache_key = tuple(key)
     stack = _AWAIT_STACKS.get(cache_key)
     if stack is None:
         stack = list(prefix)
-        for node in chain:
-            frame = _frame_of(node)
-            if frame is None:
+        for link in _await_chain(coro):
+            link_frame = _frame_of(link)
+            if link_frame is None:
                 break
-            stack.append(frame_identifier(frame))
+            stack.append(frame_identifier(link_frame))
         stack.append(AWAIT_FRAME_IDENTIFIER)
         if len(_AWAIT_STACKS) >= _MAX_AWAIT_STACKS:
             _AWAIT_STACKS.clear()
         _AWAIT_STACKS[cache_key] = stack
     return stack
-
-
-def _code_of(node: Any) -> types.CodeType:
-    """The code of a coroutine or generator from :func:`_await_chain`."""
-    code: types.CodeType = node.cr_code if type(node) is types.CoroutineType else node.gi_code
-    return code
 
 
 def _frame_of(node: Any) -> types.FrameType | None:
@@ -145,13 +153,18 @@ def _frame_of(node: Any) -> types.FrameType | None:
 
 
 class _Wait:
-    """Where a request's task waited at the last tick: the future and the stack."""
+    """A request's task waiting on one future: where, and since which tick.
 
-    __slots__ = ("future", "state")
+    While the task waits on the same future, ticks only compare the future; the time is
+    credited when the wait ends (``seen_at`` to the last tick that still saw it).
+    """
 
-    def __init__(self, future: object, state: _State) -> None:
+    __slots__ = ("future", "seen_at", "stack")
+
+    def __init__(self, future: object, stack: list[str], seen_at: float) -> None:
         self.future = future
-        self.state = state
+        self.stack = stack  # ends with [await]
+        self.seen_at = seen_at
 
 
 class _LoopState:
@@ -197,9 +210,9 @@ class AlwaysOnSampler:
         self._tick_lock = threading.Lock()
         self.samples = 0
         self._failures = 0  # failed ticks not yet counted (a signal handler takes no locks)
-        self._previous: dict[RequestProfile, _State] = {}  # written by ticks only
+        self._states: dict[RequestProfile, _State] = {}  # each one's state at the last tick
+        self._running_before: list[RequestProfile] = []  # running at the last tick
         self._last_tick = time.perf_counter()
-        self._waits: dict[RequestProfile, _Wait] = {}  # ticks only
         self._jitter = random.Random()
         self._handler_installed = False
         self._armed_pid = -1  # the process whose SIGPROF timer is armed
@@ -207,32 +220,43 @@ class AlwaysOnSampler:
 
     # -- registration (request threads) -------------------------------------------------
 
-    def register_current(self, request: RequestProfile) -> None:
-        """Register ``request`` as running on this thread (its task, on an event loop)."""
+    def register_current(self, request: RequestProfile, cap: int = 1 << 30) -> bool:
+        """Register ``request`` as running on this thread (its task, on an event loop).
+
+        False (and nothing registered) when ``cap`` requests are registered there already.
+        """
         ident = threading.get_ident()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._threads[ident] = (request, None, None)
-            request.registration = (ident, None)
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            threads = self._threads
+            if len(threads) >= cap:
+                return False
+            threads[ident] = (request, None, None)
+            request.registration = ident
             self._wake_thread()
-        else:
-            state = self._loops.get(ident)
-            if state is None or state.loop is not loop:
-                state = self._loops[ident] = _LoopState(loop, self._can_drive(ident))
-                if not state.driven:  # SIGPROF ticks read the running task's context
-                    self._install_task_factory(loop)
-            task = asyncio.current_task(loop)
-            if task is not None:
+            return True
+        state = self._loops.get(ident)
+        if state is None or state.loop is not loop:
+            state = self._loops[ident] = _LoopState(loop, self._can_drive(ident))
+            if not state.driven:  # SIGPROF ticks read the running task's context
+                self._install_task_factory(loop)
+        requests = state.requests
+        if len(requests) >= cap:
+            return False
+        task = asyncio.current_task(loop)
+        if task is not None:
+            requests[request] = task
+            request.registration = state
+            if not state.driven:  # (SIGPROF ticks find the request in the context)
                 self._tasks[task] = request
-                state.requests[request] = task
-                request.registration = (ident, state)
-            if state.driven:
-                if not state.ticking or self._armed_pid != _PROCESS[0]:
-                    self._drive(state)  # (steady state: ticking and armed, nothing to do)
-            else:
-                self._wake_thread()
-        self._count_failures()
+        if state.driven:
+            if not state.ticking or self._armed_pid != _PROCESS[0]:
+                self._drive(state)  # (steady state: ticking and armed, nothing to do)
+        else:
+            self._wake_thread()
+        if self._failures:
+            self._count_failures()
+        return True
 
     def unregister_current(self, request: RequestProfile) -> None:
         """Forget ``request`` (called when its profile finishes, on any thread).
@@ -240,23 +264,26 @@ class AlwaysOnSampler:
         The time since the last tick is split: half goes to the state that tick saw
         (on average the state changed halfway), the rest is not attributed.
         """
-        before = self._previous.get(request)
+        before = self._states.pop(request, None)
         if before is not None:
-            trailing = time.perf_counter() - self._last_tick
+            last_tick = self._last_tick
+            if type(before) is _Wait and last_tick > before.seen_at:
+                request.add_wait(before.stack, last_tick - before.seen_at)
+            trailing = time.perf_counter() - last_tick
             if 0 < trailing < 10 * self.interval:
                 _add(request, before, trailing / 2)
-        registration, request.registration = request.registration, None
+        registration = request.registration
         if registration is None:
             return
-        ident, state = registration
-        if isinstance(state, _LoopState):
-            task = state.requests.pop(request, None)
-            if task is not None:
+        request.registration = None
+        if type(registration) is _LoopState:
+            task = registration.requests.pop(request, None)
+            if task is not None and not registration.driven:
                 self._tasks.pop(task, None)
         else:
-            job = self._threads.get(ident)
+            job = self._threads.get(registration)  # type: ignore[call-overload]
             if job is not None and job[0] is request:
-                self._threads.pop(ident, None)
+                self._threads.pop(registration, None)  # type: ignore[call-overload]
 
     def register_worker(
         self, request: RequestProfile, submitted_from: list[str], stop: types.CodeType
@@ -348,8 +375,10 @@ class AlwaysOnSampler:
         # Runs on the main thread between two bytecodes of whatever it was running:
         # never raise, never block, take no lock that code might hold.
         try:
-            if self._tasks or self._threads:
+            if self._threads or self._tasks or current_request.get() is not None:
                 self._tick(frame, None)
+            elif any(state.requests for state in list(self._loops.values())):
+                self._tick(frame, None)  # (every request is waiting)
         except Exception:
             self._failures += 1
 
@@ -377,6 +406,8 @@ class AlwaysOnSampler:
                         signal.setitimer(signal.ITIMER_PROF, 0)  # ours: not into theirs
                 self._armed_pid = -1
                 self._install_task_factory(state.loop)
+                for request, task in list(state.requests.items()):
+                    self._tasks[task] = request  # the thread's ticks look tasks up here
                 state.ticking = False
                 self._wake_thread()
                 return
@@ -517,11 +548,14 @@ class AlwaysOnSampler:
         a thread held it and ran on. When a request's state changed since the last
         tick, that wait is credited to its previous state (what was running), the sleep
         is split evenly between the two, so neither boundary is biased.
+
+        A request still waiting on the same future as at the last tick costs one
+        identity check: its wait is credited in one piece when it ends.
         """
         frames = sys._current_frames()
         if main_frame is not None:  # SIGPROF: the main thread is in the handler now
             frames[self._main_ident] = main_frame  # type: ignore[index]
-        now_states: dict[RequestProfile, _State] = {}
+        running: dict[RequestProfile, _State] = {}
         for ident, state in list(self._loops.items()):
             task = asyncio.current_task(state.loop)
             frame = frames.get(ident)
@@ -531,7 +565,7 @@ class AlwaysOnSampler:
                 request = self._tasks.get(task)
             elif main_frame is None:
                 frame = _outside_sampler(frame)  # a thread tick may catch the handler
-                request = self._tasks.get(task)
+                request = self._task_request(state, task)
             else:
                 # The handler runs in the interrupted task's context: its request is
                 # current, child tasks included (they copied the context).
@@ -546,78 +580,104 @@ class AlwaysOnSampler:
                     state.prefix = prefix  # await stacks are cached by its identity
                     _AWAIT_STACKS.clear()
             if request is not None and not request.closed:
-                now_states[request] = (stack, _RUNNING)
+                running[request] = (stack, _RUNNING)
         for ident, (request, submitted_from, stop_code) in list(self._threads.items()):
             frame = frames.get(ident)
             if frame is None or request.closed:
                 continue
             if submitted_from is None:
-                now_states[request] = (_stack(ident, frame), _RUNNING)
+                running[request] = (_stack(ident, frame), _RUNNING)
             else:  # frames above the job wrapper, under the stack that submitted it
                 tail = _stack(ident, frame, stop_code)[1:]
-                now_states[request] = (submitted_from + tail, _WORKER)
+                running[request] = (submitted_from + tail, _WORKER)
         del frames  # frame objects of other threads: hold them no longer than needed
-        previous = self._previous
-        waits = self._waits
-        unchanged: list[RequestProfile] = []
-        for state in list(self._loops.values()):
-            for request, task in list(state.requests.items()):
-                if request in now_states or request.closed:
-                    continue
-                # A suspended task waits on one future until it runs again; the same
-                # future as last tick means the same await stack (the common case: a
-                # request waiting on I/O costs one identity check per tick).
-                future = getattr(task, "_fut_waiter", None)
-                wait = waits.get(request)
-                if (
-                    future is not None
-                    and wait is not None
-                    and wait.future is future
-                    and previous.get(request) is wait.state
-                ):
-                    now_states[request] = wait.state
-                    unchanged.append(request)
-                    continue
-                if task.done():
-                    continue
-                wait = waits[request] = _Wait(
-                    future, (_await_stack(state.prefix or [], task.get_coro()), _WAITING)
-                )
-                now_states[request] = wait.state
         # A long wait for the GIL (threads contending) is not credited beyond a cap: the
         # sampler wins the GIL when a thread *releases* it, typically in I/O right after
         # its CPU work, so crediting the whole wait to what it then sees put a request's
         # 30 ms of work under gunicorn's socket write. Unseen time stays unattributed.
         gil_wait = min(max(0.0, elapsed - slept), _GIL_WAIT_CAP * self.interval)
-        for request in unchanged:
-            request.add_wait(now_states[request][0], elapsed)
-        for request, now in now_states.items():
-            before = previous.get(request)
-            if before is now:
-                continue  # an unchanged wait, credited above
-            _credit(request, before, now, elapsed, slept, gil_wait)
-        for request, before in previous.items():
-            if request not in now_states and not request.closed:
-                _credit(request, before, None, elapsed, slept, gil_wait)
-        self._previous = now_states
-        if len(waits) > len(now_states):
-            for gone in [r for r in waits if r not in now_states]:
-                del waits[gone]
+        interval = _Interval(self._last_tick, elapsed, slept, gil_wait)
+        states = self._states
+        for state in list(self._loops.values()):
+            prefix = state.prefix or []
+            for request, task in list(state.requests.items()):
+                before = states.get(request)
+                # A suspended task waits on one future until it runs again: the same
+                # future as last tick means the same wait (the common case).
+                future = getattr(task, "_fut_waiter", None)
+                if type(before) is _Wait and before.future is future and future is not None:
+                    continue
+                if request in running or request.closed:
+                    continue
+                now: _State | None = None
+                if not task.done():
+                    stack = _await_stack(prefix, task.get_coro())
+                    now = _Wait(future, stack, interval.end)
+                self._change(request, before, now, interval)
+        for request, now in running.items():
+            self._change(request, states.get(request), now, interval)
+        for request in self._running_before:
+            # Ran at the last tick; neither running nor waiting on a loop now (its job
+            # ended): its share of the interval, then forget it.
+            if request not in running and type(states.get(request)) is tuple:
+                self._change(request, states.get(request), None, interval)
+        self._running_before = list(running)
         self.samples += 1
+        if not self.samples % _SWEEP_TICKS:
+            for request in [r for r in states if r.closed]:
+                states.pop(request, None)  # (unregistered while a tick was running)
+
+    def _task_request(self, state: _LoopState, task: asyncio.Task[Any]) -> RequestProfile | None:
+        """The request whose task ``task`` is (a main-thread loop, ticked by a thread)."""
+        request = self._tasks.get(task)
+        if request is None and state.driven:  # driven loops do not fill ``_tasks``
+            for candidate, its_task in list(state.requests.items()):
+                if its_task is task:
+                    return candidate
+        return request
+
+    def _change(
+        self,
+        request: RequestProfile,
+        before: _State | None,
+        now: _State | None,
+        interval: _Interval,
+    ) -> None:
+        """Credit ``request``'s interval to ``before`` and ``now``; ``now`` is its state."""
+        if type(before) is _Wait:  # the ticks that saw it unchanged, in one piece
+            waited = interval.end - interval.elapsed - before.seen_at
+            if waited > 0:
+                request.add_wait(before.stack, waited)
+        _credit(request, before, now, interval)
+        if now is None:
+            self._states.pop(request, None)
+        else:
+            self._states[request] = now
 
 
-_RUNNING, _WORKER, _WAITING = 0, 1, 2
-_State = tuple[list[str], int]
+class _Interval:
+    """The interval a tick credits: it ended at ``end`` after ``elapsed`` seconds."""
+
+    __slots__ = ("elapsed", "end", "gil_wait", "slept")
+
+    def __init__(self, end: float, elapsed: float, slept: float, gil_wait: float) -> None:
+        self.end = end
+        self.elapsed = elapsed
+        self.slept = slept
+        self.gil_wait = gil_wait
+
+
+_RUNNING, _WORKER = 0, 1
+_State = tuple[list[str], int] | _Wait
 
 
 def _credit(
     request: RequestProfile,
     before: _State | None,
     now: _State | None,
-    elapsed: float,
-    slept: float,
-    gil_wait: float,
+    interval: _Interval,
 ) -> None:
+    elapsed, slept, gil_wait = interval.elapsed, interval.slept, interval.gil_wait
     if now is not None and before is not None and now == before:
         _add(request, now, elapsed)
         return
@@ -628,7 +688,7 @@ def _credit(
             age = time.perf_counter() - request.start_perf
             _add(request, now, min(age, elapsed, gil_wait + slept / 2))
         return
-    if before[1] != _WAITING:  # the GIL wait was most likely spent running ``before``
+    if type(before) is not _Wait:  # the GIL wait was most likely spent running ``before``
         _add(request, before, slept / 2 + gil_wait)
         if now is not None:
             _add(request, now, slept / 2)
@@ -639,11 +699,12 @@ def _credit(
 
 
 def _add(request: RequestProfile, state: _State, seconds: float) -> None:
+    if isinstance(state, _Wait):  # the stack ends with [await] already
+        request.add_wait(state.stack, seconds)
+        return
     stack, kind = state
     if kind == _RUNNING:
         request.add(stack, seconds)
-    elif kind == _WAITING:  # the stack ends with [await] already
-        request.add_wait(stack, seconds)
     else:
         request.add_worker(stack, seconds)
 
@@ -714,6 +775,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _GIL_WAIT_CAP = 2  # most GIL wait credited per tick, in intervals
+_SWEEP_TICKS = 256  # ticks between sweeps of states left by requests gone mid-tick
 _LOOP_IDLE_TICKS = 20  # empty loop ticks before the loop tick stops and the timer is disarmed
 _WATCHDOG_INTERVALS = 4  # the watchdog's sleep while the loop ticks, in intervals
 _WATCHDOG_BUSY = 8  # its sleep while the loop thread was running on the CPU, in intervals
@@ -723,11 +785,7 @@ _WATCHDOG_IDLE_ROUNDS = 50  # rounds without requests before the watchdog idles
 def _driven(request: RequestProfile) -> bool:
     """Whether ``request`` is registered on a loop that SIGPROF ticks."""
     registration = request.registration
-    return (
-        registration is not None
-        and isinstance(registration[1], _LoopState)
-        and (registration[1].driven)
-    )
+    return type(registration) is _LoopState and registration.driven
 
 
 def _forget(tasks: dict[asyncio.Task[Any], RequestProfile]) -> Callable[[Any], None]:

@@ -6,11 +6,12 @@ request. Each risky step runs under ``with fail_open("stage"):``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "log_failure",
     "reset_counters",
     "snapshot",
+    "tally",
 ]
 
 logger = logging.getLogger("otelprof_middleware")
@@ -39,10 +41,35 @@ def count(name: str, amount: int = 1) -> None:
         counters[name] += amount
 
 
+_tallies: dict[str, itertools.count[int]] = {}
+_tally_offsets: dict[str, int] = {}  # a tally's value at the last reset
+
+
+def tally(name: str) -> Callable[[], int]:
+    """A lock-free "add one to ``name``", for counters bumped on every request.
+
+    ``next()`` of an ``itertools.count`` is atomic under the GIL, and costs a fraction
+    of :func:`count`'s lock. Its value shows in :func:`snapshot` like any counter.
+    """
+    with _lock:
+        counter = _tallies.setdefault(name, itertools.count(1))
+    return counter.__next__
+
+
+def _tally_value(counter: itertools.count[int]) -> int:
+    # repr is ``count(N)``, N the next value: the only public way to read one.
+    return int(repr(counter)[6:-1]) - 1
+
+
 def snapshot() -> dict[str, int]:
     """A copy of all counters, for metrics pages and tests."""
     with _lock:
-        return dict(counters)
+        values = dict(counters)
+        for name, counter in _tallies.items():
+            value = _tally_value(counter) - _tally_offsets.get(name, 0)
+            if value:
+                values[name] = values.get(name, 0) + value
+        return values
 
 
 def reset_counters() -> None:
@@ -50,6 +77,8 @@ def reset_counters() -> None:
     with _lock:
         counters.clear()
         _last_logged.clear()
+        for name, counter in _tallies.items():
+            _tally_offsets[name] = _tally_value(counter)
 
 
 def _due(stage: str) -> bool:

@@ -24,7 +24,7 @@ from pyinstrument.stack_sampler import build_call_stack
 
 from ._always_on import AlwaysOnSampler, always_on_sampler
 from ._config import Config
-from ._failsafe import count, fail_open, log_failure
+from ._failsafe import count, fail_open, log_failure, tally
 from ._record import ProfileRecord, ProfileSummary
 from ._sampling import Sampler
 from ._session import RequestProfile, ThreadSampler, current_request, thread_sampler
@@ -42,6 +42,8 @@ _KNOWN_METHODS = frozenset(
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 STORE_RETRY_SECONDS = 5.0
 ALWAYS_ON_MAX_CONCURRENT = 1024
+"""Most always-on profiles in flight on one event loop (or on the process's threads)."""
+_count_discarded_short = tally("discarded.short")
 
 
 _start_stacks: dict[tuple[int, ...], list[str]] = {}
@@ -130,7 +132,6 @@ class ProfilerCore:
         self._store_retry_at = 0.0
         self.writer = ProfileWriter(self.get_store, config.writer_queue_size)
         self._active = 0
-        self._active_always_on = 0
         self._active_lock = threading.Lock()
         self._interval = config.interval
         self._always_on_interval = config.always_on_interval_ms / 1000.0
@@ -191,42 +192,72 @@ class ProfilerCore:
             return None
         if current_request.get() is not None:
             return None  # already profiled by an outer middleware: never twice
-        continuous = kind == "always_on"
-        cap = ALWAYS_ON_MAX_CONCURRENT if continuous else self.config.max_concurrent
+        if kind == "always_on":
+            return self._start_always_on(span, context, method)
         with self._active_lock:
-            active_now = self._active_always_on if continuous else self._active
-            if active_now >= cap:
+            if self._active >= self.config.max_concurrent:
                 count("skipped.concurrency_cap")
                 return None
-            if continuous:
-                self._active_always_on += 1
-            else:
-                self._active += 1
-        hook: ThreadSampler | None = None
+            self._active += 1
         try:
             request = RequestProfile(
-                interval=self._always_on_interval if continuous else self._interval,
+                interval=self._interval,
                 max_samples=self.config.max_samples,
                 start_call_stack=_start_stack(sys._getframe(2)),
-                continuous=continuous,
             )
             token = current_request.set(request)
             try:
-                if continuous:
-                    self._always_on_sampler().register_current(request)
-                else:
-                    hook = thread_sampler(self._interval)
-                    hook.acquire()
+                hook = thread_sampler(self._interval)
+                hook.acquire()
             except BaseException:
                 current_request.reset(token)
                 raise
         except Exception as exc:
-            self._release_slot(continuous)
+            self._release_slot()
             log_failure("profiler.start", exc)
             return None
         return ActiveProfile(
             request=request,
             sampler=hook,
+            span=span,
+            context=context,
+            method=normalise_method(method),
+            token=token,
+        )
+
+    def _start_always_on(
+        self, span: trace.Span, context: SpanContext, method: str
+    ) -> ActiveProfile | None:
+        """:meth:`start` for the always-on sampler: the cheapest path there is.
+
+        Most of these profiles are discarded as too short, so nothing is worked out
+        that only a kept one needs (the start stack comes from its samples).
+        """
+        try:
+            request = RequestProfile(
+                interval=self._always_on_interval,
+                max_samples=self.config.max_samples,
+                start_call_stack=None,
+                continuous=True,
+            )
+            token = current_request.set(request)
+            try:
+                registered = self._always_on_sampler().register_current(
+                    request, ALWAYS_ON_MAX_CONCURRENT
+                )
+            except BaseException:
+                current_request.reset(token)
+                raise
+        except Exception as exc:
+            log_failure("profiler.start", exc)
+            return None
+        if not registered:
+            current_request.reset(token)
+            count("skipped.concurrency_cap")
+            return None
+        return ActiveProfile(
+            request=request,
+            sampler=None,
             span=span,
             context=context,
             method=normalise_method(method),
@@ -286,11 +317,12 @@ class ProfilerCore:
                 hook.users -= 1
         except Exception as exc:
             log_failure("profiler.stop", exc)
-        self._release_slot(request.continuous)
+        if not request.continuous:
+            self._release_slot()
         active.duration = duration
         if duration < self._min_duration:
             request.url = None  # later log records must not point at a discarded profile
-            count("discarded.short")
+            _count_discarded_short()
             return False
         return True
 
@@ -342,12 +374,9 @@ class ProfilerCore:
             )
         return sampler
 
-    def _release_slot(self, continuous: bool) -> None:
+    def _release_slot(self) -> None:
         with self._active_lock:
-            if continuous:
-                self._active_always_on -= 1
-            else:
-                self._active -= 1
+            self._active -= 1
 
     @staticmethod
     def detach(active: ActiveProfile) -> None:

@@ -37,7 +37,13 @@ from pyinstrument.stack_sampler import build_call_stack
 
 from ._failsafe import count, log_failure
 
-__all__ = ["RequestProfile", "ThreadSampler", "current_request", "thread_sampler"]
+__all__ = [
+    "RequestProfile",
+    "ThreadSampler",
+    "add_stem_marker",
+    "current_request",
+    "thread_sampler",
+]
 
 current_request: ContextVar[RequestProfile | None] = ContextVar(
     "otelprof_current_request", default=None
@@ -49,54 +55,50 @@ FrameRecord = tuple[list[str], float]
 
 
 class RequestProfile:
-    """The samples of one request, appended by the hooks of whichever threads run it."""
+    """The samples of one request, appended by the hooks of whichever threads run it.
 
-    __slots__ = (
-        "_url",
-        "closed",
-        "continuous",
-        "description",
-        "dropped_samples",
-        "interval",
-        "max_samples",
-        "own_seconds",
-        "records",
-        "registration",
-        "start_call_stack",
-        "start_perf",
-        "start_wall",
-        "suspended_at",
-        "suspended_stack",
-        "url_factory",
-        "worker_seconds",
-    )
+    No ``__slots__``: the class attributes below are the defaults, so creating one (on
+    every profiled request, most of them discarded as too short) sets only what varies.
+    """
+
+    # Defaults (class attributes); an instance sets its own only when they change.
+    closed = False
+    description = ""
+    dropped_samples = 0
+    own_seconds = 0.0
+    worker_seconds = 0.0
+    registration: object = None  # always-on: its loop's state, or its thread's ident
+    suspended_at: float | None = None
+    suspended_stack: list[str] | None = None
+    url_factory: Callable[[], str] | None = None  # makes ``url`` when first read
+    _url: str | None = None
+    _start_wall: float | None = None
 
     def __init__(
         self,
         *,
         interval: float,
         max_samples: int,
-        start_call_stack: list[str],
+        start_call_stack: list[str] | None,
         description: str = "",
         continuous: bool = False,
     ) -> None:
         self.records: list[FrameRecord] = []
-        self.continuous = continuous  # sampled by the always-on thread, not a hook
-        self.registration: tuple[int, object] | None = None  # always-on: where registered
+        self.continuous = continuous  # sampled by the always-on sampler, not a hook
         self.interval = interval
         self.max_samples = max_samples
-        self.dropped_samples = 0
-        self.own_seconds = 0.0
+        # None: found in the samples when the session is made (see ``stem_markers``).
         self.start_call_stack = start_call_stack
-        self.description = description
-        self.start_wall = time.time()
+        if description:
+            self.description = description
         self.start_perf = time.perf_counter()
-        self.suspended_at: float | None = None
-        self.suspended_stack: list[str] | None = None
-        self.worker_seconds = 0.0
-        self.closed = False
-        self._url: str | None = None
-        self.url_factory: Callable[[], str] | None = None  # makes ``url`` when first read
+
+    @property
+    def start_wall(self) -> float:
+        """When the request started, as a ``time.time()`` (worked out when first asked)."""
+        if self._start_wall is None:
+            self._start_wall = time.time() - (time.perf_counter() - self.start_perf)
+        return self._start_wall
 
     @property
     def url(self) -> str | None:
@@ -181,12 +183,48 @@ class RequestProfile:
             min_interval=self.interval,
             max_interval=self.interval,
             sample_count=len(self.records),
-            start_call_stack=self.start_call_stack,
+            start_call_stack=(
+                self.start_call_stack
+                if self.start_call_stack is not None
+                else _stem_of(self.records)
+            ),
             target_description=description,
             cpu_time=self.own_seconds,
             sys_path=list(sys.path),
             sys_prefixes=list(_SYS_PREFIXES),
         )
+
+
+_STEM_MARKERS: list[tuple[str, str]] = []
+
+
+def add_stem_marker(code: types.CodeType) -> None:
+    """Frames of ``code`` start a request's profile (an adapter's entry point).
+
+    A profile recorded without a start stack (always-on) is trimmed down to the caller
+    of the first such frame in its samples, as pyinstrument trims down to the caller
+    of ``Profiler.start()``.
+    """
+    head = f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}"
+    marker = (head, head + "\x01")
+    if marker not in _STEM_MARKERS:
+        _STEM_MARKERS.append(marker)
+
+
+def _stem_of(records: list[FrameRecord]) -> list[str]:
+    """The frames below the adapter in the first sample that has it.
+
+    Without one, the first sample's root frame: pyinstrument's stem trimming needs at
+    least one frame (it pops the first unconditionally), and one trims nothing.
+    """
+    for stack, _ in records:
+        for index, identifier in enumerate(stack):
+            for head, head_with_attributes in _STEM_MARKERS:
+                if identifier == head or identifier.startswith(head_with_attributes):
+                    if index:
+                        return stack[:index]
+                    break
+    return records[0][0][:1] if records and records[0][0] else ["<no samples>\x00\x000"]
 
 
 class ThreadSampler:

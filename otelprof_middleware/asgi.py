@@ -10,6 +10,7 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 from ._config import Config, Settings
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
+from ._session import add_stem_marker
 from ._span import ROUTE_KEY, current_server_span, redact_viewer_token, route_attribute
 from ._threads import install as install_worker_thread_profiling
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -159,6 +160,9 @@ class ProfilingMiddleware:
             if name == self._trigger_header:
                 return bytes(value)
         return None
+
+
+add_stem_marker(ProfilingMiddleware._profiled.__code__)
 
 
 async def serve_viewer(

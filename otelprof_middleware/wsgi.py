@@ -10,6 +10,7 @@ from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 
 from ._config import Config, Settings
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
+from ._session import add_stem_marker
 from ._span import ROUTE_KEY, current_server_span, redact_viewer_token, route_attribute
 from ._threads import install as install_worker_thread_profiling
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
@@ -173,6 +174,9 @@ class WSGIProfilingMiddleware:
         response = viewer.handle(request)
         start_response(f"{response.status} {_reason(response.status)}", list(response.headers))
         return [response.body]
+
+
+add_stem_marker(WSGIProfilingMiddleware._profiled.__code__)
 
 
 class _ProfiledBody:
