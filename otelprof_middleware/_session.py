@@ -212,19 +212,37 @@ def add_stem_marker(code: types.CodeType) -> None:
 
 
 def _stem_of(records: list[FrameRecord]) -> list[str]:
-    """The frames below the adapter in the first sample that has it.
+    """The frames below the adapter, from the first whole sample that has it.
 
-    Without one, the first sample's root frame: pyinstrument's stem trimming needs at
-    least one frame (it pops the first unconditionally), and one trims nothing.
+    Whole: rooted at a thread frame. A wait seen before the sampler knew the loop's own
+    frames starts at the task's outer coroutine instead, which would not match the tree
+    of the other samples. Without the adapter in any sample, the first sample's root
+    frame: pyinstrument's stem trimming needs at least one frame (it pops the first
+    unconditionally), and one trims nothing.
     """
+    fallback: list[str] | None = None
     for stack, _ in records:
         for index, identifier in enumerate(stack):
-            for head, head_with_attributes in _STEM_MARKERS:
-                if identifier == head or identifier.startswith(head_with_attributes):
-                    if index:
-                        return stack[:index]
-                    break
+            if not _is_stem_marker(identifier):
+                continue
+            if index and _THREAD_ROOT in stack[0]:
+                return stack[:index]
+            if index and fallback is None:
+                fallback = stack[:index]
+            break
+    if fallback is not None:
+        return fallback
     return records[0][0][:1] if records and records[0][0] else ["<no samples>\x00\x000"]
+
+
+_THREAD_ROOT = "\x00<thread>\x00"  # the always-on sampler's root frame of a thread
+
+
+def _is_stem_marker(identifier: str) -> bool:
+    for head, head_with_attributes in _STEM_MARKERS:
+        if identifier == head or identifier.startswith(head_with_attributes):
+            return True
+    return False
 
 
 class ThreadSampler:

@@ -73,7 +73,7 @@ class ProfilingMiddleware:
             else None
         )
         self._traced_app = OpenTelemetryMiddleware(
-            self._profiled, tracer_provider=tracer_provider, exclude_spans=["receive", "send"]
+            self._in_own_span, tracer_provider=tracer_provider, exclude_spans=["receive", "send"]
         )
         if self.config.enabled:
             install_worker_thread_profiling()
@@ -83,30 +83,33 @@ class ProfilingMiddleware:
         """The framework-agnostic core (store, writer, counters), for tests and tools."""
         return self._core
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        if self._viewer is not None and self._viewer.handles(path):
-            await serve_viewer(self._viewer, scope, send)
-        elif self._sampler.is_excluded(path):
-            await self.app(scope, receive, send)
-        elif (span := current_server_span()) is None:
-            await self._traced_app(scope, receive, send)
-        else:
-            await self._profiled(scope, receive, send, span)
-
-    async def _profiled(
-        self, scope: Scope, receive: Receive, send: Send, span: trace.Span | None = None
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, *, _in_own_span: bool = False
     ) -> None:
+        # One coroutine for the whole profiled path: every await of the request resumes
+        # through each coroutine level between the server and the app.
+        if _in_own_span:  # called back by the OTel middleware, under the span it opened
+            span = trace.get_current_span()
+        else:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            path: str = scope["path"]
+            if self._viewer is not None and self._viewer.handles(path):
+                await serve_viewer(self._viewer, scope, send)
+                return
+            if self._sampler.is_excluded(path):
+                await self.app(scope, receive, send)
+                return
+            joined = current_server_span()
+            if joined is None:
+                await self._traced_app(scope, receive, send)
+                return
+            span = joined
         trigger = self._find_trigger(scope) if self._sampler.triggers_allowed else None
         client = scope.get("client")
         active = self._core.start(
-            span or trace.get_current_span(),
-            method=scope["method"],
-            trigger=trigger,
-            client_host=client[0] if client else None,
+            span, method=scope["method"], trigger=trigger, client_host=client[0] if client else None
         )
         if active is None:
             await self.app(scope, receive, send)
@@ -131,6 +134,10 @@ class ProfilingMiddleware:
         finally:
             self._finish(active, scope, status_code)
             self._core.detach(active)
+
+    async def _in_own_span(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, under the server span this middleware had the OTel middleware open."""
+        await self(scope, receive, send, _in_own_span=True)
 
     def _finish(self, active: ActiveProfile, scope: Scope, status_code: int) -> None:
         if not self._core.stop(active):
@@ -162,7 +169,7 @@ class ProfilingMiddleware:
         return None
 
 
-add_stem_marker(ProfilingMiddleware._profiled.__code__)
+add_stem_marker(ProfilingMiddleware.__call__.__code__)
 
 
 async def serve_viewer(

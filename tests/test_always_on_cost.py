@@ -1,0 +1,525 @@
+"""The always-on fast path (commit fe0be0b): tallies, the start stack found at keep time,
+the per-loop cap on registrations, and a wait credited in one piece when it ends.
+
+Everything runs for real: asyncio loops, the sampler thread (``sigprof=False``) or the
+process's sampler behind the ASGI middleware, and OpenTelemetry SDK spans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable, Coroutine, Iterator
+
+import httpx
+import pytest
+from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER, Frame
+from pyinstrument.frame_info import frame_info_get_identifier
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import otelprof_middleware
+from otelprof_middleware import ProfilingMiddleware, _failsafe, _session
+from otelprof_middleware._always_on import AlwaysOnSampler
+from otelprof_middleware._frames import frame_identifier
+from otelprof_middleware._session import RequestProfile, add_stem_marker, current_request
+from otelprof_middleware.stores import MemoryStore
+
+from .helpers import make_provider
+
+
+def _name(identifier: str) -> str:
+    return identifier.split("\x00", 1)[0]
+
+
+def _names(frame: Frame | None) -> set[str]:
+    """Function names of ``frame`` and all its descendants."""
+    names: set[str] = set()
+    pending = [frame] if frame is not None else []
+    while pending:
+        current = pending.pop()
+        names.add(_name(current.identifier))
+        pending.extend(current.children)
+    return names
+
+
+# -- 1. _failsafe.tally ------------------------------------------------------------------
+
+
+def test_tally_shows_in_counters_and_adds_up_with_count() -> None:
+    name = "test_cost.tally.adds_up"
+    assert otelprof_middleware.counters is _failsafe.snapshot
+    bump = _failsafe.tally(name)
+    assert otelprof_middleware.counters().get(name, 0) == 0
+    bump()
+    bump()
+    bump()
+    assert otelprof_middleware.counters()[name] == 3
+    _failsafe.count(name, 2)
+    assert otelprof_middleware.counters()[name] == 5
+    again = _failsafe.tally(name)  # the same name: the same counter
+    again()
+    _failsafe.count(name)
+    assert otelprof_middleware.counters()[name] == 7
+    assert _failsafe.snapshot()[name] == 7
+
+
+def test_tally_is_exact_under_threads() -> None:
+    name = "test_cost.tally.threads"
+    bump = _failsafe.tally(name)
+    start = threading.Barrier(4)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(20_000):
+            bump()
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert otelprof_middleware.counters()[name] == 80_000
+
+
+def test_reset_counters_zeroes_tallies_and_they_count_again_from_zero() -> None:
+    name = "test_cost.tally.reset"
+    bump = _failsafe.tally(name)
+    for _ in range(5):
+        bump()
+    _failsafe.count(name, 10)
+    assert otelprof_middleware.counters()[name] == 15
+    _failsafe.reset_counters()
+    assert otelprof_middleware.counters().get(name, 0) == 0
+    bump()
+    assert otelprof_middleware.counters()[name] == 1
+    _failsafe.count(name)
+    assert otelprof_middleware.counters()[name] == 2
+    _failsafe.reset_counters()  # a second reset starts from the value at that reset
+    assert otelprof_middleware.counters().get(name, 0) == 0
+    bump()
+    bump()
+    assert otelprof_middleware.counters()[name] == 2
+
+
+# -- 2. RequestProfile without a start stack (always-on) ---------------------------------
+
+
+@pytest.fixture
+def stem_markers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's markers plus the test's, for this test only."""
+    monkeypatch.setattr(_session, "_STEM_MARKERS", list(_session._STEM_MARKERS))
+    add_stem_marker(marker_entry.__code__)
+    yield
+
+
+def marker_leaf() -> list[str]:
+    """This thread's real stack, root first, as the sampler names it."""
+    stack: list[str] = []
+    frame: types.FrameType | None = sys._getframe()
+    while frame is not None:
+        stack.append(frame_identifier(frame))
+        frame = frame.f_back
+    stack.reverse()
+    return stack
+
+
+def marker_entry() -> list[str]:
+    """Stands for an adapter's entry point (its code is the stem marker)."""
+    return marker_leaf()
+
+
+def marker_caller() -> list[str]:
+    return marker_entry()
+
+
+def _continuous_request() -> RequestProfile:
+    return RequestProfile(
+        interval=0.002, max_samples=10_000, start_call_stack=None, continuous=True
+    )
+
+
+def test_start_stack_is_the_frames_below_the_first_marker(stem_markers: None) -> None:
+    stack = marker_caller()
+    names = [_name(identifier) for identifier in stack]
+    index = names.index("marker_entry")
+    assert index > 0 and "\x01" in stack[index]  # a real identifier, with attributes
+    request = _continuous_request()
+    other = ["Thread\x00<thread>\x001", "elsewhere\x00/x.py\x0010"]
+    request.add(other, 0.01)  # the first sample does not have the marker: skipped
+    request.add(stack, 0.02)
+    request.closed = True
+    session = request.to_session(0.03)
+    assert session.start_call_stack == stack[:index]
+    assert _name(session.start_call_stack[-1]) == "marker_caller"
+    root = session.root_frame()  # (two samples with different roots: nothing to trim)
+    assert root is not None
+
+    single = _continuous_request()
+    single.add(stack, 0.02)
+    single.closed = True
+    trimmed = single.to_session(0.02).root_frame()
+    assert trimmed is not None
+    # trimmed down to the marker's caller, as pyinstrument trims to Profiler.start()'s
+    assert _name(trimmed.identifier) == "marker_caller"
+    assert [_name(child.identifier) for child in trimmed.children] == ["marker_entry"]
+
+
+def test_marker_identifiers_match_with_or_without_attributes_but_not_other_lines(
+    stem_markers: None,
+) -> None:
+    code = marker_entry.__code__
+    head = f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}"
+    below = ["Thread\x00<thread>\x001", "serve\x00/srv.py\x005\x01l9"]
+    # the same name and file but another first line (a longer number that starts the
+    # same): not the marker
+    lookalike = f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}0\x01l3"
+    for marker in (head, head + "\x01l123", head + "\x01cSomeClass\x01l7"):
+        request = _continuous_request()
+        request.add([*below, lookalike, "x\x00/x.py\x001", marker, "leaf\x00/l.py\x001"], 0.01)
+        session = request.to_session(0.01)
+        assert session.start_call_stack == [*below, lookalike, "x\x00/x.py\x001"], marker
+        assert session.root_frame() is not None
+
+
+def test_without_a_marker_the_start_stack_is_the_first_root_frame(stem_markers: None) -> None:
+    request = _continuous_request()
+    first = ["Thread\x00<thread>\x001", "a\x00/a.py\x001", "b\x00/b.py\x002"]
+    request.add(first, 0.01)
+    request.add(["Thread\x00<thread>\x001", "c\x00/c.py\x003"], 0.01)
+    session = request.to_session(0.02)
+    assert session.start_call_stack == ["Thread\x00<thread>\x001"]
+    root = session.root_frame()
+    assert root is not None
+    assert {"a", "c"} <= _names(root)
+
+
+def test_without_records_the_start_stack_is_a_placeholder(stem_markers: None) -> None:
+    request = _continuous_request()
+    session = request.to_session(0.0)
+    assert isinstance(session.start_call_stack, list)
+    assert len(session.start_call_stack) == 1
+    assert session.root_frame() is None  # empty, and no IndexError from the trimming
+
+
+def test_a_given_start_stack_is_used_as_is(stem_markers: None) -> None:
+    stack = marker_caller()
+    request = RequestProfile(interval=0.002, max_samples=100, start_call_stack=stack[:2])
+    request.add(stack, 0.01)
+    assert request.to_session(0.01).start_call_stack == stack[:2]
+
+
+def test_start_wall_is_the_creation_time_and_stable() -> None:
+    before = time.time()
+    request = _continuous_request()
+    after = time.time()
+    time.sleep(0.1)  # read later: still the creation time, not the first read's
+    first = request.start_wall
+    time.sleep(0.01)
+    assert request.start_wall == first
+    assert before - 0.02 <= first <= after + 0.02, (before, first, after)
+
+
+# -- 3. end to end through the ASGI middleware ---------------------------------------------
+
+
+def marker_cost_busy(cpu_seconds: float) -> int:
+    """Burn ``cpu_seconds`` of this thread's CPU time (2 s of wall time at most)."""
+    start = time.thread_time()
+    deadline = time.perf_counter() + 2.0
+    total = 0
+    while time.thread_time() - start < cpu_seconds and time.perf_counter() < deadline:
+        total += sum(range(50))
+    return total
+
+
+async def endpoint_cost(request: Request) -> JSONResponse:
+    return JSONResponse({"total": marker_cost_busy(0.06)})
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_kept_always_on_profile_starts_below_the_middleware() -> None:
+    provider, _ = make_provider()
+    store = MemoryStore()
+    middleware = ProfilingMiddleware(
+        Starlette(routes=[Route("/busy", endpoint_cost)]),
+        tracer_provider=provider,
+        mode="always_on",
+        sample_rate=1.0,
+        profile_store=store,
+    )
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+    try:
+        transport = httpx.ASGITransport(app=middleware, client=("127.0.0.1", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            responses = [await client.get("/busy") for _ in range(3)]
+        assert all(response.status_code == 200 for response in responses)
+        assert middleware.core.writer.flush()
+    finally:
+        middleware.core.writer.close()
+        loop.set_task_factory(factory)  # the test runner's loop outlives this test
+    summaries = store.list()
+    assert len(summaries) == 3
+    markers = [
+        head for head, _ in _session._STEM_MARKERS if head.split("\x00")[1].endswith("asgi.py")
+    ]
+    assert markers  # the ASGI adapter registered its entry point
+
+    def is_marker(identifier: str) -> bool:
+        return any(identifier == h or identifier.startswith(h + "\x01") for h in markers)
+
+    with_endpoint = 0
+    for summary in summaries:
+        assert summary.mode == "always_on"
+        session = store.get(summary.trace_id)[0].session()
+        start = session.start_call_stack
+        names = [_name(identifier) for identifier in start]
+        assert start, summary
+        assert "_profiled" not in names, names
+        assert not any(is_marker(identifier) for identifier in start), names
+        assert "endpoint_cost" not in names and "marker_cost_busy" not in names, names
+        sampled = [s for s, _ in session.frame_records if "marker_cost_busy" in map(_name, s)]
+        if not sampled:
+            continue  # (statistical: a 60 ms burn is nearly always sampled, see below)
+        with_endpoint += 1
+        # the start stack is what lies below the middleware's entry in such a sample
+        stack = sampled[0]
+        assert stack[: len(start)] == start
+        assert is_marker(stack[len(start)]), stack[len(start)]
+        root = session.root_frame()
+        assert root is not None
+        assert {"endpoint_cost", "marker_cost_busy"} <= _names(root)
+        if len({records[0] for records, _ in session.frame_records}) == 1:
+            # one root: the tree is trimmed down to the middleware's caller
+            assert root.identifier == frame_info_get_identifier(start[-1])
+            assert any(is_marker(child.identifier) for child in root.children)
+    assert with_endpoint >= 2, with_endpoint
+
+
+# -- 4. the per-loop cap -------------------------------------------------------------------
+
+
+def test_register_current_caps_the_requests_on_a_loop() -> None:
+    sampler = AlwaysOnSampler(0.005, sigprof=False)
+    cap = 3
+
+    async def main() -> None:
+        release = asyncio.Event()
+        results: dict[int, bool] = {}
+        requests: dict[int, RequestProfile] = {}
+        registered = asyncio.Event()
+
+        async def one(index: int) -> None:
+            request = _continuous_request()
+            requests[index] = request
+            token = current_request.set(request)
+            try:
+                results[index] = sampler.register_current(request, cap)
+                if len(results) == cap + 1:
+                    registered.set()
+                await release.wait()
+            finally:
+                request.closed = True
+                sampler.unregister_current(request)
+                current_request.reset(token)
+
+        tasks = [asyncio.create_task(one(i)) for i in range(cap + 1)]
+        await registered.wait()
+        assert [results[i] for i in range(cap + 1)] == [True, True, True, False]
+        state = sampler._loops[threading.get_ident()]
+        refused = requests[cap]
+        assert len(state.requests) == cap and refused not in state.requests
+        assert refused.registration is None
+        assert refused not in sampler._tasks.values()
+        assert all(requests[i].registration is state for i in range(cap))
+
+        # one of them ends: room for one more, and only one
+        requests[0].closed = True
+        sampler.unregister_current(requests[0])
+        assert requests[0] not in state.requests
+
+        async def late() -> tuple[bool, bool]:
+            first, second = _continuous_request(), _continuous_request()
+            ok = sampler.register_current(first, cap)
+            refused_again = sampler.register_current(second, cap)
+            for request in (first, second):
+                request.closed = True
+                sampler.unregister_current(request)
+            return ok, refused_again
+
+        assert await asyncio.create_task(late()) == (True, False)
+        release.set()
+        await asyncio.gather(*tasks)
+        assert not state.requests
+
+    try:
+        asyncio.run(main())
+    finally:
+        sampler.stop()
+
+
+def test_register_current_caps_the_thread_registrations() -> None:
+    sampler = AlwaysOnSampler(0.005, sigprof=False)
+    cap = 2
+    release = threading.Event()
+    results: dict[int, bool] = {}
+    requests: dict[int, RequestProfile] = {}
+    done = [threading.Event() for _ in range(cap + 1)]
+
+    def one(index: int, go: threading.Event) -> None:
+        go.wait(5)
+        request = _continuous_request()
+        requests[index] = request
+        results[index] = sampler.register_current(request, cap)
+        done[index].set()
+        if not results[index]:
+            return  # refused: nothing to unregister
+        release.wait(10)
+        request.closed = True
+        sampler.unregister_current(request)
+
+    gos = [threading.Event() for _ in range(cap + 1)]
+    threads = [threading.Thread(target=one, args=(i, gos[i])) for i in range(cap + 1)]
+    try:
+        for thread in threads:
+            thread.start()
+        for i in range(cap + 1):  # one after the other: a known order
+            gos[i].set()
+            assert done[i].wait(5)
+        assert [results[i] for i in range(cap + 1)] == [True, True, False]
+        assert len(sampler._threads) == cap
+        assert requests[cap].registration is None
+        assert threads[cap].ident not in sampler._threads
+        threads[cap].join(5)  # the refused one ends (nothing to unregister)
+        assert len(sampler._threads) == cap
+
+        requests[0].closed = True
+        sampler.unregister_current(requests[0])  # (from another thread: allowed)
+        assert len(sampler._threads) == cap - 1
+        retry: list[bool] = []
+        late = threading.Thread(
+            target=lambda: retry.append(sampler.register_current(_continuous_request(), cap))
+        )
+        late.start()
+        late.join(5)
+        assert retry == [True]
+        assert len(sampler._threads) == cap
+        # a loop's cap counts the loop's requests only, not the threads'
+        loop_request = _continuous_request()
+
+        async def on_loop() -> bool:
+            ok = sampler.register_current(loop_request, cap)
+            loop_request.closed = True
+            sampler.unregister_current(loop_request)
+            return ok
+
+        assert asyncio.run(on_loop())
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(5)
+        sampler.stop()
+
+
+# -- 5. a wait credited in one piece -------------------------------------------------------
+
+
+async def waiting_marker(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+def _run_registered(
+    sampler: AlwaysOnSampler, body: Callable[[], Coroutine[object, object, None]]
+) -> RequestProfile:
+    """Run ``body`` as a registered always-on request on a fresh loop (as the core does)."""
+
+    async def main() -> RequestProfile:
+        request = RequestProfile(
+            interval=0.002, max_samples=10_000, start_call_stack=None, continuous=True
+        )
+        token = current_request.set(request)
+        assert sampler.register_current(request)
+        try:
+            await body()
+        finally:
+            request.closed = True
+            sampler.unregister_current(request)
+            current_request.reset(token)
+        return request
+
+    return asyncio.run(main())
+
+
+def test_an_unchanged_wait_is_one_record_with_its_whole_time() -> None:
+    sampler = AlwaysOnSampler(0.002, sigprof=False)
+    try:
+        before = sampler.samples
+        started = time.perf_counter()
+        request = _run_registered(sampler, lambda: waiting_marker(0.2))
+        waited = time.perf_counter() - started
+        ticks = sampler.samples - before
+    finally:
+        sampler.stop()
+    assert ticks >= 10, ticks  # the sampler thread ticked through the wait
+    waits = [
+        (stack, seconds)
+        for stack, seconds in request.records
+        if "waiting_marker" in map(_name, stack) and stack[-1] == AWAIT_FRAME_IDENTIFIER
+    ]
+    assert len(waits) == 1, request.records
+    stack, seconds = waits[0]
+    names = [_name(identifier) for identifier in stack]
+    assert names.index("waiting_marker") < names.index("sleep"), names
+    assert 0.12 <= seconds <= 0.25, (seconds, waited)
+    assert seconds <= waited + 0.005, (seconds, waited)
+    # the stack is the one pyinstrument shows for an async wait, and roots a session
+    session = request.to_session(waited)
+    assert "waiting_marker" in _names(session.root_frame())
+
+
+def test_consecutive_waits_are_credited_each_to_its_own_await() -> None:
+    # Two waits on two futures, at two places: each ends as one record of its own,
+    # the first one credited when the second started (not lost, not merged).
+    sampler = AlwaysOnSampler(0.002, sigprof=False)
+
+    async def body() -> None:
+        await waiting_marker(0.12)
+        await other_waiting_marker(0.12)
+
+    try:
+        request = _run_registered(sampler, body)
+    finally:
+        sampler.stop()
+    first = [
+        seconds
+        for stack, seconds in request.records
+        if "waiting_marker" in map(_name, stack) and stack[-1] == AWAIT_FRAME_IDENTIFIER
+    ]
+    second = [
+        seconds
+        for stack, seconds in request.records
+        if "other_waiting_marker" in map(_name, stack) and stack[-1] == AWAIT_FRAME_IDENTIFIER
+    ]
+    assert len(first) == 1 and len(second) == 1, request.records
+    assert 0.07 <= first[0] <= 0.16, first
+    assert 0.07 <= second[0] <= 0.16, second
+
+
+async def other_waiting_marker(seconds: float) -> None:
+    await asyncio.sleep(seconds)
