@@ -116,7 +116,11 @@ def _await_stack(prefix: list[str], coro: object) -> list[str]:
     append = key.append
     node: Any = coro
     innermost: Any = None
-    for _ in range(_MAX_AWAIT_DEPTH):
+    while type(node) is types.CoroutineType:  # the common case: coroutines all the way
+        append(id(node.cr_code))
+        innermost = node
+        node = node.cr_await
+    for _ in range(_MAX_AWAIT_DEPTH):  # generators in the chain (``yield from``)
         kind = type(node)
         if kind is types.CoroutineType:
             append(id(node.cr_code))

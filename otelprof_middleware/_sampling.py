@@ -55,6 +55,8 @@ class Sampler:
         """True for paths never profiled: when disabled, the viewer, ``exclude_paths``."""
         if not self._enabled:
             return True
+        if not path.startswith(self._excluded):  # one C call for the common case
+            return False
         for prefix in self._excluded:
             if path == prefix or (path.startswith(prefix) and path[len(prefix)] == "/"):
                 return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Unpack
 
 import anyio.to_thread
@@ -114,25 +115,12 @@ class ProfilingMiddleware:
         if active is None:
             await self.app(scope, receive, send)
             return
-        self._core.link(active, lambda: self._base_url(scope))  # made only if needed
-        status_code = 500
-
-        async def send_profiled(message: Message) -> None:
-            nonlocal status_code
-            kind = message["type"]
-            if kind == "http.response.start":
-                status_code = message["status"]
-            elif (
-                kind == "http.response.body" and not message.get("more_body", False)
-            ) or kind == "http.response.pathsend":
-                # The server span ends right after this message: link it first.
-                self._finish(active, scope, status_code)
-            await send(message)
-
+        send_profiled = _ProfiledSend(self, active, scope, send)
+        self._core.link(active, send_profiled.base_url)  # made only if a log record asks
         try:
             await self.app(scope, receive, send_profiled)
         finally:
-            self._finish(active, scope, status_code)
+            self._finish(active, scope, send_profiled.status_code)
             self._core.detach(active)
 
     async def _in_own_span(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,6 +158,40 @@ class ProfilingMiddleware:
 
 
 add_stem_marker(ProfilingMiddleware.__call__.__code__)
+
+
+class _ProfiledSend:
+    """The app's ``send``: notes the status and finishes the profile before the last body.
+
+    A plain callable returning ``send``'s own awaitable, not a coroutine function: no
+    coroutine (and no level in the await chain) per message, no closure per request.
+    """
+
+    __slots__ = ("_active", "_middleware", "_scope", "_send", "status_code")
+
+    def __init__(
+        self, middleware: ProfilingMiddleware, active: ActiveProfile, scope: Scope, send: Send
+    ) -> None:
+        self._middleware = middleware
+        self._active = active
+        self._scope = scope
+        self._send = send
+        self.status_code = 500  # until the app sends http.response.start
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status_code = message["status"]
+        elif (
+            kind == "http.response.body" and not message.get("more_body", False)
+        ) or kind == "http.response.pathsend":
+            # The server span ends right after this message: link it first.
+            self._middleware._finish(self._active, self._scope, self.status_code)
+        return self._send(message)
+
+    def base_url(self) -> str:
+        """The request's base URL, for the profile link (made only when asked)."""
+        return self._middleware._base_url(self._scope)
 
 
 async def serve_viewer(
