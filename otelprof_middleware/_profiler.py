@@ -8,6 +8,7 @@ Both are fail-open: any internal error leaves the request unprofiled, never harm
 from __future__ import annotations
 
 import atexit
+import functools
 import re
 import sys
 import threading
@@ -70,6 +71,12 @@ def _start_stack(frame: types.FrameType) -> list[str]:
             _start_stacks.clear()
         stack = _start_stacks[cache_key] = build_call_stack(frame, "initial", None)
     return stack
+
+
+def _lazy_url(make_base: Callable[[], str], context: SpanContext) -> str:
+    return profile_url(
+        make_base(), format_trace_id(context.trace_id), format_span_id(context.span_id)
+    )
 
 
 def normalise_method(method: str) -> str:
@@ -242,9 +249,8 @@ class ProfilerCore:
             )
             token = current_request.set(request)
             try:
-                registered = self._always_on_sampler().register_current(
-                    request, ALWAYS_ON_MAX_CONCURRENT
-                )
+                sampler = self._sampler_instance or self._always_on_sampler()
+                registered = sampler.register_current(request, ALWAYS_ON_MAX_CONCURRENT)
             except BaseException:
                 current_request.reset(token)
                 raise
@@ -271,11 +277,9 @@ class ProfilerCore:
         is then called only if a log record asks for the URL.
         """
         if callable(base_url):
-            make_base = base_url  # everything, the hex ids included, made on first read
-            context = active.context  # (not ``active``: no reference cycle for the GC)
-            active.request.url_factory = lambda: profile_url(
-                make_base(), format_trace_id(context.trace_id), format_span_id(context.span_id)
-            )
+            # Everything, the hex ids included, made on first read. (The context, not
+            # ``active``: no reference cycle for the GC.)
+            active.request.url_factory = functools.partial(_lazy_url, base_url, active.context)
             return
         with fail_open("profiler.link"):
             active.request.url = profile_url(base_url, active.trace_id, active.span_id)
@@ -304,7 +308,7 @@ class ProfilerCore:
         try:  # (not ``fail_open``: a generator context manager costs ~2 µs a request)
             hook = active.sampler
             if hook is None:
-                self._always_on_sampler().unregister_current(request)
+                (self._sampler_instance or self._always_on_sampler()).unregister_current(request)
             elif hook.thread_id == threading.get_ident():
                 users = hook.users
                 try:

@@ -87,7 +87,7 @@ class Sampler:
         ``hook_sample_rate`` of the recorded traces get the hook too (decided first, so a
         request is never profiled twice) and ``sample_rate`` of them the sampler thread.
         """
-        if self.is_triggered(trigger, client_host):
+        if trigger is not None and self.is_triggered(trigger, client_host):
             return "hook"
         if not is_recording:
             return None
