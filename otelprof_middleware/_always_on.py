@@ -653,7 +653,7 @@ class AlwaysOnSampler:
             if waited > 0:
                 request.add_wait(before.stack, waited)
         _credit(request, before, now, interval)
-        if now is None:
+        if now is None or request.closed:  # (closed: its profile ended during this tick)
             self._states.pop(request, None)
         else:
             self._states[request] = now
