@@ -298,11 +298,14 @@ class AlwaysOnSampler:
         if not _driven(request):
             self._wake_thread()
 
-    def unregister_worker(self) -> None:
+    def unregister_worker(self, job_identifier: Callable[[], str] | None = None) -> None:
         """The job on this worker thread ended: its time since the last tick is its own.
 
         (A job's start and end are known exactly, unlike a state change between two ticks;
-        crediting half the boundary intervals lost a quarter of a 10 ms job.)
+        crediting half the boundary intervals lost a quarter of a 10 ms job.) A job no tick
+        saw gets its whole time under the stack that submitted it plus
+        ``job_identifier()`` (the job's function): where inside it is unknown, but the
+        time is the request's.
         """
         # Not in the middle of a tick (on another thread: this one waits for it to end), or
         # that tick would credit the job's end a second time. A tick never waits for this.
@@ -312,11 +315,15 @@ class AlwaysOnSampler:
                 return
             request = job[0]
             state = self._states.get(request)
-            if type(state) is tuple and state[1] == _WORKER and not request.closed:
+            if request.closed:
+                return
+            if type(state) is tuple and state[1] == _WORKER:
                 trailing = time.perf_counter() - max(self._last_tick, job[3])
                 if 0 < trailing < 10 * self.interval:
                     _add(request, state, trailing)
                 self._states.pop(request, None)  # the next tick starts afresh from there
+            elif job_identifier is not None and job[1] is not None:
+                request.add_worker([*job[1], job_identifier()], time.perf_counter() - job[3])
 
     def _install_task_factory(self, loop: asyncio.AbstractEventLoop) -> None:
         previous = loop.get_task_factory()

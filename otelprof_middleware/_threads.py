@@ -106,7 +106,7 @@ def run_profiled(
         try:
             return func(*args, **kwargs)
         finally:
-            sampler.unregister_worker()
+            sampler.unregister_worker(functools.partial(_identifier, func))
     if sys.getprofile() is not None or request.closed:
         return func(*args, **kwargs)  # a hook is already here (nested job, a profiler)
     last = time.perf_counter()
@@ -154,6 +154,8 @@ def _stack_above(
 
 
 def _identifier(func: Callable[..., Any]) -> str:
+    while isinstance(func, functools.partial):  # run_in_threadpool wraps the call in one
+        func = func.func
     code = getattr(func, "__code__", None)
     if code is None:
         name = getattr(func, "__qualname__", None) or type(func).__name__

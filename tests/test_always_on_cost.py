@@ -1,5 +1,6 @@
 """The always-on fast path (commit fe0be0b): tallies, the start stack found at keep time,
-the per-loop cap on registrations, and a wait credited in one piece when it ends.
+the per-loop cap on registrations, a wait credited in one piece when it ends, and worker
+jobs credited from their exact start to their exact end.
 
 Everything runs for real: asyncio loops, the sampler thread (``sigprof=False``) or the
 process's sampler behind the ASGI middleware, and OpenTelemetry SDK spans.
@@ -523,3 +524,66 @@ def test_consecutive_waits_are_credited_each_to_its_own_await() -> None:
 
 async def other_waiting_marker(seconds: float) -> None:
     await asyncio.sleep(seconds)
+
+
+# -- 6. worker jobs: exact start and end ----------------------------------------------------
+
+SUBMITTED = ["submitter\x00submit.py\x001"]
+
+
+def job_marker(seconds: float) -> None:
+    """Spin on the worker thread (the job's own work)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _job_seconds(request: RequestProfile, name: str) -> float:
+    return sum(seconds for stack, seconds in request.records if name in map(_name, stack))
+
+
+def _run_job(sampler: AlwaysOnSampler, request: RequestProfile, seconds: float) -> None:
+    """``job_marker`` as a worker job of ``request``, on its own thread, as _threads runs it."""
+
+    def job() -> None:
+        stop = sys._getframe(0).f_code  # frames above this one are the job's
+        sampler.register_worker(request, SUBMITTED, stop)
+        try:
+            job_marker(seconds)
+        finally:
+            sampler.unregister_worker(lambda: "job_function\x00jobs.py\x001")
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    worker.join()
+
+
+def test_a_sampled_job_is_credited_from_its_start_to_its_end() -> None:
+    sampler = AlwaysOnSampler(0.005, sigprof=False)
+    try:
+        request = _continuous_request()
+        began = time.perf_counter()
+        _run_job(sampler, request, 0.060)
+        wall = time.perf_counter() - began
+        credited = _job_seconds(request, "job_marker")
+        # Ticks come every 2.5-7.5 ms; the boundary intervals are split at the job's
+        # start and end, not halfway, so nearly all of the job is under its marker.
+        assert 0.050 <= credited <= wall + 0.001, (credited, wall, request.records)
+        assert all(stack[: len(SUBMITTED)] == SUBMITTED for stack, _ in request.records)
+    finally:
+        sampler.stop()
+
+
+def test_a_job_no_tick_saw_keeps_its_time_under_its_function() -> None:
+    sampler = AlwaysOnSampler(0.5, sigprof=False)  # first tick 0.25-0.75 s in: after the job
+    try:
+        request = _continuous_request()
+        _run_job(sampler, request, 0.030)
+        assert _job_seconds(request, "job_marker") == 0  # never sampled: frames unknown
+        [(stack, seconds)] = [
+            (stack, seconds) for stack, seconds in request.records if "job_function" in stack[-1]
+        ]
+        assert stack == [*SUBMITTED, "job_function\x00jobs.py\x001"]
+        assert 0.028 <= seconds <= 0.2, seconds
+    finally:
+        sampler.stop()
