@@ -272,10 +272,9 @@ class AlwaysOnSampler:
         before = self._states.pop(request, None)
         if before is not None:
             last_tick = self._last_tick
-            if type(before) is _Wait and last_tick > before.seen_at:
-                request.add_wait(before.stack, last_tick - before.seen_at)
-            trailing = time.perf_counter() - last_tick
-            if 0 < trailing < 10 * self.interval:
+            _close_wait(request, before, last_tick)
+            trailing = self._trailing(last_tick)
+            if trailing:
                 _add(request, before, trailing / 2)
         registration = request.registration
         if registration is None:
@@ -311,19 +310,23 @@ class AlwaysOnSampler:
         # that tick would credit the job's end a second time. A tick never waits for this.
         with self._tick_lock:
             job = self._threads.pop(threading.get_ident(), None)
-            if job is None:
+            if job is None or job[0].closed:
                 return
             request = job[0]
             state = self._states.get(request)
-            if request.closed:
-                return
             if type(state) is tuple and state[1] == _WORKER:
-                trailing = time.perf_counter() - max(self._last_tick, job[3])
-                if 0 < trailing < 10 * self.interval:
+                trailing = self._trailing(max(self._last_tick, job[3]))
+                if trailing:
                     _add(request, state, trailing)
                 self._states.pop(request, None)  # the next tick starts afresh from there
             elif job_identifier is not None and job[1] is not None:
                 request.add_worker([*job[1], job_identifier()], time.perf_counter() - job[3])
+
+    def _trailing(self, since: float) -> float:
+        """Seconds from ``since`` (at or after the last tick) to now; 0 when that is no
+        plausible tail of an interval (a clock oddity, or ticks long stopped)."""
+        trailing = time.perf_counter() - since
+        return trailing if 0 < trailing < 10 * self.interval else 0.0
 
     def _install_task_factory(self, loop: asyncio.AbstractEventLoop) -> None:
         previous = loop.get_task_factory()
@@ -403,10 +406,13 @@ class AlwaysOnSampler:
         # Runs on the main thread between two bytecodes of whatever it was running:
         # never raise, never block, take no lock that code might hold.
         try:
-            if self._threads or self._tasks or current_request.get() is not None:
+            if (
+                self._threads
+                or self._tasks
+                or current_request.get() is not None
+                or any(state.requests for state in list(self._loops.values()))  # all waiting
+            ):
                 self._tick(frame, None)
-            elif any(state.requests for state in list(self._loops.values())):
-                self._tick(frame, None)  # (every request is waiting)
         except Exception:
             self._failures += 1
 
@@ -652,8 +658,10 @@ class AlwaysOnSampler:
         for request in self._running_before:
             # Ran at the last tick; neither running nor waiting on a loop now (its job
             # ended): its share of the interval, then forget it.
-            if request not in running and type(states.get(request)) is tuple:
-                self._change(request, states.get(request), None, interval)
+            if request not in running:
+                before = states.get(request)
+                if type(before) is tuple:
+                    self._change(request, before, None, interval)
         self._running_before = list(running)
         self.samples += 1
         if not self.samples % _SWEEP_TICKS:
@@ -682,10 +690,7 @@ class AlwaysOnSampler:
         ``job_began``: ``now`` is a worker job that began at that moment of the interval,
         so the interval is split there rather than halfway.
         """
-        if type(before) is _Wait:  # the ticks that saw it unchanged, in one piece
-            waited = interval.end - interval.elapsed - before.seen_at
-            if waited > 0:
-                request.add_wait(before.stack, waited)
+        _close_wait(request, before, interval.end - interval.elapsed)
         if job_began is not None and now is not None:
             own = min(interval.elapsed, interval.end - job_began)
             if before is not None and interval.elapsed > own:
@@ -740,6 +745,13 @@ def _credit(
         _add(request, before, slept / 2)
         if now is not None:
             _add(request, now, slept / 2 + gil_wait)
+
+
+def _close_wait(request: RequestProfile, state: _State | None, last_seen: float) -> None:
+    """Credit a wait that ends: from the tick that first saw it to ``last_seen``, the last
+    tick that still saw it unchanged (the ticks in between did not touch it)."""
+    if type(state) is _Wait and last_seen > state.seen_at:
+        request.add_wait(state.stack, last_seen - state.seen_at)
 
 
 def _add(request: RequestProfile, state: _State, seconds: float) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 
-__all__ = ["frame_identifier", "frame_stack"]
+__all__ = ["code_head", "frame_identifier", "frame_stack"]
 
 # Keyed by id(): hashing a code object hashes its bytecode and constants every time.
 # The entry keeps its code alive and is checked by identity, so an id is never reused
@@ -31,12 +31,17 @@ ON_CLEAR: list[Callable[[], None]] = [_IDENTIFIERS.clear]
 """Called when the code cache is cleared: other caches keyed by ``id(code)`` must go too."""
 
 
+def code_head(code: types.CodeType) -> str:
+    """``name\\x00file\\x00first_line``: the start of every identifier of ``code``'s frames."""
+    return f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}"
+
+
 def _code_parts(code: types.CodeType) -> tuple[str, str]:
     """(``name\\x00file\\x00first[\\x01cClass]``, ``\\x01h1`` or ``""``) for ``code``."""
     entry = _CODE_PARTS.get(id(code))
     if entry is not None and entry[0] is code:
         return entry[1], entry[2]
-    head = f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}"
+    head = code_head(code)
     varnames = code.co_varnames
     if varnames and varnames[0] in ("self", "cls"):
         owner = code.co_qualname.rpartition(".")[0].rpartition(".")[2]

@@ -36,6 +36,7 @@ from pyinstrument.session import Session
 from pyinstrument.stack_sampler import build_call_stack
 
 from ._failsafe import count, log_failure
+from ._frames import code_head
 
 __all__ = [
     "RequestProfile",
@@ -87,7 +88,7 @@ class RequestProfile:
         self.continuous = continuous  # sampled by the always-on sampler, not a hook
         self.interval = interval
         self.max_samples = max_samples
-        # None: found in the samples when the session is made (see ``stem_markers``).
+        # None: found in the samples when the session is made (see ``add_stem_marker``).
         self.start_call_stack = start_call_stack
         if description:
             self.description = description
@@ -205,7 +206,7 @@ def add_stem_marker(code: types.CodeType) -> None:
     of the first such frame in its samples, as pyinstrument trims down to the caller
     of ``Profiler.start()``.
     """
-    head = f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}"
+    head = code_head(code)
     marker = (head, head + "\x01")
     if marker not in _STEM_MARKERS:
         _STEM_MARKERS.append(marker)

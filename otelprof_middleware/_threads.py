@@ -31,6 +31,7 @@ from pyinstrument.stack_sampler import build_call_stack
 
 from ._always_on import always_on_sampler
 from ._failsafe import count, log_failure
+from ._frames import code_head
 from ._session import RequestProfile, current_request
 
 __all__ = ["install", "run_profiled"]
@@ -160,4 +161,4 @@ def _identifier(func: Callable[..., Any]) -> str:
     if code is None:
         name = getattr(func, "__qualname__", None) or type(func).__name__
         return f"{name}\x00<unknown>\x000"
-    return f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}"
+    return code_head(code)
