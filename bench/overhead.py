@@ -264,6 +264,19 @@ def _wsgi_environ() -> dict[str, Any]:
     }
 
 
+def _adapter_stacks(otel: Any, ours: Any, app: Any, provider: TracerProvider) -> dict[str, Any]:
+    """The three stacks measured per API: OTel alone, and OTel around ours off or unsampled."""
+    return {
+        "otel": otel(app, tracer_provider=provider),
+        "ours_off": otel(
+            ours(app, tracer_provider=provider, enabled=False), tracer_provider=provider
+        ),
+        "ours_unsampled": otel(
+            ours(app, tracer_provider=provider, sample_rate=0.0), tracer_provider=provider
+        ),
+    }
+
+
 def measure_adapters(repeats: int) -> dict[str, dict[str, float]]:
     """Per-request µs of a trivial app behind OTel alone and behind OTel + ours, unprofiled.
 
@@ -272,28 +285,8 @@ def measure_adapters(repeats: int) -> dict[str, dict[str, float]]:
     """
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(DroppingExporter()))
-    asgi_stacks: dict[str, Any] = {
-        "otel": OTelASGIMiddleware(_asgi_app, tracer_provider=provider),
-        "ours_off": OTelASGIMiddleware(
-            ProfilingMiddleware(_asgi_app, tracer_provider=provider, enabled=False),
-            tracer_provider=provider,
-        ),
-        "ours_unsampled": OTelASGIMiddleware(
-            ProfilingMiddleware(_asgi_app, tracer_provider=provider, sample_rate=0.0),
-            tracer_provider=provider,
-        ),
-    }
-    wsgi_stacks: dict[str, Any] = {
-        "otel": OTelWSGIMiddleware(_wsgi_app, tracer_provider=provider),
-        "ours_off": OTelWSGIMiddleware(
-            WSGIProfilingMiddleware(_wsgi_app, tracer_provider=provider, enabled=False),
-            tracer_provider=provider,
-        ),
-        "ours_unsampled": OTelWSGIMiddleware(
-            WSGIProfilingMiddleware(_wsgi_app, tracer_provider=provider, sample_rate=0.0),
-            tracer_provider=provider,
-        ),
-    }
+    asgi_stacks = _adapter_stacks(OTelASGIMiddleware, ProfilingMiddleware, _asgi_app, provider)
+    wsgi_stacks = _adapter_stacks(OTelWSGIMiddleware, WSGIProfilingMiddleware, _wsgi_app, provider)
     clock = time.perf_counter_ns
     results: dict[str, dict[str, float]] = {}
 
