@@ -31,6 +31,16 @@ def spin(seconds: float) -> int:
     return total
 
 
+def spin_cpu(cpu_seconds: float, wall_limit: float = 2.0) -> int:
+    """Burn ``cpu_seconds`` of this thread's CPU time (``wall_limit`` of wall time at most)."""
+    start = time.thread_time()
+    deadline = time.perf_counter() + wall_limit
+    total = 0
+    while time.thread_time() - start < cpu_seconds and time.perf_counter() < deadline:
+        total += sum(range(50))
+    return total
+
+
 def marker_alpha(seconds: float = 0.02) -> int:
     return spin(seconds)
 

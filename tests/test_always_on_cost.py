@@ -31,7 +31,7 @@ from otelprof_middleware._frames import frame_identifier
 from otelprof_middleware._session import RequestProfile, add_stem_marker, current_request
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider
+from .helpers import make_provider, spin, spin_cpu
 
 
 def _name(identifier: str) -> str:
@@ -236,12 +236,7 @@ def test_start_wall_is_the_creation_time_and_stable() -> None:
 
 def marker_cost_busy(cpu_seconds: float) -> int:
     """Burn ``cpu_seconds`` of this thread's CPU time (2 s of wall time at most)."""
-    start = time.thread_time()
-    deadline = time.perf_counter() + 2.0
-    total = 0
-    while time.thread_time() - start < cpu_seconds and time.perf_counter() < deadline:
-        total += sum(range(50))
-    return total
+    return spin_cpu(cpu_seconds)
 
 
 async def endpoint_cost(request: Request) -> JSONResponse:
@@ -533,9 +528,7 @@ SUBMITTED = ["submitter\x00submit.py\x001"]
 
 def job_marker(seconds: float) -> None:
     """Spin on the worker thread (the job's own work)."""
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
+    spin(seconds)
 
 
 def _job_seconds(request: RequestProfile, name: str) -> float:

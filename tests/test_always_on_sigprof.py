@@ -58,7 +58,10 @@ def anyio_backend() -> str:
 
 
 def marker_sigprof_busy(cpu_seconds: float = BUSY) -> int:
-    """Spin for ``cpu_seconds`` of this thread's CPU time (2 s of wall time at most)."""
+    """Spin for ``cpu_seconds`` of this thread's CPU time (2 s of wall time at most).
+
+    The loop is inline, not ``helpers.spin_cpu``: a test asserts this is the innermost frame.
+    """
     start = time.thread_time()
     deadline = time.perf_counter() + 2.0
     total = 0
