@@ -197,7 +197,8 @@ class ProfilerCore:
         kind = self.sampler.choose(context.trace_id, span.is_recording(), trigger, client_host)
         if kind is None:
             return None
-        if current_request.get() is not None:
+        outer = current_request.get()
+        if outer is not None and not outer.closed:
             return None  # already profiled by an outer middleware: never twice
         if kind == "always_on":
             return self._start_always_on(span, context, method)
@@ -294,10 +295,11 @@ class ProfilerCore:
         if self.stop(active):
             self.keep(active, status_code=status_code, route=route, base_url=base_url)
 
-    def stop(self, active: ActiveProfile) -> bool:
+    def stop(self, active: ActiveProfile, *, from_finalizer: bool = False) -> bool:
         """Stop the profile; True when it is long enough to keep (call :meth:`keep`).
 
         Only the first call (of this or :meth:`finish`) stops; later ones return False.
+        ``from_finalizer``: called by the garbage collector (see :class:`ThreadSampler`).
         """
         if active.finished:
             return False
@@ -312,7 +314,7 @@ class ProfilerCore:
             elif hook.thread_id == threading.get_ident():
                 users = hook.users
                 try:
-                    hook.release()
+                    hook.release(from_finalizer=from_finalizer)
                 except Exception:
                     if hook.users == users:  # failed before giving its user back: do it,
                         hook.users = max(0, users - 1)  # the hook then removes itself
@@ -329,6 +331,20 @@ class ProfilerCore:
             _count_discarded_short()
             return False
         return True
+
+    def discard(self, active: ActiveProfile) -> None:
+        """Stop the profile and keep nothing: its response was abandoned, never closed.
+
+        Runs wherever the garbage collector collected the response, so it neither
+        touches the span nor resets the contextvar (that context may be running another
+        request now); never raises.
+        """
+        try:
+            if self.stop(active, from_finalizer=True):
+                active.request.url = None
+                count("discarded.abandoned")
+        except Exception as exc:
+            log_failure("profiler.stop", exc)
 
     def keep(self, active: ActiveProfile, *, status_code: int, route: str, base_url: str) -> None:
         """Keep a profile :meth:`stop` stopped: span link, then the writer (and exporter)."""
@@ -388,10 +404,14 @@ class ProfilerCore:
         token, active.token = active.token, None
         if token is None:
             return
-        try:
+        try:  # noqa: SIM105  (contextlib.suppress costs a context manager per request)
             current_request.reset(token)
-        except ValueError:  # a different context (e.g. close() on another task/thread)
-            current_request.set(None)
+        except ValueError:
+            # A different context (close() on another task or thread, or run by the
+            # garbage collector inside unrelated code): setting anything here would
+            # change that context's request. The stale one is closed, and every reader
+            # of the contextvar ignores a closed request.
+            pass
 
 
 class LazyStore:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import sys
 import threading
 import time
@@ -251,9 +252,19 @@ class ThreadSampler:
 
     Only ever touched from its own thread (``acquire``/``release`` run where the
     request runs), so it needs no lock.
+
+    The hook is never removed while pyinstrument's C hook is running it for a
+    ``context_changed`` event: the C code goes on using its state after that call, and
+    removing the hook frees that state (a use-after-free: crashes, or pyinstrument's
+    "failed to get value of the context var" raised into the app's own frames). The way
+    in is a finalizer: the garbage collector, run by an allocation inside the C hook,
+    closes a response the client never closed, and that ends its profile. So a release
+    from a finalizer, during a collection or inside our callback only counts the user
+    out; the hook then removes itself at its next plain sample, after which the C code
+    touches nothing.
     """
 
-    __slots__ = ("_last", "_ticking", "interval", "thread_id", "users")
+    __slots__ = ("_in_event", "_last", "_ticking", "interval", "thread_id", "users")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -261,6 +272,7 @@ class ThreadSampler:
         self.users = 0
         self._last = 0.0
         self._ticking = False
+        self._in_event = False
 
     def acquire(self) -> None:
         """Install the hook on this thread unless it is already installed."""
@@ -308,19 +320,26 @@ class ThreadSampler:
 
         loop.call_later(self.interval, tick, context=empty)
 
-    def release(self) -> None:
-        """Remove the hook when the last profiled request on this thread ends."""
+    def release(self, *, from_finalizer: bool = False) -> None:
+        """Remove the hook when the last profiled request on this thread ends.
+
+        From a finalizer, during a garbage collection or inside the hook's own callback,
+        the removal is left to the hook's next plain sample (see the class docstring).
+        """
         self.users -= 1
         if self.users <= 0:
             self.users = 0
-            setstatprofile(None)
+            if not (from_finalizer or self._in_event or _collecting):
+                setstatprofile(None)
 
     def _on_event(self, frame: types.FrameType, event: str, arg: Any) -> None:
         # An exception escaping here would remove the hook *and* surface in the user's
         # code, so nothing may escape.
+        self._in_event = True  # (CPython never re-enters a profile function)
         try:
-            if self.users <= 0:  # the last request ended on another thread
-                setstatprofile(None)
+            if self.users <= 0:  # the last request ended elsewhere, or inside a callback
+                if event != "context_changed":  # the C hook's last use of its state
+                    setstatprofile(None)
                 return
             now = time.perf_counter()
             elapsed = now - self._last
@@ -343,7 +362,19 @@ class ThreadSampler:
                     request.add(build_call_stack(frame, event, arg), elapsed)
         except Exception:
             count("failed.sample")
+        finally:
+            self._in_event = False
 
+
+_collecting = False  # a garbage collection runs (finalizers may run inside the C hook)
+
+
+def _note_collection(phase: str, info: dict[str, int]) -> None:
+    global _collecting
+    _collecting = phase == "start"
+
+
+gc.callbacks.append(_note_collection)
 
 _local = threading.local()
 

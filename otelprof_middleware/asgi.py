@@ -10,6 +10,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 from ._config import Config, Settings
+from ._failsafe import log_failure
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
 from ._session import add_stem_marker
 from ._span import ROUTE_KEY, current_server_span, redact_viewer_token, route_attribute
@@ -95,53 +96,70 @@ class ProfilingMiddleware:
             if scope["type"] != "http":
                 await self.app(scope, receive, send)
                 return
-            path: str = scope["path"]
-            if self._viewer is not None and self._viewer.handles(path):
-                await serve_viewer(self._viewer, scope, send)
-                return
-            if self._sampler.is_excluded(path):
+            way: trace.Span | object = _PASS
+            try:
+                way = self._way(scope)
+            except Exception as exc:  # never the app's: it has not been called yet
+                log_failure("adapter", exc)
+            if way is _PASS:
                 await self.app(scope, receive, send)
                 return
-            joined = current_server_span()
-            if joined is None:
+            if way is _VIEWER:
+                assert self._viewer is not None
+                await serve_viewer(self._viewer, scope, send)
+                return
+            if way is _OPEN_SPAN:
                 await self._traced_app(scope, receive, send)
                 return
-            span = joined
-        trigger = self._find_trigger(scope) if self._sampler.triggers_allowed else None
-        client = scope.get("client")
-        active = self._core.start(
-            span, method=scope["method"], trigger=trigger, client_host=client[0] if client else None
-        )
-        if active is None:
+            span = way  # type: ignore[assignment]  # the server span to join
+        send_profiled: _ProfiledSend | None = None
+        try:
+            trigger = self._find_trigger(scope) if self._sampler.triggers_allowed else None
+            client = scope.get("client")
+            active = self._core.start(
+                span,
+                method=scope["method"],
+                trigger=trigger,
+                client_host=client[0] if client else None,
+            )
+            if active is not None:
+                send_profiled = _ProfiledSend(self, active, scope, send)
+                self._core.link(active, send_profiled.base_url)  # made only if a log asks
+        except Exception as exc:
+            log_failure("profiler.start", exc)
+        if send_profiled is None:
             await self.app(scope, receive, send)
             return
-        send_profiled = _ProfiledSend(self, active, scope, send)
-        self._core.link(active, send_profiled.base_url)  # made only if a log record asks
         try:
             await self.app(scope, receive, send_profiled)
         finally:
-            self._finish(active, scope, send_profiled.status_code)
-            self._core.detach(active)
+            send_profiled.finish()
+
+    def _way(self, scope: Scope) -> trace.Span | object:
+        """The viewer, straight through, the server span to join, or one to open."""
+        path: str = scope["path"]
+        if self._viewer is not None and self._viewer.handles(path):
+            return _VIEWER
+        if self._sampler.is_excluded(path):
+            return _PASS
+        joined = current_server_span()
+        return _OPEN_SPAN if joined is None else joined
 
     async def _in_own_span(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, under the server span this middleware had the OTel middleware open."""
         await self(scope, receive, send, _in_own_span=True)
 
-    def _finish(self, active: ActiveProfile, scope: Scope, status_code: int) -> None:
-        if not self._core.stop(active):
-            return  # already stopped, or too short to keep: nothing more to work out
+    def _route(self, scope: Scope, active: ActiveProfile) -> str:
         route = getattr(scope.get("route"), "path", None)
         if not isinstance(route, str):  # Django: otelprof_middleware.django.RouteMiddleware
             route = scope.get(ROUTE_KEY)
         if not isinstance(route, str):
             route = route_attribute(active.span) or ""
-        self._core.keep(
-            active, status_code=status_code, route=route, base_url=self._base_url(scope)
-        )
+        return route
 
     def _base_url(self, scope: Scope) -> str:
         host = None
-        for name, value in scope["headers"]:
+        for name, value in scope.get("headers", ()):
             if name == b"host":
                 host = safe_host(value.decode("latin-1"))
                 break
@@ -151,7 +169,7 @@ class ProfilingMiddleware:
         return self.config.base_url(scope.get("scheme", "http"), host, scope.get("root_path", ""))
 
     def _find_trigger(self, scope: Scope) -> bytes | None:
-        for name, value in scope["headers"]:
+        for name, value in scope.get("headers", ()):
             if name == self._trigger_header:
                 return bytes(value)
         return None
@@ -159,15 +177,19 @@ class ProfilingMiddleware:
 
 add_stem_marker(ProfilingMiddleware.__call__.__code__)
 
+_PASS, _VIEWER, _OPEN_SPAN = object(), object(), object()
+
 
 class _ProfiledSend:
     """The app's ``send``: notes the status and finishes the profile before the last body.
 
     A plain callable returning ``send``'s own awaitable, not a coroutine function: no
     coroutine (and no level in the await chain) per message, no closure per request.
+    Nothing of ours here may raise: failures are counted and logged, and the message
+    goes on to the server as the app sent it.
     """
 
-    __slots__ = ("_active", "_middleware", "_scope", "_send", "status_code")
+    __slots__ = ("_active", "_finished", "_middleware", "_scope", "_send", "status_code")
 
     def __init__(
         self, middleware: ProfilingMiddleware, active: ActiveProfile, scope: Scope, send: Send
@@ -176,22 +198,48 @@ class _ProfiledSend:
         self._active = active
         self._scope = scope
         self._send = send
+        self._finished = False
         self.status_code = 500  # until the app sends http.response.start
 
     def __call__(self, message: Message) -> Awaitable[None]:
-        kind = message["type"]
-        if kind == "http.response.start":
-            self.status_code = message["status"]
-        elif (
-            kind == "http.response.body" and not message.get("more_body", False)
-        ) or kind == "http.response.pathsend":
-            # The server span ends right after this message: link it first.
-            self._middleware._finish(self._active, self._scope, self.status_code)
+        try:
+            kind = message["type"]
+            if kind == "http.response.start":
+                self.status_code = message["status"]
+            elif (
+                kind == "http.response.body" and not message.get("more_body", False)
+            ) or kind == "http.response.pathsend":
+                # The server span ends right after this message: link it first.
+                self._stop_and_keep()
+        except Exception as exc:
+            log_failure("adapter", exc)
         return self._send(message)
 
     def base_url(self) -> str:
         """The request's base URL, for the profile link (made only when asked)."""
         return self._middleware._base_url(self._scope)
+
+    def _stop_and_keep(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        core = self._middleware.core
+        active = self._active
+        try:
+            if core.stop(active):  # long enough to keep: now work out route and URL
+                core.keep(
+                    active,
+                    status_code=self.status_code,
+                    route=self._middleware._route(self._scope, active),
+                    base_url=self.base_url(),
+                )
+        except Exception as exc:
+            log_failure("profiler.finish", exc)
+
+    def finish(self) -> None:
+        """The app returned (or raised): end the profile if the last body did not."""
+        self._stop_and_keep()
+        self._middleware.core.detach(self._active)
 
 
 async def serve_viewer(

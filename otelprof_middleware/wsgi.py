@@ -5,10 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Unpack
 
-from opentelemetry import trace
-from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+from opentelemetry import context, propagate, trace
+from opentelemetry.instrumentation.wsgi import (
+    add_response_attributes,
+    collect_request_attributes,
+    get_default_span_name,
+    wsgi_getter,
+)
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._config import Config, Settings
+from ._failsafe import log_failure
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
 from ._session import add_stem_marker
 from ._span import ROUTE_KEY, current_server_span, redact_viewer_token, route_attribute
@@ -70,7 +77,7 @@ class WSGIProfilingMiddleware:
             if self.config.debug_route
             else None
         )
-        self._traced_app = OpenTelemetryMiddleware(self._profiled, tracer_provider=tracer_provider)
+        self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         if self.config.enabled:
             install_worker_thread_profiling()
 
@@ -80,68 +87,105 @@ class WSGIProfilingMiddleware:
         return self._core
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        path: str = environ.get("PATH_INFO", "") or "/"
-        if self._viewer is not None and self._viewer.handles(path):
-            return self._serve_viewer(self._viewer, environ, start_response)
-        if self._sampler.is_excluded(path):
+        way = _PASS
+        try:
+            way = self._way(environ)
+        except Exception as exc:  # never the app's: it has not been called yet
+            log_failure("adapter", exc)
+        if way is _PASS:
             return self.app(environ, start_response)
-        if current_server_span() is None:
-            result: Iterable[bytes] = self._traced_app(environ, start_response)
-            return result
+        if way is _VIEWER:
+            assert self._viewer is not None
+            return self._serve_viewer(self._viewer, environ, start_response)
+        if way is _OPEN_SPAN:
+            return self._in_own_span(environ, start_response)
         return self._profiled(environ, start_response)
 
-    def _profiled(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        trigger = None
-        if self._sampler.triggers_allowed and self._trigger_key in environ:
-            trigger = str(environ[self._trigger_key]).encode("latin-1", "replace")
-        active = self._core.start(
-            trace.get_current_span(),
-            method=environ.get("REQUEST_METHOD", "GET"),
-            trigger=trigger,
-            client_host=environ.get("REMOTE_ADDR"),
-        )
-        if active is None:
+    def _way(self, environ: WSGIEnvironment) -> object:
+        """Which way this request goes: the viewer, straight through, or profiled."""
+        path: str = environ.get("PATH_INFO", "") or "/"
+        if self._viewer is not None and self._viewer.handles(path):
+            return _VIEWER
+        if self._sampler.is_excluded(path):
+            return _PASS
+        return _JOIN_SPAN if current_server_span() is not None else _OPEN_SPAN
+
+    def _in_own_span(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        """The request under a server span of ours, for apps no instrumentation traces.
+
+        Not OpenTelemetry's WSGI middleware: it holds the span's context token across
+        the body's iteration, in a generator that the garbage collector closes, in
+        whatever context it runs then, when a client never closes the response (test
+        clients); that logs errors and has crashed CPython 3.11. The span's context is
+        current exactly while the app is called, and the span ends at the body's
+        ``close()`` (or when the body is collected unclosed).
+        """
+        try:
+            span = self._tracer.start_span(
+                get_default_span_name(environ),
+                context=propagate.extract(environ, getter=wsgi_getter),
+                kind=SpanKind.SERVER,
+                attributes=collect_request_attributes(environ),
+            )
+            token = context.attach(trace.set_span_in_context(span))
+        except Exception as exc:
+            log_failure("span", exc)
             return self.app(environ, start_response)
-        self._core.link(active, lambda: self._base_url(environ))  # made only if needed
-        status = 500
-        route: str | None = None
 
-        def start_profiled(
-            status_line: str,
-            headers: list[tuple[str, str]],
-            exc_info: ExcInfo | None = None,
-            /,
+        def start_traced(
+            status: str, headers: list[tuple[str, str]], *exc_info: ExcInfo | None
         ) -> Callable[[bytes], object]:
-            nonlocal status, route
-            code = status_line.split(" ", 1)[0]
-            status = int(code) if code.isdigit() else 500
-            # Flask's request (with its matched rule) is in the environ only until the
-            # app returns, so the route template is read here.
-            rule = getattr(getattr(environ.get("werkzeug.request"), "url_rule", None), "rule", None)
-            if not isinstance(rule, str):  # Django: otelprof_middleware.django.RouteMiddleware
-                rule = environ.get(ROUTE_KEY)
-            route = rule if isinstance(rule, str) else None
-            return start_response(status_line, headers, exc_info)
-
-        def finish() -> None:
-            self._finish(active, environ, status, route)
+            try:
+                add_response_attributes(span, status, headers)
+            except Exception as exc:
+                log_failure("span", exc)
+            return start_response(status, headers, *exc_info)
 
         try:
-            body = self.app(environ, start_profiled)
-        except BaseException:
-            finish()
-            self._core.detach(active)
+            return self._profiled(environ, start_traced, lambda: _end_span(span, None))
+        except BaseException as error:
+            _end_span(span, error)
             raise
-        return _ProfiledBody(body, finish, active, self._core)
+        finally:
+            context.detach(token)
 
-    def _finish(
-        self, active: ActiveProfile, environ: WSGIEnvironment, status_code: int, route: str | None
-    ) -> None:
-        if not self._core.stop(active):
-            return  # already stopped, or too short to keep: nothing more to work out
-        route = route or route_attribute(active.span) or ""
-        self._core.keep(
-            active, status_code=status_code, route=route, base_url=self._base_url(environ)
+    def _profiled(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        end_span: Callable[[], None] | None = None,
+    ) -> Iterable[bytes]:
+        """The app, profiled if the core decides so; ``end_span`` runs when the body ends."""
+        response: _ProfiledResponse | None = None
+        try:
+            trigger = None
+            if self._sampler.triggers_allowed and self._trigger_key in environ:
+                trigger = str(environ[self._trigger_key]).encode("latin-1", "replace")
+            active = self._core.start(
+                trace.get_current_span(),
+                method=str(environ.get("REQUEST_METHOD", "GET")),
+                trigger=trigger,
+                client_host=environ.get("REMOTE_ADDR"),
+            )
+            if active is not None:
+                response = _ProfiledResponse(self, active, environ, start_response)
+                self._core.link(active, response.base_url)  # made only if a log asks
+        except Exception as exc:
+            log_failure("profiler.start", exc)
+        if response is None:
+            body = self.app(environ, start_response)
+            return body if end_span is None else _ClosingBody(body, end_span, end_span)
+        try:
+            body = self.app(environ, response.start_response)
+        except BaseException:
+            response.finish()
+            raise
+        if end_span is None:
+            return _ClosingBody(body, response.finish, response.abandon)
+        return _ClosingBody(
+            body, _both(response.finish, end_span), _both(response.abandon, end_span)
         )
 
     def _base_url(self, environ: WSGIEnvironment) -> str:
@@ -178,26 +222,120 @@ class WSGIProfilingMiddleware:
 
 add_stem_marker(WSGIProfilingMiddleware._profiled.__code__)
 
+_PASS, _VIEWER, _JOIN_SPAN, _OPEN_SPAN = object(), object(), object(), object()
 
-class _ProfiledBody:
-    """The app's body, unchanged; ``close()`` (or exhaustion failure) ends the profile."""
 
-    __slots__ = ("_active", "_body", "_core", "_finish")
+def _both(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        then()
+
+    return both
+
+
+def _end_span(span: trace.Span, error: BaseException | None) -> None:
+    try:
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        span.end()
+    except Exception as exc:
+        log_failure("span", exc)
+
+
+class _ProfiledResponse:
+    """One profiled request's response: its status, its route, and its profile's end.
+
+    Everything here runs on the request path, so nothing may raise: failures are
+    counted and logged by the core's fail-open helpers.
+    """
+
+    __slots__ = ("_active", "_environ", "_middleware", "_route", "_start_response", "_status")
 
     def __init__(
         self,
-        body: Iterable[bytes],
-        finish: Callable[[], None],
+        middleware: WSGIProfilingMiddleware,
         active: ActiveProfile,
-        core: ProfilerCore,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> None:
+        self._middleware = middleware
+        self._active = active
+        self._environ = environ
+        self._start_response = start_response
+        self._status = 500
+        self._route: str | None = None
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], *exc_info: ExcInfo | None
+    ) -> Callable[[bytes], object]:
+        """The app's ``start_response``: notes the status and the route, then passes on."""
+        try:
+            code = status.split(" ", 1)[0]
+            self._status = int(code) if code.isdigit() else 500
+            # Flask's request (with its matched rule) is in the environ only until the
+            # app returns, so the route template is read here.
+            request = self._environ.get("werkzeug.request")
+            rule = getattr(getattr(request, "url_rule", None), "rule", None)
+            if not isinstance(rule, str):  # Django: otelprof_middleware.django.RouteMiddleware
+                rule = self._environ.get(ROUTE_KEY)
+            self._route = rule if isinstance(rule, str) else None
+        except Exception as exc:
+            log_failure("adapter", exc)
+        return self._start_response(status, headers, *exc_info)
+
+    def base_url(self) -> str:
+        """The request's base URL, for the profile link."""
+        return self._middleware._base_url(self._environ)
+
+    def finish(self) -> None:
+        """Stop the profile and keep it when it qualifies (once; never raises)."""
+        core = self._middleware.core
+        active = self._active
+        try:
+            if core.stop(active):
+                route = self._route or route_attribute(active.span) or ""
+                core.keep(active, status_code=self._status, route=route, base_url=self.base_url())
+        except Exception as exc:
+            log_failure("profiler.finish", exc)
+        core.detach(active)
+
+    def abandon(self) -> None:
+        """The body was collected without ``close()``: stop the profile, keep nothing."""
+        self._middleware.core.discard(self._active)
+
+
+class _ClosingBody:
+    """The app's body, unchanged; ``on_end`` runs once, when it is exhausted or closed.
+
+    Exhausted or closed, whichever comes first: servers close right after the last
+    chunk, and test clients that read the body without closing it still see the
+    request's span end and its profile kept, as with OpenTelemetry's own middleware. A
+    body collected unused and unclosed runs ``on_abandon`` instead. No context token is
+    held across iteration, and nothing of ours on the way can raise.
+    """
+
+    __slots__ = ("_body", "_iterator", "_on_abandon", "_on_end")
+
+    def __init__(
+        self, body: Iterable[bytes], on_end: Callable[[], object], on_abandon: Callable[[], object]
     ) -> None:
         self._body = body
-        self._finish = finish
-        self._active = active
-        self._core = core
+        self._iterator: Iterator[bytes] | None = None
+        self._on_end: Callable[[], object] | None = on_end
+        self._on_abandon = on_abandon
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._body)
+        if self._iterator is None:
+            self._iterator = iter(self._body)
+        return self
+
+    def __next__(self) -> bytes:
+        assert self._iterator is not None
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self._end()
+            raise
 
     def close(self) -> None:
         try:
@@ -205,8 +343,17 @@ class _ProfiledBody:
             if close is not None:
                 close()
         finally:
-            self._finish()
-            self._core.detach(self._active)
+            self._end()
+
+    def _end(self) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
+
+    def __del__(self) -> None:
+        if self._on_end is not None:
+            self._on_end = None
+            self._on_abandon()
 
 
 _REASONS = {
