@@ -7,13 +7,26 @@ the item, and the caller counts the drop.
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
+import sys
 import threading
 
 __all__ = ["BatchingThread"]
 
 _STOP = object()
+_exiting = False
+
+
+def _note_exit() -> None:
+    global _exiting
+    _exiting = True
+
+
+# Registered at import, so it runs after every close() registered later (atexit is LIFO):
+# the threads drain first, then nothing starts a new one.
+atexit.register(_note_exit)
 
 
 class BatchingThread:
@@ -35,8 +48,13 @@ class BatchingThread:
         self._thread: threading.Thread | None = None
 
     def offer(self, item: object) -> bool:
-        """Queue ``item``; never blocks. False when the queue is full."""
+        """Queue ``item``; never blocks. False when the queue is full or the process exits."""
         if self._pid != os.getpid():
+            if _exiting or sys.is_finalizing():
+                # Starting a thread now can wait forever (CPython 3.11 blocks in
+                # Thread.start() during finalization): a response closed at exit keeps
+                # its profile only if the thread already runs.
+                return False
             self._start()
         try:
             self._queue.put_nowait(item)

@@ -1,0 +1,343 @@
+"""The app behaves exactly as without us: the failure kinds the frameworks' suites found.
+
+Each test compares the app with and without the middleware, or runs a script in a
+subprocess where a crash, a hang at exit or an exception raised into the app's frames
+would show (in-process they would take pytest down with them).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware, counters
+from otelprof_middleware.stores import MemoryStore
+
+from .helpers import make_provider, marker_alpha, server_spans
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ["hook", "always_on"]
+Message = dict[str, Any]
+
+
+def run_script(source: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` in a fresh interpreter; a hang past ``timeout`` fails the test."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(source), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the script did not exit within {timeout:g} s: {exc.stderr!r}")
+
+
+FLASK_CLIENT_REUSED = """
+    import sys
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    trace.set_tracer_provider(TracerProvider())
+    import flask
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    app = flask.Flask(__name__)
+    if sys.argv[1] != "none":
+        app.wsgi_app = WSGIProfilingMiddleware(
+            app.wsgi_app, sample_rate=1.0, store="memory://", min_duration_ms=0, mode=sys.argv[1]
+        )
+
+    @app.route("/")
+    def index():
+        return "ok"
+
+    @app.route("/x/<int:i>")
+    def bad(i):
+        flask.abort(400)
+
+    client = app.test_client()
+    seen = []
+    with client:  # contexts preserved between requests; responses never closed
+        for _ in range(60):
+            for method, path in (("GET", "/"), ("GET", "/x/1"), ("GET", "/nope"), ("POST", "/x/1")):
+                seen.append(client.open(path, method=method).status_code)
+    print(sorted(set(seen)), len(seen))
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_flask_client_reused_with_unclosed_responses(mode: str) -> None:
+    """Under ``with client:`` and unclosed responses, nothing raises into werkzeug's
+    matcher and no status changes (was: segfaults, "failed to get value of the context
+    var", 400 turned 404: the hook removed inside pyinstrument's C callback)."""
+    baseline = run_script(FLASK_CLIENT_REUSED, "none")
+    assert baseline.returncode == 0, baseline.stderr
+    for _ in range(3):  # the crash it guards against was intermittent
+        result = run_script(FLASK_CLIENT_REUSED, mode)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout == baseline.stdout
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+EXIT_WITH_UNCLOSED_WSGI = """
+    import sys
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    trace.set_tracer_provider(TracerProvider())
+    import flask
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    app = flask.Flask(__name__)
+    app.wsgi_app = WSGIProfilingMiddleware(
+        app.wsgi_app, sample_rate=1.0, store="memory://", min_duration_ms=0, mode=sys.argv[1]
+    )
+
+    @app.route("/")
+    def index():
+        return "ok"
+
+    @app.route("/stream")
+    def stream():
+        return flask.Response(iter([b"a", b"b", b"c"]))
+
+    client = app.test_client()
+    client.get("/")
+    response = client.get("/stream")  # read one chunk, never closed
+    print("end of script")
+"""
+
+EXIT_WITH_UNCLOSED_ASGI = """
+    import sys
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    trace.set_tracer_provider(TracerProvider())
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+    from otelprof_middleware import ProfilingMiddleware
+
+    async def chunks():
+        for part in (b"a", b"b", b"c"):
+            yield part
+
+    app = Starlette(routes=[
+        Route("/", lambda request: PlainTextResponse("ok")),
+        Route("/stream", lambda request: StreamingResponse(chunks())),
+    ])
+    app.add_middleware(
+        ProfilingMiddleware, sample_rate=1.0, store="memory://", min_duration_ms=0,
+        mode=sys.argv[1],
+    )
+    client = TestClient(app)
+    client.get("/")
+    stream = client.stream("GET", "/stream").__enter__()  # never exited
+    print("end of script")
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("script", [EXIT_WITH_UNCLOSED_WSGI, EXIT_WITH_UNCLOSED_ASGI])
+def test_process_exits_with_responses_left_unclosed(script: str, mode: str) -> None:
+    """Nothing at or after interpreter shutdown blocks (was: a hang at exit, the writer's
+    first thread start waiting during finalization)."""
+    result = run_script(script, mode, timeout=20.0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "end of script"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+# --- ASGI faults: the response is byte-identical to the app's without us --------------
+
+
+async def _hello(scope: Message, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+    marker_alpha(0.002)
+    await send({"type": "http.response.start", "status": 201, "headers": [(b"x-a", b"1")]})
+    await send({"type": "http.response.body", "body": b"hel", "more_body": True})
+    await send({"type": "http.response.body", "body": b"lo"})
+
+
+async def _drive(app: Any, scope: Message) -> list[Message]:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def _scope(**overrides: Any) -> Message:
+    scope: Message = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/hello",
+        "raw_path": b"/hello",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    scope.update(overrides)
+    return scope
+
+
+def _profiled(app: Any, **settings: Any) -> ProfilingMiddleware:
+    provider, _ = make_provider()
+    settings = {"sample_rate": 1.0, "min_duration_ms": 0, **settings}
+    return ProfilingMiddleware(
+        app, tracer_provider=provider, profile_store=MemoryStore(), **settings
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", MODES)
+async def test_scope_without_headers(mode: str) -> None:
+    scope = _scope()
+    del scope["headers"]
+    expected = await _drive(_hello, dict(scope))
+    middleware = _profiled(_hello, mode=mode)
+    assert await _drive(middleware, dict(scope)) == expected
+    middleware.core.writer.flush(5)
+    # Profiled all the same: the link's host falls back to the scope's server.
+    [record] = middleware.core.get_store().list()
+    assert record.route == ""
+
+
+class _RaisingRoute:
+    @property
+    def path(self) -> str:
+        raise RuntimeError("injected: the route lookup raises")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", MODES)
+async def test_raising_route_and_host_lookups(
+    mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def app(scope: Message, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        scope["route"] = _RaisingRoute()
+        await _hello(scope, receive, send)
+
+    expected = await _drive(app, _scope())
+    from otelprof_middleware import asgi
+
+    def raising_host(host: str | None) -> str | None:
+        raise RuntimeError("injected: the host lookup raises")
+
+    monkeypatch.setattr(asgi, "safe_host", raising_host)
+    middleware = _profiled(app, mode=mode)
+    for _ in range(3):
+        assert await _drive(middleware, _scope()) == expected
+    seen = counters()
+    assert seen.get("failed.profiler.finish") == 3, seen
+    logged = [r for r in caplog.records if "profiler.finish failed" in r.getMessage()]
+    assert len(logged) == 1  # logged once, counted every time
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", MODES)
+async def test_raising_send_reaches_the_app_unchanged(mode: str) -> None:
+    """A server's ``send`` that raises (the client went away) raises in the app exactly
+    as without us, and the profile still ends."""
+
+    class Gone(OSError):
+        pass
+
+    seen_by_app: list[BaseException] = []
+
+    async def app(scope: Message, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        try:
+            await _hello(scope, receive, send)
+        except Gone as exc:
+            seen_by_app.append(exc)
+            raise
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            raise Gone("client disconnected")
+
+    middleware = _profiled(app, mode=mode)
+    with pytest.raises(Gone, match="client disconnected"):
+        await middleware(_scope(), receive, send)
+    assert len(seen_by_app) == 1
+    assert middleware.core.writer.flush(5)
+    [record] = middleware.core.get_store().list()
+    assert record.status_code == 201
+
+
+def test_writer_does_not_call_patched_json_dumps() -> None:
+    """FastAPI's suite patches ``json.dumps`` and asserts it is not called."""
+
+    def endpoint(request: Request) -> PlainTextResponse:
+        marker_alpha(0.002)
+        return PlainTextResponse("ok")
+
+    from starlette.testclient import TestClient
+
+    app = Starlette(routes=[Route("/", endpoint)])
+    provider, _ = make_provider()
+    middleware = ProfilingMiddleware(
+        app, tracer_provider=provider, profile_store=MemoryStore(), sample_rate=1.0
+    )
+    with (
+        mock.patch("json.dumps", side_effect=AssertionError("json.dumps called")) as dumps,
+        mock.patch("json.loads", side_effect=AssertionError("json.loads called")) as loads,
+    ):
+        with TestClient(middleware) as client:
+            assert client.get("/").text == "ok"
+        assert middleware.core.writer.flush(5)
+        [summary] = middleware.core.get_store().list()
+        [record] = middleware.core.get_store().get(summary.trace_id)
+        assert "marker_alpha" in json.JSONEncoder().encode(record.session().to_json())
+    assert dumps.call_count == 0 and loads.call_count == 0
+
+
+def test_wsgi_span_ends_when_the_body_is_exhausted_without_close() -> None:
+    """Test clients read the body and never close it: the span we opened ends and the
+    profile is kept at exhaustion, as with OpenTelemetry's own middleware."""
+    provider, exporter = make_provider()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        marker_alpha(0.002)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"a", b"b"]
+
+    middleware = WSGIProfilingMiddleware(
+        app, tracer_provider=provider, profile_store=MemoryStore(), sample_rate=1.0
+    )
+    client = httpx.Client(transport=httpx.WSGITransport(app=middleware))
+    assert client.get("http://testserver/x").text == "ab"
+    [span] = server_spans(exporter)
+    assert "otelprof.profile.url" in (span.attributes or {})
+    assert middleware.core.writer.flush(5)
+    assert len(middleware.core.get_store().list()) == 1
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
