@@ -283,12 +283,18 @@ class ThreadSampler:
         # a hook that sees no users removes itself.
         self._last = time.perf_counter()
         try:
-            setstatprofile(
-                target=self._on_event,
-                interval=self.interval,
-                context_var=current_request,  # type: ignore[arg-type]  # invariant ContextVar
-            )
-            self._start_ticker()
+            if _on_event_loop():
+                setstatprofile(
+                    target=self._on_event,
+                    interval=self.interval,
+                    context_var=current_request,  # type: ignore[arg-type]  # invariant ContextVar
+                )
+                self._start_ticker()
+            else:
+                # Requests never interleave on a thread without an event loop (a WSGI
+                # worker, a test client): no task switches to watch, so pyinstrument's C
+                # code does no contextvar lookups on every call there.
+                setstatprofile(target=self._on_event, interval=self.interval)
         except BaseException:
             self.users -= 1
             setstatprofile(None)
@@ -305,10 +311,7 @@ class ThreadSampler:
         """
         if self._ticking:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # not an event loop thread (WSGI worker, thread pool)
+        loop = asyncio.get_running_loop()
         empty = contextvars.Context()
         self._ticking = True
 
@@ -375,6 +378,15 @@ def _note_collection(phase: str, info: dict[str, int]) -> None:
 
 
 gc.callbacks.append(_note_collection)
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
 
 _local = threading.local()
 

@@ -25,6 +25,8 @@ __all__ = [
     "redact_viewer_token",
     "route_attribute",
     "set_profile_attributes",
+    "span_declined",
+    "span_owner_below",
 ]
 
 PROFILE_ID = "otelprof.profile.id"
@@ -61,6 +63,78 @@ def current_server_span() -> trace.Span | None:
     if not context.is_valid or context.is_remote:
         return None
     return span
+
+
+_OWNER_CLASSES = frozenset(
+    {
+        # opentelemetry-instrumentation-asgi (also what FastAPIInstrumentor adds)
+        ("opentelemetry.instrumentation.asgi", "OpenTelemetryMiddleware"),
+        # Starlette's own (1.10+): SERVER span named by route, ``excluded_urls``
+        ("starlette.middleware.opentelemetry", "OpenTelemetryMiddleware"),
+    }
+)
+
+
+def _fastapi_traces(app: object) -> bool:
+    """True for a FastAPI app whose native telemetry opens server spans."""
+    native = getattr(app, "_native_telemetry", None)
+    config = getattr(native, "config", None)
+    if not isinstance(config, Mapping) or not config.get("tracing"):
+        return False
+    try:
+        return bool(native.enabled())  # type: ignore[union-attr]
+    except Exception:
+        return False
+
+
+def _fastapi_tracing_off(app: object) -> bool:
+    config = getattr(getattr(app, "_native_telemetry", None), "config", None)
+    return isinstance(config, Mapping) and config.get("tracing") is False
+
+
+def span_owner_below(app: object) -> tuple[object, str | None] | None:
+    """The layer below ``app`` that opens the request's server span, if there is one.
+
+    Returns the layer and the name of its attribute that holds the app it calls (where a
+    middleware outside it can put a joiner), or None. The attribute is None for a layer
+    configured to open no server span (FastAPI with ``telemetry={"tracing": False}``).
+    Walks the ``app`` chain, and each Starlette application's middleware stack (built
+    now if it is not yet: Starlette builds it at its first request, which is this one).
+    Recognised owners: OTel's ASGI middleware (and FastAPIInstrumentor's), Starlette's
+    own ``OpenTelemetryMiddleware``, a FastAPI app whose native telemetry traces.
+    """
+    seen: set[int] = set()
+    layer: object | None = app
+    while layer is not None and id(layer) not in seen and len(seen) < 64:
+        seen.add(id(layer))
+        kind = type(layer)
+        if (kind.__module__, kind.__name__) in _OWNER_CLASSES:
+            return layer, "app"
+        if hasattr(layer, "build_middleware_stack") and hasattr(layer, "middleware_stack"):
+            if layer.middleware_stack is None:
+                layer.middleware_stack = layer.build_middleware_stack()
+            # An OTel middleware in its stack wins: FastAPI's telemetry steps aside for it.
+            inner = span_owner_below(layer.middleware_stack)
+            if inner is None and _fastapi_traces(layer):
+                return layer, "middleware_stack"
+            if inner is None and _fastapi_tracing_off(layer):
+                return layer, None
+            return inner
+        layer = getattr(layer, "app", None)
+    return None
+
+
+def span_declined(scope: Mapping[str, Any]) -> bool:
+    """True when a framework's own telemetry handled this request and chose no span.
+
+    Starlette's ``OpenTelemetryMiddleware`` marks the scope and opens no span for its
+    ``excluded_urls``; FastAPI's native telemetry marks it for excluded requests, and
+    for requests it handles with tracing off (logs or metrics only); a FastAPI app
+    configured with ``telemetry={"tracing": False}`` asked for no server spans.
+    """
+    if scope.get("starlette.opentelemetry") or "fastapi.telemetry" in scope:
+        return True
+    return _fastapi_tracing_off(scope.get("app"))
 
 
 def profile_url(base_url: str, trace_id: str, span_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable
 from typing import Unpack
 
@@ -13,7 +14,14 @@ from ._config import Config, Settings
 from ._failsafe import log_failure
 from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
 from ._session import add_stem_marker
-from ._span import ROUTE_KEY, current_server_span, redact_viewer_token, route_attribute
+from ._span import (
+    ROUTE_KEY,
+    current_server_span,
+    redact_viewer_token,
+    route_attribute,
+    span_declined,
+    span_owner_below,
+)
 from ._threads import install as install_worker_thread_profiling
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .stores._base import ProfileStore
@@ -77,6 +85,9 @@ class ProfilingMiddleware:
         self._traced_app = OpenTelemetryMiddleware(
             self._in_own_span, tracer_provider=tracer_provider, exclude_spans=["receive", "send"]
         )
+        self._owner_checked = False
+        self._joins_below_owner = False
+        self._is_joiner = False
         if self.config.enabled:
             install_worker_thread_profiling()
 
@@ -92,6 +103,12 @@ class ProfilingMiddleware:
         # through each coroutine level between the server and the app.
         if _in_own_span:  # called back by the OTel middleware, under the span it opened
             span = trace.get_current_span()
+        elif self._is_joiner:  # below the layer that owns the server span: join or pass
+            joined = current_server_span() if scope["type"] == "http" else None
+            if joined is None:
+                await self.app(scope, receive, send)
+                return
+            span = joined
         else:
             if scope["type"] != "http":
                 await self.app(scope, receive, send)
@@ -143,7 +160,37 @@ class ProfilingMiddleware:
         if self._sampler.is_excluded(path):
             return _PASS
         joined = current_server_span()
-        return _OPEN_SPAN if joined is None else joined
+        if joined is not None:
+            return joined
+        if self._joins_below_owner or span_declined(scope):
+            return _PASS  # a layer inside us owns the span (our joiner is there), or none
+        if self._owner_checked:
+            return _OPEN_SPAN
+        self._owner_checked = True
+        return _PASS if self._join_below_owner() else _OPEN_SPAN
+
+    def _join_below_owner(self) -> bool:
+        """Put a joining copy of this middleware right below the layer that owns spans.
+
+        There must be one server span per request, the one the user configured: when
+        the app we wrap contains OTel's ASGI middleware, Starlette's or FastAPI's own
+        telemetry, that layer opens it (with its own exclusions and names), and the
+        request is profiled from just inside it, by a copy of this middleware that only
+        joins. Runs once, at the first request.
+        """
+        found = span_owner_below(self.app)
+        if found is None:
+            return False
+        owner, attribute = found
+        self._joins_below_owner = True
+        if attribute is None:
+            return True  # the app asked for no server spans: none of ours either
+        joiner = copy.copy(self)
+        joiner.app = getattr(owner, attribute)
+        joiner._viewer = None  # the viewer is served here, outside
+        joiner._is_joiner = True
+        setattr(owner, attribute, joiner)
+        return True
 
     async def _in_own_span(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, under the server span this middleware had the OTel middleware open."""

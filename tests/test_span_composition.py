@@ -1,0 +1,249 @@
+"""One SERVER span per request, whatever telemetry the app already has, wherever we sit.
+
+For each source of server spans, with our middleware outside and inside it: exactly one
+SERVER span per request, owned by the layer the user configured (its name and
+exclusions), our profile link on it when profiled, and none of our spans for URLs that
+layer excludes. Real OTel SDK providers with in-memory exporters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware as OTelASGI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.opentelemetry import OpenTelemetryMiddleware as StarletteOTel
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from otelprof_middleware import ProfilingMiddleware
+from otelprof_middleware._span import PROFILE_URL
+from otelprof_middleware.stores import MemoryStore
+
+from .helpers import make_provider, marker_alpha, server_spans
+
+Otel = tuple[TracerProvider, InMemorySpanExporter]
+
+
+@pytest.fixture
+def otel() -> Otel:
+    return make_provider()
+
+
+def ours(otel: Otel) -> dict[str, Any]:
+    return {
+        "tracer_provider": otel[0],
+        "profile_store": MemoryStore(),
+        "sample_rate": 1.0,
+        "min_duration_ms": 0,
+    }
+
+
+def item(request: Request) -> PlainTextResponse:
+    marker_alpha(0.002)
+    return PlainTextResponse(f"item {request.path_params['item_id']}")
+
+
+def health(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+ROUTES = [Route("/items/{item_id:int}", item), Route("/health", health)]
+
+
+def fastapi_app(**telemetry: Any) -> FastAPI:
+    app = FastAPI(telemetry=telemetry or None)
+
+    @app.get("/items/{item_id}")
+    def get_item(item_id: int) -> dict[str, int]:
+        marker_alpha(0.002)
+        return {"item": item_id}
+
+    @app.get("/health")
+    def get_health() -> str:
+        return "ok"
+
+    return app
+
+
+def send(app: Any, *paths: str) -> list[httpx.Response]:
+    transport = httpx.ASGITransport(app=app)
+
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            return [await c.get(path) for path in paths]
+
+    import anyio
+
+    return anyio.run(go)
+
+
+def check_one_linked_span_per_request(
+    exporter: InMemorySpanExporter, paths: list[str], *, name: str | None = None
+) -> None:
+    spans = server_spans(exporter)
+    assert len(spans) == len(paths), [(s.name, s.instrumentation_scope) for s in spans]
+    for span in spans:
+        assert (span.attributes or {}).get(PROFILE_URL), span.name
+        if name is not None:
+            assert span.name == name
+
+
+PATHS = ["/items/1", "/items/2", "/items/3"]
+
+
+# --- OpenTelemetry's ASGI middleware ---------------------------------------------------
+
+
+def test_otel_asgi_outside_ours(otel: Otel) -> None:
+    app = OTelASGI(
+        ProfilingMiddleware(Starlette(routes=ROUTES), **ours(otel)), tracer_provider=otel[0]
+    )
+    assert [r.status_code for r in send(app, *PATHS)] == [200, 200, 200]
+    check_one_linked_span_per_request(otel[1], PATHS)
+
+
+def test_otel_asgi_inside_ours_owns_the_span(otel: Otel) -> None:
+    inner = OTelASGI(Starlette(routes=ROUTES), tracer_provider=otel[0])
+    app = ProfilingMiddleware(inner, **ours(otel))
+    assert [r.text for r in send(app, *PATHS)] == ["item 1", "item 2", "item 3"]
+    check_one_linked_span_per_request(otel[1], PATHS)
+    spans = server_spans(otel[1])
+    assert {s.instrumentation_scope.name for s in spans if s.instrumentation_scope} == {
+        "opentelemetry.instrumentation.asgi"
+    }
+
+
+# --- Starlette's own OpenTelemetryMiddleware ---------------------------------------------
+
+
+@pytest.mark.parametrize("position", ["ours_outside", "ours_inside"])
+def test_starlette_native_middleware(otel: Otel, position: str) -> None:
+    native = Middleware(StarletteOTel, tracer_provider=otel[0], excluded_urls=["/health"])
+    if position == "ours_inside":
+        app = Starlette(
+            routes=ROUTES, middleware=[native, Middleware(ProfilingMiddleware, **ours(otel))]
+        )
+    else:
+        app = Starlette(routes=ROUTES, middleware=[native])
+        app.add_middleware(ProfilingMiddleware, **ours(otel))  # outermost of the user's
+    responses = send(app, *PATHS, "/health", "/health")
+    assert [r.status_code for r in responses] == [200] * 5
+    # Its span (named by route), linked; nothing at all for the URL it excludes.
+    check_one_linked_span_per_request(otel[1], PATHS, name="GET /items/{item_id}")
+
+
+def test_starlette_native_middleware_wrapped_from_outside(otel: Otel) -> None:
+    native = Middleware(StarletteOTel, tracer_provider=otel[0], excluded_urls=["/health"])
+    app = ProfilingMiddleware(Starlette(routes=ROUTES, middleware=[native]), **ours(otel))
+    send(app, *PATHS, "/health")
+    check_one_linked_span_per_request(otel[1], PATHS, name="GET /items/{item_id}")
+
+
+# --- FastAPI's native telemetry and FastAPIInstrumentor ------------------------------
+
+
+@pytest.mark.parametrize("position", ["add_middleware", "wrapped"])
+def test_fastapi_native_telemetry_on(otel: Otel, position: str) -> None:
+    app: Any = fastapi_app(tracer_provider=otel[0], metrics=False, logs=False)
+    if position == "add_middleware":
+        app.add_middleware(ProfilingMiddleware, **ours(otel))
+    else:
+        app = ProfilingMiddleware(app, **ours(otel))
+    assert [r.json() for r in send(app, *PATHS)] == [{"item": 1}, {"item": 2}, {"item": 3}]
+    check_one_linked_span_per_request(otel[1], PATHS, name="GET /items/{item_id}")
+
+
+@pytest.mark.parametrize(
+    "telemetry",
+    [
+        {"tracing": False, "metrics": False, "logs": False},
+        {"tracing": False, "metrics": False},  # logs only (no logger provider: a no-op)
+        {"tracing": False},
+    ],
+    ids=["all_off", "logs_only", "tracing_off"],
+)
+@pytest.mark.parametrize("position", ["add_middleware", "wrapped"])
+def test_fastapi_native_tracing_off_means_no_span(
+    otel: Otel, telemetry: dict[str, Any], position: str
+) -> None:
+    app: Any = fastapi_app(tracer_provider=otel[0], **telemetry)
+    if position == "add_middleware":
+        app.add_middleware(ProfilingMiddleware, **ours(otel))
+    else:
+        app = ProfilingMiddleware(app, **ours(otel))
+    assert [r.status_code for r in send(app, *PATHS)] == [200, 200, 200]
+    assert server_spans(otel[1]) == []
+
+
+def test_fastapi_native_exclude_respected(otel: Otel) -> None:
+    app = fastapi_app(
+        tracer_provider=otel[0],
+        metrics=False,
+        logs=False,
+        exclude=lambda scope: scope.get("path") == "/health",
+    )
+    app.add_middleware(ProfilingMiddleware, **ours(otel))
+    send(app, *PATHS, "/health")
+    check_one_linked_span_per_request(otel[1], PATHS, name="GET /items/{item_id}")
+
+
+@pytest.mark.parametrize("position", ["add_middleware", "wrapped"])
+def test_fastapi_instrumentor(otel: Otel, position: str) -> None:
+    app: Any = fastapi_app(tracer_provider=otel[0], metrics=False, logs=False)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=otel[0])
+    try:
+        if position == "add_middleware":
+            app.add_middleware(ProfilingMiddleware, **ours(otel))
+        else:
+            app = ProfilingMiddleware(app, **ours(otel))
+        send(app, *PATHS)
+        check_one_linked_span_per_request(otel[1], PATHS, name="GET /items/{item_id}")
+    finally:
+        FastAPIInstrumentor.uninstrument_app(app if position == "add_middleware" else app.app)
+
+
+# --- our own span, when nothing else opens one ---------------------------------------
+
+
+def test_no_telemetry_we_open_the_only_span(otel: Otel) -> None:
+    app = ProfilingMiddleware(Starlette(routes=ROUTES), **ours(otel))
+    send(app, *PATHS)
+    check_one_linked_span_per_request(otel[1], PATHS)
+
+
+def test_flask_instrumentor_one_server_span(otel: Otel) -> None:
+    from flask import Flask
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    flask_app = Flask(__name__)
+
+    @flask_app.get("/items/<int:item_id>")
+    def get_item(item_id: int) -> str:
+        marker_alpha(0.002)
+        return f"item {item_id}"
+
+    FlaskInstrumentor().instrument_app(flask_app, tracer_provider=otel[0])
+    try:
+        flask_app.wsgi_app = WSGIProfilingMiddleware(  # type: ignore[method-assign]
+            flask_app.wsgi_app, **ours(otel)
+        )
+        client = flask_app.test_client()
+        assert [client.get(p).text for p in PATHS] == ["item 1", "item 2", "item 3"]
+        check_one_linked_span_per_request(otel[1], PATHS)
+    finally:
+        FlaskInstrumentor().uninstrument_app(flask_app)
+
+
+_: Callable[..., Any] = health  # (the excluded route's handler)
