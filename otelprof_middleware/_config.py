@@ -60,6 +60,12 @@ def _parse_float(name: str, value: object, *, low: float, high: float = math.inf
     return number
 
 
+def _parse_optional_float(name: str, value: object, *, low: float) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None  # blank means unset: the keep policy decides
+    return _parse_float(name, value, low=low)
+
+
 def _parse_int(name: str, value: object, *, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"{_where(name)} must be an integer, got {value!r}")
@@ -156,6 +162,8 @@ class Settings(TypedDict, total=False):
     enabled: bool
     sample_rate: float
     min_duration_ms: float
+    slow_floor_ms: float
+    keep_per_second: float
     store: str
     store_max_profiles: int
     store_max_bytes: int
@@ -192,7 +200,9 @@ def _parse_mode(name: str, value: object) -> str:
 _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "enabled": _parse_bool,
     "sample_rate": lambda n, v: _parse_float(n, v, low=0.0, high=1.0),
-    "min_duration_ms": lambda n, v: _parse_float(n, v, low=0.0),
+    "min_duration_ms": lambda n, v: _parse_optional_float(n, v, low=0.0),
+    "slow_floor_ms": lambda n, v: _parse_float(n, v, low=0.0),
+    "keep_per_second": lambda n, v: _parse_float(n, v, low=0.0),
     "store": _parse_store,
     "store_max_profiles": lambda n, v: _parse_int(n, v, low=1),
     "store_max_bytes": lambda n, v: _parse_int(n, v, low=1024),
@@ -223,9 +233,17 @@ class Config:
     Attributes:
         enabled: master switch (``OTELPROF_ENABLED``, default ``True``).
         sample_rate: fraction of traces profiled, decided by trace id
-            (``OTELPROF_SAMPLE_RATE``, default ``0.1``).
-        min_duration_ms: keep a profile only when the request took at least this long
-            (``OTELPROF_MIN_DURATION_MS``, default ``0``: keep all).
+            (``OTELPROF_SAMPLE_RATE``, default ``1``: every request, which the default
+            ``always_on`` mode makes cheap).
+        min_duration_ms: when set, keep exactly the profiles of requests that took at
+            least this long (``0``: keep all), instead of the keep policy
+            (``OTELPROF_MIN_DURATION_MS``, default unset: the policy keeps a profile when
+            its request was slow for its route, failed, or was triggered).
+        slow_floor_ms: the keep policy never calls a request faster than this slow
+            (``OTELPROF_SLOW_FLOOR_MS``, default ``50``).
+        keep_per_second: the keep policy's budget: slow and failed requests' profiles
+            kept per second per process, at most (``OTELPROF_KEEP_PER_SECOND``, default
+            ``5``; bursts of two seconds' worth). Triggered profiles are always kept.
         store: store URL (``OTELPROF_STORE``); ``None`` means the embedded SQLite
             store under ``state_dir``.
         store_max_profiles: the store keeps at most this many profiles
@@ -241,11 +259,11 @@ class Config:
         exclude_paths: paths (and their sub-paths) never profiled
             (``OTELPROF_EXCLUDE_PATHS``, comma-separated). The viewer's own routes are
             always excluded.
-        mode: ``hook`` (default): a pyinstrument hook on the threads of each profiled
-            request, full detail, pyinstrument's cost per Python call; ``always_on``: a
-            sampler per process reads the stacks of the threads serving profiled requests
-            every ``always_on_interval_ms``, a few percent, so every request can be profiled
-            (``OTELPROF_MODE``).
+        mode: ``always_on`` (default): a sampler per process reads the stacks of the
+            threads serving profiled requests every ``always_on_interval_ms``, a few
+            percent, so every request can be profiled; ``hook``: a pyinstrument hook on the
+            threads of each profiled request, full detail, pyinstrument's cost per Python
+            call (``OTELPROF_MODE``). Triggered requests always get the hook.
         hook_sample_rate: in ``always_on`` mode, the fraction of traces profiled with the
             hook instead (``OTELPROF_HOOK_SAMPLE_RATE``, default ``0``); triggered
             requests always get the hook. Ignored in ``hook`` mode.
@@ -276,8 +294,10 @@ class Config:
     """
 
     enabled: bool = True
-    sample_rate: float = 0.1
-    min_duration_ms: float = 0.0
+    sample_rate: float = 1.0
+    min_duration_ms: float | None = None
+    slow_floor_ms: float = 50.0
+    keep_per_second: float = 5.0
     store: str | None = None
     store_max_profiles: int = 1000
     store_max_bytes: int = 64 * 1024 * 1024
@@ -287,7 +307,7 @@ class Config:
     interval_ms: float = 1.0
     exclude_paths: tuple[str, ...] = ()
     trigger_header: str = "x-otelprof"
-    mode: str = "hook"
+    mode: str = "always_on"
     hook_sample_rate: float = 0.0
     always_on_interval_ms: float = 5.0
     always_on_sigprof: bool = True

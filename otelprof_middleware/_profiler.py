@@ -26,6 +26,7 @@ from pyinstrument.stack_sampler import build_call_stack
 from ._always_on import AlwaysOnSampler, always_on_sampler
 from ._config import Config
 from ._failsafe import count, fail_open, log_failure, tally
+from ._keep import MIN_DURATION, KeepPolicy
 from ._record import ProfileRecord, ProfileSummary
 from ._sampling import Sampler
 from ._session import RequestProfile, ThreadSampler, current_request, thread_sampler
@@ -44,7 +45,7 @@ _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\]
 STORE_RETRY_SECONDS = 5.0
 ALWAYS_ON_MAX_CONCURRENT = 1024
 """Most always-on profiles in flight on one event loop (or on the process's threads)."""
-_count_discarded_short = tally("discarded.short")
+_count_discarded = tally("discarded.not_kept")
 
 
 _start_stacks: dict[tuple[int, ...], list[str]] = {}
@@ -103,6 +104,7 @@ class ActiveProfile:
     token: Token[RequestProfile | None] | None
     finished: bool = field(default=False)
     duration: float = field(default=0.0)  # seconds, set when stopped
+    triggered: bool = field(default=False)  # asked for by the trigger header
 
     @property
     def trace_id(self) -> str:
@@ -142,7 +144,11 @@ class ProfilerCore:
         self._active_lock = threading.Lock()
         self._interval = config.interval
         self._always_on_interval = config.always_on_interval_ms / 1000.0
-        self._min_duration = config.min_duration_ms / 1000.0
+        self.keep_policy = KeepPolicy(
+            min_duration_ms=config.min_duration_ms,
+            slow_floor_ms=config.slow_floor_ms,
+            keep_per_second=config.keep_per_second,
+        )
         self._sampler_instance: AlwaysOnSampler | None = None
         atexit.register(self.writer.close, 2.0)
         self.exporter = exporter or open_exporter(
@@ -231,6 +237,7 @@ class ProfilerCore:
             context=context,
             method=normalise_method(method),
             token=token,
+            triggered=trigger is not None and self.sampler.is_triggered(trigger, client_host),
         )
 
     def _start_always_on(
@@ -285,20 +292,48 @@ class ProfilerCore:
         with fail_open("profiler.link"):
             active.request.url = profile_url(base_url, active.trace_id, active.span_id)
 
-    def finish(self, active: ActiveProfile, *, status_code: int, route: str, base_url: str) -> None:
-        """Stop the profile; keep it when long enough: span link, then the writer.
+    def finish(
+        self,
+        active: ActiveProfile,
+        *,
+        status_code: int,
+        route: str | Callable[[], str],
+        base_url: str | Callable[[], str],
+        failed: bool = False,
+    ) -> None:
+        """Stop the profile; keep it if the keep policy says so: span link, then the writer.
 
         Safe to call more than once (only the first call counts) and from any task.
-        :meth:`stop` and :meth:`keep` are its two halves, for adapters that work out
-        ``route`` and ``base_url`` only for profiles that are kept.
+        ``route`` and ``base_url`` may be functions, called only when they are needed
+        (``base_url`` only for a kept profile). ``failed``: the app raised.
         """
-        if self.stop(active):
-            self.keep(active, status_code=status_code, route=route, base_url=base_url)
+        if not self.stop(active):
+            return
+        policy = self.keep_policy
+        route_name = "" if not policy.needs_route else (route() if callable(route) else route)
+        reason = policy.reason(
+            route=route_name,
+            duration=active.duration,
+            status_code=status_code,
+            failed=failed,
+            triggered=active.triggered,
+        )
+        if reason is None:
+            active.request.url = None  # later log records must not point at a discarded profile
+            _count_discarded()
+            return
+        if not policy.needs_route:
+            route_name = route() if callable(route) else route
+        self.keep(
+            active,
+            status_code=status_code,
+            route=route_name,
+            base_url=base_url() if callable(base_url) else base_url,
+            reason=reason,
+        )
 
     def stop(self, active: ActiveProfile, *, from_finalizer: bool = False) -> bool:
-        """Stop the profile; True when it is long enough to keep (call :meth:`keep`).
-
-        Only the first call (of this or :meth:`finish`) stops; later ones return False.
+        """Stop the profile; True when this call stopped it (only the first call does).
         ``from_finalizer``: called by the garbage collector (see :class:`ThreadSampler`).
         """
         if active.finished:
@@ -326,10 +361,6 @@ class ProfilerCore:
         if not request.continuous:
             self._release_slot()
         active.duration = duration
-        if duration < self._min_duration:
-            request.url = None  # later log records must not point at a discarded profile
-            _count_discarded_short()
-            return False
         return True
 
     def discard(self, active: ActiveProfile) -> None:
@@ -346,8 +377,16 @@ class ProfilerCore:
         except Exception as exc:
             log_failure("profiler.stop", exc)
 
-    def keep(self, active: ActiveProfile, *, status_code: int, route: str, base_url: str) -> None:
-        """Keep a profile :meth:`stop` stopped: span link, then the writer (and exporter)."""
+    def keep(
+        self,
+        active: ActiveProfile,
+        *,
+        status_code: int,
+        route: str,
+        base_url: str,
+        reason: str = MIN_DURATION,
+    ) -> None:
+        """Keep a stopped profile: span link, then the writer (and exporter)."""
         request = active.request
         duration = active.duration
         with fail_open("span"):
@@ -368,6 +407,7 @@ class ProfilerCore:
                 sample_count=len(request.records),
                 mode="always_on" if request.continuous else "hook",
                 interval_ms=round(request.interval * 1000.0, 3),
+                kept_reason=reason,
             )
             how = "always-on sampler" if request.continuous else "pyinstrument hook"
             request.description = (

@@ -53,6 +53,9 @@ class ProfileSummary:
     sample_count: int = 0
     mode: str = "hook"
     interval_ms: float = 1.0
+    # Why the profile was kept: "slow", "error", "triggered", "min_duration", or ""
+    # (unknown: stored by an older version).
+    kept_reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The summary as a JSON-ready dict (the viewer's ``?format=json`` row, minus ``url``)."""
@@ -67,6 +70,7 @@ class ProfileSummary:
             "sample_count": self.sample_count,
             "mode": self.mode,
             "interval_ms": self.interval_ms,
+            "kept_reason": self.kept_reason,
         }
 
 

@@ -149,6 +149,9 @@ class ProfilingMiddleware:
             return
         try:
             await self.app(scope, receive, send_profiled)
+        except Exception:
+            send_profiled.failed = True
+            raise
         finally:
             send_profiled.finish()
 
@@ -236,7 +239,7 @@ class _ProfiledSend:
     goes on to the server as the app sent it.
     """
 
-    __slots__ = ("_active", "_finished", "_middleware", "_scope", "_send", "status_code")
+    __slots__ = ("_active", "_finished", "_middleware", "_scope", "_send", "failed", "status_code")
 
     def __init__(
         self, middleware: ProfilingMiddleware, active: ActiveProfile, scope: Scope, send: Send
@@ -246,6 +249,7 @@ class _ProfiledSend:
         self._scope = scope
         self._send = send
         self._finished = False
+        self.failed = False  # the app raised
         self.status_code = 500  # until the app sends http.response.start
 
     def __call__(self, message: Message) -> Awaitable[None]:
@@ -266,20 +270,22 @@ class _ProfiledSend:
         """The request's base URL, for the profile link (made only when asked)."""
         return self._middleware._base_url(self._scope)
 
+    def route(self) -> str:
+        """The matched route template, for the keep policy and the index."""
+        return self._middleware._route(self._scope, self._active)
+
     def _stop_and_keep(self) -> None:
         if self._finished:
             return
         self._finished = True
-        core = self._middleware.core
-        active = self._active
         try:
-            if core.stop(active):  # long enough to keep: now work out route and URL
-                core.keep(
-                    active,
-                    status_code=self.status_code,
-                    route=self._middleware._route(self._scope, active),
-                    base_url=self.base_url(),
-                )
+            self._middleware.core.finish(
+                self._active,
+                status_code=self.status_code,
+                route=self.route,
+                base_url=self.base_url,
+                failed=self.failed,
+            )
         except Exception as exc:
             log_failure("profiler.finish", exc)
 

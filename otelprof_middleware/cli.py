@@ -375,7 +375,16 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _table(summaries: Sequence[ProfileSummary]) -> str:
-    header = ("TIME (UTC)", "METHOD", "ROUTE", "STATUS", "DURATION_MS", "TRACE_ID", "SPAN_ID")
+    header = (
+        "TIME (UTC)",
+        "METHOD",
+        "ROUTE",
+        "STATUS",
+        "DURATION_MS",
+        "KEPT",
+        "TRACE_ID",
+        "SPAN_ID",
+    )
     rows = [
         (
             _utc(s.start_time),
@@ -383,6 +392,7 @@ def _table(summaries: Sequence[ProfileSummary]) -> str:
             s.route,
             str(s.status_code),
             f"{s.duration_ms:.1f}",
+            s.kept_reason or "-",  # "-": stored by an older version, which did not record it
             s.trace_id,
             s.span_id,
         )

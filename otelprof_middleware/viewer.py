@@ -8,7 +8,9 @@ Routes, under ``prefix`` (default ``/debug/profile``):
 
 - ``GET {prefix}``: recent profiles, newest first, as HTML; ``?format=json`` gives
   ``{"profiles": [{"trace_id", "span_id", "method", "route", "status_code",
-  "duration_ms", "start_time", "url"}, ...]}``. Filters: ``route=``,
+  "duration_ms", "start_time", "sample_count", "mode", "interval_ms", "kept_reason",
+  "url"}, ...]}`` (``kept_reason``: why the profile was kept, ``""`` when stored by an
+  older version). Filters: ``route=``,
   ``min_duration_ms=``, ``order=newest|slowest``, ``limit=`` (1..1000, default 100).
 - ``GET {prefix}/{trace_id}``: that trace's profile, ``?format=html|speedscope|text|
   json|folded`` (default ``html``), ``?span_id=`` to pick one when the trace crossed
@@ -487,19 +489,7 @@ class Viewer:
         self, request: ViewerRequest, summaries: Sequence[ProfileSummary]
     ) -> ViewerResponse:
         base = self._base_url(request)
-        rows = [
-            {
-                "trace_id": s.trace_id,
-                "span_id": s.span_id,
-                "method": s.method,
-                "route": s.route,
-                "status_code": s.status_code,
-                "duration_ms": s.duration_ms,
-                "start_time": s.start_time,
-                "url": base + _profile_path(self._prefix, s),
-            }
-            for s in summaries
-        ]
+        rows = [{**s.to_json(), "url": base + _profile_path(self._prefix, s)} for s in summaries]
         body = json.dumps({"profiles": rows}, indent=1) + "\n"
         return _response(200, _JSON, body.encode("utf-8"), _DATA_CSP)
 
@@ -694,6 +684,14 @@ def _profile_path(prefix: str, summary: ProfileSummary, fmt: str = "html") -> st
     return path
 
 
+def _kept_cell(summary: ProfileSummary) -> str:
+    """The "Kept" cell: why the profile was kept; a muted dash when the profile was
+    stored by an older version, which did not record it."""
+    if summary.kept_reason:
+        return f'<td class="kept">{_e(summary.kept_reason)}</td>'
+    return '<td class="kept muted" title="not recorded (stored by an older version)">—</td>'
+
+
 def _index_page(prefix: str, filters: _Filters, summaries: Sequence[ProfileSummary]) -> str:
     order_options = "".join(
         f'<option value="{o}"{" selected" if o == filters.order else ""}>{o} first</option>'
@@ -753,6 +751,7 @@ def _index_page(prefix: str, filters: _Filters, summaries: Sequence[ProfileSumma
             f"{_e(s.route)}</a></td>"
             f'<td class="num">{_e(s.status_code)}</td>'
             f'<td class="num">{s.duration_ms:.1f}</td>'
+            f"{_kept_cell(s)}"
             f'<td class="mono"><a href="{link}">{_e(s.trace_id)}</a></td>'
             f'<td class="muted">{others}</td>'
             "</tr>\n"
@@ -762,7 +761,8 @@ def _index_page(prefix: str, filters: _Filters, summaries: Sequence[ProfileSumma
         f'<p class="muted">{len(summaries)} profile{"" if len(summaries) == 1 else "s"}, '
         f"{order_note}. Times are UTC.</p>\n"
         "<table>\n<thead><tr><th>Time (UTC)</th><th>Method</th><th>Route</th>"
-        "<th>Status</th><th>Duration (ms)</th><th>Trace id</th><th>Other formats</th>"
+        "<th>Status</th><th>Duration (ms)</th><th>Kept</th><th>Trace id</th>"
+        "<th>Other formats</th>"
         "</tr></thead>\n<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n"
     )
     return _page("otelprof — recent profiles", form + table)
@@ -830,14 +830,14 @@ def _trace_page(prefix: str, trace_id: str, fmt: str, summaries: Sequence[Profil
             f'<td class="mono">{_e(s.route)}</td>'
             f'<td class="num">{_e(s.status_code)}</td>'
             f'<td class="num">{s.duration_ms:.1f}</td>'
+            f"{_kept_cell(s)}"
             "</tr>\n"
         )
     body = (
         f"<p>This trace crossed the service {len(summaries)} times; pick one "
         f'profile. <a href="{_e(prefix)}">All recent profiles</a></p>\n'
         "<table>\n<thead><tr><th>Span id</th><th>Time (UTC)</th><th>Method</th>"
-        "<th>Route</th><th>Status</th><th>Duration (ms)</th></tr></thead>\n<tbody>\n"
-        + "".join(rows)
-        + "</tbody>\n</table>\n"
+        "<th>Route</th><th>Status</th><th>Duration (ms)</th><th>Kept</th></tr></thead>\n"
+        "<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n"
     )
     return _page(f"otelprof — trace {trace_id}", body)

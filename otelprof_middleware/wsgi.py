@@ -179,7 +179,8 @@ class WSGIProfilingMiddleware:
             return body if end_span is None else _ClosingBody(body, end_span, end_span)
         try:
             body = self.app(environ, response.start_response)
-        except BaseException:
+        except BaseException as error:
+            response.failed = isinstance(error, Exception)
             response.finish()
             raise
         if end_span is None:
@@ -249,7 +250,15 @@ class _ProfiledResponse:
     counted and logged by the core's fail-open helpers.
     """
 
-    __slots__ = ("_active", "_environ", "_middleware", "_route", "_start_response", "_status")
+    __slots__ = (
+        "_active",
+        "_environ",
+        "_middleware",
+        "_route",
+        "_start_response",
+        "_status",
+        "failed",
+    )
 
     def __init__(
         self,
@@ -264,6 +273,7 @@ class _ProfiledResponse:
         self._start_response = start_response
         self._status = 500
         self._route: str | None = None
+        self.failed = False  # the app raised
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], *exc_info: ExcInfo | None
@@ -287,17 +297,24 @@ class _ProfiledResponse:
         """The request's base URL, for the profile link."""
         return self._middleware._base_url(self._environ)
 
+    def route(self) -> str:
+        """The matched route template (Flask's rule, Django's pattern, the span's)."""
+        return self._route or route_attribute(self._active.span) or ""
+
     def finish(self) -> None:
-        """Stop the profile and keep it when it qualifies (once; never raises)."""
+        """Stop the profile and keep it when the keep policy says so (once; never raises)."""
         core = self._middleware.core
-        active = self._active
         try:
-            if core.stop(active):
-                route = self._route or route_attribute(active.span) or ""
-                core.keep(active, status_code=self._status, route=route, base_url=self.base_url())
+            core.finish(
+                self._active,
+                status_code=self._status,
+                route=self.route,
+                base_url=self.base_url,
+                failed=self.failed,
+            )
         except Exception as exc:
             log_failure("profiler.finish", exc)
-        core.detach(active)
+        core.detach(self._active)
 
     def abandon(self) -> None:
         """The body was collected without ``close()``: stop the profile, keep nothing."""

@@ -1,7 +1,15 @@
-"""Shared fixtures: every test must leave no profiler hook behind."""
+"""Shared fixtures: every test must leave no profiler hook behind.
+
+Most tests were written for "profile and keep every request with the hook" and say only
+``sample_rate=1.0``: :func:`pytest_configure` gives them that through the environment
+(explicit arguments still win). Tests of the package's own defaults (always-on mode and
+the keep policy) clear those variables with the ``package_defaults`` fixture; the
+security tests clear every ``OTELPROF_*`` variable (they test the defaults).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -9,6 +17,21 @@ from collections.abc import Iterator
 import pytest
 
 from otelprof_middleware import _failsafe
+
+TEST_DEFAULTS = {"OTELPROF_MODE": "hook", "OTELPROF_MIN_DURATION_MS": "0"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Set for the whole session, module-scoped server fixtures and subprocesses included."""
+    for name, value in TEST_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+@pytest.fixture
+def package_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The package's own no-argument defaults, whatever the suite's environment says."""
+    for name in TEST_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(autouse=True)

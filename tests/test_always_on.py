@@ -25,7 +25,8 @@ from .helpers import make_provider, marker_alpha, marker_beta, text_of
 
 def test_mode_setting_is_validated() -> None:
     assert Config.load({"OTELPROF_MODE": "always-on"}).mode == "always_on"
-    assert Config.load({}).mode == "hook"
+    assert Config.load({}).mode == "always_on"  # the default
+    assert Config.load({"OTELPROF_MODE": "hook"}).mode == "hook"
     with pytest.raises(ValueError, match="OTELPROF_MODE"):
         Config.load({"OTELPROF_MODE": "sometimes"})
     with pytest.raises(ValueError, match="OTELPROF_HOOK_SAMPLE_RATE"):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -115,6 +116,45 @@ def test_ls_filters_orders_and_json(capsys: pytest.CaptureFixture[str], store_ur
     assert traces("--slowest", "--limit", "1") == [B]
     _, out, _ = run(capsys, "ls", "--store", store_url, "--json", "--limit", "1")
     assert json.loads(out)["profiles"][0] == _summary(C, 4, "/fanout", 7.0, 4).to_json()
+
+
+def test_ls_shows_why_each_profile_was_kept(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, session: Session
+) -> None:
+    store = SQLiteStore(tmp_path / "kept.db")
+    try:
+        for n, reason in enumerate(["slow", "error", "", "min_duration", "triggered"]):
+            summary = dataclasses.replace(
+                _summary(A, n + 1, "/items/{item_id}", 10.0 + n, n), kept_reason=reason
+            )
+            store.put(ProfileRecord.from_session(summary, session))
+    finally:
+        store.close()
+    url = "sqlite:///" + str(tmp_path / "kept.db")
+
+    code, out, _ = run(capsys, "ls", "--store", url)
+    assert code == 0
+    header, *rows = out.splitlines()
+    columns = header.replace("TIME (UTC)", "TIME").split()
+    assert columns == [
+        "TIME",
+        "METHOD",
+        "ROUTE",
+        "STATUS",
+        "DURATION_MS",
+        "KEPT",
+        "TRACE_ID",
+        "SPAN_ID",
+    ]
+    kept = [row.split()[columns.index("KEPT")] for row in rows]
+    assert kept == ["triggered", "min_duration", "-", "error", "slow"]  # "-": not recorded
+    assert [row.split()[-2] for row in rows] == [A] * 5
+
+    code, out, _ = run(capsys, "ls", "--store", url, "--json")
+    assert code == 0
+    profiles = json.loads(out)["profiles"]
+    reasons = ["triggered", "min_duration", "", "error", "slow"]
+    assert [p["kept_reason"] for p in profiles] == reasons
 
 
 def test_ls_with_no_match_says_so(capsys: pytest.CaptureFixture[str], store_url: str) -> None:

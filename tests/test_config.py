@@ -11,7 +11,11 @@ def test_defaults_are_safe() -> None:
     assert config.enabled is True
     assert config.debug_route is False
     assert config.debug_token is None
-    assert 0 < config.sample_rate < 1
+    # The production recipe: every request profiled cheaply, the keep policy decides.
+    assert (config.mode, config.sample_rate, config.hook_sample_rate) == ("always_on", 1.0, 0.0)
+    assert config.min_duration_ms is None  # no threshold to pick: slow for its route
+    assert 0 < config.keep_per_second <= 10  # the writer's cost is bounded
+    assert config.slow_floor_ms > 0
     assert config.resolved_store_url().startswith("sqlite:///")
     assert config.resolved_store_url().endswith("/otelprof/unknown_service/profiles.db")
 
@@ -21,6 +25,11 @@ def test_environment_is_read_and_keyword_wins() -> None:
     config = Config.load(env)
     assert (config.sample_rate, config.debug_route, config.enabled) == (0.25, True, False)
     assert Config.load(env, sample_rate=0.5).sample_rate == 0.5
+
+
+def test_blank_min_duration_means_the_keep_policy() -> None:
+    assert Config.load({"OTELPROF_MIN_DURATION_MS": " "}).min_duration_ms is None
+    assert Config.load({"OTELPROF_MIN_DURATION_MS": "0"}).min_duration_ms == 0.0
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,7 @@ def summary(
     status_code: int = 200,
     duration_ms: float = 10.0,
     start_time: float = 1_700_000_000.0,
+    kept_reason: str = "",
 ) -> ProfileSummary:
     return ProfileSummary(
         trace_id=trace_id,
@@ -76,12 +77,14 @@ def summary(
         status_code=status_code,
         duration_ms=duration_ms,
         start_time=start_time,
+        kept_reason=kept_reason,
     )
 
 
 @pytest.fixture
 def store(session: Session) -> MemoryStore:
-    """T1: fast, oldest; T2: slowest, other route; T3: newest, two spans."""
+    """T1: fast, oldest, kept for an unknown reason (older version); T2: slowest, other
+    route, kept as an error; T3: newest, two spans."""
     store = MemoryStore()
     store.put(ProfileRecord.from_session(summary(T1, S1, duration_ms=5.0), session))
     store.put(
@@ -94,6 +97,7 @@ def store(session: Session) -> MemoryStore:
                 status_code=500,
                 duration_ms=900.0,
                 start_time=1_700_000_100.0,
+                kept_reason="error",
             ),
             session,
         )
@@ -313,6 +317,10 @@ def test_index_json_shape_and_order(store: MemoryStore) -> None:
         "status_code",
         "duration_ms",
         "start_time",
+        "sample_count",
+        "mode",
+        "interval_ms",
+        "kept_reason",
         "url",
     }
     slow = rows[2]
@@ -324,8 +332,87 @@ def test_index_json_shape_and_order(store: MemoryStore) -> None:
         "status_code": 500,
         "duration_ms": 900.0,
         "start_time": 1_700_000_100.0,
+        "sample_count": 0,
+        "mode": "hook",
+        "interval_ms": 1.0,
+        "kept_reason": "error",
         "url": f"http://testserver:8000{PREFIX}/{T2}?span_id={S1}",
     }
+    assert rows[3]["kept_reason"] == "", "T1: stored without a reason"
+
+
+def _kept_cells(body: str) -> list[str]:
+    return re.findall(r'<td class="kept[^"]*"[^>]*>(.*?)</td>', body)
+
+
+def test_index_html_shows_why_each_profile_was_kept(session: Session) -> None:
+    store = MemoryStore()
+    reasons = ["slow", "error", "triggered", "min_duration", ""]
+    for n, reason in enumerate(reasons):
+        store.put(
+            ProfileRecord.from_session(
+                summary(f"{n + 1:032x}", S1, start_time=1_700_000_000.0 + n, kept_reason=reason),
+                session,
+            )
+        )
+    body = text(call(Viewer(store), PREFIX))
+    headers = re.findall(r"<th>(.*?)</th>", body)
+    assert headers[headers.index("Duration (ms)") + 1] == "Kept"
+    # Newest first; the last was stored by an older version: a muted dash, explained.
+    assert _kept_cells(body) == ["—", "min_duration", "triggered", "error", "slow"]
+    assert '<td class="kept">slow</td>' in body
+    assert 'class="kept muted" title="not recorded (stored by an older version)">—<' in body
+    for row in re.findall(r"<tr>.*?</tr>", body)[1:]:  # one cell per header in every row
+        assert row.count("<td") == len(headers)
+
+    rows = json.loads(call(Viewer(store), PREFIX, "format=json").body)["profiles"]
+    assert [r["kept_reason"] for r in rows] == reasons[::-1]
+    assert [(r["mode"], r["interval_ms"]) for r in rows] == [("hook", 1.0)] * 5
+
+
+def test_index_json_carries_mode_interval_and_kept_reason(session: Session) -> None:
+    store = MemoryStore()
+    store.put(
+        ProfileRecord.from_session(
+            ProfileSummary(
+                trace_id=T1,
+                span_id=S1,
+                method="GET",
+                route="/r",
+                status_code=200,
+                duration_ms=3.0,
+                start_time=1_700_000_000.0,
+                sample_count=42,
+                mode="always_on",
+                interval_ms=5.0,
+                kept_reason="triggered",
+            ),
+            session,
+        )
+    )
+    [row] = json.loads(call(Viewer(store), PREFIX, "format=json").body)["profiles"]
+    assert (row["sample_count"], row["mode"], row["interval_ms"], row["kept_reason"]) == (
+        42,
+        "always_on",
+        5.0,
+        "triggered",
+    )
+
+
+def test_trace_page_shows_why_each_profile_was_kept(session: Session) -> None:
+    store = MemoryStore()
+    store.put(ProfileRecord.from_session(summary(T3, S1, kept_reason="slow"), session))
+    store.put(
+        ProfileRecord.from_session(
+            summary(T3, S2, start_time=1_700_000_001.0, kept_reason="error"), session
+        )
+    )
+    viewer = Viewer(store)
+    body = text(call(viewer, f"{PREFIX}/{T3}"))
+    assert "<th>Kept</th>" in body
+    assert _kept_cells(body) == ["error", "slow"]
+    rows = json.loads(call(viewer, f"{PREFIX}/{T3}", "format=json").body)["profiles"]
+    assert [r["kept_reason"] for r in rows] == ["error", "slow"]
 
 
 def test_index_json_urls_use_public_url(store: MemoryStore) -> None:
@@ -432,7 +519,14 @@ def test_index_escapes_everything(session: Session) -> None:
     store = MemoryStore()
     store.put(
         ProfileRecord.from_session(
-            summary(T1, S1, route=EVIL_ROUTE, method='"><img src=x onerror=alert(2)>'), session
+            summary(
+                T1,
+                S1,
+                route=EVIL_ROUTE,
+                method='"><img src=x onerror=alert(2)>',
+                kept_reason="<b onmouseover=alert(3)>slow</b>",
+            ),
+            session,
         )
     )
     viewer = Viewer(store)
@@ -441,12 +535,15 @@ def test_index_escapes_everything(session: Session) -> None:
     assert "<img" not in body
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
     assert "&quot;&gt;&lt;img src=x onerror=alert(2)&gt;" in body
+    assert "<b " not in body
+    assert '<td class="kept">&lt;b onmouseover=alert(3)&gt;slow&lt;/b&gt;</td>' in body
     assert "<script" not in body, "the index runs no script at all"
     filtered = text(call(viewer, PREFIX, "route=%3Cscript%3Ealert(1)%3C%2Fscript%3E"))
     assert 'value="&lt;script&gt;alert(1)&lt;/script&gt;"' in filtered
     assert "<script" not in filtered
     data = json.loads(call(viewer, PREFIX, "format=json").body)
     assert data["profiles"][0]["route"] == EVIL_ROUTE
+    assert data["profiles"][0]["kept_reason"] == "<b onmouseover=alert(3)>slow</b>"
 
 
 # one profile

@@ -85,7 +85,8 @@ _INSTALL_HINT = "the redis store needs redis-py: pip install otelprof-middleware
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
 # ``route`` last: the page script joins the fields with _SEP, and only the last field
-# may then contain _SEP itself.
+# may then contain _SEP itself. ``kept_reason`` is missing from hashes written by older
+# versions: it reads as "" (an HMGET nil, which the page script turns into "").
 _SUMMARY_FIELDS = (
     "method",
     "status_code",
@@ -94,6 +95,7 @@ _SUMMARY_FIELDS = (
     "sample_count",
     "mode",
     "interval_ms",
+    "kept_reason",
     "seq",
     "route",
 )
@@ -158,7 +160,7 @@ local function totals()
 end
 """
 
-# ARGV: prefix, ttl_ms, max_profiles, max_bytes, then 12 fields per record.
+# ARGV: prefix, ttl_ms, max_profiles, max_bytes, then 13 fields per record.
 _LUA_PUT = (
     _LUA_COMMON
     + """
@@ -170,17 +172,17 @@ purge(now, """
     + str(_PURGE_BATCH)
     + """)
 local expire_at = string.format('%.0f', now + ttl_ms)
-for i = 5, #ARGV, 12 do
+for i = 5, #ARGV, 13 do
   local trace, span, method, route = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local status, duration, start = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local samples, mode, interval = ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
-  local size, payload = ARGV[i + 10], ARGV[i + 11]
+  local kept_reason, size, payload = ARGV[i + 10], ARGV[i + 11], ARGV[i + 12]
   local id = trace .. ':' .. span
   remove(id)
   local key = P .. 'p:' .. id
   redis.call('HSET', key, 'method', method, 'route', route, 'status_code', status,
              'duration_ms', duration, 'start_time', start, 'sample_count', samples,
-             'mode', mode, 'interval_ms', interval, 'size', size,
+             'mode', mode, 'interval_ms', interval, 'kept_reason', kept_reason, 'size', size,
              'seq', redis.call('INCR', P .. 'seq'))
   redis.call('PEXPIREAT', key, expire_at)
   local payload_key = P .. 'b:' .. id
@@ -255,7 +257,8 @@ return forgotten
 
 # ARGV: prefix, sorted-set key, max score, min score, offset, count. Read-only: one
 # page of the set, highest scores first, one string per member: ID, score and the
-# summary fields joined by \x1f (ID and score only when its hash or payload is gone).
+# summary fields joined by \x1f (ID and score only when its hash or payload is gone;
+# a field the hash lacks, such as kept_reason in a hash of an older version, is "").
 # One round trip and one reply element per member: redis-py's parser costs per element.
 _LUA_PAGE = (
     """
@@ -269,6 +272,9 @@ for i = 1, #members, 2 do
     + ", ".join(f"'{name}'" for name in _SUMMARY_FIELDS)
     + """)
   if values[1] and redis.call('EXISTS', P .. 'b:' .. members[i]) == 1 then
+    for j = 1, #values do
+      if not values[j] then values[j] = '' end
+    end
     row = row .. SEP .. table.concat(values, SEP)
   end
   page[#page + 1] = row
@@ -501,6 +507,7 @@ class RedisStore:
                 str(int(s.sample_count)),
                 s.mode,
                 repr(float(s.interval_ms)),
+                s.kept_reason,
                 str(record.size),
                 record.payload,
             ]
@@ -704,7 +711,7 @@ def _parse_summary(id_: str, values: Sequence[Any]) -> tuple[ProfileSummary, int
     the hash is gone."""
     if not values or values[0] is None:
         return None
-    method, status, duration, start, samples, mode, interval, seq, route = values[:9]
+    method, status, duration, start, samples, mode, interval, kept_reason, seq, route = values[:10]
     trace_id, _, span_id = id_.partition(":")
     summary = ProfileSummary(
         trace_id=trace_id,
@@ -717,6 +724,7 @@ def _parse_summary(id_: str, values: Sequence[Any]) -> tuple[ProfileSummary, int
         sample_count=int(samples),
         mode=_text(mode),
         interval_ms=float(interval),
+        kept_reason=_text(kept_reason) if kept_reason is not None else "",
     )
     return summary, int(seq)
 

@@ -43,6 +43,7 @@ _SCHEMA = (
         sample_count INTEGER NOT NULL,
         mode TEXT NOT NULL,
         interval_ms REAL NOT NULL,
+        kept_reason TEXT NOT NULL DEFAULT '',
         size INTEGER NOT NULL,
         payload BLOB NOT NULL,
         PRIMARY KEY (trace_id, span_id)
@@ -77,15 +78,24 @@ _SCHEMA = (
     """,
 )
 
+# Columns added to ``profiles`` after schema version 1 was released, as
+# ``(name, declaration)``. They are added in place (``ALTER TABLE ... ADD COLUMN``) to
+# files created before them, without changing ``user_version``: the addition is
+# backward compatible (older versions name their columns and get the default), so old
+# and new worker processes can share one file during a rolling deploy. In such a file
+# the column comes after ``payload``; a fresh file has it before ``payload``.
+_ADDED_COLUMNS = (("kept_reason", "TEXT NOT NULL DEFAULT ''"),)
+
 _SUMMARY_COLUMNS = (
     "trace_id, span_id, method, route, status_code, duration_ms, start_time, "
-    "sample_count, mode, interval_ms"
+    "sample_count, mode, interval_ms, kept_reason"
 )
+_PAYLOAD_INDEX = 11  # of payload, after _SUMMARY_COLUMNS in get()'s SELECT
 
 _INSERT = (
     "INSERT INTO profiles (trace_id, span_id, start_time, method, route, status_code, "
-    "duration_ms, sample_count, mode, interval_ms, size, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "duration_ms, sample_count, mode, interval_ms, kept_reason, size, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 # Stores alive in this process, so a forked child can drop their inherited connections.
@@ -219,19 +229,20 @@ class SQLiteStore:
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
-        if _user_version(conn) == SCHEMA_VERSION:
-            return
-        with _immediate(conn):
-            version = _user_version(conn)  # another process may have just created it
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"schema version {version} is newer than this otelprof-middleware "
-                    f"supports ({SCHEMA_VERSION})"
-                )
-            if version < SCHEMA_VERSION:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if _user_version(conn) != SCHEMA_VERSION:
+            with _immediate(conn):
+                version = _user_version(conn)  # another process may have just created it
+                if version > SCHEMA_VERSION:
+                    raise sqlite3.DatabaseError(
+                        f"schema version {version} is newer than this otelprof-middleware "
+                        f"supports ({SCHEMA_VERSION})"
+                    )
+                if version < SCHEMA_VERSION:
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if _missing_columns(conn):
+            _add_columns(conn)
 
     def _forget_parent_connection(self) -> None:
         """In a forked child: drop the inherited lock and connection without using them."""
@@ -339,7 +350,9 @@ class SQLiteStore:
         sql += " ORDER BY start_time DESC, rowid DESC"
         with self._connection() as conn:
             rows = conn.execute(sql, params).fetchall()
-        return [ProfileRecord(summary=_summary(row), payload=bytes(row[10])) for row in rows]
+        return [
+            ProfileRecord(summary=_summary(row), payload=bytes(row[_PAYLOAD_INDEX])) for row in rows
+        ]
 
     def list(
         self,
@@ -453,6 +466,27 @@ def _user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
+def _missing_columns(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    present = {row[1] for row in conn.execute("PRAGMA table_info(profiles)")}
+    return [column for column in _ADDED_COLUMNS if column[0] not in present]
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Add the columns a file created by an older version lacks.
+
+    Several worker processes may open such a file at once: the check is repeated under
+    the write lock (``BEGIN IMMEDIATE``), so only the first adds a column, and a
+    "duplicate column name" error (another process added it first) is ignored anyway.
+    """
+    with _immediate(conn):
+        for name, declaration in _missing_columns(conn):
+            try:
+                conn.execute(f"ALTER TABLE profiles ADD COLUMN {name} {declaration}")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column name" not in str(exc).lower():
+                    raise
+
+
 def _totals(conn: sqlite3.Connection) -> tuple[int, int]:
     count, total = conn.execute("SELECT count, bytes FROM totals WHERE id = 0").fetchone()
     return int(count), int(total)
@@ -471,6 +505,7 @@ def _row(record: ProfileRecord) -> tuple[Any, ...]:
         s.sample_count,
         s.mode,
         s.interval_ms,
+        s.kept_reason,
         record.size,
         record.payload,
     )
@@ -488,4 +523,5 @@ def _summary(row: Sequence[Any]) -> ProfileSummary:
         sample_count=row[7],
         mode=row[8],
         interval_ms=row[9],
+        kept_reason=row[10],
     )

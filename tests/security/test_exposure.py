@@ -424,7 +424,7 @@ def test_public_url_pins_span_links_against_a_hostile_host_header(serve: Serve) 
     client can make links point elsewhere; ``public_url`` pins them (docs/security.md)."""
     links = []
     for settings in ({}, {"public_url": "https://api.example.com"}):
-        served = serve(sample_rate=1.0, **settings)
+        served = serve(sample_rate=1.0, min_duration_ms=0, **settings)
         served.request("/items/7", headers={"Host": "evil.example"})
         served.request("/items/7", headers={"Host": "evil.example/x?y=<z>"})  # not a host: ignored
         served.flush()

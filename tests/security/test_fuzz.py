@@ -489,7 +489,11 @@ def _asgi_target(portal: BlockingPortal, broken: bool) -> Iterator[Target]:
     provider, _ = make_provider()
     store = MemoryStore()
     recorder = ProfilingMiddleware(
-        _starlette(), tracer_provider=provider, profile_store=store, sample_rate=1.0
+        _starlette(),
+        tracer_provider=provider,
+        profile_store=store,
+        sample_rate=1.0,
+        min_duration_ms=0,
     )
     fuzzed: ProfileStore = FailingStore() if broken else store
     apps = {
@@ -523,7 +527,11 @@ def _wsgi_target(broken: bool) -> Iterator[Target]:
     fuzzed: ProfileStore = FailingStore() if broken else store
     recorder_app = _flask()
     recorder = WSGIProfilingMiddleware(
-        recorder_app.wsgi_app, tracer_provider=provider, profile_store=store, sample_rate=1.0
+        recorder_app.wsgi_app,
+        tracer_provider=provider,
+        profile_store=store,
+        sample_rate=1.0,
+        min_duration_ms=0,
     )
     recorder_app.wsgi_app = recorder  # type: ignore[method-assign]
     made = [recorder]

@@ -189,6 +189,7 @@ def test_nothing_sensitive_stored_by_flask(tmp_path: Path, mode: str) -> None:
         tracer_provider=provider,
         store=f"sqlite:///{state / 'profiles.db'}",
         sample_rate=1.0,
+        min_duration_ms=0,
         mode=mode,
     )
     app.wsgi_app = middleware  # type: ignore[method-assign]

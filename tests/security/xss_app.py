@@ -56,5 +56,6 @@ app = ProfilingMiddleware(
     tracer_provider=TracerProvider(),
     profile_store=_filled_store(),
     sample_rate=1.0,
+    min_duration_ms=0,
     debug_route=True,
 )

@@ -91,6 +91,20 @@ def test_put_replaces_the_same_ids() -> None:
     assert store.stats() == (1, 30)
 
 
+def test_kept_reason_round_trips() -> None:
+    store = MemoryStore()
+    reasons = ["slow", "error", "triggered", "min_duration", ""]
+    records = [_record(n, kept_reason=reason) for n, reason in enumerate(reasons, 1)]
+    for record in records:
+        store.put(record)
+
+    for record in records:
+        assert store.get(record.summary.trace_id) == [record]
+    assert [s.kept_reason for s in store.list()] == reasons[::-1]
+    assert store.list() == [r.summary for r in records[::-1]]
+    assert [s.kept_reason for s in store.list(order="slowest", limit=2)] == ["", "min_duration"]
+
+
 def test_list_orders_and_filters() -> None:
     store = MemoryStore()
     store.put(_record(1, duration_ms=50.0, route="/a"))

@@ -285,6 +285,72 @@ def test_list_walks_past_many_non_matching_entries(store: RedisStore) -> None:
     assert len(store.list(limit=1000)) == 300
 
 
+def test_kept_reason_round_trips(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
+    reasons = ["slow", "error", "triggered", "min_duration", ""]
+    records = [
+        _record(n, kept_reason=reason, duration_ms=float(n)) for n, reason in enumerate(reasons, 1)
+    ]
+    store.put(records[0])
+    store.put_many(records[1:])
+    # With a route that holds the page script's separator: it is the last field.
+    odd = _record(9, kept_reason="triggered", route="/x\x1fy\x1f")
+    store.put(odd)
+
+    for record in [*records, odd]:
+        assert store.get(record.summary.trace_id) == [record]
+        hash_key = f"{prefix}p:{record.summary.trace_id}:{record.summary.span_id}"
+        assert raw.hget(hash_key, "kept_reason") == record.summary.kept_reason.encode()
+    newest = [r.summary for r in records[::-1]]
+    assert store.list(route="/items/{item_id}") == newest
+    assert store.list(route="/items/{item_id}", order="slowest") == newest
+    assert store.list(min_duration_ms=2.0, order="slowest", until=1_700_000_004.0) == newest[1:4]
+    assert store.list(route="/x\x1fy\x1f") == [odd.summary]
+    assert store.list()[0] == odd.summary
+    assert _index(raw, prefix) == (6, 600)
+
+
+# The summary hash fields as the version before kept_reason wrote them.
+_OLD_HASH_FIELDS = {
+    "method",
+    "route",
+    "status_code",
+    "duration_ms",
+    "start_time",
+    "sample_count",
+    "mode",
+    "interval_ms",
+    "size",
+    "seq",
+}
+
+
+def test_a_hash_of_an_older_version_reads_kept_reason_empty(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    old = _record(1, mode="always_on", interval_ms=5.0, sample_count=4, duration_ms=30.0)
+    store.put(old)
+    new = _record(2, kept_reason="slow", duration_ms=20.0)
+    store.put(new)
+    other_route = _record(3, route="/other", duration_ms=10.0)
+    store.put(other_route)
+    for record in (old, other_route):  # turn them into hashes an older version wrote
+        key = f"{prefix}p:{record.summary.trace_id}:{record.summary.span_id}"
+        raw.hdel(key, "kept_reason")
+        assert {f.decode() for f in raw.hkeys(key)} == _OLD_HASH_FIELDS
+
+    assert store.get(old.summary.trace_id) == [old]  # kept_reason "" (the default)
+    assert store.get(old.summary.trace_id, old.summary.span_id)[0].summary.kept_reason == ""
+    assert store.get(new.summary.trace_id) == [new]
+    # list() reads the hashes through the page script, in every walk.
+    assert store.list() == [other_route.summary, new.summary, old.summary]
+    assert store.list(order="slowest") == [old.summary, new.summary, other_route.summary]
+    assert store.list(route="/items/{item_id}") == [new.summary, old.summary]
+    assert store.list(route="/other", order="slowest") == [other_route.summary]
+    assert store.list(min_duration_ms=25.0) == [old.summary]
+    assert [s.kept_reason for s in store.list()] == ["", "slow", ""]
+    assert _index(raw, prefix) == (3, 300), "nothing was taken for gone"
+
+
 def test_list_rejects_bad_arguments(store: RedisStore) -> None:
     with pytest.raises(ValueError, match="order"):
         store.list(order="oldest")

@@ -501,3 +501,267 @@ def test_put_many_writes_in_one_transaction_and_evicts(tmp_path: Path) -> None:
         assert _integrity_and_totals(tmp_path / "many.db")[0] == "ok"
     finally:
         store.close()
+
+
+# -- kept_reason and the schema migration --------------------------------------------
+
+
+def test_kept_reason_round_trips(store: SQLiteStore, db_path: Path) -> None:
+    reasons = ["slow", "error", "triggered", "min_duration", ""]
+    records = [_record(n, kept_reason=reason) for n, reason in enumerate(reasons, 1)]
+    store.put(records[0])
+    store.put_many(records[1:])
+
+    for record in records:
+        assert store.get(record.summary.trace_id) == [record]
+    listed = store.list()
+    assert [s.kept_reason for s in listed] == reasons[::-1]
+    assert listed == [r.summary for r in records[::-1]]
+    assert [s.kept_reason for s in store.list(order="slowest", route="/items/{item_id}")] == (
+        reasons[::-1]  # equal durations: newest first
+    )
+    conn = _raw(db_path)
+    try:
+        stored = conn.execute("SELECT kept_reason FROM profiles ORDER BY start_time").fetchall()
+    finally:
+        conn.close()
+    assert [r for (r,) in stored] == reasons
+
+
+def test_fresh_file_keeps_payload_the_last_column(store: SQLiteStore, db_path: Path) -> None:
+    conn = _raw(db_path)
+    try:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(profiles)")]
+    finally:
+        conn.close()
+    assert columns[-3:] == ["kept_reason", "size", "payload"]
+
+
+# The schema of version 1 as otelprof-middleware released it, before kept_reason:
+# a file that version created. Copied here on purpose, never imported.
+_OLD_SCHEMA_V1 = (
+    """
+    CREATE TABLE IF NOT EXISTS profiles (
+        trace_id TEXT NOT NULL,
+        span_id TEXT NOT NULL,
+        start_time REAL NOT NULL,
+        method TEXT NOT NULL,
+        route TEXT NOT NULL,
+        status_code INTEGER NOT NULL,
+        duration_ms REAL NOT NULL,
+        sample_count INTEGER NOT NULL,
+        mode TEXT NOT NULL,
+        interval_ms REAL NOT NULL,
+        size INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        PRIMARY KEY (trace_id, span_id)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS profiles_start_time ON profiles (start_time)",
+    "CREATE INDEX IF NOT EXISTS profiles_route_start_time ON profiles (route, start_time)",
+    "CREATE INDEX IF NOT EXISTS profiles_duration_ms ON profiles (duration_ms)",
+    """
+    CREATE TABLE IF NOT EXISTS totals (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        count INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    )
+    """,
+    "INSERT OR IGNORE INTO totals (id, count, bytes) VALUES (0, 0, 0)",
+    """
+    CREATE TRIGGER IF NOT EXISTS profiles_totals_insert AFTER INSERT ON profiles BEGIN
+        UPDATE totals SET count = count + 1, bytes = bytes + NEW.size WHERE id = 0;
+    END
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS profiles_totals_delete AFTER DELETE ON profiles BEGIN
+        UPDATE totals SET count = count - 1, bytes = bytes - OLD.size WHERE id = 0;
+    END
+    """,
+    """
+    CREATE TRIGGER IF NOT EXISTS profiles_totals_update AFTER UPDATE OF size ON profiles BEGIN
+        UPDATE totals SET bytes = bytes - OLD.size + NEW.size WHERE id = 0;
+    END
+    """,
+)
+
+# How version 1 inserted a row (it names its columns, so it keeps working after the
+# migration: kept_reason then takes its default).
+_OLD_INSERT_V1 = (
+    "INSERT INTO profiles (trace_id, span_id, start_time, method, route, status_code, "
+    "duration_ms, sample_count, mode, interval_ms, size, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _old_row(n: int, payload: bytes = b"o" * 40) -> tuple[object, ...]:
+    s = _summary(n, sample_count=3, mode="always_on", interval_ms=5.0)
+    return (
+        s.trace_id,
+        s.span_id,
+        s.start_time,
+        s.method,
+        s.route,
+        s.status_code,
+        s.duration_ms,
+        s.sample_count,
+        s.mode,
+        s.interval_ms,
+        len(payload),
+        payload,
+    )
+
+
+def _create_v1_file(path: Path, rows: int = 2) -> None:
+    """A database as version 1 left it: its schema, user_version 1, WAL, some rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = _raw(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _OLD_SCHEMA_V1:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        for n in range(1, rows + 1):
+            conn.execute(_OLD_INSERT_V1, _old_row(n))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def _columns(path: Path) -> list[str]:
+    conn = _raw(path)
+    try:
+        return [row[1] for row in conn.execute("PRAGMA table_info(profiles)")]
+    finally:
+        conn.close()
+
+
+def test_file_of_the_old_schema_gains_kept_reason(db_path: Path) -> None:
+    _create_v1_file(db_path, rows=2)
+    assert "kept_reason" not in _columns(db_path)
+
+    store = SQLiteStore(db_path)
+    try:
+        assert _columns(db_path).count("kept_reason") == 1
+        # Old rows read as "" (unknown); their other fields are intact.
+        old = store.list()
+        assert [s.kept_reason for s in old] == ["", ""]
+        assert old[0] == _summary(2, sample_count=3, mode="always_on", interval_ms=5.0)
+        [old_record] = store.get(old[1].trace_id)
+        assert old_record.payload == b"o" * 40
+        assert store.stats() == (2, 80)
+        # New rows store their reason, alongside the old ones.
+        new = _record(3, kept_reason="error")
+        store.put(new)
+        assert store.get(new.summary.trace_id) == [new]
+        assert [s.kept_reason for s in store.list()] == ["error", "", ""]
+        # A worker still running the old version keeps writing (kept_reason defaults).
+        conn = _raw(db_path)
+        try:
+            conn.execute(_OLD_INSERT_V1, _old_row(4))
+        finally:
+            conn.close()
+        assert [s.kept_reason for s in store.list()] == ["", "error", "", ""]
+        assert store.stats() == (4, 220)
+    finally:
+        store.close()
+    conn = _raw(db_path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_module.SCHEMA_VERSION
+    finally:
+        conn.close()
+    assert _integrity_and_totals(db_path) == ("ok", (4, 220), (4, 220))
+
+    reopened = SQLiteStore(db_path)  # a second open finds the column and leaves it alone
+    try:
+        assert _columns(db_path).count("kept_reason") == 1
+        assert [s.kept_reason for s in reopened.list()] == ["", "error", "", ""]
+    finally:
+        reopened.close()
+
+
+def test_migration_tolerates_a_column_added_concurrently(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process may add the column between our check and our ALTER TABLE: its
+    "duplicate column name" error is not a failure."""
+    _create_v1_file(db_path, rows=1)
+    SQLiteStore(db_path).close()  # the "other process" migrates first
+    # This process's checks saw the file before that: every check says "missing".
+    monkeypatch.setattr(sqlite_module, "_missing_columns", lambda conn: [("kept_reason", "TEXT")])
+
+    store = SQLiteStore(db_path)
+    try:
+        store.put(_record(2, kept_reason="slow"))
+        assert [s.kept_reason for s in store.list()] == ["slow", ""]
+    finally:
+        store.close()
+    assert _columns(db_path).count("kept_reason") == 1
+
+
+def test_migration_other_errors_still_raise(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _create_v1_file(db_path, rows=1)
+    monkeypatch.setattr(
+        sqlite_module, "_ADDED_COLUMNS", (("kept_reason", "TEXT NOT NULL DEFAULT ''"), ("x", "?!"))
+    )
+    with pytest.raises(sqlite3.DatabaseError, match="otelprof profile store"):
+        SQLiteStore(db_path)
+    assert "kept_reason" not in _columns(db_path), "the failed migration was rolled back"
+
+
+_OPENER = textwrap.dedent(
+    """
+    import os, sys, time
+    from otelprof_middleware._record import ProfileRecord, ProfileSummary
+    from otelprof_middleware.stores.sqlite import SQLiteStore
+
+    path, worker, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    while not os.path.exists(go):
+        time.sleep(0.0005)
+    store = SQLiteStore(path)
+    n = 100 + worker
+    store.put(ProfileRecord(
+        summary=ProfileSummary(
+            trace_id=f"{n:032x}", span_id=f"{n:016x}", method="GET", route="/m",
+            status_code=200, duration_ms=1.0, start_time=1_700_001_000.0 + worker,
+            kept_reason=f"w{worker}",
+        ),
+        payload=b"m" * 10,
+    ))
+    store.close()
+    """
+)
+
+
+def test_processes_opening_an_old_file_at_once_migrate_it_once(
+    tmp_path: Path, db_path: Path
+) -> None:
+    _create_v1_file(db_path, rows=2)
+    go = tmp_path / "go-migrate"
+    env = dict(os.environ)
+    root = str(Path(next(iter(otelprof_middleware.__path__))).parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    workers = range(6)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPENER, str(db_path), str(w), str(go)],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        for w in workers
+    ]
+    time.sleep(0.5)  # let them all start and wait for the same instant
+    go.touch()
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr.decode()
+
+    assert _columns(db_path).count("kept_reason") == 1
+    assert _integrity_and_totals(db_path) == ("ok", (8, 140), (8, 140))
+    store = SQLiteStore(db_path)
+    try:
+        assert sorted(s.kept_reason for s in store.list(route="/m")) == [f"w{w}" for w in workers]
+        assert [s.kept_reason for s in store.list(route="/items/{item_id}")] == ["", ""]
+    finally:
+        store.close()

@@ -1,0 +1,104 @@
+"""The keep policy: slow for its route, failed, or triggered, under a budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from otelprof_middleware import counters
+from otelprof_middleware._keep import (
+    ERROR,
+    MIN_DURATION,
+    MIN_HISTORY,
+    SLOW,
+    TRIGGERED,
+    KeepPolicy,
+)
+
+MS = 0.001
+
+
+def policy(**overrides: float | None) -> KeepPolicy:
+    settings: dict[str, float | None] = {
+        "min_duration_ms": None,
+        "slow_floor_ms": 50.0,
+        "keep_per_second": 5.0,
+    }
+    settings.update(overrides)
+    return KeepPolicy(**settings)  # type: ignore[arg-type]
+
+
+def reason(
+    keep: KeepPolicy,
+    seconds: float,
+    *,
+    route: str = "/items/{id}",
+    status: int = 200,
+    failed: bool = False,
+    triggered: bool = False,
+) -> str | None:
+    return keep.reason(
+        route=route, duration=seconds, status_code=status, failed=failed, triggered=triggered
+    )
+
+
+def warm(keep: KeepPolicy, route: str, seconds: float, count: int = 64) -> None:
+    for _ in range(count):
+        reason(keep, seconds, route=route)
+
+
+def test_a_request_slow_for_its_own_route_is_kept() -> None:
+    keep = policy(keep_per_second=1000.0)
+    warm(keep, "/fast", 3 * MS)
+    warm(keep, "/slow", 400 * MS)
+    assert keep.usual_ms("/fast") == pytest.approx(3.0)
+    assert reason(keep, 300 * MS, route="/fast") == SLOW  # 100x its route's usual
+    assert reason(keep, 300 * MS, route="/slow") is None  # usual for that route
+    assert reason(keep, 450 * MS, route="/slow") == SLOW
+    # Above its route's usual but under the floor: not worth a profile.
+    assert reason(keep, 20 * MS, route="/fast") is None
+
+
+def test_a_route_without_history_is_judged_by_the_floor_alone() -> None:
+    keep = policy(keep_per_second=1000.0)
+    assert keep.usual_ms("/new") is None
+    assert reason(keep, 49 * MS, route="/new") is None
+    assert reason(keep, 51 * MS, route="/new") == SLOW
+    warm(keep, "/new", 60 * MS, count=MIN_HISTORY)
+    assert keep.usual_ms("/new") == pytest.approx(60.0)  # trusted from now on
+    assert reason(keep, 55 * MS, route="/new") is None
+
+
+def test_failures_are_kept_whatever_their_duration() -> None:
+    keep = policy()
+    assert reason(keep, 1 * MS, status=500) == ERROR
+    assert reason(keep, 1 * MS, status=503) == ERROR
+    assert reason(keep, 1 * MS, failed=True) == ERROR  # raised, even behind a 200
+    assert reason(keep, 1 * MS, status=404) is None
+
+
+def test_triggered_profiles_are_always_kept_and_cost_no_budget() -> None:
+    keep = policy(keep_per_second=0.0)  # the burst floor is one profile
+    assert reason(keep, 1 * MS, status=500) == ERROR
+    assert reason(keep, 1 * MS, status=500) is None  # budget spent
+    for _ in range(20):
+        assert reason(keep, 1 * MS, triggered=True) == TRIGGERED
+
+
+def test_the_budget_bounds_kept_profiles_per_second() -> None:
+    keep = policy(keep_per_second=5.0)
+    kept = [reason(keep, 1 * MS, status=500) for _ in range(100)]
+    assert kept.count(ERROR) == 10  # a burst of two seconds' worth, then nothing
+    assert counters()["discarded.over_budget"] == 90
+
+
+def test_explicit_min_duration_replaces_the_policy() -> None:
+    keep = policy(min_duration_ms=200.0, keep_per_second=0.0)
+    assert not keep.needs_route
+    assert reason(keep, 199 * MS, status=500) is None  # the threshold alone decides
+    assert [reason(keep, 250 * MS) for _ in range(50)] == [MIN_DURATION] * 50  # no budget
+    assert (
+        policy(min_duration_ms=0.0).reason(
+            route="", duration=0.0, status_code=200, failed=False, triggered=False
+        )
+        == MIN_DURATION
+    )

@@ -1,0 +1,53 @@
+"""_record.py: the stored summary's fields and its JSON form."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from otelprof_middleware._record import ProfileSummary
+
+
+def _summary(**overrides: object) -> ProfileSummary:
+    fields: dict[str, object] = {
+        "trace_id": "1" * 32,
+        "span_id": "a" * 16,
+        "method": "GET",
+        "route": "/items/{item_id}",
+        "status_code": 200,
+        "duration_ms": 12.5,
+        "start_time": 1_700_000_000.0,
+    }
+    fields.update(overrides)
+    return ProfileSummary(**fields)  # type: ignore[arg-type]
+
+
+def test_kept_reason_defaults_to_unknown() -> None:
+    """Constructors that predate kept_reason keep working; "" means not recorded."""
+    assert _summary().kept_reason == ""
+
+
+def test_kept_reason_follows_interval_ms() -> None:
+    names = [f.name for f in dataclasses.fields(ProfileSummary)]
+    assert names[names.index("interval_ms") + 1] == "kept_reason"
+
+
+def test_to_json_has_every_field() -> None:
+    summary = _summary(sample_count=9, mode="always_on", interval_ms=5.0, kept_reason="slow")
+    data = summary.to_json()
+    assert data == {
+        "trace_id": "1" * 32,
+        "span_id": "a" * 16,
+        "method": "GET",
+        "route": "/items/{item_id}",
+        "status_code": 200,
+        "duration_ms": 12.5,
+        "start_time": 1_700_000_000.0,
+        "sample_count": 9,
+        "mode": "always_on",
+        "interval_ms": 5.0,
+        "kept_reason": "slow",
+    }
+    assert set(data) == {f.name for f in dataclasses.fields(ProfileSummary)}
+    assert json.loads(json.dumps(data)) == data
+    assert _summary().to_json()["kept_reason"] == ""
