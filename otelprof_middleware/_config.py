@@ -336,7 +336,7 @@ class Config:
         for name in known:
             if name in overrides and overrides[name] is not None:
                 values[name] = _PARSERS[name](name, overrides[name])
-            elif env_name(name) in env:
+            elif env.get(env_name(name), "").strip():  # blank means unset
                 values[name] = _PARSERS[name](name, env[env_name(name)])
         if "service_name" not in values and env.get("OTEL_SERVICE_NAME"):
             # OTel allows any service name; ours names a directory, so tame it, never fail.
