@@ -8,8 +8,10 @@ The variant comes from ``OTELPROF_BENCH_VARIANT`` (read once, at import):
 * ``reference``: ``otel`` plus the hand-written "one pyinstrument ``Profiler`` per
   request" middleware users write today (the session is dropped).
 * ``ours_off``: ``otel`` plus our middleware with ``enabled=False``.
-* ``ours_1pct``: ``otel`` plus ours with ``sample_rate=0.01``.
-* ``ours_all``: ``otel`` plus ours with ``sample_rate=1.0`` and the default embedded
+* ``ours_defaults``: ``otel`` plus ours with no arguments (always-on, the keep policy).
+* ``ours_1pct``: ``otel`` plus ours in hook mode with ``sample_rate=0.01``.
+* ``ours_all``: ``otel`` plus ours in hook mode with ``sample_rate=1.0``, keeping every
+  profile (``min_duration_ms=0``), and the default embedded
   SQLite store under ``OTELPROF_STATE_DIR`` (store and writer exercised),
   ``max_concurrent=256``.
 
@@ -132,15 +134,19 @@ class ReferenceWSGIMiddleware:
 
 
 def _ours_settings() -> dict[str, Any]:
+    # Every variant but ``ours_defaults`` spells out its mode and keep rule, so it keeps
+    # its meaning whatever the package's defaults are.
     if VARIANT == "ours_off":
         return {"enabled": False}
+    if VARIANT == "ours_defaults":  # the one line with no arguments
+        return {}
     if VARIANT == "ours_1pct":
-        return {"sample_rate": 0.01}
+        return {"sample_rate": 0.01, "mode": "hook", "min_duration_ms": 0}
     if VARIANT == "ours_always_on":
-        return {"sample_rate": 1.0, "mode": "always_on"}
-    if VARIANT == "ours_always_on_slow":  # the recommended production setting
+        return {"sample_rate": 1.0, "mode": "always_on", "min_duration_ms": 0}
+    if VARIANT == "ours_always_on_slow":  # a threshold of the user's own
         return {"sample_rate": 1.0, "mode": "always_on", "min_duration_ms": 100}
-    return {"sample_rate": 1.0, "max_concurrent": 256}
+    return {"sample_rate": 1.0, "mode": "hook", "min_duration_ms": 0, "max_concurrent": 256}
 
 
 _ours: ProfilingMiddleware | WSGIProfilingMiddleware | None = None
@@ -154,6 +160,7 @@ def _counters() -> dict[str, Any]:
         "counters": otelprof_middleware.counters(),
     }
     if _ours is not None and VARIANT in (
+        "ours_defaults",
         "ours_1pct",
         "ours_all",
         "ours_always_on",

@@ -25,6 +25,7 @@ VARIANTS = (
     "otel",
     "reference",
     "ours_off",
+    "ours_defaults",
     "ours_1pct",
     "ours_all",
     "ours_always_on",

@@ -42,11 +42,14 @@ VARIANT_NOTES = {
     "otel": "OTel SDK (batch processor, dropping exporter) + ASGI/WSGI instrumentation",
     "reference": "otel + hand-written pyinstrument `Profiler` per request (1 ms, dropped)",
     "ours_off": "otel + ours, `enabled=False`",
-    "ours_1pct": "otel + ours, `sample_rate=0.01`",
-    "ours_all": "otel + ours, `sample_rate=1.0`, embedded SQLite store, every profile kept",
+    "ours_defaults": "otel + ours with no arguments: always-on, every request profiled, the "
+    "keep policy (slow for its route, failed, triggered; 5/s) — the production setting",
+    "ours_1pct": 'otel + ours, `mode="hook"`, `sample_rate=0.01`',
+    "ours_all": 'otel + ours, `mode="hook"`, `sample_rate=1.0`, embedded SQLite store, '
+    "every profile kept",
     "ours_always_on": 'otel + ours in `mode="always_on"`, `sample_rate=1.0`, every profile kept',
     "ours_always_on_slow": "as `ours_always_on` with `min_duration_ms=100`: every request "
-    "profiled, only slow ones kept (the recommended production setting)",
+    "profiled, only slow ones kept (a threshold of the user's own)",
 }
 
 
