@@ -6,6 +6,8 @@ naming the keyword and its environment variable.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 import re
@@ -24,6 +26,7 @@ _FALSE = frozenset({"false", "0", "no", "off"})
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 T = TypeVar("T")
+logger = logging.getLogger("otelprof_middleware")
 
 
 def env_name(field_name: str) -> str:
@@ -154,6 +157,28 @@ def _parse_service(name: str, value: object) -> str | None:
             f"{_where(name)} may hold only letters, digits, '.', '_' and '-', got {text!r}"
         )
     return text
+
+
+_OUR_TOOLING = ("OTELPROF_DEMO_", "OTELPROF_BENCH_", "OTELPROF_SOAK_", "OTELPROF_KEEP_REPORT")
+"""Variables of this repository's demo, benchmark and tests, not settings."""
+_warned_unknown: set[str] = set()
+
+
+def _warn_unknown_variables(env: Mapping[str, str], known: set[str]) -> None:
+    """Warn once per process about an ``OTELPROF_*`` variable no setting reads (a typo)."""
+    names = {env_name(name) for name in known}
+    for variable in env:
+        if (
+            not variable.startswith("OTELPROF_")
+            or variable in names
+            or variable in _warned_unknown
+            or variable.startswith(_OUR_TOOLING)
+        ):
+            continue
+        _warned_unknown.add(variable)
+        close = difflib.get_close_matches(variable, sorted(names), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        logger.warning("otelprof: %s is not a setting and is ignored%s", variable, hint)
 
 
 class Settings(TypedDict, total=False):
@@ -329,6 +354,7 @@ class Config:
         """
         env = os.environ if environ is None else environ
         known = {f.name for f in fields(cls)}
+        _warn_unknown_variables(env, known)
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown otelprof setting(s): {', '.join(unknown)}")

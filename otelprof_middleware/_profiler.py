@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import re
 import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
 
@@ -33,10 +34,17 @@ from ._session import RequestProfile, ThreadSampler, current_request, thread_sam
 from ._span import profile_url, set_profile_attributes
 from ._writer import ProfileWriter
 from .exporters import ProfileExporter, SpanFacts, open_exporter
-from .stores import open_store
+from .stores import check_store_url, open_store
 from .stores._base import ProfileStore
 
-__all__ = ["ActiveProfile", "LazyStore", "ProfilerCore", "normalise_method", "safe_host"]
+__all__ = [
+    "ActiveProfile",
+    "LazyStore",
+    "ProfilerCore",
+    "load_config",
+    "normalise_method",
+    "safe_host",
+]
 
 _KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
@@ -46,6 +54,7 @@ STORE_RETRY_SECONDS = 5.0
 ALWAYS_ON_MAX_CONCURRENT = 1024
 """Most always-on profiles in flight on one event loop (or on the process's threads)."""
 _count_discarded = tally("discarded.not_kept")
+_logger = logging.getLogger("otelprof_middleware")
 
 
 _start_stacks: dict[tuple[int, ...], list[str]] = {}
@@ -78,6 +87,30 @@ def _lazy_url(make_base: Callable[[], str], context: SpanContext) -> str:
     return profile_url(
         make_base(), format_trace_id(context.trace_id), format_span_id(context.span_id)
     )
+
+
+def load_config(settings: Mapping[str, object], *, has_store: bool) -> Config:
+    """The middleware's settings; an invalid one turns profiling off, loudly.
+
+    Every setting and the store URL are checked now, when the middleware is built (the
+    store is not opened: a server's master process may fork after this). An invalid
+    one is logged as an error naming the setting and its variable, counted
+    (``disabled.invalid_setting``), and the middleware passes every request straight
+    through: an observability setting never stops, or breaks, the app.
+    """
+    try:
+        config = Config.load(**settings)
+        if config.enabled and not has_store:
+            check_store_url(config.resolved_store_url())
+    except (ValueError, ImportError) as exc:
+        count("disabled.invalid_setting")
+        _logger.error(
+            "otelprof: profiling is OFF for this app: %s. The app runs unchanged; "
+            "fix the setting and restart to profile.",
+            exc,
+        )
+        return Config.load({}, enabled=False)
+    return config
 
 
 def normalise_method(method: str) -> str:

@@ -10,9 +10,9 @@ import anyio.to_thread
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
-from ._config import Config, Settings
+from ._config import Settings
 from ._failsafe import log_failure
-from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
+from ._profiler import ActiveProfile, LazyStore, ProfilerCore, load_config, safe_host
 from ._session import add_stem_marker
 from ._span import (
     ROUTE_KEY,
@@ -55,8 +55,8 @@ class ProfilingMiddleware:
             ``sample_rate=0.1`` (also read from ``OTELPROF_*`` environment variables;
             an explicit argument wins).
 
-    Raises:
-        ValueError: a setting or ``OTELPROF_*`` variable is invalid (named in the message).
+    An invalid setting or ``OTELPROF_*`` variable (or store URL) turns profiling off for
+    this app and is logged as an error naming it; requests pass straight through.
     """
 
     def __init__(
@@ -69,7 +69,7 @@ class ProfilingMiddleware:
         **settings: Unpack[Settings],
     ) -> None:
         self.app = app
-        self.config = Config.load(**settings)
+        self.config = load_config(settings, has_store=profile_store is not None)
         self._core = ProfilerCore(self.config, store=profile_store)
         self._sampler = self._core.sampler
         self._trigger_header = self._sampler.trigger_header

@@ -14,9 +14,9 @@ from opentelemetry.instrumentation.wsgi import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ._config import Config, Settings
+from ._config import Settings
 from ._failsafe import log_failure
-from ._profiler import ActiveProfile, LazyStore, ProfilerCore, safe_host
+from ._profiler import ActiveProfile, LazyStore, ProfilerCore, load_config, safe_host
 from ._session import add_stem_marker
 from ._span import ROUTE_KEY, current_server_span, redact_viewer_token, route_attribute
 from ._threads import install as install_worker_thread_profiling
@@ -50,8 +50,8 @@ class WSGIProfilingMiddleware:
         **settings: every :class:`~otelprof_middleware.Config` field (also read from
             ``OTELPROF_*`` environment variables; an explicit argument wins).
 
-    Raises:
-        ValueError: a setting or ``OTELPROF_*`` variable is invalid (named in the message).
+    An invalid setting or ``OTELPROF_*`` variable (or store URL) turns profiling off for
+    this app and is logged as an error naming it; requests pass straight through.
     """
 
     def __init__(
@@ -64,7 +64,7 @@ class WSGIProfilingMiddleware:
         **settings: Unpack[Settings],
     ) -> None:
         self.app = app
-        self.config = Config.load(**settings)
+        self.config = load_config(settings, has_store=profile_store is not None)
         self._core = ProfilerCore(self.config, store=profile_store)
         self._sampler = self._core.sampler
         self._trigger_key = "HTTP_" + self.config.trigger_header.upper().replace("-", "_")

@@ -7,7 +7,14 @@ from .memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_PROFILES, MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "ProfileStore", "RedisStore", "SQLiteStore", "open_store"]
+__all__ = [
+    "MemoryStore",
+    "ProfileStore",
+    "RedisStore",
+    "SQLiteStore",
+    "check_store_url",
+    "open_store",
+]
 
 
 def open_store(
@@ -48,6 +55,27 @@ def open_store(
 
         store = open_store("sqlite:////var/lib/otelprof/api/profiles.db")
     """
+    kind, target = _parse(url)
+    if kind == "memory":
+        return MemoryStore(max_profiles=max_profiles, max_bytes=max_bytes)
+    if kind == "sqlite":
+        return SQLiteStore(target, max_profiles=max_profiles, max_bytes=max_bytes)
+    return RedisStore(target, max_profiles=max_profiles, max_bytes=max_bytes)
+
+
+def check_store_url(url: str) -> None:
+    """Raise ``ValueError`` now for a URL :func:`open_store` would refuse.
+
+    Opens no file and no connection (a Redis store is built, which does not connect, and
+    closed), so it is safe in a server's master process before it forks its workers.
+    """
+    kind, target = _parse(url)
+    if kind == "redis":
+        RedisStore(target).close()
+
+
+def _parse(url: str) -> tuple[str, str]:
+    """``("memory" | "sqlite" | "redis", the path or URL)``, or ``ValueError``."""
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
     if not sep or not scheme:
@@ -60,7 +88,7 @@ def open_store(
             raise ValueError(
                 f"OTELPROF_STORE: the memory store URL is exactly memory://, got {url!r}"
             )
-        return MemoryStore(max_profiles=max_profiles, max_bytes=max_bytes)
+        return "memory", ""
     if scheme == "sqlite":
         path = rest[3:] if rest.startswith("///") else ""
         if not path or "?" in path or path == ":memory:":
@@ -68,9 +96,9 @@ def open_store(
                 f"OTELPROF_STORE: a SQLite URL is sqlite:///relative/path.db or "
                 f"sqlite:////absolute/path.db (no query string), got {url!r}"
             )
-        return SQLiteStore(path, max_profiles=max_profiles, max_bytes=max_bytes)
+        return "sqlite", path
     if scheme in ("redis", "rediss"):
-        return RedisStore(url, max_profiles=max_profiles, max_bytes=max_bytes)
+        return "redis", url
     raise ValueError(
         f"OTELPROF_STORE: unknown store scheme {scheme!r} in {url!r}; expected "
         "sqlite:///path/profiles.db, memory:// or redis://host:6379/0"

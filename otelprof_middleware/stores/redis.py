@@ -390,6 +390,7 @@ class RedisStore:
             raise ValueError(f"the Redis key prefix must be 1 to 200 characters, got {prefix!r}")
 
         redis = _import_redis()
+        _check_client_options(redis, urlunsplit(parts._replace(query=urlencode(query))), url)
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 
@@ -688,6 +689,21 @@ class RedisStore:
         """Remove what is left of ``ids`` whose hash or payload is gone (expired or
         evicted)."""
         self._run(self._forget_script, args=[self.prefix, *ids])
+
+
+def _check_client_options(redis: Any, connection_url: str, url: str) -> None:
+    """Raise ``ValueError`` now for a port or option redis-py would reject at connect time.
+
+    redis-py connects lazily: ``redis://host:notaport/0`` or ``?bogus_opt=1`` would
+    otherwise start fine and fail at the first write. Builds one connection object (it
+    does not connect) from the URL's options.
+    """
+    try:
+        urlsplit(url).port  # noqa: B018  (raises ValueError for a port that is not a number)
+        pool = redis.ConnectionPool.from_url(connection_url)
+        pool.make_connection()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"OTELPROF_STORE: bad Redis URL {redact_url(url)!r}: {exc}") from None
 
 
 def _parse_ttl(value: str) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -26,7 +28,18 @@ def failing_marker_work(seconds: float) -> None:
     spin(seconds)
 
 
-app = FastAPI()
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    app.state.started = True  # the app's own start-up must run whatever our settings say
+    yield
+
+
+app = FastAPI(lifespan=lifespan)
+
+
+@app.get("/started")
+async def started() -> dict[str, bool]:
+    return {"started": getattr(app.state, "started", False)}
 
 
 @app.get("/items/{item_id}")

@@ -97,3 +97,19 @@ def test_no_arguments_keeps_the_slow_and_the_failed_within_budget(tmp_path: Path
             assert link.endswith(
                 f"/debug/profile/{record.summary.trace_id}?span_id={record.summary.span_id}"
             )
+
+
+@pytest.mark.parametrize("variable", ["OTELPROF_INTERVAL_MS", "OTELPROF_STORE"])
+def test_a_bad_setting_leaves_the_app_and_its_lifespan_alone(tmp_path: Path, variable: str) -> None:
+    """uvicorn's ``--lifespan auto`` used to swallow our ``ValueError`` as "lifespan
+    unsupported": the app's start-up never ran and every request answered 500."""
+    bad = {"OTELPROF_INTERVAL_MS": "abc", "OTELPROF_STORE": "redis://127.0.0.1:notaport/0"}
+    port = free_port()
+    command = uvicorn("tests.e2e.defaults_app:app", port, workers=1)
+    env = {**PACKAGE_DEFAULTS, variable: bad[variable]}
+    with run_server(command, tmp_path, port=port, env=env) as server:
+        assert httpx.get(server.base_url + "/started").json() == {"started": True}
+        assert httpx.get(server.base_url + "/items/3").json() == {"item": 3}
+        log = server.log.read_text()
+    assert "profiling is OFF" in log and variable in log, log
+    assert "lifespan" not in log.lower() or "unsupported" not in log.lower(), log

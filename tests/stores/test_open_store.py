@@ -26,6 +26,7 @@ def test_public_names() -> None:
         "ProfileStore",
         "RedisStore",
         "SQLiteStore",
+        "check_store_url",
         "open_store",
     }
 
@@ -127,3 +128,25 @@ def test_malformed_urls(url: str) -> None:
 def test_bad_bounds_are_rejected() -> None:
     with pytest.raises(ValueError, match="max_profiles"):
         open_store("memory://", max_profiles=0)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://profiles.db",
+        "redis://127.0.0.1:notaport/0",
+        "redis://127.0.0.1:6379/0?ttl=abc",
+        "redis://127.0.0.1:6379/0?bogus_opt=1",
+        "memory://x",
+    ],
+)
+def test_check_store_url_refuses_at_once_without_opening(url: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="OTELPROF_STORE"):
+        stores.check_store_url(url)
+
+
+def test_check_store_url_opens_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "profiles.db"
+    stores.check_store_url(f"sqlite:///{path}")
+    stores.check_store_url("redis://127.0.0.1:1/0?ttl=60")  # nothing listens there
+    assert not path.parent.exists()
