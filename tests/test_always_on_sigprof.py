@@ -555,7 +555,10 @@ report = {}
 async def main():
     if VIA == "core":
         core = ProfilerCore(
-            Config.load({}, sample_rate=1.0, mode="always_on", always_on_interval_ms=1),
+            Config.load(
+                {}, sample_rate=1.0, mode="always_on", always_on_interval_ms=1,
+                always_on_sigprof=True,
+            ),
             store=MemoryStore(),
         )
         span = TracerProvider().get_tracer("t").start_span("GET")
