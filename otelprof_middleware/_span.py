@@ -21,6 +21,7 @@ __all__ = [
     "ROUTE_KEY",
     "current_server_span",
     "diff_url",
+    "name_by_route",
     "profile_url",
     "redact_viewer_token",
     "route_attribute",
@@ -178,6 +179,23 @@ def redact_viewer_token(span: trace.Span) -> None:
         value = attributes.get(key) if attributes else None
         if isinstance(value, str) and "token=" in value:
             span.set_attribute(key, _TOKEN_IN_QUERY.sub(r"\1token=REDACTED", value))
+
+
+def name_by_route(span: trace.Span, method: str, route: str | None) -> None:
+    """Name a server span we opened ``METHOD route`` and set ``http.route`` (semconv).
+
+    Spans are opened before routing, named by the raw path: renamed once the route
+    template is known, so span names do not grow with every id in a path. No route
+    (nothing matched): the method alone (``HTTP`` for an unknown one), as the HTTP
+    semantic conventions name such spans.
+    """
+    if not span.is_recording():
+        return
+    if route:
+        span.update_name(f"{method} {route}")
+        span.set_attribute("http.route", route)
+    else:
+        span.update_name("HTTP" if method == "_OTHER" else method)
 
 
 def route_attribute(span: trace.Span) -> str | None:

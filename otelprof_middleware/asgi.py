@@ -12,11 +12,19 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 from ._config import Settings
 from ._failsafe import log_failure
-from ._profiler import ActiveProfile, LazyStore, ProfilerCore, load_config, safe_host
+from ._profiler import (
+    ActiveProfile,
+    LazyStore,
+    ProfilerCore,
+    load_config,
+    normalise_method,
+    safe_host,
+)
 from ._session import add_stem_marker
 from ._span import (
     ROUTE_KEY,
     current_server_span,
+    name_by_route,
     redact_viewer_token,
     route_attribute,
     span_declined,
@@ -197,15 +205,11 @@ class ProfilingMiddleware:
 
     async def _in_own_span(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, under the server span this middleware had the OTel middleware open."""
-        await self(scope, receive, send, _in_own_span=True)
+        naming = _NamingSend(send, scope, trace.get_current_span())
+        await self(scope, receive, naming, _in_own_span=True)
 
     def _route(self, scope: Scope, active: ActiveProfile) -> str:
-        route = getattr(scope.get("route"), "path", None)
-        if not isinstance(route, str):  # Django: otelprof_middleware.django.RouteMiddleware
-            route = scope.get(ROUTE_KEY)
-        if not isinstance(route, str):
-            route = route_attribute(active.span) or ""
-        return route
+        return route_template(scope) or route_attribute(active.span) or ""
 
     def _base_url(self, scope: Scope) -> str:
         host = None
@@ -228,6 +232,52 @@ class ProfilingMiddleware:
 add_stem_marker(ProfilingMiddleware.__call__.__code__)
 
 _PASS, _VIEWER, _OPEN_SPAN = object(), object(), object()
+
+
+def route_template(scope: Scope, *, for_span: bool = False) -> str | None:
+    """The matched route template: Starlette/FastAPI, Litestar, Django (RouteMiddleware).
+
+    ``for_span``: Starlette's ``path_format`` (``/items/{item_id}``) under the mount's
+    ``root_path``, as Starlette's own telemetry names spans; else the route's ``path``
+    (``/items/{item_id:int}``), as the profile index shows it.
+    """
+    route = scope.get("route")
+    if route is not None:
+        template = getattr(route, "path_format" if for_span else "path", None)
+        if isinstance(template, str) and template:
+            if for_span:
+                root_path: str = scope.get("root_path", "")
+                return root_path.rstrip("/") + template
+            return template
+    for key in ("path_template", ROUTE_KEY):  # Litestar; Django through RouteMiddleware
+        template = scope.get(key)
+        if isinstance(template, str) and template:
+            return template
+    return None
+
+
+class _NamingSend:
+    """``send`` of a request under a span we opened: names it by route before it ends."""
+
+    __slots__ = ("_scope", "_send", "_span")
+
+    def __init__(self, send: Send, scope: Scope, span: trace.Span) -> None:
+        self._send = send
+        self._scope = scope
+        self._span = span
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        try:
+            kind = message["type"]
+            if (
+                kind == "http.response.body" and not message.get("more_body", False)
+            ) or kind == "http.response.pathsend":
+                scope = self._scope
+                method = normalise_method(scope.get("method", ""))
+                name_by_route(self._span, method, route_template(scope, for_span=True))
+        except Exception as exc:
+            log_failure("span", exc)
+        return self._send(message)
 
 
 class _ProfiledSend:

@@ -16,9 +16,22 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._config import Settings
 from ._failsafe import log_failure
-from ._profiler import ActiveProfile, LazyStore, ProfilerCore, load_config, safe_host
+from ._profiler import (
+    ActiveProfile,
+    LazyStore,
+    ProfilerCore,
+    load_config,
+    normalise_method,
+    safe_host,
+)
 from ._session import add_stem_marker
-from ._span import ROUTE_KEY, current_server_span, redact_viewer_token, route_attribute
+from ._span import (
+    ROUTE_KEY,
+    current_server_span,
+    name_by_route,
+    redact_viewer_token,
+    route_attribute,
+)
 from ._threads import install as install_worker_thread_profiling
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .stores._base import ProfileStore
@@ -139,6 +152,8 @@ class WSGIProfilingMiddleware:
         ) -> Callable[[bytes], object]:
             try:
                 add_response_attributes(span, status, headers)
+                method = normalise_method(str(environ.get("REQUEST_METHOD", "")))
+                name_by_route(span, method, route_template(environ))
             except Exception as exc:
                 log_failure("span", exc)
             return start_response(status, headers, *exc_info)
@@ -226,6 +241,19 @@ add_stem_marker(WSGIProfilingMiddleware._profiled.__code__)
 _PASS, _VIEWER, _JOIN_SPAN, _OPEN_SPAN = object(), object(), object(), object()
 
 
+def route_template(environ: WSGIEnvironment) -> str | None:
+    """The matched route template: Flask's URL rule, Django's pattern (RouteMiddleware).
+
+    Read when the app calls ``start_response``: Flask's request, with its matched rule,
+    is in the environ only until the app returns.
+    """
+    request = environ.get("werkzeug.request")
+    rule = getattr(getattr(request, "url_rule", None), "rule", None)
+    if not isinstance(rule, str):
+        rule = environ.get(ROUTE_KEY)
+    return rule if isinstance(rule, str) and rule else None
+
+
 def _both(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
     def both() -> None:
         first()
@@ -282,13 +310,7 @@ class _ProfiledResponse:
         try:
             code = status.split(" ", 1)[0]
             self._status = int(code) if code.isdigit() else 500
-            # Flask's request (with its matched rule) is in the environ only until the
-            # app returns, so the route template is read here.
-            request = self._environ.get("werkzeug.request")
-            rule = getattr(getattr(request, "url_rule", None), "rule", None)
-            if not isinstance(rule, str):  # Django: otelprof_middleware.django.RouteMiddleware
-                rule = self._environ.get(ROUTE_KEY)
-            self._route = rule if isinstance(rule, str) else None
+            self._route = route_template(self._environ)
         except Exception as exc:
             log_failure("adapter", exc)
         return self._start_response(status, headers, *exc_info)

@@ -217,8 +217,25 @@ def test_fastapi_instrumentor(otel: Otel, position: str) -> None:
 
 def test_no_telemetry_we_open_the_only_span(otel: Otel) -> None:
     app = ProfilingMiddleware(Starlette(routes=ROUTES), **ours(otel))
-    send(app, *PATHS)
-    check_one_linked_span_per_request(otel[1], PATHS)
+    send(app, *PATHS, "/missing")
+    # Named by route as soon as it is known (not one name per id); unmatched: by method.
+    check_one_linked_span_per_request(otel[1], [*PATHS, "/missing"])
+    names = sorted(span.name for span in server_spans(otel[1]))
+    assert names == ["GET", *["GET /items/{item_id}"] * 3], names
+    routes = {(span.attributes or {}).get("http.route") for span in server_spans(otel[1])}
+    assert routes == {"/items/{item_id}", None}
+
+
+def test_our_span_takes_a_litestar_style_path_template(otel: Otel) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send_: Any) -> None:
+        scope["path_template"] = "/items/{item_id:int}"  # as Litestar sets it
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        await send_({"type": "http.response.body", "body": b"ok"})
+
+    send(ProfilingMiddleware(app, **ours(otel)), "/items/7")
+    [span] = server_spans(otel[1])
+    assert span.name == "GET /items/{item_id:int}"
+    assert (span.attributes or {})["http.route"] == "/items/{item_id:int}"
 
 
 def test_flask_instrumentor_one_server_span(otel: Otel) -> None:
@@ -241,7 +258,7 @@ def test_flask_instrumentor_one_server_span(otel: Otel) -> None:
         )
         client = flask_app.test_client()
         assert [client.get(p).text for p in PATHS] == ["item 1", "item 2", "item 3"]
-        check_one_linked_span_per_request(otel[1], PATHS)
+        check_one_linked_span_per_request(otel[1], PATHS, name="GET /items/<int:item_id>")
     finally:
         FlaskInstrumentor().uninstrument_app(flask_app)
 
