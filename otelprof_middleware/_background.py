@@ -1,8 +1,10 @@
 """A daemon thread fed by a bounded queue, working in batches: the writer and exporters.
 
 The thread starts on first use and again in a forked child (gunicorn ``--preload``),
-since threads do not survive ``fork()``. ``offer`` never blocks: a full queue refuses
-the item, and the caller counts the drop.
+since threads do not survive ``fork()``. It exits after ``IDLE_SECONDS`` with nothing to
+do and starts again with the next item, so a process that builds many apps (a test
+suite) does not keep an idle thread per app. ``offer`` never blocks: a full queue
+refuses the item, and the caller counts the drop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 __all__ = ["BatchingThread"]
 
 _STOP = object()
+IDLE_SECONDS = 30.0
 _exiting = False
 
 
@@ -43,7 +46,8 @@ class BatchingThread:
         self._queue_size = max(1, queue_size)
         self._batch_size = max(1, batch_size)
         self._lock = threading.Lock()
-        self._pid = -1
+        self._pid = -1  # the process whose thread runs now; -1: none runs
+        self._queue_pid = os.getpid()  # the process the queue belongs to
         self._queue: queue.Queue[object] = queue.Queue(self._queue_size)
         self._thread: threading.Thread | None = None
 
@@ -64,8 +68,10 @@ class BatchingThread:
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued item is processed (tests, shutdown). True if drained."""
-        if self._thread is None or self._pid != os.getpid():
-            return True
+        if self._pid != os.getpid():
+            if self._queue_pid != os.getpid() or self._queue.empty():
+                return True
+            self._start()  # an item came in as the idle thread exited
         done = threading.Event()
         try:
             self._queue.put(done, timeout=timeout)
@@ -94,9 +100,12 @@ class BatchingThread:
 
     def _start(self) -> None:
         with self._lock:
-            if self._pid == os.getpid():
+            pid = os.getpid()
+            if self._pid == pid:
                 return
-            self._queue = queue.Queue(self._queue_size)  # a forked child starts afresh
+            if self._queue_pid != pid:  # a forked child starts afresh
+                self._queue = queue.Queue(self._queue_size)
+                self._queue_pid = pid
             self._thread = threading.Thread(
                 target=self._run, args=(self._queue,), name=self._thread_name, daemon=True
             )
@@ -106,7 +115,15 @@ class BatchingThread:
     def _run(self, work: queue.Queue[object]) -> None:
         try:
             while True:
-                batch = [work.get()]
+                try:
+                    batch = [work.get(timeout=IDLE_SECONDS)]
+                except queue.Empty:
+                    with self._lock:
+                        if work.empty():  # else an item just came in: carry on
+                            self._pid = -1
+                            self._thread = None
+                            return
+                    continue
                 while len(batch) < self._batch_size:  # under load, many at once
                     try:
                         batch.append(work.get_nowait())

@@ -134,7 +134,15 @@ class ProfilingMiddleware:
                 await serve_viewer(self._viewer, scope, send)
                 return
             if way is _OPEN_SPAN:
-                await self._traced_app(scope, receive, send)
+                try:
+                    await self._traced_app(scope, receive, send)
+                except Exception as exc:
+                    if _entered_own_span(exc):
+                        raise  # the app's, or its server's: untouched
+                    # OTel's middleware failed before the app ran (it decodes the query
+                    # string as strict UTF-8, say): the app answers, with no span of ours.
+                    log_failure("span", exc)
+                    await self.app(scope, receive, send)
                 return
             span = way  # type: ignore[assignment]  # the server span to join
         send_profiled: _ProfiledSend | None = None
@@ -165,7 +173,7 @@ class ProfilingMiddleware:
 
     def _way(self, scope: Scope) -> trace.Span | object:
         """The viewer, straight through, the server span to join, or one to open."""
-        path: str = scope["path"]
+        path = app_path(scope)
         if self._viewer is not None and self._viewer.handles(path):
             return _VIEWER
         if self._sampler.is_excluded(path):
@@ -232,6 +240,34 @@ class ProfilingMiddleware:
 add_stem_marker(ProfilingMiddleware.__call__.__code__)
 
 _PASS, _VIEWER, _OPEN_SPAN = object(), object(), object()
+
+
+def _entered_own_span(exc: BaseException) -> bool:
+    """True when ``exc`` came through the app (its traceback passes ``_in_own_span``)."""
+    code = ProfilingMiddleware._in_own_span.__code__
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def app_path(scope: Scope) -> str:
+    """The request path below the app's mount point (``root_path``), as Starlette reads it.
+
+    Servers differ: uvicorn's ``--root-path`` and ``FastAPI(root_path=...)`` put the
+    prefix in ``root_path`` and keep it in ``path`` too (the ASGI spec's reading), older
+    set-ups leave it out of ``path``. Both give the same answer here.
+    """
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        if len(path) == len(root_path):
+            return "/"
+        if path[len(root_path)] == "/":
+            return path[len(root_path) :]
+    return path
 
 
 def route_template(scope: Scope, *, for_span: bool = False) -> str | None:
@@ -361,11 +397,12 @@ async def serve_viewer(
     client = scope.get("client")
     request = ViewerRequest(
         method=scope["method"],
-        path=scope["path"],
+        path=app_path(scope),
         query_string=scope.get("query_string", b""),
         headers=headers,
         client_host=client[0] if client else None,
         scheme=scheme or scope.get("scheme", "http"),
+        root_path=scope.get("root_path", ""),
     )
     response = await anyio.to_thread.run_sync(viewer.handle, request)
     await send(

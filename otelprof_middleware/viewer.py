@@ -119,6 +119,8 @@ class ViewerRequest:
             WSGI ``REMOTE_ADDR``), ``None`` when unknown.
         scheme: ``"http"`` or ``"https"``; used for absolute links.
         host: the ``Host`` the client used (with port); default: the ``host`` header.
+        root_path: the prefix the app is mounted under (ASGI ``root_path``, WSGI
+            ``SCRIPT_NAME``), put before every link; ``path`` is below it.
     """
 
     method: str
@@ -128,6 +130,7 @@ class ViewerRequest:
     client_host: str | None
     scheme: str = "http"
     host: str | None = None
+    root_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,7 @@ class Viewer:
         raise _Abort(
             401,
             "a debug token is required: send 'Authorization: Bearer <token>', or open "
-            f"{self._prefix}?token=<token> once in a browser.\n",
+            f"{self._links(request)}?token=<token> once in a browser.\n",
             [("www-authenticate", 'Bearer realm="otelprof"')],
         )
 
@@ -272,7 +275,7 @@ class Viewer:
 
     def _cookie(self, request: ViewerRequest) -> str:
         value = quote((self._token or b"").decode("utf-8"), safe="")
-        cookie = f"{TOKEN_COOKIE}={value}; Path={self._prefix}; HttpOnly; SameSite=Lax"
+        cookie = f"{TOKEN_COOKIE}={value}; Path={self._links(request)}; HttpOnly; SameSite=Lax"
         if request.scheme == "https":
             cookie += "; Secure"
         return cookie
@@ -298,7 +301,7 @@ class Viewer:
                 400, "malformed trace id: expected 32 lowercase hex digits, not all zero.\n"
             )
         if page == "diff":
-            return self._diff(query, trace_id)
+            return self._diff(request, query, trace_id)
         return self._profile(request, query, trace_id)
 
     # route baselines
@@ -347,7 +350,9 @@ class Viewer:
         )
         return self._render_session(combined, fmt, "baseline")
 
-    def _diff(self, query: dict[str, list[str]], trace_id: str) -> ViewerResponse:
+    def _diff(
+        self, request: ViewerRequest, query: dict[str, list[str]], trace_id: str
+    ) -> ViewerResponse:
         fmt = _one(query, "format") or "html"
         if fmt not in INDEX_FORMATS:
             raise _Abort(400, f"unknown format {_shown(fmt)}; the diff speaks html or json.\n")
@@ -370,10 +375,10 @@ class Viewer:
         if not record.summary.route:
             raise _Abort(404, "this request matched no route, so it has no baseline.\n")
         sessions = self._baseline_sessions(record.summary.route, limit, exclude=record.summary)
-        if not sessions:
-            raise _Abort(404, "no other kept profiles of this route to compare with yet.\n")
         try:
-            rows = baseline.diff(record.session(), sessions)
+            # No other kept profile of the route yet (the span link is made when the first
+            # is kept): the page says so, with nothing to compare, rather than a 404.
+            rows = baseline.diff(record.session(), sessions) if sessions else []
         except Exception as exc:
             log_failure("viewer.diff", exc)
             raise _Abort(422, "the comparison failed; the error was logged.\n") from None
@@ -389,7 +394,7 @@ class Viewer:
                 indent=1,
             )
             return _response(200, _JSON, (body + "\n").encode("utf-8"), _DATA_CSP)
-        page = _diff_page(self._prefix, record.summary, len(sessions), rows)
+        page = _diff_page(self._links(request), record.summary, len(sessions), rows)
         return _response(200, _HTML, page.encode("utf-8"), _PAGE_CSP)
 
     def _index(self, request: ViewerRequest, query: dict[str, list[str]]) -> ViewerResponse:
@@ -411,7 +416,7 @@ class Viewer:
             raise _Abort(503, "profile store unavailable.\n") from None
         if fmt == "json":
             return self._json_list(request, summaries)
-        page = _index_page(self._prefix, filters, summaries)
+        page = _index_page(self._links(request), filters, summaries)
         return _response(200, _HTML, page.encode("utf-8"), _PAGE_CSP)
 
     def _profile(
@@ -448,7 +453,7 @@ class Viewer:
             summaries = [record.summary for record in records]
             if fmt == "json":
                 return self._json_list(request, summaries)
-            page = _trace_page(self._prefix, trace_id, fmt, summaries)
+            page = _trace_page(self._links(request), trace_id, fmt, summaries)
             return _response(200, _HTML, page.encode("utf-8"), _PAGE_CSP)
         return self._render(records[0], fmt)
 
@@ -489,9 +494,15 @@ class Viewer:
         self, request: ViewerRequest, summaries: Sequence[ProfileSummary]
     ) -> ViewerResponse:
         base = self._base_url(request)
-        rows = [{**s.to_json(), "url": base + _profile_path(self._prefix, s)} for s in summaries]
+        # ``public_url`` already holds the mount point, as in the links put on spans.
+        links = self._prefix if self._public_url else self._links(request)
+        rows = [{**s.to_json(), "url": base + _profile_path(links, s)} for s in summaries]
         body = json.dumps({"profiles": rows}, indent=1) + "\n"
         return _response(200, _JSON, body.encode("utf-8"), _DATA_CSP)
+
+    def _links(self, request: ViewerRequest) -> str:
+        """Where the viewer's pages are, as links: the app's mount point, then the prefix."""
+        return request.root_path.rstrip("/") + self._prefix
 
     def _base_url(self, request: ViewerRequest) -> str:
         """``public_url``, else ``scheme://host`` of the request, else ``""`` (relative)."""
@@ -814,7 +825,13 @@ def _diff_page(
         f"profile{'s' if baseline_count != 1 else ''} of its route</a>. Times are inclusive: "
         "the time each function was on the stack, waits included.</p>\n"
     )
-    body = intro + table("Took more time than usual", more) + table("Took less time", less)
+    if baseline_count == 0:
+        body = intro + (
+            '<p class="muted">This is the only kept profile of its route so far: there is '
+            "nothing to compare it with yet. Come back when the route has more.</p>\n"
+        )
+    else:
+        body = intro + table("Took more time than usual", more) + table("Took less time", less)
     return _page("otelprof — request vs route baseline", body)
 
 

@@ -191,13 +191,25 @@ class WSGIProfilingMiddleware:
             log_failure("profiler.start", exc)
         if response is None:
             body = self.app(environ, start_response)
-            return body if end_span is None else _ClosingBody(body, end_span, end_span)
+            if end_span is None:
+                return body
+            if _is_file_wrapper(body, environ):
+                end_span()
+                return body
+            return _ClosingBody(body, end_span, end_span)
         try:
             body = self.app(environ, response.start_response)
         except BaseException as error:
             response.failed = isinstance(error, Exception)
             response.finish()
             raise
+        if _is_file_wrapper(body, environ):
+            # The server's own file transfer (sendfile) runs no app code: the profile and
+            # the span end here, and the server still sees its file wrapper.
+            response.finish()
+            if end_span is not None:
+                end_span()
+            return body
         if end_span is None:
             return _ClosingBody(body, response.finish, response.abandon)
         return _ClosingBody(
@@ -230,6 +242,7 @@ class WSGIProfilingMiddleware:
             client_host=environ.get("REMOTE_ADDR"),
             scheme=environ.get("wsgi.url_scheme", "http"),
             host=safe_host(headers.get("host")),
+            root_path=str(environ.get("SCRIPT_NAME", "")),
         )
         response = viewer.handle(request)
         start_response(f"{response.status} {_reason(response.status)}", list(response.headers))
@@ -252,6 +265,11 @@ def route_template(environ: WSGIEnvironment) -> str | None:
     if not isinstance(rule, str):
         rule = environ.get(ROUTE_KEY)
     return rule if isinstance(rule, str) and rule else None
+
+
+def _is_file_wrapper(body: Iterable[bytes], environ: WSGIEnvironment) -> bool:
+    wrapper = environ.get("wsgi.file_wrapper")
+    return isinstance(wrapper, type) and isinstance(body, wrapper)
 
 
 def _both(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:

@@ -158,7 +158,11 @@ def test_baseline_bad_paths() -> None:
     assert _get(viewer, "/debug/profile/route", "route=/nope")[0] == 404
     assert _get(viewer, "/debug/profile/route", f"route={ROUTE}&format=pdf")[0] == 400
     assert _get(viewer, "/debug/profile/route", f"route={ROUTE}&limit=0")[0] == 400
-    assert _get(viewer, f"/debug/profile/{lone.trace_id}/diff")[0] == 404  # nothing to compare
+    # The first kept profile of a route: its span's baseline link answers, and says so.
+    status, page = _get(viewer, f"/debug/profile/{lone.trace_id}/diff")
+    assert status == 200 and "nothing to compare it with yet" in page
+    status, body = _get(viewer, f"/debug/profile/{lone.trace_id}/diff", "format=json")
+    assert status == 200 and '"baseline_profiles": 0' in body and '"functions": []' in body
     assert _get(viewer, f"/debug/profile/{unmatched.trace_id}/diff")[0] == 404
     assert _get(viewer, "/debug/profile/" + "z" * 32 + "/diff")[0] == 400
     assert _get(viewer, f"/debug/profile/{lone.trace_id}/other")[0] == 404

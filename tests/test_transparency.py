@@ -340,3 +340,70 @@ def test_wsgi_span_ends_when_the_body_is_exhausted_without_close() -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_query_string_otel_cannot_decode_reaches_the_app() -> None:
+    """OpenTelemetry's ASGI middleware (which opens our span when nothing else did)
+    decodes the query string as strict UTF-8 before the app runs: the app must still
+    answer, as without us (Django answers 400 to such a query; it got an exception)."""
+
+    async def app(scope: Message, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": repr(scope["query_string"]).encode()})
+
+    scope = _scope(query_string=b"\xff")
+    expected = await _drive(app, dict(scope))
+    assert await _drive(_profiled(app), dict(scope)) == expected
+    assert counters()["failed.span"] == 1
+
+
+@pytest.mark.anyio
+async def test_app_exceptions_under_our_span_are_untouched() -> None:
+    async def app(scope: Message, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        raise LookupError("the app's own")
+
+    with pytest.raises(LookupError, match="the app's own"):
+        await _drive(_profiled(app), _scope())
+    assert "failed.span" not in counters()
+
+
+@pytest.mark.parametrize("with_span", [False, True], ids=["own_span", "joined"])
+def test_wsgi_file_wrapper_reaches_the_server(with_span: bool) -> None:
+    """The server must still see its ``wsgi.file_wrapper`` (sendfile); the profile is kept."""
+    from opentelemetry import trace
+
+    class FileWrapper:
+        def __init__(self, file: Any, block_size: int = 8192) -> None:
+            self.file = file
+
+        def __iter__(self) -> Any:
+            return iter([self.file])
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        marker_alpha(0.002)
+        start_response("200 OK", [])
+        return environ["wsgi.file_wrapper"](b"file bytes")
+
+    provider, exporter = make_provider()
+    middleware = WSGIProfilingMiddleware(
+        app, tracer_provider=provider, profile_store=MemoryStore(), sample_rate=1.0
+    )
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/file",
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "wsgi.file_wrapper": FileWrapper,
+    }
+    if with_span:
+        with provider.get_tracer("t").start_as_current_span("outer", kind=trace.SpanKind.SERVER):
+            body = middleware(environ, lambda status, headers, *exc: None)
+    else:
+        body = middleware(environ, lambda status, headers, *exc: None)
+    assert isinstance(body, FileWrapper)
+    assert middleware.core.writer.flush(5)
+    assert len(middleware.core.get_store().list()) == 1
+    [span] = server_spans(exporter)
+    assert "otelprof.profile.url" in (span.attributes or {})

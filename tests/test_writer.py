@@ -82,3 +82,25 @@ def test_a_failing_store_is_counted_and_the_writer_keeps_going() -> None:
     writer.close()
     assert counters()["failed.store.put"] == 2
     assert len(store.list()) == 2  # writing resumes once the store is back
+
+
+def test_an_idle_writer_thread_exits_and_the_next_profile_starts_one(
+    monkeypatch: Any,
+) -> None:
+    """A process that builds many apps (a test suite) keeps no idle thread per app."""
+    from otelprof_middleware import _background
+
+    monkeypatch.setattr(_background, "IDLE_SECONDS", 0.05)
+    store = MemoryStore()
+    writer = ProfileWriter(lambda: store, queue_size=10)
+    session = _session()
+    assert writer.submit(_summary(0), session)
+    assert writer.flush()
+    first = writer._thread
+    assert first is not None
+    first.join(2.0)
+    assert not first.is_alive()  # idle: gone
+    assert writer.submit(_summary(1), session)  # starts a new one
+    assert writer.flush()
+    assert {s.trace_id for s in store.list()} == {_summary(0).trace_id, _summary(1).trace_id}
+    writer.close()
