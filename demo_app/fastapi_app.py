@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
@@ -12,18 +11,18 @@ from fastapi.responses import StreamingResponse
 
 from otelprof_middleware import ProfilingMiddleware
 
+from .settings import demo_settings
 from .telemetry import configure_tracing
 from .work import DemoFailure, crunch_numbers, hash_report, load_settings, render_chunk
 
 configure_tracing("otelprof-demo-fastapi")
 
 app = FastAPI(title="otelprof demo (FastAPI)")
-# Demo defaults: profile every request, serve the viewer (loopback only). Every setting
-# can be overridden with an OTELPROF_* environment variable.
+# The package's defaults (every request profiled by the always-on sampler), plus the demo's:
+# keep every profile and serve the viewer to loopback clients (demo_app/settings.py).
 app.add_middleware(
     ProfilingMiddleware,
-    sample_rate=float(os.environ.get("OTELPROF_SAMPLE_RATE", "1.0")),
-    debug_route=os.environ.get("OTELPROF_DEBUG_ROUTE", "true").lower() in ("1", "true", "yes"),
+    **demo_settings(),
 )
 
 

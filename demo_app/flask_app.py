@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
@@ -10,6 +9,7 @@ from flask import Flask, Response, jsonify, request
 
 from otelprof_middleware import WSGIProfilingMiddleware
 
+from .settings import demo_settings
 from .telemetry import configure_tracing
 from .work import DemoFailure, crunch_numbers, hash_report, load_settings, render_chunk
 
@@ -18,8 +18,7 @@ configure_tracing("otelprof-demo-flask")
 app = Flask(__name__)
 app.wsgi_app = WSGIProfilingMiddleware(  # type: ignore[method-assign]
     app.wsgi_app,
-    sample_rate=float(os.environ.get("OTELPROF_SAMPLE_RATE", "1.0")),
-    debug_route=os.environ.get("OTELPROF_DEBUG_ROUTE", "true").lower() in ("1", "true", "yes"),
+    **demo_settings(),
 )
 
 

@@ -187,3 +187,20 @@ def test_concurrent_async_requests_never_mix_under_uvicorn(tmp_path: Path) -> No
             assert other not in text, text
             checked += 1
         assert checked == 64
+
+
+def test_uvicorn_root_path(tmp_path: Path) -> None:
+    """``uvicorn --root-path /svc`` (behind a prefix-stripping proxy): the viewer answers,
+    ``exclude_paths`` excludes, and index and span links carry the prefix."""
+    port = free_port()
+    command = [*uvicorn("demo_app.fastapi_app:app", port, workers=1), "--root-path", "/svc"]
+    env = {"OTELPROF_EXCLUDE_PATHS": "/cpu"}
+    with run_server(command, tmp_path, port=port, env=env) as server:
+        assert httpx.get(server.base_url + "/items/1").status_code == 200
+        assert httpx.get(server.base_url + "/cpu?ms=5").status_code == 200
+        links = [s["attributes"][PROFILE_URL] for s in _linked_spans(server, 1)]
+        index = httpx.get(server.base_url + "/debug/profile?format=json").json()
+    [row] = index["profiles"]  # /cpu is excluded; the viewer's own requests are not profiled
+    assert row["route"] == "/items/{item_id}"
+    assert row["url"].startswith(server.base_url + "/svc/debug/profile/")
+    assert links == [row["url"]]

@@ -1,0 +1,130 @@
+"""Behind a path prefix: the viewer, exclude_paths, links and the index JSON all work.
+
+ASGI servers and frameworks disagree on whether ``path`` includes ``root_path`` (uvicorn
+``--root-path`` and ``FastAPI(root_path=...)`` keep it, older set-ups strip it): both are
+tested. WSGI's ``SCRIPT_NAME`` is the prefix and ``PATH_INFO`` is always below it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
+from otelprof_middleware.stores import MemoryStore
+
+from .helpers import make_provider, marker_alpha, server_spans
+
+PREFIX = "/svc"
+
+
+def _item(request: Request) -> PlainTextResponse:
+    marker_alpha(0.002)
+    return PlainTextResponse("item")
+
+
+def _middleware(**settings: Any) -> tuple[ProfilingMiddleware, Any]:
+    provider, exporter = make_provider()
+    app = Starlette(routes=[Route("/items/{n}", _item), Route("/health", _item)])
+    middleware = ProfilingMiddleware(
+        app,
+        tracer_provider=provider,
+        profile_store=MemoryStore(),
+        sample_rate=1.0,
+        min_duration_ms=0,
+        debug_route=True,
+        exclude_paths="/health",
+        **settings,
+    )
+    return middleware, exporter
+
+
+async def _get(app: Any, path: str, *, full_path: bool) -> httpx.Response:
+    """GET ``path`` (below the prefix) the way a server with ``root_path`` sends it."""
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": (PREFIX + path) if full_path else path,
+        "raw_path": (PREFIX + path).encode(),
+        "root_path": PREFIX,
+        "query_string": b"format=json" if path.startswith("/debug") else b"",
+        "headers": [(b"host", b"example.test")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("example.test", 80),
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return httpx.Response(start["status"], content=body)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("full_path", [True, False], ids=["path_has_prefix", "path_below"])
+async def test_asgi_root_path(full_path: bool) -> None:
+    middleware, exporter = _middleware()
+    assert (await _get(middleware, "/items/1", full_path=full_path)).text == "item"
+    assert (await _get(middleware, "/health", full_path=full_path)).text == "item"
+    middleware.core.writer.flush(5)
+    index = await _get(middleware, "/debug/profile", full_path=full_path)
+    assert index.status_code == 200, index.text
+    [row] = index.json()["profiles"]  # /health is excluded below the prefix too
+    assert row["url"].startswith(f"http://example.test{PREFIX}/debug/profile/")
+    linked = [s for s in server_spans(exporter) if "otelprof.profile.url" in (s.attributes or {})]
+    [span] = linked
+    assert (span.attributes or {})["otelprof.profile.url"] == row["url"]
+    # The viewer's own pages are never profiled, below the prefix as anywhere.
+    assert len(middleware.core.get_store().list()) == 1
+
+
+def test_wsgi_script_name() -> None:
+    provider, exporter = make_provider()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        marker_alpha(0.002)
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [b"item"]
+
+    middleware = WSGIProfilingMiddleware(
+        app,
+        tracer_provider=provider,
+        profile_store=MemoryStore(),
+        sample_rate=1.0,
+        min_duration_ms=0,
+        debug_route=True,
+        exclude_paths="/health",
+    )
+    # As gunicorn with SCRIPT_NAME=/svc presents /svc/items/1 (httpx's transport sets
+    # SCRIPT_NAME and leaves PATH_INFO as given, so the paths here are below the prefix).
+    transport = httpx.WSGITransport(app=middleware, script_name=PREFIX)
+    with httpx.Client(transport=transport, base_url="http://example.test") as client:
+        assert client.get("/items/1").text == "item"
+        assert client.get("/health").text == "item"
+        middleware.core.writer.flush(5)
+        index = client.get("/debug/profile", params={"format": "json"})
+    assert index.status_code == 200, index.text
+    [row] = index.json()["profiles"]
+    assert row["url"].startswith(f"http://example.test{PREFIX}/debug/profile/")
+    [span] = server_spans(exporter)
+    assert (span.attributes or {})["otelprof.profile.url"] == row["url"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
