@@ -34,7 +34,7 @@ VARIANTS = (
 ENDPOINTS = ("/tiny", "/cpu", "/io")
 CONNECTIONS = {"/tiny": 16, "/cpu": 16, "/io": 64}
 """wrk connections per endpoint in the main measurements."""
-SWEEP_VARIANTS = ("otel", "reference", "ours_all")
+SWEEP_VARIANTS = ("otel", "reference", "ours_all", "ours_defaults", "ours_1pct")
 SWEEP_CONNECTIONS = (8, 32, 64)
 SERVER_NAMES = {"asgi": "uvicorn + Starlette (ASGI)", "wsgi": "gunicorn gthread + Flask (WSGI)"}
 

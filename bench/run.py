@@ -117,7 +117,8 @@ def _parse_args(argv: Sequence[str] | None) -> Plan:
         "--sweep",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="/io connection sweep 8/32/64 for otel, reference, ours_all (default: full only)",
+        help="/io connection sweep 8/32/64 for otel, reference, ours_all, ours_defaults and "
+        "ours_1pct (default: full only)",
     )
     parser.add_argument(
         "--memory-minutes",

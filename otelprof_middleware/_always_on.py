@@ -52,6 +52,7 @@ from typing import Any
 
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
+from ._cpu_timer import CPUTimer
 from ._failsafe import count
 from ._frames import ON_CLEAR, frame_identifier, frame_stack
 from ._session import RequestProfile, current_request
@@ -204,6 +205,7 @@ class AlwaysOnSampler:
     def __init__(self, interval: float, *, sigprof: bool = True) -> None:
         self.interval = interval
         self.sigprof = sigprof and hasattr(signal, "setitimer")
+        self._cpu_timer = CPUTimer()
         self._loops: dict[int, _LoopState] = {}  # loop thread ident -> state
         self._tasks: dict[asyncio.Task[Any], RequestProfile] = {}
         self._threads: dict[int, _Job] = {}
@@ -387,20 +389,26 @@ class AlwaysOnSampler:
 
         Periodic, not one-shot: re-arming from the handler costs a kernel tick each
         time (a 5 ms one-shot fired every 12 ms here), and the kernel quantizes any
-        jitter away. An armed timer also survives ``exec``, which would kill the new
-        program: that is why it never stays armed while the process is idle.
+        jitter away. A POSIX timer (:class:`CPUTimer`) where there is one: ``exec``
+        deletes it, and it is not the process's one ``ITIMER_PROF``.
         """
+        if self._armed_pid not in (-1, _pid()):
+            self._cpu_timer.forget()  # a forked child: the parent's timer is not ours
         try:
-            signal.setitimer(signal.ITIMER_PROF, self.interval, self.interval)
+            self._cpu_timer.arm(self.interval)
             self._armed_pid = _pid()
         except (ValueError, OSError):
             self._armed_pid = -1
 
+    @property
+    def timer_armed(self) -> bool:
+        """Whether this process's SIGPROF timer is armed (for tests and diagnostics)."""
+        return self._armed_pid == _pid() and self._cpu_timer.armed
+
     def _disarm(self) -> None:
         if self._armed_pid == _pid():
             self._armed_pid = -1
-            with contextlib.suppress(ValueError, OSError):
-                signal.setitimer(signal.ITIMER_PROF, 0)
+            self._cpu_timer.disarm()
 
     def _on_sigprof(self, signum: int, frame: types.FrameType | None) -> None:
         # Runs on the main thread between two bytecodes of whatever it was running:
@@ -435,9 +443,12 @@ class AlwaysOnSampler:
                     return
             if signal.getsignal(signal.SIGPROF) != self._on_sigprof:
                 state.driven = False  # someone replaced our handler: the thread takes over
-                with contextlib.suppress(ValueError, OSError):
-                    if signal.getitimer(signal.ITIMER_PROF)[1] == self.interval:
-                        signal.setitimer(signal.ITIMER_PROF, 0)  # ours: not into theirs
+                if not self._cpu_timer.survives_exec:
+                    self._disarm()  # our own POSIX timer: theirs is untouched
+                else:
+                    with contextlib.suppress(ValueError, OSError):
+                        if signal.getitimer(signal.ITIMER_PROF)[1] == self.interval:
+                            signal.setitimer(signal.ITIMER_PROF, 0)  # ours: not into theirs
                 self._armed_pid = -1
                 self._install_task_factory(state.loop)
                 for request, task in list(state.requests.items()):
@@ -448,8 +459,10 @@ class AlwaysOnSampler:
             # (skipped when a SIGPROF tick was recent: a busy loop gets those)
             if state.requests and time.perf_counter() - self._last_tick >= 0.75 * self.interval:
                 self._tick(None, None)
-            if self._armed_pid != _pid() or signal.getitimer(signal.ITIMER_PROF)[0] == 0:
-                self._arm()  # (other code may have set the timer to zero)
+            if self._armed_pid != _pid() or (
+                self._cpu_timer.survives_exec and signal.getitimer(signal.ITIMER_PROF)[0] == 0
+            ):
+                self._arm()  # (other code may have set the shared ITIMER_PROF to zero)
             state.loop.call_later(self._next_interval(), self._loop_tick, state, context=_EMPTY)
         except Exception:
             state.ticking = False

@@ -295,11 +295,10 @@ class Config:
         always_on_interval_ms: the always-on sampler's interval
             (``OTELPROF_ALWAYS_ON_INTERVAL_MS``, default ``5``).
         always_on_sigprof: in ``always_on`` mode, tick an event loop that runs on the
-            main thread with ``SIGPROF`` (a process CPU-time timer) instead of the
-            sampler thread, when no other code uses that signal
-            (``OTELPROF_ALWAYS_ON_SIGPROF``, default ``False``: an ``os.exec*`` during a
-            request inherits the armed timer and the new program dies of SIGPROF, among
-            other hazards measured in tests/e2e/test_sigprof_safety.py).
+            main thread with ``SIGPROF`` from a timer on the process's CPU time (a POSIX
+            timer of its own, which ``exec`` deletes), instead of the sampler thread,
+            when no other code uses that signal (``OTELPROF_ALWAYS_ON_SIGPROF``, default
+            ``True``; see docs/always-on.md for what was tested).
         trigger_header: request header that asks for a profile
             (``OTELPROF_TRIGGER_HEADER``, default ``x-otelprof``).
         max_concurrent: hook-profiled requests in flight per process
@@ -337,7 +336,7 @@ class Config:
     mode: str = "always_on"
     hook_sample_rate: float = 0.0
     always_on_interval_ms: float = 5.0
-    always_on_sigprof: bool = False
+    always_on_sigprof: bool = True
     max_concurrent: int = 32
     max_samples: int = 20_000
     writer_queue_size: int = 256

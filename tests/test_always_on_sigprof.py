@@ -229,8 +229,8 @@ def _our_handler(sampler: AlwaysOnSampler) -> bool:
     return bool(signal.getsignal(signal.SIGPROF) == sampler._on_sigprof)
 
 
-def _timer_armed() -> bool:
-    return signal.getitimer(signal.ITIMER_PROF)[0] > 0
+def _timer_armed(sampler: AlwaysOnSampler) -> bool:
+    return sampler.timer_armed
 
 
 def _burn_until(done: Callable[[], bool], cpu_limit: float = CPU_LIMIT) -> float:
@@ -256,7 +256,7 @@ async def test_main_thread_loop_is_driven_by_sigprof_not_the_thread(
         assert state.driven
         assert state.requests == {request: asyncio.current_task()}
         assert _our_handler(sampler)
-        assert sampler._armed_pid == os.getpid() and _timer_armed()
+        assert sampler._armed_pid == os.getpid() and _timer_armed(sampler)
         assert not sampler._needs_thread()  # nothing for the sampler thread to sample
         before = sampler.samples
         started = time.perf_counter()
@@ -333,20 +333,20 @@ async def test_the_loop_tick_stops_when_the_last_request_ends(
     async with _registered(sampler):
         await asyncio.sleep(0.01)
     state = _loop_state(sampler)
-    assert state.ticking and _timer_armed()  # kept through short gaps between requests
+    assert state.ticking and _timer_armed(sampler)  # kept through short gaps between requests
     deadline = time.monotonic() + 2.0
     while state.ticking and time.monotonic() < deadline:
         await asyncio.sleep(0.01)  # idle: after a few empty loop ticks it stops
     assert not state.ticking
-    assert not _timer_armed()  # and disarms the timer (an armed one survives exec)
+    assert not _timer_armed(sampler)  # and disarms the timer (an armed one survives exec)
     sigprof, loop = sources.sigprof, sources.loop
     marker_sigprof_busy(0.02)
     await asyncio.sleep(0.01)
     # nothing registered: neither SIGPROF nor the loop ticks (a watchdog thread may)
     assert (sources.sigprof, sources.loop) == (sigprof, loop), vars(sources)
-    assert not _timer_armed() and sampler._armed_pid == -1
+    assert not _timer_armed(sampler) and sampler._armed_pid == -1
     async with _registered(sampler):  # a new request drives again
-        assert state.ticking and _timer_armed() and sampler._armed_pid == os.getpid()
+        assert state.ticking and _timer_armed(sampler) and sampler._armed_pid == os.getpid()
         _burn_until(lambda: sources.sigprof - sigprof >= 3)
     assert sources.sigprof - sigprof >= 3, vars(sources)
 
@@ -379,7 +379,7 @@ async def test_a_foreign_sigprof_handler_is_left_alone(sampler: AlwaysOnSampler)
     async with _registered(sampler) as request:
         assert _handler_is(foreign)
         assert not _loop_state(sampler).driven
-        assert not _timer_armed() and sampler._armed_pid == -1
+        assert not _timer_armed(sampler) and sampler._armed_pid == -1
         assert sampler._thread is not None and sampler._thread.is_alive()
         before = sampler.samples
         marker_sigprof_busy()
@@ -398,7 +398,7 @@ async def test_sigprof_false_uses_the_thread(thread_sampler: AlwaysOnSampler) ->
     async with _registered(sampler) as request:
         assert not _loop_state(sampler).driven
         assert signal.getsignal(signal.SIGPROF) == signal.SIG_DFL
-        assert not _timer_armed()
+        assert not _timer_armed(sampler)
         assert sampler._thread is not None and sampler._thread.is_alive()
         before = sampler.samples
         marker_sigprof_busy()
@@ -457,7 +457,7 @@ async def test_a_failing_tick_never_reaches_user_code(
         _burn_until(lambda: calls >= 3)  # would raise here if the handler let it out
         result = marker_sigprof_busy(0.02)
         await asyncio.sleep(0.01)
-        assert _timer_armed()  # a failed tick leaves the timer running
+        assert _timer_armed(sampler)  # a failed tick leaves the timer running
     assert result >= expected
     assert calls >= 3, calls
     # Every failed tick is either pending (``_failures``: the handler takes no lock, so it
@@ -483,16 +483,16 @@ def test_a_forked_child_arms_its_own_timer(sampler: AlwaysOnSampler) -> None:
     asyncio.run(parent())
     assert _our_handler(sampler)  # (an armed timer with SIG_DFL would kill pytest)
     sampler._arm()  # armed in the parent at the fork
-    assert _timer_armed() and sampler._armed_pid == os.getpid()
+    assert _timer_armed(sampler) and sampler._armed_pid == os.getpid()
 
     async def child() -> dict[str, Any]:
         report: dict[str, Any] = {
-            "inherited_timer": _timer_armed(),
+            "inherited_timer": _timer_armed(sampler),
             "armed_for_child": sampler._armed_pid == os.getpid(),
         }
         async with _registered(sampler) as request:
             report["driven"] = _loop_state(sampler).driven
-            report["rearmed"] = sampler._armed_pid == os.getpid() and _timer_armed()
+            report["rearmed"] = sampler._armed_pid == os.getpid() and _timer_armed(sampler)
             before = sampler.samples
             _burn_until(lambda: sampler.samples - before >= TICKS)
             report["ticks"] = sampler.samples - before
@@ -585,7 +585,7 @@ async def main():
         else:
             request.closed = True
             sampler.unregister_current(request)
-    report["armed"] = signal.getitimer(signal.ITIMER_PROF)[0] > 0
+    report["armed"] = sampler.timer_armed
     print(json.dumps(report), flush=True)
     if END == "sys-exit":
         sys.exit(0)

@@ -584,6 +584,7 @@ def _sigprof_state() -> dict[str, Any]:
         "handler_is_ours": sampler is not None and handler == sampler._on_sigprof,
         "handler_is_user": handler is user_sigprof_handler,
         "itimer_prof": list(signal.getitimer(signal.ITIMER_PROF)),
+        "timer_armed": bool(sampler is not None and sampler.timer_armed),
         "handler_runs": HANDLER_RUNS[0],
         "user_runs": USER_RUNS[0],
         "user_interval": USER_INTERVAL[0],

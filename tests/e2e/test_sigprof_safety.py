@@ -25,12 +25,14 @@ What is checked, by the brief's numbering:
    after the middleware starts, sentry-sdk's continuous profiler and pyroscope-io in the
    same process.
 
-Three hazards are reproduced; their tests are ``xfail(strict=True)`` (see the reasons;
-``--runxfail`` shows what breaks): the exec'd program inherits the armed ITIMER_PROF and
-dies of SIGPROF; one blocking ``os.write`` to a pipe returns short when the signal
-interrupts it; a user's profiler installed after the middleware, with the same 5 ms
-interval, has its timer disarmed by the middleware. Once one is fixed (or SIGPROF is no
-longer used), its strict xfail turns into a failure: drop the mark then.
+Three hazards were found with ``setitimer(ITIMER_PROF)``: the exec'd program inherited
+the armed timer and died of SIGPROF; a user's profiler installed after the middleware,
+with the same 5 ms interval, had its timer disarmed by the middleware; one blocking
+``os.write`` to a pipe returns short when the signal interrupts it. The middleware's timer
+is now a POSIX timer of its own (``timer_create``, which ``execve`` deletes and which is
+not the process's one ITIMER_PROF): the first two tests pass. The third is what any signal
+does to a blocking write (POSIX): an ``xfail`` (``--runxfail`` shows it), for code that
+ignores ``os.write``'s count.
 """
 
 from __future__ import annotations
@@ -71,23 +73,11 @@ APP = "tests.e2e.sigprof_app:app"
 LOOPS = ["uvloop", "asyncio"]
 SIGPROF_EXIT = -int(getattr(signal, "SIGPROF", 27))  # Popen.returncode of a SIGPROF death
 
-EXEC_HAZARD = (
-    "UNSAFE: an ITIMER_PROF timer survives execve(2) and the new program starts with SIGPROF "
-    "at SIG_DFL (terminate): os.exec* while a request is being profiled kills the new "
-    "program with 'Profiling timer expired'"
-)
 PIPE_HAZARD = (
     "UNSAFE for code that ignores os.write()'s count: a signal handler (even with "
     "SA_RESTART) makes a blocking write of more than PIPE_BUF return short once some bytes "
     "went through; without the SIGPROF ticks the same write returns the whole size"
 )
-SAME_INTERVAL_HAZARD = (
-    "UNSAFE: when a user's SIGPROF handler replaces the middleware's, the middleware's next "
-    "loop tick disarms ITIMER_PROF if its interval equals always_on_interval_ms: a user "
-    "profiler that uses the same interval (5 ms) silently stops receiving ticks"
-)
-
-
 # -- fixtures -------------------------------------------------------------------------------
 
 
@@ -418,17 +408,18 @@ def _exec_program_result(data_dir: Path, report: str) -> tuple[Any, bool, Any]:
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-@pytest.mark.xfail(strict=True, reason=EXEC_HAZARD)
 def test_execv_during_a_profiled_request(tmp_path: Path, loop: str) -> None:
     """The server process execv()s a CPU-busy Python program (1 s of CPU) from a request
-    the middleware is profiling: the program must run and exit 0."""
+    the middleware is profiling: the program must run and exit 0. (Was unsafe: an
+    ITIMER_PROF timer survives execve and the new program died of SIGPROF; the
+    middleware's timer is now a POSIX timer, which execve deletes.)"""
     with _server(tmp_path, loop) as server:
         _call(server, "/spin?ms=20")
         with pytest.raises(httpx.TransportError):  # the process is replaced: no answer
             httpx.get(server.base_url + "/execv?report=execv.json", timeout=30)
         returncode = server.process.wait(30)
         inherited, done, before = _exec_program_result(tmp_path / "data", "execv.json")
-        assert before["itimer_prof"][1] > 0, before  # the timer was armed at exec
+        assert before["handler_is_ours"] and before["timer_armed"], before  # armed at exec
         assert returncode == 0, (
             f"exec'd program exit code {returncode} (-{-SIGPROF_EXIT} = killed by SIGPROF);"
             f" report: {inherited}, state at exec: {before}"
@@ -438,19 +429,20 @@ def test_execv_during_a_profiled_request(tmp_path: Path, loop: str) -> None:
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_execv_during_a_profiled_request_with_the_default_driver(tmp_path: Path, loop: str) -> None:
-    """The package default does not use SIGPROF (the hazard above is why): the same exec
-    from a profiled request, with no arguments about drivers, runs the program to its end."""
+    """The package default, with no argument about drivers: SIGPROF drives the loop, from
+    a POSIX timer of its own (ITIMER_PROF stays untouched), and the exec'd program runs to
+    its end."""
     with _server(tmp_path, loop, SIGPROF_TEST_DRIVER="default") as server:
         state = httpx.get(server.base_url + "/state", timeout=10).json()
-        assert not state["handler_is_ours"], state
+        assert state["handler_is_ours"] and state["driven"], state
         _call(server, "/spin?ms=20")
         with pytest.raises(httpx.TransportError):  # the process is replaced: no answer
             httpx.get(server.base_url + "/execv?report=execv.json", timeout=30)
         returncode = server.process.wait(30)
         inherited, done, before = _exec_program_result(tmp_path / "data", "execv.json")
-        assert before["itimer_prof"] == [0.0, 0.0], before  # no timer armed, ever
+        assert before["timer_armed"] and before["itimer_prof"] == [0.0, 0.0], before
         assert returncode == 0, (returncode, inherited, before)
-        assert done, inherited
+        assert done and inherited["itimer_prof"] == [0.0, 0.0], inherited
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -463,7 +455,7 @@ def test_execv_once_the_server_is_idle(tmp_path: Path, loop: str) -> None:
         _call(server, "/execv?report=idle.json&delay=0.5")
         returncode = server.process.wait(30)
         inherited, done, before = _exec_program_result(tmp_path / "data", "idle.json")
-        assert before["itimer_prof"] == [0.0, 0.0], before
+        assert before["itimer_prof"] == [0.0, 0.0] and not before["timer_armed"], before
         assert returncode == 0, (returncode, inherited, before)
         assert done and inherited["itimer_prof"] == [0.0, 0.0], inherited
 
@@ -629,9 +621,10 @@ def test_a_user_handler_installed_after_takes_over(tmp_path: Path, loop: str) ->
         assert _call(server, "/state")["handler_runs"] == runs
 
 
-@pytest.mark.xfail(strict=True, reason=SAME_INTERVAL_HAZARD)
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_user_handler_installed_after_with_the_same_interval(tmp_path: Path, loop: str) -> None:
+    """Was unsafe with ITIMER_PROF (one per process: ours was theirs): the middleware's
+    timer is now a POSIX timer of its own, and the user's ITIMER_PROF is never touched."""
     with _server(tmp_path, loop) as server:
         seen = _install_after(server, 0.005)
         assert seen["state"]["itimer_prof"][1] == pytest.approx(0.005), seen
