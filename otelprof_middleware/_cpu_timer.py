@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import signal
 import sys
 
@@ -43,7 +42,9 @@ class _ITimerSpec(ctypes.Structure):
 def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
-    for name in (None, ctypes.util.find_library("rt")):  # glibc >= 2.34 has it in libc
+    # glibc >= 2.34 has it in libc itself; older ones in librt. (Not ctypes.util's
+    # find_library: it runs ldconfig in a subprocess.)
+    for name in (None, "librt.so.1"):
         try:
             library = ctypes.CDLL(name, use_errno=True)
             library.timer_create  # noqa: B018  (AttributeError where it is missing)
@@ -65,6 +66,9 @@ def _libc() -> ctypes.CDLL | None:
     return None
 
 
+_LIBC = _libc()
+
+
 def _timespec(seconds: float) -> _TimeSpec:
     whole = int(seconds)
     return _TimeSpec(whole, round((seconds - whole) * 1e9))
@@ -77,7 +81,7 @@ class CPUTimer:
     """
 
     def __init__(self) -> None:
-        self._libc = _libc()
+        self._libc = _LIBC
         self._timer: ctypes.c_void_p | None = None
         self.armed = False
 
