@@ -105,15 +105,25 @@ def log_failure(stage: str, exc: BaseException) -> None:
     if not _due(stage):
         return
     logger.warning(
-        "otelprof: %s failed (%s: %s); the request goes on unprofiled. "
+        "otelprof: %s failed (%s: %s); %s. "
         "Further %s failures are counted and logged at most once per %.0f s.",
         stage,
         type(exc).__name__,
         exc,
+        _consequence(stage),
         stage,
         LOG_INTERVAL_SECONDS,
         exc_info=exc,
     )
+
+
+def _consequence(stage: str) -> str:
+    """What a failure of ``stage`` cost, in the words of the log line."""
+    if stage.startswith(("store.", "writer.", "exporter.")):
+        return "the profile was taken but is not kept; the request was not affected"
+    if stage.startswith("viewer"):
+        return "the viewer answered with an error page; the app was not affected"
+    return "the request goes on unprofiled"
 
 
 @contextmanager
