@@ -84,8 +84,10 @@ def _summary(samples_ns: list[int]) -> dict[str, float]:
 def _cases(async_mode: bool) -> tuple[dict[str, Case], Callable[[], None]]:
     provider = TracerProvider()
     tracer = provider.get_tracer("otelprof-bench")
-    profiled = ProfilerCore(Config.load({}, sample_rate=1.0), store=MemoryStore())
-    unsampled = ProfilerCore(Config.load({}, sample_rate=0.0), store=MemoryStore())
+    profiled = ProfilerCore(
+        Config.load({}, sample_rate=1.0, mode="hook", min_duration_ms=0), store=MemoryStore()
+    )
+    unsampled = ProfilerCore(Config.load({}, sample_rate=0.0, mode="hook"), store=MemoryStore())
     clock = time.perf_counter_ns
 
     def nothing() -> int:
@@ -163,7 +165,9 @@ class _Captured:
 def _profile_of(work_iterations: int) -> tuple[ProfileSummary, Any]:
     """A real (summary, session) from our core, around ``cpu_work(work_iterations)``."""
     provider = TracerProvider()
-    core = ProfilerCore(Config.load({}, sample_rate=1.0), store=MemoryStore())
+    core = ProfilerCore(
+        Config.load({}, sample_rate=1.0, mode="hook", min_duration_ms=0), store=MemoryStore()
+    )
     captured = _Captured()
     core.writer = captured  # type: ignore[assignment]  # only submit() is used
     span = provider.get_tracer("otelprof-bench").start_span("GET /x")
