@@ -372,7 +372,7 @@ class AlwaysOnSampler:
         return True
 
     def _drive(self, state: _LoopState) -> None:
-        if self._armed_pid != _pid():
+        if self._armed_pid != _pid() or not self._cpu_timer.armed:
             self._arm()
         if not state.ticking:
             self._wake_thread()  # the watchdog
@@ -459,8 +459,10 @@ class AlwaysOnSampler:
             # (skipped when a SIGPROF tick was recent: a busy loop gets those)
             if state.requests and time.perf_counter() - self._last_tick >= 0.75 * self.interval:
                 self._tick(None, None)
-            if self._armed_pid != _pid() or (
-                self._cpu_timer.survives_exec and signal.getitimer(signal.ITIMER_PROF)[0] == 0
+            if (
+                self._armed_pid != _pid()
+                or not self._cpu_timer.armed  # (disarmed by ``disarm_all``)
+                or (self._cpu_timer.survives_exec and signal.getitimer(signal.ITIMER_PROF)[0] == 0)
             ):
                 self._arm()  # (other code may have set the shared ITIMER_PROF to zero)
             state.loop.call_later(self._next_interval(), self._loop_tick, state, context=_EMPTY)

@@ -15,7 +15,7 @@ import ctypes
 import signal
 import sys
 
-__all__ = ["CPUTimer"]
+__all__ = ["CPUTimer", "disarm_all"]
 
 _CLOCK_PROCESS_CPUTIME_ID = 2
 _SIGEV_SIGNAL = 0
@@ -67,6 +67,14 @@ def _libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _libc()
+_armed: set[CPUTimer] = set()  # this process's armed timers (a fork child has none)
+
+
+def disarm_all() -> None:
+    """Disarm every armed timer of this process, as ``setitimer(ITIMER_PROF, 0)`` does for
+    the one interval timer (tests, and anything about to restore SIGPROF's default)."""
+    for timer in list(_armed):
+        timer.disarm()
 
 
 def _timespec(seconds: float) -> _TimeSpec:
@@ -99,6 +107,7 @@ class CPUTimer:
         if self._libc is None:
             signal.setitimer(signal.ITIMER_PROF, interval, interval)
             self.armed = True
+            _armed.add(self)
             return
         if self._timer is None:
             event = _SigEvent()
@@ -114,10 +123,12 @@ class CPUTimer:
         if self._libc.timer_settime(self._timer, 0, ctypes.byref(spec), None):
             raise OSError(ctypes.get_errno(), "timer_settime failed")
         self.armed = True
+        _armed.add(self)
 
     def disarm(self) -> None:
         """Stop the signal (and free the POSIX timer). Never raises."""
         self.armed = False
+        _armed.discard(self)
         if self._libc is None:
             with contextlib.suppress(ValueError, OSError):
                 signal.setitimer(signal.ITIMER_PROF, 0)
@@ -131,3 +142,4 @@ class CPUTimer:
         if self._libc is not None:
             self._timer = None
             self.armed = False
+            _armed.discard(self)

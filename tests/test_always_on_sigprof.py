@@ -34,6 +34,7 @@ from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
 from otelprof_middleware import _failsafe
 from otelprof_middleware._always_on import AlwaysOnSampler, _LoopState
+from otelprof_middleware._cpu_timer import disarm_all
 from otelprof_middleware._session import RequestProfile, current_request
 
 pytestmark = pytest.mark.skipif(
@@ -88,6 +89,7 @@ def _quiet_sigprof() -> None:
     """Disarm ITIMER_PROF with a harmless handler in place, so nothing pending is lost."""
     signal.signal(signal.SIGPROF, _absorb)
     signal.setitimer(signal.ITIMER_PROF, 0)
+    disarm_all()  # every sampler's own POSIX timer, the process singleton's included
     _settle()
 
 
@@ -97,6 +99,7 @@ def sigprof() -> Iterator[None]:
     previous = signal.getsignal(signal.SIGPROF)
     signal.signal(signal.SIGPROF, _absorb)
     timer = signal.setitimer(signal.ITIMER_PROF, 0)
+    disarm_all()  # a timer left armed by an earlier test's sampler must not tick into ours
     _settle()
     signal.signal(signal.SIGPROF, signal.SIG_DFL)
     try:
