@@ -52,7 +52,7 @@ from typing import Any
 
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
-from ._cpu_timer import CPUTimer
+from ._cpu_timer import CPUTimer, disarm_all
 from ._failsafe import count
 from ._frames import ON_CLEAR, frame_identifier, frame_stack
 from ._session import RequestProfile, current_request
@@ -369,6 +369,7 @@ class AlwaysOnSampler:
         except (ValueError, OSError):
             return False
         self._handler_installed = True
+        _guard_sigprof_changes()
         return True
 
     def _drive(self, state: _LoopState) -> None:
@@ -832,6 +833,34 @@ def _cpu_seconds(clock: int | None) -> float | None:
 
 
 _PROCESS = [os.getpid()]  # this process's id, kept current across fork (no syscall)
+
+
+_guarded = False
+
+
+def _guard_sigprof_changes() -> None:
+    """Disarm our timers before any ``signal.signal(SIGPROF, ...)`` that is not ours.
+
+    Our SIGPROF comes from POSIX timers of our own; code that sets ``SIG_DFL`` (or its
+    own handler) before the loop's next tick noticed would otherwise get a tick of ours,
+    and SIGPROF's default action ends the process. (A C extension calling
+    ``sigaction`` directly is not seen; the loop's tick still hands over within an
+    interval.)
+    """
+    global _guarded
+    if _guarded:
+        return
+    _guarded = True
+    original = signal.signal
+
+    def guarded_signal(signalnum: Any, handler: Any) -> Any:
+        if signalnum == signal.SIGPROF and not isinstance(
+            getattr(handler, "__self__", None), AlwaysOnSampler
+        ):
+            disarm_all()
+        return original(signalnum, handler)
+
+    signal.signal = guarded_signal
 
 
 def _pid() -> int:

@@ -634,3 +634,45 @@ def test_exit_never_dies_of_an_armed_profiling_timer() -> None:
         assert report["samples"] >= 3, (case, report)
         if case[2] != "finish":
             assert report["armed"] is True, (case, report)  # the timer was armed at exit
+
+
+_RESET_SCRIPT = """
+import asyncio, signal, time
+from otelprof_middleware._always_on import AlwaysOnSampler
+from otelprof_middleware._session import RequestProfile, current_request
+
+sampler = AlwaysOnSampler(0.005)
+
+async def main():
+    request = RequestProfile(
+        interval=0.005, max_samples=1000, start_call_stack=[], continuous=True
+    )
+    current_request.set(request)
+    sampler.register_current(request)
+    end = time.process_time() + 0.05
+    while time.process_time() < end:
+        sum(range(50))
+    armed = sampler.timer_armed
+    signal.signal(signal.SIGPROF, signal.SIG_DFL)  # another tool resets it, at once
+    disarmed = not sampler.timer_armed
+    end = time.process_time() + 0.3  # 60 intervals of CPU: a tick would end the process
+    while time.process_time() < end:
+        sum(range(50))
+    print(armed, disarmed)
+
+asyncio.run(main())
+"""
+
+
+def test_sigprof_reset_to_default_never_kills_the_process() -> None:
+    """SIGPROF's default action ends the process: code that resets it while our timer is
+    armed (before the loop's next tick noticed) must not get a tick of ours."""
+    result = subprocess.run(
+        [sys.executable, "-c", _RESET_SCRIPT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert result.stdout.split() == ["True", "True"], result.stdout
