@@ -578,3 +578,21 @@ async def test_viewer_app_decides_by_the_peer_address(
     assert response.status_code == status
     if status == 200:
         assert response.json() == {"profiles": []}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://profiles.db",
+        "redis://127.0.0.1:notaport/0",
+        "redis://127.0.0.1:6379/0?ttl=abc",
+        "redis://127.0.0.1:6379/0?bogus_opt=1",
+    ],
+)
+def test_ls_with_a_malformed_store_url_is_bad_usage(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    """A store URL that can never work is bad usage (2), found before any connection."""
+    code, _, err = run(capsys, "ls", "--store", url)
+    assert code == 2, err
+    assert "OTELPROF_STORE" in err
