@@ -253,15 +253,16 @@ class ThreadSampler:
     Only ever touched from its own thread (``acquire``/``release`` run where the
     request runs), so it needs no lock.
 
-    The hook is never removed while pyinstrument's C hook is running it for a
-    ``context_changed`` event: the C code goes on using its state after that call, and
-    removing the hook frees that state (a use-after-free: crashes, or pyinstrument's
-    "failed to get value of the context var" raised into the app's own frames). The way
-    in is a finalizer: the garbage collector, run by an allocation inside the C hook,
-    closes a response the client never closed, and that ends its profile. So a release
-    from a finalizer, during a collection or inside our callback only counts the user
-    out; the hook then removes itself at its next plain sample, after which the C code
-    touches nothing.
+    The hook is never removed from inside pyinstrument's C hook, not even from our own
+    callback: removing it frees state the C code may still use (a use-after-free:
+    segfaults, or pyinstrument's "failed to get value of the context var" raised into the
+    app's own frames; under load, about 1 Flask test-client run in 6 before, none in 30
+    after). The ways in are our callback and finalizers: the garbage collector, run by an
+    allocation inside the C hook, collects a response the client never closed, and that
+    ends its profile. So a release from a finalizer, during a collection or inside our
+    callback only counts the user out, and an unused hook stays installed, sampling
+    nothing, until this thread's next profiled request replaces it or releases it from
+    its own code.
     """
 
     __slots__ = ("_in_event", "_last", "_ticking", "interval", "thread_id", "users")
@@ -327,7 +328,8 @@ class ThreadSampler:
         """Remove the hook when the last profiled request on this thread ends.
 
         From a finalizer, during a garbage collection or inside the hook's own callback,
-        the removal is left to the hook's next plain sample (see the class docstring).
+        the hook is left installed, unused, until the next request on this thread (see
+        the class docstring).
         """
         self.users -= 1
         if self.users <= 0:
@@ -341,9 +343,7 @@ class ThreadSampler:
         self._in_event = True  # (CPython never re-enters a profile function)
         try:
             if self.users <= 0:  # the last request ended elsewhere, or inside a callback
-                if event != "context_changed":  # the C hook's last use of its state
-                    setstatprofile(None)
-                return
+                return  # removed at a safe point of ours (see the class docstring)
             now = time.perf_counter()
             elapsed = now - self._last
             self._last = now

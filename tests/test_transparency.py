@@ -86,10 +86,11 @@ def test_flask_client_reused_with_unclosed_responses(mode: str) -> None:
     var", 400 turned 404: the hook removed inside pyinstrument's C callback)."""
     baseline = run_script(FLASK_CLIENT_REUSED, "none")
     assert baseline.returncode == 0, baseline.stderr
-    result = run_script(FLASK_CLIENT_REUSED, mode)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout == baseline.stdout
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for _ in range(3):  # the crash it guards against was intermittent
+        result = run_script(FLASK_CLIENT_REUSED, mode)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout == baseline.stdout
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 EXIT_WITH_UNCLOSED_WSGI = """

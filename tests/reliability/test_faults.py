@@ -100,8 +100,11 @@ def test_hook_removal_raising(
         assert logged_stages(caplog) == ["profiler.stop"]
         # The profile is still kept: stopping failed, not the request's samples.
         assert len(harness.current_store().list()) == len(BATCH)
-        assert seen.get("failed.sample", 0) >= 1  # the orphaned hook tried to remove itself
-    assert_profiling_resumes(harness)  # ... and, once it can, it is gone
+        # The orphaned hook stays (it never removes itself from inside pyinstrument's
+        # callback: that freed state the C code still used); it samples nothing.
+        assert seen.get("failed.sample", 0) == 0
+        assert harness.hook_left()
+    assert_profiling_resumes(harness)  # ... and, once removing works, it is gone
 
 
 def test_release_raising_is_counted_and_profiling_resumes(
