@@ -113,6 +113,11 @@ def load_config(settings: Mapping[str, object], *, has_store: bool) -> Config:
     return config
 
 
+def _resolved(value: str | Callable[[], str]) -> str:
+    """``value``, or what it returns when it is a function (worked out only when needed)."""
+    return value() if callable(value) else value
+
+
 def normalise_method(method: str) -> str:
     """The request method, or ``_OTHER`` as OTel's semantic conventions spell unknown ones."""
     return method if method in _KNOWN_METHODS else "_OTHER"
@@ -343,7 +348,7 @@ class ProfilerCore:
         if not self.stop(active):
             return
         policy = self.keep_policy
-        route_name = "" if not policy.needs_route else (route() if callable(route) else route)
+        route_name = _resolved(route) if policy.needs_route else ""
         reason = policy.reason(
             route=route_name,
             duration=active.duration,
@@ -356,12 +361,12 @@ class ProfilerCore:
             _count_discarded()
             return
         if not policy.needs_route:
-            route_name = route() if callable(route) else route
+            route_name = _resolved(route)
         self.keep(
             active,
             status_code=status_code,
             route=route_name,
-            base_url=base_url() if callable(base_url) else base_url,
+            base_url=_resolved(base_url),
             reason=reason,
         )
 
@@ -384,10 +389,12 @@ class ProfilerCore:
                 try:
                     hook.release(from_finalizer=from_finalizer)
                 except Exception:
-                    if hook.users == users:  # failed before giving its user back: do it,
-                        hook.users = max(0, users - 1)  # the hook then removes itself
+                    # Failed before giving its user back: do it. The unused hook goes at
+                    # the next acquire or release on this thread.
+                    if hook.users == users:
+                        hook.users = max(0, users - 1)
                     raise
-            else:  # finished elsewhere: the hook removes itself on that thread's next event
+            else:  # finished elsewhere: the unused hook goes with that thread's next request
                 hook.users -= 1
         except Exception as exc:
             log_failure("profiler.stop", exc)

@@ -281,7 +281,7 @@ class ThreadSampler:
         if self.users > 1:
             return
         # ``users`` is counted first: the hook may fire as soon as it is installed, and
-        # a hook that sees no users removes itself.
+        # a hook that sees no users records nothing.
         self._last = time.perf_counter()
         try:
             if _on_event_loop():

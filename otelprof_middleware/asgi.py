@@ -242,6 +242,14 @@ add_stem_marker(ProfilingMiddleware.__call__.__code__)
 _PASS, _VIEWER, _OPEN_SPAN = object(), object(), object()
 
 
+def _is_last(message: Message) -> bool:
+    """The response's last message: the server span ends right after it."""
+    kind = message["type"]
+    return (
+        kind == "http.response.body" and not message.get("more_body", False)
+    ) or kind == "http.response.pathsend"
+
+
 def _entered_own_span(exc: BaseException) -> bool:
     """True when ``exc`` came through the app (its traceback passes ``_in_own_span``)."""
     code = ProfilingMiddleware._in_own_span.__code__
@@ -304,10 +312,7 @@ class _NamingSend:
 
     def __call__(self, message: Message) -> Awaitable[None]:
         try:
-            kind = message["type"]
-            if (
-                kind == "http.response.body" and not message.get("more_body", False)
-            ) or kind == "http.response.pathsend":
+            if _is_last(message):
                 scope = self._scope
                 method = normalise_method(scope.get("method", ""))
                 name_by_route(self._span, method, route_template(scope, for_span=True))
@@ -325,7 +330,7 @@ class _ProfiledSend:
     goes on to the server as the app sent it.
     """
 
-    __slots__ = ("_active", "_finished", "_middleware", "_scope", "_send", "failed", "status_code")
+    __slots__ = ("_active", "_middleware", "_scope", "_send", "failed", "status_code")
 
     def __init__(
         self, middleware: ProfilingMiddleware, active: ActiveProfile, scope: Scope, send: Send
@@ -334,19 +339,14 @@ class _ProfiledSend:
         self._active = active
         self._scope = scope
         self._send = send
-        self._finished = False
         self.failed = False  # the app raised
         self.status_code = 500  # until the app sends http.response.start
 
     def __call__(self, message: Message) -> Awaitable[None]:
         try:
-            kind = message["type"]
-            if kind == "http.response.start":
+            if message["type"] == "http.response.start":
                 self.status_code = message["status"]
-            elif (
-                kind == "http.response.body" and not message.get("more_body", False)
-            ) or kind == "http.response.pathsend":
-                # The server span ends right after this message: link it first.
+            elif _is_last(message):  # the server span ends right after it: link it first
                 self._stop_and_keep()
         except Exception as exc:
             log_failure("adapter", exc)
@@ -361,9 +361,7 @@ class _ProfiledSend:
         return self._middleware._route(self._scope, self._active)
 
     def _stop_and_keep(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
+        # (the core stops a profile once: a second call returns at once)
         try:
             self._middleware.core.finish(
                 self._active,

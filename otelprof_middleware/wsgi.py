@@ -132,8 +132,8 @@ class WSGIProfilingMiddleware:
         the body's iteration, in a generator that the garbage collector closes, in
         whatever context it runs then, when a client never closes the response (test
         clients); that logs errors and has crashed CPython 3.11. The span's context is
-        current exactly while the app is called, and the span ends at the body's
-        ``close()`` (or when the body is collected unclosed).
+        current exactly while the app is called, and the span ends when the body is
+        exhausted or closed (or collected unused).
         """
         try:
             span = self._tracer.start_span(
@@ -189,32 +189,27 @@ class WSGIProfilingMiddleware:
                 self._core.link(active, response.base_url)  # made only if a log asks
         except Exception as exc:
             log_failure("profiler.start", exc)
+        on_end: Callable[[], None] | None = end_span
+        on_abandon = end_span
         if response is None:
             body = self.app(environ, start_response)
-            if end_span is None:
-                return body
-            if _is_file_wrapper(body, environ):
-                end_span()
-                return body
-            return _ClosingBody(body, end_span, end_span)
-        try:
-            body = self.app(environ, response.start_response)
-        except BaseException as error:
-            response.failed = isinstance(error, Exception)
-            response.finish()
-            raise
+        else:
+            try:
+                body = self.app(environ, response.start_response)
+            except BaseException as error:
+                response.failed = isinstance(error, Exception)
+                response.finish()
+                raise
+            on_end = response.finish if end_span is None else _both(response.finish, end_span)
+            on_abandon = response.abandon if end_span is None else _both(response.abandon, end_span)
+        if on_end is None or on_abandon is None:
+            return body
         if _is_file_wrapper(body, environ):
             # The server's own file transfer (sendfile) runs no app code: the profile and
             # the span end here, and the server still sees its file wrapper.
-            response.finish()
-            if end_span is not None:
-                end_span()
+            on_end()
             return body
-        if end_span is None:
-            return _ClosingBody(body, response.finish, response.abandon)
-        return _ClosingBody(
-            body, _both(response.finish, end_span), _both(response.abandon, end_span)
-        )
+        return _ClosingBody(body, on_end, on_abandon)
 
     def _base_url(self, environ: WSGIEnvironment) -> str:
         host = safe_host(environ.get("HTTP_HOST")) or safe_host(
