@@ -31,20 +31,27 @@ from __future__ import annotations
 import gzip
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 from pyinstrument.frame_info import ATTRIBUTES_SEP, IDENTIFIER_SEP
 from pyinstrument.session import Session
 
-from .._background import BatchingThread
-from .._failsafe import count, fail_open, log_failure
+from .._failsafe import count, fail_open
 from .._record import ProfileSummary
 from .._span import PYROSCOPE_PROFILE_ID
-from . import SpanFacts
+from ._http import ExportError, HttpExporter, QueuedProfile
 
-__all__ = ["PyroscopeExporter", "QueuedProfile", "encode_pprof", "ingest_name"]
+__all__ = [
+    "PyroscopeError",
+    "PyroscopeExporter",
+    "QueuedProfile",
+    "encode_pprof",
+    "ingest_name",
+]
+
+PyroscopeError = ExportError
+"""Pyroscope answered with an error status (the shared :class:`ExportError`)."""
 
 SPY_NAME = "otelprof"
 """``spyName`` sent with each profile; becomes Pyroscope's ``pyroscope_spy`` label."""
@@ -55,20 +62,7 @@ SAMPLE_TYPE = ("wall", "nanoseconds")
 _APP_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-/")
 
 
-class PyroscopeError(RuntimeError):
-    """Pyroscope answered with an error status."""
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedProfile:
-    """One kept profile waiting for export: its index fields, session and span facts."""
-
-    summary: ProfileSummary
-    session: Session
-    span: SpanFacts
-
-
-class PyroscopeExporter(BatchingThread):
+class PyroscopeExporter(HttpExporter):
     """Sends each kept profile to a Pyroscope server's ``/ingest`` endpoint.
 
     Off by default; turned on by ``OTELPROF_PYROSCOPE_URL`` (``pyroscope_url=``).
@@ -110,9 +104,9 @@ class PyroscopeExporter(BatchingThread):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("the Pyroscope URL must be an absolute http(s) URL")
-        self._auth: tuple[str, str] | None = None
+        auth: tuple[str, str] | None = None
         if parts.username is not None:
-            self._auth = (unquote(parts.username), unquote(parts.password or ""))
+            auth = (unquote(parts.username), unquote(parts.password or ""))
         netloc = parts.netloc.rsplit("@", 1)[-1]
         self.ingest_url = urlunsplit(
             (parts.scheme, netloc, parts.path.rstrip("/") + "/ingest", "", "")
@@ -121,54 +115,20 @@ class PyroscopeExporter(BatchingThread):
         if tenant_id:
             self._headers["X-Scope-OrgID"] = tenant_id
         self._service_name = service_name or "unknown_service"
-        self._timeout = timeout
-        self._transport = transport
-        self._closed = False
-        self._client: httpx.Client | None = None  # the thread's, made on first send
-        super().__init__("otelprof-pyroscope", queue_size, batch_size)
+        # Not retried: the profile is in otelprof's own store anyway.
+        super().__init__(
+            thread_name="otelprof-pyroscope",
+            prefix="pyroscope",
+            queue_size=queue_size,
+            batch_size=batch_size,
+            timeout=timeout,
+            transport=transport,
+            auth=auth,
+        )
 
     def span_attributes(self, summary: ProfileSummary) -> Mapping[str, str]:
         """``{"pyroscope.profile.id": <span id>}``: what Grafana's span query selects."""
         return {PYROSCOPE_PROFILE_ID: summary.span_id}
-
-    def submit(self, summary: ProfileSummary, session: Session, span: SpanFacts) -> bool:
-        """Queue a kept profile; never blocks. False (and counted) when it was dropped."""
-        if self._closed:
-            count("pyroscope.dropped.closed")
-            return False
-        if not self.offer(QueuedProfile(summary, session, span)):
-            count("pyroscope.dropped.queue_full")
-            return False
-        return True
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued, then stop the thread; later submits are dropped."""
-        self._closed = True
-        super().close(timeout)
-
-    def _process(self, items: list[object]) -> None:
-        """Push one batch (grouped by service); a failure is counted, never raised."""
-        profiles = [item for item in items if isinstance(item, QueuedProfile)]
-        try:
-            if self._client is None:
-                # httpx's default trust_env: HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE
-                # apply, as egress to a hosted Pyroscope often needs.
-                self._client = httpx.Client(
-                    timeout=self._timeout, transport=self._transport, auth=self._auth
-                )
-            self._send(self._client, profiles)
-        except Exception as exc:  # the thread must outlive any failure
-            count("pyroscope.failed", len(profiles))
-            log_failure("pyroscope.push", exc)
-
-    def _start(self) -> None:
-        self._client = None  # a forked child's thread must not share the parent's pool
-        super()._start()
-
-    def _thread_exit(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
 
     def _send(self, client: httpx.Client, items: Sequence[QueuedProfile]) -> None:
         groups: dict[str, list[QueuedProfile]] = {}
@@ -192,16 +152,11 @@ class PyroscopeExporter(BatchingThread):
                 "spyName": SPY_NAME,
             }
             try:
-                response = client.post(
-                    self.ingest_url, params=params, content=body, headers=self._headers
+                self._post(
+                    client, self.ingest_url, params=params, content=body, headers=self._headers
                 )
-                if response.status_code >= 300:
-                    raise PyroscopeError(
-                        f"HTTP {response.status_code}: {response.text[:200].strip()}"
-                    )
             except Exception as exc:
-                count("pyroscope.failed", len(group))
-                log_failure("pyroscope.push", exc)
+                self._failed(len(group), exc)
             else:
                 count("pyroscope.exported", len(group))
 
