@@ -72,8 +72,8 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """The wait after failed attempt number ``attempt`` (1-based), jitter included."""
-        step = min(self.max_backoff, self.initial_backoff * (2 ** (attempt - 1)))
-        return step * random.uniform(0.5, 1.0)
+        step = min(self.max_backoff, self.initial_backoff * 2.0 ** (attempt - 1))
+        return float(step * random.uniform(0.5, 1.0))
 
 
 NO_RETRIES = RetryPolicy()

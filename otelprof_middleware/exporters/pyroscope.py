@@ -34,13 +34,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
-from pyinstrument.frame_info import ATTRIBUTES_SEP, IDENTIFIER_SEP
 from pyinstrument.session import Session
 
 from .._failsafe import count, fail_open
 from .._record import ProfileSummary
 from .._span import PYROSCOPE_PROFILE_ID
 from ._http import ExportError, HttpExporter, QueuedProfile
+from ._stacks import frame_parts
 
 __all__ = [
     "PyroscopeError",
@@ -233,31 +233,26 @@ class _PprofBuilder:
             self.samples[key] = self.samples.get(key, 0) + nanoseconds
 
     def _location(self, session: Session, frame_info: str) -> int:
-        identifier, _, attributes = frame_info.partition(ATTRIBUTES_SEP)
-        parts = identifier.split(IDENTIFIER_SEP)
-        name = parts[0] or "<unknown>"
-        path = parts[1] if len(parts) > 1 else ""
-        first_line = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
-        line = first_line
-        for attribute in attributes.split(ATTRIBUTES_SEP) if attributes else ():
-            if attribute[:1] == "c" and len(attribute) > 1:
-                name = f"{attribute[1:]}.{name}"
-            elif attribute[:1] == "l" and attribute[1:].isdigit():
-                line = int(attribute[1:])
-        key = (name, path, first_line)
+        frame = frame_parts(frame_info)
+        key = (frame.name, frame.path, frame.first_line)
         function = self.functions.get(key)
         if function is None:
-            shown = f"{name} ({session.shorten_path(path)}:{first_line})" if path else name
+            shown = (
+                f"{frame.name} ({session.shorten_path(frame.path)}:{frame.first_line})"
+                if frame.path
+                else frame.name
+            )
             function = self.functions[key] = len(self.function_rows) + 1
             self.function_rows.append(
                 (
                     function,
                     self.string(shown),
-                    self.string(parts[0] or name),
-                    self.string(path),
-                    first_line,
+                    self.string(frame.bare_name or frame.name),
+                    self.string(frame.path),
+                    frame.first_line,
                 )
             )
+        line = frame.line
         location_key = (function, line)
         location = self.locations.get(location_key)
         if location is None:
