@@ -56,6 +56,9 @@ class ProfileSummary:
     # Why the profile was kept: "slow", "error", "triggered", "min_duration", or ""
     # (unknown: stored by an older version).
     kept_reason: str = ""
+    # The ``service.name`` of the service that served the request, so a store shared by
+    # several services can show one trace across them; "" when stored by an older version.
+    service: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The summary as a JSON-ready dict (the viewer's ``?format=json`` row, minus ``url``)."""
@@ -71,6 +74,7 @@ class ProfileSummary:
             "mode": self.mode,
             "interval_ms": self.interval_ms,
             "kept_reason": self.kept_reason,
+            "service": self.service,
         }
 
 

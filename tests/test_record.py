@@ -33,7 +33,9 @@ def test_kept_reason_follows_interval_ms() -> None:
 
 
 def test_to_json_has_every_field() -> None:
-    summary = _summary(sample_count=9, mode="always_on", interval_ms=5.0, kept_reason="slow")
+    summary = _summary(
+        sample_count=9, mode="always_on", interval_ms=5.0, kept_reason="slow", service="api"
+    )
     data = summary.to_json()
     assert data == {
         "trace_id": "1" * 32,
@@ -47,7 +49,9 @@ def test_to_json_has_every_field() -> None:
         "mode": "always_on",
         "interval_ms": 5.0,
         "kept_reason": "slow",
+        "service": "api",
     }
     assert set(data) == {f.name for f in dataclasses.fields(ProfileSummary)}
     assert json.loads(json.dumps(data)) == data
     assert _summary().to_json()["kept_reason"] == ""
+    assert _summary().to_json()["service"] == ""

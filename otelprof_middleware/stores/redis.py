@@ -85,8 +85,9 @@ _INSTALL_HINT = "the redis store needs redis-py: pip install otelprof-middleware
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
 # ``route`` last: the page script joins the fields with _SEP, and only the last field
-# may then contain _SEP itself. ``kept_reason`` is missing from hashes written by older
-# versions: it reads as "" (an HMGET nil, which the page script turns into "").
+# may then contain _SEP itself. ``kept_reason`` and ``service`` are missing from hashes
+# written by older versions: they read as "" (an HMGET nil, which the page script turns
+# into "").
 _SUMMARY_FIELDS = (
     "method",
     "status_code",
@@ -96,6 +97,7 @@ _SUMMARY_FIELDS = (
     "mode",
     "interval_ms",
     "kept_reason",
+    "service",
     "seq",
     "route",
 )
@@ -160,7 +162,7 @@ local function totals()
 end
 """
 
-# ARGV: prefix, ttl_ms, max_profiles, max_bytes, then 13 fields per record.
+# ARGV: prefix, ttl_ms, max_profiles, max_bytes, then 14 fields per record.
 _LUA_PUT = (
     _LUA_COMMON
     + """
@@ -172,17 +174,19 @@ purge(now, """
     + str(_PURGE_BATCH)
     + """)
 local expire_at = string.format('%.0f', now + ttl_ms)
-for i = 5, #ARGV, 13 do
+for i = 5, #ARGV, 14 do
   local trace, span, method, route = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local status, duration, start = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local samples, mode, interval = ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
-  local kept_reason, size, payload = ARGV[i + 10], ARGV[i + 11], ARGV[i + 12]
+  local kept_reason, service = ARGV[i + 10], ARGV[i + 11]
+  local size, payload = ARGV[i + 12], ARGV[i + 13]
   local id = trace .. ':' .. span
   remove(id)
   local key = P .. 'p:' .. id
   redis.call('HSET', key, 'method', method, 'route', route, 'status_code', status,
              'duration_ms', duration, 'start_time', start, 'sample_count', samples,
-             'mode', mode, 'interval_ms', interval, 'kept_reason', kept_reason, 'size', size,
+             'mode', mode, 'interval_ms', interval, 'kept_reason', kept_reason, 'service', service,
+             'size', size,
              'seq', redis.call('INCR', P .. 'seq'))
   redis.call('PEXPIREAT', key, expire_at)
   local payload_key = P .. 'b:' .. id
@@ -509,6 +513,7 @@ class RedisStore:
                 s.mode,
                 repr(float(s.interval_ms)),
                 s.kept_reason,
+                s.service.replace("\x1f", " "),  # the page script's field separator
                 str(record.size),
                 record.payload,
             ]
@@ -727,7 +732,8 @@ def _parse_summary(id_: str, values: Sequence[Any]) -> tuple[ProfileSummary, int
     the hash is gone."""
     if not values or values[0] is None:
         return None
-    method, status, duration, start, samples, mode, interval, kept_reason, seq, route = values[:10]
+    method, status, duration, start, samples, mode, interval, kept_reason, service = values[:9]
+    seq, route = values[9:11]
     trace_id, _, span_id = id_.partition(":")
     summary = ProfileSummary(
         trace_id=trace_id,
@@ -741,6 +747,7 @@ def _parse_summary(id_: str, values: Sequence[Any]) -> tuple[ProfileSummary, int
         mode=_text(mode),
         interval_ms=float(interval),
         kept_reason=_text(kept_reason) if kept_reason is not None else "",
+        service=_text(service) if service is not None else "",
     )
     return summary, int(seq)
 

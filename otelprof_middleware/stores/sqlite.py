@@ -44,6 +44,7 @@ _SCHEMA = (
         mode TEXT NOT NULL,
         interval_ms REAL NOT NULL,
         kept_reason TEXT NOT NULL DEFAULT '',
+        service TEXT NOT NULL DEFAULT '',
         size INTEGER NOT NULL,
         payload BLOB NOT NULL,
         PRIMARY KEY (trace_id, span_id)
@@ -84,18 +85,21 @@ _SCHEMA = (
 # backward compatible (older versions name their columns and get the default), so old
 # and new worker processes can share one file during a rolling deploy. In such a file
 # the column comes after ``payload``; a fresh file has it before ``payload``.
-_ADDED_COLUMNS = (("kept_reason", "TEXT NOT NULL DEFAULT ''"),)
+_ADDED_COLUMNS = (
+    ("kept_reason", "TEXT NOT NULL DEFAULT ''"),
+    ("service", "TEXT NOT NULL DEFAULT ''"),
+)
 
 _SUMMARY_COLUMNS = (
     "trace_id, span_id, method, route, status_code, duration_ms, start_time, "
-    "sample_count, mode, interval_ms, kept_reason"
+    "sample_count, mode, interval_ms, kept_reason, service"
 )
-_PAYLOAD_INDEX = 11  # of payload, after _SUMMARY_COLUMNS in get()'s SELECT
+_PAYLOAD_INDEX = 12  # of payload, after _SUMMARY_COLUMNS in get()'s SELECT
 
 _INSERT = (
     "INSERT INTO profiles (trace_id, span_id, start_time, method, route, status_code, "
-    "duration_ms, sample_count, mode, interval_ms, kept_reason, size, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "duration_ms, sample_count, mode, interval_ms, kept_reason, service, size, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 # Stores alive in this process, so a forked child can drop their inherited connections.
@@ -506,6 +510,7 @@ def _row(record: ProfileRecord) -> tuple[Any, ...]:
         s.mode,
         s.interval_ms,
         s.kept_reason,
+        s.service,
         record.size,
         record.payload,
     )
@@ -524,4 +529,5 @@ def _summary(row: Sequence[Any]) -> ProfileSummary:
         mode=row[8],
         interval_ms=row[9],
         kept_reason=row[10],
+        service=row[11],
     )

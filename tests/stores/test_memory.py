@@ -227,3 +227,24 @@ def test_close_is_idempotent_and_keeps_records() -> None:
     store.close()
     store.close()
     assert store.stats() == (1, 100)
+
+
+def test_one_trace_across_services_memory() -> None:
+    store = MemoryStore()
+    # Two services sharing the store served spans of one trace: get(trace_id) returns
+    # every span of it, each with its service, newest first; other traces stay apart.
+    trace_id = f"{77:032x}"
+    a = _record(1, trace_id=trace_id, service="frontend", kept_reason="slow")
+    b = _record(2, trace_id=trace_id, service="pricing\u00e9", route="/price")
+    other = _record(3, service="frontend")
+    for record in (a, other, b):
+        store.put(record)
+
+    assert store.get(trace_id) == [b, a]
+    assert [r.summary.service for r in store.get(trace_id)] == ["pricing\u00e9", "frontend"]
+    assert store.get(trace_id, a.summary.span_id) == [a]
+    assert store.get(other.summary.trace_id) == [other]
+    assert [s.service for s in store.list()] == ["frontend", "pricing\u00e9", "frontend"]
+    assert store.list(route="/price") == [b.summary]
+    assert store.delete(trace_id) == 2
+    assert store.get(trace_id) == []

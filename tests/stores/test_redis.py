@@ -335,10 +335,10 @@ def test_a_hash_of_an_older_version_reads_kept_reason_empty(
     store.put(other_route)
     for record in (old, other_route):  # turn them into hashes an older version wrote
         key = f"{prefix}p:{record.summary.trace_id}:{record.summary.span_id}"
-        raw.hdel(key, "kept_reason")
+        raw.hdel(key, "kept_reason", "service")
         assert {f.decode() for f in raw.hkeys(key)} == _OLD_HASH_FIELDS
 
-    assert store.get(old.summary.trace_id) == [old]  # kept_reason "" (the default)
+    assert store.get(old.summary.trace_id) == [old]  # kept_reason, service "" (the default)
     assert store.get(old.summary.trace_id, old.summary.span_id)[0].summary.kept_reason == ""
     assert store.get(new.summary.trace_id) == [new]
     # list() reads the hashes through the page script, in every walk.
@@ -871,3 +871,23 @@ def test_middleware_fails_open_while_redis_is_down_and_resumes(
     finally:
         app.core.writer.close()
         store.close()
+
+
+def test_one_trace_across_services_redis(store: RedisStore) -> None:
+    # Two services sharing the store served spans of one trace: get(trace_id) returns
+    # every span of it, each with its service, newest first; other traces stay apart.
+    trace_id = f"{77:032x}"
+    a = _record(1, trace_id=trace_id, service="frontend", kept_reason="slow")
+    b = _record(2, trace_id=trace_id, service="pricing\u00e9", route="/price")
+    other = _record(3, service="frontend")
+    for record in (a, other, b):
+        store.put(record)
+
+    assert store.get(trace_id) == [b, a]
+    assert [r.summary.service for r in store.get(trace_id)] == ["pricing\u00e9", "frontend"]
+    assert store.get(trace_id, a.summary.span_id) == [a]
+    assert store.get(other.summary.trace_id) == [other]
+    assert [s.service for s in store.list()] == ["frontend", "pricing\u00e9", "frontend"]
+    assert store.list(route="/price") == [b.summary]
+    assert store.delete(trace_id) == 2
+    assert store.get(trace_id) == []

@@ -534,7 +534,7 @@ def test_fresh_file_keeps_payload_the_last_column(store: SQLiteStore, db_path: P
         columns = [row[1] for row in conn.execute("PRAGMA table_info(profiles)")]
     finally:
         conn.close()
-    assert columns[-3:] == ["kept_reason", "size", "payload"]
+    assert columns[-4:] == ["kept_reason", "service", "size", "payload"]
 
 
 # The schema of version 1 as otelprof-middleware released it, before kept_reason:
@@ -644,9 +644,11 @@ def test_file_of_the_old_schema_gains_kept_reason(db_path: Path) -> None:
     store = SQLiteStore(db_path)
     try:
         assert _columns(db_path).count("kept_reason") == 1
+        assert _columns(db_path).count("service") == 1
         # Old rows read as "" (unknown); their other fields are intact.
         old = store.list()
         assert [s.kept_reason for s in old] == ["", ""]
+        assert [s.service for s in old] == ["", ""]
         assert old[0] == _summary(2, sample_count=3, mode="always_on", interval_ms=5.0)
         [old_record] = store.get(old[1].trace_id)
         assert old_record.payload == b"o" * 40
@@ -765,3 +767,23 @@ def test_processes_opening_an_old_file_at_once_migrate_it_once(
         assert [s.kept_reason for s in store.list(route="/items/{item_id}")] == ["", ""]
     finally:
         store.close()
+
+
+def test_one_trace_across_services_sqlite(store: SQLiteStore) -> None:
+    # Two services sharing the store served spans of one trace: get(trace_id) returns
+    # every span of it, each with its service, newest first; other traces stay apart.
+    trace_id = f"{77:032x}"
+    a = _record(1, trace_id=trace_id, service="frontend", kept_reason="slow")
+    b = _record(2, trace_id=trace_id, service="pricing\u00e9", route="/price")
+    other = _record(3, service="frontend")
+    for record in (a, other, b):
+        store.put(record)
+
+    assert store.get(trace_id) == [b, a]
+    assert [r.summary.service for r in store.get(trace_id)] == ["pricing\u00e9", "frontend"]
+    assert store.get(trace_id, a.summary.span_id) == [a]
+    assert store.get(other.summary.trace_id) == [other]
+    assert [s.service for s in store.list()] == ["frontend", "pricing\u00e9", "frontend"]
+    assert store.list(route="/price") == [b.summary]
+    assert store.delete(trace_id) == 2
+    assert store.get(trace_id) == []
