@@ -146,6 +146,7 @@ class ProfilingMiddleware:
                 return
             span = way  # type: ignore[assignment]  # the server span to join
         send_profiled: _ProfiledSend | None = None
+        active: ActiveProfile | None = None
         try:
             trigger = self._find_trigger(scope) if self._sampler.triggers_allowed else None
             client = scope.get("client")
@@ -216,10 +217,10 @@ class ProfilingMiddleware:
         naming = _NamingSend(send, scope, trace.get_current_span())
         await self(scope, receive, naming, _in_own_span=True)
 
-    def _route(self, scope: Scope, active: ActiveProfile) -> str:
-        return route_template(scope) or route_attribute(active.span) or ""
+    def _route(self, scope: Scope, active: ActiveProfile, root_path: str) -> str:
+        return route_template(scope, root_path=root_path) or route_attribute(active.span) or ""
 
-    def _base_url(self, scope: Scope) -> str:
+    def _base_url(self, scope: Scope, root_path: str) -> str:
         host = None
         for name, value in scope.get("headers", ()):
             if name == b"host":
@@ -228,7 +229,7 @@ class ProfilingMiddleware:
         if host is None and scope.get("server"):
             server_host, server_port = scope["server"]
             host = safe_host(f"{server_host}:{server_port}")
-        return self.config.base_url(scope.get("scheme", "http"), host, scope.get("root_path", ""))
+        return self.config.base_url(scope.get("scheme", "http"), host, root_path)
 
     def _find_trigger(self, scope: Scope) -> bytes | None:
         for name, value in scope.get("headers", ()):
@@ -278,21 +279,25 @@ def app_path(scope: Scope) -> str:
     return path
 
 
-def route_template(scope: Scope, *, for_span: bool = False) -> str | None:
+def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "") -> str | None:
     """The matched route template: Starlette/FastAPI, Litestar, Django (RouteMiddleware).
 
     ``for_span``: Starlette's ``path_format`` (``/items/{item_id}``) under the mount's
     ``root_path``, as Starlette's own telemetry names spans; else the route's ``path``
-    (``/items/{item_id:int}``), as the profile index shows it.
+    (``/items/{item_id:int}``), as the profile index shows it, below ``root_path`` (the
+    one the middleware was called with): a Starlette ``Mount`` inside the middleware's
+    app adds its own prefix to ``scope["root_path"]``, and that part is shown.
     """
     route = scope.get("route")
     if route is not None:
         template = getattr(route, "path_format" if for_span else "path", None)
         if isinstance(template, str) and template:
+            mounted_at: str = scope.get("root_path", "")
             if for_span:
-                root_path: str = scope.get("root_path", "")
-                return root_path.rstrip("/") + template
-            return template
+                return mounted_at.rstrip("/") + template
+            if root_path and mounted_at.startswith(root_path):
+                mounted_at = mounted_at[len(root_path) :]
+            return mounted_at.rstrip("/") + template
     for key in ("path_template", ROUTE_KEY):  # Litestar; Django through RouteMiddleware
         template = scope.get(key)
         if isinstance(template, str) and template:
@@ -330,7 +335,15 @@ class _ProfiledSend:
     goes on to the server as the app sent it.
     """
 
-    __slots__ = ("_active", "_middleware", "_scope", "_send", "failed", "status_code")
+    __slots__ = (
+        "_active",
+        "_middleware",
+        "_root_path",
+        "_scope",
+        "_send",
+        "failed",
+        "status_code",
+    )
 
     def __init__(
         self, middleware: ProfilingMiddleware, active: ActiveProfile, scope: Scope, send: Send
@@ -338,6 +351,8 @@ class _ProfiledSend:
         self._middleware = middleware
         self._active = active
         self._scope = scope
+        # The middleware's own mount point: a Mount inside the app rewrites the scope's.
+        self._root_path: str = scope.get("root_path", "")
         self._send = send
         self.failed = False  # the app raised
         self.status_code = 500  # until the app sends http.response.start
@@ -354,11 +369,11 @@ class _ProfiledSend:
 
     def base_url(self) -> str:
         """The request's base URL, for the profile link (made only when asked)."""
-        return self._middleware._base_url(self._scope)
+        return self._middleware._base_url(self._scope, self._root_path)
 
     def route(self) -> str:
         """The matched route template, for the keep policy and the index."""
-        return self._middleware._route(self._scope, self._active)
+        return self._middleware._route(self._scope, self._active, self._root_path)
 
     def _stop_and_keep(self) -> None:
         # (the core stops a profile once: a second call returns at once)

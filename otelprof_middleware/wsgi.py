@@ -211,13 +211,11 @@ class WSGIProfilingMiddleware:
             return body
         return _ClosingBody(body, on_end, on_abandon)
 
-    def _base_url(self, environ: WSGIEnvironment) -> str:
+    def _base_url(self, environ: WSGIEnvironment, script_name: str) -> str:
         host = safe_host(environ.get("HTTP_HOST")) or safe_host(
             f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}"
         )
-        return self.config.base_url(
-            environ.get("wsgi.url_scheme", "http"), host, environ.get("SCRIPT_NAME", "")
-        )
+        return self.config.base_url(environ.get("wsgi.url_scheme", "http"), host, script_name)
 
     def _serve_viewer(
         self, viewer: Viewer, environ: WSGIEnvironment, start_response: StartResponse
@@ -296,6 +294,7 @@ class _ProfiledResponse:
         "_environ",
         "_middleware",
         "_route",
+        "_script_name",
         "_start_response",
         "_status",
         "failed",
@@ -311,6 +310,9 @@ class _ProfiledResponse:
         self._middleware = middleware
         self._active = active
         self._environ = environ
+        # The middleware's own mount point: a dispatcher inside the app (werkzeug's
+        # DispatcherMiddleware) moves part of PATH_INFO into the environ's SCRIPT_NAME.
+        self._script_name = str(environ.get("SCRIPT_NAME", ""))
         self._start_response = start_response
         self._status = 500
         self._route: str | None = None
@@ -330,7 +332,7 @@ class _ProfiledResponse:
 
     def base_url(self) -> str:
         """The request's base URL, for the profile link."""
-        return self._middleware._base_url(self._environ)
+        return self._middleware._base_url(self._environ, self._script_name)
 
     def route(self) -> str:
         """The matched route template (Flask's rule, Django's pattern, the span's)."""

@@ -14,7 +14,9 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from werkzeug.exceptions import NotFound
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
 from otelprof_middleware.stores import MemoryStore
@@ -123,6 +125,62 @@ def test_wsgi_script_name() -> None:
     assert row["url"].startswith(f"http://example.test{PREFIX}/debug/profile/")
     [span] = server_spans(exporter)
     assert (span.attributes or {})["otelprof.profile.url"] == row["url"]
+
+
+@pytest.mark.anyio
+async def test_asgi_mount_inside_the_app_keeps_links_at_the_middlewares_root() -> None:
+    """Starlette's Mount rewrites the scope's ``root_path`` in place as it routes: the
+    link is still made from the root the middleware was called with, and the index
+    shows the route with the mount's prefix (as the app's own routes are spelt)."""
+    provider, exporter = make_provider()
+    inner = Starlette(routes=[Route("/items/{n:int}", _item)])
+    middleware = ProfilingMiddleware(
+        Starlette(routes=[Mount(PREFIX, app=inner)]),
+        tracer_provider=provider,
+        profile_store=MemoryStore(),
+        sample_rate=1.0,
+        min_duration_ms=0,
+        debug_route=True,
+    )
+    transport = httpx.ASGITransport(app=middleware)  # client 127.0.0.1: the viewer answers
+    async with httpx.AsyncClient(transport=transport, base_url="http://example.test") as client:
+        assert (await client.get(PREFIX + "/items/1")).text == "item"
+        middleware.core.writer.flush(5)
+        index = await client.get("/debug/profile", params={"format": "json"})
+        [row] = index.json()["profiles"]
+        assert row["route"] == PREFIX + "/items/{n:int}"
+        assert row["url"].startswith("http://example.test/debug/profile/")
+        [span] = server_spans(exporter)
+        assert (span.attributes or {})["otelprof.profile.url"] == row["url"]
+        assert (await client.get(row["url"] + "&format=text")).status_code == 200
+
+
+def test_wsgi_dispatcher_inside_the_app_keeps_links_at_the_middlewares_root() -> None:
+    """werkzeug's DispatcherMiddleware moves the prefix into the environ's SCRIPT_NAME
+    as it dispatches: the link is still made from the middleware's own SCRIPT_NAME."""
+    provider, exporter = make_provider()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [b"item"]
+
+    middleware = WSGIProfilingMiddleware(
+        DispatcherMiddleware(NotFound(), {PREFIX: app}),
+        tracer_provider=provider,
+        profile_store=MemoryStore(),
+        sample_rate=1.0,
+        min_duration_ms=0,
+        debug_route=True,
+    )
+    transport = httpx.WSGITransport(app=middleware)
+    with httpx.Client(transport=transport, base_url="http://example.test") as client:
+        assert client.get(PREFIX + "/items/1").text == "item"
+        middleware.core.writer.flush(5)
+        [row] = client.get("/debug/profile", params={"format": "json"}).json()["profiles"]
+        assert row["url"].startswith("http://example.test/debug/profile/")
+        [span] = server_spans(exporter)
+        assert (span.attributes or {})["otelprof.profile.url"] == row["url"]
+        assert client.get(row["url"] + "&format=text").status_code == 200
 
 
 @pytest.fixture
