@@ -15,6 +15,11 @@ escaping ``<``: a frame or file name such as ``</script><script>...`` would end 
 script element and run. :func:`render` rewrites that embedded JSON so ``<``, ``>``
 and ``&`` are ``\\u003c``-style escapes (still the same JSON and the same JavaScript
 value), and refuses to return a page where the rewrite did not take.
+
+pyinstrument's page script also adds a ``<link>`` to a Google Fonts stylesheet. No
+page may reach a third party (and the viewer's Content-Security-Policy would block it,
+with a console error): :func:`render` blanks that URL, so the browser fetches nothing
+and the page uses local fonts, and refuses a page that still names a font host.
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ _JSON_ESCAPES = str.maketrans(
 # it unconditionally and raises IndexError on sessions built from frame records alone.
 # A frame identifier that matches no real frame turns the trimming off.
 _NO_START_STACK = ["<otelprof: no start stack>\x00\x000"]
+# The web-font stylesheet pyinstrument's app.js links to, a string literal in the
+# script (before the session data): blanked, as an empty ``href`` fetches nothing.
+_FONT_URL = re.compile(r"https://fonts\.(?:googleapis|gstatic)\.com/[^\"'`\s]*")
+_FONT_HOST = re.compile(r"fonts\.(?:googleapis|gstatic)\.com")
 
 
 class RenderError(RuntimeError):
@@ -165,7 +174,12 @@ def _safe_html(page: str) -> str:
     if start < 0 or end < start:
         raise RenderError("pyinstrument's HTML page has an unexpected layout; not serving it")
     start += len(_DATA_START)
-    page = page[:start] + page[start:end].translate(_JSON_ESCAPES) + page[end:]
+    # Only the template (before the data) loses its font URL: a frame or file name in
+    # the data is the profiled program's, kept as it is (escaped, never fetched).
+    head = _FONT_URL.sub("", page[:start])
+    if _FONT_HOST.search(head):
+        raise RenderError("could not remove the web-font link from pyinstrument's page")
+    page = head + page[start:end].translate(_JSON_ESCAPES) + page[end:]
     # The template has exactly two scripts (app.js, then the data); any other
     # "</script" would mean untrusted data still shapes the page.
     if len(_SCRIPT_CLOSE.findall(page)) != _TEMPLATE_SCRIPTS:

@@ -295,8 +295,40 @@ def test_inline_script_hashes_cover_exactly_the_pages_scripts(session: Session) 
     app_js = (
         Path(pyinstrument.renderers.html.__file__).parent / "html_resources" / "app.js"
     ).read_text(encoding="utf-8")
-    app_hash = base64.b64encode(hashlib.sha256(app_js.encode("utf-8")).digest()).decode()
+    # pyinstrument's script, less its web-font URL (blanked: no third-party request).
+    served_js = re.sub(r"https://fonts\.googleapis\.com/[^\"]*", "", app_js)
+    assert served_js != app_js and "fonts.googleapis" not in served_js
+    app_hash = base64.b64encode(hashlib.sha256(served_js.encode("utf-8")).digest()).decode()
     assert hashes[0] == f"'sha256-{app_hash}'"
     other, _ = render(profile(lambda: marker_render_work(5_000)), "html")
     assert inline_script_hashes(other)[0] == hashes[0]
     assert inline_script_hashes(other)[1] != hashes[1], "the data script is hashed per page"
+
+
+def test_html_names_no_font_host_but_keeps_the_programs_own_text(session: Session) -> None:
+    # pyinstrument's script links a Google Fonts stylesheet: blanked, so the page asks
+    # no third party for anything. A frame named after that host is data, left intact.
+    body, _ = render(session, "html")
+    assert "fonts.googleapis.com" not in body and "fonts.gstatic.com" not in body
+    assert '.href=""' in body
+    named = Session.from_json(
+        {**session.to_json(), "target_description": "https://fonts.googleapis.com/css?x"}
+    )
+    page, _ = render(named, "html")
+    assert page.count("fonts.googleapis.com") == 1, "only in the embedded profile data"
+    assert page.index("fonts.googleapis.com") > page.index("const sessionData = ")
+
+
+def test_html_with_a_font_link_left_is_refused(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A future pyinstrument that names the font host some other way: refused, not served.
+    real = pyinstrument.renderers.HTMLRenderer.render
+
+    def with_other_font_url(self: object, s: Session) -> str:
+        page: str = real(self, s)  # type: ignore[arg-type]
+        return page.replace("<script>", "<script>const f='//fonts.gstatic.com/x';", 1)
+
+    monkeypatch.setattr(pyinstrument.renderers.HTMLRenderer, "render", with_other_font_url)
+    with pytest.raises(RenderError, match="web-font"):
+        render(session, "html")
