@@ -209,6 +209,8 @@ class Settings(TypedDict, total=False):
     state_dir: str
     pyroscope_url: str
     pyroscope_tenant_id: str
+    otlp_profiles: bool
+    otlp_profiles_pyroscope: bool
 
 
 MODES = ("hook", "always_on")
@@ -248,6 +250,8 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "state_dir": _parse_optional_str,
     "pyroscope_url": _parse_pyroscope_url,
     "pyroscope_tenant_id": _parse_optional_str,
+    "otlp_profiles": _parse_bool,
+    "otlp_profiles_pyroscope": _parse_bool,
 }
 
 
@@ -317,6 +321,13 @@ class Config:
             also get the span attribute ``pyroscope.profile.id``; see docs/pyroscope.md.
         pyroscope_tenant_id: ``X-Scope-OrgID`` sent to Pyroscope
             (``OTELPROF_PYROSCOPE_TENANT_ID``; default: none).
+        otlp_profiles: also send each kept profile over OTLP's profiles signal
+            (http/protobuf) to the endpoint of the standard ``OTEL_EXPORTER_OTLP_*``
+            variables, every sample linked to its span (``OTELPROF_OTLP_PROFILES``,
+            default ``False``). Needs the ``otlp`` extra; see docs/otlp-profiles.md.
+        otlp_profiles_pyroscope: the OTLP profiles end up in Grafana Pyroscope: set
+            ``pyroscope.profile.id`` on their spans, for Grafana's "traces to profiles"
+            (``OTELPROF_OTLP_PROFILES_PYROSCOPE``, default ``False``).
     """
 
     enabled: bool = True
@@ -344,6 +355,8 @@ class Config:
     state_dir: str | None = None
     pyroscope_url: str | None = None
     pyroscope_tenant_id: str | None = None
+    otlp_profiles: bool = False
+    otlp_profiles_pyroscope: bool = False
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, /, **overrides: object) -> Config:

@@ -33,7 +33,7 @@ from ._sampling import Sampler
 from ._session import RequestProfile, ThreadSampler, current_request, thread_sampler
 from ._span import profile_url, set_profile_attributes
 from ._writer import ProfileWriter
-from .exporters import ProfileExporter, SpanFacts, open_exporter
+from .exporters import ProfileExporter, SpanFacts, check_exporter_settings, open_exporter
 from .stores import check_store_url, open_store
 from .stores._base import ProfileStore
 
@@ -102,6 +102,8 @@ def load_config(settings: Mapping[str, object], *, has_store: bool) -> Config:
         config = Config.load(**settings)
         if config.enabled and not has_store:
             check_store_url(config.resolved_store_url())
+        if config.enabled:
+            check_exporter_settings(config.otlp_profiles)
     except (ValueError, ImportError) as exc:
         count("disabled.invalid_setting")
         _logger.error(
@@ -193,6 +195,8 @@ class ProfilerCore:
             config.pyroscope_url,
             tenant_id=config.pyroscope_tenant_id,
             service_name=config.service_name,
+            otlp_profiles=config.otlp_profiles,
+            otlp_profiles_pyroscope=config.otlp_profiles_pyroscope,
         )
         if self.exporter is not None:
             atexit.register(self.exporter.close, 2.0)

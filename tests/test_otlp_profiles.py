@@ -1,0 +1,658 @@
+"""OTLP profiles export, tested against a local OTLP/HTTP receiver.
+
+No OTLP profiles receiver can be installed here (see ``tests/otlp_receiver.py``): the
+receiver is a real HTTP server on 127.0.0.1 that decodes each body with
+opentelemetry-proto's generated classes and checks it against the Collector's and
+Pyroscope's rules. Spans come from a real SDK ``TracerProvider`` with an in-memory span
+exporter; profiles from real requests through the middleware.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
+    ExportProfilesServiceRequest,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pyinstrument.session import Session
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from otelprof_middleware import Config, ProfilingMiddleware, WSGIProfilingMiddleware
+from otelprof_middleware._failsafe import snapshot
+from otelprof_middleware._profiler import load_config
+from otelprof_middleware._record import ProfileSummary
+from otelprof_middleware._span import PROFILE_URL, PYROSCOPE_PROFILE_ID
+from otelprof_middleware.exporters import SpanFacts, open_exporter
+from otelprof_middleware.exporters._http import QueuedProfile, RetryPolicy, retry_after
+from otelprof_middleware.exporters.otlp import (
+    SIGNAL_PATH,
+    OtlpProfilesExporter,
+    OtlpProfilesSettings,
+    encode_request,
+    parse_headers,
+    settings_from_env,
+)
+from otelprof_middleware.stores import MemoryStore
+
+from . import otlp_receiver
+from .helpers import marker_alpha, server_spans
+from .otlp_receiver import OtlpReceiver, Reply, profiles_of, violations
+
+LOOPBACK = ("127.0.0.1", 50000)
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_ID = "00f067aa0ba902b7"
+FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05, budget=5.0)
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    yield from otlp_receiver.serve()
+
+
+@pytest.fixture
+def made() -> Iterator[list[OtlpProfilesExporter]]:
+    exporters: list[OtlpProfilesExporter] = []
+    yield exporters
+    for exporter in exporters:
+        exporter.close(5)
+    assert not [t for t in threading.enumerate() if t.name == "otelprof-otlp-profiles"]
+
+
+def exporter_for(
+    made: list[OtlpProfilesExporter], endpoint: str, **kwargs: Any
+) -> OtlpProfilesExporter:
+    kwargs.setdefault("retry", FAST_RETRY)
+    exporter = OtlpProfilesExporter(
+        OtlpProfilesSettings(endpoint=endpoint, timeout=kwargs.pop("timeout", 5.0)), **kwargs
+    )
+    made.append(exporter)
+    return exporter
+
+
+# --- known inputs ---------------------------------------------------------------------
+
+ROOT = "handle\x00/srv/app/server.py\x0010\x01l12"
+VIEW = "get\x00/srv/app/views.py\x0020\x01cItemView\x01l25"
+WORK = "crunch\x00/srv/app/work.py\x0030\x01l33"
+
+
+def make_summary(span_id: str = SPAN_ID, route: str = "/items/{item_id}") -> ProfileSummary:
+    return ProfileSummary(
+        trace_id=TRACE_ID,
+        span_id=span_id,
+        method="GET",
+        route=route,
+        status_code=200,
+        duration_ms=50.0,
+        start_time=1_700_000_000.25,
+    )
+
+
+def sample_session() -> Session:
+    return Session(
+        frame_records=[
+            ([ROOT, VIEW, WORK], 0.010),
+            ([ROOT, VIEW, WORK], 0.002),  # same stack: one sample, summed
+            ([ROOT, VIEW], 0.003),
+            ([ROOT, VIEW, "[await]"], 0.020),
+        ],
+        start_time=1_700_000_000.25,
+        duration=0.05,
+        min_interval=0.001,
+        max_interval=0.001,
+        sample_count=4,
+        start_call_stack=[],
+        target_description="test",
+        cpu_time=0.0,
+        sys_path=["/srv"],
+        sys_prefixes=[],
+    )
+
+
+def queued(span_id: str = SPAN_ID, **resource: object) -> QueuedProfile:
+    attributes = {"service.name": "checkout-api", **resource}
+    return QueuedProfile(
+        make_summary(span_id), sample_session(), SpanFacts("GET /items/{item_id}", None, attributes)
+    )
+
+
+# --- settings ----------------------------------------------------------------------------
+
+
+def test_endpoint_defaults_and_the_signal_path() -> None:
+    assert settings_from_env({}).endpoint == "http://localhost:4318/v1development/profiles"
+    base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"}
+    assert settings_from_env(base).endpoint == "http://collector:4318" + SIGNAL_PATH
+    prefixed = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://gw.example.com/otlp"}
+    assert settings_from_env(prefixed).endpoint == "https://gw.example.com/otlp" + SIGNAL_PATH
+    own = {**base, "OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT": "http://p:4040/custom"}
+    assert settings_from_env(own).endpoint == "http://p:4040/custom"  # used as given
+
+
+def test_headers_timeout_and_compression_follow_the_otlp_variables() -> None:
+    env = {
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Basic%20abc,x-scope-orgid=general",
+        "OTEL_EXPORTER_OTLP_PROFILES_HEADERS": " X-Scope-OrgID = team-a , api-key=k%3Dv ,",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "2500",
+        "OTEL_EXPORTER_OTLP_PROFILES_COMPRESSION": "GZIP",
+        "OTEL_EXPORTER_OTLP_PROFILES_PROTOCOL": "http/protobuf",
+    }
+    settings = settings_from_env(env)
+    # The profiles variable replaces the general one, as for every OTLP signal.
+    assert settings.headers == {"x-scope-orgid": "team-a", "api-key": "k=v"}
+    assert settings.timeout == 2.5  # milliseconds, as the OTLP specification says
+    assert settings.compression == "gzip"
+    env.pop("OTEL_EXPORTER_OTLP_PROFILES_HEADERS")
+    assert settings_from_env(env).headers == {
+        "authorization": "Basic abc",
+        "x-scope-orgid": "general",
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"OTEL_EXPORTER_OTLP_PROFILES_HEADERS": "token-secret-123"}, "PROFILES_HEADERS"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "bad key=secret-123"}, "OTLP_HEADERS"),
+        ({"OTEL_EXPORTER_OTLP_HEADERS": "a=secret-123%0D%0Ax-evil=1"}, "OTLP_HEADERS"),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, "OTLP_TIMEOUT"),
+        ({"OTEL_EXPORTER_OTLP_PROFILES_TIMEOUT": "-5"}, "PROFILES_TIMEOUT"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        ({"OTEL_EXPORTER_OTLP_PROFILES_PROTOCOL": "http/json"}, "PROFILES_PROTOCOL"),
+        ({"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, "OTLP_COMPRESSION"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTLP_ENDPOINT"),
+        ({"OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT": "ftp://u:secret-123@h"}, "PROFILES_ENDPOINT"),
+    ],
+)
+def test_bad_variables_are_named_and_secrets_never_echoed(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ValueError, match=named) as info:
+        settings_from_env(env)
+    assert "secret-123" not in str(info.value)
+
+
+def test_header_values_are_percent_decoded_and_blank_entries_skipped() -> None:
+    assert parse_headers("X", "a=1,,b=%C3%A9%20x") == {"a": "1", "b": "é x"}
+    assert parse_headers("X", "") == {}
+
+
+def test_the_setting_turns_the_export_on_and_is_off_by_default() -> None:
+    assert Config.load({}).otlp_profiles is False
+    config = Config.load({"OTELPROF_OTLP_PROFILES": "yes", "OTELPROF_OTLP_PROFILES_PYROSCOPE": "1"})
+    assert config.otlp_profiles and config.otlp_profiles_pyroscope
+    assert open_exporter(None) is None
+    exporter = open_exporter(
+        None,
+        otlp_profiles=True,
+        environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+    )
+    try:
+        assert isinstance(exporter, OtlpProfilesExporter)
+        assert exporter.endpoint == "http://127.0.0.1:9" + SIGNAL_PATH
+    finally:
+        assert exporter is not None
+        exporter.close()
+
+
+def test_a_bad_variable_turns_profiling_off_loudly_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROFILES_PROTOCOL", "grpc")
+    with caplog.at_level(logging.ERROR, logger="otelprof_middleware"):
+        config = load_config({"otlp_profiles": True}, has_store=True)
+    assert config.enabled is False
+    assert "OTEL_EXPORTER_OTLP_PROFILES_PROTOCOL" in caplog.text
+    assert snapshot().get("disabled.invalid_setting") == 1
+
+
+def test_without_the_extra_the_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The extra is installed here; a None entry in sys.modules makes its import fail
+    # exactly as it fails where opentelemetry-proto is missing.
+    monkeypatch.setitem(sys.modules, "opentelemetry.proto.profiles.v1development", None)
+    with caplog.at_level(logging.ERROR, logger="otelprof_middleware"):
+        config = load_config({"otlp_profiles": True}, has_store=True)
+    assert config.enabled is False
+    assert "OTELPROF_OTLP_PROFILES" in caplog.text
+    assert "otelprof-middleware[otlp]" in caplog.text
+    # Off, the extra is never imported: the package works without it.
+    assert load_config({}, has_store=True).enabled is True
+
+
+# --- encoding ----------------------------------------------------------------------------
+
+
+def test_the_request_follows_the_dictionary_rules() -> None:
+    request = encode_request([queued(), queued("00f067aa0ba902b8")])
+    assert violations(request) == []
+    d = request.dictionary
+    # Index 0 of every table is the zero value, so 0 means "not set".
+    assert d.string_table[0] == ""
+    for table in (d.mapping_table, d.location_table, d.function_table, d.link_table):
+        assert table[0].ByteSize() == 0
+    assert d.stack_table[0].ByteSize() == 0 and d.attribute_table[0].ByteSize() == 0
+    # No duplicates: two profiles with the same frames share functions and stacks.
+    names = [d.string_table[f.name_strindex] for f in list(d.function_table)[1:]]
+    assert sorted(names) == ["ItemView.get", "[await]", "crunch", "handle"]
+    assert len(d.link_table) == 3  # zero + one per span
+
+
+def test_the_validator_catches_broken_requests() -> None:
+    """The rules can fail: a request that breaks them is reported."""
+    request = encode_request([queued()])
+    broken = ExportProfilesServiceRequest()
+    broken.CopyFrom(request)
+    del broken.dictionary.link_table[0]  # the zero entry gone: link 1 is now out of range
+    broken.dictionary.string_table[0] = "x"
+    sample = broken.resource_profiles[0].scope_profiles[0].profiles[0].samples[0]
+    sample.values.append(1)
+    found = violations(broken)
+    assert any("link index" in p for p in found)
+    assert any("string_table[0]" in p for p in found)
+    assert any("2 values" in p for p in found)
+    assert violations(ExportProfilesServiceRequest()) == ["no dictionary"]
+
+
+def test_stacks_values_times_and_links_of_one_profile() -> None:
+    [received] = profiles_of([encode_request([queued()])])
+    profile = received.profile
+    assert (
+        received.string(profile.sample_type.type_strindex),
+        received.string(profile.sample_type.unit_strindex),
+    ) == ("wall", "nanoseconds")
+    assert received.string(profile.period_type.type_strindex) == "wall"
+    assert profile.period == 1_000_000  # the 1 ms interval
+    assert profile.time_unix_nano == 1_700_000_000_250_000_000
+    assert profile.duration_nano == 50_000_000
+    assert len(profile.profile_id) == 16 and any(profile.profile_id)
+    assert received.links() == {(TRACE_ID, SPAN_ID)}
+    assert received.resource == {"service.name": "checkout-api"}
+    assert received.scope_name == "otelprof_middleware"
+    assert received.attributes() == {
+        "http.request.method": "GET",
+        "http.response.status_code": 200,
+        "http.route": "/items/{item_id}",
+    }
+    stacks = {tuple(name for name, _, _ in frames): value for frames, value in received.stacks()}
+    assert stacks == {
+        ("handle", "ItemView.get", "crunch"): 12_000_000,
+        ("handle", "ItemView.get"): 3_000_000,
+        ("handle", "ItemView.get", "[await]"): 20_000_000,
+    }
+    frames = received.stacks()[0][0]
+    assert frames[1] == ("ItemView.get", "/srv/app/views.py", 25)  # the line being run
+    function = received.dictionary.function_table[
+        received.dictionary.location_table[
+            received.dictionary.stack_table[profile.samples[0].stack_index].location_indices[0]
+        ]
+        .lines[0]
+        .function_index
+    ]
+    assert received.string(function.system_name_strindex) == "crunch"
+    assert function.start_line == 30
+    # Leaf first in Stack.location_indices, as the proto says.
+    assert frames[-1][0] == "crunch"
+
+
+def test_profiles_of_different_resources_get_their_own_resource_profiles() -> None:
+    request = encode_request([queued(), queued("00f067aa0ba902b8", **{"service.name": "other"})])
+    assert violations(request) == []
+    services = sorted(p.resource["service.name"] for p in profiles_of([request]))
+    assert services == ["checkout-api", "other"]
+    assert len(request.resource_profiles) == 2
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    def response(value: str) -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": value})
+
+    assert retry_after(response("7")) == 7.0
+    assert retry_after(response("Wed, 21 Oct 2015 07:28:00 GMT"), now=1445412470.0) == 10.0
+    assert retry_after(response("Wed, 21 Oct 2015 07:28:00 GMT"), now=1445412490.0) == 0.0
+    assert retry_after(response("soon")) is None
+    assert retry_after(httpx.Response(503)) is None
+
+
+# --- delivery and its faults ----------------------------------------------------------
+
+
+def test_delivery_posts_protobuf_to_the_signal_path(
+    receiver: OtlpReceiver, made: list[OtlpProfilesExporter]
+) -> None:
+    exporter = OtlpProfilesExporter(
+        OtlpProfilesSettings(
+            endpoint=receiver.endpoint,
+            headers={"authorization": "Bearer t0ken"},
+            compression="gzip",
+        )
+    )
+    made.append(exporter)
+    assert exporter.submit(make_summary(), sample_session(), queued().span)
+    assert exporter.flush(10)
+    [received] = receiver.received
+    assert received.problems == []
+    assert received.headers["Content-Type"] == "application/x-protobuf"
+    assert received.headers["Content-Encoding"] == "gzip"
+    assert received.headers["authorization"] == "Bearer t0ken"
+    assert received.headers["User-Agent"].startswith("otelprof-middleware/")
+    assert snapshot().get("otlp_profiles.exported") == 1
+
+
+def test_400_is_dropped_and_not_retried(
+    receiver: OtlpReceiver, made: list[OtlpProfilesExporter], caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.replies = [Reply(400), Reply(400)]
+    exporter = exporter_for(made, receiver.endpoint)
+    with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
+        assert exporter.submit(make_summary(), sample_session(), queued().span)
+        assert exporter.flush(10)
+    assert len(receiver.received) == 1
+    counters = snapshot()
+    assert counters.get("otlp_profiles.failed") == 1
+    assert counters.get("otlp_profiles.retried", 0) == 0
+    assert counters.get("otlp_profiles.exported", 0) == 0
+    assert "HTTP 400" in caplog.text
+
+
+def test_503_then_200_is_retried_and_delivered(
+    receiver: OtlpReceiver, made: list[OtlpProfilesExporter]
+) -> None:
+    receiver.replies = [Reply(503), Reply(429, {"Retry-After": "0"}), Reply(200)]
+    exporter = exporter_for(made, receiver.endpoint)
+    assert exporter.submit(make_summary(), sample_session(), queued().span)
+    assert exporter.flush(10)
+    assert len(receiver.received) == 3
+    bodies = [r.request.SerializeToString() for r in receiver.received if r.request]
+    assert len(set(bodies)) == 1  # the same request each time (same profile id)
+    counters = snapshot()
+    assert counters.get("otlp_profiles.retried") == 2
+    assert counters.get("otlp_profiles.exported") == 1
+    assert counters.get("otlp_profiles.failed", 0) == 0
+
+
+def test_retries_stop_at_the_attempt_limit_and_a_retry_after_beyond_the_budget(
+    receiver: OtlpReceiver, made: list[OtlpProfilesExporter]
+) -> None:
+    receiver.replies = [Reply(502)] * 4
+    exporter = exporter_for(made, receiver.endpoint)
+    exporter.submit(make_summary(), sample_session(), queued().span)
+    assert exporter.flush(10)
+    assert len(receiver.received) == FAST_RETRY.max_attempts
+    assert snapshot().get("otlp_profiles.failed") == 1
+    receiver.replies = [Reply(429, {"Retry-After": "3600"})]
+    exporter.submit(make_summary(), sample_session(), queued().span)
+    assert exporter.flush(10)
+    assert len(receiver.received) == FAST_RETRY.max_attempts + 1  # gave up at once
+    assert snapshot().get("otlp_profiles.failed") == 2
+
+
+def test_close_ends_a_retry_wait(receiver: OtlpReceiver, made: list[OtlpProfilesExporter]) -> None:
+    receiver.replies = [Reply(503, {"Retry-After": "20"})]
+    slow = RetryPolicy(max_attempts=3, budget=60.0)
+    exporter = exporter_for(made, receiver.endpoint, retry=slow)
+    exporter.submit(make_summary(), sample_session(), queued().span)
+    deadline = time.monotonic() + 10
+    while not receiver.received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    exporter.close(10)  # returns once the waiting thread gave up
+    assert not [t for t in threading.enumerate() if t.name == "otelprof-otlp-profiles"]
+    assert len(receiver.received) == 1
+    assert snapshot().get("otlp_profiles.failed") == 1
+
+
+def test_partial_success_counts_the_rejected_and_logs_once(
+    receiver: OtlpReceiver, made: list[OtlpProfilesExporter], caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver.replies = [Reply(rejected=1, message="sample too old")] * 2
+    exporter = exporter_for(made, receiver.endpoint, batch_size=2)
+    receiver.gate.clear()  # hold the first request so the next two make one batch
+    with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
+        for n in range(3):
+            assert exporter.submit(
+                make_summary(f"00f067aa0ba902c{n}"), sample_session(), SpanFacts()
+            )
+        receiver.gate.set()
+        assert exporter.flush(10)
+    counters = snapshot()
+    assert counters.get("otlp_profiles.rejected") == 2
+    assert counters.get("otlp_profiles.exported") == 1
+    assert counters.get("otlp_profiles.retried", 0) == 0  # partial success: never retried
+    assert caplog.text.count("sample too old") == 1
+
+
+def test_a_full_queue_drops_and_counts_without_waiting(
+    receiver: OtlpReceiver, made: list[OtlpProfilesExporter]
+) -> None:
+    receiver.gate.clear()  # the receiver holds the first request: the thread is stuck
+    exporter = exporter_for(made, receiver.endpoint, queue_size=3, batch_size=1)
+    accepted = sum(
+        exporter.submit(make_summary(), sample_session(), SpanFacts()) for _ in range(20)
+    )
+    assert 3 <= accepted <= 4  # the queue, plus at most the one the thread took
+    assert snapshot().get("otlp_profiles.dropped.queue_full") == 20 - accepted
+    receiver.gate.set()
+    assert exporter.flush(10)
+    assert snapshot().get("otlp_profiles.exported") == accepted
+    assert receiver.problems() == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # nothing listens there once the socket is closed
+
+
+# --- through the middleware ----------------------------------------------------------------
+
+
+async def item(request: Request) -> JSONResponse:
+    marker_alpha(0.02)
+    return JSONResponse({"id": request.path_params["item_id"]})
+
+
+def _provider() -> tuple[TracerProvider, InMemorySpanExporter]:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "checkout-api", "deployment.environment": "t"})
+    )
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    return provider, spans
+
+
+def _asgi_app(provider: TracerProvider, **settings: Any) -> ProfilingMiddleware:
+    return ProfilingMiddleware(
+        Starlette(routes=[Route("/items/{item_id}", item)]),
+        tracer_provider=provider,
+        profile_store=MemoryStore(),
+        sample_rate=1.0,
+        **settings,
+    )
+
+
+def test_asgi_each_sample_links_to_the_request_span(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    provider, spans = _provider()
+    app = _asgi_app(provider, otlp_profiles=True)
+    exporter = app.core.exporter
+    assert isinstance(exporter, OtlpProfilesExporter)
+    try:
+        with TestClient(app, client=LOOPBACK) as client:
+            before = time.time_ns()
+            assert client.get("/items/7").status_code == 200
+            assert client.get("/items/8").status_code == 200
+            after = time.time_ns()
+        assert exporter.flush(10)
+    finally:
+        exporter.close(5)
+    assert receiver.problems() == []
+    received = profiles_of(receiver.requests())
+    recorded = server_spans(spans)
+    assert len(received) == len(recorded) == 2
+    by_span = {
+        (format(s.context.trace_id, "032x"), format(s.context.span_id, "016x")): s for s in recorded
+    }
+    for profile in received:
+        [link] = profile.links()  # every sample links to one span: its request's
+        span = by_span[link]
+        assert span.attributes is not None
+        assert PROFILE_URL in span.attributes
+        assert PYROSCOPE_PROFILE_ID not in span.attributes  # off unless asked for
+        marker = [
+            frame
+            for frames, _ in profile.stacks()
+            for frame in frames
+            if frame[0] == "marker_alpha"
+        ]
+        assert marker and {path for _, path, _ in marker} == {marker_alpha.__code__.co_filename}
+        assert all(line > marker_alpha.__code__.co_firstlineno for _, _, line in marker)
+        start, duration = profile.profile.time_unix_nano, profile.profile.duration_nano
+        assert span.start_time is not None and span.end_time is not None
+        assert before <= start and start + duration <= after
+        assert span.start_time - 1_000_000 <= start <= span.end_time
+        assert profile.resource["service.name"] == "checkout-api"
+        assert profile.resource["deployment.environment"] == "t"
+        assert profile.attributes()["http.route"] == "/items/{item_id}"
+        assert profile.total_ns() > 15_000_000  # the 20 ms marker, at least mostly
+    assert {link for p in received for link in p.links()} == set(by_span)
+
+
+def test_the_pyroscope_attribute_only_when_asked_and_accepted(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT", receiver.endpoint)
+    provider, spans = _provider()
+    app = _asgi_app(provider, otlp_profiles=True, otlp_profiles_pyroscope=True)
+    exporter = app.core.exporter
+    assert exporter is not None
+    try:
+        with TestClient(app, client=LOOPBACK) as client:
+            assert client.get("/items/7").status_code == 200
+        exporter.close(5)  # closed: the next profile is dropped, its span gets nothing
+        with TestClient(app, client=LOOPBACK) as client:
+            assert client.get("/items/8").status_code == 200
+    finally:
+        exporter.close(5)
+    first, second = server_spans(spans)
+    assert first.attributes is not None and second.attributes is not None
+    assert first.attributes[PYROSCOPE_PROFILE_ID] == format(first.context.span_id, "016x")
+    assert PYROSCOPE_PROFILE_ID not in second.attributes
+    assert snapshot().get("otlp_profiles.dropped.closed") == 1
+
+
+def test_a_stuck_or_dead_collector_never_holds_a_request(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests finish while the receiver holds the export; a dead one is counted, logged once."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    provider, _ = _provider()
+    app = _asgi_app(provider, otlp_profiles=True)
+    exporter = app.core.exporter
+    assert exporter is not None
+    receiver.gate.clear()  # every export now hangs in the receiver until the gate opens
+    try:
+        with TestClient(app, client=LOOPBACK) as client:
+            for n in range(3):  # would block here if the request path waited for export
+                assert client.get(f"/items/{n}").status_code == 200
+        assert not receiver.gate.is_set()
+    finally:
+        receiver.gate.set()
+        assert exporter.flush(10)
+        exporter.close(5)
+    assert snapshot().get("otlp_profiles.exported") == 3
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    dead = _asgi_app(provider, otlp_profiles=True)
+    assert isinstance(dead.core.exporter, OtlpProfilesExporter)
+    dead.core.exporter._retry = FAST_RETRY  # keep the test short; the rule is the same
+    try:
+        with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
+            with TestClient(dead, client=LOOPBACK) as client:
+                for n in range(4):
+                    assert client.get(f"/items/{n}").status_code == 200
+            assert dead.core.exporter.flush(20)
+    finally:
+        dead.core.exporter.close(5)
+    counters = snapshot()
+    assert counters.get("otlp_profiles.failed") == 4
+    assert counters.get("failed.otlp_profiles.push", 0) >= 1
+    assert counters.get("otlp_profiles.retried", 0) >= 1  # connection refused is retried
+    assert caplog.text.count("otlp_profiles.push failed") == 1
+
+
+def test_wsgi_profiles_link_to_their_spans(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    provider, spans = _provider()
+
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        marker_alpha(0.01)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    app = WSGIProfilingMiddleware(
+        wsgi_app, tracer_provider=provider, profile_store=MemoryStore(), otlp_profiles=True
+    )
+    from werkzeug.test import Client
+
+    try:
+        client = Client(app)
+        for _ in range(2):
+            response = client.get("/x", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+            assert response.status_code == 200 and response.data == b"ok"
+        assert app.core.exporter is not None and app.core.exporter.flush(10)
+    finally:
+        assert app.core.exporter is not None
+        app.core.exporter.close(5)
+    assert receiver.problems() == []
+    links = {link for p in profiles_of(receiver.requests()) for link in p.links()}
+    expected = {
+        (format(s.context.trace_id, "032x"), format(s.context.span_id, "016x"))
+        for s in server_spans(spans)
+    }
+    assert links == expected and len(expected) == 2
+
+
+def test_pyroscope_and_otlp_together_each_get_every_profile(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    provider, spans = _provider()
+    app = _asgi_app(
+        provider, otlp_profiles=True, pyroscope_url=f"http://127.0.0.1:{_closed_port()}"
+    )
+    exporter = app.core.exporter
+    assert exporter is not None and not isinstance(exporter, OtlpProfilesExporter)
+    try:
+        with TestClient(app, client=LOOPBACK) as client:
+            assert client.get("/items/7").status_code == 200
+        assert exporter.flush(10)
+    finally:
+        exporter.close(5)
+    [span] = server_spans(spans)
+    assert span.attributes is not None
+    assert span.attributes[PYROSCOPE_PROFILE_ID] == format(span.context.span_id, "016x")
+    assert len(profiles_of(receiver.requests())) == 1
+    counters = snapshot()
+    assert counters.get("otlp_profiles.exported") == 1
+    assert counters.get("pyroscope.failed") == 1  # nobody listens there
+    assert not [t for t in threading.enumerate() if t.name == "otelprof-pyroscope"]
