@@ -18,7 +18,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable
 
-__all__ = ["code_head", "frame_identifier", "frame_stack"]
+__all__ = ["code_head", "frame_identifier", "frame_stack", "stack_above"]
 
 # Keyed by id(): hashing a code object hashes its bytecode and constants every time.
 # The entry keeps its code alive and is checked by identity, so an id is never reused
@@ -83,4 +83,25 @@ def frame_stack(frame: types.FrameType | None, stop: types.CodeType | None = Non
     while frame is not None and frame.f_code is not stop:
         stack.append(frame_identifier(frame))
         frame = frame.f_back
+    return stack
+
+
+def stack_above(
+    frame: types.FrameType | None, event: str, arg: object, stop: tuple[types.CodeType, ...]
+) -> list[str]:
+    """A hook sample's frames above the first frame of a ``stop`` code, root first.
+
+    As pyinstrument's ``build_call_stack``: a ``call`` event's frame has only just been
+    entered (the time was spent in its caller), a C function's return adds that function.
+    """
+    stack: list[str] = []
+    if event == "call" and frame is not None:
+        frame = frame.f_back
+    elif event in ("c_return", "c_exception"):
+        name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", "?")
+        stack.append(f"{name}\x00<built-in>\x000")
+    while frame is not None and frame.f_code not in stop:
+        stack.append(frame_identifier(frame))
+        frame = frame.f_back
+    stack.reverse()
     return stack

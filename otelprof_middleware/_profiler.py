@@ -7,6 +7,7 @@ Both are fail-open: any internal error leaves the request unprofiled, never harm
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import logging
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from ._record import ProfileRecord, ProfileSummary
 from ._sampling import Sampler
 from ._session import RequestProfile, ThreadSampler, current_request, thread_sampler
 from ._span import profile_url, set_profile_attributes
+from ._task_hook import HookedCoroutine, install_task_factory
 from ._writer import ProfileWriter
 from .exporters import ProfileExporter, SpanFacts, check_exporter_settings, open_exporter
 from .stores import check_store_url, open_store
@@ -59,6 +61,8 @@ _logger = logging.getLogger("otelprof_middleware")
 
 _start_stacks: dict[tuple[int, ...], list[str]] = {}
 _START_STACK_KEY_DEPTH = 2
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_SERVICE_LENGTH = 200
 
 
 def _start_stack(frame: types.FrameType) -> list[str]:
@@ -137,7 +141,7 @@ class ActiveProfile:
     """A request being profiled."""
 
     request: RequestProfile
-    sampler: ThreadSampler | None  # None: the always-on sampler
+    sampler: ThreadSampler | None  # the thread's hook; None: always-on, or on a loop
     span: trace.Span
     context: SpanContext
     method: str
@@ -256,15 +260,21 @@ class ProfilerCore:
                 return None
             self._active += 1
         try:
+            loop = asyncio._get_running_loop()
             request = RequestProfile(
                 interval=self._interval,
                 max_samples=self.config.max_samples,
-                start_call_stack=_start_stack(sys._getframe(2)),
+                # On a loop the stem is found in the samples, as always-on's is.
+                start_call_stack=None if loop is not None else _start_stack(sys._getframe(2)),
             )
             token = current_request.set(request)
+            hook: ThreadSampler | None = None
             try:
-                hook = thread_sampler(self._interval)
-                hook.acquire()
+                if loop is not None:  # the hook runs only in the request's own task steps
+                    install_task_factory(loop)
+                else:  # a thread serves one request at a time: the hook stays on
+                    hook = thread_sampler(self._interval)
+                    hook.acquire()
             except BaseException:
                 current_request.reset(token)
                 raise
@@ -320,6 +330,18 @@ class ProfilerCore:
             token=token,
         )
 
+    @staticmethod
+    def confine(active: ActiveProfile, app_call: Awaitable[None]) -> Awaitable[None]:
+        """What the adapter awaits instead of ``app_call``: the app's coroutine, run by
+        the request's task, with the hook on during its steps only (hook mode on a loop).
+        """
+        request = active.request
+        if request.continuous or active.sampler is not None:
+            return app_call
+        if type(app_call) is not types.CoroutineType:  # an app returning a future, say
+            return app_call
+        return HookedCoroutine(app_call, request, main=True)
+
     def link(self, active: ActiveProfile, base_url: str | Callable[[], str]) -> None:
         """Note the URL the profile will have if kept, for the request's log records.
 
@@ -350,6 +372,9 @@ class ProfilerCore:
         (``base_url`` only for a kept profile). ``failed``: the app raised.
         """
         if not self.stop(active):
+            return
+        if active.request.hook_failed:  # counted and logged where it failed
+            active.request.url = None
             return
         policy = self.keep_policy
         route_name = _resolved(route) if policy.needs_route else ""
@@ -386,8 +411,10 @@ class ProfilerCore:
         duration = time.perf_counter() - request.start_perf
         try:  # (not ``fail_open``: a generator context manager costs ~2 µs a request)
             hook = active.sampler
-            if hook is None:
+            if request.continuous:
                 (self._sampler_instance or self._always_on_sampler()).unregister_current(request)
+            elif hook is None:
+                pass  # hook mode on a loop: each step of the request removed its hook
             elif hook.thread_id == threading.get_ident():
                 users = hook.users
                 try:
@@ -452,6 +479,7 @@ class ProfilerCore:
                 mode="always_on" if request.continuous else "hook",
                 interval_ms=round(request.interval * 1000.0, 3),
                 kept_reason=reason,
+                service=self._service_name(active.span),
             )
             how = "always-on sampler" if request.continuous else "pyinstrument hook"
             request.description = (
@@ -469,6 +497,14 @@ class ProfilerCore:
                 accepted = exporter.submit(summary, session, SpanFacts.of(active.span))
                 if accepted and active.span.is_recording():
                     active.span.set_attributes(exporter.span_attributes(summary))
+
+    def _service_name(self, span: trace.Span) -> str:
+        """The service a profile belongs to: the span's ``service.name`` (what trace UIs
+        show), else the configured one (``OTELPROF_SERVICE_NAME``), else ``unknown_service``."""
+        name = SpanFacts.of(span).service_name
+        if not name or name.startswith("unknown_service"):
+            name = self.config.resolved_service_name
+        return _CONTROL.sub(" ", name)[:_MAX_SERVICE_LENGTH]
 
     def _always_on_sampler(self) -> AlwaysOnSampler:
         sampler = self._sampler_instance

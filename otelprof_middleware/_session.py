@@ -5,23 +5,17 @@ How it works (the Go pprof-labels idea, on pyinstrument's own low-level hook):
 * The request being profiled is kept in the contextvar ``current_request``. asyncio
   tasks copy their context when created, so the request's own task and every child task
   it spawns see it; other requests' tasks do not.
-* One pyinstrument ``setstatprofile`` hook per thread (:class:`ThreadSampler`), installed
-  while at least one profiled request runs on that thread and removed when the last one
-  ends, so unprofiled traffic pays nothing once no profile is active. The hook is given
-  ``current_request`` as its context var: pyinstrument's C code reports every change of
-  its value (a task switch on the event loop) as a ``context_changed`` event.
-* Each sample goes to the :class:`RequestProfile` that is current at that moment. When a
-  request is switched out while awaiting, it remembers the awaiting stack; when it is
-  switched back in, the time away is recorded under that stack plus pyinstrument's
-  ``[await]`` frame, exactly as pyinstrument's own async mode shows it.
+* On an event loop, pyinstrument's ``setstatprofile`` hook runs only during the steps
+  of the profiled request's own tasks (``_task_hook``): the time between its steps is
+  recorded under the stack where it waits plus pyinstrument's ``[await]`` frame, as
+  pyinstrument's own async mode shows it. On a thread without a loop (WSGI), one hook
+  per thread (:class:`ThreadSampler`) while a profiled request runs there.
 * At the end, the request's records become a plain pyinstrument :class:`Session`, so all
   of pyinstrument's renderers draw it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import gc
 import sys
 import threading
@@ -72,6 +66,8 @@ class RequestProfile:
     registration: object = None  # always-on: its loop's state, or its thread's ident
     suspended_at: float | None = None
     suspended_stack: list[str] | None = None
+    wait_stack: list[str] | None = None  # hook mode on a loop: where its coroutine waits
+    hook_failed = False  # hook mode on a loop: the hook could not be installed for a step
     url_factory: Callable[[], str] | None = None  # makes ``url`` when first read
     _url: str | None = None
     _start_wall: float | None = None
@@ -248,10 +244,13 @@ def _is_stem_marker(identifier: str) -> bool:
 
 
 class ThreadSampler:
-    """The pyinstrument hook of one thread, shared by the profiled requests running on it.
+    """The pyinstrument hook of a thread without an event loop (a WSGI worker, a test
+    client's thread), installed while a profiled request runs there.
 
-    Only ever touched from its own thread (``acquire``/``release`` run where the
-    request runs), so it needs no lock.
+    Requests never interleave on such a thread, so each sample goes to the request that is
+    current. (On an event loop the hook runs only in the profiled request's own task
+    steps: see ``_task_hook``.) Only ever touched from its own thread (``acquire`` and
+    ``release`` run where the request runs), so it needs no lock.
 
     The hook is never removed from inside pyinstrument's C hook, not even from our own
     callback: removing it frees state the C code may still use (a use-after-free:
@@ -265,14 +264,13 @@ class ThreadSampler:
     its own code.
     """
 
-    __slots__ = ("_in_event", "_last", "_ticking", "interval", "thread_id", "users")
+    __slots__ = ("_in_event", "_last", "interval", "thread_id", "users")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self.thread_id = threading.get_ident()
         self.users = 0
         self._last = 0.0
-        self._ticking = False
         self._in_event = False
 
     def acquire(self) -> None:
@@ -284,45 +282,11 @@ class ThreadSampler:
         # a hook that sees no users records nothing.
         self._last = time.perf_counter()
         try:
-            if _on_event_loop():
-                setstatprofile(
-                    target=self._on_event,
-                    interval=self.interval,
-                    context_var=current_request,  # type: ignore[arg-type]  # invariant ContextVar
-                )
-                self._start_ticker()
-            else:
-                # Requests never interleave on a thread without an event loop (a WSGI
-                # worker, a test client): no task switches to watch, so pyinstrument's C
-                # code does no contextvar lookups on every call there.
-                setstatprofile(target=self._on_event, interval=self.interval)
+            setstatprofile(target=self._on_event, interval=self.interval)
         except BaseException:
             self.users -= 1
             setstatprofile(None)
             raise
-
-    def _start_ticker(self) -> None:
-        """On an event loop thread, run a no-op Python callback every ``interval``.
-
-        pyinstrument sees a task switch only at the next Python-level event. A C event
-        loop (uvloop) can suspend a task, sit in epoll and resume it without running any
-        Python code, so the wait would be invisible and charged to whatever frame runs
-        next. The tick runs in an empty context, so a suspended request's switch-out is
-        seen within one interval, with pyinstrument's await stack intact.
-        """
-        if self._ticking:
-            return
-        loop = asyncio.get_running_loop()
-        empty = contextvars.Context()
-        self._ticking = True
-
-        def tick() -> None:
-            if self.users > 0:
-                loop.call_later(self.interval, tick, context=empty)
-            else:
-                self._ticking = False
-
-        loop.call_later(self.interval, tick, context=empty)
 
     def release(self, *, from_finalizer: bool = False) -> None:
         """Remove the hook when the last profiled request on this thread ends.
@@ -347,22 +311,9 @@ class ThreadSampler:
             now = time.perf_counter()
             elapsed = now - self._last
             self._last = now
-            if event == "context_changed":
-                new, old, await_stack = arg
-                if old is not None and not old.closed:
-                    stack = build_call_stack(frame, event, arg)
-                    if await_stack:  # switched out at an await: that is where it waits
-                        stack.extend(reversed(await_stack))
-                        old.add(stack, elapsed, waiting=True)
-                    else:
-                        old.add(stack, elapsed)
-                    old.suspend(stack, now)
-                if new is not None and not new.closed:
-                    new.resume(now)
-            else:
-                request = current_request.get()
-                if request is not None and not request.closed:
-                    request.add(build_call_stack(frame, event, arg), elapsed)
+            request = current_request.get()
+            if request is not None and not request.closed:
+                request.add(build_call_stack(frame, event, arg), elapsed)
         except Exception:
             count("failed.sample")
         finally:
@@ -378,14 +329,6 @@ def _note_collection(phase: str, info: dict[str, int]) -> None:
 
 
 gc.callbacks.append(_note_collection)
-
-
-def _on_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 _local = threading.local()

@@ -26,12 +26,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from pyinstrument.low_level.stat_profile import get_frame_info, setstatprofile
-from pyinstrument.stack_sampler import build_call_stack
+from pyinstrument.low_level.stat_profile import setstatprofile
 
 from ._always_on import always_on_sampler
 from ._failsafe import count, log_failure
-from ._frames import code_head
+from ._frames import code_head, frame_stack, stack_above
 from ._session import RequestProfile, current_request
 
 __all__ = ["install", "run_profiled"]
@@ -65,7 +64,7 @@ def _wrap_anyio() -> None:
             result: T = await original(func, *args, **kwargs)
             return result
         # Where the request waits for the job: the worker's frames go under it.
-        submitted_from = build_call_stack(sys._getframe(1), "initial", None)
+        submitted_from = frame_stack(sys._getframe(1))[::-1]
         job = functools.partial(run_profiled, request, submitted_from, func)
         result = await original(job, *args, **kwargs)
         return result
@@ -84,7 +83,7 @@ def _wrap_thread_pool_executor() -> None:
         if request is None or request.closed:
             future: Future[T] = original(self, fn, *args, **kwargs)
             return future
-        submitted_from = build_call_stack(sys._getframe(1), "initial", None)
+        submitted_from = frame_stack(sys._getframe(1))[::-1]
         job = functools.partial(run_profiled, request, submitted_from, fn)
         future = original(self, job, *args, **kwargs)
         return future
@@ -101,6 +100,7 @@ def run_profiled(
 ) -> T:
     """Run ``func`` on this (worker) thread with a hook feeding ``request``'s profile."""
     stop_code = run_profiled.__code__
+    stop = (stop_code,)
     if request.continuous:  # always-on mode: the sampler thread reads this thread
         sampler = always_on_sampler(request.interval)  # created by the core already
         sampler.register_worker(request, submitted_from, stop_code)
@@ -118,7 +118,7 @@ def run_profiled(
             now = time.perf_counter()
             elapsed, last = now - last, now
             if not request.closed:
-                tail = _stack_above(frame, event, arg, stop_code)
+                tail = stack_above(frame, event, arg, stop)
                 request.add_worker(submitted_from + tail, elapsed)
         except Exception:
             count("failed.sample")
@@ -135,23 +135,6 @@ def run_profiled(
         now = time.perf_counter()
         if not request.closed and now > last:  # the tail since the last sample
             request.add_worker([*submitted_from, _identifier(func)], now - last)
-
-
-def _stack_above(
-    frame: types.FrameType | None, event: str, arg: Any, stop_code: types.CodeType
-) -> list[str]:
-    """The frames between ``run_profiled`` (exclusive) and the sampled one, root first."""
-    stack: list[str] = []
-    if event == "call" and frame is not None:
-        frame = frame.f_back
-    elif event in ("c_return", "c_exception"):
-        name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", "?")
-        stack.append(f"{name}\x00<built-in>\x000")
-    while frame is not None and frame.f_code is not stop_code:
-        stack.append(get_frame_info(frame))
-        frame = frame.f_back
-    stack.reverse()
-    return stack
 
 
 def _identifier(func: Callable[..., Any]) -> str:

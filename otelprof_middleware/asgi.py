@@ -161,11 +161,11 @@ class ProfilingMiddleware:
                 self._core.link(active, send_profiled.base_url)  # made only if a log asks
         except Exception as exc:
             log_failure("profiler.start", exc)
-        if send_profiled is None:
+        if send_profiled is None or active is None:
             await self.app(scope, receive, send)
             return
         try:
-            await self.app(scope, receive, send_profiled)
+            await self._core.confine(active, self.app(scope, receive, send_profiled))
         except Exception:
             send_profiled.failed = True
             raise

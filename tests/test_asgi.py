@@ -340,12 +340,13 @@ def test_crashing_profiler_leaves_the_request_alone(
     closing: list[Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from otelprof_middleware import _session
+    from otelprof_middleware import _task_hook
 
-    def explode(self: Any) -> None:
-        raise RuntimeError("profiler broke")
+    def explode(*args: Any, **kwargs: Any) -> None:
+        if args or kwargs.get("target") is not None:
+            raise RuntimeError("profiler broke")
 
-    monkeypatch.setattr(_session.ThreadSampler, "acquire", explode)
+    monkeypatch.setattr(_task_hook, "setstatprofile", explode)
     app = wrap(otel, store)
     closing.append(app)
     with TestClient(app, client=LOOPBACK) as client:

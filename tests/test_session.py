@@ -7,6 +7,7 @@ import threading
 from pyinstrument.stack_sampler import build_call_stack
 
 from otelprof_middleware._session import RequestProfile, current_request, thread_sampler
+from otelprof_middleware._task_hook import HookedCoroutine, install_task_factory
 
 from .helpers import marker_alpha, marker_beta, text_of
 
@@ -23,15 +24,17 @@ def _new_request(name: str) -> RequestProfile:
 async def _profiled(name: str, work: object, out: dict[str, str]) -> None:
     request = _new_request(name)
     token = current_request.set(request)
-    hook = thread_sampler(0.001)
-    hook.acquire()
-    try:
+    install_task_factory(asyncio.get_running_loop())
+
+    async def body() -> None:
         await asyncio.sleep(0.003)
         work()  # type: ignore[operator]
         await asyncio.sleep(0.003)
+
+    try:
+        await HookedCoroutine(body(), request, main=True)
     finally:
         request.closed = True
-        hook.release()
         current_request.reset(token)
     out[name] = text_of(request.to_session(0.05))
 
@@ -112,28 +115,3 @@ def test_a_hook_exception_never_reaches_user_code() -> None:
     from otelprof_middleware._failsafe import snapshot
 
     assert snapshot().get("failed.sample", 0) > 0
-
-
-def test_hook_firing_during_installation_does_not_remove_itself(monkeypatch: object) -> None:
-    import time as _time
-
-    from otelprof_middleware import _session
-
-    def slow_ticker(self: _session.ThreadSampler) -> None:
-        end = _time.perf_counter() + 0.005  # several intervals of Python calls
-        while _time.perf_counter() < end:
-            abs(-1)
-
-    monkeypatch.setattr(_session.ThreadSampler, "_start_ticker", slow_ticker)  # type: ignore[attr-defined]
-    request = _new_request("x")
-    token = current_request.set(request)
-    hook = _session.ThreadSampler(0.0005)
-    hook.acquire()
-    try:
-        assert sys.getprofile() is not None
-        marker_alpha(0.01)
-    finally:
-        request.closed = True
-        hook.release()
-        current_request.reset(token)
-    assert "marker_alpha" in text_of(request.to_session(0.02))

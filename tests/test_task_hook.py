@@ -1,0 +1,251 @@
+"""Hook mode on an event loop: the hook runs only in the profiled request's own steps.
+
+Concurrent requests share one event loop here (httpx's ASGI transport runs the app in
+the test's loop), as they do under uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from pyinstrument.frame import Frame
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from otelprof_middleware import ProfilingMiddleware, counters
+from otelprof_middleware.stores import MemoryStore
+
+from .helpers import make_provider, marker_alpha, marker_beta
+
+
+@pytest.fixture
+def otel() -> tuple[TracerProvider, InMemorySpanExporter]:
+    return make_provider()
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def closing() -> Iterator[list[ProfilingMiddleware]]:
+    made: list[ProfilingMiddleware] = []
+    yield made
+    for middleware in made:
+        middleware.core.writer.close()
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+def _session_of(store: MemoryStore, app: ProfilingMiddleware, route: str) -> Frame:
+    assert app.core.writer.flush(10)
+    [summary] = [s for s in store.list() if s.route == route]
+    [record] = store.get(summary.trace_id)
+    root = record.session().root_frame()
+    assert root is not None
+    return root
+
+
+def _frames(root: Frame, function: str) -> list[Frame]:
+    found = [root] if root.function == function else []
+    for child in root.children:
+        found.extend(_frames(child, function))
+    return found
+
+
+def _ancestors(frame: Frame) -> list[str]:
+    names = []
+    parent = frame.parent
+    while parent is not None:
+        names.append(parent.function)
+        parent = parent.parent
+    return names
+
+
+@pytest.mark.anyio
+async def test_an_unprofiled_request_runs_without_the_hook(
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    store: MemoryStore,
+    closing: list[ProfilingMiddleware],
+) -> None:
+    """While a profiled request is in flight on the loop, the others run hook-free."""
+    profiled_waits = asyncio.Event()
+    others_done = asyncio.Event()
+    hooks_seen: list[object] = []
+
+    async def slow(request: Request) -> JSONResponse:
+        marker_alpha(0.01)
+        profiled_waits.set()
+        await others_done.wait()  # in flight while the other requests run
+        marker_alpha(0.01)
+        return JSONResponse({"slow": True})
+
+    async def plain(request: Request) -> JSONResponse:
+        await profiled_waits.wait()
+        for _ in range(3):
+            hooks_seen.append(sys.getprofile())
+            marker_beta(0.002)
+            await asyncio.sleep(0)
+        return JSONResponse({"plain": True})
+
+    app = ProfilingMiddleware(
+        Starlette(routes=[Route("/slow", slow), Route("/plain", plain)]),
+        tracer_provider=otel[0],
+        profile_store=store,
+        mode="hook",
+        sample_rate=1.0,
+        exclude_paths=["/plain"],
+    )
+    closing.append(app)
+    async with _client(app) as client:
+        slow_call = asyncio.ensure_future(client.get("/slow"))
+        plain_calls = [asyncio.ensure_future(client.get("/plain")) for _ in range(4)]
+        for response in await asyncio.gather(*plain_calls):
+            assert response.json() == {"plain": True}
+        others_done.set()
+        assert (await slow_call).json() == {"slow": True}
+    assert len(hooks_seen) == 12
+    assert hooks_seen == [None] * 12, "an unprofiled request ran under the profiler's hook"
+    root = _session_of(store, app, "/slow")
+    alpha = sum(f.time for f in _frames(root, "marker_alpha"))
+    assert alpha >= 0.015, alpha
+    assert not _frames(root, "marker_beta"), "another request's work is in the profile"
+    # Its wait for the others is an [await] under its own endpoint.
+    waits = [f for f in _frames(root, "[await]") if "slow" in _ancestors(f)]
+    assert sum(f.time for f in waits) > 0.005
+
+
+@pytest.mark.anyio
+async def test_gather_children_and_their_waits_stay_under_the_endpoint(
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    store: MemoryStore,
+    closing: list[ProfilingMiddleware],
+) -> None:
+    """asyncio.gather: the children's work and the wait both sit under the endpoint."""
+
+    async def child() -> None:
+        marker_beta(0.01)
+        await asyncio.sleep(0.03)
+
+    async def fan_out(request: Request) -> JSONResponse:
+        await asyncio.gather(child(), child())
+        return JSONResponse({"ok": True})
+
+    app = ProfilingMiddleware(
+        Starlette(routes=[Route("/fan-out", fan_out)]),
+        tracer_provider=otel[0],
+        profile_store=store,
+        mode="hook",
+        sample_rate=1.0,
+        min_duration_ms=0,
+    )
+    closing.append(app)
+    async with _client(app) as client:
+        assert (await client.get("/fan-out")).json() == {"ok": True}
+    root = _session_of(store, app, "/fan-out")
+    markers = _frames(root, "marker_beta")
+    assert sum(f.time for f in markers) >= 0.015
+    assert all("fan_out" in _ancestors(f) for f in markers), "child work not under endpoint"
+    waits = _frames(root, "[await]")
+    under = sum(f.time for f in waits if "fan_out" in _ancestors(f))
+    elsewhere = sum(f.time for f in waits if "fan_out" not in _ancestors(f))
+    assert under >= 0.02, (under, elsewhere)
+    assert elsewhere < 0.005, (under, elsewhere)
+    # Nothing counted twice: the tree holds no more time than the request took.
+    [summary] = store.list()
+    assert root.time <= summary.duration_ms / 1000 * 1.05, (root.time, summary.duration_ms)
+
+
+@pytest.mark.anyio
+async def test_base_http_middleware_child_task_is_profiled(
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    store: MemoryStore,
+    closing: list[ProfilingMiddleware],
+) -> None:
+    """Starlette's BaseHTTPMiddleware runs the endpoint in a task of its own."""
+
+    class Passing(BaseHTTPMiddleware):
+        async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+            return await call_next(request)
+
+    async def work(request: Request) -> JSONResponse:
+        marker_alpha(0.02)
+        await asyncio.sleep(0.01)
+        return JSONResponse({"ok": True})
+
+    app = ProfilingMiddleware(
+        Starlette(routes=[Route("/work", work)], middleware=[Middleware(Passing)]),
+        tracer_provider=otel[0],
+        profile_store=store,
+        mode="hook",
+        sample_rate=1.0,
+        min_duration_ms=0,
+    )
+    closing.append(app)
+    async with _client(app) as client:
+        for _ in range(3):
+            assert (await client.get("/work")).json() == {"ok": True}
+    assert app.core.writer.flush(10)
+    for summary in store.list():
+        [record] = store.get(summary.trace_id)
+        root = record.session().root_frame()
+        assert root is not None
+        alpha = sum(f.time for f in _frames(root, "marker_alpha"))
+        assert alpha >= 0.015, alpha
+        assert all("work" in _ancestors(f) for f in _frames(root, "marker_alpha"))
+    assert counters().get("failed.sample", 0) == 0
+
+
+@pytest.mark.anyio
+async def test_another_profilers_hook_is_left_alone(
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    store: MemoryStore,
+    closing: list[ProfilingMiddleware],
+) -> None:
+    """A hook that is not ours (a debugger, another profiler) is neither replaced nor
+    removed by the request's steps."""
+    calls: list[str] = []
+
+    def theirs(frame: Any, event: str, arg: Any) -> None:
+        calls.append(event)
+
+    async def endpoint(request: Request) -> JSONResponse:
+        marker_alpha(0.002)
+        await asyncio.sleep(0)
+        return JSONResponse({"ok": True})
+
+    app = ProfilingMiddleware(
+        Starlette(routes=[Route("/x", endpoint)]),
+        tracer_provider=otel[0],
+        profile_store=store,
+        mode="hook",
+        sample_rate=1.0,
+        min_duration_ms=0,
+    )
+    closing.append(app)
+    async with _client(app) as client:
+        sys.setprofile(theirs)
+        try:
+            response = await client.get("/x")
+            still_theirs = sys.getprofile() is theirs
+        finally:
+            sys.setprofile(None)
+    assert response.json() == {"ok": True}
+    assert still_theirs
+    assert calls, "the other profiler stopped seeing events"
+    assert counters().get("skipped.foreign_hook", 0) >= 1
