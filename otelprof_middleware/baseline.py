@@ -4,19 +4,21 @@ A *baseline* is the recent kept profiles of one route combined into one pyinstru
 session (pyinstrument's ``Session.combine``), so every renderer draws "what this route
 usually does". A *diff* puts one request next to that baseline, function by function:
 the time each function was on the stack (inclusive, counted once per sample even when
-recursive) in this request versus the mean over the baseline's requests.
+recursive) in this request versus the mean over the baseline's requests. A *diff tree*
+does the same per call path (frame by frame, as a flame graph draws them), with self
+and total time on each side.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import reduce
 
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER, OUT_OF_CONTEXT_FRAME_IDENTIFIER
 from pyinstrument.session import Session
 
-__all__ = ["DiffRow", "FunctionKey", "combine", "diff", "function_times"]
+__all__ = ["DiffNode", "DiffRow", "FunctionKey", "combine", "diff", "diff_tree", "function_times"]
 
 FunctionKey = tuple[str, str, int]
 """(function name, file, first line): one function, whatever line it was sampled at."""
@@ -126,3 +128,77 @@ def diff(request: Session, baseline: Sequence[Session]) -> list[DiffRow]:
         )
     rows.sort(key=lambda row: (-abs(row.delta_ms), row.function, row.filename, row.line))
     return rows
+
+
+@dataclass(slots=True)
+class DiffNode:
+    """One call path of a diff tree: a frame of this request and its route's mean.
+
+    Times are in seconds. ``total`` includes the children, ``self`` is the time with this
+    frame on top of the stack; ``baseline_*`` are means over the baseline's requests
+    (0 where the baseline never ran this path, and the ``request_*`` are 0 where this
+    request never did).
+    """
+
+    key: FunctionKey
+    request_total: float = 0.0
+    request_self: float = 0.0
+    baseline_total: float = 0.0
+    baseline_self: float = 0.0
+    children: dict[FunctionKey, DiffNode] = field(default_factory=dict)
+
+    @property
+    def delta_total(self) -> float:
+        """``request_total - baseline_total``: positive when this request took longer."""
+        return self.request_total - self.baseline_total
+
+    @property
+    def delta_self(self) -> float:
+        """``request_self - baseline_self``."""
+        return self.request_self - self.baseline_self
+
+    def child(self, key: FunctionKey) -> DiffNode:
+        """The child for ``key``, created when missing."""
+        node = self.children.get(key)
+        if node is None:
+            node = self.children[key] = DiffNode(key)
+        return node
+
+
+ROOT_KEY: FunctionKey = ("", "", 0)
+"""The key of a diff tree's root (all samples; not a function)."""
+
+
+def diff_tree(request: Session, baseline: Sequence[Session]) -> DiffNode:
+    """``request``'s call tree merged with the mean call tree of ``baseline``.
+
+    Paths are compared by function (name, file, first line), with pyinstrument's
+    synthetic ``[await]``/out-of-context frames and thread roots left out, so a path is
+    the same in every request of a route. An empty ``baseline`` gives zeros on its side.
+    """
+    root = DiffNode(ROOT_KEY)
+    _add(root, request, 1.0, baseline_side=False)
+    for session in baseline:
+        _add(root, session, 1.0 / len(baseline), baseline_side=True)
+    return root
+
+
+def _add(root: DiffNode, session: Session, weight: float, *, baseline_side: bool) -> None:
+    for stack, seconds in session.frame_records:
+        value = seconds * weight
+        node = root
+        path = [node]
+        for identifier in stack:
+            key = _key(identifier)
+            if key is not None:
+                node = node.child(key)
+                path.append(node)
+        for step in path:
+            if baseline_side:
+                step.baseline_total += value
+            else:
+                step.request_total += value
+        if baseline_side:
+            node.baseline_self += value
+        else:
+            node.request_self += value

@@ -12,9 +12,18 @@ Routes, under ``prefix`` (default ``/debug/profile``):
   "url"}, ...]}`` (``kept_reason``: why the profile was kept, ``""`` when stored by an
   older version). Filters: ``route=``,
   ``min_duration_ms=``, ``order=newest|slowest``, ``limit=`` (1..1000, default 100).
-- ``GET {prefix}/{trace_id}``: that trace's profile, ``?format=html|speedscope|text|
-  json|folded`` (default ``html``), ``?span_id=`` to pick one when the trace crossed
-  this service more than once (without it: a list of that trace's profiles).
+  The HTML index adds, per route, a histogram of the listed profiles' durations.
+- ``GET {prefix}/{trace_id}`` (HTML): the trace page, every profiled span of the trace
+  the store holds, from every service sharing it, as a waterfall in start order.
+- ``GET {prefix}/{trace_id}?span_id=``: that span's profile. As HTML, a page with the
+  request's facts and links around pyinstrument's flame graph (drawn in an
+  ``<iframe>`` of ``{prefix}/{trace_id}/flame?span_id=``, pyinstrument's own page);
+  ``?format=speedscope|text|json|folded`` give the other formats. Without ``span_id``
+  these formats give the trace's one profile, or the list when it has several.
+- ``GET {prefix}/{trace_id}/diff?span_id=``: the request against its route's baseline,
+  as a differential flame graph and a function table (``?format=json``: the table).
+- ``GET {prefix}/route?route=``: the route's baseline (recent profiles combined), framed
+  like a profile (``{prefix}/route/flame?route=`` is pyinstrument's page of it).
 - ``HEAD`` like ``GET`` without a body; other methods answer 405.
 
 Every answer carries a Content-Security-Policy, ``nosniff``, ``no-referrer`` and
@@ -43,7 +52,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from pyinstrument.session import Session
 
-from . import baseline
+from . import _svg, baseline
 from ._config import DEBUG_PREFIX
 from ._failsafe import count, log_failure
 from ._net import is_loopback
@@ -90,12 +99,18 @@ _PAGE_CSP = (
 _DATA_CSP = (
     "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; sandbox"
 )
+# The frame around a profile: our markup, no script, and pyinstrument's page of the same
+# origin in an <iframe>.
+_FRAME_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 # pyinstrument's page: its two inline scripts, allowed by hash, so nothing injected
-# can run; inline styles (its app sets style attributes); its data: images. Its
-# Google Fonts stylesheet is deliberately not allowed: nothing external.
+# can run; inline styles (its app sets style attributes); its data: images. Nothing
+# external (render() removes its web-font link). Framed by our own pages only.
 _PROFILE_CSP = (
     "default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; img-src data:; "
-    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
 )
 _TEXT = "text/plain; charset=utf-8"
 _HTML = "text/html; charset=utf-8"
@@ -291,10 +306,10 @@ class Viewer:
         rest = request.path[len(self._prefix) :].strip("/")
         if not rest:
             return self._index(request, query)
-        if rest == "route":
-            return self._baseline(query)
+        if rest in ("route", "route/flame"):
+            return self._baseline(request, query, bare=rest == "route/flame")
         trace_id, _, page = rest.partition("/")
-        if page not in ("", "diff"):
+        if page not in ("", "diff", "flame"):
             raise _Abort(404, "not a profile viewer page.\n")
         if not is_trace_id(trace_id):
             raise _Abort(
@@ -302,15 +317,15 @@ class Viewer:
             )
         if page == "diff":
             return self._diff(request, query, trace_id)
-        return self._profile(request, query, trace_id)
+        return self._profile(request, query, trace_id, bare=page == "flame")
 
     # route baselines
 
-    def _baseline_sessions(
+    def _baseline_summaries(
         self, route: str, limit: int, exclude: ProfileSummary | None = None
-    ) -> list[Session]:
+    ) -> list[ProfileSummary]:
         try:
-            summaries = [
+            return [
                 s
                 for s in self._store.list(route=route, limit=limit + 1)
                 if s.route == route
@@ -319,6 +334,15 @@ class Viewer:
                     or (s.trace_id, s.span_id) != (exclude.trace_id, exclude.span_id)
                 )
             ][:limit]
+        except Exception as exc:
+            log_failure("viewer.store", exc)
+            raise _Abort(503, "profile store unavailable.\n") from None
+
+    def _baseline_sessions(
+        self, route: str, limit: int, exclude: ProfileSummary | None = None
+    ) -> list[Session]:
+        summaries = self._baseline_summaries(route, limit, exclude)
+        try:
             records = [r for s in summaries for r in self._store.get(s.trace_id, s.span_id)]
         except Exception as exc:
             log_failure("viewer.store", exc)
@@ -329,7 +353,9 @@ class Viewer:
             log_failure("viewer.decode", exc)
             raise _Abort(422, "a stored profile is corrupt; the error was logged.\n") from None
 
-    def _baseline(self, query: dict[str, list[str]]) -> ViewerResponse:
+    def _baseline(
+        self, request: ViewerRequest, query: dict[str, list[str]], *, bare: bool
+    ) -> ViewerResponse:
         route = _one(query, "route")
         if not route:
             raise _Abort(400, "route is required, e.g. ?route=/items/{item_id}\n")
@@ -340,13 +366,21 @@ class Viewer:
             raise _Abort(
                 400, f"unknown format {_shown(fmt)}; expected one of {', '.join(FORMATS)}.\n"
             )
+        if bare and fmt != "html":
+            raise _Abort(400, "the flame page is html; use ?format= on the baseline page.\n")
         limit = _bounded_int(query, "limit", BASELINE_LIMIT, MAX_BASELINE_LIMIT)
+        if fmt == "html" and not bare:
+            summaries = self._baseline_summaries(route, limit)
+            if not summaries:
+                raise _Abort(404, "no kept profiles of this route yet.\n")
+            page = _baseline_frame(self._links(request), route, limit, summaries)
+            return _response(200, _HTML, page.encode("utf-8"), _FRAME_CSP)
         sessions = self._baseline_sessions(route, limit)
         if not sessions:
             raise _Abort(404, "no kept profiles of this route yet.\n")
         combined = baseline.combine(sessions)
         combined.target_description = (
-            f"{route}: {len(sessions)} recent request{'s' if len(sessions) > 1 else ''} combined"
+            f"{route}: baseline of {len(sessions)} recent request{'s' if len(sessions) > 1 else ''}"
         )
         return self._render_session(combined, fmt, "baseline")
 
@@ -378,7 +412,9 @@ class Viewer:
         try:
             # No other kept profile of the route yet (the span link is made when the first
             # is kept): the page says so, with nothing to compare, rather than a 404.
-            rows = baseline.diff(record.session(), sessions) if sessions else []
+            session = record.session()
+            rows = baseline.diff(session, sessions) if sessions else []
+            tree = baseline.diff_tree(session, sessions) if fmt == "html" and sessions else None
         except Exception as exc:
             log_failure("viewer.diff", exc)
             raise _Abort(422, "the comparison failed; the error was logged.\n") from None
@@ -394,7 +430,8 @@ class Viewer:
                 indent=1,
             )
             return _response(200, _JSON, (body + "\n").encode("utf-8"), _DATA_CSP)
-        page = _diff_page(self._links(request), record.summary, len(sessions), rows)
+        flame = _svg.flame_diff(tree) if tree is not None else ""
+        page = _diff_page(self._links(request), record.summary, len(sessions), rows, flame)
         return _response(200, _HTML, page.encode("utf-8"), _PAGE_CSP)
 
     def _index(self, request: ViewerRequest, query: dict[str, list[str]]) -> ViewerResponse:
@@ -416,17 +453,33 @@ class Viewer:
             raise _Abort(503, "profile store unavailable.\n") from None
         if fmt == "json":
             return self._json_list(request, summaries)
-        page = _index_page(self._links(request), filters, summaries)
+        distribution = summaries
+        if summaries and len(summaries) == filters.limit and filters.limit < MAX_LIMIT:
+            # The histograms describe every stored profile the filters match (up to
+            # MAX_LIMIT), not only the rows of this page.
+            try:
+                distribution = list(
+                    self._store.list(
+                        limit=MAX_LIMIT,
+                        route=filters.route,
+                        min_duration_ms=filters.min_duration_ms,
+                    )
+                )
+            except Exception as exc:
+                log_failure("viewer.store", exc)
+        page = _index_page(self._links(request), filters, summaries, distribution)
         return _response(200, _HTML, page.encode("utf-8"), _PAGE_CSP)
 
     def _profile(
-        self, request: ViewerRequest, query: dict[str, list[str]], trace_id: str
+        self, request: ViewerRequest, query: dict[str, list[str]], trace_id: str, *, bare: bool
     ) -> ViewerResponse:
         fmt = _one(query, "format") or "html"
         if fmt not in FORMATS:
             raise _Abort(
                 400, f"unknown format {_shown(fmt)}; expected one of {', '.join(FORMATS)}.\n"
             )
+        if bare and fmt != "html":
+            raise _Abort(400, "the flame page is html; use ?format= on the profile page.\n")
         span_id = _one(query, "span_id")
         if span_id is not None and not is_span_id(span_id):
             raise _Abort(
@@ -449,12 +502,21 @@ class Viewer:
                 + (" and span" if span_id else "")
                 + ": it was not kept, not written yet, or has been evicted.\n",
             )
+        links = self._links(request)
+        if fmt == "html" and not bare and span_id is None:
+            page = _trace_page(links, trace_id, fmt, [record.summary for record in records])
+            return _response(200, _HTML, page.encode("utf-8"), _PAGE_CSP)
         if len(records) > 1:
+            if bare:
+                raise _Abort(400, "this trace has several profiles here: add ?span_id=...\n")
             summaries = [record.summary for record in records]
             if fmt == "json":
                 return self._json_list(request, summaries)
-            page = _trace_page(self._links(request), trace_id, fmt, summaries)
+            page = _trace_page(links, trace_id, fmt, summaries)
             return _response(200, _HTML, page.encode("utf-8"), _PAGE_CSP)
+        if fmt == "html" and not bare:
+            page = _profile_frame(links, records[0].summary)
+            return _response(200, _HTML, page.encode("utf-8"), _FRAME_CSP)
         return self._render(records[0], fmt)
 
     def _render(self, record: ProfileRecord, fmt: str) -> ViewerResponse:
@@ -484,6 +546,7 @@ class Viewer:
         extra: list[tuple[str, str]] = []
         if fmt == "html":
             csp = _PROFILE_CSP.format(scripts=" ".join(inline_script_hashes(body)) or "'none'")
+            extra.append(("x-frame-options", "SAMEORIGIN"))
         else:
             csp = _DATA_CSP
         if fmt == "speedscope":
@@ -638,9 +701,10 @@ def _response(
         ("x-content-type-options", "nosniff"),
         ("referrer-policy", "no-referrer"),
         ("cache-control", "no-store"),
-        ("x-frame-options", "DENY"),
         *extra,
     ]
+    if not any(name == "x-frame-options" for name, _ in extra):
+        headers.append(("x-frame-options", "DENY"))
     return ViewerResponse(status, headers, body)
 
 
@@ -664,6 +728,27 @@ code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-
 .muted { color: #777; }
 .note { background: #f6f6f6; padding: .8rem 1rem; border-radius: 4px; max-width: 48rem; }
 a { color: #0b5cad; }
+nav.crumbs { font-size: .85rem; margin-bottom: .4rem; }
+dl.facts { display: flex; flex-wrap: wrap; gap: .2rem 1.4rem; margin: .4rem 0; }
+dl.facts div { display: flex; flex-direction: column; }
+dl.facts dt { font-size: .72rem; color: #666; text-transform: uppercase; }
+dl.facts dd { margin: 0; }
+p.links { margin: .4rem 0 0; font-size: .9rem; }
+.status-error { color: #b00020; font-weight: 600; }
+.wf { position: relative; min-width: 16rem; height: 14px; background: #f3f3f3; }
+.wf .bar { position: absolute; top: 0; height: 14px; background: #6b8fb5; }
+td.chart { padding: 0 .6rem; vertical-align: middle; }
+svg.flamediff { display: block; max-width: 100%; margin: .5rem 0 1rem; }
+svg.flamediff g.frame:hover rect { stroke: #000; stroke-width: .8; }
+.legend span { display: inline-block; padding: 0 .4rem; margin-right: .4rem; }
+"""
+# The frame around pyinstrument's page: a header, then the flame graph filling the window.
+_FRAME_STYLE = """
+html, body { height: 100%; }
+body { margin: 0; display: flex; flex-direction: column; }
+header { padding: .8rem 1.2rem .6rem; border-bottom: 1px solid #ddd; background: #fafafa; }
+header h1 { margin: 0; font-size: 1.15rem; }
+iframe { flex: 1; width: 100%; border: 0; min-height: 24rem; }
 """
 
 
@@ -671,13 +756,161 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _page(title: str, body: str) -> str:
+def _page(title: str, body: str, *, heading: str | None = None, style: str = "") -> str:
+    """A whole page: ``title`` in the browser tab, ``heading`` (default: the title, as
+    text) as its ``<h1>``, then ``body``; ``heading`` and ``body`` are markup."""
+    h1 = f"<h1>{_e(title)}</h1>\n" if heading is None else heading
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{_e(title)}</title>\n<style>{_STYLE}</style>\n</head>\n"
-        f"<body>\n<h1>{_e(title)}</h1>\n{body}</body>\n</html>\n"
+        f"<title>{_e(title)}</title>\n<style>{_STYLE}{style}</style>\n</head>\n"
+        f"<body>\n{h1}{body}</body>\n</html>\n"
     )
+
+
+def _ms_text(duration_ms: float) -> str:
+    """A duration for titles: ``312 ms``, ``4.2 ms``."""
+    return f"{duration_ms:.0f} ms" if duration_ms >= 10 else f"{duration_ms:.1f} ms"
+
+
+def _request_name(summary: ProfileSummary) -> str:
+    return f"{summary.method} {summary.route or '(no route matched)'}"
+
+
+_CRUMB = " &rsaquo; "
+
+_KEPT_BECAUSE = {
+    "slow": "slow for its route",
+    "error": "it failed",
+    "triggered": "asked for (trigger)",
+    "min_duration": "over min_duration_ms",
+}
+_MODES = {"hook": "pyinstrument hook", "always_on": "always-on sampler"}
+
+
+def _facts(pairs: Sequence[tuple[str, str]]) -> str:
+    """``(label, markup)`` pairs as a definition list."""
+    items = "".join(f"<div><dt>{_e(label)}</dt><dd>{value}</dd></div>" for label, value in pairs)
+    return f'<dl class="facts">{items}</dl>\n'
+
+
+def _trace_path(prefix: str, trace_id: str) -> str:
+    return f"{prefix}/{quote(trace_id, safe='')}"
+
+
+def _trace_crumb(prefix: str, trace_id: str) -> str:
+    return _link(_trace_path(prefix, trace_id), f"trace {trace_id[:8]}…", "the trace page")
+
+
+def _diff_path(prefix: str, summary: ProfileSummary) -> str:
+    return f"{_trace_path(prefix, summary.trace_id)}/diff?" + urlencode(
+        {"span_id": summary.span_id}
+    )
+
+
+def _baseline_path(
+    prefix: str, route: str, *, flame: bool = False, extra: Mapping[str, str] | None = None
+) -> str:
+    return f"{prefix}/route{'/flame' if flame else ''}?" + urlencode(
+        {"route": route, **(extra or {})}
+    )
+
+
+def _link(href: str, text: str, title: str = "") -> str:
+    hint = f' title="{_e(title)}"' if title else ""
+    return f'<a href="{_e(href)}"{hint}>{_e(text)}</a>'
+
+
+def _profile_frame(prefix: str, s: ProfileSummary) -> str:
+    """One profile: its request's facts and links, pyinstrument's page below."""
+    title = f"{_request_name(s)} {_ms_text(s.duration_ms)} · otelprof"
+    status_class = ' class="status-error"' if s.status_code >= 500 else ""
+    heading = (
+        f'<header>\n<nav class="crumbs">{_link(prefix, "otelprof: all profiles")}{_CRUMB}'
+        f"{_trace_crumb(prefix, s.trace_id)}{_CRUMB}"
+        "this request</nav>\n"
+        f'<h1>{_e(s.method)} <span class="mono">{_e(s.route or "(no route matched)")}</span> '
+        f"<span{status_class}>{_e(s.status_code)}</span> · {s.duration_ms:.1f} ms</h1>\n"
+    )
+    mode = _MODES.get(s.mode, s.mode)
+    kept = s.kept_reason and f"{s.kept_reason} ({_KEPT_BECAUSE.get(s.kept_reason, '?')})"
+    facts = _facts(
+        [
+            ("Trace id", f'<span class="mono">{_e(s.trace_id)}</span>'),
+            ("Span id", f'<span class="mono">{_e(s.span_id)}</span>'),
+            ("Service", _e(s.service) if s.service else '<span class="muted">—</span>'),
+            ("When (UTC)", f'<span class="mono">{_e(_utc(s.start_time))}</span>'),
+            ("Mode", f"{_e(mode)}, every {s.interval_ms:g} ms"),
+            ("Samples", _e(s.sample_count)),
+            ("Kept because", _e(kept) if kept else '<span class="muted">not recorded</span>'),
+        ]
+    )
+    links = [_link(_trace_path(prefix, s.trace_id), "trace page", "every profiled span of it")]
+    if s.route:
+        links.append(_link(_diff_path(prefix, s), "this request vs its route"))
+        links.append(_link(_baseline_path(prefix, s.route), "route baseline", "recent combined"))
+    formats = " ".join(
+        _link(_profile_path(prefix, s, fmt), fmt)
+        for fmt in ("text", "speedscope", "json", "folded")
+    )
+    flame = f"{_trace_path(prefix, s.trace_id)}/flame?" + urlencode({"span_id": s.span_id})
+    links.append(f"formats: {formats}")
+    links.append(_link(flame, "flame graph alone"))
+    links.append(_link(prefix, "all profiles"))
+    header = heading + facts + f'<p class="links">{" · ".join(links)}</p>\n</header>\n'
+    frame = f'<iframe src="{_e(flame)}" title="flame graph of {_e(_request_name(s))}"></iframe>\n'
+    return _page(title, frame, heading=header, style=_FRAME_STYLE)
+
+
+def _baseline_frame(
+    prefix: str, route: str, limit: int, summaries: Sequence[ProfileSummary]
+) -> str:
+    """A route's baseline: what it combines, links, pyinstrument's page below."""
+    count = len(summaries)
+    requests = f"{count} request{'s' if count != 1 else ''}"
+    title = f"Baseline {route} · {requests} · otelprof"
+    durations = sorted(s.duration_ms for s in summaries)
+    methods = sorted({s.method for s in summaries})
+    heading = (
+        f'<header>\n<nav class="crumbs">{_link(prefix, "otelprof: all profiles")}{_CRUMB}'
+        "route baseline</nav>\n"
+        f'<h1>Baseline of <span class="mono">{_e(route)}</span>: the {requests} most '
+        "recently kept, combined</h1>\n"
+    )
+    facts = _facts(
+        [
+            ("Methods", _e(", ".join(methods))),
+            ("Median", f"{_svg.percentile(durations, 50):.1f} ms"),
+            ("95th percentile", f"{_svg.percentile(durations, 95):.1f} ms"),
+            ("Slowest", f"{durations[-1]:.1f} ms"),
+            (
+                "From (UTC)",
+                f'<span class="mono">{_e(_utc(min(s.start_time for s in summaries)))}</span>',
+            ),
+            (
+                "To (UTC)",
+                f'<span class="mono">{_e(_utc(max(s.start_time for s in summaries)))}</span>',
+            ),
+        ]
+    )
+    extra = {} if limit == BASELINE_LIMIT else {"limit": str(limit)}
+    formats = " ".join(
+        _link(_baseline_path(prefix, route, extra={**extra, "format": fmt}), fmt)
+        for fmt in ("text", "speedscope", "json", "folded")
+    )
+    flame = _baseline_path(prefix, route, flame=True, extra=extra)
+    route_index = prefix + "?" + urlencode({"route": route, "order": "slowest"})
+    links = [
+        _link(route_index, "this route's profiles", "slowest first"),
+        f"formats: {formats}",
+        _link(flame, "flame graph alone"),
+        _link(prefix, "all profiles"),
+    ]
+    header = heading + facts + f'<p class="links">{" · ".join(links)}</p>\n</header>\n'
+    frame = (
+        f'<iframe src="{_e(flame)}" title="flame graph of the baseline of {_e(route)}"></iframe>\n'
+    )
+    return _page(title, frame, heading=header, style=_FRAME_STYLE)
 
 
 def _utc(epoch: float) -> str:
@@ -703,7 +936,54 @@ def _kept_cell(summary: ProfileSummary) -> str:
     return '<td class="kept muted" title="not recorded (stored by an older version)">—</td>'
 
 
-def _index_page(prefix: str, filters: _Filters, summaries: Sequence[ProfileSummary]) -> str:
+def _routes_section(prefix: str, filters: _Filters, summaries: Sequence[ProfileSummary]) -> str:
+    """Per route: how many stored profiles, their median, 95th percentile and slowest, and
+    a histogram of their durations (one log scale for every route, so they compare)."""
+    by_route: dict[tuple[str, str], list[float]] = {}
+    for s in summaries:
+        by_route.setdefault((s.route, s.method), []).append(s.duration_ms)
+    if not by_route:
+        return ""
+    every = [d for durations in by_route.values() for d in durations]
+    low, high = max(min(every), 0.1), max(every)
+    ordered = sorted(by_route.items(), key=lambda item: (-len(item[1]), item[0]))[:30]
+    rows = []
+    for (route, method), durations in ordered:
+        durations.sort()
+        only = _link(
+            prefix + "?" + filters.query(route=route, order="slowest"),
+            route or "(no route matched)",
+            "this route's profiles, slowest first",
+        )
+        base = _link(_baseline_path(prefix, route), "baseline") if route else ""
+        rows.append(
+            "<tr>"
+            f"<td>{_e(method)}</td>"
+            f'<td class="mono">{only}</td>'
+            f'<td class="num">{len(durations)}</td>'
+            f'<td class="num">{_svg.percentile(durations, 50):.1f}</td>'
+            f'<td class="num">{_svg.percentile(durations, 95):.1f}</td>'
+            f'<td class="num">{durations[-1]:.1f}</td>'
+            f'<td class="chart">{_svg.duration_histogram(durations, low, high)}</td>'
+            f'<td class="muted">{base}</td>'
+            "</tr>\n"
+        )
+    return (
+        f'<h2>Routes</h2>\n<p class="muted">Durations of {len(every)} stored profiles, per '
+        f"route (log scale from {low:.1f} to {high:.1f} ms; red: slower than the route's "
+        "95th percentile).</p>\n"
+        "<table>\n<thead><tr><th>Method</th><th>Route</th><th>Profiles</th><th>Median (ms)</th>"
+        "<th>p95 (ms)</th><th>Slowest (ms)</th><th>Distribution</th><th></th></tr></thead>\n"
+        "<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n<h2>Profiles</h2>\n"
+    )
+
+
+def _index_page(
+    prefix: str,
+    filters: _Filters,
+    summaries: Sequence[ProfileSummary],
+    distribution: Sequence[ProfileSummary] = (),
+) -> str:
     order_options = "".join(
         f'<option value="{o}"{" selected" if o == filters.order else ""}>{o} first</option>'
         for o in ORDERS
@@ -737,7 +1017,7 @@ def _index_page(prefix: str, filters: _Filters, summaries: Sequence[ProfileSumma
                 "<code>min_duration_ms</code> (<code>OTELPROF_MIN_DURATION_MS</code>). "
                 "Each kept profile is also linked from its request's server span."
             )
-        return _page("otelprof — recent profiles", form + f'<p class="note">{note}</p>\n')
+        return _page("Recent profiles · otelprof", form + f'<p class="note">{note}</p>\n')
     rows = []
     for s in summaries:
         link = _e(_profile_path(prefix, s))
@@ -746,12 +1026,8 @@ def _index_page(prefix: str, filters: _Filters, summaries: Sequence[ProfileSumma
             for fmt in ("text", "speedscope", "json")
         )
         if s.route:
-            diff_link = f"{prefix}/{s.trace_id}/diff?" + urlencode({"span_id": s.span_id})
-            others += f' · <a href="{_e(diff_link)}" title="this request vs its route">vs route</a>'
-            baseline_link = prefix + "/route?" + urlencode({"route": s.route})
-            others += (
-                f' <a href="{_e(baseline_link)}" title="recent requests combined">baseline</a>'
-            )
+            others += " · " + _link(_diff_path(prefix, s), "vs route", "this request vs its route")
+            others += " " + _link(_baseline_path(prefix, s.route), "baseline", "recent combined")
 
         route_link = _e(prefix + "?" + filters.query(route=s.route))
         rows.append(
@@ -776,7 +1052,8 @@ def _index_page(prefix: str, filters: _Filters, summaries: Sequence[ProfileSumma
         "<th>Other formats</th>"
         "</tr></thead>\n<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n"
     )
-    return _page("otelprof — recent profiles", form + table)
+    routes = _routes_section(prefix, filters, distribution or summaries)
+    return _page("Recent profiles · otelprof", form + routes + table)
 
 
 def _bounded_int(query: dict[str, list[str]], name: str, default: int, high: int) -> int:
@@ -789,11 +1066,15 @@ def _bounded_int(query: dict[str, list[str]], name: str, default: int, high: int
 
 
 def _diff_page(
-    prefix: str, summary: ProfileSummary, baseline_count: int, rows: Sequence[baseline.DiffRow]
+    prefix: str,
+    summary: ProfileSummary,
+    baseline_count: int,
+    rows: Sequence[baseline.DiffRow],
+    flame: str = "",
 ) -> str:
     def table(title: str, chosen: Sequence[baseline.DiffRow]) -> str:
         if not chosen:
-            return f'<h2>{_e(title)}</h2>\n<p class="muted">None.</p>\n'
+            return f'<h3>{_e(title)}</h3>\n<p class="muted">None.</p>\n'
         body = "".join(
             "<tr>"
             f'<td class="mono">{_e(row.function)}</td>'
@@ -807,7 +1088,7 @@ def _diff_page(
             for row in chosen
         )
         return (
-            f"<h2>{_e(title)}</h2>\n<table>\n<thead><tr><th>Function</th><th>Where</th>"
+            f"<h3>{_e(title)}</h3>\n<table>\n<thead><tr><th>Function</th><th>Where</th>"
             "<th>This request (ms)</th><th>Route mean (ms)</th><th>Difference (ms)</th>"
             "<th>Share here</th><th>Share usually</th></tr></thead>\n<tbody>\n"
             + body
@@ -816,45 +1097,105 @@ def _diff_page(
 
     more = [row for row in rows if row.delta_ms > 0][:30]
     less = [row for row in rows if row.delta_ms < 0][:30]
-    route_link = prefix + "/route?" + urlencode({"route": summary.route})
+    title = f"{_request_name(summary)} {_ms_text(summary.duration_ms)} vs route · otelprof"
+    heading = (
+        f'<nav class="crumbs">{_link(prefix, "otelprof: all profiles")}{_CRUMB}'
+        f"{_trace_crumb(prefix, summary.trace_id)}{_CRUMB}"
+        f"{_link(_profile_path(prefix, summary), 'this request')}{_CRUMB}vs its route</nav>\n"
+        f'<h1>{_e(summary.method)} <span class="mono">{_e(summary.route)}</span> '
+        f"{summary.duration_ms:.1f} ms against its route</h1>\n"
+    )
     intro = (
         f'<p>Request <a class="mono" href="{_e(_profile_path(prefix, summary))}">'
         f"{_e(summary.trace_id)}</a> ({_e(summary.method)} "
         f'<span class="mono">{_e(summary.route)}</span>, {summary.duration_ms:.1f} ms) '
-        f'against the mean of the <a href="{_e(route_link)}">{baseline_count} other recent '
-        f"profile{'s' if baseline_count != 1 else ''} of its route</a>. Times are inclusive: "
-        "the time each function was on the stack, waits included.</p>\n"
+        f'against the mean of the <a href="{_e(_baseline_path(prefix, summary.route))}">'
+        f"{baseline_count} other recent profile{'s' if baseline_count != 1 else ''} of its "
+        "route</a>. Times are inclusive: the time each function was on the stack, waits "
+        "included.</p>\n"
     )
     if baseline_count == 0:
         body = intro + (
             '<p class="muted">This is the only kept profile of its route so far: there is '
             "nothing to compare it with yet. Come back when the route has more.</p>\n"
         )
+        return _page(title, body, heading=heading)
+    if flame:
+        graph = (
+            '<h2>Flame graph</h2>\n<p class="legend muted">This request\'s call paths, as wide '
+            "as the time they took here, coloured by the route's mean: "
+            '<span style="background:#e57373">took longer</span>'
+            '<span style="background:#7fa8cc">took less</span>'
+            '<span style="background:#e8e8e8">about the same</span> '
+            "(by at least 2% of the request). Hover a frame for its self and total time here "
+            "and usually. Paths the route usually runs and this request did not are in the "
+            "tables only.</p>\n" + flame
+        )
     else:
-        body = intro + table("Took more time than usual", more) + table("Took less time", less)
-    return _page("otelprof — request vs route baseline", body)
+        graph = '<p class="muted">No samples in this request: nothing to draw.</p>\n'
+    body = (
+        intro
+        + graph
+        + "<h2>Functions</h2>\n"
+        + table("Took more time than usual", more)
+        + table("Took less time", less)
+    )
+    return _page(title, body, heading=heading)
 
 
 def _trace_page(prefix: str, trace_id: str, fmt: str, summaries: Sequence[ProfileSummary]) -> str:
+    """Every profiled span of one trace, in start order, as a waterfall."""
+    ordered = sorted(summaries, key=lambda s: (s.start_time, s.span_id))
+    first = ordered[0].start_time
+    end = max(s.start_time + s.duration_ms / 1000.0 for s in ordered)
+    whole_ms = max((end - first) * 1000.0, 0.001)
+    services = sorted({s.service for s in ordered if s.service})
     rows = []
-    for s in summaries:
-        link = _e(_profile_path(prefix, s, fmt))
+    for s in ordered:
+        offset_ms = (s.start_time - first) * 1000.0
+        left = min(offset_ms / whole_ms * 100.0, 99.7)
+        width = max(min(s.duration_ms / whole_ms * 100.0, 100.0 - left), 0.3)
+        name = _request_name(s)
+        service = _e(s.service) if s.service else '<span class="muted">—</span>'
+        tip = f"{name}: starts at +{offset_ms:.1f} ms, takes {s.duration_ms:.1f} ms"
+        flame = f"{_trace_path(prefix, s.trace_id)}/flame?" + urlencode({"span_id": s.span_id})
+        extra = _link(flame, "flame graph alone") if fmt == "html" else ""
+        if s.route:
+            extra += (" · " if extra else "") + _link(_diff_path(prefix, s), "vs route")
         rows.append(
             "<tr>"
-            f'<td class="mono"><a href="{link}">{_e(s.span_id)}</a></td>'
-            f'<td class="mono">{_e(_utc(s.start_time))}</td>'
-            f"<td>{_e(s.method)}</td>"
-            f'<td class="mono">{_e(s.route)}</td>'
+            f"<td>{service}</td>"
+            f'<td><a href="{_e(_profile_path(prefix, s, fmt))}">{_e(s.method)} '
+            f'<span class="mono">{_e(s.route or "(no route matched)")}</span></a>'
+            f'<br><span class="mono muted">{_e(s.span_id)}</span></td>'
             f'<td class="num">{_e(s.status_code)}</td>'
+            f'<td class="num">+{offset_ms:.1f}</td>'
             f'<td class="num">{s.duration_ms:.1f}</td>'
             f"{_kept_cell(s)}"
+            f'<td class="chart"><div class="wf" title="{_e(tip)}"><div class="bar" '
+            f'style="left:{left:.3f}%;width:{width:.3f}%"></div></div></td>'
+            f'<td class="muted">{extra}</td>'
             "</tr>\n"
         )
+    count = len(ordered)
+    where = (
+        f"from {len(services)} service{'s' if len(services) != 1 else ''} "
+        f"({_e(', '.join(services))})"
+        if services
+        else "(services not recorded)"
+    )
     body = (
-        f"<p>This trace crossed the service {len(summaries)} times; pick one "
-        f'profile. <a href="{_e(prefix)}">All recent profiles</a></p>\n'
-        "<table>\n<thead><tr><th>Span id</th><th>Time (UTC)</th><th>Method</th>"
-        "<th>Route</th><th>Status</th><th>Duration (ms)</th><th>Kept</th></tr></thead>\n"
+        f"<p>{count} profiled span{'s' if count != 1 else ''} of this trace held in the "
+        f"store, {where}, in start order, over {whole_ms:.1f} ms. Spans that were not "
+        "profiled or not kept are not shown; start offsets come from each host's clock. "
+        "Open a span for its flame graph.</p>\n"
+        "<table>\n<thead><tr><th>Service</th><th>Span</th><th>Status</th><th>Start (ms)</th>"
+        "<th>Duration (ms)</th><th>Kept</th><th>Waterfall</th><th></th></tr></thead>\n"
         "<tbody>\n" + "".join(rows) + "</tbody>\n</table>\n"
     )
-    return _page(f"otelprof — trace {trace_id}", body)
+    heading = (
+        f'<nav class="crumbs">{_link(prefix, "otelprof: all profiles")}{_CRUMB}trace</nav>\n'
+        f'<h1>Trace <span class="mono">{_e(trace_id)}</span></h1>\n'
+    )
+    title = f"Trace {trace_id[:8]}… · {count} profiled span{'s' if count != 1 else ''} · otelprof"
+    return _page(title, body, heading=heading)

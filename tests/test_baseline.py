@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pyinstrument.session import Session
 
-from otelprof_middleware.baseline import combine, diff, function_times
+from otelprof_middleware.baseline import ROOT_KEY, combine, diff, diff_tree, function_times
 
 ROOT = "MainThread\x00<thread>\x001"
 A = "handler\x00app.py\x0010\x01l12"
@@ -127,7 +127,7 @@ def test_route_baseline_and_request_diff_pages() -> None:
 
     status, text = _get(viewer, "/debug/profile/route", "route=/items/{item_id}&format=text")
     assert status == 200
-    assert "3 recent requests combined" in text
+    assert "baseline of 3 recent requests" in text
     assert "query_db" in text and "fib" not in text
 
     status, body = _get(
@@ -144,9 +144,71 @@ def test_route_baseline_and_request_diff_pages() -> None:
     assert status == 200
     assert (
         page.index("Took more time than usual")
-        < page.index("query_db")
+        < page.index("query_db", page.index("<h2>Functions</h2>"))
         < page.index("Took less time")
     )
+    # The differential flame graph, above the table: query_db took 80 ms more than the
+    # route's mean (20 ms), render 5 ms less; the hover text gives both sides.
+    assert page.index('<svg class="flamediff"') < page.index("<h2>Functions</h2>")
+    frames = _frames(page)
+    assert frames["query_db"][0] == "slower" and frames["render"][0] == "faster"
+    assert frames["handler"][0] == "slower"
+    assert "this request: total 100.0 ms, self 100.0 ms" in frames["query_db"][1]
+    assert "route mean: total 20.0 ms, self 20.0 ms" in frames["query_db"][1]
+    assert "difference: total +80.0 ms, self +80.0 ms" in frames["query_db"][1]
+    assert "<title>GET /items/{item_id} 105 ms vs route · otelprof</title>" in page
+    assert "<script" not in page
+
+    # The baseline page: a frame naming the route and how many requests, never "combined".
+    status, frame = _get(viewer, "/debug/profile/route", "route=/items/{item_id}")
+    assert status == 200
+    assert "<title>Baseline /items/{item_id} · 3 requests · otelprof</title>" in frame
+    assert "combined</title>" not in frame
+    flame = "/debug/profile/route/flame?route=%2Fitems%2F%7Bitem_id%7D"
+    assert f'<iframe src="{flame}"' in frame
+    status, inner = _get(viewer, "/debug/profile/route/flame", "route=/items/{item_id}")
+    assert status == 200 and "pyinstrumentHTMLRenderer.render(" in inner
+    assert "baseline of 3 recent requests" in inner
+
+
+def _frames(page: str) -> dict[str, tuple[str, str]]:
+    """Function name -> (slower|faster|same, hover text) of each frame of the diff graph."""
+    import html
+    import re
+
+    found = re.findall(
+        r'<g class="frame (\w+)" data-function="([^"]*)"><title>(.*?)</title>', page, re.DOTALL
+    )
+    return {html.unescape(name): (kind, html.unescape(tip)) for kind, name, tip in found}
+
+
+def test_diff_tree_has_self_and_total_per_path() -> None:
+    request = session([([ROOT, A, B], 0.100), ([ROOT, A], 0.010), ([ROOT, A, C], 0.005)])
+    others = [
+        session([([ROOT, A, B], 0.010), ([ROOT, A, C], 0.010)]),
+        session([([ROOT, A, B], 0.030), ([ROOT, A, C], 0.030), ([ROOT, FIB], 0.020)]),
+    ]
+    root = diff_tree(request, others)
+    assert root.key == ROOT_KEY
+    assert root.request_total == pytest.approx(0.115)
+    assert root.baseline_total == pytest.approx(0.050)  # the mean of 0.020 and 0.080
+    handler = root.children[("handler", "app.py", 10)]
+    assert (handler.request_total, handler.request_self) == pytest.approx((0.115, 0.010))
+    assert (handler.baseline_total, handler.baseline_self) == pytest.approx((0.040, 0.0))
+    query = handler.children[("query_db", "db.py", 20)]
+    assert query.delta_total == pytest.approx(0.080) and query.delta_self == pytest.approx(0.080)
+    fib = root.children[("fib", "math.py", 40)]  # only in the baseline
+    assert (fib.request_total, fib.baseline_total) == pytest.approx((0.0, 0.010))
+    assert diff_tree(request, []).children[("handler", "app.py", 10)].baseline_total == 0.0
+
+
+def test_diff_page_of_a_request_without_samples_draws_nothing() -> None:
+    store = MemoryStore()
+    _put(store, 0, [([ROOT, A], 0.01)])
+    empty = _put(store, 1, [])
+    status, page = _get(Viewer(store), f"/debug/profile/{empty.trace_id}/diff")
+    assert status == 200
+    assert "No samples in this request" in page and "<svg" not in page
 
 
 def test_baseline_bad_paths() -> None:
@@ -166,6 +228,13 @@ def test_baseline_bad_paths() -> None:
     assert _get(viewer, f"/debug/profile/{unmatched.trace_id}/diff")[0] == 404
     assert _get(viewer, "/debug/profile/" + "z" * 32 + "/diff")[0] == 400
     assert _get(viewer, f"/debug/profile/{lone.trace_id}/other")[0] == 404
+    assert _get(viewer, "/debug/profile/route/flame")[0] == 400
+    assert _get(viewer, "/debug/profile/route/flame", "route=/nope")[0] == 404
+    assert _get(viewer, "/debug/profile/route/flame", f"route={ROUTE}&format=text")[0] == 400
+    assert _get(viewer, "/debug/profile/route/other", f"route={ROUTE}")[0] == 404
+    # A route with markup in it: 404, and the answer is plain text that names nothing back.
+    status, body = _get(viewer, "/debug/profile/route", "route=<script>alert(1)</script>")
+    assert status == 404 and "<script" not in body
 
 
 def test_diff_page_escapes_function_names() -> None:
@@ -177,3 +246,7 @@ def test_diff_page_escapes_function_names() -> None:
     assert status == 200
     assert "<script>alert(1)" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    # in the flame graph too (label and hover text)
+    graph = page[page.index('<svg class="flamediff"') : page.index("</svg>")]
+    assert 'data-function="&lt;script&gt;alert(1)&lt;/script&gt;"' in graph
+    assert "<script" not in graph and "<img" not in graph

@@ -442,8 +442,10 @@ def test_serve_answers_loopback_clients_without_a_token(store_url: str) -> None:
 
         page = httpx.get(rows[-1]["url"])
         assert page.status_code == 200
-        assert "<html" in page.text.lower()
-        assert "script-src 'sha256-" in page.headers["content-security-policy"]
+        assert "<html" in page.text.lower() and A in page.text
+        flame = httpx.get(f"{base}/debug/profile/{A}/flame?span_id={1:016x}")
+        assert flame.status_code == 200 and "cli_profiled_work" in flame.text
+        assert "script-src 'sha256-" in flame.headers["content-security-policy"]
         text = httpx.get(rows[-1]["url"] + "&format=text")
         assert "cli_profiled_work" in text.text
         assert httpx.get(base + "/debug/profile", params={"route": "/slow"}).status_code == 200

@@ -202,7 +202,13 @@ def assert_security_headers(response: ViewerResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         assert header(response, name) == value, name
     csp = header(response, "content-security-policy")
-    assert csp is not None and "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert csp is not None and "default-src 'none'" in csp
+    # Only pyinstrument's page may be framed, and only by our own pages (the profile frame).
+    if "frame-ancestors 'self'" in csp:
+        assert header(response, "x-frame-options") == "SAMEORIGIN"
+        assert "pyinstrumentHTMLRenderer.render(" in text(response)
+    else:
+        assert "frame-ancestors 'none'" in csp and header(response, "x-frame-options") == "DENY"
     content_type = header(response, "content-type")
     assert content_type is not None and "charset=utf-8" in content_type
     assert header(response, "content-length") == str(len(response.body))
@@ -288,7 +294,7 @@ def test_index_html_newest_first(store: MemoryStore) -> None:
         "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     )
     body = text(response)
-    assert "<title>otelprof — recent profiles</title>" in body
+    assert "<title>Recent profiles · otelprof</title>" in body
     positions = [body.index(f">{t}</a>") for t in (T3, T2, T1)]
     assert positions == sorted(positions)
     assert f'href="{PREFIX}/{T1}?span_id={S1}"' in body
@@ -321,6 +327,7 @@ def test_index_json_shape_and_order(store: MemoryStore) -> None:
         "mode",
         "interval_ms",
         "kept_reason",
+        "service",
         "url",
     }
     slow = rows[2]
@@ -336,6 +343,7 @@ def test_index_json_shape_and_order(store: MemoryStore) -> None:
         "mode": "hook",
         "interval_ms": 1.0,
         "kept_reason": "error",
+        "service": "",
         "url": f"http://testserver:8000{PREFIX}/{T2}?span_id={S1}",
     }
     assert rows[3]["kept_reason"] == "", "T1: stored without a reason"
@@ -356,6 +364,7 @@ def test_index_html_shows_why_each_profile_was_kept(session: Session) -> None:
             )
         )
     body = text(call(Viewer(store), PREFIX))
+    body = body[body.index("<h2>Profiles</h2>") :]  # the table of profiles, after the routes
     headers = re.findall(r"<th>(.*?)</th>", body)
     assert headers[headers.index("Duration (ms)") + 1] == "Kept"
     # Newest first; the last was stored by an older version: a muted dash, explained.
@@ -410,7 +419,7 @@ def test_trace_page_shows_why_each_profile_was_kept(session: Session) -> None:
     viewer = Viewer(store)
     body = text(call(viewer, f"{PREFIX}/{T3}"))
     assert "<th>Kept</th>" in body
-    assert _kept_cells(body) == ["error", "slow"]
+    assert _kept_cells(body) == ["slow", "error"], "in start order"
     rows = json.loads(call(viewer, f"{PREFIX}/{T3}", "format=json").body)["profiles"]
     assert [r["kept_reason"] for r in rows] == ["error", "slow"]
 
@@ -549,13 +558,76 @@ def test_index_escapes_everything(session: Session) -> None:
 # one profile
 
 
-def test_profile_html_default(store: MemoryStore) -> None:
-    response = call(Viewer(store), f"{PREFIX}/{T1}")
+def test_profile_html_is_a_frame_around_pyinstrument(session: Session) -> None:
+    store = MemoryStore()
+    store.put(
+        ProfileRecord.from_session(
+            ProfileSummary(
+                trace_id=T1,
+                span_id=S1,
+                method="GET",
+                route="/items/{item_id}",
+                status_code=503,
+                duration_ms=312.4,
+                start_time=1_700_000_000.0,
+                sample_count=42,
+                mode="always_on",
+                interval_ms=5.0,
+                kept_reason="error",
+                service="shop-api",
+            ),
+            session,
+        )
+    )
+    response = call(Viewer(store), f"{PREFIX}/{T1}", f"span_id={S1}")
+    assert response.status == 200
+    assert header(response, "content-type") == "text/html; charset=utf-8"
+    assert_security_headers(response)
+    body = text(response)
+    assert "<title>GET /items/{item_id} 312 ms · otelprof</title>" in body
+    for fact in (T1, S1, "shop-api", "GET", "/items/{item_id}", "503", "312.4 ms"):
+        assert fact in body, fact
+    assert "2023-11-14T22:13:20.000Z" in body and "always-on sampler, every 5 ms" in body
+    assert "error (it failed)" in body
+    flame = f"{PREFIX}/{T1}/flame?span_id={S1}"
+    links = re.findall(r'href="([^"]+)"', body)
+    assert f"{PREFIX}/{T1}/diff?span_id={S1}" in links  # this request vs its route
+    assert f"{PREFIX}/route?route=%2Fitems%2F%7Bitem_id%7D" in links  # the route baseline
+    assert f"{PREFIX}/{T1}" in links  # the trace page
+    assert PREFIX in links  # the index
+    for fmt in ("text", "speedscope", "json", "folded"):
+        assert f"{PREFIX}/{T1}?span_id={S1}&amp;format={fmt}" in links, fmt
+    assert f'<iframe src="{flame}"' in body
+    assert "<script" not in body and "pyinstrumentHTMLRenderer" not in body
+    assert header(response, "content-security-policy") == (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    # Every link of the frame answers (the viewer itself, no browser).
+    viewer = Viewer(store)
+    for link in links:
+        path, _, query = link.replace("&amp;", "&").partition("?")
+        assert call(viewer, path, query).status == 200, link
+    assert call(viewer, f"{PREFIX}/{T1}/flame", f"span_id={S1}").status == 200
+
+
+def test_profile_frame_of_an_unmatched_request_has_no_route_links(session: Session) -> None:
+    store = MemoryStore()
+    store.put(ProfileRecord.from_session(summary(T1, S1, route=""), session))
+    body = text(call(Viewer(store), f"{PREFIX}/{T1}", f"span_id={S1}"))
+    assert "<title>GET (no route matched) 10 ms · otelprof</title>" in body
+    assert "/diff?" not in body and "/route?" not in body
+    assert "not recorded" in body, "kept reason of an older version"
+
+
+def test_flame_page_is_pyinstrument(store: MemoryStore) -> None:
+    response = call(Viewer(store), f"{PREFIX}/{T1}/flame", f"span_id={S1}")
     assert response.status == 200
     assert header(response, "content-type") == "text/html; charset=utf-8"
     assert_security_headers(response)
     body = text(response)
     assert "pyinstrumentHTMLRenderer.render(" in body and "marker_viewer_work" in body
+    assert "fonts.googleapis" not in body
     csp = header(response, "content-security-policy")
     assert csp is not None
     directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
@@ -564,7 +636,14 @@ def test_profile_html_default(store: MemoryStore) -> None:
     assert "unsafe" not in directives["script-src"] and "http" not in csp
     assert directives["style-src"] == "'unsafe-inline'"
     assert directives["img-src"] == "data:"
-    assert directives["base-uri"] == "'none'" and directives["frame-ancestors"] == "'none'"
+    assert directives["base-uri"] == "'none'" and directives["frame-ancestors"] == "'self'"
+    # One profile without span_id: the same page; the format must be html.
+    assert text(call(Viewer(store), f"{PREFIX}/{T1}/flame")) == body
+    assert_plain_error(call(Viewer(store), f"{PREFIX}/{T1}/flame", "format=text"), 400)
+    # Several: pick one.
+    assert_plain_error(call(Viewer(store), f"{PREFIX}/{T3}/flame"), 400)
+    assert_plain_error(call(Viewer(store), f"{PREFIX}/{T3}/flame", "span_id=zz"), 400)
+    assert_plain_error(call(Viewer(store), f"{PREFIX}/{T3}/flame", f"span_id={S3}"), 404)
 
 
 def test_profile_text(store: MemoryStore) -> None:
@@ -624,7 +703,7 @@ def test_profile_several_spans_lists_them(store: MemoryStore) -> None:
     body = text(response)
     assert f'href="{PREFIX}/{T3}?span_id={S1}"' in body
     assert f'href="{PREFIX}/{T3}?span_id={S2}"' in body
-    assert body.index(S2) < body.index(S1), "newest first"
+    assert body.index(S1) < body.index(S2), "in start order"
     assert "pyinstrumentHTMLRenderer" not in body
 
     as_text = text(call(viewer, f"{PREFIX}/{T3}", "format=text"))
@@ -696,7 +775,10 @@ def test_failing_store_is_503(path: str, query: str) -> None:
 def test_corrupt_payload_is_422() -> None:
     store = MemoryStore()
     store.put(ProfileRecord(summary=summary(T1, S1), payload=b"not zlib at all"))
-    body = assert_plain_error(call(Viewer(store), f"{PREFIX}/{T1}"), 422)
+    # The frame and the trace page read the summary only; the flame graph decodes.
+    assert call(Viewer(store), f"{PREFIX}/{T1}", f"span_id={S1}").status == 200
+    assert call(Viewer(store), f"{PREFIX}/{T1}").status == 200
+    body = assert_plain_error(call(Viewer(store), f"{PREFIX}/{T1}/flame"), 422)
     assert "corrupt" in body
     assert _failsafe.snapshot()["failed.viewer.decode"] == 1
 
@@ -951,7 +1033,7 @@ def test_profile_html_escapes_hostile_frame_names() -> None:
     )
     store = MemoryStore()
     store.put(ProfileRecord.from_session(summary(T1, S1), session))
-    response = call(Viewer(store), f"{PREFIX}/{T1}")
+    response = call(Viewer(store), f"{PREFIX}/{T1}/flame")
     assert response.status == 200
     body = text(response)
     assert evil not in body and "<script>alert(1)" not in body

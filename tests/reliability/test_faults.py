@@ -256,7 +256,11 @@ def test_renderer_raising(
         patch.setattr(viewer, "render", broken)
         _check_batch("renderer raises", harness, counter="written", expected=len(BATCH) + 1)
         formats = ("html", "text", "speedscope", "json", "folded")
-        answers = [harness.get(f"{page}&format={fmt}") for fmt in formats]
+        # The html format's frame renders nothing; pyinstrument's page inside it does.
+        flame = page.replace("?span_id=", "/flame?span_id=")
+        answers = [harness.get(f"{page}&format={fmt}") for fmt in formats[1:]]
+        answers.append(harness.get(flame))
+        assert harness.get(page).status == 200
         assert [a.status for a in answers] == [422] * len(formats)
         assert all(b"Traceback" not in a.body and b"injected" not in a.body for a in answers)
         assert counters()["failed.viewer.render"] == len(formats)

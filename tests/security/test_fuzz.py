@@ -164,9 +164,11 @@ def _paths(trace_ids: list[str]) -> st.SearchStrategy[str]:
     )
     known = st.sampled_from(trace_ids)
     return st.one_of(
-        st.sampled_from([PREFIX, PREFIX + "/", PREFIX + "/route"]),  # the index, baselines
-        known.map(lambda t: f"{PREFIX}/{t}"),  # a profile
+        # the index, baselines (framed, and pyinstrument's page of them)
+        st.sampled_from([PREFIX, PREFIX + "/", PREFIX + "/route", PREFIX + "/route/flame"]),
+        known.map(lambda t: f"{PREFIX}/{t}"),  # the trace page, or a profile
         known.map(lambda t: f"{PREFIX}/{t}/diff"),  # a profile against its route
+        known.map(lambda t: f"{PREFIX}/{t}/flame"),  # pyinstrument's page of a profile
         composed,
         composed,
     )
@@ -363,7 +365,13 @@ def check(request: FuzzRequest, response: Observed, *, tokened: bool, broken: bo
         return  # a dot segment left the prefix: the app answered (no 5xx, checked above)
 
     csp = response.header("content-security-policy") or ""
-    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, context
+    assert "default-src 'none'" in csp, context
+    if "frame-ancestors 'self'" in csp:  # pyinstrument's page, framed by the viewer's own
+        assert response.status == 200 and b"pyinstrumentHTMLRenderer.render(" in body, context
+        assert response.header("x-frame-options") == "SAMEORIGIN", context
+    else:
+        assert "frame-ancestors 'none'" in csp, context
+        assert response.header("x-frame-options") == "DENY", context
     assert response.header("x-content-type-options") == "nosniff", context
     assert response.header("content-type"), context
 
