@@ -58,6 +58,8 @@ def flame_diff(root: DiffNode) -> str:
     total time here and in the baseline. Paths the baseline has and this request lacks
     take no width (the function table lists them). Each frame is a ``<g>`` with
     ``class="frame slower|faster|same"`` and ``data-function`` (the function name).
+    A stem of three or more frames that every sample shares (the server's and the
+    framework's frames above the app) is drawn as one row, named by its last frame.
 
     Returns:
         The ``<svg>`` element, or ``""`` when the request has no samples.
@@ -69,10 +71,14 @@ def flame_diff(root: DiffNode) -> str:
     reference = max(total, root.baseline_total)
     parts: list[str] = []
     depth_reached = 0
+    top, stem = _stem(root, scale)
+    if len(stem) >= 3:
+        parts.append(_frame(top, 0.0, 0, FLAME_WIDTH, reference, stem=stem))
+        first = [(child, x, 1) for child, x in reversed(_placed(top, 0.0, scale))]
+    else:
+        first = [(child, x, 0) for child, x in reversed(_placed(root, 0.0, scale))]
     # Depth-first, children by name for a stable picture; explicit stack (deep recursion).
-    stack: list[tuple[DiffNode, float, int]] = [
-        (child, x, 0) for child, x in reversed(_placed(root, 0.0, scale))
-    ]
+    stack: list[tuple[DiffNode, float, int]] = first
     while stack and len(parts) < _MAX_FRAMES:
         node, x, depth = stack.pop()
         width = node.request_total * scale
@@ -89,6 +95,18 @@ def flame_diff(root: DiffNode) -> str:
     )
 
 
+def _stem(root: DiffNode, scale: float) -> tuple[DiffNode, list[DiffNode]]:
+    """The frames every drawn sample passes through, outermost first, and the last one."""
+    node, stem = root, list[DiffNode]()
+    while node.request_self == 0 and node.baseline_self == 0:
+        drawn = _placed(node, 0.0, scale)
+        if len(drawn) != 1 or len(stem) >= _MAX_DEPTH:
+            break
+        node = drawn[0][0]
+        stem.append(node)
+    return node, stem
+
+
 def _placed(node: DiffNode, x: float, scale: float) -> list[tuple[DiffNode, float]]:
     placed = []
     for child in sorted(node.children.values(), key=lambda c: (c.key[0], c.key[1], c.key[2])):
@@ -99,7 +117,14 @@ def _placed(node: DiffNode, x: float, scale: float) -> list[tuple[DiffNode, floa
     return placed
 
 
-def _frame(node: DiffNode, x: float, depth: int, width: float, reference: float) -> str:
+def _frame(
+    node: DiffNode,
+    x: float,
+    depth: int,
+    width: float,
+    reference: float,
+    stem: Sequence[DiffNode] = (),
+) -> str:
     name, filename, line = node.key
     delta = node.delta_total
     share = delta / reference if reference > 0 else 0.0
@@ -110,6 +135,10 @@ def _frame(node: DiffNode, x: float, depth: int, width: float, reference: float)
     else:
         kind, fill = "same", _mix(0, _NEUTRAL)
     where = f"{filename}:{line}" if filename else ""
+    if stem:
+        kind += " stem"
+        where += f"\n(the last of {len(stem)} frames every sample passes through, from "
+        where += f"{stem[0].key[0]} down)"
     tip = (
         f"{name} {where}\n"
         f"this request: total {_ms(node.request_total)}, self {_ms(node.request_self)}\n"
@@ -119,8 +148,9 @@ def _frame(node: DiffNode, x: float, depth: int, width: float, reference: float)
     y = depth * ROW_HEIGHT
     label = ""
     fits = int((width - 6) / _CHAR_WIDTH)
+    shown = f"⋯ {len(stem)} frames ⋯ {name}" if stem else name
     if fits >= 3:
-        text = name if len(name) <= fits else name[: fits - 1] + "…"
+        text = shown if len(shown) <= fits else shown[: fits - 1] + "…"
         label = f'<text x="{x + 3:.2f}" y="{y + 13}">{_e(text)}</text>'
     return (
         f'<g class="frame {kind}" data-function="{_e(name)}"><title>{_e(tip)}</title>'

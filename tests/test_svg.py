@@ -77,3 +77,21 @@ def test_histogram_edge_cases(durations: list[float]) -> None:
         assert svg == ""
     else:
         assert svg.startswith('<svg class="histogram"') and "nan" not in svg
+
+
+def test_a_shared_stem_is_one_row() -> None:
+    root = DiffNode(ROOT_KEY, request_total=0.1, baseline_total=0.1)
+    node = root
+    for name in ("run", "serve", "app", "handler"):  # every sample passes through these
+        node = node.child((name, "x.py", 1))
+        node.request_total = node.baseline_total = 0.1
+    for name, seconds in (("a", 0.06), ("b", 0.04)):
+        leaf = node.child((name, "x.py", 2))
+        leaf.request_total = leaf.request_self = seconds
+        leaf.baseline_total = leaf.baseline_self = 0.05
+    svg = flame_diff(root)
+    names = re.findall(r'data-function="([^"]*)"', svg)
+    assert names == ["handler", "a", "b"]
+    assert '<g class="frame same stem" data-function="handler">' in svg
+    assert "⋯ 4 frames ⋯ handler" in svg and "from run down" in svg
+    assert re.findall(r'<rect x="[0-9.]+" y="(\d+)"', svg) == ["0", "18", "18"]
