@@ -121,6 +121,8 @@ def _consequence(stage: str) -> str:
     """What a failure of ``stage`` cost, in the words of the log line."""
     if stage.startswith(("store.", "writer.", "exporter.")):
         return "the profile was taken but is not kept; the request was not affected"
+    if stage.startswith(("pyroscope.", "otlp_profiles.")):
+        return "the profile was not exported (otelprof's store has it); no request was affected"
     if stage.startswith("viewer"):
         return "the viewer answered with an error page; the app was not affected"
     return "the request goes on unprofiled"

@@ -42,7 +42,7 @@ class SpanFacts:
 
     name: str = ""
     service_name: str | None = None
-    resource: Mapping[str, object] = field(default_factory=dict)
+    resource: Mapping[str, object] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of(cls, span: trace.Span) -> SpanFacts:

@@ -12,6 +12,8 @@ An exporter subclasses :class:`HttpExporter` and writes :meth:`HttpExporter._sen
   timeouts and the statuses listed in ``retry_statuses`` are retried with exponential
   backoff and jitter, honouring ``Retry-After`` (seconds or an HTTP date), within a time
   budget per batch; closing the exporter ends the wait;
+* profiles without a sample are not exported (``<prefix>.skipped.no_samples``): an
+  always-on profile of a short request may have got no tick;
 * fail-open accounting: a batch that is not delivered counts ``<prefix>.failed`` per
   profile and ``failed.<prefix>.push`` per batch, logged at most once a minute.
 """
@@ -34,7 +36,7 @@ from .._failsafe import count, log_failure
 from .._record import ProfileSummary
 from . import SpanFacts
 
-__all__ = ["ExportError", "HttpExporter", "QueuedProfile", "RetryPolicy"]
+__all__ = ["ExportError", "HttpExporter", "QueuedProfile", "RetryPolicy", "has_samples"]
 
 
 class ExportError(RuntimeError):
@@ -77,6 +79,11 @@ class RetryPolicy:
 
 
 NO_RETRIES = RetryPolicy()
+
+
+def has_samples(session: Session) -> bool:
+    """True when the session holds a sample with a stack and some time."""
+    return any(stack and seconds > 0 for stack, seconds in session.frame_records)
 
 
 def retry_after(response: httpx.Response, now: float | None = None) -> float | None:
@@ -136,6 +143,10 @@ class HttpExporter(BatchingThread):
         """Queue a kept profile; never blocks. False (and counted) when it was dropped."""
         if self._closed:
             count(f"{self._prefix}.dropped.closed")
+            return False
+        if not has_samples(session):
+            # Nothing to show and nothing to link: no export, so no span attribute.
+            count(f"{self._prefix}.skipped.no_samples")
             return False
         if not self.offer(QueuedProfile(summary, session, span)):
             count(f"{self._prefix}.dropped.queue_full")
