@@ -9,8 +9,9 @@ Routes, under ``prefix`` (default ``/debug/profile``):
 - ``GET {prefix}``: recent profiles, newest first, as HTML; ``?format=json`` gives
   ``{"profiles": [{"trace_id", "span_id", "method", "route", "status_code",
   "duration_ms", "start_time", "sample_count", "mode", "interval_ms", "kept_reason",
-  "url"}, ...]}`` (``kept_reason``: why the profile was kept, ``""`` when stored by an
-  older version). Filters: ``route=``,
+  "service", "url"}, ...]}`` (``kept_reason``: why the profile was kept; ``service``: the
+  ``service.name`` that served it; each ``""`` when stored by an older version). Filters:
+  ``route=``,
   ``min_duration_ms=``, ``order=newest|slowest``, ``limit=`` (1..1000, default 100).
   The HTML index adds, per route, a histogram of the listed profiles' durations.
 - ``GET {prefix}/{trace_id}`` (HTML): the trace page, every profiled span of the trace
