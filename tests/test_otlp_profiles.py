@@ -656,3 +656,29 @@ def test_pyroscope_and_otlp_together_each_get_every_profile(
     assert counters.get("otlp_profiles.exported") == 1
     assert counters.get("pyroscope.failed") == 1  # nobody listens there
     assert not [t for t in threading.enumerate() if t.name == "otelprof-pyroscope"]
+
+
+def test_a_profile_without_samples_is_not_sent_and_sets_no_attribute(
+    receiver: OtlpReceiver, made: list[OtlpProfilesExporter]
+) -> None:
+    exporter = exporter_for(made, receiver.endpoint, pyroscope_span_attribute=True)
+    empty = Session(
+        frame_records=[([], 0.01), ([ROOT], 0.0)],
+        start_time=1_700_000_000.25,
+        duration=0.05,
+        min_interval=0.005,
+        max_interval=0.005,
+        sample_count=0,
+        start_call_stack=[],
+        target_description="no tick",
+        cpu_time=0.0,
+        sys_path=[],
+        sys_prefixes=[],
+    )
+    assert not exporter.submit(make_summary(), empty, SpanFacts())
+    assert exporter.submit(make_summary(), sample_session(), SpanFacts())
+    assert exporter.flush(10)
+    assert len(profiles_of(receiver.requests())) == 1
+    counters = snapshot()
+    assert counters.get("otlp_profiles.skipped.no_samples") == 1
+    assert counters.get("otlp_profiles.exported") == 1
