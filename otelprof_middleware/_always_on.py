@@ -757,10 +757,27 @@ def _credit(
         _add(request, before, slept / 2 + gil_wait)
         if now is not None:
             _add(request, now, slept / 2)
+            # The rest of a long GIL wait ran somewhere between the two states: where they
+            # agree (their common frames) is certain, anything deeper is not.
+            rest = elapsed - slept - gil_wait
+            if rest > 0 and type(now) is tuple and now[1] == before[1]:  # type: ignore[index]
+                common = _common_prefix(before[0], now[0])  # type: ignore[index]
+                if common:
+                    _add(request, (common, before[1]), rest)  # type: ignore[index]
     else:  # a waiting request held no GIL: the wait went to what runs now
         _add(request, before, slept / 2)
         if now is not None:
             _add(request, now, slept / 2 + gil_wait)
+
+
+def _common_prefix(first: list[str], second: list[str]) -> list[str]:
+    """The frames two root-first stacks share, from the root."""
+    shared = 0
+    for mine, theirs in zip(first, second, strict=False):
+        if mine != theirs:
+            break
+        shared += 1
+    return first[:shared]
 
 
 def _close_wait(request: RequestProfile, state: _State | None, last_seen: float) -> None:

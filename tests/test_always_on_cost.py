@@ -580,3 +580,22 @@ def test_a_job_no_tick_saw_keeps_its_time_under_its_function() -> None:
         assert 0.028 <= seconds <= 0.2, seconds
     finally:
         sampler.stop()
+
+
+def test_a_long_gil_wait_between_two_stacks_goes_to_the_frames_they_share() -> None:
+    """A tick delayed by GIL contention saw the request in another frame than before:
+    the capped wait goes to the previous frame, and the rest, which ran somewhere between
+    the two, to the frames both stacks share (not dropped, not guessed deeper)."""
+    from otelprof_middleware._always_on import _RUNNING, _credit, _Interval
+
+    request = _continuous_request()
+    shared = ["thread\x00<thread>\x001", "handler\x00app.py\x001"]
+    before = ([*shared, "marker\x00app.py\x0010"], _RUNNING)
+    now = ([*shared, "write\x00socket.py\x0020"], _RUNNING)
+    interval = _Interval(end=time.perf_counter(), elapsed=0.050, slept=0.005, gil_wait=0.010)
+    _credit(request, before, now, interval)
+    credited = {tuple(stack): seconds for stack, seconds in request.records}
+    assert credited[tuple(before[0])] == pytest.approx(0.0125)
+    assert credited[tuple(now[0])] == pytest.approx(0.0025)
+    assert credited[tuple(shared)] == pytest.approx(0.035)
+    assert sum(credited.values()) == pytest.approx(0.050)  # the whole interval, once
