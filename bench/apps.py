@@ -9,6 +9,8 @@ The variant comes from ``OTELPROF_BENCH_VARIANT`` (read once, at import):
   request" middleware users write today (the session is dropped).
 * ``ours_off``: ``otel`` plus our middleware with ``enabled=False``.
 * ``ours_defaults``: ``otel`` plus ours with no arguments (always-on, the keep policy).
+* ``ours_defaults_otlp``: ``ours_defaults`` plus the OTLP profiles export, sending the kept
+  profiles to ``bench.otlp_sink`` (``OTEL_EXPORTER_OTLP_ENDPOINT``, set by ``bench.run``).
 * ``ours_1pct``: ``otel`` plus ours in hook mode with ``sample_rate=0.01``.
 * ``ours_all``: ``otel`` plus ours in hook mode with ``sample_rate=1.0``, keeping every
   profile (``min_duration_ms=0``), and the default embedded
@@ -140,6 +142,8 @@ def _ours_settings() -> dict[str, Any]:
         return {"enabled": False}
     if VARIANT == "ours_defaults":  # the one line with no arguments
         return {}
+    if VARIANT == "ours_defaults_otlp":  # and the OTLP profiles export (bench.otlp_sink)
+        return {"otlp_profiles": True}
     if VARIANT == "ours_1pct":
         return {"sample_rate": 0.01, "mode": "hook", "min_duration_ms": 0}
     if VARIANT == "ours_always_on":
@@ -161,6 +165,7 @@ def _counters() -> dict[str, Any]:
     }
     if _ours is not None and VARIANT in (
         "ours_defaults",
+        "ours_defaults_otlp",
         "ours_1pct",
         "ours_all",
         "ours_always_on",

@@ -26,6 +26,7 @@ VARIANTS = (
     "reference",
     "ours_off",
     "ours_defaults",
+    "ours_defaults_otlp",
     "ours_1pct",
     "ours_all",
     "ours_always_on",

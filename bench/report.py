@@ -44,6 +44,8 @@ VARIANT_NOTES = {
     "ours_off": "otel + ours, `enabled=False`",
     "ours_defaults": "otel + ours with no arguments: always-on, every request profiled, the "
     "keep policy (slow for its route, failed, triggered; 5/s) — the production setting",
+    "ours_defaults_otlp": "as `ours_defaults`, plus the OTLP profiles export of every kept "
+    "profile to a local sink (`bench.otlp_sink`, on the load generator's core)",
     "ours_1pct": 'otel + ours, `mode="hook"`, `sample_rate=0.01`',
     "ours_all": 'otel + ours, `mode="hook"`, `sample_rate=1.0`, embedded SQLite store, '
     "every profile kept",

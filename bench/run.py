@@ -273,22 +273,40 @@ def _running(
     port = _free_port()
     log_path = plan.out / "logs" / f"{log_name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            _pinned(0, _server_argv(server, port), plan),
+    env = _server_env(server, variant, cpu_iterations, state_dir, plan.code_dir)
+    sink: subprocess.Popen[bytes] | None = None
+    if variant == "ours_defaults_otlp":
+        # The OTLP profiles go to a local sink on the load generator's core, as they
+        # would go to a collector on another machine.
+        sink_port = _free_port()
+        sink = subprocess.Popen(
+            _pinned(1, [PYTHON, "-m", "bench.otlp_sink", str(sink_port)], plan),
             cwd=plan.code_dir,
-            env=_server_env(server, variant, cpu_iterations, state_dir, plan.code_dir),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopped as one, by its id
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
-    running = Server(server, variant, port, process, state_dir, log_path)
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
     try:
-        _wait_ready(running)
-        yield running
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                _pinned(0, _server_argv(server, port), plan),
+                cwd=plan.code_dir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopped as one, by its id
+            )
+        running = Server(server, variant, port, process, state_dir, log_path)
+        try:
+            _wait_ready(running)
+            yield running
+        finally:
+            _stop(process)
+            shutil.rmtree(state_dir, ignore_errors=True)
     finally:
-        _stop(process)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if sink is not None:
+            _stop(sink)
 
 
 def _wait_ready(server: Server, timeout: float = 60.0) -> None:
