@@ -378,6 +378,7 @@ class AlwaysOnSampler:
         if not state.ticking:
             self._wake_thread()  # the watchdog
             state.ticking = True
+            state.idle_ticks = 0  # (a restart after idling must not stop at its first tick)
             state.loop.call_later(self._next_interval(), self._loop_tick, state, context=_EMPTY)
 
     def _next_interval(self) -> float:

@@ -352,6 +352,8 @@ async def test_the_loop_tick_stops_when_the_last_request_ends(
         assert state.ticking and _timer_armed(sampler) and sampler._armed_pid == os.getpid()
         _burn_until(lambda: sources.sigprof - sigprof >= 3)
     assert sources.sigprof - sigprof >= 3, vars(sources)
+    await asyncio.sleep(3 * INTERVAL)  # a short gap between requests, after the restart
+    assert state.ticking and _timer_armed(sampler), "stopped at its first idle tick"
 
 
 def marker_sigprof_blocking(seconds: float) -> None:
