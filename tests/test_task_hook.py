@@ -249,3 +249,44 @@ async def test_another_profilers_hook_is_left_alone(
     assert still_theirs
     assert calls, "the other profiler stopped seeing events"
     assert counters().get("skipped.foreign_hook", 0) >= 1
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory: 3.12+")
+async def test_eager_child_tasks_are_profiled_under_the_endpoint(
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    store: MemoryStore,
+    closing: list[ProfilingMiddleware],
+) -> None:
+    """With eager tasks a child's first step runs inside its parent's step."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+
+    async def child() -> None:
+        marker_beta(0.01)  # runs eagerly, inside the parent's step
+        await asyncio.sleep(0.01)
+        marker_beta(0.005)  # a later step of its own
+
+    async def fan_out(request: Request) -> JSONResponse:
+        await asyncio.gather(child(), child())
+        return JSONResponse({"ok": True})
+
+    app = ProfilingMiddleware(
+        Starlette(routes=[Route("/fan-out", fan_out)]),
+        tracer_provider=otel[0],
+        profile_store=store,
+        mode="hook",
+        sample_rate=1.0,
+        min_duration_ms=0,
+    )
+    closing.append(app)
+    try:
+        async with _client(app) as client:
+            assert (await client.get("/fan-out")).json() == {"ok": True}
+    finally:
+        loop.set_task_factory(previous)
+    root = _session_of(store, app, "/fan-out")
+    markers = _frames(root, "marker_beta")
+    assert sum(f.time for f in markers) >= 0.022
+    assert all("fan_out" in _ancestors(f) for f in markers)
