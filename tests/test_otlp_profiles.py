@@ -682,3 +682,13 @@ def test_a_profile_without_samples_is_not_sent_and_sets_no_attribute(
     counters = snapshot()
     assert counters.get("otlp_profiles.skipped.no_samples") == 1
     assert counters.get("otlp_profiles.exported") == 1
+
+
+def test_a_timeout_that_looks_like_seconds_is_read_as_milliseconds_and_warned_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {"OTEL_EXPORTER_OTLP_TIMEOUT": "7"}
+    with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
+        assert settings_from_env(env).timeout == 0.007
+        assert settings_from_env(env).timeout == 0.007
+    assert caplog.text.count("read as milliseconds") == 1

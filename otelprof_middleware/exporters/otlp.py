@@ -45,7 +45,7 @@ import httpx
 from .._failsafe import count, log_event
 from .._record import ProfileSummary
 from .._span import PYROSCOPE_PROFILE_ID
-from ._http import HttpExporter, QueuedProfile, RetryPolicy
+from ._http import ExportError, HttpExporter, QueuedProfile, RetryPolicy
 from ._stacks import frame_parts
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # the specification's recommended client l
 _RETRY = RetryPolicy(max_attempts=5, initial_backoff=1.0, max_backoff=16.0, budget=30.0)
 _HEADER_KEY = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _logger = logging.getLogger("otelprof_middleware")
+_warned: set[tuple[str, str]] = set()  # timeout values already warned about
 
 
 # --- settings -------------------------------------------------------------------------
@@ -183,7 +184,8 @@ def settings_from_env(environ: Mapping[str, str]) -> OtlpProfilesSettings:
             raise ValueError(
                 f"{found[0]} must be a positive number of milliseconds, got {found[1]!r}"
             )
-        if timeout_ms < 100:
+        if timeout_ms < 100 and found not in _warned:
+            _warned.add(found)
             _logger.warning(
                 "otelprof: %s=%s is read as milliseconds, as the OTLP specification says "
                 "(the Python SDK's own exporters read seconds); OTLP profiles will time "
@@ -513,7 +515,10 @@ class OtlpProfilesExporter(HttpExporter):
 def _partial_success(response: httpx.Response) -> tuple[int, str]:
     """(rejected profiles, error message) of an ``ExportProfilesServiceResponse``."""
     body = response.content
-    if not body or len(body) > MAX_RESPONSE_BYTES:
+    if len(body) > MAX_RESPONSE_BYTES:
+        # The specification: a client treats an over-long response as a failure, not retried.
+        raise ExportError(f"response of {len(body)} bytes, more than {MAX_RESPONSE_BYTES}")
+    if not body:
         return 0, ""
     if not response.headers.get("content-type", "").startswith(CONTENT_TYPE):
         return 0, ""  # some proxies answer 200 with text: nothing to read
