@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, TypeAlias, get_type_hints
 
 from pyinstrument.session import Session
 
 __all__ = [
+    "ADDED",
+    "IDENTITY",
+    "SUMMARY_FIELDS",
+    "SUMMARY_FIELD_NAMES",
+    "FieldValue",
     "ProfileRecord",
     "ProfileSummary",
+    "SummaryField",
     "compress_session",
     "decompress_session",
     "is_span_id",
@@ -35,16 +43,31 @@ def is_span_id(value: str) -> bool:
     return _SPAN_ID.fullmatch(value) is not None and value != _ZERO_SPAN_ID
 
 
+# Metadata of ProfileSummary's fields, read by ``SUMMARY_FIELDS`` (and so by the stores).
+IDENTITY: Mapping[str, bool] = MappingProxyType({"identity": True})
+"""A field of the profile's identity (its key in a store), not an index column."""
+
+ADDED: Mapping[str, bool] = MappingProxyType({"added": True})
+"""A field added after the first stored format: rows and hashes written before it read
+as the field's default, and SQLite files gain it as a column with that default."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProfileSummary:
     """The index fields of one stored profile: what the viewer's list shows.
 
     Never holds request headers, bodies or query strings: ``route`` is the route
     template (``/items/{item_id}``), not the raw path.
+
+    The one declaration of the stored summary: the JSON form, the SQLite columns, insert,
+    row reading and migration, and the Redis hash and script arguments all derive from
+    these fields (see :data:`SUMMARY_FIELDS`). A new field is one line here, of type
+    ``str``, ``int`` or ``float``, with ``field(default=..., metadata=ADDED)`` so that
+    profiles stored before it read as that default.
     """
 
-    trace_id: str
-    span_id: str
+    trace_id: str = field(metadata=IDENTITY)
+    span_id: str = field(metadata=IDENTITY)
     method: str
     route: str
     status_code: int
@@ -55,27 +78,84 @@ class ProfileSummary:
     interval_ms: float = 1.0
     # Why the profile was kept: "slow", "error", "triggered", "min_duration", or ""
     # (unknown: stored by an older version).
-    kept_reason: str = ""
+    kept_reason: str = field(default="", metadata=ADDED)
     # The ``service.name`` of the service that served the request, so a store shared by
     # several services can show one trace across them; "" when stored by an older version.
-    service: str = ""
+    service: str = field(default="", metadata=ADDED)
 
     def to_json(self) -> dict[str, Any]:
         """The summary as a JSON-ready dict (the viewer's ``?format=json`` row, minus ``url``)."""
-        return {
-            "trace_id": self.trace_id,
-            "span_id": self.span_id,
-            "method": self.method,
-            "route": self.route,
-            "status_code": self.status_code,
-            "duration_ms": self.duration_ms,
-            "start_time": self.start_time,
-            "sample_count": self.sample_count,
-            "mode": self.mode,
-            "interval_ms": self.interval_ms,
-            "kept_reason": self.kept_reason,
-            "service": self.service,
-        }
+        return {name: getattr(self, name) for name in SUMMARY_FIELD_NAMES}
+
+
+FieldValue: TypeAlias = str | int | float
+"""The value of a summary field."""
+
+_TYPES: dict[object, type[str] | type[int] | type[float]] = {str: str, int: int, float: float}
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryField:
+    """How one field of :class:`ProfileSummary` is stored, read off its declaration.
+
+    Attributes:
+        name: the attribute, JSON key, SQLite column and Redis hash field.
+        type: ``str``, ``int`` or ``float``.
+        identity: part of the profile's key (``trace_id``, ``span_id``): a Redis key,
+            not a hash field.
+        default: what a row or hash stored before the field existed reads as; ``None``
+            for the fields of the first stored format (always present).
+    """
+
+    name: str
+    type: type[str] | type[int] | type[float]
+    identity: bool
+    default: FieldValue | None
+
+    def to_text(self, value: FieldValue) -> str:
+        """``value`` as text (Redis hash values and script arguments): ints in decimal,
+        floats as ``repr`` (round-trips exactly), text as is."""
+        if self.type is float:
+            return repr(float(value))
+        if self.type is int:
+            return str(int(value))
+        return str(value)
+
+    def from_text(self, raw: bytes | str | None) -> FieldValue:
+        """Inverse of :meth:`to_text`; a missing value (``None``) reads as the default.
+
+        Raises:
+            ValueError: the value is missing and the field has no default for old
+                profiles, or it is not a number where one is expected.
+        """
+        if raw is None:
+            if self.default is None:
+                raise ValueError(f"stored profile summary lacks {self.name!r}")
+            return self.default
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return self.type(text)
+
+
+def _declared_fields() -> tuple[SummaryField, ...]:
+    hints = get_type_hints(ProfileSummary)
+    declared: list[SummaryField] = []
+    for f in fields(ProfileSummary):
+        kind = _TYPES.get(hints[f.name])
+        if kind is None:
+            raise TypeError(f"ProfileSummary.{f.name}: a stored field is str, int or float")
+        added = bool(f.metadata.get("added"))
+        if added and f.default is MISSING:
+            raise TypeError(f"ProfileSummary.{f.name}: an ADDED field needs a default")
+        default: FieldValue | None = f.default if added else None  # type: ignore[assignment]
+        declared.append(SummaryField(f.name, kind, bool(f.metadata.get("identity")), default))
+    return tuple(declared)
+
+
+SUMMARY_FIELDS: tuple[SummaryField, ...] = _declared_fields()
+"""The stored fields of :class:`ProfileSummary`, in declaration order."""
+
+SUMMARY_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in SUMMARY_FIELDS)
+"""Their names, in the same order (the JSON keys)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,33 @@
-"""The ProfileStore protocol every backend implements."""
+"""The ProfileStore protocol every backend implements, and the checks they share."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
 
 from .._record import ProfileRecord, ProfileSummary
 
-__all__ = ["ProfileStore"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PROFILES",
+    "ORDERS",
+    "ProfileStore",
+    "check_bounds",
+    "check_fits",
+    "check_list_args",
+    "matches",
+    "redact_url",
+]
+
+DEFAULT_MAX_PROFILES = 1000
+"""Default count bound of every store (``OTELPROF_STORE_MAX_PROFILES``)."""
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+"""Default payload-bytes bound of every store (``OTELPROF_STORE_MAX_BYTES``)."""
+
+ORDERS = ("newest", "slowest")
+"""The orders :meth:`ProfileStore.list` knows."""
 
 
 @runtime_checkable
@@ -15,9 +35,16 @@ class ProfileStore(Protocol):
     """Where kept profiles live. Implementations must be thread-safe.
 
     Ids passed in are already validated by callers (lowercase hex, 32/16 chars).
-    A store may also offer ``put_many(records)``: the background writer then stores each
-    batch in one call (one transaction for SQLite); without it, it calls ``put`` per record.
     Every method may raise on backend failure; callers wrap them in ``fail_open``.
+    The background writer calls :meth:`put_many` for its batches; it still falls back
+    to :meth:`put` per record for a store written before ``put_many`` was part of the
+    protocol.
+
+    A new backend: a module in ``otelprof_middleware/stores/`` with a class that has
+    these methods, calling :func:`check_bounds` in its constructor, :func:`check_fits`
+    before a write and :func:`check_list_args` in ``list``, and deriving what it stores
+    from ``otelprof_middleware._record.SUMMARY_FIELDS``; then a scheme in
+    :func:`~otelprof_middleware.stores.open_store`.
     """
 
     @property
@@ -27,6 +54,11 @@ class ProfileStore(Protocol):
     def put(self, record: ProfileRecord) -> None:
         """Store ``record`` (replacing one with the same trace and span id), then evict
         the oldest records until the store is within its count and byte bounds."""
+
+    def put_many(self, records: Sequence[ProfileRecord]) -> None:
+        """:meth:`put` for several records as one write (one transaction or script),
+        evicting once after them. A record larger than the store's ``max_bytes``
+        raises ``ValueError`` and nothing is written."""
 
     def get(self, trace_id: str, span_id: str | None = None) -> Sequence[ProfileRecord]:
         """The records of ``trace_id`` (only ``span_id``'s when given), newest first."""
@@ -53,3 +85,60 @@ class ProfileStore(Protocol):
 
     def close(self) -> None:
         """Release connections and files. Safe to call twice."""
+
+
+def check_bounds(max_profiles: int, max_bytes: int) -> None:
+    """Raise ``ValueError`` unless both bounds are positive ints."""
+    for name, value in (("max_profiles", max_profiles), ("max_bytes", max_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_list_args(limit: int, order: str) -> None:
+    """Raise ``ValueError`` on a negative ``limit`` or an unknown ``order``."""
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+
+
+def check_fits(record: ProfileRecord, max_bytes: int) -> None:
+    """Raise ``ValueError`` when ``record`` alone exceeds ``max_bytes``.
+
+    Storing it would evict everything else and then the record itself.
+    """
+    if record.size > max_bytes:
+        raise ValueError(
+            f"profile of {record.size} bytes exceeds the store's max_bytes ({max_bytes})"
+        )
+
+
+def matches(
+    summary: ProfileSummary,
+    route: str | None,
+    min_duration_ms: float | None,
+    since: float | None,
+    until: float | None,
+) -> bool:
+    """True when ``summary`` passes :meth:`ProfileStore.list`'s filters (for stores that
+    filter in Python)."""
+    return (
+        (route is None or summary.route == route)
+        and (min_duration_ms is None or summary.duration_ms >= min_duration_ms)
+        and (since is None or summary.start_time >= since)
+        and (until is None or summary.start_time <= until)
+    )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and ``store.url``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -8,45 +8,20 @@ import threading
 from collections.abc import Sequence
 
 from .._record import ProfileRecord, ProfileSummary
+from ._base import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PROFILES,
+    ORDERS,
+    check_bounds,
+    check_fits,
+    check_list_args,
+    matches,
+)
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_PROFILES", "MemoryStore"]
-
-DEFAULT_MAX_PROFILES = 1000
-"""Default count bound of every store (``OTELPROF_STORE_MAX_PROFILES``)."""
-
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-"""Default payload-bytes bound of every store (``OTELPROF_STORE_MAX_BYTES``)."""
-
-ORDERS = ("newest", "slowest")
+# The defaults and ORDERS are re-exported: they were defined here before ``_base``.
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_PROFILES", "ORDERS", "MemoryStore"]
 
 _Key = tuple[str, str]
-
-
-# The helpers below are shared with the SQLite store (private to ``stores``).
-def check_bounds(max_profiles: int, max_bytes: int) -> None:
-    """Raise ``ValueError`` unless both bounds are positive ints."""
-    for name, value in (("max_profiles", max_profiles), ("max_bytes", max_bytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def check_list_args(limit: int, order: str) -> None:
-    """Raise ``ValueError`` on a negative ``limit`` or an unknown ``order``."""
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit!r}")
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-
-
-def check_fits(record: ProfileRecord, max_bytes: int) -> None:
-    """Raise ``ValueError`` when ``record`` alone exceeds ``max_bytes``.
-
-    Storing it would evict everything else and then the record itself.
-    """
-    if record.size > max_bytes:
-        raise ValueError(
-            f"profile of {record.size} bytes exceeds the store's max_bytes ({max_bytes})"
-        )
 
 
 class MemoryStore:
@@ -96,17 +71,27 @@ class MemoryStore:
         Raises:
             ValueError: the record alone is larger than ``max_bytes``.
         """
-        check_fits(record, self.max_bytes)
-        summary = record.summary
-        key = (summary.trace_id, summary.span_id)
+        self.put_many([record])
+
+    def put_many(self, records: Sequence[ProfileRecord]) -> None:
+        """:meth:`put` for several records under one lock, evicting once after them.
+
+        Raises:
+            ValueError: a record alone is larger than ``max_bytes`` (nothing is stored).
+        """
+        for record in records:
+            check_fits(record, self.max_bytes)
         with self._lock:
-            old = self._records.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1].size
-            seq = next(self._seq)
-            self._records[key] = (seq, record)
-            self._bytes += record.size
-            heapq.heappush(self._heap, (summary.start_time, seq, key))
+            for record in records:
+                summary = record.summary
+                key = (summary.trace_id, summary.span_id)
+                old = self._records.pop(key, None)
+                if old is not None:
+                    self._bytes -= old[1].size
+                seq = next(self._seq)
+                self._records[key] = (seq, record)
+                self._bytes += record.size
+                heapq.heappush(self._heap, (summary.start_time, seq, key))
             self._evict()
             self._compact()
 
@@ -169,23 +154,16 @@ class MemoryStore:
         check_list_args(limit, order)
         with self._lock:
             entries = list(self._records.values())
-        matches: list[tuple[int, ProfileSummary]] = []
-        for seq, record in entries:
-            s = record.summary
-            if route is not None and s.route != route:
-                continue
-            if min_duration_ms is not None and s.duration_ms < min_duration_ms:
-                continue
-            if since is not None and s.start_time < since:
-                continue
-            if until is not None and s.start_time > until:
-                continue
-            matches.append((seq, s))
+        found = [
+            (seq, record.summary)
+            for seq, record in entries
+            if matches(record.summary, route, min_duration_ms, since, until)
+        ]
         if order == "slowest":
-            matches.sort(key=lambda m: (m[1].duration_ms, m[1].start_time, m[0]), reverse=True)
+            found.sort(key=lambda m: (m[1].duration_ms, m[1].start_time, m[0]), reverse=True)
         else:
-            matches.sort(key=lambda m: (m[1].start_time, m[0]), reverse=True)
-        return [s for _, s in matches[:limit]]
+            found.sort(key=lambda m: (m[1].start_time, m[0]), reverse=True)
+        return [s for _, s in found[:limit]]
 
     def delete(self, trace_id: str, span_id: str | None = None) -> int:
         """Delete the records of ``trace_id`` (only ``span_id``'s when given).
