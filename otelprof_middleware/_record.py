@@ -136,22 +136,28 @@ class SummaryField:
         return self.type(text)
 
 
-def _declared_fields() -> tuple[SummaryField, ...]:
-    hints = get_type_hints(ProfileSummary)
+def _declared_fields(cls: type[Any]) -> tuple[SummaryField, ...]:
+    """The :class:`SummaryField` of each field of the dataclass ``cls``.
+
+    Raises:
+        TypeError: a field is not ``str``, ``int`` or ``float``, or is ``ADDED``
+            without a default.
+    """
+    hints = get_type_hints(cls)
     declared: list[SummaryField] = []
-    for f in fields(ProfileSummary):
+    for f in fields(cls):
         kind = _TYPES.get(hints[f.name])
         if kind is None:
-            raise TypeError(f"ProfileSummary.{f.name}: a stored field is str, int or float")
+            raise TypeError(f"{cls.__name__}.{f.name}: a stored field is str, int or float")
         added = bool(f.metadata.get("added"))
         if added and f.default is MISSING:
-            raise TypeError(f"ProfileSummary.{f.name}: an ADDED field needs a default")
+            raise TypeError(f"{cls.__name__}.{f.name}: an ADDED field needs a default")
         default: FieldValue | None = f.default if added else None  # type: ignore[assignment]
         declared.append(SummaryField(f.name, kind, bool(f.metadata.get("identity")), default))
     return tuple(declared)
 
 
-SUMMARY_FIELDS: tuple[SummaryField, ...] = _declared_fields()
+SUMMARY_FIELDS: tuple[SummaryField, ...] = _declared_fields(ProfileSummary)
 """The stored fields of :class:`ProfileSummary`, in declaration order."""
 
 SUMMARY_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in SUMMARY_FIELDS)

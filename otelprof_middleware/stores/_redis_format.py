@@ -70,7 +70,8 @@ def _lua_string(text: str) -> str:
 
 
 def _escape(char: str) -> str:
-    return "".join(f"\\{byte}" for byte in char.encode("utf-8"))
+    # Three digits, so a digit after the escape is never read as part of it.
+    return "".join(f"\\{byte:03d}" for byte in char.encode("utf-8"))
 
 
 # Shared head of every script. ARGV[1] is the key prefix. Keys are built inside the
