@@ -1,10 +1,19 @@
-"""Small network helpers shared by the viewer and sampling."""
+"""Small network helpers shared by the viewer, sampling and the profile links."""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 
-__all__ = ["is_loopback"]
+__all__ = ["is_loopback", "safe_host"]
+
+# A host name (dot-separated labels, an optional final dot) or a bracketed IPv6 address,
+# with an optional port: nothing that could end an attribute, a URL's authority or a line.
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?|\[[0-9A-Fa-f:.]{2,45}\])"  # name, [v6]
+    r"(?::[0-9]{1,5})?"  # port
+)
+_MAX_HOST = 253 + len(":65535")
 
 
 def is_loopback(host: str | None) -> bool:
@@ -21,3 +30,13 @@ def is_loopback(host: str | None) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
+
+
+def safe_host(host: str | None) -> str | None:
+    """``host`` when it is a plain ``name[:port]`` or ``[v6][:port]`` fit for a link; else None.
+
+    Used on the ``Host`` header before it goes into a profile link or the viewer's JSON.
+    """
+    if host and len(host) <= _MAX_HOST and _HOST.fullmatch(host):
+        return host
+    return None

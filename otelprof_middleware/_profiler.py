@@ -29,6 +29,7 @@ from ._always_on import AlwaysOnSampler, always_on_sampler
 from ._config import Config
 from ._failsafe import count, fail_open, log_failure, tally
 from ._keep import MIN_DURATION, KeepPolicy
+from ._net import safe_host
 from ._record import ProfileRecord, ProfileSummary
 from ._sampling import Sampler
 from ._session import RequestProfile, ThreadSampler, current_request, thread_sampler
@@ -51,7 +52,6 @@ __all__ = [
 _KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
-_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 STORE_RETRY_SECONDS = 5.0
 ALWAYS_ON_MAX_CONCURRENT = 1024
 """Most always-on profiles in flight on one event loop (or on the process's threads)."""
@@ -127,13 +127,6 @@ def _resolved(value: str | Callable[[], str]) -> str:
 def normalise_method(method: str) -> str:
     """The request method, or ``_OTHER`` as OTel's semantic conventions spell unknown ones."""
     return method if method in _KNOWN_METHODS else "_OTHER"
-
-
-def safe_host(host: str | None) -> str | None:
-    """``host`` when it is a plain ``name[:port]`` or ``[v6][:port]``; else None."""
-    if host and _HOST.fullmatch(host):
-        return host
-    return None
 
 
 @dataclass(slots=True)

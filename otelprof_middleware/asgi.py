@@ -6,7 +6,6 @@ import copy
 from collections.abc import Awaitable
 from typing import Unpack
 
-import anyio.to_thread
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
@@ -25,7 +24,6 @@ from ._span import (
     ROUTE_KEY,
     current_server_span,
     name_by_route,
-    redact_viewer_token,
     route_attribute,
     span_declined,
     span_owner_below,
@@ -33,7 +31,8 @@ from ._span import (
 from ._threads import install as install_worker_thread_profiling
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .stores._base import ProfileStore
-from .viewer import Viewer, ViewerRequest
+from .viewer import Viewer
+from .viewer import serve_asgi as serve_viewer
 
 __all__ = ["ProfilingMiddleware", "serve_viewer"]
 
@@ -392,40 +391,3 @@ class _ProfiledSend:
         """The app returned (or raised): end the profile if the last body did not."""
         self._stop_and_keep()
         self._middleware.core.detach(self._active)
-
-
-async def serve_viewer(
-    viewer: Viewer, scope: Scope, send: Send, *, scheme: str | None = None
-) -> None:
-    """Answer an ASGI HTTP request with :class:`Viewer` (the middleware and ``otelprof serve``).
-
-    The viewer reads the store synchronously, so it runs in a worker thread. The Host
-    header is passed on as is: the viewer validates it before using it in links.
-    """
-    if b"token=" in scope.get("query_string", b""):
-        redact_viewer_token(trace.get_current_span())
-    headers = {
-        name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]
-    }
-    client = scope.get("client")
-    request = ViewerRequest(
-        method=scope["method"],
-        path=app_path(scope),
-        query_string=scope.get("query_string", b""),
-        headers=headers,
-        client_host=client[0] if client else None,
-        scheme=scheme or scope.get("scheme", "http"),
-        root_path=scope.get("root_path", ""),
-    )
-    response = await anyio.to_thread.run_sync(viewer.handle, request)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status,
-            "headers": [
-                (name.lower().encode("latin-1"), value.encode("latin-1"))
-                for name, value in response.headers
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": response.body})

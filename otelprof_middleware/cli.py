@@ -25,18 +25,16 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 from ._config import DEBUG_PREFIX, Config
 from ._net import is_loopback
 from ._record import ProfileRecord, ProfileSummary, is_span_id, is_trace_id
-from ._types import Receive, Scope, Send
-from .asgi import serve_viewer
 from .render import FORMATS, render
 from .stores import open_store
 from .stores._base import ProfileStore
 from .stores.redis import redact_url
-from .viewer import Viewer
+from .viewer import Viewer, ViewerApp
+from .viewer._format import utc
 
 __all__ = ["ViewerApp", "main"]
 
@@ -61,55 +59,6 @@ class _Exit(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class ViewerApp:
-    """A pure ASGI app serving only the viewer's routes (what ``otelprof serve`` runs).
-
-    ``/`` redirects to the viewer; every other path is answered by
-    :meth:`Viewer.handle` (404 outside its prefix). Lifespan and websocket scopes are
-    accepted and ignored.
-
-    Args:
-        viewer: the viewer to serve.
-        scheme: the scheme users reach this app with, when a TLS-terminating proxy
-            stands in front (``"https"`` makes the token cookie ``Secure``); default:
-            the connection's own. Forwarding headers are never read.
-
-    Example::
-
-        app = ViewerApp(Viewer(open_store("redis://cache:6379/0"), token="s3cret"))
-        # uvicorn.run(app, host="127.0.0.1", port=8089)
-    """
-
-    def __init__(self, viewer: Viewer, *, scheme: str | None = None) -> None:
-        self.viewer = viewer
-        self.scheme = scheme
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1003})
-            return
-        if scope["path"] == "/":
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 307,
-                    "headers": [(b"location", self.viewer.prefix.encode("latin-1"))],
-                }
-            )
-            await send({"type": "http.response.body", "body": b""})
-            return
-        await serve_viewer(self.viewer, scope, send, scheme=self.scheme)
 
 
 # -- argument parsing ---------------------------------------------------------------
@@ -387,7 +336,7 @@ def _table(summaries: Sequence[ProfileSummary]) -> str:
     )
     rows = [
         (
-            _utc(s.start_time),
+            utc(s.start_time),
             s.method,
             s.route,
             str(s.status_code),
@@ -408,14 +357,6 @@ def _table(summaries: Sequence[ProfileSummary]) -> str:
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines) + "\n"
-
-
-def _utc(epoch: float) -> str:
-    try:
-        moment = datetime.fromtimestamp(epoch, UTC)
-    except (OverflowError, OSError, ValueError):
-        return "?"
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -457,7 +398,7 @@ def _show(args: argparse.Namespace) -> int:
         )
     if len(records) > 1:
         choices = "\n".join(
-            f"  --span-id {r.summary.span_id}  {_utc(r.summary.start_time)}  "
+            f"  --span-id {r.summary.span_id}  {utc(r.summary.start_time)}  "
             f"{r.summary.method} {r.summary.route}  {r.summary.duration_ms:.1f} ms"
             for r in records
         )

@@ -29,13 +29,12 @@ from ._span import (
     ROUTE_KEY,
     current_server_span,
     name_by_route,
-    redact_viewer_token,
     route_attribute,
 )
 from ._threads import install as install_worker_thread_profiling
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .stores._base import ProfileStore
-from .viewer import Viewer, ViewerRequest
+from .viewer import Viewer, serve_wsgi
 
 __all__ = ["WSGIProfilingMiddleware"]
 
@@ -109,7 +108,7 @@ class WSGIProfilingMiddleware:
             return self.app(environ, start_response)
         if way is _VIEWER:
             assert self._viewer is not None
-            return self._serve_viewer(self._viewer, environ, start_response)
+            return serve_wsgi(self._viewer, environ, start_response)
         if way is _OPEN_SPAN:
             return self._in_own_span(environ, start_response)
         return self._profiled(environ, start_response)
@@ -216,30 +215,6 @@ class WSGIProfilingMiddleware:
             f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}"
         )
         return self.config.base_url(environ.get("wsgi.url_scheme", "http"), host, script_name)
-
-    def _serve_viewer(
-        self, viewer: Viewer, environ: WSGIEnvironment, start_response: StartResponse
-    ) -> Iterable[bytes]:
-        if "token=" in str(environ.get("QUERY_STRING", "")):
-            redact_viewer_token(trace.get_current_span())
-        headers = {
-            key[5:].replace("_", "-").lower(): str(value)
-            for key, value in environ.items()
-            if key.startswith("HTTP_")
-        }
-        request = ViewerRequest(
-            method=environ.get("REQUEST_METHOD", "GET"),
-            path=environ.get("PATH_INFO", ""),
-            query_string=str(environ.get("QUERY_STRING", "")).encode("latin-1", "replace"),
-            headers=headers,
-            client_host=environ.get("REMOTE_ADDR"),
-            scheme=environ.get("wsgi.url_scheme", "http"),
-            host=safe_host(headers.get("host")),
-            root_path=str(environ.get("SCRIPT_NAME", "")),
-        )
-        response = viewer.handle(request)
-        start_response(f"{response.status} {_reason(response.status)}", list(response.headers))
-        return [response.body]
 
 
 add_stem_marker(WSGIProfilingMiddleware._profiled.__code__)
@@ -408,19 +383,3 @@ class _ClosingBody:
         if self._on_end is not None:
             self._on_end = None
             self._on_abandon()
-
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    422: "Unprocessable Content",
-    503: "Service Unavailable",
-}
-
-
-def _reason(status: int) -> str:
-    return _REASONS.get(status, "Unknown")

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from otelprof_middleware._svg import duration_histogram, flame_diff, percentile
 from otelprof_middleware.baseline import ROOT_KEY, DiffNode
+from otelprof_middleware.viewer._svg import duration_histogram, flame_diff, percentile
 
 
 def _tree() -> DiffNode:

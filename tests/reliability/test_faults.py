@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from pyinstrument.low_level.stat_profile import setstatprofile
 
-from otelprof_middleware import _session, _task_hook, _threads, counters, viewer
+from otelprof_middleware import _session, _task_hook, _threads, counters
 from otelprof_middleware._session import ThreadSampler
+from otelprof_middleware.viewer import _render as viewer_render
 
 from ..helpers import server_spans, text_of
 from .harness import (
@@ -253,7 +254,7 @@ def test_renderer_raising(
         raise RuntimeError("injected: renderer failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(viewer, "render", broken)
+        patch.setattr(viewer_render, "render", broken)
         _check_batch("renderer raises", harness, counter="written", expected=len(BATCH) + 1)
         formats = ("html", "text", "speedscope", "json", "folded")
         # The html format's frame renders nothing; pyinstrument's page inside it does.
