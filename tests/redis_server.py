@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,14 @@ class RedisServer:
             self.process.kill()
             self.process.wait(10)
         self.process = None
+
+
+@contextlib.contextmanager
+def started(directory: Path) -> Iterator[RedisServer]:
+    """A started :class:`RedisServer`, stopped on exit."""
+    server = RedisServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

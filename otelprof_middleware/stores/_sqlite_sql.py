@@ -137,7 +137,6 @@ def summary(values: Sequence[Any]) -> ProfileSummary:
 
 
 def list_query(
-    *,
     limit: int,
     route: str | None,
     min_duration_ms: float | None,

@@ -262,14 +262,7 @@ class SQLiteStore:
             ValueError: ``order`` is unknown or ``limit`` is negative.
         """
         check_list_args(limit, order)
-        query, params = sql.list_query(
-            limit=limit,
-            route=route,
-            min_duration_ms=min_duration_ms,
-            since=since,
-            until=until,
-            order=order,
-        )
+        query, params = sql.list_query(limit, route, min_duration_ms, since, until, order)
         with self._connection() as conn:
             rows = conn.execute(query, params).fetchall()
         return [sql.summary(row) for row in rows]

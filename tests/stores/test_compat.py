@@ -24,7 +24,7 @@ import redis
 
 from otelprof_middleware._record import ProfileRecord, ProfileSummary
 from otelprof_middleware.stores import RedisStore, SQLiteStore
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer  # the redis_server fixture: conftest.py
 from tests.stores.compat.make_fixtures import reads, snapshot
 
 FIXTURE_COMMIT = "3afc90d27448afbc377c0e3ee95083b1161a90cf"
@@ -153,14 +153,6 @@ def test_sqlite_earlier_version_keeps_writing_to_a_file_of_this_version(tmp_path
 # -- Redis -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-compat"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server.url + "/0")
@@ -190,10 +182,11 @@ def _restore(client: redis.Redis, prefix: str) -> None:
 
 
 def _without_clock(keys: dict[str, Any]) -> dict[str, Any]:
-    """A snapshot with the ``idx:expires`` scores (absolute times) left out."""
+    """A snapshot with the ``idx:expires`` scores (absolute times) left out, and so its
+    order (by those times, ties by member)."""
     masked = dict(keys)
     entry = masked["idx:expires"]
-    masked["idx:expires"] = {**entry, "value": [member for member, _ in entry["value"]]}
+    masked["idx:expires"] = {**entry, "value": sorted(member for member, _ in entry["value"])}
     return masked
 
 

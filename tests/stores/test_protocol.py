@@ -12,15 +12,7 @@ from otelprof_middleware._record import ProfileRecord, ProfileSummary
 from otelprof_middleware.stores import MemoryStore, ProfileStore, RedisStore, SQLiteStore, _base
 from otelprof_middleware.stores import memory as memory_module
 from otelprof_middleware.stores import redis as redis_module
-from tests.redis_server import RedisServer
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-protocol"))
-    server.start()
-    yield server
-    server.stop()
+from tests.redis_server import RedisServer  # the redis_server fixture: conftest.py
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,19 +26,12 @@ from otelprof_middleware._record import (
     _declared_fields,
 )
 from otelprof_middleware.stores import _redis_format, _sqlite_sql
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer  # the redis_server fixture: conftest.py
 from tests.stores.test_compat import COMPAT, _restore
 
 _SUMMARY = ProfileSummary(
-    trace_id="a" * 32,
-    span_id="b" * 16,
-    method="GET",
-    route="/items/{item_id}",
-    status_code=200,
-    duration_ms=0.1 + 0.2,
-    start_time=1_765_000_000.123456789,
-    kept_reason="slow",
-    service="api",
+    *("a" * 32, "b" * 16, "GET", "/items/{item_id}", 200, 0.1 + 0.2, 1_765_000_000.123456789),
+    *(7, "always_on", 0.5, "slow", "api"),
 )
 
 
@@ -141,14 +133,6 @@ _SCRIPT = textwrap.dedent(
     print(json.dumps(out))
     """
 )
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-fields"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_a_new_field_is_one_line_in_the_declaration(
