@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
 from .._record import is_span_id
-from ..stores.memory import ORDERS
+from ..stores._base import ORDERS
 from ._http import Abort
 
 __all__ = [
