@@ -19,7 +19,6 @@ from ._html import (
     Markup,
     baseline_path,
     diff_path,
-    e,
     facts,
     fill,
     flame_path,
@@ -71,7 +70,9 @@ def _muted(text: str) -> Markup:
     return fill(_MUTED, text=text)
 
 
-def _framed(title: str, heading: str, links: Sequence[str], src: str, frame_title: str) -> str:
+def _framed(
+    title: str, heading: Markup, links: Sequence[Markup], src: str, frame_title: str
+) -> str:
     header = heading + fill(_HEADER_END, links=join(links, " · "))
     frame = fill(_IFRAME, src=src, title=frame_title)
     return page(title, frame, heading=header, style=FRAME_STYLE)
@@ -79,7 +80,7 @@ def _framed(title: str, heading: str, links: Sequence[str], src: str, frame_titl
 
 def profile_frame(prefix: str, s: ProfileSummary) -> str:
     """One profile: its request's facts and links, pyinstrument's page below."""
-    heading: str = fill(
+    heading = fill(
         _PROFILE_HEADING,
         home=link(prefix, "otelprof: all profiles"),
         crumb=CRUMB,
@@ -96,22 +97,20 @@ def profile_frame(prefix: str, s: ProfileSummary) -> str:
         [
             ("Trace id", _mono(s.trace_id)),
             ("Span id", _mono(s.span_id)),
-            ("Service", e(s.service) if s.service else _muted("—")),
+            ("Service", s.service or _muted("—")),
             ("When (UTC)", _mono(utc(s.start_time))),
-            ("Mode", f"{e(mode)}, every {s.interval_ms:g} ms"),
-            ("Samples", e(s.sample_count)),
-            ("Kept because", e(kept) if kept else _muted("not recorded")),
+            ("Mode", f"{mode}, every {s.interval_ms:g} ms"),
+            ("Samples", str(s.sample_count)),
+            ("Kept because", kept or _muted("not recorded")),
         ]
     )
-    links: list[str] = [
-        link(trace_path(prefix, s.trace_id), "trace page", "every profiled span of it")
-    ]
+    links = [link(trace_path(prefix, s.trace_id), "trace page", "every profiled span of it")]
     if s.route:
         links.append(link(diff_path(prefix, s), "this request vs its route"))
         links.append(link(baseline_path(prefix, s.route), "route baseline", "recent combined"))
     formats = join([link(profile_path(prefix, s, fmt), fmt) for fmt in _FORMATS], " ")
     flame = flame_path(prefix, s)
-    links.append(f"formats: {formats}")
+    links.append(Markup("formats: ") + formats)
     links.append(link(flame, "flame graph alone"))
     links.append(link(prefix, "all profiles"))
     title = f"{request_name(s)} {ms_text(s.duration_ms)} · otelprof"
@@ -122,7 +121,7 @@ def baseline_frame(prefix: str, route: str, limit: int, summaries: Sequence[Prof
     """A route's baseline: what it combines, links, pyinstrument's page below."""
     requests = plural(len(summaries), "request")
     durations = sorted(s.duration_ms for s in summaries)
-    heading: str = fill(
+    heading = fill(
         _BASELINE_HEADING,
         home=link(prefix, "otelprof: all profiles"),
         crumb=CRUMB,
@@ -131,7 +130,7 @@ def baseline_frame(prefix: str, route: str, limit: int, summaries: Sequence[Prof
     )
     heading += facts(
         [
-            ("Methods", e(", ".join(sorted({s.method for s in summaries})))),
+            ("Methods", ", ".join(sorted({s.method for s in summaries}))),
             ("Median", f"{_svg.percentile(durations, 50):.1f} ms"),
             ("95th percentile", f"{_svg.percentile(durations, 95):.1f} ms"),
             ("Slowest", f"{durations[-1]:.1f} ms"),
@@ -151,7 +150,7 @@ def baseline_frame(prefix: str, route: str, limit: int, summaries: Sequence[Prof
     route_index = prefix + "?" + urlencode({"route": route, "order": "slowest"})
     links = [
         link(route_index, "this route's profiles", "slowest first"),
-        f"formats: {formats}",
+        Markup("formats: ") + formats,
         link(flame, "flame graph alone"),
         link(prefix, "all profiles"),
     ]

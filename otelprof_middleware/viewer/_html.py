@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping, Sequence
 from string import Template
+from typing import overload
 from urllib.parse import quote, urlencode
 
 from .._record import ProfileSummary
@@ -40,6 +41,10 @@ class Markup(str):
 
     __slots__ = ()
 
+    @overload
+    def __add__(self, other: Markup) -> Markup: ...
+    @overload
+    def __add__(self, other: str) -> str: ...
     def __add__(self, other: str) -> str:
         """Markup when ``other`` is markup too; plain text (escaped when filled) otherwise."""
         joined = str.__add__(self, other)
@@ -60,8 +65,8 @@ def fill(template: Template, /, **values: object) -> Markup:
     )
 
 
-def join(parts: Sequence[str], separator: str = "") -> Markup:
-    """Markup ``parts`` joined by ``separator`` (itself markup)."""
+def join(parts: Sequence[Markup], separator: str = "") -> Markup:
+    """Markup ``parts`` joined by ``separator`` (itself markup: a constant)."""
     return Markup(separator.join(parts))
 
 
@@ -132,15 +137,15 @@ $heading$body</body>
 _H1 = Template("<h1>$title</h1>\n")
 
 
-def page(title: str, body: str, *, heading: str | None = None, style: str = "") -> str:
+def page(title: str, body: Markup, *, heading: Markup | None = None, style: str = "") -> Markup:
     """A whole page: ``title`` in the browser tab, ``heading`` (default: the title, as
-    text) as its ``<h1>``, then ``body``; ``heading`` and ``body`` are markup."""
+    text) as its ``<h1>``, then ``body``."""
     return fill(
         _PAGE,
         title=title,
         style=Markup(STYLE + style),
-        heading=Markup(fill(_H1, title=title) if heading is None else heading),
-        body=Markup(body),
+        heading=fill(_H1, title=title) if heading is None else heading,
+        body=body,
     )
 
 
@@ -149,8 +154,8 @@ _FACTS = Template('<dl class="facts">$items</dl>\n')
 
 
 def facts(pairs: Sequence[tuple[str, str]]) -> Markup:
-    """``(label, markup)`` pairs as a definition list."""
-    items = join([fill(_FACT, label=label, value=Markup(value)) for label, value in pairs])
+    """``(label, value)`` pairs as a definition list (values: text, or :class:`Markup`)."""
+    items = join([fill(_FACT, label=label, value=value) for label, value in pairs])
     return fill(_FACTS, items=items)
 
 

@@ -40,8 +40,8 @@ inputmode="decimal" size="8"></label>
 )
 _ORDER = Template('<option value="$order"$selected>$order first</option>')
 
-_NOTHING_MATCHES = "No profiles match these filters."
-_NO_PROFILES_YET = (
+_NOTHING_MATCHES = Markup("No profiles match these filters.")
+_NO_PROFILES_YET = Markup(
     "No profiles yet. A profile appears here a moment after a profiled "
     "request finishes: requests are profiled by trace at "
     "<code>sample_rate</code> (<code>OTELPROF_SAMPLE_RATE</code>) or when "
@@ -98,6 +98,7 @@ _ROUTE_ROW = Template(
     '<td class="muted">$baseline</td></tr>\n'
 )
 _MAX_ROUTES = 30
+_OTHER_FORMATS = ("text", "speedscope", "json")
 
 
 def index_page(
@@ -110,7 +111,7 @@ def index_page(
     form = _form(prefix, filters)
     if not summaries:
         note = _NOTHING_MATCHES if filters.active else _NO_PROFILES_YET
-        return page(_TITLE, form + fill(_NOTE, note=Markup(note)))
+        return page(_TITLE, form + fill(_NOTE, note=note))
     rows = join([_row(prefix, filters, s) for s in summaries])
     table = fill(
         _TABLE,
@@ -141,15 +142,13 @@ def _form(prefix: str, filters: Filters) -> Markup:
 
 
 def _row(prefix: str, filters: Filters, s: ProfileSummary) -> Markup:
-    others = [link(profile_path(prefix, s, fmt), fmt) for fmt in ("text", "speedscope", "json")]
-    more = ""
+    others = join([link(profile_path(prefix, s, fmt), fmt) for fmt in _OTHER_FORMATS], " ")
     if s.route:
-        more = (
-            " · "
-            + link(diff_path(prefix, s), "vs route", "this request vs its route")
-            + " "
-            + link(baseline_path(prefix, s.route), "baseline", "recent combined")
-        )
+        compare = [
+            link(diff_path(prefix, s), "vs route", "this request vs its route"),
+            link(baseline_path(prefix, s.route), "baseline", "recent combined"),
+        ]
+        others += Markup(" · ") + join(compare, " ")
     return fill(
         _ROW,
         link=profile_path(prefix, s),
@@ -161,18 +160,18 @@ def _row(prefix: str, filters: Filters, s: ProfileSummary) -> Markup:
         duration=f"{s.duration_ms:.1f}",
         kept=kept_cell(s),
         trace_id=s.trace_id,
-        others=join(others, " ") + Markup(more),
+        others=others,
     )
 
 
-def _routes_section(prefix: str, filters: Filters, summaries: Sequence[ProfileSummary]) -> str:
+def _routes_section(prefix: str, filters: Filters, summaries: Sequence[ProfileSummary]) -> Markup:
     """Per route: how many stored profiles, their median, 95th percentile and slowest, and
     a histogram of their durations (one log scale for every route, so they compare)."""
     by_route: dict[tuple[str, str], list[float]] = {}
     for s in summaries:
         by_route.setdefault((s.route, s.method), []).append(s.duration_ms)
     if not by_route:
-        return ""
+        return Markup()
     every = [d for durations in by_route.values() for d in durations]
     low, high = max(min(every), 0.1), max(every)
     ordered = sorted(by_route.items(), key=lambda item: (-len(item[1]), item[0]))
