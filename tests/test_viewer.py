@@ -123,6 +123,9 @@ class FailingStore:
     def put(self, record: ProfileRecord) -> None:
         raise RuntimeError("boom: disk on fire")
 
+    def put_many(self, records: Sequence[ProfileRecord]) -> None:
+        raise RuntimeError("boom: disk on fire")
+
     def get(self, trace_id: str, span_id: str | None = None) -> Sequence[ProfileRecord]:
         raise RuntimeError("boom: disk on fire")
 
