@@ -180,15 +180,15 @@ class HookedCoroutine(collections.abc.Coroutine[Any, Any, Any]):
             return
         tail = now - state.last
         if finished:
+            request.add(self._prefix or [], tail)
             if self._main:
                 request.wait_stack = None
-            request.add(self._prefix or [], tail)
-            return
-        where = _waiting_stack(self._prefix or [], self._coro)
-        request.add(where, tail)  # ran since the last sample, up to this await
-        if self._main:
-            request.wait_stack = where
-        if request.wait_stack is not None:
+        else:
+            where = _waiting_stack(self._prefix or [], self._coro)
+            request.add(where, tail)  # ran since the last sample, up to this await
+            if self._main:
+                request.wait_stack = where
+        if request.wait_stack is not None:  # its own coroutine waits (again) from now
             request.suspend(request.wait_stack, now)
 
     def _nested_step(

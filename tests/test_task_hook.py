@@ -164,7 +164,7 @@ async def test_gather_children_and_their_waits_stay_under_the_endpoint(
     waits = _frames(root, "[await]")
     under = sum(f.time for f in waits if "fan_out" in _ancestors(f))
     elsewhere = sum(f.time for f in waits if "fan_out" not in _ancestors(f))
-    assert under >= 0.02, (under, elsewhere)
+    assert under >= 0.025, (under, elsewhere)  # ~30 ms: the sleeps, less the markers
     assert elsewhere < 0.005, (under, elsewhere)
     # Nothing counted twice: the tree holds no more time than the request took.
     [summary] = store.list()
