@@ -50,126 +50,14 @@ import types
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
-
+from . import _always_on_ledger, _always_on_stacks
+from ._always_on_ledger import Interval, Running, State, Waiting, add_time, close_wait, credit
+from ._always_on_stacks import AWAIT_STACKS, await_stack, running_stack, thread_stack
 from ._cpu_timer import CPUTimer, disarm_all
 from ._failsafe import count
-from ._frames import ON_CLEAR, frame_identifier, frame_stack
 from ._session import RequestProfile, current_request
 
 __all__ = ["AlwaysOnSampler", "always_on_sampler"]
-
-
-def _thread_identifier(ident: int) -> str:
-    thread = threading._active.get(ident)  # type: ignore[attr-defined]
-    name = thread.name if thread is not None else "Thread"
-    return f"{name}\x00<thread>\x00{ident}"
-
-
-def _stack(
-    ident: int, frame: types.FrameType | None, stop: types.CodeType | None = None
-) -> list[str]:
-    """Root-first frame identifiers of ``frame``'s chain, stopping below ``stop``'s frame."""
-    stack = frame_stack(frame, stop)
-    stack.append(_thread_identifier(ident))
-    stack.reverse()
-    return stack
-
-
-_AWAIT_STACKS: dict[tuple[int, ...], list[str]] = {}
-_MAX_AWAIT_STACKS = 4096
-_MAX_AWAIT_DEPTH = 200  # coroutines followed down an awaited chain
-# Keys hold code ids: every code in a key went through frame_identifier, whose cache
-# keeps it alive, and this cache is emptied whenever that one is.
-ON_CLEAR.append(_AWAIT_STACKS.clear)
-
-
-def _await_chain(coro: object) -> list[Any]:
-    """A suspended coroutine and what it awaits, outermost first.
-
-    Only real coroutines and generators are followed (``cr_await``/``gi_yieldfrom``),
-    so no user-defined attribute lookup ever runs on the sampler thread.
-    """
-    chain: list[Any] = []
-    while len(chain) < _MAX_AWAIT_DEPTH:
-        kind = type(coro)
-        if kind is types.CoroutineType:
-            chain.append(coro)
-            coro = coro.cr_await  # type: ignore[attr-defined]
-        elif kind is types.GeneratorType:
-            chain.append(coro)
-            coro = coro.gi_yieldfrom  # type: ignore[attr-defined]
-        else:
-            break
-    return chain
-
-
-def _await_stack(prefix: list[str], coro: object) -> list[str]:
-    """Where a suspended task waits: ``prefix``, its coroutine chain, then ``[await]``.
-
-    Concurrent requests mostly wait at the same few places, so the stack is cached by the
-    chain's code objects and the innermost one's instruction offset: reading those needs
-    no frame object, and naming frames costs far more. (An outer function that awaits the
-    same function from two lines shares one entry: only its line attribute may be off.)
-    """
-    # The key is read in one tight loop: this runs once per wait of every request.
-    key = [id(prefix)]
-    append = key.append
-    node: Any = coro
-    innermost: Any = None
-    while type(node) is types.CoroutineType:  # the common case: coroutines all the way
-        append(id(node.cr_code))
-        innermost = node
-        node = node.cr_await
-    for _ in range(_MAX_AWAIT_DEPTH):  # generators in the chain (``yield from``)
-        kind = type(node)
-        if kind is types.CoroutineType:
-            append(id(node.cr_code))
-            innermost, node = node, node.cr_await
-        elif kind is types.GeneratorType:
-            append(id(node.gi_code))
-            innermost, node = node, node.gi_yieldfrom
-        else:
-            break
-    frame = _frame_of(innermost) if innermost is not None else None
-    append(frame.f_lasti if frame is not None else -1)
-    cache_key = tuple(key)
-    stack = _AWAIT_STACKS.get(cache_key)
-    if stack is None:
-        stack = list(prefix)
-        for link in _await_chain(coro):
-            link_frame = _frame_of(link)
-            if link_frame is None:
-                break
-            stack.append(frame_identifier(link_frame))
-        stack.append(AWAIT_FRAME_IDENTIFIER)
-        if len(_AWAIT_STACKS) >= _MAX_AWAIT_STACKS:
-            _AWAIT_STACKS.clear()
-        _AWAIT_STACKS[cache_key] = stack
-    return stack
-
-
-def _frame_of(node: Any) -> types.FrameType | None:
-    """The frame of a coroutine or generator from :func:`_await_chain` (None: finished)."""
-    frame: types.FrameType | None = (
-        node.cr_frame if type(node) is types.CoroutineType else node.gi_frame
-    )
-    return frame
-
-
-class _Wait:
-    """A request's task waiting on one future: where, and since which tick.
-
-    While the task waits on the same future, ticks only compare the future; the time is
-    credited when the wait ends (``seen_at`` to the last tick that still saw it).
-    """
-
-    __slots__ = ("future", "seen_at", "stack")
-
-    def __init__(self, future: object, stack: list[str], seen_at: float) -> None:
-        self.future = future
-        self.stack = stack  # ends with [await]
-        self.seen_at = seen_at
 
 
 class _LoopState:
@@ -217,7 +105,7 @@ class AlwaysOnSampler:
         self._tick_lock = threading.Lock()
         self.samples = 0
         self._failures = 0  # failed ticks not yet counted (a signal handler takes no locks)
-        self._states: dict[RequestProfile, _State] = {}  # each one's state at the last tick
+        self._states: dict[RequestProfile, State] = {}  # each one's state at the last tick
         self._running_before: list[RequestProfile] = []  # running at the last tick
         self._last_tick = time.perf_counter()
         self._jitter = random.Random()
@@ -274,10 +162,10 @@ class AlwaysOnSampler:
         before = self._states.pop(request, None)
         if before is not None:
             last_tick = self._last_tick
-            _close_wait(request, before, last_tick)
+            close_wait(request, before, last_tick)
             trailing = self._trailing(last_tick)
             if trailing:
-                _add(request, before, trailing / 2)
+                add_time(request, before, trailing / 2)
         registration = request.registration
         if registration is None:
             return
@@ -316,10 +204,10 @@ class AlwaysOnSampler:
                 return
             request = job[0]
             state = self._states.get(request)
-            if type(state) is tuple and state[1] == _WORKER:
+            if type(state) is Running and state.worker:
                 trailing = self._trailing(max(self._last_tick, job[3]))
                 if trailing:
-                    _add(request, state, trailing)
+                    add_time(request, state, trailing)
                 self._states.pop(request, None)  # the next tick starts afresh from there
             elif job_identifier is not None and job[1] is not None:
                 request.add_worker([*job[1], job_identifier()], time.perf_counter() - job[3])
@@ -606,7 +494,7 @@ class AlwaysOnSampler:
         frames = sys._current_frames()
         if main_frame is not None:  # SIGPROF: the main thread is in the handler now
             frames[self._main_ident] = main_frame  # type: ignore[index]
-        running: dict[RequestProfile, _State] = {}
+        running: dict[RequestProfile, State] = {}
         for ident, state in list(self._loops.items()):
             task = asyncio.current_task(state.loop)
             frame = frames.get(ident)
@@ -624,14 +512,14 @@ class AlwaysOnSampler:
                 if request is not None and not request.continuous:
                     request = None  # a hook-mode request: its hook profiles it
             root = getattr(task.get_coro(), "cr_frame", None)
-            stack, below_root = _running_stack(ident, frame, root)
+            stack, below_root = running_stack(ident, frame, root)
             if below_root:
                 prefix = stack[:below_root]
                 if prefix != state.prefix:  # kept as one object while it is the same:
                     state.prefix = prefix  # await stacks are cached by its identity
-                    _AWAIT_STACKS.clear()
+                    AWAIT_STACKS.clear()
             if request is not None and not request.closed:
-                running[request] = (stack, _RUNNING)
+                running[request] = Running(stack)
         interval_start = self._last_tick - elapsed
         job_starts: dict[RequestProfile, float] = {}
         for ident, (request, submitted_from, stop_code, began) in list(self._threads.items()):
@@ -639,10 +527,10 @@ class AlwaysOnSampler:
             if frame is None or request.closed:
                 continue
             if submitted_from is None:
-                running[request] = (_stack(ident, frame), _RUNNING)
+                running[request] = Running(thread_stack(ident, frame))
             else:  # frames above the job wrapper, under the stack that submitted it
-                tail = _stack(ident, frame, stop_code)[1:]
-                running[request] = (submitted_from + tail, _WORKER)
+                tail = thread_stack(ident, frame, stop_code)[1:]
+                running[request] = Running(submitted_from + tail, worker=True)
                 if began > interval_start:  # the job began during this interval
                     job_starts[request] = began
         del frames  # frame objects of other threads: hold them no longer than needed
@@ -651,7 +539,7 @@ class AlwaysOnSampler:
         # its CPU work, so crediting the whole wait to what it then sees put a request's
         # 30 ms of work under gunicorn's socket write. Unseen time stays unattributed.
         gil_wait = min(max(0.0, elapsed - slept), _GIL_WAIT_CAP * self.interval)
-        interval = _Interval(self._last_tick, elapsed, slept, gil_wait)
+        interval = Interval(self._last_tick, elapsed, slept, gil_wait)
         states = self._states
         for state in list(self._loops.values()):
             prefix = state.prefix or []
@@ -660,14 +548,14 @@ class AlwaysOnSampler:
                 # A suspended task waits on one future until it runs again: the same
                 # future as last tick means the same wait (the common case).
                 future = getattr(task, "_fut_waiter", None)
-                if type(before) is _Wait and before.future is future and future is not None:
+                if type(before) is Waiting and before.future is future and future is not None:
                     continue
                 if request in running or request.closed:
                     continue
-                now: _State | None = None
+                now: State | None = None
                 if not task.done():
-                    stack = _await_stack(prefix, task.get_coro())
-                    now = _Wait(future, stack, interval.end)
+                    stack = await_stack(prefix, task.get_coro())
+                    now = Waiting(future, stack, interval.end)
                 self._change(request, before, now, interval)
         for request, now in running.items():
             job_began = job_starts.get(request) if job_starts else None
@@ -677,7 +565,7 @@ class AlwaysOnSampler:
             # ended): its share of the interval, then forget it.
             if request not in running:
                 before = states.get(request)
-                if type(before) is tuple:
+                if type(before) is Running:
                     self._change(request, before, None, interval)
         self._running_before = list(running)
         self.samples += 1
@@ -697,9 +585,9 @@ class AlwaysOnSampler:
     def _change(
         self,
         request: RequestProfile,
-        before: _State | None,
-        now: _State | None,
-        interval: _Interval,
+        before: State | None,
+        now: State | None,
+        interval: Interval,
         job_began: float | None = None,
     ) -> None:
         """Credit ``request``'s interval to ``before`` and ``now``; ``now`` is its state.
@@ -707,127 +595,28 @@ class AlwaysOnSampler:
         ``job_began``: ``now`` is a worker job that began at that moment of the interval,
         so the interval is split there rather than halfway.
         """
-        _close_wait(request, before, interval.end - interval.elapsed)
+        close_wait(request, before, interval.end - interval.elapsed)
         if job_began is not None and now is not None:
             own = min(interval.elapsed, interval.end - job_began)
             if before is not None and interval.elapsed > own:
-                _add(request, before, interval.elapsed - own)
-            _add(request, now, own)
+                add_time(request, before, interval.elapsed - own)
+            add_time(request, now, own)
         else:
-            _credit(request, before, now, interval)
+            credit(request, before, now, interval)
         if now is None or request.closed:  # (closed: its profile ended during this tick)
             self._states.pop(request, None)
         else:
             self._states[request] = now
 
 
-class _Interval:
-    """The interval a tick credits: it ended at ``end`` after ``elapsed`` seconds."""
-
-    __slots__ = ("elapsed", "end", "gil_wait", "slept")
-
-    def __init__(self, end: float, elapsed: float, slept: float, gil_wait: float) -> None:
-        self.end = end
-        self.elapsed = elapsed
-        self.slept = slept
-        self.gil_wait = gil_wait
-
-
-_RUNNING, _WORKER = 0, 1
-_State = tuple[list[str], int] | _Wait
-
-
-def _credit(
-    request: RequestProfile,
-    before: _State | None,
-    now: _State | None,
-    interval: _Interval,
-) -> None:
-    elapsed, slept, gil_wait = interval.elapsed, interval.slept, interval.gil_wait
-    if now is not None and before is not None and now == before:
-        _add(request, now, elapsed)
-        return
-    if before is None:  # started during the interval
-        if now is not None:
-            # The GIL wait was spent running (by whoever held it, most likely this
-            # state); of the sleep, on average half. Never more than its age.
-            age = time.perf_counter() - request.start_perf
-            _add(request, now, min(age, elapsed, gil_wait + slept / 2))
-        return
-    if type(before) is not _Wait:  # the GIL wait was most likely spent running ``before``
-        _add(request, before, slept / 2 + gil_wait)
-        if now is not None:
-            _add(request, now, slept / 2)
-            # The rest of a long GIL wait ran somewhere between the two states: where they
-            # agree (their common frames) is certain, anything deeper is not.
-            rest = elapsed - slept - gil_wait
-            if rest > 0 and type(now) is tuple and now[1] == before[1]:  # type: ignore[index]
-                common = _common_prefix(before[0], now[0])  # type: ignore[index]
-                if common:
-                    _add(request, (common, before[1]), rest)  # type: ignore[index]
-    else:  # a waiting request held no GIL: the wait went to what runs now
-        _add(request, before, slept / 2)
-        if now is not None:
-            _add(request, now, slept / 2 + gil_wait)
-
-
-def _common_prefix(first: list[str], second: list[str]) -> list[str]:
-    """The frames two root-first stacks share, from the root."""
-    shared = 0
-    for mine, theirs in zip(first, second, strict=False):
-        if mine != theirs:
-            break
-        shared += 1
-    return first[:shared]
-
-
-def _close_wait(request: RequestProfile, state: _State | None, last_seen: float) -> None:
-    """Credit a wait that ends: from the tick that first saw it to ``last_seen``, the last
-    tick that still saw it unchanged (the ticks in between did not touch it)."""
-    if type(state) is _Wait and last_seen > state.seen_at:
-        request.add_wait(state.stack, last_seen - state.seen_at)
-
-
-def _add(request: RequestProfile, state: _State, seconds: float) -> None:
-    if isinstance(state, _Wait):  # the stack ends with [await] already
-        request.add_wait(state.stack, seconds)
-        return
-    stack, kind = state
-    if kind == _RUNNING:
-        request.add(stack, seconds)
-    else:
-        request.add_worker(stack, seconds)
-
-
-def _running_stack(
-    ident: int, frame: types.FrameType, root: types.FrameType | None
-) -> tuple[list[str], int]:
-    """The loop thread's stack, root first, and how many entries lie below ``root``.
-
-    ``root`` is the running task's outermost coroutine frame: what lies below it (the
-    thread and the loop's own frames) is where the loop's waiting tasks hang too.
-    """
-    stack = _stack(ident, frame)
-    if root is None:
-        return stack, 0
-    depth = 0  # frames from the root coroutine up to ``frame``
-    current: types.FrameType | None = frame
-    while current is not None:
-        depth += 1
-        if current is root:
-            return stack, len(stack) - depth
-        current = current.f_back
-    return stack, 0
-
-
 _EMPTY = contextvars.Context()  # loop ticks run outside every request
-_THIS_FILE = __file__
+_SAMPLER_FILES = frozenset({__file__, _always_on_ledger.__file__, _always_on_stacks.__file__})
 
 
 def _outside_sampler(frame: types.FrameType) -> types.FrameType:
-    """``frame``, or its first caller outside this module (never the sampler's frames)."""
+    """``frame``, or its first caller outside the sampler's modules (never its frames)."""
     current: types.FrameType | None = frame
-    while current is not None and current.f_code.co_filename == _THIS_FILE:
+    while current is not None and current.f_code.co_filename in _SAMPLER_FILES:
         current = current.f_back
     return current if current is not None else frame
 

@@ -586,16 +586,16 @@ def test_a_long_gil_wait_between_two_stacks_goes_to_the_frames_they_share() -> N
     """A tick delayed by GIL contention saw the request in another frame than before:
     the capped wait goes to the previous frame, and the rest, which ran somewhere between
     the two, to the frames both stacks share (not dropped, not guessed deeper)."""
-    from otelprof_middleware._always_on import _RUNNING, _credit, _Interval
+    from otelprof_middleware._always_on_ledger import Interval, Running, credit
 
     request = _continuous_request()
     shared = ["thread\x00<thread>\x001", "handler\x00app.py\x001"]
-    before = ([*shared, "marker\x00app.py\x0010"], _RUNNING)
-    now = ([*shared, "write\x00socket.py\x0020"], _RUNNING)
-    interval = _Interval(end=time.perf_counter(), elapsed=0.050, slept=0.005, gil_wait=0.010)
-    _credit(request, before, now, interval)
+    before = Running([*shared, "marker\x00app.py\x0010"])
+    now = Running([*shared, "write\x00socket.py\x0020"])
+    interval = Interval(end=time.perf_counter(), elapsed=0.050, slept=0.005, gil_wait=0.010)
+    credit(request, before, now, interval)
     credited = {tuple(stack): seconds for stack, seconds in request.records}
-    assert credited[tuple(before[0])] == pytest.approx(0.0125)
-    assert credited[tuple(now[0])] == pytest.approx(0.0025)
+    assert credited[tuple(before.stack)] == pytest.approx(0.0125)
+    assert credited[tuple(now.stack)] == pytest.approx(0.0025)
     assert credited[tuple(shared)] == pytest.approx(0.035)
     assert sum(credited.values()) == pytest.approx(0.050)  # the whole interval, once

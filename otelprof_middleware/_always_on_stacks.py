@@ -1,0 +1,136 @@
+"""Always-on: where a request is at a tick, as pyinstrument frame identifiers.
+
+The stacks of running threads (root first, under a synthetic thread frame) and of
+suspended tasks (the loop's frames, the task's coroutine chain, then ``[await]``). Frames
+of other threads are named read-only (``_frames``); await stacks are cached.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from typing import Any
+
+from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
+
+from ._frames import ON_CLEAR, frame_identifier, frame_stack
+
+__all__ = ["AWAIT_STACKS", "await_stack", "running_stack", "thread_identifier", "thread_stack"]
+
+
+def thread_identifier(ident: int) -> str:
+    thread = threading._active.get(ident)  # type: ignore[attr-defined]
+    name = thread.name if thread is not None else "Thread"
+    return f"{name}\x00<thread>\x00{ident}"
+
+
+def thread_stack(
+    ident: int, frame: types.FrameType | None, stop: types.CodeType | None = None
+) -> list[str]:
+    """Root-first frame identifiers of ``frame``'s chain, stopping below ``stop``'s frame."""
+    stack = frame_stack(frame, stop)
+    stack.append(thread_identifier(ident))
+    stack.reverse()
+    return stack
+
+
+AWAIT_STACKS: dict[tuple[int, ...], list[str]] = {}
+_MAXAWAIT_STACKS = 4096
+_MAX_AWAIT_DEPTH = 200  # coroutines followed down an awaited chain
+# Keys hold code ids: every code in a key went through frame_identifier, whose cache
+# keeps it alive, and this cache is emptied whenever that one is.
+ON_CLEAR.append(AWAIT_STACKS.clear)
+
+
+def _await_chain(coro: object) -> list[Any]:
+    """A suspended coroutine and what it awaits, outermost first.
+
+    Only real coroutines and generators are followed (``cr_await``/``gi_yieldfrom``),
+    so no user-defined attribute lookup ever runs on the sampler thread.
+    """
+    chain: list[Any] = []
+    while len(chain) < _MAX_AWAIT_DEPTH:
+        kind = type(coro)
+        if kind is types.CoroutineType:
+            chain.append(coro)
+            coro = coro.cr_await  # type: ignore[attr-defined]
+        elif kind is types.GeneratorType:
+            chain.append(coro)
+            coro = coro.gi_yieldfrom  # type: ignore[attr-defined]
+        else:
+            break
+    return chain
+
+
+def await_stack(prefix: list[str], coro: object) -> list[str]:
+    """Where a suspended task waits: ``prefix``, its coroutine chain, then ``[await]``.
+
+    Concurrent requests mostly wait at the same few places, so the stack is cached by the
+    chain's code objects and the innermost one's instruction offset: reading those needs
+    no frame object, and naming frames costs far more. (An outer function that awaits the
+    same function from two lines shares one entry: only its line attribute may be off.)
+    """
+    # The key is read in one tight loop: this runs once per wait of every request.
+    key = [id(prefix)]
+    append = key.append
+    node: Any = coro
+    innermost: Any = None
+    while type(node) is types.CoroutineType:  # the common case: coroutines all the way
+        append(id(node.cr_code))
+        innermost = node
+        node = node.cr_await
+    for _ in range(_MAX_AWAIT_DEPTH):  # generators in the chain (``yield from``)
+        kind = type(node)
+        if kind is types.CoroutineType:
+            append(id(node.cr_code))
+            innermost, node = node, node.cr_await
+        elif kind is types.GeneratorType:
+            append(id(node.gi_code))
+            innermost, node = node, node.gi_yieldfrom
+        else:
+            break
+    frame = _frame_of(innermost) if innermost is not None else None
+    append(frame.f_lasti if frame is not None else -1)
+    cache_key = tuple(key)
+    stack = AWAIT_STACKS.get(cache_key)
+    if stack is None:
+        stack = list(prefix)
+        for link in _await_chain(coro):
+            link_frame = _frame_of(link)
+            if link_frame is None:
+                break
+            stack.append(frame_identifier(link_frame))
+        stack.append(AWAIT_FRAME_IDENTIFIER)
+        if len(AWAIT_STACKS) >= _MAXAWAIT_STACKS:
+            AWAIT_STACKS.clear()
+        AWAIT_STACKS[cache_key] = stack
+    return stack
+
+
+def _frame_of(node: Any) -> types.FrameType | None:
+    """The frame of a coroutine or generator from :func:`_await_chain` (None: finished)."""
+    frame: types.FrameType | None = (
+        node.cr_frame if type(node) is types.CoroutineType else node.gi_frame
+    )
+    return frame
+
+
+def running_stack(
+    ident: int, frame: types.FrameType, root: types.FrameType | None
+) -> tuple[list[str], int]:
+    """The loop thread's stack, root first, and how many entries lie below ``root``.
+
+    ``root`` is the running task's outermost coroutine frame: what lies below it (the
+    thread and the loop's own frames) is where the loop's waiting tasks hang too.
+    """
+    stack = thread_stack(ident, frame)
+    if root is None:
+        return stack, 0
+    depth = 0  # frames from the root coroutine up to ``frame``
+    current: types.FrameType | None = frame
+    while current is not None:
+        depth += 1
+        if current is root:
+            return stack, len(stack) - depth
+        current = current.f_back
+    return stack, 0
