@@ -61,7 +61,10 @@ from otelprof_middleware import (
     open_store,
 )
 from otelprof_middleware._profiler import ProfilerCore
+from otelprof_middleware._request import RequestFacts
 from otelprof_middleware.stores.memory import MemoryStore
+
+FACTS = RequestFacts(method="GET")
 
 __all__ = ["measure"]
 
@@ -104,7 +107,7 @@ def _cases(async_mode: bool) -> tuple[dict[str, Case], Callable[[], None]]:
     def ours_unsampled() -> int:
         span = tracer.start_span("GET /x")
         began = clock()
-        active = unsampled.start(span, method="GET", trigger=None, client_host=None)
+        active = unsampled.start(span, FACTS)
         elapsed = clock() - began
         span.end()
         if active is not None:
@@ -114,10 +117,10 @@ def _cases(async_mode: bool) -> tuple[dict[str, Case], Callable[[], None]]:
     def ours() -> int:
         span = tracer.start_span("GET /x")
         began = clock()
-        active = profiled.start(span, method="GET", trigger=None, client_host=None)
+        active = profiled.start(span, FACTS)
         if active is None:
             raise RuntimeError("sample_rate=1 did not start a profile")
-        profiled.finish(active, status_code=200, route="/x", base_url="http://h")
+        profiled.finish(active, status_code=200, route="/x")
         profiled.detach(active)
         elapsed = clock() - began
         span.end()
@@ -171,11 +174,11 @@ def _profile_of(work_iterations: int) -> tuple[ProfileSummary, Any]:
     captured = _Captured()
     core.writer = captured  # type: ignore[assignment]  # only submit() is used
     span = provider.get_tracer("otelprof-bench").start_span("GET /x")
-    active = core.start(span, method="GET", trigger=None, client_host=None)
+    active = core.start(span, FACTS)
     if active is None:
         raise RuntimeError("sample_rate=1 did not start a profile")
     cpu_work(work_iterations)
-    core.finish(active, status_code=200, route="/x", base_url="http://h")
+    core.finish(active, status_code=200, route="/x")
     core.detach(active)
     span.end()
     provider.shutdown()

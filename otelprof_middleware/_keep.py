@@ -92,11 +92,6 @@ class KeepPolicy:
         self._lock = threading.Lock()
         self._routes: dict[str, _RouteHistory] = {}
 
-    @property
-    def needs_route(self) -> bool:
-        """False when the decision is by duration alone (``min_duration_ms`` set)."""
-        return self._min_duration is None
-
     def reason(
         self, *, route: str, duration: float, status_code: int, failed: bool, triggered: bool
     ) -> str | None:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
 
@@ -31,9 +31,10 @@ from ._failsafe import count, fail_open, log_failure, tally
 from ._keep import MIN_DURATION, KeepPolicy
 from ._net import safe_host
 from ._record import ProfileRecord, ProfileSummary
+from ._request import RequestFacts
 from ._sampling import Sampler
 from ._session import RequestProfile, ThreadSampler, current_request, thread_sampler
-from ._span import profile_url, set_profile_attributes
+from ._span import profile_url, route_attribute, set_profile_attributes
 from ._task_hook import HookedCoroutine, install_task_factory
 from ._writer import ProfileWriter
 from .exporters import ProfileExporter, SpanFacts, check_exporter_settings, open_exporter
@@ -87,10 +88,19 @@ def _start_stack(frame: types.FrameType) -> list[str]:
     return stack
 
 
-def _lazy_url(make_base: Callable[[], str], context: SpanContext) -> str:
+def _lazy_url(config: Config, facts: RequestFacts, context: SpanContext) -> str:
     return profile_url(
-        make_base(), format_trace_id(context.trace_id), format_span_id(context.span_id)
+        base_url_of(config, facts),
+        format_trace_id(context.trace_id),
+        format_span_id(context.span_id),
     )
+
+
+def base_url_of(config: Config, facts: RequestFacts) -> str:
+    """The start of the request's profile links: ``public_url``, or its own scheme, host
+    (the Host header if usable, else the server's address) and mount point."""
+    host = safe_host(facts.host) or safe_host(facts.server)
+    return config.base_url(facts.scheme, host, facts.root_path)
 
 
 def load_config(settings: Mapping[str, object], *, has_store: bool) -> Config:
@@ -119,11 +129,6 @@ def load_config(settings: Mapping[str, object], *, has_store: bool) -> Config:
     return config
 
 
-def _resolved(value: str | Callable[[], str]) -> str:
-    """``value``, or what it returns when it is a function (worked out only when needed)."""
-    return value() if callable(value) else value
-
-
 def normalise_method(method: str) -> str:
     """The request method, or ``_OTHER`` as OTel's semantic conventions spell unknown ones."""
     return method if method in _KNOWN_METHODS else "_OTHER"
@@ -137,6 +142,7 @@ class ActiveProfile:
     sampler: ThreadSampler | None  # the thread's hook; None: always-on, or on a loop
     span: trace.Span
     context: SpanContext
+    facts: RequestFacts
     method: str
     token: Token[RequestProfile | None] | None
     finished: bool = field(default=False)
@@ -224,29 +230,27 @@ class ProfilerCore:
                 raise
             return self._store
 
-    def start(
-        self,
-        span: trace.Span,
-        *,
-        method: str,
-        trigger: bytes | None,
-        client_host: str | None,
-    ) -> ActiveProfile | None:
+    def start(self, span: trace.Span, facts: RequestFacts) -> ActiveProfile | None:
         """Decide whether to profile this request and, if so, start its profile.
 
-        Must run on the thread (and in the asyncio task) that runs the request.
+        ``span``: the request's server span; ``facts``: the request, as its adapter
+        describes it. Must run on the thread (and in the asyncio task) that runs the
+        request. The profile's link is known from here on (made when first read).
         """
         context = span.get_span_context()
         if not context.is_valid:  # no SDK provider: nothing to key or link the profile by
             return None
-        kind = self.sampler.choose(context.trace_id, span.is_recording(), trigger, client_host)
+        trigger = facts.trigger
+        kind = self.sampler.choose(
+            context.trace_id, span.is_recording(), trigger, facts.client_host
+        )
         if kind is None:
             return None
         outer = current_request.get()
         if outer is not None and not outer.closed:
             return None  # already profiled by an outer middleware: never twice
         if kind == "always_on":
-            return self._start_always_on(span, context, method)
+            return self._start_always_on(span, context, facts)
         with self._active_lock:
             if self._active >= self.config.max_concurrent:
                 count("skipped.concurrency_cap")
@@ -275,18 +279,22 @@ class ProfilerCore:
             self._release_slot()
             log_failure("profiler.start", exc)
             return None
-        return ActiveProfile(
-            request=request,
-            sampler=hook,
-            span=span,
-            context=context,
-            method=normalise_method(method),
-            token=token,
-            triggered=trigger is not None and self.sampler.is_triggered(trigger, client_host),
+        return self._linked(
+            ActiveProfile(
+                request=request,
+                sampler=hook,
+                span=span,
+                context=context,
+                facts=facts,
+                method=normalise_method(facts.method),
+                token=token,
+                triggered=trigger is not None
+                and self.sampler.is_triggered(trigger, facts.client_host),
+            )
         )
 
     def _start_always_on(
-        self, span: trace.Span, context: SpanContext, method: str
+        self, span: trace.Span, context: SpanContext, facts: RequestFacts
     ) -> ActiveProfile | None:
         """:meth:`start` for the always-on sampler: the cheapest path there is.
 
@@ -314,13 +322,16 @@ class ProfilerCore:
             current_request.reset(token)
             count("skipped.concurrency_cap")
             return None
-        return ActiveProfile(
-            request=request,
-            sampler=None,
-            span=span,
-            context=context,
-            method=normalise_method(method),
-            token=token,
+        return self._linked(
+            ActiveProfile(
+                request=request,
+                sampler=None,
+                span=span,
+                context=context,
+                facts=facts,
+                method=normalise_method(facts.method),
+                token=token,
+            )
         )
 
     @staticmethod
@@ -335,34 +346,30 @@ class ProfilerCore:
             return app_call
         return HookedCoroutine(app_call, request, main=True)
 
-    def link(self, active: ActiveProfile, base_url: str | Callable[[], str]) -> None:
-        """Note the URL the profile will have if kept, for the request's log records.
-
-        Adapters call it right after :meth:`start`. ``base_url`` may be a function: it
-        is then called only if a log record asks for the URL.
+    def _linked(self, active: ActiveProfile) -> ActiveProfile:
+        """Note the URL the profile will have if kept, for the request's log records
+        (otelprof_middleware.logging). Made only if a log record asks: everything, the hex
+        ids included. (The context, not ``active``: no reference cycle for the GC.)
         """
-        if callable(base_url):
-            # Everything, the hex ids included, made on first read. (The context, not
-            # ``active``: no reference cycle for the GC.)
-            active.request.url_factory = functools.partial(_lazy_url, base_url, active.context)
-            return
-        with fail_open("profiler.link"):
-            active.request.url = profile_url(base_url, active.trace_id, active.span_id)
+        active.request.url_factory = functools.partial(
+            _lazy_url, self.config, active.facts, active.context
+        )
+        return active
 
     def finish(
         self,
         active: ActiveProfile,
         *,
         status_code: int,
-        route: str | Callable[[], str],
-        base_url: str | Callable[[], str],
+        route: str | None,
         failed: bool = False,
     ) -> None:
-        """Stop the profile; keep it if the keep policy says so: span link, then the writer.
+        """The request ended: stop the profile; keep it if the keep policy says so (span
+        link, then the writer).
 
-        Safe to call more than once (only the first call counts) and from any task.
-        ``route`` and ``base_url`` may be functions, called only when they are needed
-        (``base_url`` only for a kept profile). ``failed``: the app raised.
+        ``route``: the matched route template when the adapter knows it (else the span's
+        ``http.route``, else none). ``failed``: the app raised. Safe to call more than
+        once (only the first call counts) and from any task.
         """
         if not self.stop(active):
             return
@@ -370,7 +377,7 @@ class ProfilerCore:
             active.request.url = None
             return
         policy = self.keep_policy
-        route_name = _resolved(route) if policy.needs_route else ""
+        route_name = route or route_attribute(active.span) or ""
         reason = policy.reason(
             route=route_name,
             duration=active.duration,
@@ -382,15 +389,7 @@ class ProfilerCore:
             active.request.url = None  # later log records must not point at a discarded profile
             _count_discarded()
             return
-        if not policy.needs_route:
-            route_name = _resolved(route)
-        self.keep(
-            active,
-            status_code=status_code,
-            route=route_name,
-            base_url=_resolved(base_url),
-            reason=reason,
-        )
+        self.keep(active, status_code=status_code, route=route_name, reason=reason)
 
     def stop(self, active: ActiveProfile, *, from_finalizer: bool = False) -> bool:
         """Stop the profile; True when this call stopped it (only the first call does).
@@ -447,12 +446,12 @@ class ProfilerCore:
         *,
         status_code: int,
         route: str,
-        base_url: str,
         reason: str = MIN_DURATION,
     ) -> None:
         """Keep a stopped profile: span link, then the writer (and exporter)."""
         request = active.request
         duration = active.duration
+        base_url = base_url_of(self.config, active.facts)
         with fail_open("span"):
             if active.span.is_recording():
                 set_profile_attributes(
@@ -490,6 +489,13 @@ class ProfilerCore:
                 accepted = exporter.submit(summary, session, SpanFacts.of(active.span))
                 if accepted and active.span.is_recording():
                     active.span.set_attributes(exporter.span_attributes(summary))
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Write what the writer holds and send what the exporter holds, each within
+        ``timeout`` seconds: the server is shutting down (see the ASGI lifespan)."""
+        self.writer.flush(timeout)
+        if self.exporter is not None:
+            self.exporter.flush(timeout)
 
     def _service_name(self, span: trace.Span) -> str:
         """The service a profile belongs to: the span's ``service.name`` (what trace UIs
@@ -541,6 +547,10 @@ class LazyStore:
     def put(self, record: ProfileRecord) -> None:
         """See :meth:`ProfileStore.put`."""
         self._core.get_store().put(record)
+
+    def put_many(self, records: Sequence[ProfileRecord]) -> None:
+        """See :meth:`ProfileStore.put_many`."""
+        self._core.get_store().put_many(records)
 
     def get(self, trace_id: str, span_id: str | None = None) -> Sequence[ProfileRecord]:
         """See :meth:`ProfileStore.get`."""

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Awaitable
 from typing import Unpack
 
+import anyio.to_thread
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
@@ -17,14 +18,13 @@ from ._profiler import (
     ProfilerCore,
     load_config,
     normalise_method,
-    safe_host,
 )
+from ._request import RequestFacts
 from ._session import add_stem_marker
 from ._span import (
     ROUTE_KEY,
     current_server_span,
     name_by_route,
-    route_attribute,
     span_declined,
     span_owner_below,
 )
@@ -118,6 +118,8 @@ class ProfilingMiddleware:
             span = joined
         else:
             if scope["type"] != "http":
+                if scope["type"] == "lifespan" and self.config.enabled:
+                    send = _DrainingAtShutdown(send, self._core)
                 await self.app(scope, receive, send)
                 return
             way: trace.Span | object = _PASS
@@ -147,17 +149,9 @@ class ProfilingMiddleware:
         send_profiled: _ProfiledSend | None = None
         active: ActiveProfile | None = None
         try:
-            trigger = self._find_trigger(scope) if self._sampler.triggers_allowed else None
-            client = scope.get("client")
-            active = self._core.start(
-                span,
-                method=scope["method"],
-                trigger=trigger,
-                client_host=client[0] if client else None,
-            )
+            active = self._core.start(span, self._describe(scope))
             if active is not None:
-                send_profiled = _ProfiledSend(self, active, scope, send)
-                self._core.link(active, send_profiled.base_url)  # made only if a log asks
+                send_profiled = _ProfiledSend(self._core, active, scope, send)
         except Exception as exc:
             log_failure("profiler.start", exc)
         if send_profiled is None or active is None:
@@ -216,25 +210,28 @@ class ProfilingMiddleware:
         naming = _NamingSend(send, scope, trace.get_current_span())
         await self(scope, receive, naming, _in_own_span=True)
 
-    def _route(self, scope: Scope, active: ActiveProfile, root_path: str) -> str:
-        return route_template(scope, root_path=root_path) or route_attribute(active.span) or ""
-
-    def _base_url(self, scope: Scope, root_path: str) -> str:
-        host = None
+    def _describe(self, scope: Scope) -> RequestFacts:
+        """The request as the engine sees it (one pass over the headers)."""
+        host: str | None = None
+        trigger: bytes | None = None
+        trigger_header = self._trigger_header if self._sampler.triggers_allowed else None
         for name, value in scope.get("headers", ()):
             if name == b"host":
-                host = safe_host(value.decode("latin-1"))
-                break
-        if host is None and scope.get("server"):
-            server_host, server_port = scope["server"]
-            host = safe_host(f"{server_host}:{server_port}")
-        return self.config.base_url(scope.get("scheme", "http"), host, root_path)
-
-    def _find_trigger(self, scope: Scope) -> bytes | None:
-        for name, value in scope.get("headers", ()):
-            if name == self._trigger_header:
-                return bytes(value)
-        return None
+                host = value.decode("latin-1")
+            elif name == trigger_header:
+                trigger = bytes(value)
+        server = scope.get("server")
+        client = scope.get("client")
+        return RequestFacts(
+            method=scope["method"],
+            scheme=scope.get("scheme", "http"),
+            host=host,
+            server=f"{server[0]}:{server[1]}" if server else None,
+            # The middleware's own mount point: a Mount inside the app rewrites the scope's.
+            root_path=scope.get("root_path", ""),
+            client_host=client[0] if client else None,
+            trigger=trigger,
+        )
 
 
 add_stem_marker(ProfilingMiddleware.__call__.__code__)
@@ -325,6 +322,30 @@ class _NamingSend:
         return self._send(message)
 
 
+class _DrainingAtShutdown:
+    """The lifespan's ``send``: before the app reports its shutdown done, what the writer
+    and the exporter hold is written and sent.
+
+    uvicorn re-raises the SIGTERM it caught once it has shut down, so the process ends
+    without running ``atexit`` (where the writer otherwise gets its last flush): the
+    profiles of the last requests would be lost.
+    """
+
+    __slots__ = ("_core", "_send")
+
+    def __init__(self, send: Send, core: ProfilerCore) -> None:
+        self._send = send
+        self._core = core
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            try:
+                await anyio.to_thread.run_sync(self._core.drain)
+            except Exception as exc:
+                log_failure("writer.drain", exc)
+        await self._send(message)
+
+
 class _ProfiledSend:
     """The app's ``send``: notes the status and finishes the profile before the last body.
 
@@ -334,24 +355,12 @@ class _ProfiledSend:
     goes on to the server as the app sent it.
     """
 
-    __slots__ = (
-        "_active",
-        "_middleware",
-        "_root_path",
-        "_scope",
-        "_send",
-        "failed",
-        "status_code",
-    )
+    __slots__ = ("_active", "_core", "_scope", "_send", "failed", "status_code")
 
-    def __init__(
-        self, middleware: ProfilingMiddleware, active: ActiveProfile, scope: Scope, send: Send
-    ) -> None:
-        self._middleware = middleware
+    def __init__(self, core: ProfilerCore, active: ActiveProfile, scope: Scope, send: Send) -> None:
+        self._core = core
         self._active = active
         self._scope = scope
-        # The middleware's own mount point: a Mount inside the app rewrites the scope's.
-        self._root_path: str = scope.get("root_path", "")
         self._send = send
         self.failed = False  # the app raised
         self.status_code = 500  # until the app sends http.response.start
@@ -366,23 +375,16 @@ class _ProfiledSend:
             log_failure("adapter", exc)
         return self._send(message)
 
-    def base_url(self) -> str:
-        """The request's base URL, for the profile link (made only when asked)."""
-        return self._middleware._base_url(self._scope, self._root_path)
-
-    def route(self) -> str:
-        """The matched route template, for the keep policy and the index."""
-        return self._middleware._route(self._scope, self._active, self._root_path)
-
     def _stop_and_keep(self) -> None:
         # (the core stops a profile once: a second call returns at once)
+        route = None
+        try:  # known now (the router ran), relative to our own mount point
+            route = route_template(self._scope, root_path=self._active.facts.root_path)
+        except Exception as exc:  # the app's route object: the profile ends all the same
+            log_failure("adapter", exc)
         try:
-            self._middleware.core.finish(
-                self._active,
-                status_code=self.status_code,
-                route=self.route,
-                base_url=self.base_url,
-                failed=self.failed,
+            self._core.finish(
+                self._active, status_code=self.status_code, route=route, failed=self.failed
             )
         except Exception as exc:
             log_failure("profiler.finish", exc)
@@ -390,4 +392,4 @@ class _ProfiledSend:
     def finish(self) -> None:
         """The app returned (or raised): end the profile if the last body did not."""
         self._stop_and_keep()
-        self._middleware.core.detach(self._active)
+        self._core.detach(self._active)

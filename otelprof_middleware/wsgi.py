@@ -22,14 +22,13 @@ from ._profiler import (
     ProfilerCore,
     load_config,
     normalise_method,
-    safe_host,
 )
+from ._request import RequestFacts
 from ._session import add_stem_marker
 from ._span import (
     ROUTE_KEY,
     current_server_span,
     name_by_route,
-    route_attribute,
 )
 from ._threads import install as install_worker_thread_profiling
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
@@ -174,18 +173,9 @@ class WSGIProfilingMiddleware:
         """The app, profiled if the core decides so; ``end_span`` runs when the body ends."""
         response: _ProfiledResponse | None = None
         try:
-            trigger = None
-            if self._sampler.triggers_allowed and self._trigger_key in environ:
-                trigger = str(environ[self._trigger_key]).encode("latin-1", "replace")
-            active = self._core.start(
-                trace.get_current_span(),
-                method=str(environ.get("REQUEST_METHOD", "GET")),
-                trigger=trigger,
-                client_host=environ.get("REMOTE_ADDR"),
-            )
+            active = self._core.start(trace.get_current_span(), self._describe(environ))
             if active is not None:
-                response = _ProfiledResponse(self, active, environ, start_response)
-                self._core.link(active, response.base_url)  # made only if a log asks
+                response = _ProfiledResponse(self._core, active, environ, start_response)
         except Exception as exc:
             log_failure("profiler.start", exc)
         on_end: Callable[[], None] | None = end_span
@@ -210,11 +200,22 @@ class WSGIProfilingMiddleware:
             return body
         return _ClosingBody(body, on_end, on_abandon)
 
-    def _base_url(self, environ: WSGIEnvironment, script_name: str) -> str:
-        host = safe_host(environ.get("HTTP_HOST")) or safe_host(
-            f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}"
+    def _describe(self, environ: WSGIEnvironment) -> RequestFacts:
+        """The request as the engine sees it."""
+        trigger = None
+        if self._sampler.triggers_allowed and self._trigger_key in environ:
+            trigger = str(environ[self._trigger_key]).encode("latin-1", "replace")
+        return RequestFacts(
+            method=str(environ.get("REQUEST_METHOD", "GET")),
+            scheme=environ.get("wsgi.url_scheme", "http"),
+            host=environ.get("HTTP_HOST"),
+            server=f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}",
+            # The middleware's own mount point: a dispatcher inside the app (werkzeug's
+            # DispatcherMiddleware) moves part of PATH_INFO into the environ's SCRIPT_NAME.
+            root_path=str(environ.get("SCRIPT_NAME", "")),
+            client_host=environ.get("REMOTE_ADDR"),
+            trigger=trigger,
         )
-        return self.config.base_url(environ.get("wsgi.url_scheme", "http"), host, script_name)
 
 
 add_stem_marker(WSGIProfilingMiddleware._profiled.__code__)
@@ -264,30 +265,18 @@ class _ProfiledResponse:
     counted and logged by the core's fail-open helpers.
     """
 
-    __slots__ = (
-        "_active",
-        "_environ",
-        "_middleware",
-        "_route",
-        "_script_name",
-        "_start_response",
-        "_status",
-        "failed",
-    )
+    __slots__ = ("_active", "_core", "_environ", "_route", "_start_response", "_status", "failed")
 
     def __init__(
         self,
-        middleware: WSGIProfilingMiddleware,
+        core: ProfilerCore,
         active: ActiveProfile,
         environ: WSGIEnvironment,
         start_response: StartResponse,
     ) -> None:
-        self._middleware = middleware
+        self._core = core
         self._active = active
         self._environ = environ
-        # The middleware's own mount point: a dispatcher inside the app (werkzeug's
-        # DispatcherMiddleware) moves part of PATH_INFO into the environ's SCRIPT_NAME.
-        self._script_name = str(environ.get("SCRIPT_NAME", ""))
         self._start_response = start_response
         self._status = 500
         self._route: str | None = None
@@ -305,32 +294,19 @@ class _ProfiledResponse:
             log_failure("adapter", exc)
         return self._start_response(status, headers, *exc_info)
 
-    def base_url(self) -> str:
-        """The request's base URL, for the profile link."""
-        return self._middleware._base_url(self._environ, self._script_name)
-
-    def route(self) -> str:
-        """The matched route template (Flask's rule, Django's pattern, the span's)."""
-        return self._route or route_attribute(self._active.span) or ""
-
     def finish(self) -> None:
         """Stop the profile and keep it when the keep policy says so (once; never raises)."""
-        core = self._middleware.core
         try:
-            core.finish(
-                self._active,
-                status_code=self._status,
-                route=self.route,
-                base_url=self.base_url,
-                failed=self.failed,
+            self._core.finish(
+                self._active, status_code=self._status, route=self._route, failed=self.failed
             )
         except Exception as exc:
             log_failure("profiler.finish", exc)
-        core.detach(self._active)
+        self._core.detach(self._active)
 
     def abandon(self) -> None:
         """The body was collected without ``close()``: stop the profile, keep nothing."""
-        self._middleware.core.discard(self._active)
+        self._core.discard(self._active)
 
 
 class _ClosingBody:

@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from otelprof_middleware import Config, ProfilingMiddleware
 from otelprof_middleware._always_on import always_on_sampler
+from otelprof_middleware._request import RequestFacts
 from otelprof_middleware._sampling import Sampler
 from otelprof_middleware.stores import MemoryStore
 
@@ -117,10 +118,10 @@ def test_wsgi_style_threads_are_attributed_by_thread() -> None:
 
     def request(work: Any) -> None:
         with tracer.start_as_current_span("GET") as span:
-            active = core.start(span, method="GET", trigger=None, client_host=None)
+            active = core.start(span, RequestFacts(method="GET"))
             assert active is not None and active.sampler is None
             work(0.05)
-            core.finish(active, status_code=200, route=work.__name__, base_url="http://h")
+            core.finish(active, status_code=200, route=work.__name__)
             core.detach(active)
 
     threads = [

@@ -550,6 +550,7 @@ atexit.register(burn, 0.03)  # runs after the sampler's own atexit stop(): CPU a
 from otelprof_middleware import Config
 from otelprof_middleware._always_on import always_on_sampler
 from otelprof_middleware._profiler import ProfilerCore
+from otelprof_middleware._request import RequestFacts
 from otelprof_middleware._session import RequestProfile, current_request
 from otelprof_middleware.stores import MemoryStore
 from opentelemetry.sdk.trace import TracerProvider
@@ -567,7 +568,7 @@ async def main():
             store=MemoryStore(),
         )
         span = TracerProvider().get_tracer("t").start_span("GET")
-        active = core.start(span, method="GET", trigger=None, client_host=None)
+        active = core.start(span, RequestFacts(method="GET"))
         assert active is not None
         sampler = core._always_on_sampler()
     else:
@@ -584,7 +585,7 @@ async def main():
     report.update(driven=state.driven, samples=sampler.samples)
     if END == "finish":
         if VIA == "core":
-            core.finish(active, status_code=200, route="/x", base_url="http://h")
+            core.finish(active, status_code=200, route="/x")
             core.detach(active)
             span.end()
         else:

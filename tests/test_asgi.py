@@ -279,6 +279,9 @@ class BrokenStore(MemoryStore):
     def put(self, record: Any) -> None:
         raise OSError("disk on fire")
 
+    def put_many(self, records: Any) -> None:  # (the writer batches when it can)
+        raise OSError("disk on fire")
+
     def get(self, trace_id: str, span_id: str | None = None) -> Any:
         raise OSError("disk on fire")
 

@@ -241,12 +241,12 @@ async def test_raising_route_and_host_lookups(
         await _hello(scope, receive, send)
 
     expected = await _drive(app, _scope())
-    from otelprof_middleware import asgi
+    from otelprof_middleware import _profiler
 
     def raising_host(host: str | None) -> str | None:
         raise RuntimeError("injected: the host lookup raises")
 
-    monkeypatch.setattr(asgi, "safe_host", raising_host)
+    monkeypatch.setattr(_profiler, "safe_host", raising_host)  # the engine makes links
     middleware = _profiled(app, mode=mode)
     for _ in range(3):
         assert await _drive(middleware, _scope()) == expected

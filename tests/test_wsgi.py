@@ -146,6 +146,9 @@ def test_store_failure_changes_nothing(otel: Any, made: list[Any]) -> None:
         def put(self, record: Any) -> None:
             raise OSError("read-only file system")
 
+        def put_many(self, records: Any) -> None:  # (the writer batches when it can)
+            raise OSError("read-only file system")
+
     plain = Client(make_flask())
     app = make_flask()
     middleware = profiled(app, otel, Broken(), made)

@@ -15,7 +15,7 @@ from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 from otelprof_middleware._span import PROFILE_URL
 from otelprof_middleware.stores import SQLiteStore
 
-from .servers import free_port, run_server, uvicorn
+from .servers import free_port, gunicorn, run_server, uvicorn
 
 pytestmark = pytest.mark.e2e
 
@@ -100,13 +100,25 @@ def test_no_arguments_keeps_the_slow_and_the_failed_within_budget(tmp_path: Path
             )
 
 
+@pytest.mark.parametrize("server_kind", ["uvicorn", "gunicorn-uvicorn-worker"])
 @pytest.mark.parametrize("variable", ["OTELPROF_INTERVAL_MS", "OTELPROF_STORE"])
-def test_a_bad_setting_leaves_the_app_and_its_lifespan_alone(tmp_path: Path, variable: str) -> None:
+def test_a_bad_setting_leaves_the_app_and_its_lifespan_alone(
+    tmp_path: Path, variable: str, server_kind: str
+) -> None:
     """uvicorn's ``--lifespan auto`` used to swallow our ``ValueError`` as "lifespan
-    unsupported": the app's start-up never ran and every request answered 500."""
+    unsupported": the app's start-up never ran and every request answered 500. The same
+    under gunicorn's ``UvicornWorker`` (2 workers), as production runs it."""
     bad = {"OTELPROF_INTERVAL_MS": "abc", "OTELPROF_STORE": "redis://127.0.0.1:notaport/0"}
     port = free_port()
-    command = uvicorn("tests.e2e.defaults_app:app", port, workers=1)
+    app = "tests.e2e.defaults_app:app"
+    if server_kind == "uvicorn":
+        command = uvicorn(app, port, workers=1)
+    else:
+        command = [
+            *gunicorn(app, port, workers=2)[:-4],
+            "--worker-class",
+            "uvicorn.workers.UvicornWorker",
+        ]
     env = {**PACKAGE_DEFAULTS, variable: bad[variable]}
     with run_server(command, tmp_path, port=port, env=env) as server:
         assert httpx.get(server.base_url + "/started").json() == {"started": True}

@@ -1,0 +1,96 @@
+"""At the end of the ASGI lifespan, what the writer holds is written before the server
+is told the app has shut down (uvicorn then re-raises SIGTERM: no atexit runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from otelprof_middleware import ProfileRecord, ProfilingMiddleware
+from otelprof_middleware.stores import MemoryStore
+
+from .helpers import make_provider, marker_alpha
+
+
+class SlowStore(MemoryStore):
+    """A real memory store whose writes take 0.3 s (a busy disk or a far Redis)."""
+
+    def put(self, record: ProfileRecord) -> None:
+        time.sleep(0.3)
+        super().put(record)
+
+    def put_many(self, records: Sequence[ProfileRecord]) -> None:
+        time.sleep(0.3)
+        super().put_many(records)
+
+
+async def work(request: Request) -> PlainTextResponse:
+    marker_alpha(0.005)
+    return PlainTextResponse("done")
+
+
+@pytest.mark.anyio
+async def test_queued_profiles_are_written_before_shutdown_completes() -> None:
+    store = SlowStore()
+    app = ProfilingMiddleware(
+        Starlette(routes=[Route("/work", work)]),
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        sample_rate=1.0,
+        min_duration_ms=0,
+    )
+    lifespan_in: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    lifespan_out: list[dict[str, Any]] = []
+    stored_when_done: list[int] = []
+
+    async def lifespan_send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.shutdown.complete":
+            stored_when_done.append(len(store.list()))
+        lifespan_out.append(message)
+
+    lifespan = asyncio.ensure_future(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan_in.get, lifespan_send)
+    )
+    await lifespan_in.put({"type": "lifespan.startup"})
+    for _ in range(3):  # three kept profiles, queued behind the slow store
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/work",
+            "raw_path": b"/work",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"testserver")],
+            "client": ("127.0.0.1", 1234),
+            "server": ("127.0.0.1", 8000),
+        }
+        await app(scope, receive, send)
+        assert sent[-1]["body"] == b"done"
+    assert len(store.list()) < 3  # the writer is still busy
+    await lifespan_in.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(lifespan, 10)
+    assert [m["type"] for m in lifespan_out] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    assert stored_when_done == [3], "profiles were still queued when the app reported shutdown"
+    app.core.writer.close()
