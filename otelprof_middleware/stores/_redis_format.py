@@ -13,10 +13,10 @@ The key layout is described in ``stores/redis.py``.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .._record import SUMMARY_FIELDS, ProfileRecord, ProfileSummary, SummaryField
+from .._record import SUMMARY_FIELDS, FieldValue, ProfileRecord, ProfileSummary, SummaryField
 
 __all__ = [
     "HASH_FIELDS",
@@ -286,17 +286,36 @@ def record_args(record: ProfileRecord) -> list[str | bytes]:
     return args
 
 
+def _reader(f: SummaryField) -> Callable[[Any], FieldValue]:
+    """Reads a present value of ``f`` from a reply: ``int`` and ``float`` parse bytes as
+    they are; text is decoded."""
+    if f.type is str:
+        return lambda raw: raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    return f.type
+
+
+# Per declared field, in declaration order: ("id", which part of the ID) or
+# ("hash", its position in HASH_FIELDS, its reader, the field).
+_READERS: tuple[tuple[int, int, Callable[[Any], FieldValue], SummaryField], ...] = tuple(
+    (1, ("trace_id", "span_id").index(f.name), str, f)
+    if f.identity
+    else (0, HASH_FIELDS.index(f.name), _reader(f), f)
+    for f in SUMMARY_FIELDS
+)
+_SEQ = HASH_FIELDS.index("seq")
+
+
 def parse_summary(id_: str, values: Sequence[Any]) -> tuple[ProfileSummary, int] | None:
     """The summary and ``seq`` from the values of ``HASH_FIELDS`` (an ``HMGET`` or a
     page row); ``None`` when the hash is gone."""
     if len(values) <= _PRESENT or values[_PRESENT] is None:
         return None
-    trace_id, _, span_id = id_.partition(":")
-    fields: dict[str, Any] = {"trace_id": trace_id, "span_id": span_id}
-    seq = 0
-    for decoder, name, raw in zip(_DECODERS, HASH_FIELDS, values, strict=True):
-        if decoder is None:  # seq
-            seq = int(raw)
+    ids = id_.split(":", 1)
+    args: list[Any] = []
+    for from_id, index, read, f in _READERS:
+        if from_id:
+            args.append(ids[index])
         else:
-            fields[name] = decoder.from_text(raw)
-    return ProfileSummary(**fields), seq
+            raw = values[index]
+            args.append(f.from_text(None) if raw is None else read(raw))
+    return ProfileSummary(*args), int(values[_SEQ])
