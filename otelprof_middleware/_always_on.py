@@ -40,6 +40,7 @@ import asyncio
 import atexit
 import contextlib
 import contextvars
+import logging
 import os
 import random
 import signal
@@ -57,7 +58,9 @@ from ._cpu_timer import CPUTimer, disarm_all
 from ._failsafe import count
 from ._session import RequestProfile, current_request
 
-__all__ = ["AlwaysOnSampler", "always_on_sampler"]
+__all__ = ["AlwaysOnSampler", "always_on_sampler", "check_settings", "reset_for_tests"]
+
+_logger = logging.getLogger("otelprof_middleware")
 
 
 class _LoopState:
@@ -707,11 +710,60 @@ _sampler_lock = threading.Lock()
 
 
 def always_on_sampler(interval: float, *, sigprof: bool = True) -> AlwaysOnSampler:
-    """The process's sampler (created on first use, with the first caller's settings)."""
+    """The process's sampler (created on first use, with the first caller's settings).
+
+    A process has one: the signal, the timer and the sampler thread are the process's.
+    The first middleware to use it sets its interval and ``SIGPROF`` use; a later one
+    with other settings gets a warning naming both (see :func:`check_settings`) and the
+    sampler in force.
+    """
     global _sampler
     if _sampler is None:
         with _sampler_lock:
             if _sampler is None:
                 _sampler = AlwaysOnSampler(interval, sigprof=sigprof)
                 atexit.register(_sampler.stop)
+                return _sampler
+    check_settings(interval, sigprof=sigprof)
     return _sampler
+
+
+_conflicts_logged: set[tuple[float, bool, float, bool]] = set()
+
+
+def check_settings(interval: float, *, sigprof: bool) -> None:
+    """Warn (once per pair) when ``interval``/``sigprof`` differ from the process's sampler.
+
+    Two middlewares in one process (a mounted sub-app, say) cannot have two always-on
+    samplers: the first one's settings are in force, and profiles record the interval
+    actually used. Nothing to check before the sampler exists.
+    """
+    sampler = _sampler
+    if sampler is None:
+        return
+    wanted = (interval, sigprof and hasattr(signal, "setitimer"))
+    in_force = (sampler.interval, sampler.sigprof)
+    if wanted == in_force or (*in_force, *wanted) in _conflicts_logged:
+        return
+    _conflicts_logged.add((*in_force, *wanted))
+    _logger.warning(
+        "otelprof: two middlewares in this process ask for different always-on settings: "
+        "always_on_interval_ms=%g, always_on_sigprof=%s is in force (the first one's); "
+        "always_on_interval_ms=%g, always_on_sigprof=%s is ignored. A process has one "
+        "always-on sampler: give every middleware the same settings.",
+        in_force[0] * 1000.0,
+        in_force[1],
+        wanted[0] * 1000.0,
+        wanted[1],
+    )
+
+
+def reset_for_tests() -> None:
+    """Stop and forget the process's sampler and disarm its timers (tests only)."""
+    global _sampler
+    with _sampler_lock:
+        sampler, _sampler = _sampler, None
+    if sampler is not None:
+        sampler.stop()
+    disarm_all()
+    _conflicts_logged.clear()

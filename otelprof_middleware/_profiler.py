@@ -26,6 +26,7 @@ from pyinstrument.session import Session
 from pyinstrument.stack_sampler import build_call_stack
 
 from ._always_on import AlwaysOnSampler, always_on_sampler
+from ._always_on import check_settings as check_always_on_settings
 from ._config import Config
 from ._failsafe import count, fail_open, log_failure, tally
 from ._keep import MIN_DURATION, KeepPolicy
@@ -193,6 +194,8 @@ class ProfilerCore:
             keep_per_second=config.keep_per_second,
         )
         self._sampler_instance: AlwaysOnSampler | None = None
+        if config.enabled and config.mode == "always_on":  # loud now, not at a request
+            check_always_on_settings(self._always_on_interval, sigprof=config.always_on_sigprof)
         atexit.register(self.writer.close, 2.0)
         self.exporter = exporter or open_exporter(
             config.pyroscope_url,
@@ -302,15 +305,15 @@ class ProfilerCore:
         that only a kept one needs (the start stack comes from its samples).
         """
         try:
+            sampler = self._sampler_instance or self._always_on_sampler()
             request = RequestProfile(
-                interval=self._always_on_interval,
+                interval=sampler.interval,  # the process's (see always_on_sampler)
                 max_samples=self.config.max_samples,
                 start_call_stack=None,
                 continuous=True,
             )
             token = current_request.set(request)
             try:
-                sampler = self._sampler_instance or self._always_on_sampler()
                 registered = sampler.register_current(request, ALWAYS_ON_MAX_CONCURRENT)
             except BaseException:
                 current_request.reset(token)
