@@ -100,7 +100,7 @@ def _lazy_url(config: Config, facts: RequestFacts, context: SpanContext) -> str:
 def base_url_of(config: Config, facts: RequestFacts) -> str:
     """The start of the request's profile links: ``public_url``, or its own scheme, host
     (the Host header if usable, else the server's address) and mount point."""
-    host = safe_host(facts.host) or safe_host(facts.server)
+    host = safe_host(facts.host_header()) or safe_host(facts.server_address())
     return config.base_url(facts.scheme, host, facts.root_path)
 
 

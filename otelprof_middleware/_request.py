@@ -9,29 +9,52 @@ base URL, the keep decision) and never calls back into the adapter.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["RequestFacts"]
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class RequestFacts:
-    """A request as the engine sees it (framework-free, read once at its start).
+    """A request as the engine sees it (framework-free, taken once at its start).
 
     Attributes:
         method: the HTTP method as sent.
         scheme: ``http`` or ``https``, as the server saw it.
-        host: the ``Host`` header as sent (checked by the engine before any use).
-        server: the server's own ``host:port``, used when ``host`` is missing or unusable.
+        host: the ``Host`` header as sent, when the adapter has it at hand (checked by the
+            engine before any use).
+        headers: the raw request headers (ASGI), where the engine finds the ``Host``
+            header when ``host`` is None and a link is made: most requests never need it.
+        server: the server's own host and port, used when the Host is missing or unusable.
         root_path: the middleware's mount point (ASGI ``root_path``, WSGI ``SCRIPT_NAME``).
         client_host: the peer's address (the trigger header is honoured from loopback).
         trigger: the trigger header's value, when present and triggers are allowed.
+
+    Not frozen: a frozen dataclass costs three times as much to build, on every request.
     """
 
     method: str
     scheme: str = "http"
     host: str | None = None
-    server: str | None = None
+    headers: Sequence[tuple[bytes, bytes]] = ()
+    server: tuple[str, int | str | None] | None = None
     root_path: str = ""
     client_host: str | None = None
     trigger: bytes | None = None
+
+    def host_header(self) -> str | None:
+        """The ``Host`` header as sent (from ``host``, else from ``headers``)."""
+        if self.host is not None:
+            return self.host
+        for name, value in self.headers:
+            if name == b"host":
+                return value.decode("latin-1")
+        return None
+
+    def server_address(self) -> str | None:
+        """The server's ``host:port``."""
+        if not self.server:
+            return None
+        host, port = self.server
+        return f"{host}:{port}" if port is not None else host

@@ -211,22 +211,20 @@ class ProfilingMiddleware:
         await self(scope, receive, naming, _in_own_span=True)
 
     def _describe(self, scope: Scope) -> RequestFacts:
-        """The request as the engine sees it (one pass over the headers)."""
-        host: str | None = None
+        """The request as the engine sees it (its headers are read only if need be)."""
         trigger: bytes | None = None
-        trigger_header = self._trigger_header if self._sampler.triggers_allowed else None
-        for name, value in scope.get("headers", ()):
-            if name == b"host":
-                host = value.decode("latin-1")
-            elif name == trigger_header:
-                trigger = bytes(value)
-        server = scope.get("server")
+        headers = scope.get("headers", ())
+        if self._sampler.triggers_allowed:
+            for name, value in headers:
+                if name == self._trigger_header:
+                    trigger = bytes(value)
+                    break
         client = scope.get("client")
         return RequestFacts(
             method=scope["method"],
             scheme=scope.get("scheme", "http"),
-            host=host,
-            server=f"{server[0]}:{server[1]}" if server else None,
+            headers=headers,
+            server=scope.get("server"),
             # The middleware's own mount point: a Mount inside the app rewrites the scope's.
             root_path=scope.get("root_path", ""),
             client_host=client[0] if client else None,

@@ -209,7 +209,7 @@ class WSGIProfilingMiddleware:
             method=str(environ.get("REQUEST_METHOD", "GET")),
             scheme=environ.get("wsgi.url_scheme", "http"),
             host=environ.get("HTTP_HOST"),
-            server=f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}",
+            server=(environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "80")),
             # The middleware's own mount point: a dispatcher inside the app (werkzeug's
             # DispatcherMiddleware) moves part of PATH_INFO into the environ's SCRIPT_NAME.
             root_path=str(environ.get("SCRIPT_NAME", "")),

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from otelprof_middleware import Config, ProfilingMiddleware
+from otelprof_middleware import Config, ProfilingMiddleware, testing
 from otelprof_middleware._always_on import always_on_sampler
 from otelprof_middleware._request import RequestFacts
 from otelprof_middleware._sampling import Sampler
@@ -46,6 +46,15 @@ def test_one_profiler_per_request_hook_first() -> None:
     assert sampler.choose(1, False, None, None) is None
     hook_only = Sampler(Config.load({}, sample_rate=1.0, hook_sample_rate=1.0))
     assert hook_only.choose(7, True, None, None) == "hook"  # ignored outside always_on
+
+
+@pytest.fixture(autouse=True)
+def _own_sampler() -> Iterator[None]:
+    """Each test's middleware gets the always-on sampler its settings ask for (a process
+    has one: an earlier test's would otherwise be in force)."""
+    testing.reset()
+    yield
+    testing.reset()
 
 
 @pytest.fixture
