@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -108,11 +109,7 @@ def _check(server: Server, receiver: OtlpReceiver, sent: dict[str, int], mode: s
         [(trace_id, _)] = profile.links()  # every sample of a profile: one span
         by_trace.setdefault(trace_id, []).append(profile)
     assert set(by_trace) == expected, "one profile per kept profile, none for others"
-    spans = {
-        s["context"]["trace_id"].removeprefix("0x"): s
-        for s in server.server_spans()
-        if s["context"]["trace_id"].removeprefix("0x") in sent
-    }
+    spans = _spans_of(server, expected)
     own_marker = 0
     for trace_id in expected:
         n, record = sent[trace_id], records[trace_id]
@@ -137,6 +134,21 @@ def _check(server: Server, receiver: OtlpReceiver, sent: dict[str, int], mode: s
         assert own_marker >= len(expected) // 2
     first = next(iter(sorted(expected)))
     _compare_with_viewer(spans[first], by_trace[first][0])
+
+
+def _spans_of(server: Server, trace_ids: set[str], timeout: float = 15.0) -> dict[str, Any]:
+    """The server spans of ``trace_ids``, waiting for the workers' span exports (each
+    worker's batch processor writes on its own schedule)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = {
+            s["context"]["trace_id"].removeprefix("0x"): s
+            for s in server.server_spans()
+            if s["context"]["trace_id"].removeprefix("0x") in trace_ids
+        }
+        if set(spans) >= trace_ids or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.2)
 
 
 def _compare_with_viewer(span: dict[str, object], profile: ReceivedProfile) -> None:
