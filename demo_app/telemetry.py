@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -56,11 +57,15 @@ class _PerProcessFileExporter(ConsoleSpanExporter):
     def __init__(self, directory: str) -> None:
         self._directory = directory
         self._pid = -1
+        self._lock = threading.Lock()
         super().__init__(out=sys.stdout, formatter=_one_line)
 
     def export(self, spans):  # type: ignore[no-untyped-def]
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            path = os.path.join(self._directory, f"spans-{self._pid}.jsonl")
-            self.out = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        return super().export(spans)
+        # One lock for opening and writing: a server's threads export concurrently, and a
+        # thread that saw the new pid before the file was open wrote its span to stdout.
+        with self._lock:
+            if self._pid != os.getpid():
+                path = os.path.join(self._directory, f"spans-{os.getpid()}.jsonl")
+                self.out = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+                self._pid = os.getpid()
+            return super().export(spans)
