@@ -9,10 +9,11 @@ base URL, the keep decision) and never calls back into the adapter.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["RequestFacts"]
+__all__ = ["RequestFacts", "app_path"]
 
 
 @dataclass(slots=True)
@@ -58,3 +59,20 @@ class RequestFacts:
             return None
         host, port = self.server
         return f"{host}:{port}" if port is not None else host
+
+
+def app_path(scope: Mapping[str, Any]) -> str:
+    """The request path below the app's mount point (``root_path``), as Starlette reads it.
+
+    Servers differ: uvicorn's ``--root-path`` and ``FastAPI(root_path=...)`` put the
+    prefix in ``root_path`` and keep it in ``path`` too (the ASGI spec's reading), older
+    set-ups leave it out of ``path``. Both give the same answer here.
+    """
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        if len(path) == len(root_path):
+            return "/"
+        if path[len(root_path)] == "/":
+            return path[len(root_path) :]
+    return path

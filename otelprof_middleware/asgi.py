@@ -19,7 +19,7 @@ from ._profiler import (
     load_config,
     normalise_method,
 )
-from ._request import RequestFacts
+from ._request import RequestFacts, app_path
 from ._session import add_stem_marker
 from ._span import (
     ROUTE_KEY,
@@ -254,23 +254,6 @@ def _entered_own_span(exc: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
-
-
-def app_path(scope: Scope) -> str:
-    """The request path below the app's mount point (``root_path``), as Starlette reads it.
-
-    Servers differ: uvicorn's ``--root-path`` and ``FastAPI(root_path=...)`` put the
-    prefix in ``root_path`` and keep it in ``path`` too (the ASGI spec's reading), older
-    set-ups leave it out of ``path``. Both give the same answer here.
-    """
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path):
-        if len(path) == len(root_path):
-            return "/"
-        if path[len(root_path)] == "/":
-            return path[len(root_path) :]
-    return path
 
 
 def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "") -> str | None:

@@ -31,8 +31,7 @@ from ._net import is_loopback
 from ._record import ProfileRecord, ProfileSummary, is_span_id, is_trace_id
 from .render import FORMATS, render
 from .stores import open_store
-from .stores._base import ProfileStore
-from .stores.redis import redact_url
+from .stores._base import ProfileStore, redact_url
 from .viewer import Viewer, ViewerApp
 from .viewer._format import utc
 

@@ -14,6 +14,7 @@ import anyio.to_thread
 from opentelemetry import trace
 
 from .._net import safe_host
+from .._request import app_path
 from .._span import redact_viewer_token
 from .._types import Receive, Scope, Send, StartResponse, WSGIEnvironment
 from ._http import ViewerRequest
@@ -36,7 +37,6 @@ async def serve_asgi(
         send: the ASGI ``send``.
         scheme: the scheme users reach the app with, when not the connection's own.
     """
-    from ..asgi import app_path  # here: the ASGI adapter imports this package
 
     if b"token=" in scope.get("query_string", b""):
         redact_viewer_token(trace.get_current_span())
