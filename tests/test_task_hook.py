@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -47,6 +47,25 @@ def closing() -> Iterator[list[ProfilingMiddleware]]:
         middleware.core.writer.close()
 
 
+@pytest.fixture
+def hooked(
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    store: MemoryStore,
+    closing: list[ProfilingMiddleware],
+) -> Callable[..., ProfilingMiddleware]:
+    """Wraps an app in hook mode, every request profiled and kept, into ``store``."""
+
+    def wrap(app: Any, **settings: Any) -> ProfilingMiddleware:
+        settings = {"mode": "hook", "sample_rate": 1.0, "min_duration_ms": 0, **settings}
+        middleware = ProfilingMiddleware(
+            app, tracer_provider=otel[0], profile_store=store, **settings
+        )
+        closing.append(middleware)
+        return middleware
+
+    return wrap
+
+
 def _client(app: Any) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
     return httpx.AsyncClient(transport=transport, base_url="http://testserver")
@@ -79,9 +98,7 @@ def _ancestors(frame: Frame) -> list[str]:
 
 @pytest.mark.anyio
 async def test_an_unprofiled_request_runs_without_the_hook(
-    otel: tuple[TracerProvider, InMemorySpanExporter],
-    store: MemoryStore,
-    closing: list[ProfilingMiddleware],
+    hooked: Callable[..., ProfilingMiddleware], store: MemoryStore
 ) -> None:
     """While a profiled request is in flight on the loop, the others run hook-free."""
     profiled_waits = asyncio.Event()
@@ -103,15 +120,9 @@ async def test_an_unprofiled_request_runs_without_the_hook(
             await asyncio.sleep(0)
         return JSONResponse({"plain": True})
 
-    app = ProfilingMiddleware(
-        Starlette(routes=[Route("/slow", slow), Route("/plain", plain)]),
-        tracer_provider=otel[0],
-        profile_store=store,
-        mode="hook",
-        sample_rate=1.0,
-        exclude_paths=["/plain"],
+    app = hooked(
+        Starlette(routes=[Route("/slow", slow), Route("/plain", plain)]), exclude_paths=["/plain"]
     )
-    closing.append(app)
     async with _client(app) as client:
         slow_call = asyncio.ensure_future(client.get("/slow"))
         plain_calls = [asyncio.ensure_future(client.get("/plain")) for _ in range(4)]
@@ -132,9 +143,7 @@ async def test_an_unprofiled_request_runs_without_the_hook(
 
 @pytest.mark.anyio
 async def test_gather_children_and_their_waits_stay_under_the_endpoint(
-    otel: tuple[TracerProvider, InMemorySpanExporter],
-    store: MemoryStore,
-    closing: list[ProfilingMiddleware],
+    hooked: Callable[..., ProfilingMiddleware], store: MemoryStore
 ) -> None:
     """asyncio.gather: the children's work and the wait both sit under the endpoint."""
 
@@ -146,15 +155,7 @@ async def test_gather_children_and_their_waits_stay_under_the_endpoint(
         await asyncio.gather(child(), child())
         return JSONResponse({"ok": True})
 
-    app = ProfilingMiddleware(
-        Starlette(routes=[Route("/fan-out", fan_out)]),
-        tracer_provider=otel[0],
-        profile_store=store,
-        mode="hook",
-        sample_rate=1.0,
-        min_duration_ms=0,
-    )
-    closing.append(app)
+    app = hooked(Starlette(routes=[Route("/fan-out", fan_out)]))
     async with _client(app) as client:
         assert (await client.get("/fan-out")).json() == {"ok": True}
     root = _session_of(store, app, "/fan-out")
@@ -173,9 +174,7 @@ async def test_gather_children_and_their_waits_stay_under_the_endpoint(
 
 @pytest.mark.anyio
 async def test_base_http_middleware_child_task_is_profiled(
-    otel: tuple[TracerProvider, InMemorySpanExporter],
-    store: MemoryStore,
-    closing: list[ProfilingMiddleware],
+    hooked: Callable[..., ProfilingMiddleware], store: MemoryStore
 ) -> None:
     """Starlette's BaseHTTPMiddleware runs the endpoint in a task of its own."""
 
@@ -188,15 +187,7 @@ async def test_base_http_middleware_child_task_is_profiled(
         await asyncio.sleep(0.01)
         return JSONResponse({"ok": True})
 
-    app = ProfilingMiddleware(
-        Starlette(routes=[Route("/work", work)], middleware=[Middleware(Passing)]),
-        tracer_provider=otel[0],
-        profile_store=store,
-        mode="hook",
-        sample_rate=1.0,
-        min_duration_ms=0,
-    )
-    closing.append(app)
+    app = hooked(Starlette(routes=[Route("/work", work)], middleware=[Middleware(Passing)]))
     async with _client(app) as client:
         for _ in range(3):
             assert (await client.get("/work")).json() == {"ok": True}
@@ -213,9 +204,7 @@ async def test_base_http_middleware_child_task_is_profiled(
 
 @pytest.mark.anyio
 async def test_another_profilers_hook_is_left_alone(
-    otel: tuple[TracerProvider, InMemorySpanExporter],
-    store: MemoryStore,
-    closing: list[ProfilingMiddleware],
+    hooked: Callable[..., ProfilingMiddleware], store: MemoryStore
 ) -> None:
     """A hook that is not ours (a debugger, another profiler) is neither replaced nor
     removed by the request's steps."""
@@ -229,15 +218,7 @@ async def test_another_profilers_hook_is_left_alone(
         await asyncio.sleep(0)
         return JSONResponse({"ok": True})
 
-    app = ProfilingMiddleware(
-        Starlette(routes=[Route("/x", endpoint)]),
-        tracer_provider=otel[0],
-        profile_store=store,
-        mode="hook",
-        sample_rate=1.0,
-        min_duration_ms=0,
-    )
-    closing.append(app)
+    app = hooked(Starlette(routes=[Route("/x", endpoint)]))
     async with _client(app) as client:
         sys.setprofile(theirs)
         try:
@@ -254,9 +235,7 @@ async def test_another_profilers_hook_is_left_alone(
 @pytest.mark.anyio
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory: 3.12+")
 async def test_eager_child_tasks_are_profiled_under_the_endpoint(
-    otel: tuple[TracerProvider, InMemorySpanExporter],
-    store: MemoryStore,
-    closing: list[ProfilingMiddleware],
+    hooked: Callable[..., ProfilingMiddleware], store: MemoryStore
 ) -> None:
     """With eager tasks a child's first step runs inside its parent's step."""
     loop = asyncio.get_running_loop()
@@ -272,15 +251,7 @@ async def test_eager_child_tasks_are_profiled_under_the_endpoint(
         await asyncio.gather(child(), child())
         return JSONResponse({"ok": True})
 
-    app = ProfilingMiddleware(
-        Starlette(routes=[Route("/fan-out", fan_out)]),
-        tracer_provider=otel[0],
-        profile_store=store,
-        mode="hook",
-        sample_rate=1.0,
-        min_duration_ms=0,
-    )
-    closing.append(app)
+    app = hooked(Starlette(routes=[Route("/fan-out", fan_out)]))
     try:
         async with _client(app) as client:
             assert (await client.get("/fan-out")).json() == {"ok": True}

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from ..chromium import launched_chromium
 from .servers import BIN, ROOT, Server, free_port, run_server, uvicorn
 
 if TYPE_CHECKING:
@@ -45,17 +46,6 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.mlflow]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PREFIX = "/debug/profile"
 ROUTE = "/cpu"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -252,17 +242,7 @@ def _attributes(span: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')"
-    )
-    if not CHROMIUM.exists():
-        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
+    yield from launched_chromium()
 
 
 def test_mlflow_holds_the_span_with_our_link(mlflow_server: MLflow, sent: Sent) -> None:
