@@ -223,9 +223,12 @@ class AlwaysOnSampler:
 
     def _install_task_factory(self, loop: asyncio.AbstractEventLoop) -> None:
         previous = loop.get_task_factory()
-        if getattr(previous, "otelprof_factory", False):
-            return  # ours already (a loop's id may be reused by a later loop: not a key)
         tasks = self._tasks
+        # Marked as the hook's factory is (``_task_hook``), by this sampler's registry: a
+        # factory of a sampler since replaced (``testing.reset``) fills a dict no one reads.
+        kind = f"always_on:{id(tasks)}"
+        if kind in getattr(previous, "otelprof_kinds", ()):
+            return  # ours already (a loop's id may be reused by a later loop: not a key)
         forget = _forget(tasks)
 
         def factory(
@@ -241,7 +244,7 @@ class AlwaysOnSampler:
                 task.add_done_callback(forget)
             return task
 
-        factory.otelprof_factory = True  # type: ignore[attr-defined]
+        factory.otelprof_kinds = frozenset({kind, *getattr(previous, "otelprof_kinds", ())})  # type: ignore[attr-defined]
         loop.set_task_factory(factory)  # type: ignore[arg-type]
 
     # -- SIGPROF and the loop's own tick (an event loop on the main thread) --------------

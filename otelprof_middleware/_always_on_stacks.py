@@ -15,7 +15,14 @@ from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
 from ._frames import ON_CLEAR, frame_identifier, frame_stack
 
-__all__ = ["AWAIT_STACKS", "await_stack", "running_stack", "thread_identifier", "thread_stack"]
+__all__ = [
+    "AWAIT_STACKS",
+    "await_stack",
+    "chain_stack",
+    "running_stack",
+    "thread_identifier",
+    "thread_stack",
+]
 
 
 def thread_identifier(ident: int) -> str:
@@ -94,16 +101,23 @@ def await_stack(prefix: list[str], coro: object) -> list[str]:
     cache_key = tuple(key)
     stack = AWAIT_STACKS.get(cache_key)
     if stack is None:
-        stack = list(prefix)
-        for link in _await_chain(coro):
-            link_frame = _frame_of(link)
-            if link_frame is None:
-                break
-            stack.append(frame_identifier(link_frame))
+        stack = chain_stack(prefix, coro)
         stack.append(AWAIT_FRAME_IDENTIFIER)
         if len(AWAIT_STACKS) >= _MAXAWAIT_STACKS:
             AWAIT_STACKS.clear()
         AWAIT_STACKS[cache_key] = stack
+    return stack
+
+
+def chain_stack(prefix: list[str], coro: object) -> list[str]:
+    """``prefix`` and the frames of a suspended coroutine's await chain, root first (a new
+    list; no ``[await]``)."""
+    stack = list(prefix)
+    for link in _await_chain(coro):
+        link_frame = _frame_of(link)
+        if link_frame is None:
+            break
+        stack.append(frame_identifier(link_frame))
     return stack
 
 

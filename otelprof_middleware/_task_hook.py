@@ -34,8 +34,9 @@ from typing import Any
 
 from pyinstrument.low_level.stat_profile import setstatprofile
 
+from ._always_on_stacks import chain_stack
 from ._failsafe import count, log_failure
-from ._frames import frame_identifier, frame_stack, stack_above
+from ._frames import frame_stack, stack_above
 from ._session import RequestProfile, current_request
 
 __all__ = ["HookedCoroutine", "install_task_factory"]
@@ -184,7 +185,7 @@ class HookedCoroutine(collections.abc.Coroutine[Any, Any, Any]):
             if self._main:
                 request.wait_stack = None
         else:
-            where = _waiting_stack(self._prefix or [], self._coro)
+            where = chain_stack(self._prefix or [], self._coro)  # ([await] added as it waits)
             request.add(where, tail)  # ran since the last sample, up to this await
             if self._main:
                 request.wait_stack = where
@@ -210,34 +211,6 @@ class HookedCoroutine(collections.abc.Coroutine[Any, Any, Any]):
 
 # A step's own frames start above one of these (the wrapped coroutine's send/throw).
 _STOP_CODES = (HookedCoroutine._step.__code__, HookedCoroutine._nested_step.__code__)
-
-
-def _waiting_stack(prefix: list[str], coro: object) -> list[str]:
-    """Where a suspended coroutine waits: ``prefix`` and its await chain, root first.
-
-    (``RequestProfile`` adds pyinstrument's ``[await]`` frame when it records the wait.)
-    """
-    stack = list(prefix)
-    depth = 0
-    while depth < 200:
-        depth += 1
-        kind = type(coro)
-        if kind is types.CoroutineType:
-            frame = coro.cr_frame  # type: ignore[attr-defined]
-            following = coro.cr_await  # type: ignore[attr-defined]
-        elif kind is types.GeneratorType:
-            frame = coro.gi_frame  # type: ignore[attr-defined]
-            following = coro.gi_yieldfrom  # type: ignore[attr-defined]
-        elif kind is HookedCoroutine:
-            coro = coro._coro  # type: ignore[attr-defined]  # a child awaited directly
-            continue
-        else:
-            break
-        if frame is None:
-            break
-        stack.append(frame_identifier(frame))
-        coro = following
-    return stack
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
