@@ -49,7 +49,7 @@ class ProfilingMiddleware:
         from otelprof_middleware import ProfilingMiddleware
 
         app = FastAPI()
-        app.add_middleware(ProfilingMiddleware, sample_rate=0.1, debug_route=True)
+        app.add_middleware(ProfilingMiddleware)  # the defaults are the production setting
 
     Args:
         app: the ASGI application to wrap.

@@ -50,7 +50,7 @@ class WSGIProfilingMiddleware:
         from otelprof_middleware import WSGIProfilingMiddleware
 
         app = Flask(__name__)
-        app.wsgi_app = WSGIProfilingMiddleware(app.wsgi_app, sample_rate=0.1)
+        app.wsgi_app = WSGIProfilingMiddleware(app.wsgi_app)  # the production defaults
 
     Args:
         app: the WSGI application to wrap.
