@@ -60,8 +60,8 @@ from otelprof_middleware import (
     WSGIProfilingMiddleware,
     open_store,
 )
-from otelprof_middleware._profiler import ProfilerCore
 from otelprof_middleware._request import RequestFacts
+from otelprof_middleware.profiling._engine import ProfilerCore
 from otelprof_middleware.stores.memory import MemoryStore
 
 FACTS = RequestFacts(method="GET")

@@ -12,24 +12,24 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 from ._config import Settings
 from ._failsafe import log_failure
-from ._profiler import (
+from ._request import RequestFacts, app_path
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .profiling._engine import (
     ActiveProfile,
     LazyStore,
     ProfilerCore,
     load_config,
     normalise_method,
 )
-from ._request import RequestFacts, app_path
-from ._session import add_stem_marker
-from ._span import (
+from .profiling._request_profile import add_stem_marker
+from .profiling._span import (
     ROUTE_KEY,
     current_server_span,
     name_by_route,
     span_declined,
     span_owner_below,
 )
-from ._threads import install as install_worker_thread_profiling
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from .profiling._worker_threads import install as install_worker_thread_profiling
 from .stores._base import ProfileStore
 from .viewer import Viewer
 from .viewer import serve_asgi as serve_viewer
@@ -78,8 +78,8 @@ class ProfilingMiddleware:
         self.app = app
         self.config = load_config(settings, has_store=profile_store is not None)
         self._core = ProfilerCore(self.config, store=profile_store)
-        self._sampler = self._core.sampler
-        self._trigger_header = self._sampler.trigger_header
+        self._start_policy = self._core.start_policy
+        self._trigger_header = self._start_policy.trigger_header
         self._viewer = (
             Viewer(
                 LazyStore(self._core),
@@ -170,7 +170,7 @@ class ProfilingMiddleware:
         path = app_path(scope)
         if self._viewer is not None and self._viewer.handles(path):
             return _VIEWER
-        if self._sampler.is_excluded(path):
+        if self._start_policy.is_excluded(path):
             return _PASS
         joined = current_server_span()
         if joined is not None:
@@ -214,7 +214,7 @@ class ProfilingMiddleware:
         """The request as the engine sees it (its headers are read only if need be)."""
         trigger: bytes | None = None
         headers = scope.get("headers", ())
-        if self._sampler.triggers_allowed:
+        if self._start_policy.triggers_allowed:
             for name, value in headers:
                 if name == self._trigger_header:
                     trigger = bytes(value)

@@ -30,7 +30,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from opentelemetry import trace
 
 from ._failsafe import fail_open
-from ._span import ROUTE_KEY
+from .profiling._span import ROUTE_KEY
 
 __all__ = ["RouteMiddleware", "record_route", "route_template"]
 

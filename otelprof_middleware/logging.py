@@ -25,7 +25,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import format_span_id, format_trace_id
 
-from ._session import current_request
+from .profiling._request_profile import current_request
 
 __all__ = ["ProfileLogFilter", "add_profile_context", "current_profile_url"]
 

@@ -16,22 +16,22 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._config import Settings
 from ._failsafe import log_failure
-from ._profiler import (
+from ._request import RequestFacts
+from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
+from .profiling._engine import (
     ActiveProfile,
     LazyStore,
     ProfilerCore,
     load_config,
     normalise_method,
 )
-from ._request import RequestFacts
-from ._session import add_stem_marker
-from ._span import (
+from .profiling._request_profile import add_stem_marker
+from .profiling._span import (
     ROUTE_KEY,
     current_server_span,
     name_by_route,
 )
-from ._threads import install as install_worker_thread_profiling
-from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
+from .profiling._worker_threads import install as install_worker_thread_profiling
 from .stores._base import ProfileStore
 from .viewer import Viewer, serve_wsgi
 
@@ -77,7 +77,7 @@ class WSGIProfilingMiddleware:
         self.app = app
         self.config = load_config(settings, has_store=profile_store is not None)
         self._core = ProfilerCore(self.config, store=profile_store)
-        self._sampler = self._core.sampler
+        self._start_policy = self._core.start_policy
         self._trigger_key = "HTTP_" + self.config.trigger_header.upper().replace("-", "_")
         self._viewer = (
             Viewer(
@@ -117,7 +117,7 @@ class WSGIProfilingMiddleware:
         path: str = environ.get("PATH_INFO", "") or "/"
         if self._viewer is not None and self._viewer.handles(path):
             return _VIEWER
-        if self._sampler.is_excluded(path):
+        if self._start_policy.is_excluded(path):
             return _PASS
         return _JOIN_SPAN if current_server_span() is not None else _OPEN_SPAN
 
@@ -203,7 +203,7 @@ class WSGIProfilingMiddleware:
     def _describe(self, environ: WSGIEnvironment) -> RequestFacts:
         """The request as the engine sees it."""
         trigger = None
-        if self._sampler.triggers_allowed and self._trigger_key in environ:
+        if self._start_policy.triggers_allowed and self._trigger_key in environ:
             trigger = str(environ[self._trigger_key]).encode("latin-1", "replace")
         return RequestFacts(
             method=str(environ.get("REQUEST_METHOD", "GET")),

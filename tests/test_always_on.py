@@ -16,9 +16,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from otelprof_middleware import Config, ProfilingMiddleware, testing
-from otelprof_middleware._always_on import always_on_sampler
 from otelprof_middleware._request import RequestFacts
-from otelprof_middleware._sampling import Sampler
+from otelprof_middleware.profiling._start_policy import StartPolicy
+from otelprof_middleware.profiling.always_on import always_on_sampler
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import make_provider, marker_alpha, marker_beta, text_of
@@ -35,7 +35,7 @@ def test_mode_setting_is_validated() -> None:
 
 
 def test_one_profiler_per_request_hook_first() -> None:
-    sampler = Sampler(
+    sampler = StartPolicy(
         Config.load({}, mode="always_on", sample_rate=1.0, hook_sample_rate=0.25, debug_route=True)
     )
     rng = random.Random(5)
@@ -44,7 +44,7 @@ def test_one_profiler_per_request_hook_first() -> None:
     assert 0.22 < kinds.count("hook") / len(kinds) < 0.28
     assert sampler.choose(1, True, b"1", "127.0.0.1") == "hook"  # a trigger gets the hook
     assert sampler.choose(1, False, None, None) is None
-    hook_only = Sampler(Config.load({}, sample_rate=1.0, hook_sample_rate=1.0))
+    hook_only = StartPolicy(Config.load({}, sample_rate=1.0, hook_sample_rate=1.0))
     assert hook_only.choose(7, True, None, None) == "hook"  # ignored outside always_on
 
 
@@ -115,7 +115,7 @@ async def test_concurrent_loop_and_worker_requests_never_mix(
 
 
 def test_wsgi_style_threads_are_attributed_by_thread() -> None:
-    from otelprof_middleware._profiler import ProfilerCore
+    from otelprof_middleware.profiling._engine import ProfilerCore
 
     provider, _ = make_provider()
     tracer = provider.get_tracer("t")
@@ -128,7 +128,7 @@ def test_wsgi_style_threads_are_attributed_by_thread() -> None:
     def request(work: Any) -> None:
         with tracer.start_as_current_span("GET") as span:
             active = core.start(span, RequestFacts(method="GET"))
-            assert active is not None and active.sampler is None
+            assert active is not None and active.hook is None
             work(0.05)
             core.finish(active, status_code=200, route=work.__name__)
             core.detach(active)
@@ -151,16 +151,16 @@ def test_wsgi_style_threads_are_attributed_by_thread() -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_sampler_thread_restarts_in_a_forked_child() -> None:
     sampler = always_on_sampler(0.005)
-    sampler._ensure_thread()
-    assert sampler._thread is not None and sampler._thread.is_alive()
+    sampler.thread.ensure()
+    assert sampler.thread.alive
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: the parent's thread is gone; the sampler starts its own
         try:
-            sampler._ensure_thread()
-            ok = sampler._thread is not None and sampler._thread.is_alive()
-            sampler.stop()
-            os.write(write, b"1" if ok and sampler._thread is None else b"0")
+            sampler.thread.ensure()
+            ok = sampler.thread.alive
+            ended = sampler.stop()
+            os.write(write, b"1" if ok and ended and not sampler.thread.started else b"0")
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
@@ -177,8 +177,8 @@ def anyio_backend() -> str:
 def test_every_new_loop_gets_the_task_factory_even_at_a_reused_address() -> None:
     # The factory was once remembered by id(loop): a later loop at a freed loop's
     # address then went without it, and its requests' child tasks were not attributed.
-    from otelprof_middleware._always_on import AlwaysOnSampler
-    from otelprof_middleware._session import RequestProfile, current_request
+    from otelprof_middleware.profiling._request_profile import RequestProfile, current_request
+    from otelprof_middleware.profiling.always_on import AlwaysOnSampler
 
     sampler = AlwaysOnSampler(0.005, sigprof=False)
 
@@ -190,7 +190,7 @@ def test_every_new_loop_gets_the_task_factory_even_at_a_reused_address() -> None
         sampler.register_current(profile)
         try:
             child = asyncio.ensure_future(asyncio.sleep(0))
-            attributed = sampler._tasks.get(child) is profile
+            attributed = sampler.registry.tasks.get(child) is profile
             await child
             return attributed
         finally:

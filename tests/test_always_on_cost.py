@@ -25,10 +25,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import otelprof_middleware
-from otelprof_middleware import ProfilingMiddleware, _failsafe, _session
-from otelprof_middleware._always_on import AlwaysOnSampler
-from otelprof_middleware._frames import frame_identifier
-from otelprof_middleware._session import RequestProfile, add_stem_marker, current_request
+from otelprof_middleware import ProfilingMiddleware, _failsafe
+from otelprof_middleware.profiling import _request_profile
+from otelprof_middleware.profiling._frames import frame_identifier
+from otelprof_middleware.profiling._request_profile import (
+    RequestProfile,
+    add_stem_marker,
+    current_request,
+)
+from otelprof_middleware.profiling.always_on import AlwaysOnSampler
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import make_provider, spin, spin_cpu
@@ -119,7 +124,7 @@ def test_reset_counters_zeroes_tallies_and_they_count_again_from_zero() -> None:
 @pytest.fixture
 def stem_markers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The process's markers plus the test's, for this test only."""
-    monkeypatch.setattr(_session, "_STEM_MARKERS", list(_session._STEM_MARKERS))
+    monkeypatch.setattr(_request_profile, "_STEM_MARKERS", list(_request_profile._STEM_MARKERS))
     add_stem_marker(marker_entry.__code__)
     yield
 
@@ -273,7 +278,9 @@ async def test_kept_always_on_profile_starts_below_the_middleware() -> None:
     summaries = store.list()
     assert len(summaries) == 3
     markers = [
-        head for head, _ in _session._STEM_MARKERS if head.split("\x00")[1].endswith("asgi.py")
+        head
+        for head, _ in _request_profile._STEM_MARKERS
+        if head.split("\x00")[1].endswith("asgi.py")
     ]
     assert markers  # the ASGI adapter registered its entry point
 
@@ -338,11 +345,11 @@ def test_register_current_caps_the_requests_on_a_loop() -> None:
         tasks = [asyncio.create_task(one(i)) for i in range(cap + 1)]
         await registered.wait()
         assert [results[i] for i in range(cap + 1)] == [True, True, True, False]
-        state = sampler._loops[threading.get_ident()]
+        state = sampler.registry.loops[threading.get_ident()]
         refused = requests[cap]
         assert len(state.requests) == cap and refused not in state.requests
         assert refused.registration is None
-        assert refused not in sampler._tasks.values()
+        assert refused not in sampler.registry.tasks.values()
         assert all(requests[i].registration is state for i in range(cap))
 
         # one of them ends: room for one more, and only one
@@ -399,15 +406,15 @@ def test_register_current_caps_the_thread_registrations() -> None:
             gos[i].set()
             assert done[i].wait(5)
         assert [results[i] for i in range(cap + 1)] == [True, True, False]
-        assert len(sampler._threads) == cap
+        assert len(sampler.registry.threads) == cap
         assert requests[cap].registration is None
-        assert threads[cap].ident not in sampler._threads
+        assert threads[cap].ident not in sampler.registry.threads
         threads[cap].join(5)  # the refused one ends (nothing to unregister)
-        assert len(sampler._threads) == cap
+        assert len(sampler.registry.threads) == cap
 
         requests[0].closed = True
         sampler.unregister_current(requests[0])  # (from another thread: allowed)
-        assert len(sampler._threads) == cap - 1
+        assert len(sampler.registry.threads) == cap - 1
         retry: list[bool] = []
         late = threading.Thread(
             target=lambda: retry.append(sampler.register_current(_continuous_request(), cap))
@@ -415,7 +422,7 @@ def test_register_current_caps_the_thread_registrations() -> None:
         late.start()
         late.join(5)
         assert retry == [True]
-        assert len(sampler._threads) == cap
+        assert len(sampler.registry.threads) == cap
         # a loop's cap counts the loop's requests only, not the threads'
         loop_request = _continuous_request()
 
@@ -586,7 +593,7 @@ def test_a_long_gil_wait_between_two_stacks_goes_to_the_frames_they_share() -> N
     """A tick delayed by GIL contention saw the request in another frame than before:
     the capped wait goes to the previous frame, and the rest, which ran somewhere between
     the two, to the frames both stacks share (not dropped, not guessed deeper)."""
-    from otelprof_middleware._always_on_ledger import Interval, Running, credit
+    from otelprof_middleware.profiling.always_on._ledger import Interval, Running, credit
 
     request = _continuous_request()
     shared = ["thread\x00<thread>\x001", "handler\x00app.py\x001"]

@@ -33,9 +33,11 @@ import pytest
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
 from otelprof_middleware import _failsafe
-from otelprof_middleware._always_on import AlwaysOnSampler, _LoopState
-from otelprof_middleware._cpu_timer import disarm_all
-from otelprof_middleware._session import RequestProfile, current_request
+from otelprof_middleware.profiling import always_on
+from otelprof_middleware.profiling._request_profile import RequestProfile, current_request
+from otelprof_middleware.profiling.always_on import AlwaysOnSampler
+from otelprof_middleware.profiling.always_on._cpu_timer import disarm_all
+from otelprof_middleware.profiling.always_on._registry import LoopState
 
 pytestmark = pytest.mark.skipif(
     not hasattr(signal, "setitimer") or not hasattr(signal, "SIGPROF"),
@@ -45,7 +47,7 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[1]
 INTERVAL = 0.002
 BUSY = 0.1  # CPU seconds of marker work
-SAMPLER_FRAMES = {"_on_sigprof", "_arm", "_next_interval", "_tick", "_sample", "_loop_tick"}
+SAMPLER_DIR = os.path.dirname(always_on.__file__)  # no profile shows the sampler's own frames
 TICKS = 8  # SIGPROF ticks a test waits for
 CPU_LIMIT = 0.6  # CPU seconds it waits at most (a tick every 75 ms of CPU: a broken driver)
 
@@ -121,13 +123,12 @@ def sampler(sigprof: None) -> Iterator[AlwaysOnSampler]:
         yield sampler
     finally:
         _quiet_sigprof()  # before stop(): a pending tick must not re-arm the timer
-        thread = sampler._thread
-        sampler.stop()
-        assert sampler._thread is None and (thread is None or not thread.is_alive())
+        assert sampler.stop()  # its thread ended (or never started)
+        assert not sampler.thread.started
 
 
 @pytest.fixture
-def thread_sampler(sigprof: None) -> Iterator[AlwaysOnSampler]:
+def thread_hook(sigprof: None) -> Iterator[AlwaysOnSampler]:
     sampler = AlwaysOnSampler(INTERVAL, sigprof=False)
     try:
         yield sampler
@@ -147,7 +148,7 @@ class Foreign:
 
 
 class TickSources:
-    """Counts ``_tick`` calls by where they come from (wraps the sampler's ``_tick``).
+    """Counts ``tick`` calls by where they come from (wraps the sampler's ``tick``).
 
     ``thread_ticks=False``: the sampler thread's ticks are counted but not taken, so what
     the profile holds comes from SIGPROF and the loop tick only.
@@ -164,7 +165,7 @@ class TickSources:
         self.loop = 0  # the loop's call_later tick
         self.thread = 0  # the sampler thread
         self.arms = 0  # SIGPROF timer armings
-        tick, arm = sampler._tick, sampler._arm
+        tick, arm = sampler.tick, sampler.sigprof.arm
 
         def counting(main_frame: types.FrameType | None, slept: float | None) -> None:
             if threading.current_thread() is not threading.main_thread():
@@ -181,8 +182,8 @@ class TickSources:
             self.arms += 1
             arm()
 
-        monkeypatch.setattr(sampler, "_tick", counting)
-        monkeypatch.setattr(sampler, "_arm", arming)
+        monkeypatch.setattr(sampler, "tick", counting)
+        monkeypatch.setattr(sampler.sigprof, "arm", arming)
 
 
 def _new_request() -> RequestProfile:
@@ -208,8 +209,13 @@ async def _registered(sampler: AlwaysOnSampler) -> AsyncIterator[RequestProfile]
         loop.set_task_factory(factory)  # the test runner's loop outlives this sampler
 
 
-def _loop_state(sampler: AlwaysOnSampler) -> _LoopState:
-    return sampler._loops[threading.get_ident()]
+def _loop_state(sampler: AlwaysOnSampler) -> LoopState:
+    return sampler.registry.loops[threading.get_ident()]
+
+
+def _in_sampler(identifier: str) -> bool:
+    parts = identifier.split("\x00")
+    return len(parts) > 1 and os.path.dirname(parts[1]) == SAMPLER_DIR
 
 
 def _name(identifier: str) -> str:
@@ -229,7 +235,7 @@ def _handler_is(handler: object) -> bool:
 
 
 def _our_handler(sampler: AlwaysOnSampler) -> bool:
-    return bool(signal.getsignal(signal.SIGPROF) == sampler._on_sigprof)
+    return bool(signal.getsignal(signal.SIGPROF) == sampler.sigprof.on_sigprof)
 
 
 def _timer_armed(sampler: AlwaysOnSampler) -> bool:
@@ -259,14 +265,14 @@ async def test_main_thread_loop_is_driven_by_sigprof_not_the_thread(
         assert state.driven
         assert state.requests == {request: asyncio.current_task()}
         assert _our_handler(sampler)
-        assert sampler._armed_pid == os.getpid() and _timer_armed(sampler)
-        assert not sampler._needs_thread()  # nothing for the sampler thread to sample
+        assert sampler.sigprof.armed_pid == os.getpid() and _timer_armed(sampler)
+        assert not sampler.registry.needs_thread()  # nothing for the sampler thread to sample
         before = sampler.samples
         started = time.perf_counter()
         cpu = _burn_until(lambda: sources.sigprof >= TICKS)
         wall = time.perf_counter() - started
         ticks = sampler.samples - before
-        assert not sampler._needs_thread()
+        assert not sampler.registry.needs_thread()
     busy = _records_with(request, "marker_sigprof_busy")
     # a CPU-bound task lets no loop tick run: the ticks are SIGPROF's
     assert sources.sigprof >= TICKS, (vars(sources), cpu)
@@ -277,7 +283,7 @@ async def test_main_thread_loop_is_driven_by_sigprof_not_the_thread(
     assert 0.4 * wall <= sum(seconds for _, seconds in busy) <= wall + 0.02, wall
     for stack, _ in request.records:
         # the interrupted frame stands in for the main thread's: never the handler's own
-        assert not {_name(frame) for frame in stack} & SAMPLER_FRAMES, stack
+        assert not [frame for frame in stack if _in_sampler(frame)], stack
     for stack, _ in busy:
         assert stack[-1].startswith("marker_sigprof_busy\x00"), stack[-3:]
         assert _name(stack[0]) == "MainThread"
@@ -295,7 +301,7 @@ async def test_no_thread_ticks_a_busy_driven_loop(
     # a watchdog may look in, but the loop is running: SIGPROF samples it
     assert sources.thread <= max(2, sources.sigprof // 4), vars(sources)
     for stack, _ in request.records:  # (a thread tick can catch the handler running)
-        assert not {_name(frame) for frame in stack} & SAMPLER_FRAMES, stack
+        assert not [frame for frame in stack if _in_sampler(frame)], stack
 
 
 @pytest.mark.anyio
@@ -309,7 +315,7 @@ async def test_idle_wait_is_ticked_by_the_loop_and_shown_as_await(
         await marker_sigprof_wait(0.1)
         waited = time.perf_counter() - started
         assert _loop_state(sampler).ticking  # the call_later tick is running
-        assert not sampler._needs_thread()
+        assert not sampler.registry.needs_thread()
     # the process is idle, so SIGPROF hardly fires: the loop's call_later tick (1-3 ms
     # apart) covers the wait
     assert sources.loop >= 10, vars(sources)
@@ -347,9 +353,9 @@ async def test_the_loop_tick_stops_when_the_last_request_ends(
     await asyncio.sleep(0.01)
     # nothing registered: neither SIGPROF nor the loop ticks (a watchdog thread may)
     assert (sources.sigprof, sources.loop) == (sigprof, loop), vars(sources)
-    assert not _timer_armed(sampler) and sampler._armed_pid == -1
+    assert not _timer_armed(sampler) and sampler.sigprof.armed_pid == -1
     async with _registered(sampler):  # a new request drives again
-        assert state.ticking and _timer_armed(sampler) and sampler._armed_pid == os.getpid()
+        assert state.ticking and _timer_armed(sampler) and sampler.sigprof.armed_pid == os.getpid()
         _burn_until(lambda: sources.sigprof - sigprof >= 3)
     assert sources.sigprof - sigprof >= 3, vars(sources)
     await asyncio.sleep(3 * INTERVAL)  # a short gap between requests, after the restart
@@ -384,8 +390,8 @@ async def test_a_foreign_sigprof_handler_is_left_alone(sampler: AlwaysOnSampler)
     async with _registered(sampler) as request:
         assert _handler_is(foreign)
         assert not _loop_state(sampler).driven
-        assert not _timer_armed(sampler) and sampler._armed_pid == -1
-        assert sampler._thread is not None and sampler._thread.is_alive()
+        assert not _timer_armed(sampler) and sampler.sigprof.armed_pid == -1
+        assert sampler.thread.alive
         before = sampler.samples
         marker_sigprof_busy()
         await asyncio.sleep(0.02)
@@ -397,20 +403,20 @@ async def test_a_foreign_sigprof_handler_is_left_alone(sampler: AlwaysOnSampler)
 
 
 @pytest.mark.anyio
-async def test_sigprof_false_uses_the_thread(thread_sampler: AlwaysOnSampler) -> None:
-    sampler = thread_sampler
-    assert not sampler.sigprof
+async def test_sigprof_false_uses_the_thread(thread_hook: AlwaysOnSampler) -> None:
+    sampler = thread_hook
+    assert not sampler.uses_sigprof
     async with _registered(sampler) as request:
         assert not _loop_state(sampler).driven
         assert signal.getsignal(signal.SIGPROF) == signal.SIG_DFL
         assert not _timer_armed(sampler)
-        assert sampler._thread is not None and sampler._thread.is_alive()
+        assert sampler.thread.alive
         before = sampler.samples
         marker_sigprof_busy()
         await asyncio.sleep(0.02)
         ticks = sampler.samples - before
     assert signal.getsignal(signal.SIGPROF) == signal.SIG_DFL
-    assert not sampler._handler_installed
+    assert not sampler.sigprof.handler_installed
     assert ticks >= 3, ticks
     assert len(_records_with(request, "marker_sigprof_busy")) >= 2, request.records
 
@@ -420,15 +426,15 @@ async def test_a_replaced_handler_hands_the_loop_to_the_thread(sampler: AlwaysOn
     foreign = Foreign()
     async with _registered(sampler) as request:
         state = _loop_state(sampler)
-        assert state.driven and not sampler._needs_thread()
+        assert state.driven and not sampler.registry.needs_thread()
         signal.signal(signal.SIGPROF, foreign)
         deadline = time.monotonic() + 2.0
         while state.driven and time.monotonic() < deadline:
             await asyncio.sleep(0.005)  # the loop's next tick notices
         assert not state.driven
         assert _handler_is(foreign)  # not taken back
-        assert sampler._needs_thread()
-        assert sampler._thread is not None and sampler._thread.is_alive()
+        assert sampler.registry.needs_thread()
+        assert sampler.thread.alive
         before = sampler.samples
         marker_sigprof_busy()
         await asyncio.sleep(0.02)
@@ -468,11 +474,11 @@ async def test_a_failing_tick_never_reaches_user_code(
     # Every failed tick is either pending (``_failures``: the handler takes no lock, so it
     # cannot count) or counted (by the sampler thread, if one ticked). The thread's
     # read-and-reset can lose an increment made by the handler meanwhile: a little slack.
-    pending = sampler._failures
+    pending = sampler.pending_failures
     assert calls - 2 <= pending + _failsafe.snapshot().get("failed.sample", 0) <= calls
     monkeypatch.undo()
     async with _registered(sampler):  # the next registration counts the pending ones
-        assert sampler._failures <= 1, sampler._failures
+        assert sampler.pending_failures <= 1, sampler.pending_failures
         assert calls - 2 <= _failsafe.snapshot().get("failed.sample", 0) <= calls + 1
 
 
@@ -487,21 +493,21 @@ def test_a_forked_child_arms_its_own_timer(sampler: AlwaysOnSampler) -> None:
 
     asyncio.run(parent())
     assert _our_handler(sampler)  # (an armed timer with SIG_DFL would kill pytest)
-    sampler._arm()  # armed in the parent at the fork
-    assert _timer_armed(sampler) and sampler._armed_pid == os.getpid()
+    sampler.sigprof.arm()  # armed in the parent at the fork
+    assert _timer_armed(sampler) and sampler.sigprof.armed_pid == os.getpid()
 
     async def child() -> dict[str, Any]:
         report: dict[str, Any] = {
             "inherited_timer": _timer_armed(sampler),
-            "armed_for_child": sampler._armed_pid == os.getpid(),
+            "armed_for_child": sampler.sigprof.armed_pid == os.getpid(),
         }
         async with _registered(sampler) as request:
             report["driven"] = _loop_state(sampler).driven
-            report["rearmed"] = sampler._armed_pid == os.getpid() and _timer_armed(sampler)
+            report["rearmed"] = sampler.sigprof.armed_pid == os.getpid() and _timer_armed(sampler)
             before = sampler.samples
             _burn_until(lambda: sampler.samples - before >= TICKS)
             report["ticks"] = sampler.samples - before
-            report["needs_thread"] = sampler._needs_thread()
+            report["needs_thread"] = sampler.registry.needs_thread()
         report["busy"] = len(_records_with(request, "marker_sigprof_busy"))
         return report
 
@@ -548,10 +554,10 @@ def burn(seconds):
 atexit.register(burn, 0.03)  # runs after the sampler's own atexit stop(): CPU at exit
 
 from otelprof_middleware import Config
-from otelprof_middleware._always_on import always_on_sampler
-from otelprof_middleware._profiler import ProfilerCore
+from otelprof_middleware.profiling.always_on import always_on_sampler
+from otelprof_middleware.profiling._engine import ProfilerCore
 from otelprof_middleware._request import RequestFacts
-from otelprof_middleware._session import RequestProfile, current_request
+from otelprof_middleware.profiling._request_profile import RequestProfile, current_request
 from otelprof_middleware.stores import MemoryStore
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -581,7 +587,7 @@ async def main():
     burn(0.08)
     await asyncio.sleep(0.01)
     burn(0.03)
-    state = next(iter(sampler._loops.values()))
+    state = next(iter(sampler.registry.loops.values()))
     report.update(driven=state.driven, samples=sampler.samples)
     if END == "finish":
         if VIA == "core":
@@ -641,8 +647,9 @@ def test_exit_never_dies_of_an_armed_profiling_timer() -> None:
 
 _RESET_SCRIPT = """
 import asyncio, signal, time
-from otelprof_middleware._always_on import AlwaysOnSampler
-from otelprof_middleware._session import RequestProfile, current_request
+from otelprof_middleware.profiling import always_on
+from otelprof_middleware.profiling.always_on import AlwaysOnSampler
+from otelprof_middleware.profiling._request_profile import RequestProfile, current_request
 
 sampler = AlwaysOnSampler(0.005)
 

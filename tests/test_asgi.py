@@ -17,7 +17,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from otelprof_middleware import ProfilingMiddleware
-from otelprof_middleware._span import PROFILE_ID, PROFILE_URL
+from otelprof_middleware.profiling._span import PROFILE_ID, PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import make_provider, marker_alpha, marker_beta, server_spans, text_of
@@ -343,13 +343,13 @@ def test_crashing_profiler_leaves_the_request_alone(
     closing: list[Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from otelprof_middleware import _task_hook
+    from otelprof_middleware.profiling import _loop_hook
 
     def explode(*args: Any, **kwargs: Any) -> None:
         if args or kwargs.get("target") is not None:
             raise RuntimeError("profiler broke")
 
-    monkeypatch.setattr(_task_hook, "setstatprofile", explode)
+    monkeypatch.setattr(_loop_hook, "setstatprofile", explode)
     app = wrap(otel, store)
     closing.append(app)
     with TestClient(app, client=LOOPBACK) as client:
@@ -470,7 +470,7 @@ def test_def_endpoint_work_on_the_worker_thread_is_in_the_profile(
 def test_span_carries_the_baseline_link_when_the_route_matched(
     otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
 ) -> None:
-    from otelprof_middleware._span import BASELINE_URL
+    from otelprof_middleware.profiling._span import BASELINE_URL
 
     app = wrap(otel, store)
     closing.append(app)

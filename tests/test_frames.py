@@ -8,8 +8,8 @@ import types
 
 from pyinstrument.low_level.stat_profile import get_frame_info
 
-from otelprof_middleware import _always_on
-from otelprof_middleware._frames import frame_identifier, frame_stack
+from otelprof_middleware.profiling._frames import frame_identifier, frame_stack
+from otelprof_middleware.profiling.always_on import _sampler
 
 
 class Shape:
@@ -80,4 +80,4 @@ def test_frame_stack_of_another_running_thread_stops_at_the_given_code() -> None
 def test_the_sampler_never_calls_pyinstruments_get_frame_info() -> None:
     # get_frame_info reads a method frame's locals; on another thread's frame that
     # crashed the interpreter. The sampler must only use the read-only identifiers.
-    assert not hasattr(_always_on, "get_frame_info")
+    assert not hasattr(_sampler, "get_frame_info")

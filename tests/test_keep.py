@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from otelprof_middleware import counters
-from otelprof_middleware._keep import (
+from otelprof_middleware.profiling._keep_policy import (
     ERROR,
     MIN_DURATION,
     MIN_HISTORY,

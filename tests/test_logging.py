@@ -17,8 +17,8 @@ from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
-from otelprof_middleware._span import PROFILE_URL
 from otelprof_middleware.logging import ProfileLogFilter, add_profile_context, current_profile_url
+from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import make_provider, marker_alpha, server_spans

@@ -35,9 +35,7 @@ from starlette.testclient import TestClient
 
 from otelprof_middleware import Config, ProfilingMiddleware, WSGIProfilingMiddleware
 from otelprof_middleware._failsafe import snapshot
-from otelprof_middleware._profiler import load_config
 from otelprof_middleware._record import ProfileSummary
-from otelprof_middleware._span import PROFILE_URL, PYROSCOPE_PROFILE_ID
 from otelprof_middleware.exporters import SpanFacts, open_exporter
 from otelprof_middleware.exporters._http import QueuedProfile, RetryPolicy, retry_after
 from otelprof_middleware.exporters.otlp import (
@@ -48,6 +46,8 @@ from otelprof_middleware.exporters.otlp import (
     parse_headers,
     settings_from_env,
 )
+from otelprof_middleware.profiling._engine import load_config
+from otelprof_middleware.profiling._span import PROFILE_URL, PYROSCOPE_PROFILE_ID
 from otelprof_middleware.stores import MemoryStore
 
 from . import otlp_receiver

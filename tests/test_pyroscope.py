@@ -36,7 +36,6 @@ from starlette.testclient import TestClient
 from otelprof_middleware import Config, ProfilingMiddleware, WSGIProfilingMiddleware
 from otelprof_middleware._failsafe import snapshot
 from otelprof_middleware._record import ProfileSummary
-from otelprof_middleware._span import PROFILE_URL
 from otelprof_middleware.exporters import SpanFacts, open_exporter
 from otelprof_middleware.exporters.pyroscope import (
     PyroscopeExporter,
@@ -44,6 +43,7 @@ from otelprof_middleware.exporters.pyroscope import (
     encode_pprof,
     ingest_name,
 )
+from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import marker_alpha, server_spans

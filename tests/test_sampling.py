@@ -3,11 +3,11 @@ from __future__ import annotations
 import random
 
 from otelprof_middleware import Config
-from otelprof_middleware._sampling import Sampler
+from otelprof_middleware.profiling._start_policy import StartPolicy
 
 
-def sampler(**settings: object) -> Sampler:
-    return Sampler(Config.load({}, **settings))
+def sampler(**settings: object) -> StartPolicy:
+    return StartPolicy(Config.load({}, **settings))
 
 
 def test_viewer_and_excluded_paths_are_never_profiled() -> None:

@@ -6,8 +6,9 @@ import threading
 
 from pyinstrument.stack_sampler import build_call_stack
 
-from otelprof_middleware._session import RequestProfile, current_request, thread_sampler
-from otelprof_middleware._task_hook import HookedCoroutine, install_task_factory
+from otelprof_middleware.profiling._loop_hook import HookedCoroutine, install_task_factory
+from otelprof_middleware.profiling._request_profile import RequestProfile, current_request
+from otelprof_middleware.profiling._thread_hook import thread_hook
 
 from .helpers import marker_alpha, marker_beta, text_of
 
@@ -65,7 +66,7 @@ def test_hook_is_removed_when_the_last_request_ends_and_threads_are_independent(
     def worker(name: str, work: object) -> None:
         request = _new_request(name)
         token = current_request.set(request)
-        hook = thread_sampler(0.001)
+        hook = thread_hook(0.001)
         hook.acquire()
         work()  # type: ignore[operator]
         request.closed = True
@@ -104,7 +105,7 @@ def test_a_hook_exception_never_reaches_user_code() -> None:
 
     request = Exploding(interval=0.0001, max_samples=10, start_call_stack=[], description="x")
     token = current_request.set(request)
-    hook = thread_sampler(0.0001)
+    hook = thread_hook(0.0001)
     hook.acquire()
     try:
         assert marker_alpha(0.01) > 0  # user code runs normally

@@ -26,7 +26,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from otelprof_middleware import ProfilingMiddleware
-from otelprof_middleware._span import PROFILE_URL
+from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import make_provider, marker_alpha, server_spans

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from otelprof_middleware import ProfilingMiddleware, testing
-from otelprof_middleware._always_on import always_on_sampler
+from otelprof_middleware.profiling.always_on import always_on_sampler
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import make_provider, marker_alpha

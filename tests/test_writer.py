@@ -6,7 +6,7 @@ from typing import Any
 from pyinstrument import Profiler
 
 from otelprof_middleware import ProfileSummary, counters
-from otelprof_middleware._writer import ProfileWriter
+from otelprof_middleware.profiling._writer import ProfileWriter
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import marker_alpha

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from werkzeug.test import Client as _Client
 
 from otelprof_middleware import WSGIProfilingMiddleware
-from otelprof_middleware._span import PROFILE_URL
+from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import make_provider, marker_alpha, marker_beta, server_spans, text_of

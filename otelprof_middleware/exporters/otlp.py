@@ -44,7 +44,7 @@ import httpx
 
 from .._failsafe import count, log_event
 from .._record import ProfileSummary
-from .._span import PYROSCOPE_PROFILE_ID
+from ..profiling._span import PYROSCOPE_PROFILE_ID
 from ._http import ExportError, HttpExporter, QueuedProfile, RetryPolicy
 from ._stacks import frame_parts
 

@@ -38,7 +38,7 @@ from pyinstrument.session import Session
 
 from .._failsafe import count, fail_open
 from .._record import ProfileSummary
-from .._span import PYROSCOPE_PROFILE_ID
+from ..profiling._span import PYROSCOPE_PROFILE_ID
 from ._http import ExportError, HttpExporter, QueuedProfile
 from ._stacks import frame_parts
 

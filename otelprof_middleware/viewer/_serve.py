@@ -15,8 +15,8 @@ from opentelemetry import trace
 
 from .._net import safe_host
 from .._request import app_path
-from .._span import redact_viewer_token
 from .._types import Receive, Scope, Send, StartResponse, WSGIEnvironment
+from ..profiling._span import redact_viewer_token
 from ._http import ViewerRequest
 from ._viewer import Viewer
 

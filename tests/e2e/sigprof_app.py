@@ -51,7 +51,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from demo_app.telemetry import configure_tracing
-from otelprof_middleware import ProfilingMiddleware, _always_on
+from otelprof_middleware import ProfilingMiddleware, testing
+from otelprof_middleware.profiling.always_on._sigprof import SigprofDriver
 
 from .sigprof_echo import pattern
 
@@ -65,17 +66,15 @@ PYTHON = sys.executable
 # -- counting the middleware's SIGPROF handler runs --------------------------------------
 
 HANDLER_RUNS = [0]
-_original_on_sigprof = _always_on.AlwaysOnSampler._on_sigprof
+_original_on_sigprof = SigprofDriver.on_sigprof
 
 
-def _counting_on_sigprof(
-    self: _always_on.AlwaysOnSampler, signum: int, frame: types.FrameType | None
-) -> None:
+def _counting_on_sigprof(self: SigprofDriver, signum: int, frame: types.FrameType | None) -> None:
     HANDLER_RUNS[0] += 1
     _original_on_sigprof(self, signum, frame)
 
 
-_always_on.AlwaysOnSampler._on_sigprof = _counting_on_sigprof  # type: ignore[method-assign]
+SigprofDriver.on_sigprof = _counting_on_sigprof  # type: ignore[method-assign]
 
 
 # -- a user's own SIGPROF handler ---------------------------------------------------------
@@ -575,22 +574,20 @@ async def execv_endpoint(request: Request) -> Response:
 
 
 def _sigprof_state() -> dict[str, Any]:
-    sampler = _always_on._sampler
+    status = testing.always_on_status()
     handler = signal.getsignal(signal.SIGPROF)
-    main = threading.main_thread().ident
-    loop_state = sampler._loops.get(main) if sampler is not None else None  # type: ignore[arg-type]
     return {
         "handler": getattr(handler, "__qualname__", str(handler)),
-        "handler_is_ours": sampler is not None and handler == sampler._on_sigprof,
+        "handler_is_ours": status.sigprof_handler_is_ours,
         "handler_is_user": handler is user_sigprof_handler,
         "itimer_prof": list(signal.getitimer(signal.ITIMER_PROF)),
-        "timer_armed": bool(sampler is not None and sampler.timer_armed),
+        "timer_armed": status.timer_armed,
         "handler_runs": HANDLER_RUNS[0],
         "user_runs": USER_RUNS[0],
         "user_interval": USER_INTERVAL[0],
-        "driven": bool(loop_state is not None and loop_state.driven),
-        "samples": sampler.samples if sampler is not None else 0,
-        "sampler_interval": sampler.interval if sampler is not None else None,
+        "driven": status.main_loop_driven,
+        "samples": status.ticks,
+        "sampler_interval": None if status.interval_ms is None else status.interval_ms / 1000,
         "pid": os.getpid(),
         "loop": _loop_kind(),
     }

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
-from otelprof_middleware._span import PROFILE_URL
+from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import SQLiteStore
 
 from .servers import free_port, gunicorn, run_server, uvicorn

@@ -50,7 +50,7 @@ import pytest
 from pyinstrument import Profiler
 
 from otelprof_middleware._record import ProfileRecord, ProfileSummary
-from otelprof_middleware._span import PROFILE_URL
+from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import SQLiteStore
 
 from .docs_scaffold import DJANGO_SETTINGS, DJANGO_URLS, PROBE_PATH

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from otelprof_middleware._record import ProfileRecord
-from otelprof_middleware._span import PROFILE_URL
+from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores.sqlite import SQLiteStore
 
 from .. import otlp_receiver

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from otelprof_middleware._span import PROFILE_URL
+from otelprof_middleware.profiling._span import PROFILE_URL
 
 from .servers import Server, fetch_profile, free_port, gunicorn, run_server, uvicorn
 

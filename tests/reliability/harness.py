@@ -34,10 +34,10 @@ from starlette.routing import Route
 from werkzeug.test import Client
 
 from otelprof_middleware import ProfileRecord, ProfilingMiddleware, WSGIProfilingMiddleware
-from otelprof_middleware._profiler import ProfilerCore
 from otelprof_middleware._record import ProfileSummary
-from otelprof_middleware._span import PROFILE_URL
 from otelprof_middleware._types import ASGIApp, Receive, Scope, Send, StartResponse, WSGIEnvironment
+from otelprof_middleware.profiling._engine import ProfilerCore
+from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore, ProfileStore
 
 from ..helpers import make_provider, marker_alpha, marker_beta, server_spans, text_of

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from pyinstrument.low_level.stat_profile import setstatprofile
 
-from otelprof_middleware import _session, _task_hook, _threads, counters
-from otelprof_middleware._session import ThreadSampler
+from otelprof_middleware import counters
+from otelprof_middleware.profiling import _loop_hook, _thread_hook, _worker_threads
+from otelprof_middleware.profiling._thread_hook import ThreadHook
 from otelprof_middleware.viewer import _render as viewer_render
 
 from ..helpers import server_spans, text_of
@@ -74,8 +75,8 @@ def test_hook_install_raising(
     harness = harnesses(kind, FaultyStore())
     with monkeypatch.context() as patch:
         raising = _raising_when(setstatprofile, installing=True)
-        patch.setattr(_session, "setstatprofile", raising)  # a thread's hook (WSGI)
-        patch.setattr(_task_hook, "setstatprofile", raising)  # a task's steps (ASGI)
+        patch.setattr(_thread_hook, "setstatprofile", raising)  # a thread's hook (WSGI)
+        patch.setattr(_loop_hook, "setstatprofile", raising)  # a task's steps (ASGI)
         _check_batch(
             "hook install raises",
             harness,
@@ -95,12 +96,12 @@ def test_hook_removal_raising(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """pyinstrument refuses to remove the hook (ThreadSampler.release raises)."""
+    """pyinstrument refuses to remove the hook (ThreadHook.release raises)."""
     harness = harnesses(kind, FaultyStore())
     with monkeypatch.context() as patch:
         raising = _raising_when(setstatprofile, installing=False)
-        patch.setattr(_session, "setstatprofile", raising)
-        patch.setattr(_task_hook, "setstatprofile", raising)
+        patch.setattr(_thread_hook, "setstatprofile", raising)
+        patch.setattr(_loop_hook, "setstatprofile", raising)
         seen = _check_batch(
             "hook removal raises",
             harness,
@@ -124,18 +125,18 @@ def test_release_raising_is_counted_and_profiling_resumes(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """``ThreadSampler.release`` itself raises before doing anything."""
+    """``ThreadHook.release`` itself raises before doing anything."""
     if kind == "asgi":
-        pytest.skip("on an event loop the hook lives in the task's steps, not a ThreadSampler")
+        pytest.skip("on an event loop the hook lives in the task's steps, not a ThreadHook")
     harness = harnesses(kind, FaultyStore())
 
-    def release(self: ThreadSampler) -> None:
+    def release(self: ThreadHook) -> None:
         raise RuntimeError("injected: release failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(ThreadSampler, "release", release)
+        patch.setattr(ThreadHook, "release", release)
         _check_batch(
-            "ThreadSampler.release raises",
+            "ThreadHook.release raises",
             harness,
             counter="failed.profiler.stop",
             expected=len(BATCH),
@@ -155,14 +156,14 @@ def test_release_raising_leaves_no_hook_behind(
     kind: Kind, harnesses: MakeHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if kind == "asgi":
-        pytest.skip("on an event loop the hook lives in the task's steps, not a ThreadSampler")
+        pytest.skip("on an event loop the hook lives in the task's steps, not a ThreadHook")
     harness = harnesses(kind, FaultyStore())
 
-    def release(self: ThreadSampler) -> None:
+    def release(self: ThreadHook) -> None:
         raise RuntimeError("injected: release failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(ThreadSampler, "release", release)
+        patch.setattr(ThreadHook, "release", release)
         assert send_batch(harness, BATCH[:4]).failures == []
     assert send_batch(harness, BATCH[:4]).failures == []
     assert not harness.hook_left(), "the hook is still installed after the fault cleared"
@@ -173,9 +174,11 @@ def test_worker_thread_hook_raising(
 ) -> None:
     harness = harnesses(kind, FaultyStore())
     with monkeypatch.context() as patch:
-        patch.setattr(_threads, "setstatprofile", _raising_when(setstatprofile, installing=True))
+        patch.setattr(
+            _worker_threads, "setstatprofile", _raising_when(setstatprofile, installing=True)
+        )
         _check_batch(
-            "worker-thread hook raises (_threads.run_profiled)",
+            "worker-thread hook raises (_worker_threads.run_profiled)",
             harness,
             counter="failed.profiler.worker",
             expected=SYNC_REQUESTS,
@@ -193,7 +196,9 @@ def test_worker_thread_hook_raising_is_logged_once(
 ) -> None:
     harness = harnesses(kind, FaultyStore())
     with monkeypatch.context() as patch:
-        patch.setattr(_threads, "setstatprofile", _raising_when(setstatprofile, installing=True))
+        patch.setattr(
+            _worker_threads, "setstatprofile", _raising_when(setstatprofile, installing=True)
+        )
         assert send_batch(harness).failures == []
     assert counters().get("failed.profiler.worker") == SYNC_REQUESTS
     assert logged_stages(caplog) == ["profiler.worker"]

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from otelprof_middleware import _profiler, counters
+from otelprof_middleware import counters
+from otelprof_middleware.profiling import _engine
 from otelprof_middleware.stores import SQLiteStore, sqlite
 
 from .harness import (
@@ -123,7 +124,7 @@ def _first_warning(caplog: pytest.LogCaptureFixture) -> str:
 
 @pytest.fixture
 def fast_retry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_profiler, "STORE_RETRY_SECONDS", RETRY_SECONDS)
+    monkeypatch.setattr(_engine, "STORE_RETRY_SECONDS", RETRY_SECONDS)
 
 
 def test_locked_database_makes_the_writer_wait_not_the_request(

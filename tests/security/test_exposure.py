@@ -35,10 +35,10 @@ from otelprof_middleware import (
     Config,
     ProfilingMiddleware,
     WSGIProfilingMiddleware,
-    _sampling,
 )
 from otelprof_middleware._record import ProfileRecord, ProfileSummary
-from otelprof_middleware._span import PROFILE_URL
+from otelprof_middleware.profiling import _start_policy
+from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore, SQLiteStore
 from otelprof_middleware.stores._base import ProfileStore
 from otelprof_middleware.viewer import TOKEN_COOKIE, _access
@@ -290,7 +290,7 @@ def _compares_a_secret(node: ast.Compare) -> bool:
 
 @pytest.mark.parametrize(
     ("module", "function"),
-    [(_access, _access.Access._is_token), (_sampling, _sampling.Sampler.is_triggered)],
+    [(_access, _access.Access._is_token), (_start_policy, _start_policy.StartPolicy.is_triggered)],
     ids=["viewer", "trigger"],
 )
 def test_the_token_is_compared_in_constant_time(module: Any, function: Any) -> None:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import hmac
 
-from ._config import DEBUG_PREFIX, Config
-from ._net import is_loopback
+from .._config import DEBUG_PREFIX, Config
+from .._net import is_loopback
 
-__all__ = ["Sampler"]
+__all__ = ["StartPolicy"]
 
 _TRACE_ID_LOW_BITS = (1 << 64) - 1
 
 
-class Sampler:
+class StartPolicy:
     """The per-request decision, with everything that can be precomputed done in ``__init__``.
 
     Args:

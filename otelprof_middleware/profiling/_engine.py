@@ -25,22 +25,23 @@ from opentelemetry.trace import SpanContext, format_span_id, format_trace_id
 from pyinstrument.session import Session
 from pyinstrument.stack_sampler import build_call_stack
 
-from ._always_on import AlwaysOnSampler, always_on_sampler
-from ._always_on import check_settings as check_always_on_settings
-from ._config import Config
-from ._failsafe import count, fail_open, log_failure, tally
-from ._keep import MIN_DURATION, KeepPolicy
-from ._net import safe_host
-from ._record import ProfileRecord, ProfileSummary
-from ._request import RequestFacts
-from ._sampling import Sampler
-from ._session import RequestProfile, ThreadSampler, current_request, thread_sampler
+from .._config import Config
+from .._failsafe import count, fail_open, log_failure, tally
+from .._net import safe_host
+from .._record import ProfileRecord, ProfileSummary
+from .._request import RequestFacts
+from ..exporters import ProfileExporter, SpanFacts, check_exporter_settings, open_exporter
+from ..stores import check_store_url, open_store
+from ..stores._base import ProfileStore
+from ._keep_policy import MIN_DURATION, KeepPolicy
+from ._loop_hook import HookedCoroutine, install_task_factory
+from ._request_profile import RequestProfile, current_request
 from ._span import profile_url, route_attribute, set_profile_attributes
-from ._task_hook import HookedCoroutine, install_task_factory
+from ._start_policy import StartPolicy
+from ._thread_hook import ThreadHook, thread_hook
 from ._writer import ProfileWriter
-from .exporters import ProfileExporter, SpanFacts, check_exporter_settings, open_exporter
-from .stores import check_store_url, open_store
-from .stores._base import ProfileStore
+from .always_on import AlwaysOnSampler, always_on_sampler
+from .always_on import check_settings as check_always_on_settings
 
 __all__ = [
     "ActiveProfile",
@@ -140,7 +141,7 @@ class ActiveProfile:
     """A request being profiled."""
 
     request: RequestProfile
-    sampler: ThreadSampler | None  # the thread's hook; None: always-on, or on a loop
+    hook: ThreadHook | None  # the thread's hook; None: always-on, or on a loop
     span: trace.Span
     context: SpanContext
     facts: RequestFacts
@@ -179,7 +180,7 @@ class ProfilerCore:
         exporter: ProfileExporter | None = None,
     ) -> None:
         self.config = config
-        self.sampler = Sampler(config)
+        self.start_policy = StartPolicy(config)
         self._store = store
         self._store_lock = threading.Lock()
         self._store_retry_at = 0.0
@@ -244,7 +245,7 @@ class ProfilerCore:
         if not context.is_valid:  # no SDK provider: nothing to key or link the profile by
             return None
         trigger = facts.trigger
-        kind = self.sampler.choose(
+        kind = self.start_policy.choose(
             context.trace_id, span.is_recording(), trigger, facts.client_host
         )
         if kind is None:
@@ -268,12 +269,12 @@ class ProfilerCore:
                 start_call_stack=None if loop is not None else _start_stack(sys._getframe(2)),
             )
             token = current_request.set(request)
-            hook: ThreadSampler | None = None
+            hook: ThreadHook | None = None
             try:
                 if loop is not None:  # the hook runs only in the request's own task steps
                     install_task_factory(loop)
                 else:  # a thread serves one request at a time: the hook stays on
-                    hook = thread_sampler(self._interval)
+                    hook = thread_hook(self._interval)
                     hook.acquire()
             except BaseException:
                 current_request.reset(token)
@@ -285,14 +286,14 @@ class ProfilerCore:
         return self._linked(
             ActiveProfile(
                 request=request,
-                sampler=hook,
+                hook=hook,
                 span=span,
                 context=context,
                 facts=facts,
                 method=normalise_method(facts.method),
                 token=token,
                 triggered=trigger is not None
-                and self.sampler.is_triggered(trigger, facts.client_host),
+                and self.start_policy.is_triggered(trigger, facts.client_host),
             )
         )
 
@@ -328,7 +329,7 @@ class ProfilerCore:
         return self._linked(
             ActiveProfile(
                 request=request,
-                sampler=None,
+                hook=None,
                 span=span,
                 context=context,
                 facts=facts,
@@ -343,7 +344,7 @@ class ProfilerCore:
         the request's task, with the hook on during its steps only (hook mode on a loop).
         """
         request = active.request
-        if request.continuous or active.sampler is not None:
+        if request.continuous or active.hook is not None:
             return app_call
         if type(app_call) is not types.CoroutineType:  # an app returning a future, say
             return app_call
@@ -396,7 +397,7 @@ class ProfilerCore:
 
     def stop(self, active: ActiveProfile, *, from_finalizer: bool = False) -> bool:
         """Stop the profile; True when this call stopped it (only the first call does).
-        ``from_finalizer``: called by the garbage collector (see :class:`ThreadSampler`).
+        ``from_finalizer``: called by the garbage collector (see :class:`ThreadHook`).
         """
         if active.finished:
             return False
@@ -405,7 +406,7 @@ class ProfilerCore:
         request.closed = True
         duration = time.perf_counter() - request.start_perf
         try:  # (not ``fail_open``: a generator context manager costs ~2 µs a request)
-            hook = active.sampler
+            hook = active.hook
             if request.continuous:
                 (self._sampler_instance or self._always_on_sampler()).unregister_current(request)
             elif hook is None:

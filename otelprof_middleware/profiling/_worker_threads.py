@@ -28,10 +28,10 @@ from typing import Any, TypeVar
 import anyio.to_thread
 from pyinstrument.low_level.stat_profile import setstatprofile
 
-from ._always_on import always_on_sampler
-from ._failsafe import count, log_failure
+from .._failsafe import count, log_failure
 from ._frames import code_head, frame_stack, stack_above
-from ._session import RequestProfile, current_request
+from ._request_profile import RequestProfile, current_request
+from .always_on import always_on_sampler
 
 __all__ = ["install", "run_profiled"]
 

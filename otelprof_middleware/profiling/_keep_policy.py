@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ._failsafe import tally
+from .._failsafe import tally
 
 __all__ = ["ERROR", "MIN_DURATION", "SLOW", "TRIGGERED", "KeepPolicy"]
 

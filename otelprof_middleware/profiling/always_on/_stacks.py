@@ -13,7 +13,7 @@ from typing import Any
 
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
-from ._frames import ON_CLEAR, frame_identifier, frame_stack
+from .._frames import ON_CLEAR, frame_identifier, frame_stack
 
 __all__ = [
     "AWAIT_STACKS",

@@ -4,16 +4,23 @@ A tick sees each registered request in one state: :class:`Running` (its stack on
 thread) or :class:`Waiting` (its task suspended on a future), or nowhere. The interval
 since the previous tick is credited to the previous and the current state by
 :func:`credit`; a wait is credited in one piece when it ends (:func:`close_wait`).
+:class:`Ledger` keeps each request's state from one tick to the next.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from ._session import RequestProfile
+from .._request_profile import RequestProfile
+from ._stacks import await_stack
+
+if TYPE_CHECKING:
+    from ._registry import LoopState
 
 __all__ = [
     "Interval",
+    "Ledger",
     "Running",
     "State",
     "Waiting",
@@ -128,3 +135,87 @@ def add_time(request: RequestProfile, state: State, seconds: float) -> None:
         request.add_worker(state.stack, seconds)
     else:
         request.add(state.stack, seconds)
+
+
+class Ledger:
+    """Each registered request's state at the last tick, and what a tick credits."""
+
+    __slots__ = ("running_before", "states")
+
+    def __init__(self) -> None:
+        self.states: dict[RequestProfile, State] = {}  # each one's state at the last tick
+        self.running_before: list[RequestProfile] = []  # running at the last tick
+
+    def credit_tick(
+        self,
+        loops: list[LoopState],
+        running: dict[RequestProfile, State],
+        job_starts: dict[RequestProfile, float],
+        interval: Interval,
+    ) -> None:
+        """Credit ``interval`` to every registered request: ``running`` (with the worker
+        jobs that began in it, ``job_starts``), the tasks waiting on ``loops``, and
+        those that ran at the last tick and are nowhere now.
+
+        A request still waiting on the same future as at the last tick costs one
+        identity check: its wait is credited in one piece when it ends.
+        """
+        states = self.states
+        for state in loops:
+            prefix = state.prefix or []
+            for request, task in list(state.requests.items()):
+                before = states.get(request)
+                # A suspended task waits on one future until it runs again: the same
+                # future as last tick means the same wait (the common case).
+                future = getattr(task, "_fut_waiter", None)
+                if type(before) is Waiting and before.future is future and future is not None:
+                    continue
+                if request in running or request.closed:
+                    continue
+                now: State | None = None
+                if not task.done():
+                    now = Waiting(future, await_stack(prefix, task.get_coro()), interval.end)
+                self.change(request, before, now, interval)
+        for request, now in running.items():
+            job_began = job_starts.get(request) if job_starts else None
+            self.change(request, states.get(request), now, interval, job_began)
+        for request in self.running_before:
+            # Ran at the last tick; neither running nor waiting on a loop now (its job
+            # ended): its share of the interval, then forget it.
+            if request not in running:
+                before = states.get(request)
+                if type(before) is Running:
+                    self.change(request, before, None, interval)
+        self.running_before = list(running)
+
+    def change(
+        self,
+        request: RequestProfile,
+        before: State | None,
+        now: State | None,
+        interval: Interval,
+        job_began: float | None = None,
+    ) -> None:
+        """Credit ``request``'s interval to ``before`` and ``now``; ``now`` is its state.
+
+        ``job_began``: ``now`` is a worker job that began at that moment of the interval,
+        so the interval is split there rather than halfway.
+        """
+        close_wait(request, before, interval.end - interval.elapsed)
+        if job_began is not None and now is not None:
+            own = min(interval.elapsed, interval.end - job_began)
+            if before is not None and interval.elapsed > own:
+                add_time(request, before, interval.elapsed - own)
+            add_time(request, now, own)
+        else:
+            credit(request, before, now, interval)
+        if now is None or request.closed:  # (closed: its profile ended during this tick)
+            self.states.pop(request, None)
+        else:
+            self.states[request] = now
+
+    def sweep(self) -> None:
+        """Forget the states of requests unregistered while a tick was running."""
+        states = self.states
+        for request in [r for r in states if r.closed]:
+            states.pop(request, None)

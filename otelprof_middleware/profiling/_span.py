@@ -11,7 +11,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from ._config import DEBUG_PREFIX
+from .._config import DEBUG_PREFIX
 
 __all__ = [
     "BASELINE_URL",

@@ -18,7 +18,7 @@ Here the hook is confined to the profiled request's own execution instead:
   frames are sampled, under the stack that created the task), so nothing counts twice.
 
 The hook is removed by the step itself, in plain Python code after the coroutine
-yielded: never from inside pyinstrument's C callback (see ``ThreadSampler``).
+yielded: never from inside pyinstrument's C callback (see ``ThreadHook``).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Any
 
 from pyinstrument.low_level.stat_profile import setstatprofile
 
-from ._always_on_stacks import chain_stack
-from ._failsafe import count, log_failure
+from .._failsafe import count, log_failure
 from ._frames import frame_stack, stack_above
-from ._session import RequestProfile, current_request
+from ._request_profile import RequestProfile, current_request
+from .always_on._stacks import chain_stack
 
 __all__ = ["HookedCoroutine", "install_task_factory"]
 

@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 from pyinstrument.session import Session
 
-from ._background import BatchingThread
-from ._failsafe import count, fail_open, log_event, log_failure
-from ._record import ProfileRecord, ProfileSummary
-from .stores._base import ProfileStore
+from .._background import BatchingThread
+from .._failsafe import count, fail_open, log_event, log_failure
+from .._record import ProfileRecord, ProfileSummary
+from ..stores._base import ProfileStore
 
 __all__ = ["ProfileWriter"]
 

@@ -1,0 +1,259 @@
+"""Always-on: the registry of which request runs where, and who runs at a tick.
+
+Registrations come from the threads serving requests; a tick reads the registry from
+the sampler thread, the ``SIGPROF`` handler or a loop's ``call_later``. Plain dict
+operations are atomic under the GIL, and ticks iterate over copies, so none of it
+takes a lock.
+
+* **event loops**, one :class:`LoopState` per loop thread: each registered request's
+  own task. Tasks its task creates are found by the creating context: for a loop
+  ticked by ``SIGPROF`` the handler runs in the interrupted task's context; for any
+  other loop a task factory records them in :attr:`Registry.tasks`.
+* **threads**, one :class:`Job` per thread: a WSGI request's thread, or a worker thread
+  running a job a request submitted (``_worker_threads``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import types
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .._request_profile import RequestProfile, current_request
+from ._ledger import Running, State
+from ._stacks import AWAIT_STACKS, running_stack, thread_stack
+
+__all__ = ["Job", "LoopState", "Registry", "driven"]
+
+
+class LoopState:
+    """One event loop's registered requests and how its ticks are driven."""
+
+    __slots__ = ("driven", "idle_ticks", "loop", "prefix", "requests", "ticking")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, driven: bool) -> None:
+        self.loop = loop
+        self.prefix: list[str] | None = None  # the loop's frames below a task's coroutine
+        self.requests: dict[RequestProfile, asyncio.Task[Any]] = {}  # request -> its task
+        self.driven = driven  # ticked by SIGPROF and its own call_later, not the thread
+        self.ticking = False
+        self.idle_ticks = 0  # loop ticks in a row that found no request
+
+
+class Job:
+    """What a registered thread runs: a request, or a job one submitted to a worker."""
+
+    __slots__ = ("began", "request", "stop_code", "submitted_from")
+
+    def __init__(
+        self,
+        request: RequestProfile,
+        submitted_from: list[str] | None,
+        stop_code: types.CodeType | None,
+        began: float,
+    ) -> None:
+        self.request = request
+        self.submitted_from = submitted_from  # None: the request's own thread (WSGI)
+        self.stop_code = stop_code  # the job wrapper's code: frames above it are the job's
+        self.began = began  # perf_counter() when it began
+
+
+class Registry:
+    """Which request runs where: event loops' tasks and threads' jobs."""
+
+    __slots__ = ("loops", "tasks", "threads")
+
+    def __init__(self) -> None:
+        self.loops: dict[int, LoopState] = {}  # loop thread ident -> state
+        self.tasks: dict[asyncio.Task[Any], RequestProfile] = {}  # loops not SIGPROF-driven
+        self.threads: dict[int, Job] = {}  # thread ident -> its job
+
+    # -- registration (request threads) -------------------------------------------------
+
+    def add_current(
+        self, request: RequestProfile, cap: int, can_drive: Callable[[int], bool]
+    ) -> LoopState | Job | None:
+        """Register ``request`` as running on this thread (its task, on an event loop).
+
+        Returns where it was registered, or None (nothing registered) when ``cap``
+        requests are registered there already. ``can_drive(ident)``: whether a loop
+        new to the registry on thread ``ident`` is ticked by ``SIGPROF``.
+        """
+        ident = threading.get_ident()
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            threads = self.threads
+            if len(threads) >= cap:
+                return None
+            job = threads[ident] = Job(request, None, None, request.start_perf)
+            request.registration = ident
+            return job
+        state = self.loops.get(ident)
+        if state is None or state.loop is not loop:
+            state = self.loops[ident] = LoopState(loop, can_drive(ident))
+            if not state.driven:  # SIGPROF ticks read the running task's context
+                self.install_task_factory(loop)
+        requests = state.requests
+        if len(requests) >= cap:
+            return None
+        task = asyncio.current_task(loop)
+        if task is not None:
+            requests[request] = task
+            request.registration = state
+            if not state.driven:  # (SIGPROF ticks find the request in the context)
+                self.tasks[task] = request
+        return state
+
+    def remove(self, request: RequestProfile) -> None:
+        """Forget where ``request`` is registered (its profile finished)."""
+        registration = request.registration
+        if registration is None:
+            return
+        request.registration = None
+        if type(registration) is LoopState:
+            task = registration.requests.pop(request, None)
+            if task is not None and not registration.driven:
+                self.tasks.pop(task, None)
+        else:
+            job = self.threads.get(registration)  # type: ignore[call-overload]
+            if job is not None and job.request is request:
+                self.threads.pop(registration, None)  # type: ignore[call-overload]
+
+    def install_task_factory(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Record the tasks a registered request creates on ``loop`` (not SIGPROF-driven)."""
+        previous = loop.get_task_factory()
+        tasks = self.tasks
+        # Marked as the hook's factory is (``_loop_hook``), by this registry: a factory of
+        # a sampler since replaced (``testing.reset``) fills a dict no one reads.
+        kind = f"always_on:{id(tasks)}"
+        if kind in getattr(previous, "otelprof_kinds", ()):
+            return  # ours already (a loop's id may be reused by a later loop: not a key)
+        forget = _forget(tasks)
+
+        def factory(
+            loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+        ) -> asyncio.Future[Any]:
+            if previous is not None:
+                task = previous(loop, coro, **kwargs)
+            else:
+                task = asyncio.Task(coro, loop=loop, **kwargs)
+            request = current_request.get()  # the creating context decides
+            if request is not None and request.continuous and not request.closed:
+                tasks[task] = request  # type: ignore[index]
+                task.add_done_callback(forget)
+            return task
+
+        factory.otelprof_kinds = frozenset({kind, *getattr(previous, "otelprof_kinds", ())})  # type: ignore[attr-defined]
+        loop.set_task_factory(factory)  # type: ignore[arg-type]
+
+    def stop_driving(self, state: LoopState) -> None:
+        """``state``'s loop is no longer ticked by SIGPROF: the sampler thread looks its
+        tasks up in :attr:`tasks` from now on."""
+        state.driven = False
+        self.install_task_factory(state.loop)
+        for request, task in list(state.requests.items()):
+            self.tasks[task] = request
+
+    # -- questions (any thread) ----------------------------------------------------------
+
+    def anything_registered(self) -> bool:
+        """Whether any request is registered (the SIGPROF handler's first test)."""
+        return bool(
+            self.threads
+            or self.tasks
+            or current_request.get() is not None
+            or any(state.requests for state in list(self.loops.values()))  # all waiting
+        )
+
+    def watching(self) -> bool:
+        """Whether a SIGPROF-driven loop has requests (the thread watches for stalls)."""
+        return any(state.driven and state.requests for state in list(self.loops.values()))
+
+    def needs_thread(self) -> bool:
+        """Whether anything registered is not ticked by SIGPROF."""
+        for state in list(self.loops.values()):
+            if state.requests and not state.driven:
+                return True
+        return any(not driven(job.request) for job in list(self.threads.values()))
+
+    # -- at a tick -------------------------------------------------------------------------
+
+    def running_now(
+        self,
+        frames: dict[int, types.FrameType],
+        main_ident: int | None,
+        main_frame: types.FrameType | None,
+        interval_start: float,
+        outside_sampler: Callable[[types.FrameType], types.FrameType],
+    ) -> tuple[dict[RequestProfile, State], dict[RequestProfile, float]]:
+        """Each request running at this tick with its stack, and the worker jobs that
+        began during the interval (request -> when).
+
+        ``frames``: every thread's current frame; ``main_frame``: the frame SIGPROF
+        interrupted (None for a thread or loop tick, whose own frames
+        ``outside_sampler`` skips).
+        """
+        running: dict[RequestProfile, State] = {}
+        for ident, state in list(self.loops.items()):
+            task = asyncio.current_task(state.loop)
+            frame = frames.get(ident)
+            if task is None or frame is None:
+                continue
+            if ident != main_ident:
+                request = self.tasks.get(task)
+            elif main_frame is None:
+                frame = outside_sampler(frame)  # a thread tick may catch the handler
+                request = self._task_request(state, task)
+            else:
+                # The handler runs in the interrupted task's context: its request is
+                # current, child tasks included (they copied the context).
+                request = current_request.get()
+                if request is not None and not request.continuous:
+                    request = None  # a hook-mode request: its hook profiles it
+            root = getattr(task.get_coro(), "cr_frame", None)
+            stack, below_root = running_stack(ident, frame, root)
+            if below_root:
+                prefix = stack[:below_root]
+                if prefix != state.prefix:  # kept as one object while it is the same:
+                    state.prefix = prefix  # await stacks are cached by its identity
+                    AWAIT_STACKS.clear()
+            if request is not None and not request.closed:
+                running[request] = Running(stack)
+        job_starts: dict[RequestProfile, float] = {}
+        for ident, job in list(self.threads.items()):
+            frame = frames.get(ident)
+            request = job.request
+            if frame is None or request.closed:
+                continue
+            if job.submitted_from is None:
+                running[request] = Running(thread_stack(ident, frame))
+            else:  # frames above the job wrapper, under the stack that submitted it
+                tail = thread_stack(ident, frame, job.stop_code)[1:]
+                running[request] = Running(job.submitted_from + tail, worker=True)
+                if job.began > interval_start:  # the job began during this interval
+                    job_starts[request] = job.began
+        return running, job_starts
+
+    def _task_request(self, state: LoopState, task: asyncio.Task[Any]) -> RequestProfile | None:
+        """The request whose task ``task`` is (a main-thread loop, ticked by a thread)."""
+        request = self.tasks.get(task)
+        if request is None and state.driven:  # driven loops do not fill ``tasks``
+            for candidate, its_task in list(state.requests.items()):
+                if its_task is task:
+                    return candidate
+        return request
+
+
+def driven(request: RequestProfile) -> bool:
+    """Whether ``request`` is registered on a loop that SIGPROF ticks."""
+    registration = request.registration
+    return type(registration) is LoopState and registration.driven
+
+
+def _forget(tasks: dict[asyncio.Task[Any], RequestProfile]) -> Callable[[Any], None]:
+    def forget(task: Any) -> None:
+        tasks.pop(task, None)
+
+    return forget

@@ -1,0 +1,332 @@
+"""Always-on mode: a sampler per process, samples attributed per request.
+
+pyinstrument's hook runs on every Python call, so a profiled call-heavy request runs
+several times slower. Reading the threads' frames (``sys._current_frames()``) every
+``interval`` costs time per sample instead (see docs/always-on.md). What
+Pyroscope-style samplers lose, and this keeps, is *which request* each sample belongs
+to:
+
+* **event loop threads**: the asyncio task running at that moment is mapped to its
+  request (``_registry``).
+* **worker threads** (``def`` endpoints, ``run_in_threadpool``, executors): the job
+  wrapper in ``_worker_threads`` registers the thread for the job's duration, with the
+  stack that submitted it; the worker's frames are grafted under that stack.
+* **WSGI threads**: the request's thread is registered until the body's ``close()``.
+
+A registered request that is not running anywhere at a tick is waiting: the tick goes
+to its ``[await]`` under the coroutine chain its task is suspended in.
+
+The parts, each in its module: the registry of what runs where (``_registry``); what
+ticks it, ``SIGPROF`` for an event loop on the main thread (``_sigprof``) and a thread
+for anything else (``_thread``); what a tick sees (``_stacks``); the crediting
+arithmetic between two ticks (``_ledger``). :class:`AlwaysOnSampler` holds them
+together: registration in, ticks credited to the requests.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import random
+import signal
+import sys
+import threading
+import time
+import types
+from collections.abc import Callable
+
+from ..._failsafe import count
+from .._request_profile import RequestProfile
+from . import _ledger, _registry, _sigprof, _stacks, _thread
+from ._cpu_timer import disarm_all
+from ._ledger import Interval, Ledger, Running, add_time, close_wait
+from ._registry import Job, LoopState, Registry, driven
+from ._sigprof import SigprofDriver
+from ._thread import SamplerThread
+
+__all__ = [
+    "AlwaysOnSampler",
+    "always_on_sampler",
+    "check_settings",
+    "current_sampler",
+    "reset_for_tests",
+]
+
+_logger = logging.getLogger("otelprof_middleware")
+
+
+class AlwaysOnSampler:
+    """The process's sampler: requests registered in, ticks credited to them.
+
+    Registration calls come from the threads serving requests; ticks come from the
+    sampler thread, the ``SIGPROF`` handler or a loop's ``call_later``, one at a time
+    (a tick that finds another running is skipped).
+
+    Args:
+        interval: seconds between ticks (jittered between 0.5x and 1.5x).
+        sigprof: drive a main-thread event loop with ``SIGPROF`` (when that signal is
+            free); False: always the sampler thread.
+
+    Its parts are public for diagnostics and tests: :attr:`registry`,
+    :attr:`sigprof` (the handler and its timer), :attr:`thread`, :attr:`ledger`.
+    """
+
+    def __init__(self, interval: float, *, sigprof: bool = True) -> None:
+        self.interval = interval
+        self.registry = Registry()
+        self.sigprof = SigprofDriver(self, enabled=sigprof)
+        self.thread = SamplerThread(self)
+        self.samples = 0
+        self.pending_failures = 0  # failed ticks not yet counted (a handler takes no locks)
+        self.last_tick = time.perf_counter()
+        self._tick_lock = threading.Lock()
+        self.ledger = Ledger()
+        self._jitter = random.Random()
+
+    @property
+    def uses_sigprof(self) -> bool:
+        """Whether a main-thread loop may be ticked by ``SIGPROF`` (asked and available)."""
+        return self.sigprof.enabled
+
+    @property
+    def timer_armed(self) -> bool:
+        """Whether this process's SIGPROF timer is armed (for tests and diagnostics)."""
+        return self.sigprof.timer_armed
+
+    # -- registration (request threads) -------------------------------------------------
+
+    def register_current(self, request: RequestProfile, cap: int = 1 << 30) -> bool:
+        """Register ``request`` as running on this thread (its task, on an event loop).
+
+        False (and nothing registered) when ``cap`` requests are registered there already.
+        """
+        where = self.registry.add_current(request, cap, self.sigprof.can_drive)
+        if where is None:
+            return False
+        if type(where) is LoopState and where.driven:
+            if not where.ticking or self.sigprof.armed_pid != _sigprof.pid():
+                self.sigprof.drive(where)  # (steady state: ticking and armed, nothing to do)
+        else:
+            self.thread.wake()
+        if self.pending_failures:
+            self.count_failures()
+        return True
+
+    def unregister_current(self, request: RequestProfile) -> None:
+        """Forget ``request`` (called when its profile finishes, on any thread).
+
+        The time since the last tick is split: half goes to the state that tick saw
+        (on average the state changed halfway), the rest is not attributed.
+        """
+        before = self.ledger.states.pop(request, None)
+        if before is not None:
+            last_tick = self.last_tick
+            close_wait(request, before, last_tick)
+            trailing = self._trailing(last_tick)
+            if trailing:
+                add_time(request, before, trailing / 2)
+        self.registry.remove(request)
+
+    def register_worker(
+        self, request: RequestProfile, submitted_from: list[str], stop: types.CodeType
+    ) -> None:
+        """This worker thread runs a job of ``request`` (frames above ``stop`` are its)."""
+        self.registry.threads[threading.get_ident()] = Job(
+            request, submitted_from, stop, time.perf_counter()
+        )
+        if not driven(request):
+            self.thread.wake()
+
+    def unregister_worker(self, job_identifier: Callable[[], str] | None = None) -> None:
+        """The job on this worker thread ended: its time since the last tick is its own.
+
+        (A job's start and end are known exactly, unlike a state change between two ticks;
+        crediting half the boundary intervals lost a quarter of a 10 ms job.) A job no tick
+        saw gets its whole time under the stack that submitted it plus
+        ``job_identifier()`` (the job's function): where inside it is unknown, but the
+        time is the request's.
+        """
+        # Not in the middle of a tick (on another thread: this one waits for it to end), or
+        # that tick would credit the job's end a second time. A tick never waits for this.
+        with self._tick_lock:
+            job = self.registry.threads.pop(threading.get_ident(), None)
+            if job is None or job.request.closed:
+                return
+            request = job.request
+            state = self.ledger.states.get(request)
+            if type(state) is Running and state.worker:
+                trailing = self._trailing(max(self.last_tick, job.began))
+                if trailing:
+                    add_time(request, state, trailing)
+                self.ledger.states.pop(request, None)  # the next tick starts afresh from there
+            elif job_identifier is not None and job.submitted_from is not None:
+                request.add_worker(
+                    [*job.submitted_from, job_identifier()], time.perf_counter() - job.began
+                )
+
+    def _trailing(self, since: float) -> float:
+        """Seconds from ``since`` (at or after the last tick) to now; 0 when that is no
+        plausible tail of an interval (a clock oddity, or ticks long stopped)."""
+        trailing = time.perf_counter() - since
+        return trailing if 0 < trailing < 10 * self.interval else 0.0
+
+    # -- for the drivers -------------------------------------------------------------------
+
+    def next_interval(self) -> float:
+        """Seconds to the next tick, jittered between 0.5x and 1.5x the interval."""
+        # A CPU-bound thread hands the GIL over on a fixed 5 ms beat; a fixed sleep
+        # phase-locks the ticks to the work and biases what they see.
+        return self.interval * (0.5 + self._jitter.random())
+
+    def count_failures(self) -> None:
+        """Move failed ticks into the counters (not from a signal handler: it takes a lock)."""
+        if self.pending_failures:
+            failures, self.pending_failures = self.pending_failures, 0
+            count("failed.sample", failures)
+
+    def stop(self, timeout: float = 2.0) -> bool:
+        """Stop the sampler thread and the SIGPROF timer (at exit; tests). False when the
+        thread still runs after ``timeout`` seconds."""
+        self.sigprof.disarm()
+        return self.thread.stop(timeout)
+
+    # -- one tick ----------------------------------------------------------------------
+
+    def tick(self, main_frame: types.FrameType | None, slept: float | None) -> None:
+        """Credit the time since the last tick; ``main_frame``: the interrupted frame.
+
+        ``slept``: how long the sampler thread slept (the rest of the interval it waited
+        for the GIL); None for SIGPROF and loop ticks, which wait for nothing.
+        """
+        if not self._tick_lock.acquire(blocking=False):
+            return  # another tick is running (a signal arrived during a loop tick)
+        try:
+            now = time.perf_counter()
+            elapsed = now - self.last_tick
+            self.last_tick = now
+            if slept is None or slept > elapsed:
+                slept = elapsed
+            self._sample(elapsed, slept, main_frame)
+        except Exception:
+            self.pending_failures += 1
+        finally:
+            self._tick_lock.release()
+
+    def _sample(
+        self, elapsed: float, slept: float, main_frame: types.FrameType | None = None
+    ) -> None:
+        """One tick: find each registered request's state now and credit the interval.
+
+        ``elapsed - slept`` is how long the sampler waited for the GIL after its sleep:
+        a thread held it and ran on. When a request's state changed since the last
+        tick, that wait is credited to its previous state (what was running), the sleep
+        is split evenly between the two, so neither boundary is biased.
+
+        A request still waiting on the same future as at the last tick costs one
+        identity check: its wait is credited in one piece when it ends (``Ledger``).
+        """
+        frames = sys._current_frames()
+        main_ident = self.sigprof.main_ident
+        if main_frame is not None:  # SIGPROF: the main thread is in the handler now
+            frames[main_ident] = main_frame  # type: ignore[index]
+        running, job_starts = self.registry.running_now(
+            frames, main_ident, main_frame, self.last_tick - elapsed, _outside_sampler
+        )
+        del frames  # frame objects of other threads: hold them no longer than needed
+        # A long wait for the GIL (threads contending) is not credited beyond a cap: the
+        # sampler wins the GIL when a thread *releases* it, typically in I/O right after
+        # its CPU work, so crediting the whole wait to what it then sees put a request's
+        # 30 ms of work under gunicorn's socket write. Unseen time stays unattributed.
+        gil_wait = min(max(0.0, elapsed - slept), _GIL_WAIT_CAP * self.interval)
+        interval = Interval(self.last_tick, elapsed, slept, gil_wait)
+        self.ledger.credit_tick(list(self.registry.loops.values()), running, job_starts, interval)
+        self.samples += 1
+        if not self.samples % _SWEEP_TICKS:
+            self.ledger.sweep()
+
+
+_SAMPLER_FILES = frozenset(
+    module.__file__
+    for module in (sys.modules[__name__], _ledger, _registry, _sigprof, _stacks, _thread)
+)
+
+
+def _outside_sampler(frame: types.FrameType) -> types.FrameType:
+    """``frame``, or its first caller outside the sampler's modules (never its frames)."""
+    current: types.FrameType | None = frame
+    while current is not None and current.f_code.co_filename in _SAMPLER_FILES:
+        current = current.f_back
+    return current if current is not None else frame
+
+
+_GIL_WAIT_CAP = 2  # most GIL wait credited per tick, in intervals
+_SWEEP_TICKS = 256  # ticks between sweeps of states left by requests gone mid-tick
+
+
+_sampler: AlwaysOnSampler | None = None
+_sampler_lock = threading.Lock()
+
+
+def always_on_sampler(interval: float, *, sigprof: bool = True) -> AlwaysOnSampler:
+    """The process's sampler (created on first use, with the first caller's settings).
+
+    A process has one: the signal, the timer and the sampler thread are the process's.
+    The first middleware to use it sets its interval and ``SIGPROF`` use; a later one
+    with other settings gets a warning naming both (see :func:`check_settings`) and the
+    sampler in force.
+    """
+    global _sampler
+    if _sampler is None:
+        with _sampler_lock:
+            if _sampler is None:
+                _sampler = AlwaysOnSampler(interval, sigprof=sigprof)
+                atexit.register(_sampler.stop)
+                return _sampler
+    check_settings(interval, sigprof=sigprof)
+    return _sampler
+
+
+def current_sampler() -> AlwaysOnSampler | None:
+    """The process's sampler, or None before any always-on request (diagnostics)."""
+    return _sampler
+
+
+_conflicts_logged: set[tuple[float, bool, float, bool]] = set()
+
+
+def check_settings(interval: float, *, sigprof: bool) -> None:
+    """Warn (once per pair) when ``interval``/``sigprof`` differ from the process's sampler.
+
+    Two middlewares in one process (a mounted sub-app, say) cannot have two always-on
+    samplers: the first one's settings are in force, and profiles record the interval
+    actually used. Nothing to check before the sampler exists.
+    """
+    sampler = _sampler
+    if sampler is None:
+        return
+    wanted = (interval, sigprof and hasattr(signal, "setitimer"))
+    in_force = (sampler.interval, sampler.uses_sigprof)
+    if wanted == in_force or (*in_force, *wanted) in _conflicts_logged:
+        return
+    _conflicts_logged.add((*in_force, *wanted))
+    _logger.warning(
+        "otelprof: two middlewares in this process ask for different always-on settings: "
+        "always_on_interval_ms=%g, always_on_sigprof=%s is in force (the first one's); "
+        "always_on_interval_ms=%g, always_on_sigprof=%s is ignored. A process has one "
+        "always-on sampler: give every middleware the same settings.",
+        in_force[0] * 1000.0,
+        in_force[1],
+        wanted[0] * 1000.0,
+        wanted[1],
+    )
+
+
+def reset_for_tests() -> None:
+    """Stop and forget the process's sampler and disarm its timers (tests only)."""
+    global _sampler
+    with _sampler_lock:
+        sampler, _sampler = _sampler, None
+    if sampler is not None:
+        sampler.stop()
+    disarm_all()
+    _conflicts_logged.clear()
