@@ -16,7 +16,6 @@ from contextlib import contextmanager
 
 __all__ = [
     "count",
-    "counters",
     "fail_open",
     "log_event",
     "log_failure",
@@ -31,14 +30,14 @@ LOG_INTERVAL_SECONDS = 60.0
 """A failure of one stage is logged at most once per this many seconds."""
 
 _lock = threading.Lock()
-counters: Counter[str] = Counter()
+_counts: Counter[str] = Counter()  # counted under the lock (tallies are not)
 _last_logged: dict[str, float] = {}
 
 
 def count(name: str, amount: int = 1) -> None:
     """Add ``amount`` to the counter ``name`` (e.g. ``"dropped.queue_full"``)."""
     with _lock:
-        counters[name] += amount
+        _counts[name] += amount
 
 
 _tallies: dict[str, itertools.count[int]] = {}
@@ -64,7 +63,7 @@ def _tally_value(counter: itertools.count[int]) -> int:
 def snapshot() -> dict[str, int]:
     """A copy of all counters, for metrics pages and tests."""
     with _lock:
-        values = dict(counters)
+        values = dict(_counts)
         for name, counter in _tallies.items():
             value = _tally_value(counter) - _tally_offsets.get(name, 0)
             if value:
@@ -75,7 +74,7 @@ def snapshot() -> dict[str, int]:
 def reset_counters() -> None:
     """Clear counters and the log rate limiter (tests use this)."""
     with _lock:
-        counters.clear()
+        _counts.clear()
         _last_logged.clear()
         for name, counter in _tallies.items():
             _tally_offsets[name] = _tally_value(counter)
@@ -101,7 +100,7 @@ def log_event(stage: str, message: str, *args: object) -> None:
 def log_failure(stage: str, exc: BaseException) -> None:
     """Count a failure of ``stage`` and log it unless it was logged recently."""
     with _lock:
-        counters[f"failed.{stage}"] += 1
+        _counts[f"failed.{stage}"] += 1
     if not _due(stage):
         return
     logger.warning(
