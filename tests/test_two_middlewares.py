@@ -89,3 +89,28 @@ def test_reset_gives_the_next_middleware_its_own_settings() -> None:
     [summary] = store.list()
     assert summary.interval_ms == pytest.approx(4.0)
     app.core.writer.close()
+
+
+def test_always_on_status_shows_the_process_sampler_and_its_reset() -> None:
+    assert testing.always_on_status() == testing.AlwaysOnStatus(
+        exists=False,
+        interval_ms=None,
+        ticks=0,
+        sigprof_handler_is_ours=False,
+        timer_armed=False,
+        thread_alive=False,
+        main_loop_driven=False,
+    )
+    store = MemoryStore()
+    app = _app(2.0, store)
+    with TestClient(app) as client:  # the app's loop runs on the client's thread
+        assert client.get("/work").text == "ok"
+    status = testing.always_on_status()
+    assert status.exists and status.interval_ms == pytest.approx(2.0)
+    assert status.ticks > 0  # 30 ms of work at a 2 ms interval
+    assert status.thread_alive  # always_on_sigprof=False: the sampler thread ticks
+    assert not (status.sigprof_handler_is_ours or status.timer_armed or status.main_loop_driven)
+    assert app.core.writer.flush(10)
+    app.core.writer.close()
+    testing.reset()
+    assert not testing.always_on_status().exists
