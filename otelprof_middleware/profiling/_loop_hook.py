@@ -36,7 +36,8 @@ from pyinstrument.low_level.stat_profile import setstatprofile
 
 from .._failsafe import count, log_failure
 from ._frames import frame_stack, stack_above
-from ._request_profile import RequestProfile, current_request
+from ._request_profile import RequestProfile
+from ._task_factory import wrap_coroutines
 from .always_on._stacks import chain_stack
 
 __all__ = ["HookedCoroutine", "install_task_factory"]
@@ -214,33 +215,12 @@ _STOP_CODES = (HookedCoroutine._step.__code__, HookedCoroutine._nested_step.__co
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
-    """Make ``loop`` wrap the coroutines of tasks created by hook-mode requests.
+    """Make ``loop`` wrap the coroutines of tasks created by hook-mode requests
+    (idempotent; the loop's one factory of ours, ``_task_factory``)."""
+    wrap_coroutines(loop, _wrap_child)
 
-    Idempotent; chains whatever factory the loop has. A task created while no hook-mode
-    request is current costs one contextvar read more.
-    """
-    previous = loop.get_task_factory()
-    if "hook" in getattr(previous, "otelprof_kinds", ()):
-        return
 
-    def factory(
-        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
-    ) -> asyncio.Future[Any]:
-        request = current_request.get()
-        if (
-            request is not None
-            and not request.continuous
-            and not request.closed
-            and type(coro) is types.CoroutineType
-        ):
-            try:
-                created_at = frame_stack(sys._getframe(1))[::-1]
-                coro = HookedCoroutine(coro, request, main=False, prefix=created_at)
-            except Exception as exc:
-                log_failure("profiler.task", exc)
-        if previous is not None:
-            return previous(loop, coro, **kwargs)
-        return asyncio.Task(coro, loop=loop, **kwargs)
-
-    factory.otelprof_kinds = frozenset({"hook", *getattr(previous, "otelprof_kinds", ())})  # type: ignore[attr-defined]
-    loop.set_task_factory(factory)  # type: ignore[arg-type]
+def _wrap_child(coro: Coroutine[Any, Any, Any], request: RequestProfile) -> HookedCoroutine:
+    # Called by the loop's task factory, called where the task is created.
+    created_at = frame_stack(sys._getframe(2))[::-1]
+    return HookedCoroutine(coro, request, main=False, prefix=created_at)

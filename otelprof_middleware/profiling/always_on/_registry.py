@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import types
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 from .._request_profile import RequestProfile, current_request
+from .._task_factory import record_tasks
 from ._ledger import Running, State
 from ._stacks import AWAIT_STACKS, running_stack, thread_stack
 
@@ -123,30 +124,7 @@ class Registry:
 
     def install_task_factory(self, loop: asyncio.AbstractEventLoop) -> None:
         """Record the tasks a registered request creates on ``loop`` (not SIGPROF-driven)."""
-        previous = loop.get_task_factory()
-        tasks = self.tasks
-        # Marked as the hook's factory is (``_loop_hook``), by this registry: a factory of
-        # a sampler since replaced (``testing.reset``) fills a dict no one reads.
-        kind = f"always_on:{id(tasks)}"
-        if kind in getattr(previous, "otelprof_kinds", ()):
-            return  # ours already (a loop's id may be reused by a later loop: not a key)
-        forget = _forget(tasks)
-
-        def factory(
-            loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
-        ) -> asyncio.Future[Any]:
-            if previous is not None:
-                task = previous(loop, coro, **kwargs)
-            else:
-                task = asyncio.Task(coro, loop=loop, **kwargs)
-            request = current_request.get()  # the creating context decides
-            if request is not None and request.continuous and not request.closed:
-                tasks[task] = request  # type: ignore[index]
-                task.add_done_callback(forget)
-            return task
-
-        factory.otelprof_kinds = frozenset({kind, *getattr(previous, "otelprof_kinds", ())})  # type: ignore[attr-defined]
-        loop.set_task_factory(factory)  # type: ignore[arg-type]
+        record_tasks(loop, self.tasks)
 
     def stop_driving(self, state: LoopState) -> None:
         """``state``'s loop is no longer ticked by SIGPROF: the sampler thread looks its
@@ -250,10 +228,3 @@ def driven(request: RequestProfile) -> bool:
     """Whether ``request`` is registered on a loop that SIGPROF ticks."""
     registration = request.registration
     return type(registration) is LoopState and registration.driven
-
-
-def _forget(tasks: dict[asyncio.Task[Any], RequestProfile]) -> Callable[[Any], None]:
-    def forget(task: Any) -> None:
-        tasks.pop(task, None)
-
-    return forget
