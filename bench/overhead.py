@@ -20,6 +20,8 @@ And the whole unprofiled request through the adapters (``adapters``): a trivial 
 WSGI app behind the OTel middleware alone, and behind OTel + ours with ``enabled=False``
 and with ``sample_rate=0`` (the path of every unsampled request), driven in-process with
 a fake server. This is the budget's "not profiled" cost without server-process noise.
+``ours_defaults`` is the no-argument line (every request profiled by the always-on
+sampler; a trivial request's profile is never kept): the per-request cost of the defaults.
 
 And what an installed hook costs code that is not being profiled (``hook``): the same
 work with and without a pyinstrument ``setstatprofile`` hook that never takes a sample,
@@ -272,7 +274,8 @@ def _wsgi_environ() -> dict[str, Any]:
 
 
 def _adapter_stacks(otel: Any, ours: Any, app: Any, provider: TracerProvider) -> dict[str, Any]:
-    """The three stacks measured per API: OTel alone, and OTel around ours off or unsampled."""
+    """The stacks measured per API: OTel alone, and OTel around ours off, unsampled or with
+    the defaults."""
     return {
         "otel": otel(app, tracer_provider=provider),
         "ours_off": otel(
@@ -280,6 +283,12 @@ def _adapter_stacks(otel: Any, ours: Any, app: Any, provider: TracerProvider) ->
         ),
         "ours_unsampled": otel(
             ours(app, tracer_provider=provider, sample_rate=0.0), tracer_provider=provider
+        ),
+        # The no-argument line: every request profiled by the always-on sampler, none kept
+        # (a trivial request is never slow for its route).
+        "ours_defaults": otel(
+            ours(app, tracer_provider=provider, profile_store=MemoryStore()),
+            tracer_provider=provider,
         ),
     }
 
