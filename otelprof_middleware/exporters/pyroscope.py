@@ -28,6 +28,7 @@ retried: the profile is still in otelprof's own store.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,7 +41,7 @@ from .._failsafe import count, fail_open
 from .._record import ProfileSummary
 from ..profiling._span import PYROSCOPE_PROFILE_ID
 from ._http import ExportError, HttpExporter, QueuedProfile
-from ._stacks import frame_parts
+from ._stacks import SAMPLE_TYPE, frame_parts, stack_samples
 
 __all__ = [
     "PyroscopeError",
@@ -55,9 +56,6 @@ PyroscopeError = ExportError
 
 SPY_NAME = "otelprof"
 """``spyName`` sent with each profile; becomes Pyroscope's ``pyroscope_spy`` label."""
-
-SAMPLE_TYPE = ("wall", "nanoseconds")
-"""The one pprof sample type (and period type) of every exported profile."""
 
 _APP_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-/")
 
@@ -218,18 +216,9 @@ class _PprofBuilder:
         if item.summary.route:
             labels.append((self.string("http_route"), self.string(item.summary.route)))
         label_key = tuple(labels)
-        frame_cache: dict[str, int] = {}
-        for stack, seconds in session.frame_records:
-            nanoseconds = round(seconds * 1e9)
-            if nanoseconds <= 0 or not stack:
-                continue
-            ids: list[int] = []
-            for frame_info in reversed(stack):  # pprof: leaf first
-                location = frame_cache.get(frame_info)
-                if location is None:
-                    location = frame_cache[frame_info] = self._location(session, frame_info)
-                ids.append(location)
-            key = (tuple(ids), label_key)
+        location = functools.partial(self._location, session)
+        for location_ids, nanoseconds in stack_samples(session, location):
+            key = (location_ids, label_key)
             self.samples[key] = self.samples.get(key, 0) + nanoseconds
 
     def _location(self, session: Session, frame_info: str) -> int:
