@@ -29,11 +29,11 @@ from collections.abc import Sequence
 from ._config import DEBUG_PREFIX, Config
 from ._net import is_loopback
 from ._record import ProfileRecord, ProfileSummary, is_span_id, is_trace_id
+from ._time import utc
 from .render import FORMATS, render
 from .stores import open_store
 from .stores._base import ProfileStore, redact_url
 from .viewer import Viewer, ViewerApp
-from .viewer._format import utc
 
 __all__ = ["ViewerApp", "main"]
 

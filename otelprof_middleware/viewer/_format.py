@@ -1,20 +1,8 @@
-"""How times, durations and counts are written, in the pages and in ``otelprof ls``."""
+"""How durations and counts are written in the pages (moments: ``.._time.utc``)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-__all__ = ["ms_text", "plural", "utc"]
-
-
-def utc(epoch: float) -> str:
-    """``epoch`` (seconds) as ISO 8601 UTC with milliseconds (``...T12:00:00.000Z``);
-    ``"?"`` when it is no time a computer can show."""
-    try:
-        moment = datetime.fromtimestamp(epoch, UTC)
-    except (OverflowError, OSError, ValueError, TypeError):
-        return "?"
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+__all__ = ["ms_text", "plural"]
 
 
 def ms_text(duration_ms: float) -> str:

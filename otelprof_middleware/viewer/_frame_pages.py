@@ -11,8 +11,9 @@ from string import Template
 from urllib.parse import urlencode
 
 from .._record import ProfileSummary
+from .._time import utc
 from . import _svg
-from ._format import ms_text, plural, utc
+from ._format import ms_text, plural
 from ._html import (
     CRUMB,
     FRAME_STYLE,

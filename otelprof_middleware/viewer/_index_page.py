@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from string import Template
 
 from .._record import ProfileSummary
+from .._time import utc
 from . import _svg
-from ._format import plural, utc
+from ._format import plural
 from ._html import (
     Markup,
     baseline_path,
