@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Sequence
 
 from pyinstrument.frame_info import frame_info_get_identifier
 from pyinstrument.renderers import (
@@ -37,6 +36,8 @@ from pyinstrument.renderers import (
     SpeedscopeRenderer,
 )
 from pyinstrument.session import Session
+
+from ._identifiers import NO_START_STACK, frame_parts
 
 __all__ = ["CONTENT_TYPES", "FORMATS", "RenderError", "inline_script_hashes", "render"]
 
@@ -77,8 +78,7 @@ _JSON_ESCAPES = str.maketrans(
 )
 # Stands in for an empty ``start_call_stack``: pyinstrument's stem trimming pops from
 # it unconditionally and raises IndexError on sessions built from frame records alone.
-# A frame identifier that matches no real frame turns the trimming off.
-_NO_START_STACK = ["<otelprof: no start stack>\x00\x000"]
+_NO_START_STACK = [NO_START_STACK]
 # The web-font stylesheet pyinstrument's app.js links to, a string literal in the
 # script (before the session data): blanked, as an empty ``href`` fetches nothing.
 _FONT_URL = re.compile(r"https://fonts\.(?:googleapis|gstatic)\.com/[^\"'`\s]*")
@@ -226,11 +226,9 @@ def _folded(session: Session) -> str:
 
 
 def _folded_name(session: Session, frame_info: str) -> str:
-    parts: Sequence[str] = frame_info_get_identifier(frame_info).split("\x00")
-    name = parts[0] or "<unknown>"
-    if len(parts) >= 3 and parts[1]:
-        name = f"{name} ({session.shorten_path(parts[1])}:{parts[2]})"
-    elif len(parts) >= 2 and parts[1]:
-        name = f"{name} ({session.shorten_path(parts[1])})"
+    parts = frame_parts(frame_info_get_identifier(frame_info))
+    name = parts.bare_name or "<unknown>"
+    if parts.path:
+        name = f"{name} ({session.shorten_path(parts.path)}:{parts.first_line})"
     # ';' separates frames and a newline separates stacks: neither may appear inside.
     return name.replace(";", ":").replace("\n", " ").replace("\r", " ")

@@ -25,8 +25,9 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from .._identifiers import frame_parts
 from ._http import QueuedProfile
-from ._stacks import SAMPLE_TYPE, frame_parts, stack_samples
+from ._stacks import SAMPLE_TYPE, stack_samples
 
 if TYPE_CHECKING:
     from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (

@@ -38,10 +38,11 @@ import httpx
 from pyinstrument.session import Session
 
 from .._failsafe import count, fail_open
+from .._identifiers import frame_parts
 from .._record import ProfileSummary
 from ..profiling._span import PYROSCOPE_PROFILE_ID
 from ._http import ExportError, HttpExporter, QueuedProfile
-from ._stacks import SAMPLE_TYPE, frame_parts, stack_samples
+from ._stacks import SAMPLE_TYPE, stack_samples
 
 __all__ = [
     "PyroscopeError",

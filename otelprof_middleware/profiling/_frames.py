@@ -9,14 +9,15 @@ memory and crashed the interpreter (seen as segfaults under uvicorn). Here only
 ``sys._current_frames()``; the class comes from the code's ``co_qualname`` (the class
 that defines the method, where pyinstrument shows the instance's class).
 
-The identifier format is pyinstrument's: ``name\\x00file\\x00first_line`` plus the
-``\\x01c<class>``, ``\\x01l<line>`` and ``\\x01h1`` attributes.
+The identifier format is pyinstrument's, written and read in ``_identifiers``.
 """
 
 from __future__ import annotations
 
 import types
 from collections.abc import Callable
+
+from .._identifiers import BUILT_IN_FILE, HIDDEN, class_attribute, identifier, line_attribute
 
 __all__ = ["code_head", "frame_identifier", "frame_stack", "stack_above"]
 
@@ -33,7 +34,7 @@ ON_CLEAR: list[Callable[[], None]] = [_IDENTIFIERS.clear]
 
 def code_head(code: types.CodeType) -> str:
     """``name\\x00file\\x00first_line``: the start of every identifier of ``code``'s frames."""
-    return f"{code.co_name}\x00{code.co_filename}\x00{code.co_firstlineno}"
+    return identifier(code.co_name, code.co_filename, code.co_firstlineno)
 
 
 def _code_parts(code: types.CodeType) -> tuple[str, str]:
@@ -46,8 +47,8 @@ def _code_parts(code: types.CodeType) -> tuple[str, str]:
     if varnames and varnames[0] in ("self", "cls"):
         owner = code.co_qualname.rpartition(".")[0].rpartition(".")[2]
         if owner and owner != "<locals>":
-            head += f"\x01c{owner}"
-    hidden = "\x01h1" if "__tracebackhide__" in varnames else ""
+            head += class_attribute(owner)
+    hidden = HIDDEN if "__tracebackhide__" in varnames else ""
     if len(_CODE_PARTS) >= _MAX_CODES:
         _CODE_PARTS.clear()
         for forget in ON_CLEAR:  # caches keyed by code ids relied on these staying alive
@@ -64,17 +65,17 @@ def frame_identifier(frame: types.FrameType) -> str:
     """
     code = frame.f_code
     key = (id(code), frame.f_lasti)
-    identifier = _IDENTIFIERS.get(key)
-    if identifier is not None:
-        return identifier
+    cached = _IDENTIFIERS.get(key)
+    if cached is not None:
+        return cached
     head, hidden = _code_parts(code)  # keeps ``code`` alive while its key is cached
     line = frame.f_lineno
     has_line = line is not None and line > 0
-    identifier = f"{head}\x01l{line}{hidden}" if has_line else head + hidden
+    named = head + line_attribute(line) + hidden if has_line else head + hidden
     if len(_IDENTIFIERS) >= _MAX_IDENTIFIERS:
         _IDENTIFIERS.clear()
-    _IDENTIFIERS[key] = identifier
-    return identifier
+    _IDENTIFIERS[key] = named
+    return named
 
 
 def frame_stack(frame: types.FrameType | None, stop: types.CodeType | None = None) -> list[str]:
@@ -98,8 +99,8 @@ def stack_above(
     if event == "call" and frame is not None:
         frame = frame.f_back
     elif event in ("c_return", "c_exception"):
-        name = getattr(arg, "__qualname__", None) or getattr(arg, "__name__", "?")
-        stack.append(f"{name}\x00<built-in>\x000")
+        name = str(getattr(arg, "__qualname__", None) or getattr(arg, "__name__", "?"))
+        stack.append(identifier(name, BUILT_IN_FILE))
     while frame is not None and frame.f_code not in stop:
         stack.append(frame_identifier(frame))
         frame = frame.f_back

@@ -26,6 +26,7 @@ from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 from pyinstrument.session import Session
 
 from .._failsafe import log_failure
+from .._identifiers import ATTRIBUTES_SEP, NO_SAMPLES, is_thread_root
 from ._frames import code_head
 
 __all__ = [
@@ -197,7 +198,7 @@ def add_stem_marker(code: types.CodeType) -> None:
     of ``Profiler.start()``.
     """
     head = code_head(code)
-    marker = (head, head + "\x01")
+    marker = (head, head + ATTRIBUTES_SEP)
     if marker not in _STEM_MARKERS:
         _STEM_MARKERS.append(marker)
 
@@ -216,17 +217,14 @@ def _stem_of(records: list[FrameRecord]) -> list[str]:
         for index, identifier in enumerate(stack):
             if not _is_stem_marker(identifier):
                 continue
-            if index and _THREAD_ROOT in stack[0]:
+            if index and is_thread_root(stack[0]):
                 return stack[:index]
             if index and fallback is None:
                 fallback = stack[:index]
             break
     if fallback is not None:
         return fallback
-    return records[0][0][:1] if records and records[0][0] else ["<no samples>\x00\x000"]
-
-
-_THREAD_ROOT = "\x00<thread>\x00"  # the always-on sampler's root frame of a thread
+    return records[0][0][:1] if records and records[0][0] else [NO_SAMPLES]
 
 
 def _is_stem_marker(identifier: str) -> bool:

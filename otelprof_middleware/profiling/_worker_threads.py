@@ -29,6 +29,7 @@ import anyio.to_thread
 from pyinstrument.low_level.stat_profile import setstatprofile
 
 from .._failsafe import count, log_failure
+from .._identifiers import UNKNOWN_FILE, identifier
 from ._frames import code_head, frame_stack, stack_above
 from ._request_profile import RequestProfile, current_request
 from .always_on import always_on_sampler
@@ -143,5 +144,5 @@ def _identifier(func: Callable[..., Any]) -> str:
     code = getattr(func, "__code__", None)
     if code is None:
         name = getattr(func, "__qualname__", None) or type(func).__name__
-        return f"{name}\x00<unknown>\x000"
+        return identifier(name, UNKNOWN_FILE)
     return code_head(code)

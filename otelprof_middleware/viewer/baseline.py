@@ -18,6 +18,8 @@ from functools import reduce
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER, OUT_OF_CONTEXT_FRAME_IDENTIFIER
 from pyinstrument.session import Session
 
+from .._identifiers import frame_parts, is_thread_root
+
 __all__ = ["DiffNode", "DiffRow", "FunctionKey", "combine", "diff", "diff_tree", "function_times"]
 
 FunctionKey = tuple[str, str, int]
@@ -40,15 +42,10 @@ def combine(sessions: Sequence[Session]) -> Session:
 def _key(identifier: str) -> FunctionKey | None:
     if identifier in _SYNTHETIC:
         return None
-    name, _, rest = identifier.partition("\x00")
-    filename, _, rest = rest.partition("\x00")
-    line = rest.split("\x01", 1)[0]
-    if filename == "<thread>":
-        return None  # the thread root
-    try:
-        return (name, filename, int(line))
-    except ValueError:
-        return (name, filename, 0)
+    if is_thread_root(identifier):
+        return None
+    parts = frame_parts(identifier)
+    return (parts.bare_name, parts.path, parts.first_line)
 
 
 def function_times(session: Session) -> tuple[dict[FunctionKey, float], float]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
+from ..._identifiers import thread_root
 from .._frames import ON_CLEAR, frame_identifier, frame_stack
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
 def thread_identifier(ident: int) -> str:
     thread = threading._active.get(ident)  # type: ignore[attr-defined]
     name = thread.name if thread is not None else "Thread"
-    return f"{name}\x00<thread>\x00{ident}"
+    return thread_root(name, ident)
 
 
 def thread_stack(
