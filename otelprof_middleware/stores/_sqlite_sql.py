@@ -5,7 +5,7 @@ The ``profiles`` table has one column per field of
 ``size`` and ``payload``: ``payload`` last, so that reading the index fields of a row
 never touches the payload's overflow pages. Fields declared ``ADDED`` get a column
 default (what rows of older files read as) and are added in place to files created
-before them (``stores/sqlite.py``'s migration).
+before them (the migration in ``stores/_sqlite_connection.py``).
 """
 
 from __future__ import annotations

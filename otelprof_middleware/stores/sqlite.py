@@ -1,13 +1,14 @@
-"""The embedded default store: one SQLite file in WAL mode, shared by worker processes."""
+"""The embedded default store: one SQLite file in WAL mode, shared by worker processes.
+
+:class:`SQLiteStore` keeps the store's methods; its connection (one per process,
+fork-safe, configured and migrated when opened) is ``_sqlite_connection.py``'s, its
+schema and statements are ``_sqlite_sql.py``'s.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sqlite3
-import threading
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from .._record import ProfileRecord, ProfileSummary
@@ -19,30 +20,10 @@ from ._base import (
     check_fits,
     check_list_args,
 )
+from ._sqlite_connection import ProcessConnection
 from ._sqlite_sql import BUSY_TIMEOUT_MS, SCHEMA_VERSION
 
 __all__ = ["BUSY_TIMEOUT_MS", "SCHEMA_VERSION", "SQLiteStore"]
-
-# Columns added after schema version 1, derived from the summary's declaration (see
-# ``_sqlite_sql.ADDED_COLUMNS``); a module global here so the migration reads it at run time.
-_ADDED_COLUMNS = sql.ADDED_COLUMNS
-
-# Stores alive in this process, so a forked child can drop their inherited connections.
-_LIVE_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
-
-# Connections inherited from a parent process. SQLite must not use them in the child,
-# and closing them there could disturb the parent's locks, so they are kept referenced
-# (never closed, never garbage-collected) for the child's lifetime.
-_ABANDONED: list[sqlite3.Connection] = []
-
-
-def _after_fork_in_child() -> None:
-    for store in list(_LIVE_STORES):
-        store._forget_parent_connection()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SQLiteStore:
@@ -108,79 +89,7 @@ class SQLiteStore:
         self.url = "sqlite:///" + self.path
         self.max_profiles = max_profiles
         self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = os.getpid()
-        self._closed = False
-        self._create_file()
-        with self._lock:
-            self._conn = self._open()
-        _LIVE_STORES.add(self)
-
-    # -- connection management -------------------------------------------------
-
-    def _create_file(self) -> None:
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        # Create the file ourselves so it gets 0o600; SQLite gives the -wal and -shm
-        # files the same mode as the database file.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-            isolation_level=None,  # autocommit; transactions are explicit
-            check_same_thread=False,  # shared by threads under self._lock
-        )
-        try:
-            sql.retry_busy(lambda: _configure(conn))
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise type(exc)(
-                f"cannot use {self.path!r} as the otelprof profile store: {exc}. Move the "
-                "file away or point OTELPROF_STORE elsewhere."
-            ) from exc
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _forget_parent_connection(self) -> None:
-        """In a forked child: drop the inherited lock and connection without using them."""
-        self._lock = threading.Lock()
-        if self._conn is not None:
-            _ABANDONED.append(self._conn)
-            self._conn = None
-        self._pid = os.getpid()
-
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"the profile store {self.url} is closed")
-            if self._pid != os.getpid():  # forked without os.fork's hooks
-                if self._conn is not None:
-                    _ABANDONED.append(self._conn)
-                    self._conn = None
-                self._pid = os.getpid()
-            if self._conn is None:
-                self._conn = self._open()
-            yield self._conn
-
-    def close(self) -> None:
-        """Close this process's connection. Safe to call twice; other methods then raise
-        ``RuntimeError``."""
-        with self._lock:
-            if self._conn is not None:
-                if self._pid == os.getpid():
-                    self._conn.close()
-                else:
-                    _ABANDONED.append(self._conn)
-                self._conn = None
-            self._closed = True
-        _LIVE_STORES.discard(self)
+        self._connection = ProcessConnection(self.path, self.url)
 
     # -- ProfileStore ----------------------------------------------------------
 
@@ -205,7 +114,7 @@ class SQLiteStore:
         """
         for record in records:
             check_fits(record, self.max_bytes)
-        with self._connection() as conn, sql.immediate(conn):
+        with self._connection.locked() as conn, sql.immediate(conn):
             for record in records:
                 s = record.summary
                 # DELETE + INSERT rather than INSERT OR REPLACE: REPLACE's implicit delete
@@ -225,7 +134,7 @@ class SQLiteStore:
             query += " AND span_id = ?"
             params.append(span_id)
         query += " ORDER BY start_time DESC, rowid DESC"
-        with self._connection() as conn:
+        with self._connection.locked() as conn:
             rows = conn.execute(query, params).fetchall()
         return [
             ProfileRecord(summary=sql.summary(row), payload=bytes(row[sql.PAYLOAD_INDEX]))
@@ -263,7 +172,7 @@ class SQLiteStore:
         """
         check_list_args(limit, order)
         query, params = sql.list_query(limit, route, min_duration_ms, since, until, order)
-        with self._connection() as conn:
+        with self._connection.locked() as conn:
             rows = conn.execute(query, params).fetchall()
         return [sql.summary(row) for row in rows]
 
@@ -278,57 +187,15 @@ class SQLiteStore:
         if span_id is not None:
             query += " AND span_id = ?"
             params.append(span_id)
-        with self._connection() as conn, sql.immediate(conn):
+        with self._connection.locked() as conn, sql.immediate(conn):
             return conn.execute(query, params).rowcount
 
     def stats(self) -> tuple[int, int]:
         """``(count, total payload bytes)`` currently stored."""
-        with self._connection() as conn:
+        with self._connection.locked() as conn:
             return sql.totals(conn)
 
-
-def _configure(conn: sqlite3.Connection) -> None:
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    # Switching to WAL needs an exclusive lock; when two processes open a new file at
-    # once, SQLite reports SQLITE_BUSY here without waiting (retry_busy does).
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    _migrate(conn)
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    if sql.user_version(conn) != SCHEMA_VERSION:
-        with sql.immediate(conn):
-            version = sql.user_version(conn)  # another process may have just created it
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"schema version {version} is newer than this otelprof-middleware "
-                    f"supports ({SCHEMA_VERSION})"
-                )
-            if version < SCHEMA_VERSION:
-                for statement in sql.SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    if _missing_columns(conn):
-        _add_columns(conn)
-
-
-def _missing_columns(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-    present = {row[1] for row in conn.execute("PRAGMA table_info(profiles)")}
-    return [column for column in _ADDED_COLUMNS if column[0] not in present]
-
-
-def _add_columns(conn: sqlite3.Connection) -> None:
-    """Add the columns a file created by an older version lacks.
-
-    Several worker processes may open such a file at once: the check is repeated under
-    the write lock (``BEGIN IMMEDIATE``), so only the first adds a column, and a
-    "duplicate column name" error (another process added it first) is ignored anyway.
-    """
-    with sql.immediate(conn):
-        for name, declaration in _missing_columns(conn):
-            try:
-                conn.execute(f"ALTER TABLE profiles ADD COLUMN {name} {declaration}")
-            except sqlite3.OperationalError as exc:
-                if "duplicate column name" not in str(exc).lower():
-                    raise
+    def close(self) -> None:
+        """Close this process's connection. Safe to call twice; other methods then raise
+        ``RuntimeError``."""
+        self._connection.close()

@@ -22,7 +22,7 @@ import pytest
 
 from otelprof_middleware import counters
 from otelprof_middleware.profiling import _engine
-from otelprof_middleware.stores import SQLiteStore, sqlite
+from otelprof_middleware.stores import SQLiteStore, _sqlite_connection
 
 from .harness import (
     BATCH,
@@ -162,7 +162,7 @@ def test_locked_database_beyond_the_busy_timeout(
 ) -> None:
     """Locked for longer than the busy timeout (shortened to 100 ms): each write fails,
     counted and logged once; writing resumes when the lock goes."""
-    monkeypatch.setattr(sqlite, "BUSY_TIMEOUT_MS", 100)
+    monkeypatch.setattr(_sqlite_connection, "BUSY_TIMEOUT_MS", 100)
     store = SQLiteStore(tmp_path / "profiles.db")
     harness = harnesses(kind, store)
     try:

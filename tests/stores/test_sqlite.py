@@ -20,7 +20,7 @@ from pyinstrument.session import Session
 
 import otelprof_middleware
 from otelprof_middleware._record import ProfileRecord, ProfileSummary
-from otelprof_middleware.stores import ProfileStore, SQLiteStore, open_store
+from otelprof_middleware.stores import ProfileStore, SQLiteStore, _sqlite_connection, open_store
 from otelprof_middleware.stores import sqlite as sqlite_module
 
 
@@ -242,7 +242,7 @@ def test_file_settings(store: SQLiteStore, db_path: Path) -> None:
         } <= indexes
     finally:
         conn.close()
-    with store._connection() as own:
+    with store._connection.locked() as own:
         assert own.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
         assert own.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
 
@@ -455,7 +455,7 @@ def test_many_threads_put_concurrently(db_path: Path) -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_opens_its_own_connection(store: SQLiteStore, db_path: Path) -> None:
     store.put(_record(1))
-    parent_conn = store._conn
+    parent_conn = store._connection._conn
     assert parent_conn is not None
 
     pid = os.fork()
@@ -463,7 +463,8 @@ def test_forked_child_opens_its_own_connection(store: SQLiteStore, db_path: Path
         code = 1
         try:
             store.put(_record(2))
-            fresh = store._conn is not None and store._conn is not parent_conn
+            child_conn = store._connection._conn
+            fresh = child_conn is not None and child_conn is not parent_conn
             both = len(store.get(f"{2:032x}")) == 1 and len(store.get(f"{3:032x}")) == 1
             store.close()
             code = 0 if fresh and both else 2
@@ -472,22 +473,22 @@ def test_forked_child_opens_its_own_connection(store: SQLiteStore, db_path: Path
 
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert store._conn is parent_conn
+    assert store._connection._conn is parent_conn
     assert store.stats() == (2, 200)
     assert _integrity_and_totals(db_path) == ("ok", (2, 200), (2, 200))
 
 
 def test_pid_change_without_fork_hooks_reopens(store: SQLiteStore) -> None:
     store.put(_record(1))
-    old = store._conn
-    store._pid = -1  # as if forked by C code that bypassed os.register_at_fork
+    old = store._connection._conn
+    store._connection._pid = -1  # as if forked by C code that bypassed os.register_at_fork
     try:
         assert store.stats() == (1, 100)
-        assert store._conn is not None and store._conn is not old
-        assert old in sqlite_module._ABANDONED
+        assert store._connection._conn is not None and store._connection._conn is not old
+        assert old in _sqlite_connection._ABANDONED
     finally:
         assert old is not None
-        sqlite_module._ABANDONED.remove(old)
+        _sqlite_connection._ABANDONED.remove(old)
         old.close()
 
 
@@ -691,7 +692,9 @@ def test_migration_tolerates_a_column_added_concurrently(
     _create_v1_file(db_path, rows=1)
     SQLiteStore(db_path).close()  # the "other process" migrates first
     # This process's checks saw the file before that: every check says "missing".
-    monkeypatch.setattr(sqlite_module, "_missing_columns", lambda conn: [("kept_reason", "TEXT")])
+    monkeypatch.setattr(
+        _sqlite_connection, "_missing_columns", lambda conn: [("kept_reason", "TEXT")]
+    )
 
     store = SQLiteStore(db_path)
     try:
@@ -705,7 +708,9 @@ def test_migration_tolerates_a_column_added_concurrently(
 def test_migration_other_errors_still_raise(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _create_v1_file(db_path, rows=1)
     monkeypatch.setattr(
-        sqlite_module, "_ADDED_COLUMNS", (("kept_reason", "TEXT NOT NULL DEFAULT ''"), ("x", "?!"))
+        _sqlite_connection,
+        "_ADDED_COLUMNS",
+        (("kept_reason", "TEXT NOT NULL DEFAULT ''"), ("x", "?!")),
     )
     with pytest.raises(sqlite3.DatabaseError, match="otelprof profile store"):
         SQLiteStore(db_path)
