@@ -1,8 +1,16 @@
-"""The Redis store's URL and client: options, validation, timeouts and retries."""
+"""The Redis store's URL and client: options, validation, timeouts and retries.
+
+:func:`settings` reads the URL, :func:`connect` builds redis-py's client, and
+:class:`Connection` makes the store's calls on it: refused once closed, failing fast
+for ``RETRY_AFTER_TIMEOUT_SECONDS`` after a timeout.
+"""
 
 from __future__ import annotations
 
 import math
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -16,6 +24,8 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_SOCKET_TIMEOUT",
     "DEFAULT_TTL_SECONDS",
+    "RETRY_AFTER_TIMEOUT_SECONDS",
+    "Connection",
     "Settings",
     "connect",
     "settings",
@@ -30,6 +40,9 @@ DEFAULT_PREFIX = "otelprof:"
 DEFAULT_SOCKET_TIMEOUT = 2.0
 """Seconds a connect or a reply may take before the call raises (URL query
 ``?socket_timeout=`` / ``?socket_connect_timeout=`` override it)."""
+
+RETRY_AFTER_TIMEOUT_SECONDS = 1.0
+"""After a call timed out, calls fail at once for this long instead of waiting again."""
 
 _INSTALL_HINT = "the redis store needs redis-py: pip install otelprof-middleware[redis]"
 
@@ -122,6 +135,70 @@ def connect(url: str, chosen: Settings) -> tuple[Any, redis_py.Redis]:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"OTELPROF_STORE: bad Redis URL {chosen.url!r}: {exc}") from exc
     return redis, client
+
+
+class Connection:
+    """redis-py's client for one store, and the way the store calls it.
+
+    Args:
+        url: the store's URL as given (for messages about a bad port or option).
+        chosen: its :func:`settings`.
+
+    Raises:
+        ImportError: redis-py is not installed.
+        ValueError: a port or client option redis-py would reject.
+    """
+
+    def __init__(self, url: str, chosen: Settings) -> None:
+        redis, client = connect(url, chosen)
+        self.redis: Any = redis
+        """redis-py, for its exception types."""
+        self.client: redis_py.Redis = client
+        """The client; it connects at its first call."""
+        self.url = chosen.url
+        self._timed_out_until = 0.0
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def check_open(self) -> None:
+        """Raise ``RuntimeError`` once :meth:`close` was called."""
+        if self._closed:
+            raise RuntimeError(f"the profile store {self.url} is closed")
+
+    def run(self, call: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Make one Redis call, failing fast for a while after a timeout.
+
+        A timeout means a hung server or a lost network, where every call would wait
+        the full socket timeout: for ``RETRY_AFTER_TIMEOUT_SECONDS`` afterwards, calls
+        raise ``redis.TimeoutError`` at once instead (a writer retrying a batch record
+        by record, or a busy viewer, would otherwise wait once per call). Refused
+        connections fail fast by themselves and are retried on every call.
+
+        Raises:
+            RuntimeError: the store is closed.
+            redis.RedisError: what ``call`` raised, or ``redis.TimeoutError`` at once
+                within ``RETRY_AFTER_TIMEOUT_SECONDS`` of a timeout.
+        """
+        self.check_open()
+        if time.monotonic() < self._timed_out_until:
+            raise self.redis.TimeoutError(
+                f"Redis at {self.url} timed out less than {RETRY_AFTER_TIMEOUT_SECONDS:g} s "
+                "ago; not waiting on it again yet"
+            )
+        try:
+            return call(*args, **kwargs)
+        except self.redis.TimeoutError:
+            self._timed_out_until = time.monotonic() + RETRY_AFTER_TIMEOUT_SECONDS
+            raise
+
+    def close(self) -> None:
+        """Close the connection pool. Safe to call twice; :meth:`run` then raises
+        ``RuntimeError``."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.client.close()
 
 
 def _check_client_options(redis: Any, connection_url: str, url: str) -> None:

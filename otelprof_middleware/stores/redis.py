@@ -33,17 +33,21 @@ Expiry: Redis drops an expired profile's keys by itself. Its index entries go at
 next write or ``stats`` (the ``idx:expires`` set says which are due), and any reader
 that meets an index entry whose keys are gone (expired, or evicted by Redis under
 ``maxmemory``) skips it and removes it, with a script that re-checks first.
+
+:class:`RedisStore` keeps the store's methods. ``_redis_client.py`` reads the URL and
+makes the calls (closed check, fail fast after a timeout), ``_redis_format.py`` holds the
+Lua scripts and the hash encoding, and ``_redis_read.py`` turns replies into records
+and walks the sorted sets for ``list``.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from .._record import ProfileRecord, ProfileSummary
 from . import _redis_format as fmt
+from . import _redis_read as read
 from ._base import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PROFILES,
@@ -57,15 +61,16 @@ from ._redis_client import (
     DEFAULT_PREFIX,
     DEFAULT_SOCKET_TIMEOUT,
     DEFAULT_TTL_SECONDS,
-    connect,
+    RETRY_AFTER_TIMEOUT_SECONDS,
+    Connection,
     settings,
 )
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
 
-# The defaults and redact_url are re-exported: they were defined here, and the CLI and
-# users import them from here.
+# The defaults, RETRY_AFTER_TIMEOUT_SECONDS and redact_url are re-exported: they were
+# defined here, and the CLI and users import them from here.
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_SOCKET_TIMEOUT",
@@ -74,9 +79,6 @@ __all__ = [
     "RedisStore",
     "redact_url",
 ]
-
-RETRY_AFTER_TIMEOUT_SECONDS = 1.0
-"""After a call timed out, calls fail at once for this long instead of waiting again."""
 
 
 class RedisStore:
@@ -134,7 +136,8 @@ class RedisStore:
     ) -> None:
         check_bounds(max_profiles, max_bytes)
         chosen = settings(url, ttl_seconds, prefix)
-        self._redis, self._client = connect(url, chosen)
+        self._connection = Connection(url, chosen)
+        self._client = self._connection.client
         self.url = chosen.url
         self.max_profiles = max_profiles
         self.max_bytes = max_bytes
@@ -146,39 +149,6 @@ class RedisStore:
         self._delete_script: Script = self._client.register_script(fmt.LUA_DELETE)
         self._forget_script: Script = self._client.register_script(fmt.LUA_FORGET)
         self._page_script: Script = self._client.register_script(fmt.LUA_PAGE)
-        self._timed_out_until = 0.0
-        self._closed = False
-        self._close_lock = threading.Lock()
-
-    # -- keys ------------------------------------------------------------------
-
-    def _key(self, *parts: str) -> str:
-        return self.prefix + "".join(parts)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"the profile store {self.url} is closed")
-
-    def _run(self, call: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Make one Redis call, failing fast for a while after a timeout.
-
-        A timeout means a hung server or a lost network, where every call would wait
-        the full socket timeout: for ``RETRY_AFTER_TIMEOUT_SECONDS`` afterwards, calls
-        raise ``redis.TimeoutError`` at once instead (a writer retrying a batch record
-        by record, or a busy viewer, would otherwise wait once per call). Refused
-        connections fail fast by themselves and are retried on every call.
-        """
-        self._check_open()
-        if time.monotonic() < self._timed_out_until:
-            raise self._redis.TimeoutError(
-                f"Redis at {self.url} timed out less than {RETRY_AFTER_TIMEOUT_SECONDS:g} s "
-                "ago; not waiting on it again yet"
-            )
-        try:
-            return call(*args, **kwargs)
-        except self._redis.TimeoutError:
-            self._timed_out_until = time.monotonic() + RETRY_AFTER_TIMEOUT_SECONDS
-            raise
 
     # -- ProfileStore ----------------------------------------------------------
 
@@ -203,7 +173,7 @@ class RedisStore:
                 (nothing is written).
             redis.RedisError: Redis is unreachable or failed.
         """
-        self._check_open()
+        self._connection.check_open()
         if not records:
             return
         args: list[str | bytes | int] = [
@@ -215,16 +185,17 @@ class RedisStore:
         for record in records:
             check_fits(record, self.max_bytes)
             args += fmt.record_args(record)
-        self._run(self._put_script, args=args)
+        self._connection.run(self._put_script, args=args)
 
     def get(self, trace_id: str, span_id: str | None = None) -> Sequence[ProfileRecord]:
         """The records of ``trace_id`` (only ``span_id``'s when given), newest first."""
-        self._check_open()
+        self._connection.check_open()
         if span_id is not None:
             ids = [f"{trace_id}:{span_id}"]
         else:
             spans = cast(
-                "list[bytes]", self._run(self._client.zrange, self._key("t:", trace_id), 0, -1)
+                "list[bytes]",
+                self._connection.run(self._client.zrange, self._key("t:", trace_id), 0, -1),
             )
             ids = [f"{trace_id}:{_text(span)}" for span in spans]
         if not ids:
@@ -233,22 +204,11 @@ class RedisStore:
         for id_ in ids:
             pipe.hmget(self._key("p:", id_), [*fmt.HASH_FIELDS])
             pipe.get(self._key("b:", id_))
-        replies = cast("list[Any]", self._run(pipe.execute))
-        found: list[tuple[float, int, ProfileRecord]] = []
-        gone: list[str] = []
-        for id_, values, payload in zip(ids, replies[::2], replies[1::2], strict=True):
-            parsed = fmt.parse_summary(id_, values)
-            if parsed is None or payload is None:
-                # Listed by the trace's index, or half there: remove the rest.
-                if span_id is None or parsed is not None or payload is not None:
-                    gone.append(id_)
-                continue
-            summary, seq = parsed
-            found.append((summary.start_time, seq, ProfileRecord(summary, bytes(payload))))
+        replies = cast("list[Any]", self._connection.run(pipe.execute))
+        records, gone = read.records(ids, replies, listed=span_id is None)
         if gone:
             self._forget(gone)
-        found.sort(key=lambda item: (item[0], item[1]), reverse=True)
-        return [record for _, _, record in found]
+        return records
 
     def list(
         self,
@@ -286,46 +246,21 @@ class RedisStore:
             redis.RedisError: Redis is unreachable or failed.
         """
         check_list_args(limit, order)
-        self._check_open()
+        self._connection.check_open()
         if limit == 0:
             return []
-        high: float | str = "+inf"
-        low: float | str = "-inf"
-        if order == "newest":
-            key = self._key("route:time:", route) if route is not None else self._key("idx:time")
-            if until is not None:
-                high = until
-            if since is not None:
-                low = since
-            post_filter = min_duration_ms is not None
-        else:
-            key = (
-                self._key("route:duration:", route)
-                if route is not None
-                else self._key("idx:duration")
-            )
-            if min_duration_ms is not None:
-                low = min_duration_ms
-            post_filter = since is not None or until is not None
-        # The score range applies the sort key's own filter; when no other filter is
-        # left to check, every member matches and a page just above ``limit`` will do
-        # (the margin catches ties at the boundary without another round trip).
-        batch = min(max(2 * limit, 64) if post_filter else limit + 8, 1000)
+        plan = read.list_plan(self.prefix, limit, route, min_duration_ms, since, until, order)
 
         def page(offset: int) -> list[Any]:
-            args = [self.prefix, key, high, low, offset, batch]
-            return cast("list[Any]", self._run(self._page_script, args=args))
+            args = [self.prefix, plan.key, plan.high, plan.low, offset, plan.batch]
+            return cast("list[Any]", self._connection.run(self._page_script, args=args))
 
-        found, gone = _walk(
-            page, batch, limit, lambda s: matches(s, route, min_duration_ms, since, until)
+        found, gone = read.walk(
+            page, plan.batch, limit, lambda s: matches(s, route, min_duration_ms, since, until)
         )
         if gone:
             self._forget(gone)
-        if order == "slowest":
-            found.sort(key=lambda m: (m[1].duration_ms, m[1].start_time, m[2]), reverse=True)
-        else:
-            found.sort(key=lambda m: (m[1].start_time, m[2]), reverse=True)
-        return [summary for _, summary, _ in found[:limit]]
+        return read.ranked(found, order, limit)
 
     def delete(self, trace_id: str, span_id: str | None = None) -> int:
         """Delete the records of ``trace_id`` (only ``span_id``'s when given).
@@ -333,74 +268,33 @@ class RedisStore:
         Returns:
             How many records were deleted.
         """
-        self._check_open()
-        deleted = self._run(self._delete_script, args=[self.prefix, trace_id, span_id or ""])
+        self._connection.check_open()
+        deleted = self._connection.run(
+            self._delete_script, args=[self.prefix, trace_id, span_id or ""]
+        )
         return int(deleted)
 
     def stats(self) -> tuple[int, int]:
         """``(count, total payload bytes)`` currently stored (expired entries purged
         first)."""
-        self._check_open()
-        count, total = self._run(self._stats_script, args=[self.prefix])
+        self._connection.check_open()
+        count, total = self._connection.run(self._stats_script, args=[self.prefix])
         return int(count), int(total)
 
     def close(self) -> None:
         """Close the connection pool. Safe to call twice; other methods then raise
         ``RuntimeError``."""
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._client.close()
+        self._connection.close()
 
     # -- helpers ---------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + "".join(parts)
 
     def _forget(self, ids: Iterable[str]) -> None:
         """Remove what is left of ``ids`` whose hash or payload is gone (expired or
         evicted)."""
-        self._run(self._forget_script, args=[self.prefix, *ids])
-
-
-def _walk(
-    page: Callable[[int], list[Any]],
-    batch: int,
-    limit: int,
-    wanted: Callable[[ProfileSummary], bool],
-) -> tuple[list[tuple[float, ProfileSummary, int]], list[str]]:
-    """Walk a sorted set from its high end a page at a time: the ``(walk score, summary,
-    seq)`` of the wanted members, down to the ``limit``-th one's score (ties included),
-    and the IDs whose keys are gone."""
-    found: list[tuple[float, ProfileSummary, int]] = []
-    gone: list[str] = []
-    seen: set[str] = set()
-    boundary: float | None = None  # walk score of the limit-th match
-    offset = 0
-    while True:
-        rows = page(offset)
-        if not rows:
-            break
-        for row in rows:
-            id_bytes, score_bytes, *values = bytes(row).split(fmt.SEP, len(fmt.HASH_FIELDS) + 1)
-            id_, score = id_bytes.decode("ascii"), float(score_bytes)
-            if boundary is not None and score < boundary:
-                return found, gone
-            if id_ in seen:
-                continue
-            seen.add(id_)
-            parsed = fmt.parse_summary(id_, values)
-            if parsed is None:
-                gone.append(id_)
-                continue
-            summary, seq = parsed
-            if not wanted(summary):
-                continue
-            found.append((score, summary, seq))
-            if boundary is None and len(found) >= limit:
-                boundary = score  # keep going through ties, then stop
-        if len(rows) < batch:
-            break
-        offset += batch
-    return found, gone
+        self._connection.run(self._forget_script, args=[self.prefix, *ids])
 
 
 def _text(value: bytes | str) -> str:
