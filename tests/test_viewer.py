@@ -812,6 +812,38 @@ def test_unexpected_error_is_503_not_500() -> None:
     assert _failsafe.snapshot()["failed.viewer"] == 1
 
 
+def test_a_store_opener_is_called_at_the_first_page_and_its_store_kept(
+    store: MemoryStore,
+) -> None:
+    calls: list[int] = []
+
+    def open_store() -> ProfileStore:
+        calls.append(1)
+        return store
+
+    viewer = Viewer(open_store)
+    assert calls == []  # building the viewer opens nothing
+    assert call(viewer, PREFIX).status == 200
+    assert call(viewer, f"{PREFIX}/{T1}", "format=json").status == 200
+    assert calls == [1]
+
+
+def test_a_failing_store_opener_is_503_and_tried_again() -> None:
+    stores: list[ProfileStore] = []
+
+    def open_store() -> ProfileStore:
+        if not stores:
+            raise RuntimeError("boom: store not reachable")
+        return stores[0]
+
+    viewer = Viewer(open_store)
+    body = assert_plain_error(call(viewer, PREFIX), 503)
+    assert body == "profile store unavailable.\n"
+    assert _failsafe.snapshot()["failed.viewer.store"] == 1
+    stores.append(MemoryStore())
+    assert call(viewer, PREFIX).status == 200
+
+
 def test_store_protocol_fakes_are_stores() -> None:
     for fake in (FailingStore(), GarbageStore(), MemoryStore()):
         assert isinstance(fake, ProfileStore)

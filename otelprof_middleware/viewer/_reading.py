@@ -3,6 +3,7 @@ each logged and counted here, once for every page."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -19,10 +20,28 @@ _T = TypeVar("_T")
 
 
 class StoreReader:
-    """The store as the viewer reads it: whole lists, and :class:`Abort` on failure."""
+    """The store as the viewer reads it: whole lists, and :class:`Abort` on failure.
 
-    def __init__(self, store: ProfileStore) -> None:
-        self._store = store
+    Args:
+        open_store: returns the store. Called at the first read (so nothing is opened
+            before a page needs it); while it raises, each read is a 503 and the next
+            read calls it again; the store it returns is kept.
+    """
+
+    def __init__(self, open_store: Callable[[], ProfileStore]) -> None:
+        self._open_store = open_store
+        self._opened: ProfileStore | None = None
+        self._lock = threading.Lock()
+
+    def _store(self) -> ProfileStore:
+        """The store, opened at the first call (raises what opening it raised)."""
+        store = self._opened
+        if store is None:
+            with self._lock:
+                store = self._opened
+                if store is None:
+                    store = self._opened = self._open_store()
+        return store
 
     def _read(self, read: Callable[[], Sequence[_T]]) -> list[_T]:
         try:
@@ -41,21 +60,21 @@ class StoreReader:
     ) -> list[ProfileSummary]:
         """The store's ``list``; 503 when it fails."""
         return self._read(
-            lambda: self._store.list(
+            lambda: self._store().list(
                 limit=limit, route=route, min_duration_ms=min_duration_ms, order=order
             )
         )
 
     def get(self, trace_id: str, span_id: str | None = None) -> list[ProfileRecord]:
         """The store's ``get``; 503 when it fails."""
-        return self._read(lambda: self._store.get(trace_id, span_id))
+        return self._read(lambda: self._store().get(trace_id, span_id))
 
     def profiles(self, trace_id: str, span_id: str | None) -> list[ProfileRecord]:
         """The profiles of ``trace_id`` (and ``span_id``, if given); 503 when it fails."""
         return self._read(
             lambda: [
                 record
-                for record in self._store.get(trace_id, span_id)
+                for record in self._store().get(trace_id, span_id)
                 if record.summary.trace_id == trace_id
                 and (span_id is None or record.summary.span_id == span_id)
             ]
@@ -84,7 +103,7 @@ class StoreReader:
         """The sessions of :meth:`route_summaries`, decoded; 422 when one is corrupt."""
         summaries = self.route_summaries(route, limit, exclude)
         records = self._read(
-            lambda: [r for s in summaries for r in self._store.get(s.trace_id, s.span_id)]
+            lambda: [r for s in summaries for r in self._store().get(s.trace_id, s.span_id)]
         )
         try:
             return [record.session() for record in records]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .._config import DEBUG_PREFIX
 from .._failsafe import log_failure
 from .._net import safe_host
@@ -22,7 +24,11 @@ class Viewer:
     """Serves the profile index and single profiles from a :class:`ProfileStore`.
 
     Args:
-        store: where the profiles are.
+        store: where the profiles are: a :class:`ProfileStore`, or a zero-argument
+            callable returning one, to open the store on first use (the middlewares
+            pass theirs: building the viewer opens nothing). The callable is called when
+            a page first reads the store; while it raises, such pages answer 503 and
+            the next one calls it again; the store it returns is kept.
         token: the debug token (``OTELPROF_DEBUG_TOKEN``, default ``None``). When
             ``None`` only loopback clients are served; when set, every client must
             present it.
@@ -45,7 +51,7 @@ class Viewer:
 
     def __init__(
         self,
-        store: ProfileStore,
+        store: ProfileStore | Callable[[], ProfileStore],
         *,
         token: str | None = None,
         public_url: str | None = None,
@@ -56,7 +62,7 @@ class Viewer:
         prefix = prefix.rstrip("/")
         if not prefix.startswith("/"):
             raise ValueError(f"prefix must start with '/', got {prefix!r}")
-        self._store = StoreReader(store)
+        self._store = StoreReader(_opener(store))
         self._access = Access(token)
         self._public_url = public_url.rstrip("/") if public_url else None
         self._prefix = prefix
@@ -131,3 +137,11 @@ class Viewer:
         host = safe_host(request.host or request.header("host"))
         scheme = request.scheme if request.scheme in ("http", "https") else "http"
         return f"{scheme}://{host.lower()}" if host else ""
+
+
+def _opener(store: ProfileStore | Callable[[], ProfileStore]) -> Callable[[], ProfileStore]:
+    """``store`` as a callable returning it (a callable store is a store, not an opener)."""
+    if callable(store) and not isinstance(store, ProfileStore):
+        return store
+    given: ProfileStore = store
+    return lambda: given
