@@ -174,7 +174,7 @@ def _profile_of(work_iterations: int) -> tuple[ProfileSummary, Any]:
         Config.load({}, sample_rate=1.0, mode="hook", min_duration_ms=0), store=MemoryStore()
     )
     captured = _Captured()
-    core.writer = captured  # type: ignore[assignment]  # only submit() is used
+    core.keeper.writer = captured  # type: ignore[assignment]  # only submit() is used
     span = provider.get_tracer("otelprof-bench").start_span("GET /x")
     active = core.start(span, FACTS)
     if active is None:

@@ -13,7 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RequestFacts", "app_path"]
+__all__ = ["RequestFacts", "app_path", "normalise_method"]
+
+_KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
 
 
 @dataclass(slots=True)
@@ -76,3 +80,8 @@ def app_path(scope: Mapping[str, Any]) -> str:
         if path[len(root_path)] == "/":
             return path[len(root_path) :]
     return path
+
+
+def normalise_method(method: str) -> str:
+    """The request method, or ``_OTHER`` as OTel's semantic conventions spell unknown ones."""
+    return method if method in _KNOWN_METHODS else "_OTHER"

@@ -12,16 +12,12 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 from ._config import Settings
 from ._failsafe import log_failure
-from ._request import RequestFacts, app_path
+from ._request import RequestFacts, app_path, normalise_method
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from .profiling._engine import (
-    ActiveProfile,
-    LazyStore,
-    ProfilerCore,
-    load_config,
-    normalise_method,
-)
+from .profiling._active_profile import ActiveProfile
+from .profiling._engine import ProfilerCore
 from .profiling._request_profile import add_stem_marker
+from .profiling._settings import load_config
 from .profiling._span import (
     ROUTE_KEY,
     current_server_span,
@@ -82,7 +78,7 @@ class ProfilingMiddleware:
         self._trigger_header = self._start_policy.trigger_header
         self._viewer = (
             Viewer(
-                LazyStore(self._core),
+                self._core.store_opener.get,
                 token=self.config.debug_token,
                 public_url=self.config.public_url,
             )

@@ -16,16 +16,12 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._config import Settings
 from ._failsafe import log_failure
-from ._request import RequestFacts
+from ._request import RequestFacts, normalise_method
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
-from .profiling._engine import (
-    ActiveProfile,
-    LazyStore,
-    ProfilerCore,
-    load_config,
-    normalise_method,
-)
+from .profiling._active_profile import ActiveProfile
+from .profiling._engine import ProfilerCore
 from .profiling._request_profile import add_stem_marker
+from .profiling._settings import load_config
 from .profiling._span import (
     ROUTE_KEY,
     current_server_span,
@@ -81,7 +77,7 @@ class WSGIProfilingMiddleware:
         self._trigger_key = "HTTP_" + self.config.trigger_header.upper().replace("-", "_")
         self._viewer = (
             Viewer(
-                LazyStore(self._core),
+                self._core.store_opener.get,
                 token=self.config.debug_token,
                 public_url=self.config.public_url,
             )

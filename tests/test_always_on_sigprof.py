@@ -576,7 +576,7 @@ async def main():
         span = TracerProvider().get_tracer("t").start_span("GET")
         active = core.start(span, RequestFacts(method="GET"))
         assert active is not None
-        sampler = core._always_on_sampler()
+        sampler = core.always_on_start.sampler()
     else:
         sampler = always_on_sampler(0.001)
         request = RequestProfile(

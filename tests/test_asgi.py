@@ -360,7 +360,7 @@ def test_crashing_profiler_leaves_the_request_alone(
 
     assert counters()["failed.profiler.start"] == 3
     assert store.list() == []
-    assert app.core._active == 0  # the concurrency slot was given back
+    assert app.core.hook_start.slots_in_use == 0  # the concurrency slot was given back
 
 
 @pytest.mark.anyio
@@ -401,7 +401,7 @@ async def test_client_disconnect_mid_stream_keeps_the_profile(
     assert summary.route == "/stream"
     [span] = server_spans(otel[1])
     assert span.attributes is not None and PROFILE_URL in span.attributes
-    assert app.core._active == 0
+    assert app.core.hook_start.slots_in_use == 0
 
 
 @pytest.mark.anyio

@@ -46,7 +46,7 @@ from otelprof_middleware.exporters.otlp import (
     parse_headers,
     settings_from_env,
 )
-from otelprof_middleware.profiling._engine import load_config
+from otelprof_middleware.profiling._settings import load_config
 from otelprof_middleware.profiling._span import PROFILE_URL, PYROSCOPE_PROFILE_ID
 from otelprof_middleware.stores import MemoryStore
 

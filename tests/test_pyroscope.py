@@ -538,7 +538,7 @@ def test_wsgi_receiver_down_leaves_the_request_alone_and_the_attribute_off_when_
     app = WSGIProfilingMiddleware(
         wsgi_app, tracer_provider=provider, profile_store=MemoryStore(), sample_rate=1.0
     )
-    app.core.exporter = exporter
+    app.core.keeper.exporter = exporter
     from werkzeug.test import Client
 
     try:

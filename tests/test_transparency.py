@@ -241,12 +241,12 @@ async def test_raising_route_and_host_lookups(
         await _hello(scope, receive, send)
 
     expected = await _drive(app, _scope())
-    from otelprof_middleware.profiling import _engine
+    from otelprof_middleware.profiling import _active_profile
 
     def raising_host(host: str | None) -> str | None:
         raise RuntimeError("injected: the host lookup raises")
 
-    monkeypatch.setattr(_engine, "safe_host", raising_host)  # the engine makes links
+    monkeypatch.setattr(_active_profile, "safe_host", raising_host)  # the engine makes links
     middleware = _profiled(app, mode=mode)
     for _ in range(3):
         assert await _drive(middleware, _scope()) == expected

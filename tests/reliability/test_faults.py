@@ -84,7 +84,7 @@ def test_hook_install_raising(
             expected=len(BATCH),
         )
         assert logged_stages(caplog) == ["profiler.start"]
-        assert harness.core._active == 0, "a concurrency slot was not given back"
+        assert harness.core.hook_start.slots_in_use == 0, "a concurrency slot was not given back"
         assert not harness.hook_left()
         assert len(harness.current_store().list()) == 0
     assert_profiling_resumes(harness)
@@ -344,7 +344,7 @@ def test_worker_thread_that_never_returns(kind: Kind, harnesses: MakeHarness) ->
     assert block.status_code == 200
     [stored] = harness.current_store().get(block.trace_id, block.span_id)
     assert "wait" in text_of(stored.session())
-    assert harness.core._active == 0
+    assert harness.core.hook_start.slots_in_use == 0
     assert_profiling_resumes(harness)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from otelprof_middleware import counters
-from otelprof_middleware.profiling import _engine
+from otelprof_middleware.profiling import _store_opener
 from otelprof_middleware.stores import SQLiteStore, _sqlite_connection
 
 from .harness import (
@@ -107,7 +107,7 @@ def _fill(directory: Path) -> Path:
 
 def _close_store(harness: Harness) -> None:
     harness.core.writer.close()
-    store = harness.core._store
+    store = harness.core.store_opener.opened
     if store is not None:
         store.close()
 
@@ -124,7 +124,7 @@ def _first_warning(caplog: pytest.LogCaptureFixture) -> str:
 
 @pytest.fixture
 def fast_retry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_engine, "STORE_RETRY_SECONDS", RETRY_SECONDS)
+    monkeypatch.setattr(_store_opener, "STORE_RETRY_SECONDS", RETRY_SECONDS)
 
 
 def test_locked_database_makes_the_writer_wait_not_the_request(

@@ -1,0 +1,74 @@
+"""A request being profiled (:class:`ActiveProfile`) and where its profile's link points.
+
+The link (``<base URL>/debug/profile/<trace id>?span_id=<span id>``) is known from the
+start: the request's log records may carry it (:mod:`otelprof_middleware.logging`), the
+span gets it when the profile is kept. It is made only when first read.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextvars import Token
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext, format_span_id, format_trace_id
+
+from .._config import Config
+from .._net import safe_host
+from .._request import RequestFacts
+from ._request_profile import RequestProfile
+from ._span import profile_url
+from ._thread_hook import ThreadHook
+
+__all__ = ["ActiveProfile", "base_url_of", "linked"]
+
+
+@dataclass(slots=True)
+class ActiveProfile:
+    """A request being profiled."""
+
+    request: RequestProfile
+    hook: ThreadHook | None  # the thread's hook; None: always-on, or on a loop
+    span: trace.Span
+    context: SpanContext
+    facts: RequestFacts
+    method: str
+    token: Token[RequestProfile | None] | None
+    finished: bool = field(default=False)
+    duration: float = field(default=0.0)  # seconds, set when stopped
+    triggered: bool = field(default=False)  # asked for by the trigger header
+
+    @property
+    def trace_id(self) -> str:
+        """The trace id in hex (formatted when asked: most profiles are never kept)."""
+        return format_trace_id(self.context.trace_id)
+
+    @property
+    def span_id(self) -> str:
+        """The span id in hex."""
+        return format_span_id(self.context.span_id)
+
+
+def base_url_of(config: Config, facts: RequestFacts) -> str:
+    """The start of the request's profile links: ``public_url``, or its own scheme, host
+    (the Host header if usable, else the server's address) and mount point."""
+    host = safe_host(facts.host_header()) or safe_host(facts.server_address())
+    return config.base_url(facts.scheme, host, facts.root_path)
+
+
+def _lazy_url(config: Config, facts: RequestFacts, context: SpanContext) -> str:
+    return profile_url(
+        base_url_of(config, facts),
+        format_trace_id(context.trace_id),
+        format_span_id(context.span_id),
+    )
+
+
+def linked(config: Config, active: ActiveProfile) -> ActiveProfile:
+    """``active``, with the URL its profile will have if kept noted for the request's log
+    records (otelprof_middleware.logging). Made only if a log record asks: everything,
+    the hex ids included. (The context, not ``active``: no reference cycle for the GC.)
+    """
+    active.request.url_factory = functools.partial(_lazy_url, config, active.facts, active.context)
+    return active

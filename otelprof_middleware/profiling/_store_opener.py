@@ -1,0 +1,68 @@
+"""The profile store, opened on first use and retried after a failure.
+
+The store is not opened when the middleware is built (a server's master process may
+fork after that); the writer opens it with the first kept profile, the viewer with the
+first page. One :class:`StoreOpener` per middleware serves both.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from .._config import Config
+from ..stores import open_store
+from ..stores._base import ProfileStore
+
+__all__ = ["STORE_RETRY_SECONDS", "StoreOpener"]
+
+STORE_RETRY_SECONDS = 5.0
+"""After a failed open, the seconds during which :meth:`StoreOpener.get` fails at once."""
+
+
+class StoreOpener:
+    """Opens the store of ``config`` on first use; after a failure, retries every
+    :data:`STORE_RETRY_SECONDS` (in between, :meth:`get` fails without trying).
+
+    Args:
+        config: the settings (``store`` URL and bounds).
+        store: a store instance to use instead of opening ``config.store``.
+    """
+
+    def __init__(self, config: Config, store: ProfileStore | None = None) -> None:
+        self._config = config
+        self._store = store
+        self._lock = threading.Lock()
+        self._retry_at = 0.0
+
+    @property
+    def opened(self) -> ProfileStore | None:
+        """The store if it is open (given, or opened by :meth:`get`); never opens it."""
+        return self._store
+
+    def get(self) -> ProfileStore:
+        """The store, opened now if this is its first use.
+
+        Raises:
+            Exception: whatever opening the store raised, or ``RuntimeError`` while the
+                retry delay of the last failure runs (callers fail open).
+        """
+        store = self._store
+        if store is not None:
+            return store
+        with self._lock:
+            if self._store is not None:
+                return self._store
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise RuntimeError("profile store unavailable (retrying shortly)")
+            try:
+                self._store = open_store(
+                    self._config.resolved_store_url(),
+                    max_profiles=self._config.store_max_profiles,
+                    max_bytes=self._config.store_max_bytes,
+                )
+            except Exception:
+                self._retry_at = now + STORE_RETRY_SECONDS
+                raise
+            return self._store
