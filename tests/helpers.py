@@ -4,11 +4,13 @@ sessions (profiled or built by hand) and the stored summaries and records of tes
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -21,15 +23,26 @@ import otelprof_middleware
 from otelprof_middleware._record import ProfileRecord, ProfileSummary
 
 
-def make_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
+def make_provider(
+    resource: dict[str, str] | None = None,
+) -> tuple[TracerProvider, InMemorySpanExporter]:
+    """A provider (with ``resource``'s attributes, if any) that exports to memory."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(resource=Resource.create(resource or {}))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider, exporter
 
 
 def server_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on (once this returns, until someone binds it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def spin(seconds: float) -> int:

@@ -5,6 +5,8 @@ from pyinstrument.session import Session
 
 from otelprof_middleware.baseline import ROOT_KEY, combine, diff, diff_tree, function_times
 
+from .helpers import make_session, make_summary
+
 ROOT = "MainThread\x00<thread>\x001"
 A = "handler\x00app.py\x0010\x01l12"
 B = "query_db\x00db.py\x0020\x01l25"
@@ -14,19 +16,7 @@ FIB = "fib\x00math.py\x0040"
 
 
 def session(records: list[tuple[list[str], float]]) -> Session:
-    return Session(
-        frame_records=records,
-        start_time=0.0,
-        duration=sum(seconds for _, seconds in records),
-        min_interval=0.001,
-        max_interval=0.001,
-        sample_count=len(records),
-        start_call_stack=[ROOT],
-        target_description="t",
-        cpu_time=0.0,
-        sys_path=[],
-        sys_prefixes=[],
-    )
+    return make_session(records, start_call_stack=[ROOT])
 
 
 def test_function_times_are_inclusive_and_count_recursion_once() -> None:
@@ -95,15 +85,8 @@ ROUTE = "/items/{item_id}"
 def _put(
     store: MemoryStore, n: int, records: list[tuple[list[str], float]], route: str = ROUTE
 ) -> ProfileSummary:
-    summary = ProfileSummary(
-        trace_id=f"{n + 1:032x}",
-        span_id=f"{n + 1:016x}",
-        method="GET",
-        route=route,
-        status_code=200,
-        duration_ms=sum(s for _, s in records) * 1000,
-        start_time=1000.0 + n,
-    )
+    duration_ms = sum(s for _, s in records) * 1000
+    summary = make_summary(n, route=route, duration_ms=duration_ms, start_time=1000.0 + n)
     store.put(ProfileRecord.from_session(summary, session(records)))
     return summary
 

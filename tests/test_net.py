@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from pyinstrument import Profiler
 
 from otelprof_middleware._net import safe_host
-from otelprof_middleware._record import ProfileRecord, ProfileSummary
+from otelprof_middleware._record import ProfileRecord
 from otelprof_middleware.stores.memory import MemoryStore
 from otelprof_middleware.viewer import Viewer, ViewerRequest
+
+from .helpers import make_summary, profile
 
 
 @pytest.mark.parametrize(
@@ -59,13 +60,9 @@ def test_unusable_hosts_are_refused(host: str | None) -> None:
 
 def test_the_viewer_uses_the_same_rule() -> None:
     """A Host the span links refuse gives a relative url in the viewer's JSON, not a link."""
-    profiler = Profiler(interval=0.001, async_mode="disabled")
-    profiler.start()
-    profiler.stop()
-    assert profiler.last_session is not None
-    summary = ProfileSummary("1" * 32, "a" * 16, "GET", "/items", 200, 1.0, 1_700_000_000.0)
+    summary = make_summary(trace_id="1" * 32, span_id="a" * 16, route="/items", duration_ms=1.0)
     store = MemoryStore()
-    store.put(ProfileRecord.from_session(summary, profiler.last_session))
+    store.put(ProfileRecord.from_session(summary, profile(lambda: None, interval=0.001)))
     viewer = Viewer(store)
     path = f"/debug/profile/{'1' * 32}?span_id={'a' * 16}"
     for host, base in [("ok.example:8000", "http://ok.example:8000"), ("x" * 300, "")]:

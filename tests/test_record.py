@@ -7,24 +7,12 @@ import json
 
 from otelprof_middleware._record import ProfileSummary
 
-
-def _summary(**overrides: object) -> ProfileSummary:
-    fields: dict[str, object] = {
-        "trace_id": "1" * 32,
-        "span_id": "a" * 16,
-        "method": "GET",
-        "route": "/items/{item_id}",
-        "status_code": 200,
-        "duration_ms": 12.5,
-        "start_time": 1_700_000_000.0,
-    }
-    fields.update(overrides)
-    return ProfileSummary(**fields)  # type: ignore[arg-type]
+from .helpers import make_summary
 
 
 def test_kept_reason_defaults_to_unknown() -> None:
     """Constructors that predate kept_reason keep working; "" means not recorded."""
-    assert _summary().kept_reason == ""
+    assert make_summary().kept_reason == ""
 
 
 def test_kept_reason_follows_interval_ms() -> None:
@@ -33,13 +21,18 @@ def test_kept_reason_follows_interval_ms() -> None:
 
 
 def test_to_json_has_every_field() -> None:
-    summary = _summary(
-        sample_count=9, mode="always_on", interval_ms=5.0, kept_reason="slow", service="api"
+    summary = make_summary(
+        duration_ms=12.5,
+        sample_count=9,
+        mode="always_on",
+        interval_ms=5.0,
+        kept_reason="slow",
+        service="api",
     )
     data = summary.to_json()
     assert data == {
-        "trace_id": "1" * 32,
-        "span_id": "a" * 16,
+        "trace_id": f"{1:032x}",
+        "span_id": f"{1:016x}",
         "method": "GET",
         "route": "/items/{item_id}",
         "status_code": 200,
@@ -53,5 +46,5 @@ def test_to_json_has_every_field() -> None:
     }
     assert set(data) == {f.name for f in dataclasses.fields(ProfileSummary)}
     assert json.loads(json.dumps(data)) == data
-    assert _summary().to_json()["kept_reason"] == ""
-    assert _summary().to_json()["service"] == ""
+    assert make_summary().to_json()["kept_reason"] == ""
+    assert make_summary().to_json()["service"] == ""

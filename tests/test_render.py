@@ -13,7 +13,6 @@ from typing import cast
 
 import pyinstrument.renderers.html
 import pytest
-from pyinstrument import Profiler
 from pyinstrument.session import Session
 
 from otelprof_middleware.render import (
@@ -24,6 +23,8 @@ from otelprof_middleware.render import (
     render,
 )
 
+from .helpers import make_session, profile
+
 EVIL = "</script><script>alert(1)</script>"
 _DATA = re.compile(r"const sessionData = (.*);\s*pyinstrumentHTMLRenderer\.render\(", re.DOTALL)
 
@@ -33,18 +34,6 @@ def marker_render_work(rounds: int = 20_000) -> int:
     for _ in range(rounds):
         total += sum(range(50))
     return total
-
-
-def profile(func: Callable[[], object]) -> Session:
-    profiler = Profiler(interval=0.0001, async_mode="disabled")
-    profiler.start()
-    try:
-        func()
-    finally:
-        profiler.stop()
-    session = profiler.last_session
-    assert session is not None
-    return session
 
 
 def evil_function() -> Callable[[int], int]:
@@ -73,11 +62,8 @@ def session() -> Session:
 
 @pytest.fixture(scope="module")
 def empty_session() -> Session:
-    profiler = Profiler(interval=0.5, async_mode="disabled")
-    profiler.start()
-    profiler.stop()
-    session = profiler.last_session
-    assert session is not None and session.sample_count == 0 and not session.frame_records
+    session = profile(lambda: None, interval=0.5)
+    assert session.sample_count == 0 and not session.frame_records
     return session
 
 
@@ -169,19 +155,7 @@ def test_folded_weights_are_microseconds(session: Session) -> None:
 
 
 def test_folded_escapes_separators() -> None:
-    session = Session(
-        frame_records=[(["a;b\x00/x;y.py\x001", "line\nbreak\x00/z.py\x002"], 0.002)],
-        start_time=0.0,
-        duration=0.002,
-        min_interval=0.001,
-        max_interval=0.001,
-        sample_count=1,
-        start_call_stack=[],
-        target_description="t",
-        cpu_time=0.0,
-        sys_path=[],
-        sys_prefixes=[],
-    )
+    session = make_session([(["a;b\x00/x;y.py\x001", "line\nbreak\x00/z.py\x002"], 0.002)])
     body, _ = render(session, "folded")
     assert body == "a:b (/x:y.py:1);line break (/z.py:2) 2000\n"
 
@@ -197,19 +171,7 @@ def test_empty_session_text_says_why(empty_session: Session) -> None:
 
 
 def test_empty_session_longer_than_interval_is_not_blamed_on_it() -> None:
-    session = Session(
-        frame_records=[],
-        start_time=0.0,
-        duration=0.25,
-        min_interval=0.001,
-        max_interval=0.001,
-        sample_count=0,
-        start_call_stack=[],
-        target_description="t",
-        cpu_time=0.0,
-        sys_path=[],
-        sys_prefixes=[],
-    )
+    session = make_session([], duration=0.25)
     body, _ = render(session, "text")
     assert "No samples were taken during the request's 250.000 ms" in body
     assert "shorter than" not in body
@@ -256,19 +218,7 @@ def test_html_escapes_script_breakout_in_frame_names(evil_session: Session) -> N
 
 def test_html_escapes_ampersand_and_line_separators() -> None:
     nasty = "a&b<!--c\u2028d\u2029e>"
-    session = Session(
-        frame_records=[([f"{nasty}\x00/x.py\x001"], 0.01)],
-        start_time=0.0,
-        duration=0.01,
-        min_interval=0.001,
-        max_interval=0.001,
-        sample_count=1,
-        start_call_stack=[],
-        target_description=nasty,
-        cpu_time=0.0,
-        sys_path=[],
-        sys_prefixes=[],
-    )
+    session = make_session([([f"{nasty}\x00/x.py\x001"], 0.01)], target_description=nasty)
     body, _ = render(session, "html")
     data_text = _DATA.search(body)
     assert data_text is not None

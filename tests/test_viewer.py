@@ -8,7 +8,6 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 
 import pytest
-from pyinstrument import Profiler
 from pyinstrument.session import Session
 
 from otelprof_middleware import _failsafe
@@ -17,6 +16,8 @@ from otelprof_middleware.render import inline_script_hashes
 from otelprof_middleware.stores._base import ProfileStore
 from otelprof_middleware.stores.memory import MemoryStore
 from otelprof_middleware.viewer import TOKEN_COOKIE, Viewer, ViewerRequest, ViewerResponse
+
+from .helpers import make_record, make_session, make_summary, profile
 
 PREFIX = "/debug/profile"
 TOKEN = "s3cret-t0ken/with+odd=chars"
@@ -39,46 +40,16 @@ def marker_viewer_work(rounds: int = 20_000) -> int:
 
 @pytest.fixture(scope="module")
 def session() -> Session:
-    profiler = Profiler(interval=0.0001, async_mode="disabled")
-    profiler.start()
-    marker_viewer_work()
-    profiler.stop()
-    session = profiler.last_session
-    assert session is not None and session.frame_records
+    session = profile(marker_viewer_work)
+    assert session.frame_records
     return session
 
 
 @pytest.fixture(scope="module")
 def empty_session() -> Session:
-    profiler = Profiler(interval=0.5, async_mode="disabled")
-    profiler.start()
-    profiler.stop()
-    session = profiler.last_session
-    assert session is not None and not session.frame_records
+    session = profile(lambda: None, interval=0.5)
+    assert not session.frame_records
     return session
-
-
-def summary(
-    trace_id: str,
-    span_id: str,
-    *,
-    route: str = "/items/{item_id}",
-    method: str = "GET",
-    status_code: int = 200,
-    duration_ms: float = 10.0,
-    start_time: float = 1_700_000_000.0,
-    kept_reason: str = "",
-) -> ProfileSummary:
-    return ProfileSummary(
-        trace_id=trace_id,
-        span_id=span_id,
-        method=method,
-        route=route,
-        status_code=status_code,
-        duration_ms=duration_ms,
-        start_time=start_time,
-        kept_reason=kept_reason,
-    )
 
 
 @pytest.fixture
@@ -86,12 +57,14 @@ def store(session: Session) -> MemoryStore:
     """T1: fast, oldest, kept for an unknown reason (older version); T2: slowest, other
     route, kept as an error; T3: newest, two spans."""
     store = MemoryStore()
-    store.put(ProfileRecord.from_session(summary(T1, S1, duration_ms=5.0), session))
+    store.put(
+        ProfileRecord.from_session(make_summary(trace_id=T1, span_id=S1, duration_ms=5.0), session)
+    )
     store.put(
         ProfileRecord.from_session(
-            summary(
-                T2,
-                S1,
+            make_summary(
+                trace_id=T2,
+                span_id=S1,
                 route="/slow",
                 method="POST",
                 status_code=500,
@@ -104,12 +77,14 @@ def store(session: Session) -> MemoryStore:
     )
     store.put(
         ProfileRecord.from_session(
-            summary(T3, S1, duration_ms=50.0, start_time=1_700_000_200.0), session
+            make_summary(trace_id=T3, span_id=S1, duration_ms=50.0, start_time=1_700_000_200.0),
+            session,
         )
     )
     store.put(
         ProfileRecord.from_session(
-            summary(T3, S2, duration_ms=60.0, start_time=1_700_000_201.0), session
+            make_summary(trace_id=T3, span_id=S2, duration_ms=60.0, start_time=1_700_000_201.0),
+            session,
         )
     )
     return store
@@ -362,7 +337,7 @@ def test_index_html_shows_why_each_profile_was_kept(session: Session) -> None:
     for n, reason in enumerate(reasons):
         store.put(
             ProfileRecord.from_session(
-                summary(f"{n + 1:032x}", S1, start_time=1_700_000_000.0 + n, kept_reason=reason),
+                make_summary(n, span_id=S1, kept_reason=reason),
                 session,
             )
         )
@@ -386,14 +361,11 @@ def test_index_json_carries_mode_interval_and_kept_reason(session: Session) -> N
     store = MemoryStore()
     store.put(
         ProfileRecord.from_session(
-            ProfileSummary(
+            make_summary(
                 trace_id=T1,
                 span_id=S1,
-                method="GET",
                 route="/r",
-                status_code=200,
                 duration_ms=3.0,
-                start_time=1_700_000_000.0,
                 sample_count=42,
                 mode="always_on",
                 interval_ms=5.0,
@@ -413,10 +385,15 @@ def test_index_json_carries_mode_interval_and_kept_reason(session: Session) -> N
 
 def test_trace_page_shows_why_each_profile_was_kept(session: Session) -> None:
     store = MemoryStore()
-    store.put(ProfileRecord.from_session(summary(T3, S1, kept_reason="slow"), session))
     store.put(
         ProfileRecord.from_session(
-            summary(T3, S2, start_time=1_700_000_001.0, kept_reason="error"), session
+            make_summary(trace_id=T3, span_id=S1, kept_reason="slow"), session
+        )
+    )
+    store.put(
+        ProfileRecord.from_session(
+            make_summary(trace_id=T3, span_id=S2, start_time=1_700_000_001.0, kept_reason="error"),
+            session,
         )
     )
     viewer = Viewer(store)
@@ -531,9 +508,9 @@ def test_index_escapes_everything(session: Session) -> None:
     store = MemoryStore()
     store.put(
         ProfileRecord.from_session(
-            summary(
-                T1,
-                S1,
+            make_summary(
+                trace_id=T1,
+                span_id=S1,
                 route=EVIL_ROUTE,
                 method='"><img src=x onerror=alert(2)>',
                 kept_reason="<b onmouseover=alert(3)>slow</b>",
@@ -565,14 +542,11 @@ def test_profile_html_is_a_frame_around_pyinstrument(session: Session) -> None:
     store = MemoryStore()
     store.put(
         ProfileRecord.from_session(
-            ProfileSummary(
+            make_summary(
                 trace_id=T1,
                 span_id=S1,
-                method="GET",
-                route="/items/{item_id}",
                 status_code=503,
                 duration_ms=312.4,
-                start_time=1_700_000_000.0,
                 sample_count=42,
                 mode="always_on",
                 interval_ms=5.0,
@@ -616,7 +590,7 @@ def test_profile_html_is_a_frame_around_pyinstrument(session: Session) -> None:
 
 def test_profile_frame_of_an_unmatched_request_has_no_route_links(session: Session) -> None:
     store = MemoryStore()
-    store.put(ProfileRecord.from_session(summary(T1, S1, route=""), session))
+    store.put(ProfileRecord.from_session(make_summary(trace_id=T1, span_id=S1, route=""), session))
     body = text(call(Viewer(store), f"{PREFIX}/{T1}", f"span_id={S1}"))
     assert "<title>GET (no route matched) 10 ms · otelprof</title>" in body
     assert "/diff?" not in body and "/route?" not in body
@@ -719,7 +693,11 @@ def test_profile_several_spans_lists_them(store: MemoryStore) -> None:
 
 def test_profile_of_empty_session_renders(empty_session: Session) -> None:
     store = MemoryStore()
-    store.put(ProfileRecord.from_session(summary(T1, S1, duration_ms=0.1), empty_session))
+    store.put(
+        ProfileRecord.from_session(
+            make_summary(trace_id=T1, span_id=S1, duration_ms=0.1), empty_session
+        )
+    )
     viewer = Viewer(store)
     body = text(call(viewer, f"{PREFIX}/{T1}", "format=text"))
     assert "No samples were taken: the request took" in body
@@ -777,7 +755,7 @@ def test_failing_store_is_503(path: str, query: str) -> None:
 
 def test_corrupt_payload_is_422() -> None:
     store = MemoryStore()
-    store.put(ProfileRecord(summary=summary(T1, S1), payload=b"not zlib at all"))
+    store.put(make_record(trace_id=T1, span_id=S1, payload=b"not zlib at all"))
     # The frame and the trace page read the summary only; the flame graph decodes.
     assert call(Viewer(store), f"{PREFIX}/{T1}", f"span_id={S1}").status == 200
     assert call(Viewer(store), f"{PREFIX}/{T1}").status == 200
@@ -789,7 +767,7 @@ def test_corrupt_payload_is_422() -> None:
 def test_payload_missing_fields_is_422() -> None:
     store = MemoryStore()
     payload = zlib.compress(json.dumps({"frame_records": []}).encode())
-    store.put(ProfileRecord(summary=summary(T1, S1), payload=payload))
+    store.put(make_record(trace_id=T1, span_id=S1, payload=payload))
     assert_plain_error(call(Viewer(store), f"{PREFIX}/{T1}", "format=text"), 422)
 
 
@@ -798,7 +776,7 @@ def test_unrenderable_session_is_422(session: Session) -> None:
     data["frame_records"] = [[[12345], "not a time"]]
     store = MemoryStore()
     store.put(
-        ProfileRecord(summary=summary(T1, S1), payload=zlib.compress(json.dumps(data).encode()))
+        make_record(trace_id=T1, span_id=S1, payload=zlib.compress(json.dumps(data).encode()))
     )
     body = assert_plain_error(call(Viewer(store), f"{PREFIX}/{T1}", "format=text"), 422)
     assert "could not be rendered as text" in body
@@ -970,7 +948,11 @@ def test_wrong_or_missing_token_is_401(
 
 
 def test_token_never_appears_in_any_body(store: MemoryStore, session: Session) -> None:
-    store.put(ProfileRecord.from_session(summary("4" * 32, S1, route=EVIL_ROUTE), session))
+    store.put(
+        ProfileRecord.from_session(
+            make_summary(trace_id="4" * 32, span_id=S1, route=EVIL_ROUTE), session
+        )
+    )
     viewer = Viewer(store, token=TOKEN)
     auth = {"authorization": f"Bearer {TOKEN}"}
     requests: list[tuple[str, str, Mapping[str, str]]] = [
@@ -1053,21 +1035,14 @@ def test_non_html_responses_are_sandboxed(store: MemoryStore) -> None:
 
 def test_profile_html_escapes_hostile_frame_names() -> None:
     evil = "</script><script>alert(1)</script>"
-    session = Session(
-        frame_records=[([f"{evil}\x00/app/{evil}.py\x0012", "handler\x00/app/main.py\x003"], 0.02)],
+    session = make_session(
+        [([f"{evil}\x00/app/{evil}.py\x0012", "handler\x00/app/main.py\x003"], 0.02)],
         start_time=1_700_000_000.0,
-        duration=0.02,
-        min_interval=0.001,
-        max_interval=0.001,
-        sample_count=1,
-        start_call_stack=[],
         target_description=evil,
         cpu_time=0.01,
-        sys_path=[],
-        sys_prefixes=[],
     )
     store = MemoryStore()
-    store.put(ProfileRecord.from_session(summary(T1, S1), session))
+    store.put(ProfileRecord.from_session(make_summary(trace_id=T1, span_id=S1), session))
     response = call(Viewer(store), f"{PREFIX}/{T1}/flame")
     assert response.status == 200
     body = text(response)

@@ -3,32 +3,17 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from pyinstrument import Profiler
+from pyinstrument.session import Session
 
-from otelprof_middleware import ProfileSummary, counters
+from otelprof_middleware import counters
 from otelprof_middleware.profiling._writer import ProfileWriter
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import marker_alpha
+from .helpers import make_summary, marker_alpha, profile
 
 
-def _summary(index: int) -> ProfileSummary:
-    return ProfileSummary(
-        trace_id=f"{index + 1:032x}",
-        span_id=f"{index + 1:016x}",
-        method="GET",
-        route="/x",
-        status_code=200,
-        duration_ms=1.0,
-        start_time=1000.0 + index,
-    )
-
-
-def _session() -> Any:
-    profiler = Profiler(interval=0.0005)
-    profiler.start()
-    marker_alpha(0.003)
-    return profiler.stop()
+def _session() -> Session:
+    return profile(lambda: marker_alpha(0.003), interval=0.0005)
 
 
 def test_writes_in_the_background_and_flushes() -> None:
@@ -36,11 +21,11 @@ def test_writes_in_the_background_and_flushes() -> None:
     writer = ProfileWriter(lambda: store, queue_size=10)
     session = _session()
     for index in range(5):
-        assert writer.submit(_summary(index), session)
+        assert writer.submit(make_summary(index), session)
     assert writer.flush()
     writer.close()
     assert len(store.list()) == 5
-    assert "marker_alpha" in store.get(_summary(0).trace_id)[0].session().to_json().__repr__()
+    assert "marker_alpha" in store.get(make_summary(0).trace_id)[0].session().to_json().__repr__()
     assert counters()["written"] == 5
 
 
@@ -54,7 +39,7 @@ def test_drops_and_counts_when_the_queue_is_full() -> None:
 
     writer = ProfileWriter(slow_store, queue_size=2)
     session = _session()
-    accepted = [writer.submit(_summary(index), session) for index in range(10)]
+    accepted = [writer.submit(make_summary(index), session) for index in range(10)]
     # one item may already be in the writer's hands, two wait in the queue
     assert accepted.count(True) in (2, 3)
     assert counters()["dropped.queue_full"] == accepted.count(False)
@@ -77,7 +62,7 @@ def test_a_failing_store_is_counted_and_the_writer_keeps_going() -> None:
     writer = ProfileWriter(flaky, queue_size=10)
     session = _session()
     for index in range(4):  # one at a time: each is its own batch
-        writer.submit(_summary(index), session)
+        writer.submit(make_summary(index), session)
         assert writer.flush()
     writer.close()
     assert counters()["failed.store.put"] == 2
@@ -94,13 +79,16 @@ def test_an_idle_writer_thread_exits_and_the_next_profile_starts_one(
     store = MemoryStore()
     writer = ProfileWriter(lambda: store, queue_size=10)
     session = _session()
-    assert writer.submit(_summary(0), session)
+    assert writer.submit(make_summary(0), session)
     assert writer.flush()
     first = writer._thread
     assert first is not None
     first.join(2.0)
     assert not first.is_alive()  # idle: gone
-    assert writer.submit(_summary(1), session)  # starts a new one
+    assert writer.submit(make_summary(1), session)  # starts a new one
     assert writer.flush()
-    assert {s.trace_id for s in store.list()} == {_summary(0).trace_id, _summary(1).trace_id}
+    assert {s.trace_id for s in store.list()} == {
+        make_summary(0).trace_id,
+        make_summary(1).trace_id,
+    }
     writer.close()

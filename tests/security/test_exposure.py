@@ -28,7 +28,6 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware as AsgiOt
 from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware as WsgiOtel
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from pyinstrument import Profiler
 from starlette.testclient import TestClient
 
 from otelprof_middleware import (
@@ -36,14 +35,14 @@ from otelprof_middleware import (
     ProfilingMiddleware,
     WSGIProfilingMiddleware,
 )
-from otelprof_middleware._record import ProfileRecord, ProfileSummary
+from otelprof_middleware._record import ProfileRecord
 from otelprof_middleware.profiling import _start_policy
 from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore, SQLiteStore
 from otelprof_middleware.stores._base import ProfileStore
 from otelprof_middleware.viewer import TOKEN_COOKIE, _access
 
-from ..helpers import make_provider, marker_alpha
+from ..helpers import make_provider, make_summary, marker_alpha, profile
 from ..test_asgi import make_app
 from ..test_viewer import FailingStore
 from ..test_wsgi import Client, make_flask
@@ -169,13 +168,8 @@ def serve(request: pytest.FixtureRequest) -> Iterator[Serve]:
 
 
 def _session_record(trace_id: str, span_id: str, route: str = "/items/{item_id}") -> ProfileRecord:
-    profiler = Profiler(interval=0.0005, async_mode="disabled")
-    profiler.start()
-    marker_alpha(0.01)
-    profiler.stop()
-    assert profiler.last_session is not None
-    summary = ProfileSummary(trace_id, span_id, "GET", route, 200, 10.0, 1_700_000_000.0)
-    return ProfileRecord.from_session(summary, profiler.last_session)
+    summary = make_summary(trace_id=trace_id, span_id=span_id, route=route)
+    return ProfileRecord.from_session(summary, profile(lambda: marker_alpha(0.01), 0.0005))
 
 
 def _filled_store() -> MemoryStore:

@@ -17,9 +17,10 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from otelprof_middleware import ProfilingMiddleware
-from otelprof_middleware._record import ProfileRecord, ProfileSummary
+from otelprof_middleware._record import ProfileRecord
 from otelprof_middleware.stores import MemoryStore
 
+from ..helpers import make_summary
 from ._support import (
     HOSTILE_ROUTE,
     LIVE_FUNCTION,
@@ -36,8 +37,8 @@ def _filled_store() -> MemoryStore:
     store = MemoryStore()
     for n, (trace_id, span_id, method, route, name, filename, description) in enumerate(STORED):
         session = hostile_session(name, f"/srv/{filename}.py", description, seconds=0.02)
-        summary = ProfileSummary(
-            trace_id, span_id, method, route, 200, 20.0 + n, 1_700_000_000.0 + n
+        summary = make_summary(
+            n, trace_id=trace_id, span_id=span_id, method=method, route=route, duration_ms=20.0 + n
         )
         store.put(ProfileRecord.from_session(summary, session))
     return store
