@@ -13,10 +13,15 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from otelprof_middleware import _failsafe
+
+if TYPE_CHECKING:
+    from .otlp_receiver import OtlpReceiver
+    from .pyroscope_receiver import Receiver as PyroscopeReceiver
 
 TEST_DEFAULTS = {"OTELPROF_MODE": "hook", "OTELPROF_MIN_DURATION_MS": "0"}
 
@@ -48,3 +53,40 @@ def no_writer_threads_left() -> Iterator[None]:
     yield
     after = {t.ident for t in threading.enumerate() if t.name == "otelprof-writer" and t.is_alive()}
     assert after <= before, "a writer thread was left running"
+
+
+# -- exporters and their receivers -----------------------------------------------------
+# (imported when used: the receivers need opentelemetry-proto and protobuf, which only the
+# exporter tests do)
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """A local OTLP/HTTP profiles receiver (``tests/otlp_receiver.py``)."""
+    from .otlp_receiver import serve
+
+    with serve() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def pyroscope_receiver() -> Iterator[PyroscopeReceiver]:
+    """A local Pyroscope ingest receiver (``tests/pyroscope_receiver.py``)."""
+    from .pyroscope_receiver import serve
+
+    with serve() as receiver:
+        yield receiver
+
+
+EXPORTER_THREADS = ("otelprof-otlp-profiles", "otelprof-pyroscope")
+
+
+@pytest.fixture
+def exporters() -> Iterator[list[Any]]:
+    """The exporters a test made (it appends them): closed after it, and no exporter
+    thread may be left."""
+    made: list[Any] = []
+    yield made
+    for exporter in made:
+        exporter.close(5)
+    assert not [t for t in threading.enumerate() if t.name in EXPORTER_THREADS]

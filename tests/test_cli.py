@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pyinstrument import Profiler
 from pyinstrument.session import Session
 
 import otelprof_middleware
@@ -25,6 +22,8 @@ from otelprof_middleware._record import ProfileRecord, ProfileSummary
 from otelprof_middleware.cli import ViewerApp, main
 from otelprof_middleware.stores import MemoryStore, SQLiteStore
 from otelprof_middleware.viewer import Viewer
+
+from .helpers import free_port, make_summary, profile
 
 ROOT = Path(next(iter(otelprof_middleware.__path__))).parent
 T0 = 1_700_000_000.0
@@ -39,21 +38,20 @@ def cli_profiled_work() -> None:
 
 @pytest.fixture(scope="module")
 def session() -> Session:
-    profiler = Profiler(interval=0.0001, async_mode="disabled")
-    profiler.start()
-    cli_profiled_work()
-    return profiler.stop()
+    return profile(cli_profiled_work)
 
 
-def _summary(trace_id: str, span: int, route: str, duration_ms: float, at: float) -> ProfileSummary:
-    return ProfileSummary(
+def _summary(
+    trace_id: str, span: int, route: str, duration_ms: float, at: float, **fields: object
+) -> ProfileSummary:
+    """Span number ``span`` of ``trace_id``, started ``at`` seconds after T0."""
+    return make_summary(
         trace_id=trace_id,
         span_id=f"{span:016x}",
-        method="GET",
         route=route,
-        status_code=200,
         duration_ms=duration_ms,
         start_time=T0 + at,
+        **fields,
     )
 
 
@@ -124,9 +122,7 @@ def test_ls_shows_why_each_profile_was_kept(
     store = SQLiteStore(tmp_path / "kept.db")
     try:
         for n, reason in enumerate(["slow", "error", "", "min_duration", "triggered"]):
-            summary = dataclasses.replace(
-                _summary(A, n + 1, "/items/{item_id}", 10.0 + n, n), kept_reason=reason
-            )
+            summary = _summary(A, n + 1, "/items/{item_id}", 10.0 + n, n, kept_reason=reason)
             store.put(ProfileRecord.from_session(summary, session))
     finally:
         store.close()
@@ -343,17 +339,10 @@ def test_bad_settings_exit_2_naming_the_variable(
     assert code == 2 and "OTELPROF_STORE" in err
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def test_unreachable_redis_exits_1_without_showing_the_password(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    url = f"redis://:hunter2@127.0.0.1:{_closed_port()}/0"
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     started = time.monotonic()
     code, out, err = run(capsys, "ls", "--store", url)
     assert time.monotonic() - started < 5
@@ -392,7 +381,7 @@ def test_runs_as_a_module_and_as_the_console_script(store_url: str) -> None:
 
 @contextmanager
 def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
-    port = _closed_port()
+    port = free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"otelprof-serve-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTELPROF_")} | (env or {})
     with open(log, "wb") as out:

@@ -10,11 +10,9 @@ exporter; profiles from real requests through the middleware.
 from __future__ import annotations
 
 import logging
-import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -22,20 +20,12 @@ import pytest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from pyinstrument.session import Session
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from otelprof_middleware import Config, ProfilingMiddleware, WSGIProfilingMiddleware
+from otelprof_middleware import Config, WSGIProfilingMiddleware
 from otelprof_middleware._failsafe import snapshot
-from otelprof_middleware._record import ProfileSummary
 from otelprof_middleware.exporters import SpanFacts, open_exporter
 from otelprof_middleware.exporters._http import QueuedProfile, RetryPolicy, retry_after
 from otelprof_middleware.exporters.otlp import (
@@ -50,85 +40,38 @@ from otelprof_middleware.profiling._settings import load_config
 from otelprof_middleware.profiling._span import PROFILE_URL, PYROSCOPE_PROFILE_ID
 from otelprof_middleware.stores import MemoryStore
 
-from . import otlp_receiver
-from .helpers import marker_alpha, server_spans
+from .exporter_inputs import (
+    LOOPBACK,
+    ROOT,
+    SPAN_ID,
+    TRACE_ID,
+    exported_summary,
+    item_app,
+    sample_session,
+)
+from .helpers import free_port, make_provider, make_session, marker_alpha, server_spans
 from .otlp_receiver import OtlpReceiver, Reply, profiles_of, violations
 
-LOOPBACK = ("127.0.0.1", 50000)
-TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
-SPAN_ID = "00f067aa0ba902b7"
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05, budget=5.0)
 
 
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    yield from otlp_receiver.serve()
-
-
-@pytest.fixture
-def made() -> Iterator[list[OtlpProfilesExporter]]:
-    exporters: list[OtlpProfilesExporter] = []
-    yield exporters
-    for exporter in exporters:
-        exporter.close(5)
-    assert not [t for t in threading.enumerate() if t.name == "otelprof-otlp-profiles"]
-
-
 def exporter_for(
-    made: list[OtlpProfilesExporter], endpoint: str, **kwargs: Any
+    exporters: list[OtlpProfilesExporter], endpoint: str, **kwargs: Any
 ) -> OtlpProfilesExporter:
     kwargs.setdefault("retry", FAST_RETRY)
     exporter = OtlpProfilesExporter(
         OtlpProfilesSettings(endpoint=endpoint, timeout=kwargs.pop("timeout", 5.0)), **kwargs
     )
-    made.append(exporter)
+    exporters.append(exporter)
     return exporter
-
-
-# --- known inputs ---------------------------------------------------------------------
-
-ROOT = "handle\x00/srv/app/server.py\x0010\x01l12"
-VIEW = "get\x00/srv/app/views.py\x0020\x01cItemView\x01l25"
-WORK = "crunch\x00/srv/app/work.py\x0030\x01l33"
-
-
-def make_summary(span_id: str = SPAN_ID, route: str = "/items/{item_id}") -> ProfileSummary:
-    return ProfileSummary(
-        trace_id=TRACE_ID,
-        span_id=span_id,
-        method="GET",
-        route=route,
-        status_code=200,
-        duration_ms=50.0,
-        start_time=1_700_000_000.25,
-    )
-
-
-def sample_session() -> Session:
-    return Session(
-        frame_records=[
-            ([ROOT, VIEW, WORK], 0.010),
-            ([ROOT, VIEW, WORK], 0.002),  # same stack: one sample, summed
-            ([ROOT, VIEW], 0.003),
-            ([ROOT, VIEW, "[await]"], 0.020),
-        ],
-        start_time=1_700_000_000.25,
-        duration=0.05,
-        min_interval=0.001,
-        max_interval=0.001,
-        sample_count=4,
-        start_call_stack=[],
-        target_description="test",
-        cpu_time=0.0,
-        sys_path=["/srv"],
-        sys_prefixes=[],
-    )
 
 
 def queued(span_id: str = SPAN_ID, **resource: object) -> QueuedProfile:
     attributes = {"service.name": "checkout-api", **resource}
     return QueuedProfile(
-        make_summary(span_id), sample_session(), SpanFacts("GET /items/{item_id}", None, attributes)
+        exported_summary(span_id),
+        sample_session(),
+        SpanFacts("GET /items/{item_id}", None, attributes),
     )
 
 
@@ -333,19 +276,19 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
 
 
 def test_delivery_posts_protobuf_to_the_signal_path(
-    receiver: OtlpReceiver, made: list[OtlpProfilesExporter]
+    otlp_receiver: OtlpReceiver, exporters: list[OtlpProfilesExporter]
 ) -> None:
     exporter = OtlpProfilesExporter(
         OtlpProfilesSettings(
-            endpoint=receiver.endpoint,
+            endpoint=otlp_receiver.endpoint,
             headers={"authorization": "Bearer t0ken"},
             compression="gzip",
         )
     )
-    made.append(exporter)
-    assert exporter.submit(make_summary(), sample_session(), queued().span)
+    exporters.append(exporter)
+    assert exporter.submit(exported_summary(), sample_session(), queued().span)
     assert exporter.flush(10)
-    [received] = receiver.received
+    [received] = otlp_receiver.received
     assert received.problems == []
     assert received.headers["Content-Type"] == "application/x-protobuf"
     assert received.headers["Content-Encoding"] == "gzip"
@@ -355,14 +298,16 @@ def test_delivery_posts_protobuf_to_the_signal_path(
 
 
 def test_400_is_dropped_and_not_retried(
-    receiver: OtlpReceiver, made: list[OtlpProfilesExporter], caplog: pytest.LogCaptureFixture
+    otlp_receiver: OtlpReceiver,
+    exporters: list[OtlpProfilesExporter],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    receiver.replies = [Reply(400), Reply(400)]
-    exporter = exporter_for(made, receiver.endpoint)
+    otlp_receiver.replies = [Reply(400), Reply(400)]
+    exporter = exporter_for(exporters, otlp_receiver.endpoint)
     with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
-        assert exporter.submit(make_summary(), sample_session(), queued().span)
+        assert exporter.submit(exported_summary(), sample_session(), queued().span)
         assert exporter.flush(10)
-    assert len(receiver.received) == 1
+    assert len(otlp_receiver.received) == 1
     counters = snapshot()
     assert counters.get("otlp_profiles.failed") == 1
     assert counters.get("otlp_profiles.retried", 0) == 0
@@ -371,14 +316,14 @@ def test_400_is_dropped_and_not_retried(
 
 
 def test_503_then_200_is_retried_and_delivered(
-    receiver: OtlpReceiver, made: list[OtlpProfilesExporter]
+    otlp_receiver: OtlpReceiver, exporters: list[OtlpProfilesExporter]
 ) -> None:
-    receiver.replies = [Reply(503), Reply(429, {"Retry-After": "0"}), Reply(200)]
-    exporter = exporter_for(made, receiver.endpoint)
-    assert exporter.submit(make_summary(), sample_session(), queued().span)
+    otlp_receiver.replies = [Reply(503), Reply(429, {"Retry-After": "0"}), Reply(200)]
+    exporter = exporter_for(exporters, otlp_receiver.endpoint)
+    assert exporter.submit(exported_summary(), sample_session(), queued().span)
     assert exporter.flush(10)
-    assert len(receiver.received) == 3
-    bodies = [r.request.SerializeToString() for r in receiver.received if r.request]
+    assert len(otlp_receiver.received) == 3
+    bodies = [r.request.SerializeToString() for r in otlp_receiver.received if r.request]
     assert len(set(bodies)) == 1  # the same request each time (same profile id)
     counters = snapshot()
     assert counters.get("otlp_profiles.retried") == 2
@@ -387,47 +332,51 @@ def test_503_then_200_is_retried_and_delivered(
 
 
 def test_retries_stop_at_the_attempt_limit_and_a_retry_after_beyond_the_budget(
-    receiver: OtlpReceiver, made: list[OtlpProfilesExporter]
+    otlp_receiver: OtlpReceiver, exporters: list[OtlpProfilesExporter]
 ) -> None:
-    receiver.replies = [Reply(502)] * 4
-    exporter = exporter_for(made, receiver.endpoint)
-    exporter.submit(make_summary(), sample_session(), queued().span)
+    otlp_receiver.replies = [Reply(502)] * 4
+    exporter = exporter_for(exporters, otlp_receiver.endpoint)
+    exporter.submit(exported_summary(), sample_session(), queued().span)
     assert exporter.flush(10)
-    assert len(receiver.received) == FAST_RETRY.max_attempts
+    assert len(otlp_receiver.received) == FAST_RETRY.max_attempts
     assert snapshot().get("otlp_profiles.failed") == 1
-    receiver.replies = [Reply(429, {"Retry-After": "3600"})]
-    exporter.submit(make_summary(), sample_session(), queued().span)
+    otlp_receiver.replies = [Reply(429, {"Retry-After": "3600"})]
+    exporter.submit(exported_summary(), sample_session(), queued().span)
     assert exporter.flush(10)
-    assert len(receiver.received) == FAST_RETRY.max_attempts + 1  # gave up at once
+    assert len(otlp_receiver.received) == FAST_RETRY.max_attempts + 1  # gave up at once
     assert snapshot().get("otlp_profiles.failed") == 2
 
 
-def test_close_ends_a_retry_wait(receiver: OtlpReceiver, made: list[OtlpProfilesExporter]) -> None:
-    receiver.replies = [Reply(503, {"Retry-After": "20"})]
+def test_close_ends_a_retry_wait(
+    otlp_receiver: OtlpReceiver, exporters: list[OtlpProfilesExporter]
+) -> None:
+    otlp_receiver.replies = [Reply(503, {"Retry-After": "20"})]
     slow = RetryPolicy(max_attempts=3, budget=60.0)
-    exporter = exporter_for(made, receiver.endpoint, retry=slow)
-    exporter.submit(make_summary(), sample_session(), queued().span)
+    exporter = exporter_for(exporters, otlp_receiver.endpoint, retry=slow)
+    exporter.submit(exported_summary(), sample_session(), queued().span)
     deadline = time.monotonic() + 10
-    while not receiver.received and time.monotonic() < deadline:
+    while not otlp_receiver.received and time.monotonic() < deadline:
         time.sleep(0.01)
     exporter.close(10)  # returns once the waiting thread gave up
     assert not [t for t in threading.enumerate() if t.name == "otelprof-otlp-profiles"]
-    assert len(receiver.received) == 1
+    assert len(otlp_receiver.received) == 1
     assert snapshot().get("otlp_profiles.failed") == 1
 
 
 def test_partial_success_counts_the_rejected_and_logs_once(
-    receiver: OtlpReceiver, made: list[OtlpProfilesExporter], caplog: pytest.LogCaptureFixture
+    otlp_receiver: OtlpReceiver,
+    exporters: list[OtlpProfilesExporter],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    receiver.replies = [Reply(rejected=1, message="sample too old")] * 2
-    exporter = exporter_for(made, receiver.endpoint, batch_size=2)
-    receiver.gate.clear()  # hold the first request so the next two make one batch
+    otlp_receiver.replies = [Reply(rejected=1, message="sample too old")] * 2
+    exporter = exporter_for(exporters, otlp_receiver.endpoint, batch_size=2)
+    otlp_receiver.gate.clear()  # hold the first request so the next two make one batch
     with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
         for n in range(3):
             assert exporter.submit(
-                make_summary(f"00f067aa0ba902c{n}"), sample_session(), SpanFacts()
+                exported_summary(f"00f067aa0ba902c{n}"), sample_session(), SpanFacts()
             )
-        receiver.gate.set()
+        otlp_receiver.gate.set()
         assert exporter.flush(10)
     counters = snapshot()
     assert counters.get("otlp_profiles.rejected") == 2
@@ -437,61 +386,34 @@ def test_partial_success_counts_the_rejected_and_logs_once(
 
 
 def test_a_full_queue_drops_and_counts_without_waiting(
-    receiver: OtlpReceiver, made: list[OtlpProfilesExporter]
+    otlp_receiver: OtlpReceiver, exporters: list[OtlpProfilesExporter]
 ) -> None:
-    receiver.gate.clear()  # the receiver holds the first request: the thread is stuck
-    exporter = exporter_for(made, receiver.endpoint, queue_size=3, batch_size=1)
+    otlp_receiver.gate.clear()  # the receiver holds the first request: the thread is stuck
+    exporter = exporter_for(exporters, otlp_receiver.endpoint, queue_size=3, batch_size=1)
     accepted = sum(
-        exporter.submit(make_summary(), sample_session(), SpanFacts()) for _ in range(20)
+        exporter.submit(exported_summary(), sample_session(), SpanFacts()) for _ in range(20)
     )
     assert 3 <= accepted <= 4  # the queue, plus at most the one the thread took
     assert snapshot().get("otlp_profiles.dropped.queue_full") == 20 - accepted
-    receiver.gate.set()
+    otlp_receiver.gate.set()
     assert exporter.flush(10)
     assert snapshot().get("otlp_profiles.exported") == accepted
-    assert receiver.problems() == []
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port  # nothing listens there once the socket is closed
+    assert otlp_receiver.problems() == []
 
 
 # --- through the middleware ----------------------------------------------------------------
 
 
-async def item(request: Request) -> JSONResponse:
-    marker_alpha(0.02)
-    return JSONResponse({"id": request.path_params["item_id"]})
-
-
 def _provider() -> tuple[TracerProvider, InMemorySpanExporter]:
-    spans = InMemorySpanExporter()
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": "checkout-api", "deployment.environment": "t"})
-    )
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    return provider, spans
-
-
-def _asgi_app(provider: TracerProvider, **settings: Any) -> ProfilingMiddleware:
-    return ProfilingMiddleware(
-        Starlette(routes=[Route("/items/{item_id}", item)]),
-        tracer_provider=provider,
-        profile_store=MemoryStore(),
-        sample_rate=1.0,
-        **settings,
-    )
+    return make_provider({"service.name": "checkout-api", "deployment.environment": "t"})
 
 
 def test_asgi_each_sample_links_to_the_request_span(
-    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+    otlp_receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.url)
     provider, spans = _provider()
-    app = _asgi_app(provider, otlp_profiles=True)
+    app = item_app(provider, otlp_profiles=True)
     exporter = app.core.exporter
     assert isinstance(exporter, OtlpProfilesExporter)
     try:
@@ -503,8 +425,8 @@ def test_asgi_each_sample_links_to_the_request_span(
         assert exporter.flush(10)
     finally:
         exporter.close(5)
-    assert receiver.problems() == []
-    received = profiles_of(receiver.requests())
+    assert otlp_receiver.problems() == []
+    received = profiles_of(otlp_receiver.requests())
     recorded = server_spans(spans)
     assert len(received) == len(recorded) == 2
     by_span = {
@@ -536,11 +458,11 @@ def test_asgi_each_sample_links_to_the_request_span(
 
 
 def test_the_pyroscope_attribute_only_when_asked_and_accepted(
-    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+    otlp_receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT", otlp_receiver.endpoint)
     provider, spans = _provider()
-    app = _asgi_app(provider, otlp_profiles=True, otlp_profiles_pyroscope=True)
+    app = item_app(provider, otlp_profiles=True, otlp_profiles_pyroscope=True)
     exporter = app.core.exporter
     assert exporter is not None
     try:
@@ -559,28 +481,28 @@ def test_the_pyroscope_attribute_only_when_asked_and_accepted(
 
 
 def test_a_stuck_or_dead_collector_never_holds_a_request(
-    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    otlp_receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Requests finish while the receiver holds the export; a dead one is counted, logged once."""
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.url)
     provider, _ = _provider()
-    app = _asgi_app(provider, otlp_profiles=True)
+    app = item_app(provider, otlp_profiles=True)
     exporter = app.core.exporter
     assert exporter is not None
-    receiver.gate.clear()  # every export now hangs in the receiver until the gate opens
+    otlp_receiver.gate.clear()  # every export now hangs in the receiver until the gate opens
     try:
         with TestClient(app, client=LOOPBACK) as client:
             for n in range(3):  # would block here if the request path waited for export
                 assert client.get(f"/items/{n}").status_code == 200
-        assert not receiver.gate.is_set()
+        assert not otlp_receiver.gate.is_set()
     finally:
-        receiver.gate.set()
+        otlp_receiver.gate.set()
         assert exporter.flush(10)
         exporter.close(5)
     assert snapshot().get("otlp_profiles.exported") == 3
 
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    dead = _asgi_app(provider, otlp_profiles=True)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    dead = item_app(provider, otlp_profiles=True)
     assert isinstance(dead.core.exporter, OtlpProfilesExporter)
     dead.core.exporter._retry = FAST_RETRY  # keep the test short; the rule is the same
     try:
@@ -599,9 +521,9 @@ def test_a_stuck_or_dead_collector_never_holds_a_request(
 
 
 def test_wsgi_profiles_link_to_their_spans(
-    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+    otlp_receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.url)
     provider, spans = _provider()
 
     def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
@@ -623,8 +545,8 @@ def test_wsgi_profiles_link_to_their_spans(
     finally:
         assert app.core.exporter is not None
         app.core.exporter.close(5)
-    assert receiver.problems() == []
-    links = {link for p in profiles_of(receiver.requests()) for link in p.links()}
+    assert otlp_receiver.problems() == []
+    links = {link for p in profiles_of(otlp_receiver.requests()) for link in p.links()}
     expected = {
         (format(s.context.trace_id, "032x"), format(s.context.span_id, "016x"))
         for s in server_spans(spans)
@@ -633,13 +555,11 @@ def test_wsgi_profiles_link_to_their_spans(
 
 
 def test_pyroscope_and_otlp_together_each_get_every_profile(
-    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+    otlp_receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.url)
     provider, spans = _provider()
-    app = _asgi_app(
-        provider, otlp_profiles=True, pyroscope_url=f"http://127.0.0.1:{_closed_port()}"
-    )
+    app = item_app(provider, otlp_profiles=True, pyroscope_url=f"http://127.0.0.1:{free_port()}")
     exporter = app.core.exporter
     assert exporter is not None and not isinstance(exporter, OtlpProfilesExporter)
     try:
@@ -651,7 +571,7 @@ def test_pyroscope_and_otlp_together_each_get_every_profile(
     [span] = server_spans(spans)
     assert span.attributes is not None
     assert span.attributes[PYROSCOPE_PROFILE_ID] == format(span.context.span_id, "016x")
-    assert len(profiles_of(receiver.requests())) == 1
+    assert len(profiles_of(otlp_receiver.requests())) == 1
     counters = snapshot()
     assert counters.get("otlp_profiles.exported") == 1
     assert counters.get("pyroscope.failed") == 1  # nobody listens there
@@ -659,26 +579,21 @@ def test_pyroscope_and_otlp_together_each_get_every_profile(
 
 
 def test_a_profile_without_samples_is_not_sent_and_sets_no_attribute(
-    receiver: OtlpReceiver, made: list[OtlpProfilesExporter]
+    otlp_receiver: OtlpReceiver, exporters: list[OtlpProfilesExporter]
 ) -> None:
-    exporter = exporter_for(made, receiver.endpoint, pyroscope_span_attribute=True)
-    empty = Session(
-        frame_records=[([], 0.01), ([ROOT], 0.0)],
+    exporter = exporter_for(exporters, otlp_receiver.endpoint, pyroscope_span_attribute=True)
+    empty = make_session(
+        [([], 0.01), ([ROOT], 0.0)],
         start_time=1_700_000_000.25,
         duration=0.05,
-        min_interval=0.005,
-        max_interval=0.005,
+        interval=0.005,
         sample_count=0,
-        start_call_stack=[],
         target_description="no tick",
-        cpu_time=0.0,
-        sys_path=[],
-        sys_prefixes=[],
     )
-    assert not exporter.submit(make_summary(), empty, SpanFacts())
-    assert exporter.submit(make_summary(), sample_session(), SpanFacts())
+    assert not exporter.submit(exported_summary(), empty, SpanFacts())
+    assert exporter.submit(exported_summary(), sample_session(), SpanFacts())
     assert exporter.flush(10)
-    assert len(profiles_of(receiver.requests())) == 1
+    assert len(profiles_of(otlp_receiver.requests())) == 1
     counters = snapshot()
     assert counters.get("otlp_profiles.skipped.no_samples") == 1
     assert counters.get("otlp_profiles.exported") == 1

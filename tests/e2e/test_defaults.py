@@ -15,7 +15,8 @@ from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import SQLiteStore
 
-from .servers import free_port, gunicorn, run_server, uvicorn
+from ..helpers import free_port
+from .servers import gunicorn, run_server, uvicorn
 
 pytestmark = pytest.mark.e2e
 

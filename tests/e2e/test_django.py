@@ -28,8 +28,8 @@ from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
 from otelprof_middleware.stores import MemoryStore
 
 from ..django_app import middleware
-from ..helpers import make_provider
-from .servers import Server, fetch_profile, free_port, gunicorn, run_server, uvicorn
+from ..helpers import free_port, make_provider
+from .servers import Server, fetch_profile, gunicorn, run_server, uvicorn
 from .test_servers import _linked_spans
 
 pytestmark = pytest.mark.e2e

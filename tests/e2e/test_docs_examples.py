@@ -47,14 +47,14 @@ from typing import Any
 
 import httpx
 import pytest
-from pyinstrument import Profiler
 
-from otelprof_middleware._record import ProfileRecord, ProfileSummary
+from otelprof_middleware._record import ProfileRecord
 from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import SQLiteStore
 
+from ..helpers import free_port, make_summary, profile, spin
 from .docs_scaffold import DJANGO_SETTINGS, DJANGO_URLS, PROBE_PATH
-from .servers import BIN, ROOT, free_port
+from .servers import BIN, ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -460,18 +460,10 @@ def _seed_example_store(home: Path) -> None:
     holding a real profile of the docs' example trace."""
     directory = home / ".local" / "state" / "otelprof" / "unknown_service"
     directory.mkdir(parents=True)
-    profiler = Profiler(interval=0.0005)
-    profiler.start()
-    end = time.perf_counter() + 0.01
-    while time.perf_counter() < end:
-        sum(range(100))
-    session = profiler.stop()
-    summary = ProfileSummary(
+    session = profile(lambda: spin(0.01), interval=0.0005)
+    summary = make_summary(
         trace_id=EXAMPLE_TRACE,
         span_id=EXAMPLE_SPAN,
-        method="GET",
-        route="/items/{item_id}",
-        status_code=200,
         duration_ms=250.0,
         start_time=time.time(),
         sample_count=len(session.frame_records),

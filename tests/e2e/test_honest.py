@@ -28,8 +28,9 @@ import pytest
 from otelprof_middleware import ProfileRecord
 from otelprof_middleware.stores import SQLiteStore
 
+from ..helpers import free_port
 from .attribution import attribute
-from .servers import ROOT, Server, free_port, gunicorn, run_server, uvicorn
+from .servers import ROOT, Server, gunicorn, run_server, uvicorn
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,8 @@ import pytest
 
 from otelprof_middleware.profiling._span import PROFILE_URL
 
-from .servers import Server, fetch_profile, free_port, run_server, uvicorn
+from ..helpers import free_port
+from .servers import Server, fetch_profile, run_server, uvicorn
 
 pytestmark = pytest.mark.e2e
 

@@ -39,7 +39,8 @@ import httpx
 import pytest
 
 from ..chromium import launched_chromium
-from .servers import BIN, ROOT, Server, free_port, run_server, uvicorn
+from ..helpers import free_port
+from .servers import BIN, ROOT, Server, run_server, uvicorn
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,19 +27,14 @@ from otelprof_middleware._record import ProfileRecord
 from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores.sqlite import SQLiteStore
 
-from .. import otlp_receiver
+from ..helpers import free_port
 from ..otlp_receiver import OtlpReceiver, ReceivedProfile, profiles_of
-from .servers import Server, fetch_profile, free_port, gunicorn, run_server, uvicorn
+from .servers import Server, fetch_profile, gunicorn, run_server, uvicorn
 
 pytestmark = pytest.mark.e2e
 
 MARKER = re.compile(r"marker_(\d+)")
 REQUESTS = 16
-
-
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    yield from otlp_receiver.serve()
 
 
 def _env(receiver: OtlpReceiver, mode: str) -> dict[str, str]:
@@ -179,22 +173,22 @@ def _compare_with_viewer(span: dict[str, object], profile: ReceivedProfile) -> N
 
 
 @pytest.mark.parametrize("mode", ["hook", "always_on"])
-def test_uvicorn_fastapi(tmp_path: Path, receiver: OtlpReceiver, mode: str) -> None:
+def test_uvicorn_fastapi(tmp_path: Path, otlp_receiver: OtlpReceiver, mode: str) -> None:
     port = free_port()
     command = uvicorn("tests.e2e.honest_app:app", port, workers=2)
-    with run_server(command, tmp_path, port=port, env=_env(receiver, mode)) as server:
+    with run_server(command, tmp_path, port=port, env=_env(otlp_receiver, mode)) as server:
         paths = [f"/async/{n}" if n % 2 else f"/def/{n}" for n in range(REQUESTS)]
         sent = _send(server, paths)
-        _check(server, receiver, sent, mode)
+        _check(server, otlp_receiver, sent, mode)
 
 
 @pytest.mark.parametrize("mode", ["hook", "always_on"])
-def test_gunicorn_flask(tmp_path: Path, receiver: OtlpReceiver, mode: str) -> None:
+def test_gunicorn_flask(tmp_path: Path, otlp_receiver: OtlpReceiver, mode: str) -> None:
     port = free_port()
     command = gunicorn("tests.e2e.honest_flask:app", port, workers=2, threads=4)
-    with run_server(command, tmp_path, port=port, env=_env(receiver, mode)) as server:
+    with run_server(command, tmp_path, port=port, env=_env(otlp_receiver, mode)) as server:
         sent = _send(server, [f"/wsgi/{n}" for n in range(REQUESTS)])
-        _check(server, receiver, sent, mode)
+        _check(server, otlp_receiver, sent, mode)
 
 
 def test_a_dead_collector_fails_no_request(tmp_path: Path) -> None:

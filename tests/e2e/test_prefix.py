@@ -27,7 +27,8 @@ import pytest
 
 from otelprof_middleware.profiling._span import PROFILE_URL
 
-from .servers import Server, fetch_profile, free_port, gunicorn, run_server, uvicorn
+from ..helpers import free_port
+from .servers import Server, fetch_profile, gunicorn, run_server, uvicorn
 
 pytestmark = pytest.mark.e2e
 

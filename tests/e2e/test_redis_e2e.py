@@ -16,11 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from otelprof_middleware._record import ProfileRecord, ProfileSummary
+from otelprof_middleware._record import ProfileRecord
 from otelprof_middleware.stores import RedisStore
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, started
 
-from .servers import BIN, Server, fetch_profile, free_port, run_server, uvicorn
+from ..helpers import free_port, make_record, make_summary, profile
+from .servers import BIN, Server, fetch_profile, run_server, uvicorn
 
 pytestmark = pytest.mark.e2e
 
@@ -29,10 +30,8 @@ PROFILE_URL = "otelprof.profile.url"
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    with started(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 def _links(server: Server, count: int) -> list[str]:
@@ -136,31 +135,22 @@ def _percentiles(samples_ns: list[int]) -> tuple[float, float]:
 
 def _real_payload() -> bytes:
     """A compressed pyinstrument session of a demo-like request."""
-    from pyinstrument import Profiler
-
     from demo_app.work import crunch_numbers
 
-    profiler = Profiler(interval=0.001, async_mode="disabled")
-    profiler.start()
-    crunch_numbers(30)
-    session = profiler.stop()
-    summary = ProfileSummary("1" * 32, "1" * 16, "GET", "/cpu", 200, 30.0, time.time())
+    session = profile(lambda: crunch_numbers(30), interval=0.001)
+    summary = make_summary(route="/cpu", duration_ms=30.0, start_time=time.time())
     return ProfileRecord.from_session(summary, session).payload
 
 
 def _record(n: int, payload: bytes) -> ProfileRecord:
-    return ProfileRecord(
-        ProfileSummary(
-            trace_id=f"{n:032x}",
-            span_id=f"{n:016x}",
-            method="GET",
-            route=ROUTES[n % len(ROUTES)],
-            status_code=200,
-            duration_ms=float(5 + (n * 7919) % 400),
-            start_time=time.time(),
-            sample_count=30,
-        ),
+    """Ids ``n`` (make_summary counts from 0), a route and duration spread by ``n``."""
+    return make_record(
+        n - 1,
         payload,
+        route=ROUTES[n % len(ROUTES)],
+        duration_ms=float(5 + (n * 7919) % 400),
+        start_time=time.time(),
+        sample_count=30,
     )
 
 

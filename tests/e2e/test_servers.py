@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from .servers import Server, fetch_profile, free_port, gunicorn, run_server, uvicorn
+from ..helpers import free_port
+from .servers import Server, fetch_profile, gunicorn, run_server, uvicorn
 
 pytestmark = pytest.mark.e2e
 

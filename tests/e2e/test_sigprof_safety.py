@@ -50,16 +50,18 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.redis_server import RedisServer
+from tests.http_receiver import serving
+from tests.redis_server import RedisServer, started
 
-from .servers import BIN, ROOT, Server, _wait_ready, free_port, uvicorn
+from ..helpers import free_port
+from .servers import BIN, ROOT, Server, _wait_ready, uvicorn
 
 pytestmark = [
     pytest.mark.e2e,
@@ -83,10 +85,8 @@ PIPE_HAZARD = (
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("sigprof-redis"))
-    server.start()
-    yield server
-    server.stop()
+    with started(tmp_path_factory.mktemp("sigprof-redis")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -660,15 +660,11 @@ class _Collector:
                 self.end_headers()
                 self.wfile.write(b"{}")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self._running = contextlib.ExitStack()
+        self.url = self._running.enter_context(serving(Handler))
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._running.close()
 
     def posts(self, prefix: str) -> list[bytes]:
         return [body for path, body in self.requests if path.startswith(prefix)]

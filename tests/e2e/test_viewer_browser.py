@@ -32,7 +32,8 @@ import pytest
 from tests.redis_server import RedisServer
 
 from ..chromium import launched_chromium
-from .servers import ROOT, Server, free_port, run_server, uvicorn
+from ..helpers import free_port
+from .servers import ROOT, Server, run_server, uvicorn
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page

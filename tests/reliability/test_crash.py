@@ -30,7 +30,8 @@ from pyinstrument.renderers import ConsoleRenderer
 
 from otelprof_middleware.stores import SQLiteStore
 
-from ..e2e.servers import Server, free_port, gunicorn, run_server
+from ..e2e.servers import Server, gunicorn, run_server
+from ..helpers import free_port
 from .conftest import ARTIFACTS
 
 pytestmark = [

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyinstrument import Profiler
 from pyinstrument.session import Session
 
-from ..e2e.servers import ROOT, Server, free_port, run_server, uvicorn
+from ..e2e.servers import ROOT, Server, run_server, uvicorn
+from ..helpers import free_port, profile
 
 TALLY: Counter[str] = Counter()
 """What the security tests did (fuzz cases, requests sent); printed at the end of the run."""
@@ -78,14 +78,8 @@ def hostile_function(name: str, filename: str) -> Callable[[float], int]:
 def hostile_session(name: str, filename: str, description: str, seconds: float = 0.03) -> Session:
     """A real pyinstrument session of :func:`hostile_function` running ``seconds``."""
     function = hostile_function(name, filename)
-    profiler = Profiler(interval=0.0005, async_mode="disabled")
-    profiler.start()
-    try:
-        function(time.perf_counter() + seconds)
-    finally:
-        profiler.stop()
-    session = profiler.last_session
-    assert session is not None and session.frame_records
+    session = profile(lambda: function(time.perf_counter() + seconds), interval=0.0005)
+    assert session.frame_records
     session.target_description = description
     return session
 

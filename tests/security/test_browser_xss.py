@@ -30,7 +30,8 @@ import httpx
 import pytest
 
 from ..chromium import launched_chromium
-from ..e2e.servers import Server, free_port, run_server, uvicorn
+from ..e2e.servers import Server, run_server, uvicorn
+from ..helpers import free_port
 from ._support import ARTIFACTS, HOSTILE_ROUTE, LIVE_FUNCTION, PAYLOADS, STORED, TALLY
 
 if TYPE_CHECKING:

@@ -23,11 +23,11 @@ import pytest
 from flask import Response, jsonify, request
 
 from otelprof_middleware import WSGIProfilingMiddleware
-from otelprof_middleware._record import ProfileRecord, ProfileSummary
+from otelprof_middleware._record import ProfileSummary
 from otelprof_middleware.stores import SQLiteStore
 
-from ..e2e.servers import free_port, run_server, uvicorn
-from ..helpers import make_provider, marker_alpha
+from ..e2e.servers import run_server, uvicorn
+from ..helpers import free_port, make_provider, make_record, marker_alpha
 from ..test_wsgi import Client, make_flask
 from ._support import TALLY
 
@@ -94,8 +94,17 @@ def test_the_scan_finds_a_secret_that_is_there(tmp_path: Path) -> None:
     secrets = _secrets()
     path = tmp_path / "profiles.db"
     store = SQLiteStore(path)
-    summary = ProfileSummary("1" * 32, "a" * 16, "GET", secrets["path"], 200, 1.0, 1.0)
-    store.put(ProfileRecord(summary, zlib.compress(json.dumps({"x": secrets["body"]}).encode())))
+    payload = zlib.compress(json.dumps({"x": secrets["body"]}).encode())
+    store.put(
+        make_record(
+            trace_id="1" * 32,
+            span_id="a" * 16,
+            route=secrets["path"],
+            duration_ms=1.0,
+            start_time=1.0,
+            payload=payload,
+        )
+    )
     assert scan_bytes(store_files(tmp_path), {"path": secrets["path"]})
     store.close()
     _, blobs = decoded_store(path)
