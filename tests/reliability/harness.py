@@ -33,7 +33,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 from werkzeug.test import Client
 
-from otelprof_middleware import ProfileRecord, ProfilingMiddleware, WSGIProfilingMiddleware
+from otelprof_middleware import (
+    ProfileRecord,
+    ProfilingMiddleware,
+    WSGIProfilingMiddleware,
+    counters,
+)
 from otelprof_middleware._record import ProfileSummary
 from otelprof_middleware._types import ASGIApp, Receive, Scope, Send, StartResponse, WSGIEnvironment
 from otelprof_middleware.profiling._engine import ProfilerCore
@@ -550,3 +555,26 @@ def record(fault: str, harness: Harness, result: BatchResult, counters: dict[str
             "counters": {k: v for k, v in sorted(counters.items()) if k != "written"},
         }
     )
+
+
+def check_batch(
+    fault: str,
+    harness: Harness,
+    *,
+    counter: str,
+    expected: int,
+    at_least: bool = False,
+    flush_timeout: float = 10,
+) -> dict[str, int]:
+    """Send the batch under the fault and record it: 0 failures, ``counter`` at
+    ``expected`` (or more, ``at_least``) once the writer drained. Returns the counters."""
+    result = send_batch(harness)
+    assert harness.core.writer.flush(flush_timeout), "the writer did not drain"
+    seen = counters()
+    record(fault, harness, result, seen)
+    assert result.failures == [], result.failures
+    if at_least:
+        assert seen.get(counter, 0) >= expected, seen
+    else:
+        assert seen.get(counter, 0) == expected, seen
+    return seen

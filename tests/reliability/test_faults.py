@@ -28,6 +28,7 @@ from .harness import (
     Harness,
     Kind,
     assert_profiling_resumes,
+    check_batch,
     logged_stages,
     record,
     send_batch,
@@ -49,21 +50,16 @@ def _raising_when(real: Callable[..., Any], *, installing: bool) -> Callable[...
     return setstatprofile
 
 
-def _check_batch(
-    fault: str, harness: Harness, *, counter: str, expected: int, at_least: bool = False
-) -> dict[str, int]:
-    """Send the batch under the fault: 0 failures, ``counter`` at ``expected`` (or more,
-    ``at_least``). Returns the counters."""
-    result = send_batch(harness)
-    assert harness.core.writer.flush(10), "the writer did not drain"
-    seen = counters()
-    record(fault, harness, result, seen)
-    assert result.failures == [], result.failures
-    if at_least:
-        assert seen.get(counter, 0) >= expected, seen
-    else:
-        assert seen.get(counter, 0) == expected, seen
-    return seen
+def _raising_release(self: ThreadHook) -> None:
+    raise RuntimeError("injected: release failed")
+
+
+def _one_profile_page(harness: Harness) -> str:
+    """The viewer page (path and query) of the one profile kept of a ``/cpu`` request."""
+    assert harness.get("/cpu").status == 200
+    assert harness.core.writer.flush(10)
+    [summary] = harness.current_store().list()
+    return f"/debug/profile/{summary.trace_id}?span_id={summary.span_id}"
 
 
 def test_hook_install_raising(
@@ -77,7 +73,7 @@ def test_hook_install_raising(
         raising = _raising_when(setstatprofile, installing=True)
         patch.setattr(_thread_hook, "setstatprofile", raising)  # a thread's hook (WSGI)
         patch.setattr(_loop_hook, "setstatprofile", raising)  # a task's steps (ASGI)
-        _check_batch(
+        check_batch(
             "hook install raises",
             harness,
             counter="failed.profiler.start",
@@ -102,7 +98,7 @@ def test_hook_removal_raising(
         raising = _raising_when(setstatprofile, installing=False)
         patch.setattr(_thread_hook, "setstatprofile", raising)
         patch.setattr(_loop_hook, "setstatprofile", raising)
-        seen = _check_batch(
+        seen = check_batch(
             "hook removal raises",
             harness,
             counter="failed.profiler.stop",
@@ -129,13 +125,9 @@ def test_release_raising_is_counted_and_profiling_resumes(
     if kind == "asgi":
         pytest.skip("on an event loop the hook lives in the task's steps, not a ThreadHook")
     harness = harnesses(kind, FaultyStore())
-
-    def release(self: ThreadHook) -> None:
-        raise RuntimeError("injected: release failed")
-
     with monkeypatch.context() as patch:
-        patch.setattr(ThreadHook, "release", release)
-        _check_batch(
+        patch.setattr(ThreadHook, "release", _raising_release)
+        check_batch(
             "ThreadHook.release raises",
             harness,
             counter="failed.profiler.stop",
@@ -158,12 +150,8 @@ def test_release_raising_leaves_no_hook_behind(
     if kind == "asgi":
         pytest.skip("on an event loop the hook lives in the task's steps, not a ThreadHook")
     harness = harnesses(kind, FaultyStore())
-
-    def release(self: ThreadHook) -> None:
-        raise RuntimeError("injected: release failed")
-
     with monkeypatch.context() as patch:
-        patch.setattr(ThreadHook, "release", release)
+        patch.setattr(ThreadHook, "release", _raising_release)
         assert send_batch(harness, BATCH[:4]).failures == []
     assert send_batch(harness, BATCH[:4]).failures == []
     assert not harness.hook_left(), "the hook is still installed after the fault cleared"
@@ -177,7 +165,7 @@ def test_worker_thread_hook_raising(
         patch.setattr(
             _worker_threads, "setstatprofile", _raising_when(setstatprofile, installing=True)
         )
-        _check_batch(
+        check_batch(
             "worker-thread hook raises (_worker_threads.run_profiled)",
             harness,
             counter="failed.profiler.worker",
@@ -210,7 +198,7 @@ def test_store_put_raising(
     store = FaultyStore()
     harness = harnesses(kind, store)
     store.failing = {"put"}
-    _check_batch(
+    check_batch(
         "store put raises",
         harness,
         counter="failed.store.put",
@@ -227,12 +215,9 @@ def test_store_get_and_list_raising(
     """Reading fails: the viewer answers 503, the app and the writer are unaffected."""
     store = FaultyStore()
     harness = harnesses(kind, store)
-    assert harness.get("/cpu").status == 200
-    assert harness.core.writer.flush(10)
-    [summary] = store.list()
-    page = f"/debug/profile/{summary.trace_id}?span_id={summary.span_id}&format=text"
+    page = _one_profile_page(harness) + "&format=text"
     store.failing = {"get", "list"}
-    _check_batch("store get/list raise", harness, counter="written", expected=len(BATCH) + 1)
+    check_batch("store get/list raise", harness, counter="written", expected=len(BATCH) + 1)
     statuses = [harness.get(path).status for path in ("/debug/profile", page) * 3]
     assert statuses == [503] * 6
     assert counters()["failed.viewer.store"] == 6
@@ -250,17 +235,14 @@ def test_renderer_raising(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     harness = harnesses(kind, FaultyStore())
-    assert harness.get("/cpu").status == 200
-    assert harness.core.writer.flush(10)
-    [summary] = harness.current_store().list()
-    page = f"/debug/profile/{summary.trace_id}?span_id={summary.span_id}"
+    page = _one_profile_page(harness)
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected: renderer failed")
 
     with monkeypatch.context() as patch:
         patch.setattr(viewer_render, "render", broken)
-        _check_batch("renderer raises", harness, counter="written", expected=len(BATCH) + 1)
+        check_batch("renderer raises", harness, counter="written", expected=len(BATCH) + 1)
         formats = ("html", "text", "speedscope", "json", "folded")
         # The html format's frame renders nothing; pyinstrument's page inside it does.
         flame = page.replace("?span_id=", "/flame?span_id=")
@@ -280,10 +262,7 @@ def test_corrupt_stored_profile(
 ) -> None:
     store = FaultyStore()
     harness = harnesses(kind, store)
-    assert harness.get("/cpu").status == 200
-    assert harness.core.writer.flush(10)
-    [summary] = store.list()
-    page = f"/debug/profile/{summary.trace_id}?span_id={summary.span_id}&format=text"
+    page = _one_profile_page(harness) + "&format=text"
     store.corrupt = True
     assert [harness.get(page).status for _ in range(3)] == [422] * 3
     assert counters()["failed.viewer.decode"] == 3
@@ -348,6 +327,16 @@ def test_worker_thread_that_never_returns(kind: Kind, harnesses: MakeHarness) ->
     assert_profiling_resumes(harness)
 
 
+def _assert_kept_as_failed(harness: Harness, count: int) -> None:
+    """``count`` profiles kept, all of failed (500) requests that ran marker_alpha."""
+    assert harness.core.writer.flush(10)
+    summaries = harness.current_store().list()
+    assert len(summaries) == count
+    assert {s.status_code for s in summaries} == {500}
+    [stored] = harness.current_store().get(summaries[0].trace_id)
+    assert "marker_alpha" in text_of(stored.session())
+
+
 def test_app_exception_response_identical_and_profile_kept(
     kind: Kind, harnesses: MakeHarness, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -356,12 +345,7 @@ def test_app_exception_response_identical_and_profile_kept(
     record("app raises (/fail)", harness, result, counters())
     assert result.failures == []
     assert harness.get("/fail").status == 500
-    assert harness.core.writer.flush(10)
-    summaries = harness.current_store().list()
-    assert len(summaries) == 6
-    assert {s.status_code for s in summaries} == {500}
-    [stored] = harness.current_store().get(summaries[0].trace_id)
-    assert "marker_alpha" in text_of(stored.session())
+    _assert_kept_as_failed(harness, 6)
     assert logged_stages(caplog) == []
     assert not harness.hook_left()
 
@@ -383,12 +367,7 @@ def test_app_exception_propagates_unchanged(kind: Kind, harnesses: MakeHarness, 
     assert (type(ours), str(ours)) == (type(theirs), str(theirs))
     if kind == "asgi":  # a server that answers app exceptions itself: same answer
         assert harness.get(path) == harness.plain(path)
-    assert harness.core.writer.flush(10)
-    summaries = harness.current_store().list()
-    assert len(summaries) == (2 if kind == "asgi" else 1)
-    assert {s.status_code for s in summaries} == {500}
-    [stored] = harness.current_store().get(summaries[0].trace_id)
-    assert "marker_alpha" in text_of(stored.session())
+    _assert_kept_as_failed(harness, 2 if kind == "asgi" else 1)
     assert not harness.hook_left()
 
 

@@ -29,6 +29,7 @@ from .harness import (
     Harness,
     Kind,
     assert_profiling_resumes,
+    check_batch,
     logged_stages,
     record,
     send_batch,
@@ -167,12 +168,13 @@ def test_locked_database_beyond_the_busy_timeout(
     harness = harnesses(kind, store)
     try:
         with write_lock_held(store.path):
-            result = send_batch(harness)
-            assert harness.core.writer.flush(20)
-            seen = counters()
-            record("SQLite locked (> busy timeout)", harness, result, seen)
-            assert result.failures == []
-            assert seen.get("failed.store.put") == len(BATCH)
+            check_batch(
+                "SQLite locked (> busy timeout)",
+                harness,
+                counter="failed.store.put",
+                expected=len(BATCH),
+                flush_timeout=20,
+            )
         assert logged_stages(caplog) == ["store.put"]
         assert "database is locked" in _first_warning(caplog)
         assert _stored(store.path) == 0
@@ -195,12 +197,12 @@ def test_state_dir_under_a_regular_file(
     blocker.write_text("not a directory")
     harness = harnesses(kind, None, state_dir=str(blocker / "state"))
     try:
-        result = send_batch(harness)
-        assert harness.core.writer.flush(10)
-        seen = counters()
-        record("state_dir parent is a regular file", harness, result, seen)
-        assert result.failures == []
-        assert seen.get("failed.store.put") == len(BATCH)
+        check_batch(
+            "state_dir parent is a regular file",
+            harness,
+            counter="failed.store.put",
+            expected=len(BATCH),
+        )
         assert logged_stages(caplog) == ["store.put"]
         assert harness.get("/debug/profile").status == 503
         blocker.unlink()
@@ -239,12 +241,12 @@ def test_state_dir_on_a_read_only_filesystem(
     with tmpfs(tmp_path / "mnt", "1m", read_only=True) as mnt:
         harness = harnesses(kind, None, state_dir=str(mnt / "state"))
         try:
-            result = send_batch(harness)
-            assert harness.core.writer.flush(10)
-            seen = counters()
-            record("state_dir on a read-only filesystem", harness, result, seen)
-            assert result.failures == []
-            assert seen.get("failed.store.put") == len(BATCH)
+            check_batch(
+                "state_dir on a read-only filesystem",
+                harness,
+                counter="failed.store.put",
+                expected=len(BATCH),
+            )
             assert logged_stages(caplog) == ["store.put"]
             _remount(mnt, "rw")
             time.sleep(RETRY_SECONDS * 2)
@@ -265,12 +267,9 @@ def test_disk_full(
             assert harness.core.writer.flush(10)
             assert harness.current_store().stats()[0] == 1
             filler = _fill(mnt)
-            result = send_batch(harness)
-            assert harness.core.writer.flush(10)
-            seen = counters()
-            record("disk full (tmpfs)", harness, result, seen)
-            assert result.failures == []
-            assert seen.get("failed.store.put", 0) >= 1
+            seen = check_batch(
+                "disk full (tmpfs)", harness, counter="failed.store.put", expected=1, at_least=True
+            )
             assert seen.get("failed.store.put", 0) + seen["written"] == len(BATCH) + 1
             assert logged_stages(caplog) == ["store.put"]
             assert "database or disk is full" in _first_warning(caplog)
