@@ -16,8 +16,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from otelprof_middleware import _failsafe
+
+from .helpers import make_provider
 
 if TYPE_CHECKING:
     from .otlp_receiver import OtlpReceiver
@@ -44,6 +48,21 @@ def _no_leftover_profiler() -> Iterator[None]:
     _failsafe.reset_counters()
     yield
     assert sys.getprofile() is None, "a profiling hook was left installed on the test thread"
+
+
+@pytest.fixture
+def otel() -> tuple[TracerProvider, InMemorySpanExporter]:
+    """A real SDK tracer provider that exports to memory: ``(provider, exporter)``."""
+    return make_provider()
+
+
+@pytest.fixture
+def closing() -> Iterator[list[Any]]:
+    """The middlewares a test built (it appends them): their writers are closed after it."""
+    made: list[Any] = []
+    yield made
+    for middleware in made:
+        middleware.core.writer.close()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -173,3 +174,38 @@ def in_threads(
     for thread in threads:
         thread.join(timeout)
     return errors
+
+
+def http_scope(path: str = "/hello", **fields: Any) -> dict[str, Any]:
+    """The ASGI scope of ``GET path`` from 127.0.0.1, as a server presents it; any key
+    given by name instead."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    scope.update(fields)
+    return scope
+
+
+async def drive(app: Any, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one ASGI request with an empty body through ``app``; return what it sent."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,7 +20,7 @@ from otelprof_middleware import ProfilingMiddleware
 from otelprof_middleware.profiling._span import PROFILE_ID, PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider, marker_alpha, marker_beta, server_spans, text_of
+from .helpers import http_scope, marker_alpha, marker_beta, server_spans, text_of
 
 LOOPBACK = ("127.0.0.1", 50000)
 
@@ -75,11 +75,6 @@ def make_app() -> Starlette:
 
 
 @pytest.fixture
-def otel() -> tuple[TracerProvider, InMemorySpanExporter]:
-    return make_provider()
-
-
-@pytest.fixture
 def store() -> MemoryStore:
     return MemoryStore()
 
@@ -90,14 +85,6 @@ def wrap(
     settings.setdefault("sample_rate", 1.0)
     settings.setdefault("debug_route", True)
     return ProfilingMiddleware(make_app(), tracer_provider=otel[0], profile_store=store, **settings)
-
-
-@pytest.fixture
-def closing() -> Iterator[list[ProfilingMiddleware]]:
-    made: list[ProfilingMiddleware] = []
-    yield made
-    for middleware in made:
-        middleware.core.writer.close()
 
 
 def test_opens_one_server_span_links_it_and_stores_the_profile(
@@ -380,20 +367,12 @@ async def test_client_disconnect_mid_stream_keeps_the_profile(
         if message["type"] == "http.response.body" and len(sent) >= 3:
             raise OSError("client went away")
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/stream",
-        "raw_path": b"/stream",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"example.test")],
-        "client": LOOPBACK,
-        "server": ("127.0.0.1", 8000),
-    }
+    scope = http_scope(
+        "/stream",
+        headers=[(b"host", b"example.test")],
+        client=LOOPBACK,
+        server=("127.0.0.1", 8000),
+    )
     with pytest.raises(BaseException):  # noqa: B017 - whatever the app lets escape
         await app(scope, receive, send)
     app.core.writer.flush()

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from otelprof_middleware import ProfileRecord, ProfilingMiddleware
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider, marker_alpha
+from .helpers import drive, http_scope, make_provider, marker_alpha
 
 
 class SlowStore(MemoryStore):
@@ -61,29 +61,8 @@ async def test_queued_profiles_are_written_before_shutdown_completes() -> None:
     )
     await lifespan_in.put({"type": "lifespan.startup"})
     for _ in range(3):  # three kept profiles, queued behind the slow store
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": "/work",
-            "raw_path": b"/work",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"host", b"testserver")],
-            "client": ("127.0.0.1", 1234),
-            "server": ("127.0.0.1", 8000),
-        }
-        await app(scope, receive, send)
+        scope = http_scope("/work", client=("127.0.0.1", 1234), server=("127.0.0.1", 8000))
+        sent = await drive(app, scope)
         assert sent[-1]["body"] == b"done"
     assert len(store.list()) < 3  # the writer is still busy
     await lifespan_in.put({"type": "lifespan.shutdown"})

@@ -58,11 +58,6 @@ def capture() -> Iterator[Capture]:
         app_log.removeHandler(handler)
 
 
-@pytest.fixture
-def otel() -> tuple[TracerProvider, InMemorySpanExporter]:
-    return make_provider()
-
-
 def current_ids() -> dict[str, str]:
     context = trace.get_current_span().get_span_context()
     return {

@@ -21,7 +21,7 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider, marker_alpha, server_spans
+from .helpers import drive, http_scope, make_provider, marker_alpha, server_spans
 
 PREFIX = "/svc"
 
@@ -31,47 +31,35 @@ def _item(request: Request) -> PlainTextResponse:
     return PlainTextResponse("item")
 
 
+# Both adapters: every request kept, the viewer on, /health never profiled.
+SETTINGS: dict[str, Any] = {
+    "sample_rate": 1.0,
+    "min_duration_ms": 0,
+    "debug_route": True,
+    "exclude_paths": "/health",
+}
+
+
 def _middleware(**settings: Any) -> tuple[ProfilingMiddleware, Any]:
     provider, exporter = make_provider()
     app = Starlette(routes=[Route("/items/{n}", _item), Route("/health", _item)])
     middleware = ProfilingMiddleware(
-        app,
-        tracer_provider=provider,
-        profile_store=MemoryStore(),
-        sample_rate=1.0,
-        min_duration_ms=0,
-        debug_route=True,
-        exclude_paths="/health",
-        **settings,
+        app, tracer_provider=provider, profile_store=MemoryStore(), **SETTINGS, **settings
     )
     return middleware, exporter
 
 
 async def _get(app: Any, path: str, *, full_path: bool) -> httpx.Response:
     """GET ``path`` (below the prefix) the way a server with ``root_path`` sends it."""
-    sent: list[dict[str, Any]] = []
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": (PREFIX + path) if full_path else path,
-        "raw_path": (PREFIX + path).encode(),
-        "root_path": PREFIX,
-        "query_string": b"format=json" if path.startswith("/debug") else b"",
-        "headers": [(b"host", b"example.test")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("example.test", 80),
-    }
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b""}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
+    scope = http_scope(
+        (PREFIX + path) if full_path else path,
+        raw_path=(PREFIX + path).encode(),
+        root_path=PREFIX,
+        query_string=b"format=json" if path.startswith("/debug") else b"",
+        headers=[(b"host", b"example.test")],
+        server=("example.test", 80),
+    )
+    sent = await drive(app, scope)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return httpx.Response(start["status"], content=body)
@@ -104,13 +92,7 @@ def test_wsgi_script_name() -> None:
         return [b"item"]
 
     middleware = WSGIProfilingMiddleware(
-        app,
-        tracer_provider=provider,
-        profile_store=MemoryStore(),
-        sample_rate=1.0,
-        min_duration_ms=0,
-        debug_route=True,
-        exclude_paths="/health",
+        app, tracer_provider=provider, profile_store=MemoryStore(), **SETTINGS
     )
     # As gunicorn with SCRIPT_NAME=/svc presents /svc/items/1 (httpx's transport sets
     # SCRIPT_NAME and leaves PATH_INFO as given, so the paths here are below the prefix).

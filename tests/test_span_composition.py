@@ -29,14 +29,9 @@ from otelprof_middleware import ProfilingMiddleware
 from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider, marker_alpha, server_spans
+from .helpers import marker_alpha, server_spans
 
 Otel = tuple[TracerProvider, InMemorySpanExporter]
-
-
-@pytest.fixture
-def otel() -> Otel:
-    return make_provider()
 
 
 def ours(otel: Otel) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -26,25 +26,12 @@ from starlette.routing import Route
 from otelprof_middleware import ProfilingMiddleware, counters
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider, marker_alpha, marker_beta
-
-
-@pytest.fixture
-def otel() -> tuple[TracerProvider, InMemorySpanExporter]:
-    return make_provider()
+from .helpers import marker_alpha, marker_beta
 
 
 @pytest.fixture
 def store() -> MemoryStore:
     return MemoryStore()
-
-
-@pytest.fixture
-def closing() -> Iterator[list[ProfilingMiddleware]]:
-    made: list[ProfilingMiddleware] = []
-    yield made
-    for middleware in made:
-        middleware.core.writer.close()
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware, counters
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider, marker_alpha, server_spans
+from .helpers import drive, http_scope, make_provider, marker_alpha, server_spans
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ["hook", "always_on"]
@@ -171,38 +171,6 @@ async def _hello(scope: Message, receive: Callable[..., Any], send: Callable[...
     await send({"type": "http.response.body", "body": b"lo"})
 
 
-async def _drive(app: Any, scope: Message) -> list[Message]:
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
-
-
-def _scope(**overrides: Any) -> Message:
-    scope: Message = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/hello",
-        "raw_path": b"/hello",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("testserver", 80),
-    }
-    scope.update(overrides)
-    return scope
-
-
 def _profiled(app: Any, **settings: Any) -> ProfilingMiddleware:
     provider, _ = make_provider()
     settings = {"sample_rate": 1.0, "min_duration_ms": 0, **settings}
@@ -214,11 +182,11 @@ def _profiled(app: Any, **settings: Any) -> ProfilingMiddleware:
 @pytest.mark.anyio
 @pytest.mark.parametrize("mode", MODES)
 async def test_scope_without_headers(mode: str) -> None:
-    scope = _scope()
+    scope = http_scope()
     del scope["headers"]
-    expected = await _drive(_hello, dict(scope))
+    expected = await drive(_hello, dict(scope))
     middleware = _profiled(_hello, mode=mode)
-    assert await _drive(middleware, dict(scope)) == expected
+    assert await drive(middleware, dict(scope)) == expected
     middleware.core.writer.flush(5)
     # Profiled all the same: the link's host falls back to the scope's server.
     [record] = middleware.core.get_store().list()
@@ -240,7 +208,7 @@ async def test_raising_route_and_host_lookups(
         scope["route"] = _RaisingRoute()
         await _hello(scope, receive, send)
 
-    expected = await _drive(app, _scope())
+    expected = await drive(app, http_scope())
     from otelprof_middleware.profiling import _active_profile
 
     def raising_host(host: str | None) -> str | None:
@@ -249,7 +217,7 @@ async def test_raising_route_and_host_lookups(
     monkeypatch.setattr(_active_profile, "safe_host", raising_host)  # the engine makes links
     middleware = _profiled(app, mode=mode)
     for _ in range(3):
-        assert await _drive(middleware, _scope()) == expected
+        assert await drive(middleware, http_scope()) == expected
     seen = counters()
     assert seen.get("failed.profiler.finish") == 3, seen
     logged = [r for r in caplog.records if "profiler.finish failed" in r.getMessage()]
@@ -283,7 +251,7 @@ async def test_raising_send_reaches_the_app_unchanged(mode: str) -> None:
 
     middleware = _profiled(app, mode=mode)
     with pytest.raises(Gone, match="client disconnected"):
-        await middleware(_scope(), receive, send)
+        await middleware(http_scope(), receive, send)
     assert len(seen_by_app) == 1
     assert middleware.core.writer.flush(5)
     [record] = middleware.core.get_store().list()
@@ -353,9 +321,9 @@ async def test_query_string_otel_cannot_decode_reaches_the_app() -> None:
         await send({"type": "http.response.start", "status": 400, "headers": []})
         await send({"type": "http.response.body", "body": repr(scope["query_string"]).encode()})
 
-    scope = _scope(query_string=b"\xff")
-    expected = await _drive(app, dict(scope))
-    assert await _drive(_profiled(app), dict(scope)) == expected
+    scope = http_scope(query_string=b"\xff")
+    expected = await drive(app, dict(scope))
+    assert await drive(_profiled(app), dict(scope)) == expected
     assert counters()["failed.span"] == 1
 
 
@@ -365,7 +333,7 @@ async def test_app_exceptions_under_our_span_are_untouched() -> None:
         raise LookupError("the app's own")
 
     with pytest.raises(LookupError, match="the app's own"):
-        await _drive(_profiled(app), _scope())
+        await drive(_profiled(app), http_scope())
     assert "failed.span" not in counters()
 
 

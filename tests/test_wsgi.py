@@ -3,18 +3,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from flask import Flask, Response, jsonify
 from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from werkzeug.test import Client as _Client
 
 from otelprof_middleware import WSGIProfilingMiddleware
 from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider, marker_alpha, marker_beta, server_spans, text_of
+from .helpers import marker_alpha, marker_beta, server_spans, text_of
 
 LOOPBACK = {"REMOTE_ADDR": "127.0.0.1"}
 
@@ -52,21 +49,8 @@ def make_flask() -> Flask:
     return app
 
 
-@pytest.fixture
-def otel() -> tuple[TracerProvider, InMemorySpanExporter]:
-    return make_provider()
-
-
-@pytest.fixture
-def made() -> Iterator[list[WSGIProfilingMiddleware]]:
-    middlewares: list[WSGIProfilingMiddleware] = []
-    yield middlewares
-    for middleware in middlewares:
-        middleware.core.writer.close()
-
-
 def profiled(
-    app: Flask, otel: Any, store: MemoryStore, made: list[WSGIProfilingMiddleware], **kw: Any
+    app: Flask, otel: Any, store: MemoryStore, closing: list[WSGIProfilingMiddleware], **kw: Any
 ) -> WSGIProfilingMiddleware:
     kw.setdefault("sample_rate", 1.0)
     kw.setdefault("debug_route", True)
@@ -74,14 +58,14 @@ def profiled(
         app.wsgi_app, tracer_provider=otel[0], profile_store=store, **kw
     )
     app.wsgi_app = middleware  # type: ignore[method-assign]
-    made.append(middleware)
+    closing.append(middleware)
     return middleware
 
 
-def test_flask_request_is_linked_and_stored(otel: Any, made: list[Any]) -> None:
+def test_flask_request_is_linked_and_stored(otel: Any, closing: list[Any]) -> None:
     store = MemoryStore()
     app = make_flask()
-    middleware = profiled(app, otel, store, made)
+    middleware = profiled(app, otel, store, closing)
     client = Client(app)
     response = client.get("/items/5", environ_base=LOOPBACK)
     assert response.json == {"item_id": 5}
@@ -96,10 +80,10 @@ def test_flask_request_is_linked_and_stored(otel: Any, made: list[Any]) -> None:
     assert page.status_code == 200 and "marker_alpha" in page.text
 
 
-def test_generator_body_profiled_until_close(otel: Any, made: list[Any]) -> None:
+def test_generator_body_profiled_until_close(otel: Any, closing: list[Any]) -> None:
     store = MemoryStore()
     app = make_flask()
-    middleware = profiled(app, otel, store, made)
+    middleware = profiled(app, otel, store, closing)
     response = Client(app).get("/stream", environ_base=LOOPBACK)
     assert response.text == "".join(f"chunk{i}\n" for i in range(4))
     middleware.core.writer.flush()
@@ -109,10 +93,10 @@ def test_generator_body_profiled_until_close(otel: Any, made: list[Any]) -> None
     assert span.attributes is not None and PROFILE_URL in span.attributes
 
 
-def test_flask_error_keeps_profile(otel: Any, made: list[Any]) -> None:
+def test_flask_error_keeps_profile(otel: Any, closing: list[Any]) -> None:
     store = MemoryStore()
     app = make_flask()
-    middleware = profiled(app, otel, store, made)
+    middleware = profiled(app, otel, store, closing)
     assert Client(app).get("/fail").status_code == 500
     middleware.core.writer.flush()
     [summary] = store.list()
@@ -120,13 +104,13 @@ def test_flask_error_keeps_profile(otel: Any, made: list[Any]) -> None:
     assert "fail" in text_of(store.get(summary.trace_id)[0].session())
 
 
-def test_joins_flask_instrumentor_and_otel_wsgi(otel: Any, made: list[Any]) -> None:
+def test_joins_flask_instrumentor_and_otel_wsgi(otel: Any, closing: list[Any]) -> None:
     from opentelemetry.instrumentation.flask import FlaskInstrumentor
 
     store = MemoryStore()
     app = make_flask()
     FlaskInstrumentor.instrument_app(app, tracer_provider=otel[0])
-    profiled(app, otel, store, made)
+    profiled(app, otel, store, closing)
     try:
         assert Client(app).get("/items/1").status_code == 200
         assert len(server_spans(otel[1])) == 1
@@ -134,14 +118,14 @@ def test_joins_flask_instrumentor_and_otel_wsgi(otel: Any, made: list[Any]) -> N
         FlaskInstrumentor.uninstrument_app(app)
     otel[1].clear()
     app2 = make_flask()
-    inner = profiled(app2, otel, store, made)
+    inner = profiled(app2, otel, store, closing)
     outer = OpenTelemetryMiddleware(inner, tracer_provider=otel[0])
     assert Client(outer).get("/items/2").status_code == 200
     [span] = server_spans(otel[1])
     assert span.attributes is not None and PROFILE_URL in span.attributes
 
 
-def test_store_failure_changes_nothing(otel: Any, made: list[Any]) -> None:
+def test_store_failure_changes_nothing(otel: Any, closing: list[Any]) -> None:
     class Broken(MemoryStore):
         def put(self, record: Any) -> None:
             raise OSError("read-only file system")
@@ -151,7 +135,7 @@ def test_store_failure_changes_nothing(otel: Any, made: list[Any]) -> None:
 
     plain = Client(make_flask())
     app = make_flask()
-    middleware = profiled(app, otel, Broken(), made)
+    middleware = profiled(app, otel, Broken(), closing)
     ours = Client(app)
     for path in ("/items/3", "/stream", "/fail", "/missing"):
         a, b = ours.get(path), plain.get(path)
@@ -162,12 +146,12 @@ def test_store_failure_changes_nothing(otel: Any, made: list[Any]) -> None:
     assert counters()["failed.store.put"] == 4
 
 
-def test_viewer_off_by_default_and_loopback_only(otel: Any, made: list[Any]) -> None:
+def test_viewer_off_by_default_and_loopback_only(otel: Any, closing: list[Any]) -> None:
     app = make_flask()
-    profiled(app, otel, MemoryStore(), made, debug_route=False)
+    profiled(app, otel, MemoryStore(), closing, debug_route=False)
     assert Client(app).get("/debug/profile", environ_base=LOOPBACK).status_code == 404
     app2 = make_flask()
-    profiled(app2, otel, MemoryStore(), made)
+    profiled(app2, otel, MemoryStore(), closing)
     assert (
         Client(app2).get("/debug/profile", environ_base={"REMOTE_ADDR": "10.0.0.7"}).status_code
         == 403
