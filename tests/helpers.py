@@ -3,14 +3,18 @@ sessions (profiled or built by hand) and the stored summaries and records of tes
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -209,3 +213,38 @@ async def drive(app: Any, scope: dict[str, Any]) -> list[dict[str, Any]]:
 
     await app(scope, receive, send)
     return sent
+
+
+def wait_answering(
+    url: str,
+    process: subprocess.Popen[Any],
+    log: Callable[[], str],
+    *,
+    what: str = "the server",
+    timeout: float = 30.0,
+) -> None:
+    """Wait until ``url`` answers at all (any status); raise with ``log()`` if
+    ``process`` exits first or nothing answers within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited:\n{log()}")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start:\n{log()}") from None
+            time.sleep(0.1)
+
+
+def stop_group(process: subprocess.Popen[Any], grace: float = 15.0) -> None:
+    """End the process group ``process`` leads (started with ``start_new_session``):
+    SIGTERM, then SIGKILL if it is still running after ``grace`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)

@@ -7,6 +7,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol, TypeVar
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that logs nothing (the tests read what it recorded instead)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 @contextmanager
@@ -23,3 +31,25 @@ def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+class ReceiverState(Protocol):
+    url: str
+    gate: threading.Event
+
+
+State = TypeVar("State", bound=ReceiverState)
+
+
+@contextmanager
+def receiving(state: State, handler: type[BaseHTTPRequestHandler]) -> Iterator[State]:
+    """:func:`serving` for a receiver: yields ``state`` with its ``url`` set; its ``gate``
+    (which a test clears to hold requests) is opened first, at the start and on exit,
+    so that held requests finish before the server stops."""
+    state.gate.set()
+    with serving(handler) as url:
+        state.url = url
+        try:
+            yield state
+        finally:
+            state.gate.set()

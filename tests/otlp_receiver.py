@@ -18,7 +18,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
@@ -28,7 +27,7 @@ from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 i
 )
 from opentelemetry.proto.profiles.v1development.profiles_pb2 import ProfilesDictionary
 
-from .http_receiver import serving
+from .http_receiver import QuietHandler, receiving
 
 PATH = "/v1development/profiles"
 
@@ -238,9 +237,8 @@ def profiles_of(requests: list[ExportProfilesServiceRequest]) -> list[ReceivedPr
 def serve() -> Iterator[OtlpReceiver]:
     """A running receiver (the ``otlp_receiver`` fixture of ``conftest.py``)."""
     state = OtlpReceiver()
-    state.gate.set()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         protocol_version = "HTTP/1.1"
 
         def do_POST(self) -> None:
@@ -281,12 +279,5 @@ def serve() -> Iterator[OtlpReceiver]:
             self.end_headers()
             self.wfile.write(payload)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    with serving(Handler) as url:
-        state.url = url
-        try:
-            yield state
-        finally:
-            state.gate.set()  # let held requests finish before the server stops
+    with receiving(state, Handler):
+        yield state

@@ -17,13 +17,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from .http_receiver import serving
+from .http_receiver import QuietHandler, receiving
 
 descriptor_pb2 = pytest.importorskip("google.protobuf.descriptor_pb2")
 message_factory = pytest.importorskip("google.protobuf.message_factory")
@@ -156,9 +155,8 @@ class Receiver:
 def serve() -> Iterator[Receiver]:
     """A running receiver (the ``pyroscope_receiver`` fixture of ``conftest.py``)."""
     state = Receiver(url="")
-    state.gate.set()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_POST(self) -> None:
             state.gate.wait(10)
             parts = urlsplit(self.path)
@@ -186,12 +184,5 @@ def serve() -> Iterator[Receiver]:
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    with serving(Handler) as url:
-        state.url = url
-        try:
-            yield state
-        finally:
-            state.gate.set()  # let held requests finish before the server stops
+    with receiving(state, Handler):
+        yield state

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from otelprof_middleware.cli import ViewerApp, main
 from otelprof_middleware.stores import MemoryStore, SQLiteStore
 from otelprof_middleware.viewer import Viewer
 
-from .helpers import free_port, make_summary, profile
+from .helpers import free_port, make_summary, profile, stop_group, wait_answering
 
 ROOT = Path(next(iter(otelprof_middleware.__path__))).parent
 T0 = 1_700_000_000.0
@@ -395,27 +394,10 @@ def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, 
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError("otelprof serve exited:\n" + log.read_text())
-            try:
-                httpx.get(base + "/", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "otelprof serve did not start:\n" + log.read_text()
-                    ) from None
-                time.sleep(0.1)
+        wait_answering(base + "/", process, log.read_text, what="otelprof serve", timeout=20)
         yield base, log
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+        stop_group(process, grace=10)
         log.unlink(missing_ok=True)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from ..helpers import stop_group, wait_answering
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -74,25 +75,16 @@ def run_server(
         _wait_ready(server)
         yield server
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+        stop_group(process)
 
 
 def _wait_ready(server: Server, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError("server exited:\n" + server.log.read_text())
-        try:
-            httpx.get(server.base_url + "/debug/profile?format=json", timeout=1.0)
-            return
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise RuntimeError("server did not start:\n" + server.log.read_text())
+    wait_answering(
+        server.base_url + "/debug/profile?format=json",
+        server.process,
+        server.log.read_text,
+        timeout=timeout,
+    )
 
 
 def uvicorn(

@@ -36,7 +36,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -52,7 +51,7 @@ from otelprof_middleware._record import ProfileRecord
 from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import SQLiteStore
 
-from ..helpers import free_port, make_summary, profile, spin
+from ..helpers import free_port, make_summary, profile, spin, stop_group, wait_answering
 from .docs_scaffold import DJANGO_SETTINGS, DJANGO_URLS, PROBE_PATH
 from .servers import BIN, ROOT
 
@@ -236,15 +235,7 @@ class Page:
         (self.work / f"{module}.py").write_text(source)
         self.imports += [i for i in own_imports if i not in self.imports]
         if not ends_with_app:
-            result = subprocess.run(
-                [str(BIN / "python"), f"{module}.py"],
-                cwd=self.work,
-                env=self.env,
-                capture_output=True,
-                timeout=60,
-            )
-            output = (result.stdout + result.stderr).decode(errors="replace")
-            assert result.returncode == 0, f"{block.id}: exit {result.returncode}\n{output}"
+            output = self._run_ok(block, [str(BIN / "python"), f"{module}.py"], timeout=60)
             assert "Traceback" not in output, f"{block.id}:\n{output}"
             return
         target = f"{module}:{'application' if 'application' in _assigned(tree) else 'app'}"
@@ -266,6 +257,15 @@ class Page:
             )
         self.probe(block, django="get_" in block.code and "_application" in block.code)
 
+    def _run_ok(self, block: Block, command: list[str], *, timeout: float) -> str:
+        """Run ``command`` in the work directory; it must exit 0. Returns its output."""
+        result = subprocess.run(
+            command, cwd=self.work, env=self.env, capture_output=True, timeout=timeout
+        )
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        assert result.returncode == 0, f"{block.id}: exit {result.returncode}\n{output}"
+        return output
+
     def _module_name(self, code: str, is_app: bool) -> str:
         if "get_asgi_application" in code:
             return "asgi"
@@ -276,7 +276,8 @@ class Page:
     def probe(self, block: Block, *, django: bool = False) -> None:
         """The served app answers its route, is traced by route, and its links open."""
         base = f"http://127.0.0.1:{self.port}"
-        self._wait_ready(block)
+        assert self.server is not None
+        wait_answering(base + "/", self.server, self.log, what=f"{block.id}: the server")
         path = PROBE_PATH + ("/" if django else "")
         trace_id = secrets.token_hex(16)
         traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01"
@@ -300,18 +301,6 @@ class Page:
             if url and self.viewer_on:
                 assert _fetch(url).status_code == 200, (block.id, url)
         assert not any(bad in self.log() for bad in BAD_LOG), (block.id, self.log())
-
-    def _wait_ready(self, block: Block) -> None:
-        deadline = time.monotonic() + 30
-        while True:
-            if self.server is not None and self.server.poll() is not None:
-                raise AssertionError(f"{block.id}: the server exited\n{self.log()}")
-            try:
-                httpx.get(f"http://127.0.0.1:{self.port}/", timeout=1)
-                return
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, f"{block.id}: no answer\n{self.log()}"
-                time.sleep(0.1)
 
     def _server_span(self, trace_id: str) -> dict[str, Any] | None:
         deadline = time.monotonic() + 10
@@ -337,13 +326,7 @@ class Page:
 
     def stop(self) -> None:
         if self.server is not None:
-            with suppress(ProcessLookupError):
-                os.killpg(self.server.pid, signal.SIGTERM)
-            try:
-                self.server.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.server.pid, signal.SIGKILL)
-                self.server.wait(5)
+            stop_group(self.server)
             self.server = None
 
     # -- bash
@@ -383,15 +366,7 @@ class Page:
         script.append(f'"{BIN / "python"}" -m tests.e2e.docs_probe --check-settings')
         path = self.work / f"block_{self.count}.sh"
         path.write_text("\n".join(script) + "\n")
-        result = subprocess.run(
-            ["bash", str(path)],
-            cwd=self.work,
-            env=self.env,
-            capture_output=True,
-            timeout=120,
-        )
-        output = (result.stdout + result.stderr).decode(errors="replace")
-        assert result.returncode == 0, f"{block.id}: exit {result.returncode}\n{output}"
+        self._run_ok(block, ["bash", str(path)], timeout=120)
         if self.server is not None:
             self.check_links(block)
 

@@ -70,21 +70,16 @@ def test_a_link_minted_by_one_app_opens_on_the_other_and_on_otelprof_serve(
     for name in ("a", "b", "viewer"):
         (tmp_path / name).mkdir()
     with ExitStack() as stack:
-        app_a = stack.enter_context(
-            run_server(
-                uvicorn("demo_app.fastapi_app:app", port_a, workers=1),
-                tmp_path / "a",
-                env=env,
-                port=port_a,
+        app_a, app_b = (
+            stack.enter_context(
+                run_server(
+                    uvicorn("demo_app.fastapi_app:app", port, workers=1),
+                    tmp_path / name,
+                    env=env,
+                    port=port,
+                )
             )
-        )
-        app_b = stack.enter_context(
-            run_server(
-                uvicorn("demo_app.fastapi_app:app", port_b, workers=1),
-                tmp_path / "b",
-                env=env,
-                port=port_b,
-            )
+            for name, port in (("a", port_a), ("b", port_b))
         )
         viewer = stack.enter_context(
             run_server(

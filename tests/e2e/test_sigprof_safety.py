@@ -50,14 +50,13 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.http_receiver import serving
+from tests.http_receiver import QuietHandler, serving
 from tests.redis_server import RedisServer, started
 
 from ..helpers import free_port
@@ -641,11 +640,8 @@ class _Collector:
         self.requests: list[tuple[str, bytes]] = []
         collector = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
