@@ -3,6 +3,7 @@ sessions (profiled or built by hand) and the stored summaries and records of tes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -248,3 +249,20 @@ def stop_group(process: subprocess.Popen[Any], grace: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(5)
+
+
+# Of a request to /alpha (marker_alpha) or /beta (marker_beta): its own marker, and the
+# other one, which its profile must never hold.
+OWN_AND_OTHER = {
+    "/alpha": ("marker_alpha", "marker_beta"),
+    "/beta": ("marker_beta", "marker_alpha"),
+}
+
+
+async def get_alpha_and_beta_at_once(app: Any, count: int) -> list[httpx.Response]:
+    """``count`` GETs of /alpha and /beta in turn, all at once, through the ASGI ``app``."""
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await asyncio.gather(
+            *[client.get("/alpha" if i % 2 else "/beta") for i in range(count)]
+        )

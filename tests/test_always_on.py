@@ -7,7 +7,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -21,7 +20,14 @@ from otelprof_middleware.profiling._start_policy import StartPolicy
 from otelprof_middleware.profiling.always_on import always_on_sampler
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider, marker_alpha, marker_beta, text_of
+from .helpers import (
+    OWN_AND_OTHER,
+    get_alpha_and_beta_at_once,
+    make_provider,
+    marker_alpha,
+    marker_beta,
+    text_of,
+)
 
 
 def test_mode_setting_is_validated() -> None:
@@ -88,11 +94,7 @@ async def test_concurrent_loop_and_worker_requests_never_mix(
     app: tuple[ProfilingMiddleware, MemoryStore],
 ) -> None:
     middleware, store = app
-    transport = httpx.ASGITransport(app=middleware, client=("127.0.0.1", 1))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        responses = await asyncio.gather(
-            *[client.get("/alpha" if i % 2 else "/beta") for i in range(16)]
-        )
+    responses = await get_alpha_and_beta_at_once(middleware, 16)
     assert all(r.status_code == 200 for r in responses)
     middleware.core.writer.flush()
     summaries = store.list()
@@ -104,11 +106,7 @@ async def test_concurrent_loop_and_worker_requests_never_mix(
         session = store.get(summary.trace_id)[0].session()
         text = text_of(session)
         assert "always-on sampler, interval 2 ms" in session.target_description
-        own, other = (
-            ("marker_alpha", "marker_beta")
-            if summary.route == "/alpha"
-            else ("marker_beta", "marker_alpha")
-        )
+        own, other = OWN_AND_OTHER[summary.route]
         assert other not in text, text
         found_own += own in text
     assert found_own >= 12  # statistical: a 40 ms marker is almost always sampled

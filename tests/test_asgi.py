@@ -4,7 +4,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
@@ -20,7 +19,15 @@ from otelprof_middleware import ProfilingMiddleware
 from otelprof_middleware.profiling._span import PROFILE_ID, PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import http_scope, marker_alpha, marker_beta, server_spans, text_of
+from .helpers import (
+    OWN_AND_OTHER,
+    get_alpha_and_beta_at_once,
+    http_scope,
+    marker_alpha,
+    marker_beta,
+    server_spans,
+    text_of,
+)
 
 LOOPBACK = ("127.0.0.1", 50000)
 
@@ -299,11 +306,7 @@ async def test_concurrent_requests_never_mix(
 ) -> None:
     app = wrap(otel, store)
     closing.append(app)
-    transport = httpx.ASGITransport(app=app, client=LOOPBACK)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        responses = await asyncio.gather(
-            *[client.get("/alpha" if i % 2 else "/beta") for i in range(24)]
-        )
+    responses = await get_alpha_and_beta_at_once(app, 24)
     assert all(r.status_code == 200 for r in responses)
     app.core.writer.flush()
     summaries = store.list()
@@ -311,11 +314,7 @@ async def test_concurrent_requests_never_mix(
     for summary in summaries:
         [record] = store.get(summary.trace_id)
         text = text_of(record.session())
-        own, other = (
-            ("marker_alpha", "marker_beta")
-            if summary.route == "/alpha"
-            else ("marker_beta", "marker_alpha")
-        )
+        own, other = OWN_AND_OTHER[summary.route]
         assert own in text and other not in text, text
 
 

@@ -27,7 +27,7 @@ import pytest
 
 from otelprof_middleware.profiling._span import PROFILE_URL
 
-from ..helpers import free_port
+from ..helpers import free_port, wait_answering
 from .servers import Server, fetch_profile, gunicorn, run_server, uvicorn
 
 pytestmark = pytest.mark.e2e
@@ -230,17 +230,7 @@ http {{
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"nginx exited: {log.read_text()}")
-            try:
-                httpx.get(base + "/", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_answering(base + "/", process, log.read_text, what="nginx", timeout=10)
         yield base
     finally:
         process.terminate()

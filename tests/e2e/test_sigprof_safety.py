@@ -59,7 +59,7 @@ import pytest
 from tests.http_receiver import QuietHandler, serving
 from tests.redis_server import RedisServer, started
 
-from ..helpers import free_port
+from ..helpers import free_port, wait_answering
 from .servers import BIN, ROOT, Server, _wait_ready, uvicorn
 
 pytestmark = [
@@ -101,15 +101,7 @@ def echo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=1)
-                break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("echo server did not start:\n" + log.read_text()) from None
-                time.sleep(0.05)
+        wait_answering(url + "/health", process, log.read_text, what="the echo server", timeout=10)
         yield url
     finally:
         process.kill()

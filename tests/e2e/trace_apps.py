@@ -11,7 +11,6 @@ services keep every profile in the store ``OTELPROF_STORE`` names (a shared Redi
 from __future__ import annotations
 
 import os
-import time
 
 import httpx
 from opentelemetry.propagate import inject
@@ -24,25 +23,19 @@ from starlette.routing import Route
 
 from otelprof_middleware import ProfilingMiddleware
 
+from ..helpers import spin
+
 __all__ = ["app"]
 
 SERVICE = os.environ.get("TRACE_APPS_SERVICE", "checkout")
 
 
-def _spin(seconds: float) -> int:
-    deadline = time.perf_counter() + seconds
-    total = 0
-    while time.perf_counter() < deadline:
-        total += sum(range(50))
-    return total
-
-
 def checkout_marker(seconds: float) -> int:
-    return _spin(seconds)
+    return spin(seconds)
 
 
 def pricing_marker(seconds: float) -> int:
-    return _spin(seconds)
+    return spin(seconds)
 
 
 def checkout(request: Request) -> PlainTextResponse:
