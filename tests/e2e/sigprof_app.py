@@ -10,7 +10,7 @@ on the loop thread (``where=loop``, the default) or a worker thread (``where=thr
 
 Every endpoint answers JSON with its result and ``ticks``: how many times the middleware's
 SIGPROF handler ran during the call. The count comes from a wrapper around
-``AlwaysOnSampler._on_sigprof`` put on the class before any sampler exists (the driver
+``SigprofDriver.on_sigprof`` put on the class before any sampler exists (the driver
 compares ``signal.getsignal()`` with its bound method, which stays equal), so the package
 itself is not changed. A failing call answers 500 with the exception.
 
