@@ -228,7 +228,9 @@ class AlwaysOnSampler:
         frames = sys._current_frames()
         main_ident = self.sigprof.main_ident
         if main_frame is not None:  # SIGPROF: the main thread is in the handler now
-            frames[main_ident] = main_frame  # type: ignore[index]
+            # The signal may have interrupted our own registration code: its time goes to
+            # the first caller outside the sampler, as a thread tick's does.
+            frames[main_ident] = _outside_sampler(main_frame)  # type: ignore[index]
         running, job_starts = self.registry.running_now(
             frames, main_ident, main_frame, self.last_tick - elapsed, _outside_sampler
         )
