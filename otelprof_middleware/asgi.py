@@ -368,5 +368,6 @@ class _ProfiledSend:
 
     def finish(self) -> None:
         """The app returned (or raised): end the profile if the last body did not."""
-        self._stop_and_keep()
+        if not self._active.finished:
+            self._stop_and_keep()
         self._core.detach(self._active)
