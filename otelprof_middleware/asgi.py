@@ -10,6 +10,7 @@ import anyio.to_thread
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
+from ._adapter_parts import build_parts
 from ._config import Settings
 from ._failsafe import log_failure
 from ._request import RequestFacts, app_path, normalise_method
@@ -17,7 +18,6 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 from .profiling._active_profile import ActiveProfile
 from .profiling._engine import ProfilerCore
 from .profiling._request_profile import add_stem_marker
-from .profiling._settings import load_config
 from .profiling._span import (
     ROUTE_KEY,
     current_server_span,
@@ -25,9 +25,7 @@ from .profiling._span import (
     span_declined,
     span_owner_below,
 )
-from .profiling._worker_threads import install as install_worker_thread_profiling
 from .stores._base import ProfileStore
-from .viewer import Viewer
 from .viewer import serve_asgi as serve_viewer
 
 __all__ = ["ProfilingMiddleware", "serve_viewer"]
@@ -72,27 +70,16 @@ class ProfilingMiddleware:
         **settings: Unpack[Settings],
     ) -> None:
         self.app = app
-        self.config = load_config(settings, has_store=profile_store is not None)
-        self._core = ProfilerCore(self.config, store=profile_store)
+        parts = build_parts(settings, profile_store)
+        self.config, self._core, self._viewer = parts.config, parts.core, parts.viewer
         self._start_policy = self._core.start_policy
         self._trigger_header = self._start_policy.trigger_header
-        self._viewer = (
-            Viewer(
-                self._core.store_opener.get,
-                token=self.config.debug_token,
-                public_url=self.config.public_url,
-            )
-            if self.config.debug_route
-            else None
-        )
         self._traced_app = OpenTelemetryMiddleware(
             self._in_own_span, tracer_provider=tracer_provider, exclude_spans=["receive", "send"]
         )
         self._owner_checked = False
         self._joins_below_owner = False
         self._is_joiner = False
-        if self.config.enabled:
-            install_worker_thread_profiling()
 
     @property
     def core(self) -> ProfilerCore:

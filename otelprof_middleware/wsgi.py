@@ -14,6 +14,7 @@ from opentelemetry.instrumentation.wsgi import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from ._adapter_parts import build_parts
 from ._config import Settings
 from ._failsafe import log_failure
 from ._request import RequestFacts, normalise_method
@@ -21,15 +22,13 @@ from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .profiling._active_profile import ActiveProfile
 from .profiling._engine import ProfilerCore
 from .profiling._request_profile import add_stem_marker
-from .profiling._settings import load_config
 from .profiling._span import (
     ROUTE_KEY,
     current_server_span,
     name_by_route,
 )
-from .profiling._worker_threads import install as install_worker_thread_profiling
 from .stores._base import ProfileStore
-from .viewer import Viewer, serve_wsgi
+from .viewer import serve_wsgi
 
 __all__ = ["WSGIProfilingMiddleware"]
 
@@ -71,22 +70,11 @@ class WSGIProfilingMiddleware:
         **settings: Unpack[Settings],
     ) -> None:
         self.app = app
-        self.config = load_config(settings, has_store=profile_store is not None)
-        self._core = ProfilerCore(self.config, store=profile_store)
+        parts = build_parts(settings, profile_store)
+        self.config, self._core, self._viewer = parts.config, parts.core, parts.viewer
         self._start_policy = self._core.start_policy
         self._trigger_key = "HTTP_" + self.config.trigger_header.upper().replace("-", "_")
-        self._viewer = (
-            Viewer(
-                self._core.store_opener.get,
-                token=self.config.debug_token,
-                public_url=self.config.public_url,
-            )
-            if self.config.debug_route
-            else None
-        )
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
-        if self.config.enabled:
-            install_worker_thread_profiling()
 
     @property
     def core(self) -> ProfilerCore:
