@@ -25,11 +25,14 @@ __all__ = [
     "HIDDEN",
     "NO_SAMPLES",
     "NO_START_STACK",
+    "THREAD_FILE",
     "UNKNOWN_FILE",
     "FrameParts",
+    "class_attribute",
     "frame_parts",
     "identifier",
     "is_thread_root",
+    "line_attribute",
     "thread_root",
 ]
 

@@ -19,7 +19,6 @@ reaching into the package's internals.
 
 from __future__ import annotations
 
-import signal
 import threading
 from dataclasses import dataclass
 
@@ -48,12 +47,11 @@ def always_on_status() -> AlwaysOnStatus:
     if sampler is None:
         return AlwaysOnStatus(False, None, 0, False, False, False, False)
     main = sampler.registry.loops.get(threading.main_thread().ident or 0)
-    ours = bool(signal.getsignal(signal.SIGPROF) == sampler.sigprof.on_sigprof)
     return AlwaysOnStatus(
         exists=True,
         interval_ms=sampler.interval * 1000.0,
         ticks=sampler.samples,
-        sigprof_handler_is_ours=ours,
+        sigprof_handler_is_ours=sampler.sigprof.handler_is_ours(),
         timer_armed=sampler.timer_armed,
         thread_alive=sampler.thread.alive,
         main_loop_driven=main is not None and main.driven,
