@@ -94,16 +94,17 @@ class WSGIProfilingMiddleware:
             return serve_wsgi(self._viewer, environ, start_response)
         if way is _OPEN_SPAN:
             return self._in_own_span(environ, start_response)
-        return self._profiled(environ, start_response)
+        return self._profiled(environ, start_response, way)  # type: ignore[arg-type]
 
-    def _way(self, environ: WSGIEnvironment) -> object:
-        """Which way this request goes: the viewer, straight through, or profiled."""
+    def _way(self, environ: WSGIEnvironment) -> trace.Span | object:
+        """The viewer, straight through, the server span to join, or one to open."""
         path: str = environ.get("PATH_INFO", "") or "/"
         if self._viewer is not None and self._viewer.handles(path):
             return _VIEWER
         if self._start_policy.is_excluded(path):
             return _PASS
-        return _JOIN_SPAN if current_server_span() is not None else _OPEN_SPAN
+        joined = current_server_span()
+        return _OPEN_SPAN if joined is None else joined
 
     def _in_own_span(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -141,7 +142,7 @@ class WSGIProfilingMiddleware:
             return start_response(status, headers, *exc_info)
 
         try:
-            return self._profiled(environ, start_traced, lambda: _end_span(span, None))
+            return self._profiled(environ, start_traced, span, lambda: _end_span(span, None))
         except BaseException as error:
             _end_span(span, error)
             raise
@@ -152,12 +153,14 @@ class WSGIProfilingMiddleware:
         self,
         environ: WSGIEnvironment,
         start_response: StartResponse,
+        span: trace.Span,
         end_span: Callable[[], None] | None = None,
     ) -> Iterable[bytes]:
-        """The app, profiled if the core decides so; ``end_span`` runs when the body ends."""
+        """The app, profiled if the core decides so; ``span``: the server span (joined or
+        ours); ``end_span`` runs when the body ends."""
         response: _ProfiledResponse | None = None
         try:
-            active = self._core.start(trace.get_current_span(), self._describe(environ))
+            active = self._core.start(span, self._describe(environ))
             if active is not None:
                 response = _ProfiledResponse(self._core, active, environ, start_response)
         except Exception as exc:
@@ -204,7 +207,7 @@ class WSGIProfilingMiddleware:
 
 add_stem_marker(WSGIProfilingMiddleware._profiled.__code__)
 
-_PASS, _VIEWER, _JOIN_SPAN, _OPEN_SPAN = object(), object(), object(), object()
+_PASS, _VIEWER, _OPEN_SPAN = object(), object(), object()
 
 
 def route_template(environ: WSGIEnvironment) -> str | None:

@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanContext, format_span_id, format_trace_id
 
 from .._config import Config
 from .._net import safe_host
-from .._request import RequestFacts
+from .._request import RequestFacts, normalise_method
 from ._request_profile import RequestProfile
 from ._span import profile_url
 from ._thread_hook import ThreadHook
@@ -33,11 +33,15 @@ class ActiveProfile:
     span: trace.Span
     context: SpanContext
     facts: RequestFacts
-    method: str
     token: Token[RequestProfile | None] | None
     finished: bool = field(default=False)
     duration: float = field(default=0.0)  # seconds, set when stopped
     triggered: bool = field(default=False)  # asked for by the trigger header
+
+    @property
+    def method(self) -> str:
+        """The request's method, normalised (worked out when asked: for kept profiles)."""
+        return normalise_method(self.facts.method)
 
     @property
     def trace_id(self) -> str:

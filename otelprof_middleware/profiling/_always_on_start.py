@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanContext
 
 from .._config import Config
 from .._failsafe import count, log_failure
-from .._request import RequestFacts, normalise_method
+from .._request import RequestFacts
 from ._active_profile import ActiveProfile, linked
 from ._request_profile import RequestProfile, current_request
 from .always_on import AlwaysOnSampler, always_on_sampler
@@ -85,7 +85,6 @@ class AlwaysOnStart:
                 span=span,
                 context=context,
                 facts=facts,
-                method=normalise_method(facts.method),
                 token=token,
             ),
         )

@@ -19,7 +19,7 @@ from pyinstrument.stack_sampler import build_call_stack
 
 from .._config import Config
 from .._failsafe import count, log_failure
-from .._request import RequestFacts, normalise_method
+from .._request import RequestFacts
 from ._active_profile import ActiveProfile, linked
 from ._loop_hook import install_task_factory
 from ._request_profile import RequestProfile, current_request
@@ -118,7 +118,6 @@ class HookStart:
                 span=span,
                 context=context,
                 facts=facts,
-                method=normalise_method(facts.method),
                 token=token,
                 triggered=trigger is not None
                 and self._start_policy.is_triggered(trigger, facts.client_host),

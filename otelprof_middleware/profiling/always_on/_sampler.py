@@ -104,7 +104,7 @@ class AlwaysOnSampler:
         if where is None:
             return False
         if type(where) is LoopState and where.driven:
-            if not where.ticking or self.sigprof.armed_pid != _sigprof.pid():
+            if not where.ticking or self.sigprof.armed_pid != _sigprof.PROCESS[0]:
                 self.sigprof.drive(where)  # (steady state: ticking and armed, nothing to do)
         else:
             self.thread.wake()

@@ -173,16 +173,18 @@ class SigprofDriver:
 _EMPTY = contextvars.Context()  # loop ticks run outside every request
 _LOOP_IDLE_TICKS = 20  # empty loop ticks before the loop tick stops and the timer is disarmed
 
-_PROCESS = [os.getpid()]  # this process's id, kept current across fork (no syscall)
+PROCESS = [os.getpid()]
+"""``PROCESS[0]``: this process's id, kept current across ``fork`` (no syscall; read
+inline on the per-request path, :func:`pid` elsewhere)."""
 
 
 def pid() -> int:
     """This process's id (kept current across ``fork``)."""
-    return _PROCESS[0]
+    return PROCESS[0]
 
 
 def _after_fork_in_child() -> None:
-    _PROCESS[0] = os.getpid()
+    PROCESS[0] = os.getpid()
 
 
 if hasattr(os, "register_at_fork"):

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ._sigprof import pid
+from ._sigprof import PROCESS, pid
 
 if TYPE_CHECKING:
     from ._sampler import AlwaysOnSampler
@@ -35,6 +35,9 @@ class SamplerThread:
         self._thread: threading.Thread | None = None
         self._pid = -1
         self._lock = threading.Lock()
+        # True while the thread is (about to be) asleep on ``_wake`` for want of work:
+        # only then must a registration set the event (read on every WSGI request).
+        self._idle = False
 
     @property
     def alive(self) -> bool:
@@ -49,8 +52,9 @@ class SamplerThread:
 
     def wake(self) -> None:
         """Start the thread if needed and wake it (something was registered)."""
-        self.ensure()
-        if not self._wake.is_set():
+        if self._pid != PROCESS[0] or self._thread is None:
+            self.ensure()
+        if self._idle:
             self._wake.set()
 
     def ensure(self) -> None:
@@ -62,6 +66,7 @@ class SamplerThread:
                 return
             self._stop = threading.Event()
             self._wake = threading.Event()
+            self._idle = False
             self._thread = threading.Thread(target=self._run, name="otelprof-sampler", daemon=True)
             self._thread.start()
             self._pid = pid()
@@ -96,11 +101,13 @@ class SamplerThread:
                 # request does not have to set the event and wake this thread.
                 unwatched += 1
             else:
-                # Clear, then look again: a registration between the two sets the
-                # event again, so it is never missed for a whole wait.
+                # Idle, clear, then look again: a registration after the look saw
+                # ``_idle`` and set the event; one before it is seen by the look.
+                self._idle = True
                 wake.clear()
                 if not registry.needs_thread() and not registry.watching():
                     wake.wait(1.0)
+                self._idle = False
                 continue
             asked = sampler.next_interval()
             if sampling:
