@@ -291,6 +291,8 @@ def _overhead_section(overhead: dict[str, Any]) -> list[str]:
                 ("otel", "OTel middleware alone"),
                 ("ours_off", "OTel + ours, `enabled=False`"),
                 ("ours_unsampled", "OTel + ours, request not sampled (`sample_rate=0`)"),
+                ("floor", "OTel + `floor`: the least an always-on layer does (yardstick)"),
+                ("ours_defaults", "OTel + ours, no arguments (always-on, every request)"),
             ):
                 stats = adapters.get(f"{server}_{key}", {})
                 median = stats.get("median_us")
@@ -305,7 +307,7 @@ def _overhead_section(overhead: dict[str, Any]) -> list[str]:
                     ]
                 )
         adapter_lines = [
-            "A whole unprofiled request through the adapters, in-process (trivial app, fake "
+            "A whole request through the adapters, in-process (trivial app, fake "
             "server, OTel SDK with batch processor and dropping exporter; chunks of 20 "
             "requests, stacks interleaved):",
             "",
@@ -495,7 +497,11 @@ def _budget_section(data: dict[str, Any], index: _Index, servers: list[str]) -> 
     for server in servers:
         base = adapters.get(f"{server}_otel", {}).get("median_us")
         server_cpu = index.median(server, "/tiny", tiny, "otel", "cpu_us_per_req")
-        for variant, key in (("ours_off", "ours_off"), ("ours_1pct", "ours_unsampled")):
+        for variant, key, what in (
+            ("ours_off", "ours_off", "not profiled"),
+            ("ours_1pct", "ours_unsampled", "not profiled"),
+            ("ours_defaults", "ours_defaults", "no arguments, every request profiled"),
+        ):
             ours = adapters.get(f"{server}_{key}", {}).get("median_us")
             if base is None or ours is None or server_cpu is None:
                 continue
@@ -503,7 +509,7 @@ def _budget_section(data: dict[str, Any], index: _Index, servers: list[str]) -> 
             estimate = server_cpu / (server_cpu + added)
             goal = "goal ≥ 0.99 met" if estimate >= NOT_PROFILED_GOAL else "goal ≥ 0.99 not met"
             add(
-                f"not profiled (`{variant}`, in-process A/B) /tiny {X}otel",
+                f"{what} (`{variant}`, in-process A/B) /tiny {X}otel",
                 server,
                 f"{estimate:.3f}: {added:+.2f} µs per request over OTel alone "
                 f"({ours:.1f} vs {base:.1f} µs in-process), on {server_cpu:,.0f} µs/req of "
