@@ -7,6 +7,8 @@ The variant comes from ``OTELPROF_BENCH_VARIANT`` (read once, at import):
   and opentelemetry-instrumentation-asgi / -wsgi outermost.
 * ``reference``: ``otel`` plus the hand-written "one pyinstrument ``Profiler`` per
   request" middleware users write today (the session is dropped).
+* ``floor``: ``otel`` plus the yardstick of :mod:`bench.floor`: the least per-request
+  work an always-on profiling layer does (no profile).
 * ``ours_off``: ``otel`` plus our middleware with ``enabled=False``.
 * ``ours_defaults``: ``otel`` plus ours with no arguments (always-on, the keep policy).
 * ``ours_defaults_otlp``: ``ours_defaults`` plus the OTLP profiles export, sending the kept
@@ -52,6 +54,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import otelprof_middleware
 from bench.common import VARIANTS, DroppingExporter, cpu_work
+from bench.floor import FloorASGIMiddleware, FloorWSGIMiddleware
 from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
 
 __all__ = [
@@ -215,6 +218,8 @@ def _build_asgi() -> ASGIApp:
     provider = _tracer_provider()
     if VARIANT == "reference":
         app = ReferenceASGIMiddleware(app)
+    elif VARIANT == "floor":
+        app = FloorASGIMiddleware(app)
     elif VARIANT.startswith("ours_"):
         _ours = ProfilingMiddleware(app, tracer_provider=provider, **_ours_settings())
         app = _ours
@@ -251,6 +256,8 @@ def _build_wsgi() -> Flask:
     inner: Any = flask_app.wsgi_app
     if VARIANT == "reference":
         inner = ReferenceWSGIMiddleware(inner)
+    elif VARIANT == "floor":
+        inner = FloorWSGIMiddleware(inner)
     elif VARIANT.startswith("ours_"):
         _ours = WSGIProfilingMiddleware(inner, tracer_provider=provider, **_ours_settings())
         inner = _ours

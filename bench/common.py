@@ -24,6 +24,7 @@ VARIANTS = (
     "bare",
     "otel",
     "reference",
+    "floor",
     "ours_off",
     "ours_defaults",
     "ours_defaults_otlp",

@@ -39,13 +39,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextvars
 import dataclasses
 import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +58,7 @@ from pyinstrument.low_level.stat_profile import setstatprofile
 from starlette.types import Receive, Scope, Send
 
 from bench.common import DroppingExporter, cpu_work
+from bench.floor import FloorASGIMiddleware, FloorWSGIMiddleware
 from otelprof_middleware import (
     Config,
     ProfileRecord,
@@ -279,100 +278,10 @@ def _wsgi_environ() -> dict[str, Any]:
     }
 
 
-class _FloorRequest:
-    __slots__ = ("began", "status")
-    began: float
-    status: int
-
-
-_floor_request: contextvars.ContextVar[_FloorRequest | None] = contextvars.ContextVar(
-    "floor_request", default=None
-)
-_floor_registry: dict[object, _FloorRequest] = {}
-_floor_durations: list[float] = []
-
-
-def _floor_end(request: _FloorRequest, token: contextvars.Token[_FloorRequest | None]) -> None:
-    _floor_request.reset(token)
-    _floor_durations.append(time.perf_counter() - request.began)
-    if len(_floor_durations) > 1000:
-        _floor_durations.clear()
-
-
-class _FloorASGI:
-    """The yardstick ``floor``: the least an always-on layer must do per request (no
-    profile): one slotted record, a contextvar set and reset, the running task registered
-    and forgotten, ``send`` wrapped to note the status, the duration recorded."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = _FloorRequest()
-        request.began = time.perf_counter()
-        request.status = 500
-        token = _floor_request.set(request)
-        task = asyncio.current_task()
-        _floor_registry[task] = request
-
-        def noting_send(message: Any) -> Any:
-            if message["type"] == "http.response.start":
-                request.status = message["status"]
-            return send(message)
-
-        try:
-            await self.app(scope, receive, noting_send)
-        finally:
-            del _floor_registry[task]
-            _floor_end(request, token)
-
-
-class _FloorWSGI:
-    """``floor`` for WSGI: as :class:`_FloorASGI`, the thread registered, and the body
-    wrapped so that its end is seen."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        request = _FloorRequest()
-        request.began = time.perf_counter()
-        request.status = 500
-        token = _floor_request.set(request)
-        thread = threading.get_ident()
-        _floor_registry[thread] = request
-
-        def noting_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
-            request.status = int(status[:3])
-            return start_response(status, headers, exc_info)
-
-        body = self.app(environ, noting_start_response)
-
-        def end() -> None:
-            del _floor_registry[thread]
-            _floor_end(request, token)
-
-        return _FloorBody(body, end)
-
-
-class _FloorBody:
-    __slots__ = ("_body", "_end")
-
-    def __init__(self, body: Any, end: Callable[[], None]) -> None:
-        self._body = body
-        self._end = end
-
-    def __iter__(self) -> Any:
-        return iter(self._body)
-
-    def close(self) -> None:
-        self._end()
-
-
 def _adapter_stacks(otel: Any, ours: Any, app: Any, provider: TracerProvider) -> dict[str, Any]:
     """The stacks measured per API: OTel alone, OTel around the ``floor`` yardstick, and
     OTel around ours off, unsampled or with the defaults."""
-    floor = _FloorASGI if otel is OTelASGIMiddleware else _FloorWSGI
+    floor = FloorASGIMiddleware if otel is OTelASGIMiddleware else FloorWSGIMiddleware
     return {
         "otel": otel(app, tracer_provider=provider),
         "floor": otel(floor(app), tracer_provider=provider),

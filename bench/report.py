@@ -41,6 +41,8 @@ VARIANT_NOTES = {
     "bare": "app alone: no OTel, no profiler",
     "otel": "OTel SDK (batch processor, dropping exporter) + ASGI/WSGI instrumentation",
     "reference": "otel + hand-written pyinstrument `Profiler` per request (1 ms, dropped)",
+    "floor": "otel + the `bench.floor` yardstick: the least per-request work of any "
+    "always-on layer (a record, a contextvar, registered, status noted; no profile)",
     "ours_off": "otel + ours, `enabled=False`",
     "ours_defaults": "otel + ours with no arguments: always-on, every request profiled, the "
     "keep policy (slow for its route, failed, triggered; 5/s) — the production setting",
