@@ -202,17 +202,16 @@ class ProfilingMiddleware:
                 if name == self._trigger_header:
                     trigger = bytes(value)
                     break
+        method: str = scope["method"]
+        scheme: str = scope.get("scheme", "http")
+        host = None  # in ``headers``, looked for only if a link is made
+        server = scope.get("server")
+        # The middleware's own mount point: a Mount inside the app rewrites the scope's.
+        root_path: str = scope.get("root_path", "")
         client = scope.get("client")
-        return RequestFacts(
-            method=scope["method"],
-            scheme=scope.get("scheme", "http"),
-            headers=headers,
-            server=scope.get("server"),
-            # The middleware's own mount point: a Mount inside the app rewrites the scope's.
-            root_path=scope.get("root_path", ""),
-            client_host=client[0] if client else None,
-            trigger=trigger,
-        )
+        client_host = client[0] if client else None
+        # In the fields' order: a class called with keywords builds a dict of them.
+        return RequestFacts(method, scheme, host, headers, server, root_path, client_host, trigger)
 
 
 add_stem_marker(ProfilingMiddleware.__call__.__code__)

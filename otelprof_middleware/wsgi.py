@@ -192,17 +192,17 @@ class WSGIProfilingMiddleware:
         trigger = None
         if self._start_policy.triggers_allowed and self._trigger_key in environ:
             trigger = str(environ[self._trigger_key]).encode("latin-1", "replace")
-        return RequestFacts(
-            method=str(environ.get("REQUEST_METHOD", "GET")),
-            scheme=environ.get("wsgi.url_scheme", "http"),
-            host=environ.get("HTTP_HOST"),
-            server=(environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "80")),
-            # The middleware's own mount point: a dispatcher inside the app (werkzeug's
-            # DispatcherMiddleware) moves part of PATH_INFO into the environ's SCRIPT_NAME.
-            root_path=str(environ.get("SCRIPT_NAME", "")),
-            client_host=environ.get("REMOTE_ADDR"),
-            trigger=trigger,
-        )
+        method = str(environ.get("REQUEST_METHOD", "GET"))
+        scheme = environ.get("wsgi.url_scheme", "http")
+        host = environ.get("HTTP_HOST")
+        headers = ()  # (the Host header is ``host``)
+        server = (environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", "80"))
+        # The middleware's own mount point: a dispatcher inside the app (werkzeug's
+        # DispatcherMiddleware) moves part of PATH_INFO into the environ's SCRIPT_NAME.
+        root_path = str(environ.get("SCRIPT_NAME", ""))
+        client_host = environ.get("REMOTE_ADDR")
+        # In the fields' order: a class called with keywords builds a dict of them.
+        return RequestFacts(method, scheme, host, headers, server, root_path, client_host, trigger)
 
 
 add_stem_marker(WSGIProfilingMiddleware._profiled.__code__)

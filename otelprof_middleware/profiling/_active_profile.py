@@ -26,14 +26,18 @@ __all__ = ["ActiveProfile", "base_url_of", "linked"]
 
 @dataclass(slots=True)
 class ActiveProfile:
-    """A request being profiled."""
+    """A request being profiled.
+
+    Made on every profiled request: the always-on start passes the first five fields in
+    order (a class called with keyword arguments builds a dict of them first).
+    """
 
     request: RequestProfile
-    hook: ThreadHook | None  # the thread's hook; None: always-on, or on a loop
     span: trace.Span
     context: SpanContext
     facts: RequestFacts
     token: Token[RequestProfile | None] | None
+    hook: ThreadHook | None = field(default=None)  # the thread's; None: always-on, or a loop
     finished: bool = field(default=False)
     duration: float = field(default=0.0)  # seconds, set when stopped
     triggered: bool = field(default=False)  # asked for by the trigger header

@@ -36,6 +36,7 @@ class AlwaysOnStart:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._interval = config.always_on_interval_ms / 1000.0
+        self._max_samples = config.max_samples
         self.sampler_instance: AlwaysOnSampler | None = None
         """The sampler once made (read directly on the hot path; else :meth:`sampler`)."""
         if config.enabled and config.mode == "always_on":
@@ -58,12 +59,10 @@ class AlwaysOnStart:
         :data:`ALWAYS_ON_MAX_CONCURRENT` requests or starting failed (counted)."""
         try:
             sampler = self.sampler_instance or self.sampler()
-            request = RequestProfile(
-                interval=sampler.interval,  # the process's (see always_on_sampler)
-                max_samples=self._config.max_samples,
-                start_call_stack=None,
-                continuous=True,
-            )
+            interval = sampler.interval  # the process's (see always_on_sampler)
+            start_call_stack = None  # found in the samples of a profile that is kept
+            continuous = True
+            request = RequestProfile(interval, self._max_samples, start_call_stack, continuous)
             token = current_request.set(request)
             try:
                 registered = sampler.register_current(request, ALWAYS_ON_MAX_CONCURRENT)
@@ -77,14 +76,4 @@ class AlwaysOnStart:
             current_request.reset(token)
             count("skipped.concurrency_cap")
             return None
-        return linked(
-            self._config,
-            ActiveProfile(
-                request=request,
-                hook=None,
-                span=span,
-                context=context,
-                facts=facts,
-                token=token,
-            ),
-        )
+        return linked(self._config, ActiveProfile(request, span, context, facts, token))

@@ -49,6 +49,8 @@ class RequestProfile:
 
     No ``__slots__``: the class attributes below are the defaults, so creating one (on
     every profiled request, most of them discarded as too short) sets only what varies.
+    The always-on start passes its arguments in order: a class called with keyword
+    arguments builds a dict of them first.
     """
 
     # Defaults (class attributes); an instance sets its own only when they change.
@@ -68,12 +70,12 @@ class RequestProfile:
 
     def __init__(
         self,
-        *,
         interval: float,
         max_samples: int,
         start_call_stack: list[str] | None,
-        description: str = "",
         continuous: bool = False,
+        *,
+        description: str = "",
     ) -> None:
         self.records: list[FrameRecord] = []
         self.continuous = continuous  # sampled by the always-on sampler, not a hook
