@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware as OTelASGI
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -26,7 +27,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from otelprof_middleware import ProfilingMiddleware
-from otelprof_middleware.profiling._span import PROFILE_URL
+from otelprof_middleware.profiling._span import PROFILE_URL, route_attribute
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import marker_alpha, server_spans
@@ -259,3 +260,18 @@ def test_flask_instrumentor_one_server_span(otel: Otel) -> None:
 
 
 _: Callable[..., Any] = health  # (the excluded route's handler)
+
+
+def test_route_attribute_reads_the_sdk_span(otel: Otel) -> None:
+    """The route another instrumentation put on the span; none when it is missing, not a
+    string, or the span has no attributes to read."""
+    tracer = otel[0].get_tracer("test")
+    with tracer.start_as_current_span("named", attributes={"http.route": "/items/{id}"}) as span:
+        assert route_attribute(span) == "/items/{id}"
+    with tracer.start_as_current_span("unnamed", attributes={"http.method": "GET"}) as span:
+        assert route_attribute(span) is None
+    with tracer.start_as_current_span("empty") as span:
+        assert route_attribute(span) is None
+    with tracer.start_as_current_span("odd", attributes={"http.route": 3}) as span:
+        assert route_attribute(span) is None
+    assert route_attribute(trace.INVALID_SPAN) is None
