@@ -9,6 +9,7 @@ from typing import Unpack
 import anyio.to_thread
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.trace import SpanContext
 
 from ._adapter_parts import build_parts
 from ._config import Settings
@@ -93,19 +94,20 @@ class ProfilingMiddleware:
         # through each coroutine level between the server and the app.
         if _in_own_span:  # called back by the OTel middleware, under the span it opened
             span = trace.get_current_span()
+            context = span.get_span_context()
         elif self._is_joiner:  # below the layer that owns the server span: join or pass
             joined = current_server_span() if scope["type"] == "http" else None
             if joined is None:
                 await self.app(scope, receive, send)
                 return
-            span = joined
+            span, context = joined
         else:
             if scope["type"] != "http":
                 if scope["type"] == "lifespan" and self.config.enabled:
                     send = _DrainingAtShutdown(send, self._core)
                 await self.app(scope, receive, send)
                 return
-            way: trace.Span | object = _PASS
+            way: tuple[trace.Span, SpanContext] | object = _PASS
             try:
                 way = self._way(scope)
             except Exception as exc:  # never the app's: it has not been called yet
@@ -128,11 +130,11 @@ class ProfilingMiddleware:
                     log_failure("span", exc)
                     await self.app(scope, receive, send)
                 return
-            span = way  # type: ignore[assignment]  # the server span to join
+            span, context = way  # type: ignore[misc]  # the server span to join
         send_profiled: _ProfiledSend | None = None
         active: ActiveProfile | None = None
         try:
-            active = self._core.start(span, self._describe(scope))
+            active = self._core.start(span, context, self._describe(scope))
             if active is not None:
                 send_profiled = _ProfiledSend(self._core, active, scope, send)
         except Exception as exc:
@@ -148,8 +150,9 @@ class ProfilingMiddleware:
         finally:
             send_profiled.finish()
 
-    def _way(self, scope: Scope) -> trace.Span | object:
-        """The viewer, straight through, the server span to join, or one to open."""
+    def _way(self, scope: Scope) -> tuple[trace.Span, SpanContext] | object:
+        """The viewer, straight through, the server span to join (with its context), or
+        one to open."""
         path = app_path(scope)
         if self._viewer is not None and self._viewer.handles(path):
             return _VIEWER

@@ -12,7 +12,7 @@ from opentelemetry.instrumentation.wsgi import (
     get_default_span_name,
     wsgi_getter,
 )
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 
 from ._adapter_parts import build_parts
 from ._config import Settings
@@ -94,10 +94,14 @@ class WSGIProfilingMiddleware:
             return serve_wsgi(self._viewer, environ, start_response)
         if way is _OPEN_SPAN:
             return self._in_own_span(environ, start_response)
-        return self._profiled(environ, start_response, way)  # type: ignore[arg-type]
+        span: trace.Span
+        span_context: SpanContext
+        span, span_context = way  # type: ignore[misc]  # the server span to join
+        return self._profiled(environ, start_response, span, span_context)
 
-    def _way(self, environ: WSGIEnvironment) -> trace.Span | object:
-        """The viewer, straight through, the server span to join, or one to open."""
+    def _way(self, environ: WSGIEnvironment) -> tuple[trace.Span, SpanContext] | object:
+        """The viewer, straight through, the server span to join (with its context), or
+        one to open."""
         path: str = environ.get("PATH_INFO", "") or "/"
         if self._viewer is not None and self._viewer.handles(path):
             return _VIEWER
@@ -142,7 +146,9 @@ class WSGIProfilingMiddleware:
             return start_response(status, headers, *exc_info)
 
         try:
-            return self._profiled(environ, start_traced, span, lambda: _end_span(span, None))
+            return self._profiled(
+                environ, start_traced, span, span.get_span_context(), lambda: _end_span(span, None)
+            )
         except BaseException as error:
             _end_span(span, error)
             raise
@@ -154,13 +160,14 @@ class WSGIProfilingMiddleware:
         environ: WSGIEnvironment,
         start_response: StartResponse,
         span: trace.Span,
+        span_context: SpanContext,
         end_span: Callable[[], None] | None = None,
     ) -> Iterable[bytes]:
         """The app, profiled if the core decides so; ``span``: the server span (joined or
-        ours); ``end_span`` runs when the body ends."""
+        ours), and its context; ``end_span`` runs when the body ends."""
         response: _ProfiledResponse | None = None
         try:
-            active = self._core.start(span, self._describe(environ))
+            active = self._core.start(span, span_context, self._describe(environ))
             if active is not None:
                 response = _ProfiledResponse(self._core, active, environ, start_response)
         except Exception as exc:

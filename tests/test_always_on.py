@@ -125,7 +125,7 @@ def test_wsgi_style_threads_are_attributed_by_thread() -> None:
 
     def request(work: Any) -> None:
         with tracer.start_as_current_span("GET") as span:
-            active = core.start(span, RequestFacts(method="GET"))
+            active = core.start(span, span.get_span_context(), RequestFacts(method="GET"))
             assert active is not None and active.hook is None
             work(0.05)
             core.finish(active, status_code=200, route=work.__name__)

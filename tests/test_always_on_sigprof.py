@@ -574,7 +574,7 @@ async def main():
             store=MemoryStore(),
         )
         span = TracerProvider().get_tracer("t").start_span("GET")
-        active = core.start(span, RequestFacts(method="GET"))
+        active = core.start(span, span.get_span_context(), RequestFacts(method="GET"))
         assert active is not None
         sampler = core.always_on_start.sampler()
     else:

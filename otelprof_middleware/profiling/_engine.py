@@ -18,6 +18,7 @@ import types
 from collections.abc import Awaitable
 
 from opentelemetry import trace
+from opentelemetry.trace import SpanContext
 
 from .._config import Config
 from .._failsafe import count, log_failure, tally
@@ -100,14 +101,16 @@ class ProfilerCore:
         """
         return self.store_opener.get()
 
-    def start(self, span: trace.Span, facts: RequestFacts) -> ActiveProfile | None:
+    def start(
+        self, span: trace.Span, context: SpanContext, facts: RequestFacts
+    ) -> ActiveProfile | None:
         """Decide whether to profile this request and, if so, start its profile.
 
-        ``span``: the request's server span; ``facts``: the request, as its adapter
+        ``span``: the request's server span; ``context``: its span context (the adapter
+        has read it to choose the span); ``facts``: the request, as its adapter
         describes it. Must run on the thread (and in the asyncio task) that runs the
         request. The profile's link is known from here on (made when first read).
         """
-        context = span.get_span_context()
         if not context.is_valid:  # no SDK provider: nothing to key or link the profile by
             return None
         kind = self.start_policy.choose(

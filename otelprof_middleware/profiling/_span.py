@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.trace import SpanContext
 
 from .._config import DEBUG_PREFIX
 
@@ -48,8 +49,9 @@ BASELINE_URL = "otelprof.profile.baseline_url"
 """Absolute URL of this request compared with the recent requests of its route."""
 
 
-def current_server_span() -> trace.Span | None:
-    """The span to join: the current span when it was started in this process.
+def current_server_span() -> tuple[trace.Span, SpanContext] | None:
+    """The span to join, with its context: the current span when it was started in this
+    process. (The context goes to the engine with it: it is read once a request.)
 
     Every instrumentation that runs before us (FastAPI's own telemetry,
     FastAPIInstrumentor, OpenTelemetryMiddleware outside ours) makes its server span
@@ -63,7 +65,7 @@ def current_server_span() -> trace.Span | None:
     context = span.get_span_context()
     if not context.is_valid or context.is_remote:
         return None
-    return span
+    return span, context
 
 
 _OWNER_CLASSES = frozenset(
@@ -201,10 +203,14 @@ def name_by_route(span: trace.Span, method: str, route: str | None) -> None:
 def route_attribute(span: trace.Span) -> str | None:
     """The ``http.route`` an instrumentation already put on ``span``, if readable."""
     attributes: Mapping[str, Any] | None = getattr(span, "attributes", None)
-    # Its keys searched first: the SDK's attributes are a Python ``Mapping`` whose
-    # ``get`` raises and catches a ``KeyError`` when the key is missing (on most spans
-    # we ask, as no instrumentation named the route), which costs more than the search.
-    if attributes is None or "http.route" not in iter(attributes):
+    if attributes is None:
         return None
-    route = attributes["http.route"]
+    # Not ``attributes.get``: the SDK's attributes are a Python ``Mapping``, whose
+    # ``get`` is one more Python call around this same ``KeyError`` (raised on most spans
+    # we ask: no instrumentation named their route), and a test of their length first
+    # is two more. Nor a search of its keys: iterating copies them under a lock.
+    try:
+        route = attributes["http.route"]
+    except KeyError:
+        return None
     return route if isinstance(route, str) else None
