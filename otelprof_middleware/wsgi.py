@@ -342,7 +342,8 @@ class _ClosingBody:
             if close is not None:
                 close()
         finally:
-            self._end()
+            if self._on_end is not None:  # (None: its exhaustion ended it)
+                self._end()
 
     def _end(self) -> None:
         on_end, self._on_end = self._on_end, None

@@ -7,7 +7,6 @@ span gets it when the profile is kept. It is made only when first read.
 
 from __future__ import annotations
 
-import functools
 from contextvars import Token
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ from ._request_profile import RequestProfile
 from ._span import profile_url
 from ._thread_hook import ThreadHook
 
-__all__ = ["ActiveProfile", "base_url_of", "linked"]
+__all__ = ["ActiveProfile", "base_url_of", "lazy_url"]
 
 
 @dataclass(slots=True)
@@ -65,18 +64,16 @@ def base_url_of(config: Config, facts: RequestFacts) -> str:
     return config.base_url(facts.scheme, host, facts.root_path)
 
 
-def _lazy_url(config: Config, facts: RequestFacts, context: SpanContext) -> str:
+def lazy_url(config: Config, facts: RequestFacts, context: SpanContext) -> str:
+    """The URL a request's profile will have if kept, for its log records
+    (otelprof_middleware.logging).
+
+    Each start sets ``request.url_factory = functools.partial(lazy_url, config, facts,
+    context)``: made only if a log record asks, everything, the hex ids included. (The
+    context, not the :class:`ActiveProfile`: no reference cycle for the GC.)
+    """
     return profile_url(
         base_url_of(config, facts),
         format_trace_id(context.trace_id),
         format_span_id(context.span_id),
     )
-
-
-def linked(config: Config, active: ActiveProfile) -> ActiveProfile:
-    """``active``, with the URL its profile will have if kept noted for the request's log
-    records (otelprof_middleware.logging). Made only if a log record asks: everything,
-    the hex ids included. (The context, not ``active``: no reference cycle for the GC.)
-    """
-    active.request.url_factory = functools.partial(_lazy_url, config, active.facts, active.context)
-    return active

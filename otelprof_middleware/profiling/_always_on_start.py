@@ -7,13 +7,15 @@ samples). The stop is :meth:`ProfilerCore.stop <._engine.ProfilerCore.stop>`'s, 
 
 from __future__ import annotations
 
+import functools
+
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
 from .._config import Config
 from .._failsafe import count, log_failure
 from .._request import RequestFacts
-from ._active_profile import ActiveProfile, linked
+from ._active_profile import ActiveProfile, lazy_url
 from ._request_profile import RequestProfile, current_request
 from .always_on import AlwaysOnSampler, always_on_sampler
 from .always_on import check_settings as check_always_on_settings
@@ -76,4 +78,5 @@ class AlwaysOnStart:
             current_request.reset(token)
             count("skipped.concurrency_cap")
             return None
-        return linked(self._config, ActiveProfile(request, span, context, facts, token))
+        request.url_factory = functools.partial(lazy_url, self._config, facts, context)
+        return ActiveProfile(request, span, context, facts, token)

@@ -9,6 +9,7 @@ middleware; a request beyond that is not profiled (``skipped.concurrency_cap``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import threading
 import types
@@ -20,7 +21,7 @@ from pyinstrument.stack_sampler import build_call_stack
 from .._config import Config
 from .._failsafe import count, log_failure
 from .._request import RequestFacts
-from ._active_profile import ActiveProfile, linked
+from ._active_profile import ActiveProfile, lazy_url
 from ._loop_hook import install_task_factory
 from ._request_profile import RequestProfile, current_request
 from ._start_policy import StartPolicy
@@ -110,18 +111,16 @@ class HookStart:
             log_failure("profiler.start", exc)
             return None
         trigger = facts.trigger
-        return linked(
-            self._config,
-            ActiveProfile(
-                request=request,
-                hook=hook,
-                span=span,
-                context=context,
-                facts=facts,
-                token=token,
-                triggered=trigger is not None
-                and self._start_policy.is_triggered(trigger, facts.client_host),
-            ),
+        request.url_factory = functools.partial(lazy_url, self._config, facts, context)
+        return ActiveProfile(
+            request,
+            span,
+            context,
+            facts,
+            token,
+            hook=hook,
+            triggered=trigger is not None
+            and self._start_policy.is_triggered(trigger, facts.client_host),
         )
 
     def stop(self, active: ActiveProfile, *, from_finalizer: bool) -> None:
