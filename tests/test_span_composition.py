@@ -8,7 +8,8 @@ layer excludes. Real OTel SDK providers with in-memory exporters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import httpx
@@ -275,3 +276,25 @@ def test_route_attribute_reads_the_sdk_span(otel: Otel) -> None:
     with tracer.start_as_current_span("odd", attributes={"http.route": 3}) as span:
         assert route_attribute(span) is None
     assert route_attribute(trace.INVALID_SPAN) is None
+
+    class Attributes(Mapping[str, object]):  # a mapping with no copy()
+        def __init__(self, items: dict[str, object]) -> None:
+            self._items = items
+
+        def __getitem__(self, key: str) -> object:
+            return self._items[key]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self._items)
+
+        def __len__(self) -> int:
+            return len(self._items)
+
+    class OtherSpan:
+        def __init__(self, attributes: Mapping[str, object]) -> None:
+            self.attributes = attributes
+
+    for wrap in (Attributes, lambda items: MappingProxyType(Attributes(items))):
+        named = OtherSpan(wrap({"http.route": "/a/{b}"}))
+        assert route_attribute(named) == "/a/{b}"  # type: ignore[arg-type]
+        assert route_attribute(OtherSpan(wrap({}))) is None  # type: ignore[arg-type]
