@@ -187,7 +187,8 @@ class WSGIProfilingMiddleware:
             on_abandon = response.abandon if end_span is None else _both(response.abandon, end_span)
         if on_end is None or on_abandon is None:
             return body
-        if _is_file_wrapper(body, environ):
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
             # The server's own file transfer (sendfile) runs no app code: the profile and
             # the span end here, and the server still sees its file wrapper.
             on_end()
@@ -228,11 +229,6 @@ def route_template(environ: WSGIEnvironment) -> str | None:
     if not isinstance(rule, str):
         rule = environ.get(ROUTE_KEY)
     return rule if isinstance(rule, str) and rule else None
-
-
-def _is_file_wrapper(body: Iterable[bytes], environ: WSGIEnvironment) -> bool:
-    wrapper = environ.get("wsgi.file_wrapper")
-    return isinstance(wrapper, type) and isinstance(body, wrapper)
 
 
 def _both(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
