@@ -114,7 +114,7 @@ def _cases(async_mode: bool) -> tuple[dict[str, Case], Callable[[], None]]:
     def ours_unsampled() -> int:
         span = tracer.start_span("GET /x")
         began = clock()
-        active = unsampled.start(span, FACTS)
+        active = unsampled.start(span, span.get_span_context(), FACTS)
         elapsed = clock() - began
         span.end()
         if active is not None:
@@ -124,7 +124,7 @@ def _cases(async_mode: bool) -> tuple[dict[str, Case], Callable[[], None]]:
     def ours() -> int:
         span = tracer.start_span("GET /x")
         began = clock()
-        active = profiled.start(span, FACTS)
+        active = profiled.start(span, span.get_span_context(), FACTS)
         if active is None:
             raise RuntimeError("sample_rate=1 did not start a profile")
         profiled.finish(active, status_code=200, route="/x")
@@ -181,7 +181,7 @@ def _profile_of(work_iterations: int) -> tuple[ProfileSummary, Any]:
     captured = _Captured()
     core.keeper.writer = captured  # type: ignore[assignment]  # only submit() is used
     span = provider.get_tracer("otelprof-bench").start_span("GET /x")
-    active = core.start(span, FACTS)
+    active = core.start(span, span.get_span_context(), FACTS)
     if active is None:
         raise RuntimeError("sample_rate=1 did not start a profile")
     cpu_work(work_iterations)
