@@ -111,4 +111,9 @@ class _FloorBody:
         return iter(self._body)
 
     def close(self) -> None:
-        self._end()
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()  # the app's own clean-up (Flask tears its request down here)
+        finally:
+            self._end()
