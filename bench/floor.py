@@ -23,8 +23,10 @@ __all__ = ["FloorASGIMiddleware", "FloorWSGIMiddleware"]
 
 class _FloorRequest:
     __slots__ = ("began", "status")
-    began: float
-    status: int
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+        self.status = 500
 
 
 _floor_request: contextvars.ContextVar[_FloorRequest | None] = contextvars.ContextVar(
@@ -34,7 +36,10 @@ _floor_registry: dict[object, _FloorRequest] = {}
 _floor_durations: list[float] = []
 
 
-def _floor_end(request: _FloorRequest, token: contextvars.Token[_FloorRequest | None]) -> None:
+def _floor_end(
+    where: object, request: _FloorRequest, token: contextvars.Token[_FloorRequest | None]
+) -> None:
+    del _floor_registry[where]
     _floor_request.reset(token)
     _floor_durations.append(time.perf_counter() - request.began)
     if len(_floor_durations) > 1000:
@@ -54,8 +59,6 @@ class FloorASGIMiddleware:
             await self.app(scope, receive, send)
             return
         request = _FloorRequest()
-        request.began = time.perf_counter()
-        request.status = 500
         token = _floor_request.set(request)
         task = asyncio.current_task()
         _floor_registry[task] = request
@@ -68,8 +71,7 @@ class FloorASGIMiddleware:
         try:
             await self.app(scope, receive, noting_send)
         finally:
-            del _floor_registry[task]
-            _floor_end(request, token)
+            _floor_end(task, request, token)
 
 
 class FloorWSGIMiddleware:
@@ -81,8 +83,6 @@ class FloorWSGIMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         request = _FloorRequest()
-        request.began = time.perf_counter()
-        request.status = 500
         token = _floor_request.set(request)
         thread = threading.get_ident()
         _floor_registry[thread] = request
@@ -93,11 +93,7 @@ class FloorWSGIMiddleware:
 
         body = self.app(environ, noting_start_response)
 
-        def end() -> None:
-            del _floor_registry[thread]
-            _floor_end(request, token)
-
-        return _FloorBody(body, end)
+        return _FloorBody(body, lambda: _floor_end(thread, request, token))
 
 
 class _FloorBody:
