@@ -333,13 +333,10 @@ class _ProfiledSend:
 
     def __call__(self, message: Message) -> Awaitable[None]:
         try:
-            kind = message["type"]
-            if kind == "http.response.start":
+            if message["type"] == "http.response.start":
                 self.status_code = message["status"]
-            elif (  # the last message (as _is_last): the server span ends right after it
-                kind == "http.response.body" and not message.get("more_body", False)
-            ) or kind == "http.response.pathsend":
-                self._stop_and_keep()  # link it first
+            elif _is_last(message):  # the server span ends right after it: link it first
+                self._stop_and_keep()
         except Exception as exc:
             log_failure("adapter", exc)
         return self._send(message)
