@@ -158,9 +158,14 @@ class Ledger:
         those that ran at the last tick and are nowhere now.
 
         A request still waiting on the same future as at the last tick costs one
-        identity check: its wait is credited in one piece when it ends.
+        identity check: its wait is credited in one piece when it ends. A request seen
+        waiting for the first time (the other common case: with many short requests
+        waiting, a tick finds a new one every few) is credited inline, see below.
         """
         states = self.states
+        end = interval.end
+        # What :func:`credit` gives a state first seen at this tick, before its age cap.
+        first_share = min(interval.elapsed, interval.gil_wait + interval.slept / 2)
         for state in loops:
             prefix = state.prefix or []
             for request, task in list(state.requests.items()):
@@ -172,10 +177,21 @@ class Ledger:
                     continue
                 if request in running or request.closed:
                     continue
-                now: State | None = None
-                if not task.done():
-                    now = Waiting(future, await_stack(prefix, task.get_coro()), interval.end)
-                self.change(request, before, now, interval)
+                if task.done():
+                    if before is not None:
+                        self.change(request, before, None, interval)
+                    continue
+                waiting = Waiting(future, await_stack(prefix, task.get_coro()), end)
+                if before is not None:
+                    self.change(request, before, waiting, interval)
+                    continue
+                # First seen, waiting: what ``change(request, None, waiting, interval)`` does,
+                # without its calls (there is no previous state to close or to split the
+                # interval with): the state's share of the interval, at most its age.
+                age = time.perf_counter() - request.start_perf
+                request.add_wait(waiting.stack, age if age < first_share else first_share)
+                if not request.closed:  # (closed: its profile ended during this tick)
+                    states[request] = waiting
         for request, now in running.items():
             job_began = job_starts.get(request) if job_starts else None
             self.change(request, states.get(request), now, interval, job_began)
