@@ -79,25 +79,29 @@ def await_stack(prefix: list[str], coro: object) -> list[str]:
     same function from two lines shares one entry: only its line attribute may be off.)
     """
     # The key is read in one tight loop: this runs once per wait of every request.
+    coroutine = types.CoroutineType
     key = [id(prefix)]
     append = key.append
     node: Any = coro
     innermost: Any = None
-    while type(node) is types.CoroutineType:  # the common case: coroutines all the way
+    while type(node) is coroutine:  # the common case: coroutines all the way
         append(id(node.cr_code))
         innermost = node
         node = node.cr_await
-    for _ in range(_MAX_AWAIT_DEPTH):  # generators in the chain (``yield from``)
-        kind = type(node)
-        if kind is types.CoroutineType:
-            append(id(node.cr_code))
-            innermost, node = node, node.cr_await
-        elif kind is types.GeneratorType:
-            append(id(node.gi_code))
-            innermost, node = node, node.gi_yieldfrom
-        else:
-            break
-    frame = _frame_of(innermost) if innermost is not None else None
+    if type(node) is types.GeneratorType:  # generators in the chain (``yield from``)
+        for _ in range(_MAX_AWAIT_DEPTH):
+            kind = type(node)
+            if kind is coroutine:
+                append(id(node.cr_code))
+                innermost, node = node, node.cr_await
+            elif kind is types.GeneratorType:
+                append(id(node.gi_code))
+                innermost, node = node, node.gi_yieldfrom
+            else:
+                break
+        frame = _frame_of(innermost)
+    else:  # (as ``_frame_of``, without its call)
+        frame = innermost.cr_frame if innermost is not None else None
     append(frame.f_lasti if frame is not None else -1)
     cache_key = tuple(key)
     stack = AWAIT_STACKS.get(cache_key)
