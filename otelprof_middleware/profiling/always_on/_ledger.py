@@ -177,7 +177,9 @@ class Ledger:
                     continue
                 if request in running or request.closed:
                     continue
-                if task.done():
+                # (A task that waits on a future is not done: ``done()`` is asked only when
+                # it waits on none.)
+                if future is None and task.done():
                     if before is not None:
                         self.change(request, before, None, interval)
                     continue
