@@ -376,3 +376,46 @@ def test_wsgi_file_wrapper_reaches_the_server(with_span: bool) -> None:
     assert len(middleware.core.get_store().list()) == 1
     [span] = server_spans(exporter)
     assert "otelprof.profile.url" in (span.attributes or {})
+
+
+GC_CALLBACKS = """
+    import gc, os
+    for name in [name for name in os.environ if name.startswith("OTELPROF_")]:
+        del os.environ[name]  # the package's own defaults
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    trace.set_tracer_provider(TracerProvider())
+    import flask
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+    before = list(gc.callbacks)
+    from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
+
+    asgi = Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))])
+    asgi.add_middleware(ProfilingMiddleware, store="memory://")  # the defaults: always-on
+    with TestClient(asgi) as client:
+        for _ in range(20):
+            assert client.get("/").text == "ok"
+    flask_app = flask.Flask(__name__)
+    flask_app.get("/")(lambda: "ok")
+    flask_app.wsgi_app = WSGIProfilingMiddleware(flask_app.wsgi_app, store="memory://")
+    for _ in range(20):
+        assert flask_app.test_client().get("/").text == "ok"
+    gc.collect()
+    print("default", gc.callbacks == before)
+    flask_app.wsgi_app = WSGIProfilingMiddleware(
+        flask_app.wsgi_app.app, store="memory://", mode="hook", sample_rate=1.0
+    )
+    assert flask_app.test_client().get("/").text == "ok"
+    print("hook", len(gc.callbacks) == len(before) + 1)
+"""
+
+
+def test_only_a_thread_hook_adds_a_gc_callback() -> None:
+    """The defaults leave ``gc.callbacks`` as they were (every collection would call ours);
+    hook mode on a thread adds its one callback, which it needs."""
+    result = run_script(GC_CALLBACKS)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["default", "True", "hook", "True"], result.stdout

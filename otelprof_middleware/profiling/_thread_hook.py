@@ -107,7 +107,15 @@ def _note_collection(phase: str, info: dict[str, int]) -> None:
     _collecting = phase == "start"
 
 
-gc.callbacks.append(_note_collection)
+def _follow_collections() -> None:
+    """Follow garbage collections from the first thread hook on (see ``release``).
+
+    Not at import: a process that never installs a thread hook (the always-on default,
+    an ASGI app) keeps ``gc.callbacks`` as it was, and its collections call nothing of
+    ours.
+    """
+    if _note_collection not in gc.callbacks:
+        gc.callbacks.append(_note_collection)
 
 
 _local = threading.local()
@@ -117,6 +125,7 @@ def thread_hook(interval: float) -> ThreadHook:
     """The hook of the calling thread (created on first use)."""
     hook: ThreadHook | None = getattr(_local, "hook", None)
     if hook is None:
+        _follow_collections()
         hook = ThreadHook(interval)
         _local.hook = hook
     return hook
