@@ -8,6 +8,7 @@ from pyinstrument.stack_sampler import build_call_stack
 
 from otelprof_middleware.profiling._loop_hook import HookedCoroutine, install_task_factory
 from otelprof_middleware.profiling._request_profile import RequestProfile, current_request
+from otelprof_middleware.profiling import _thread_hook
 from otelprof_middleware.profiling._thread_hook import thread_hook
 
 from .helpers import marker_alpha, marker_beta, text_of
@@ -87,6 +88,34 @@ def test_hook_is_removed_when_the_last_request_ends_and_threads_are_independent(
         own = "marker_alpha" if int(name[1]) % 2 else "marker_beta"
         other = "marker_beta" if own == "marker_alpha" else "marker_alpha"
         assert own in text and other not in text
+
+
+def test_a_collection_on_another_thread_does_not_keep_this_threads_hook() -> None:
+    """The garbage collector's callbacks are called here as the collector calls them: a
+    collection on another thread (whose finalizers let this thread run mid-collection)
+    leaves this thread's hook free to go; one on this thread keeps it until its next
+    request (removing it from inside its own C hook is unsafe)."""
+    _thread_hook._follow_collections()
+    request = _new_request("gc")
+    token = current_request.set(request)
+    hook = thread_hook(0.001)
+    other = threading.Thread(target=_thread_hook._note_collection, args=("start", {}))
+    try:
+        other.start()
+        other.join()  # a collection "runs" on that thread
+        hook.acquire()
+        hook.release()
+        assert sys.getprofile() is None
+        _thread_hook._note_collection("start", {})  # one on this thread
+        hook.acquire()
+        hook.release()
+        assert sys.getprofile() is not None  # left installed, unused
+    finally:
+        _thread_hook._note_collection("stop", {})
+        hook.acquire()  # this thread's next request...
+        hook.release()  # ...releases it from its own code
+        current_request.reset(token)
+    assert sys.getprofile() is None
 
 
 def test_sample_cap_counts_dropped_samples() -> None:

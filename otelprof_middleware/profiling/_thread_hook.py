@@ -37,10 +37,10 @@ class ThreadHook:
     app's own frames; under load, about 1 Flask test-client run in 6 before, none in 30
     after). The ways in are our callback and finalizers: the garbage collector, run by an
     allocation inside the C hook, collects a response the client never closed, and that
-    ends its profile. So a release from a finalizer, during a collection or inside our
-    callback only counts the user out, and an unused hook stays installed, sampling
-    nothing, until this thread's next profiled request replaces it or releases it from
-    its own code.
+    ends its profile. So a release from a finalizer, during a collection on its thread or
+    inside our callback only counts the user out, and an unused hook stays installed,
+    sampling nothing, until this thread's next profiled request replaces it or releases it
+    from its own code.
     """
 
     __slots__ = ("_in_event", "_last", "interval", "thread_id", "users")
@@ -70,14 +70,14 @@ class ThreadHook:
     def release(self, *, from_finalizer: bool = False) -> None:
         """Remove the hook when the last profiled request on this thread ends.
 
-        From a finalizer, during a garbage collection or inside the hook's own callback,
-        the hook is left installed, unused, until the next request on this thread (see
-        the class docstring).
+        From a finalizer, during a garbage collection on this thread or inside the hook's own
+        callback, the hook is left installed, unused, until the next request on this thread
+        (see the class docstring).
         """
         self.users -= 1
         if self.users <= 0:
             self.users = 0
-            if not (from_finalizer or self._in_event or _collecting):
+            if not (from_finalizer or self._in_event or _collecting_on == self.thread_id):
                 setstatprofile(None)
 
     def _on_event(self, frame: types.FrameType, event: str, arg: Any) -> None:
@@ -99,12 +99,15 @@ class ThreadHook:
             self._in_event = False
 
 
-_collecting = False  # a garbage collection runs (finalizers may run inside the C hook)
+# The thread running a garbage collection, if one runs: its finalizers may run inside that
+# thread's C hook. (Only one thread collects at a time. A finalizer's Python code can let
+# other threads run mid-collection: their hooks are not the one in use, so they may go.)
+_collecting_on: int | None = None
 
 
 def _note_collection(phase: str, info: dict[str, int]) -> None:
-    global _collecting
-    _collecting = phase == "start"
+    global _collecting_on
+    _collecting_on = threading.get_ident() if phase == "start" else None
 
 
 def _follow_collections() -> None:
