@@ -6,9 +6,9 @@ import threading
 
 from pyinstrument.stack_sampler import build_call_stack
 
+from otelprof_middleware.profiling import _thread_hook
 from otelprof_middleware.profiling._loop_hook import HookedCoroutine, install_task_factory
 from otelprof_middleware.profiling._request_profile import RequestProfile, current_request
-from otelprof_middleware.profiling import _thread_hook
 from otelprof_middleware.profiling._thread_hook import thread_hook
 
 from .helpers import marker_alpha, marker_beta, text_of
