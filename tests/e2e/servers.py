@@ -33,7 +33,9 @@ class Server:
     def spans(self) -> list[dict[str, Any]]:
         spans: list[dict[str, Any]] = []
         for path in self.spans_dir.glob("spans-*.jsonl"):
-            for line in path.read_text().splitlines():
+            text = path.read_text()
+            # Complete lines only: the server may be writing the last one right now.
+            for line in text[: text.rfind("\n") + 1].splitlines():
                 if line.strip():
                     spans.append(json.loads(line))
         return spans
