@@ -12,6 +12,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import SpanContext
 from opentelemetry.trace import propagation as trace_propagation
 
@@ -74,7 +75,7 @@ def current_server_span() -> tuple[trace.Span, SpanContext] | None:
 def _span_slot() -> tuple[object, ContextVar[Mapping[str, object]], str] | None:
     """Where the OTel API keeps the current span, when it is where it usually is.
 
-    ``trace.get_current_span()`` is five Python calls (two of them an ABC instance check)
+    ``trace.get_current_span()`` is five Python calls (one of them an ABC instance check)
     to read one entry of the dict in one contextvar, on every request. That contextvar
     and that key are private to the API: taken only from its own contextvars runtime
     (the default), checked here once, and used only while that runtime is still the
@@ -83,7 +84,7 @@ def _span_slot() -> tuple[object, ContextVar[Mapping[str, object]], str] | None:
     runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
     variable = getattr(runtime, "_current_context", None)
     key = getattr(trace_propagation, "_SPAN_KEY", None)
-    if type(runtime).__name__ != "ContextVarsRuntimeContext" or not isinstance(key, str):
+    if type(runtime) is not ContextVarsRuntimeContext or not isinstance(key, str):
         return None
     if not isinstance(variable, ContextVar):
         return None
