@@ -180,9 +180,11 @@ class WSGIProfilingMiddleware:
             try:
                 body = self.app(environ, response.start_response)
             except BaseException as error:
+                response.app_returned()
                 response.failed = isinstance(error, Exception)
                 response.finish()
                 raise
+            response.app_returned()
             on_end = response.finish if end_span is None else _both(response.finish, end_span)
             on_abandon = response.abandon if end_span is None else _both(response.abandon, end_span)
         if on_end is None or on_abandon is None:
@@ -283,6 +285,10 @@ class _ProfiledResponse:
         except Exception as exc:
             log_failure("adapter", exc)
         return self._start_response(status, headers, *exc_info)
+
+    def app_returned(self) -> None:
+        """The app's call returned or raised: the engine notes when (cannot fail)."""
+        self._active.app_returned()
 
     def finish(self) -> None:
         """Stop the profile and keep it when the keep policy says so (once; never raises)."""

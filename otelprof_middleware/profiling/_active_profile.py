@@ -7,6 +7,7 @@ span gets it when the profile is kept. It is made only when first read.
 
 from __future__ import annotations
 
+import time
 from contextvars import Token
 from dataclasses import dataclass, field
 
@@ -40,6 +41,12 @@ class ActiveProfile:
     finished: bool = field(default=False)
     duration: float = field(default=0.0)  # seconds, set when stopped
     triggered: bool = field(default=False)  # asked for by the trigger header
+
+    def app_returned(self) -> None:
+        """The adapter's call of the app returned (or raised), on the request's thread: the
+        always-on sampler credits the time up to here exactly (WSGI; the body it returned
+        may still run app code while the server iterates it, which is sampled as usual)."""
+        self.request.left_app_at = time.perf_counter()
 
     @property
     def method(self) -> str:

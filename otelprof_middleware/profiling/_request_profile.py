@@ -64,6 +64,7 @@ class RequestProfile:
     suspended_stack: list[str] | None = None
     wait_stack: list[str] | None = None  # hook mode on a loop: where its coroutine waits
     hook_failed = False  # hook mode on a loop: the hook could not be installed for a step
+    left_app_at: float | None = None  # WSGI: when the app's call returned (perf_counter)
     url_factory: Callable[[], str] | None = None  # makes ``url`` when first read
     _url: str | None = None
     _start_wall: float | None = None

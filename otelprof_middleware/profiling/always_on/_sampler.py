@@ -116,15 +116,30 @@ class AlwaysOnSampler:
         """Forget ``request`` (called when its profile finishes, on any thread).
 
         The time since the last tick is split: half goes to the state that tick saw
-        (on average the state changed halfway), the rest is not attributed.
+        (on average the state changed halfway), the rest is not attributed. Unless the
+        tick saw the request's own thread inside the app's call, and the adapter said
+        when that call returned (``left_app_at``, WSGI): then the time up to the return
+        is that state's, as a worker job's end is its own, and the server's time after
+        it (writing the response) is not attributed.
         """
         before = self.ledger.states.pop(request, None)
         if before is not None:
             last_tick = self.last_tick
             close_wait(request, before, last_tick)
-            trailing = self._trailing(last_tick)
-            if trailing:
-                add_time(request, before, trailing / 2)
+            left_app = request.left_app_at
+            if (
+                left_app is not None
+                and left_app > last_tick
+                and type(before) is Running
+                and not before.worker
+            ):
+                in_app = self._trailing(last_tick, until=left_app)
+                if in_app:
+                    add_time(request, before, in_app)
+            else:
+                trailing = self._trailing(last_tick)
+                if trailing:
+                    add_time(request, before, trailing / 2)
         self.registry.remove(request)
 
     def register_worker(
@@ -164,10 +179,11 @@ class AlwaysOnSampler:
                     [*job.submitted_from, job_identifier()], time.perf_counter() - job.began
                 )
 
-    def _trailing(self, since: float) -> float:
-        """Seconds from ``since`` (at or after the last tick) to now; 0 when that is no
-        plausible tail of an interval (a clock oddity, or ticks long stopped)."""
-        trailing = time.perf_counter() - since
+    def _trailing(self, since: float, *, until: float | None = None) -> float:
+        """Seconds from ``since`` (at or after the last tick) to ``until`` (default: now);
+        0 when that is no plausible tail of an interval (a clock oddity, or ticks long
+        stopped)."""
+        trailing = (time.perf_counter() if until is None else until) - since
         return trailing if 0 < trailing < 10 * self.interval else 0.0
 
     # -- for the drivers -------------------------------------------------------------------
