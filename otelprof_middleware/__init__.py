@@ -6,6 +6,7 @@ from ._config import Config, Settings
 from ._failsafe import snapshot as counters
 from ._record import ProfileRecord, ProfileSummary
 from .asgi import ProfilingMiddleware
+from .profiling._settings import check_settings
 from .stores import ProfileStore, open_store
 from .wsgi import WSGIProfilingMiddleware
 
@@ -17,6 +18,7 @@ __all__ = [
     "ProfilingMiddleware",
     "Settings",
     "WSGIProfilingMiddleware",
+    "check_settings",
     "counters",
     "open_store",
 ]

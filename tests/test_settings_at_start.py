@@ -84,3 +84,43 @@ def test_a_good_store_url_is_checked_but_not_opened(tmp_path: Path) -> None:
     middleware = WSGIProfilingMiddleware(lambda e, s: [], store=f"sqlite:///{path}")
     assert middleware.config.enabled is True
     assert not path.parent.exists()  # opened by the first write, in the worker process
+
+
+@pytest.mark.parametrize(("settings", "named"), BAD)
+def test_check_settings_refuses_what_the_middleware_refuses(
+    settings: dict[str, Any], named: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The documented CI check: the same settings, the same refusal, the same message.
+    # Config.load alone checks each value but not the store URL's details (a SQLite URL
+    # with two slashes, a Redis port), so it passed settings the middleware turns off.
+    from otelprof_middleware import check_settings
+
+    with pytest.raises(ValueError, match=named) as refused:
+        check_settings(**settings)
+    WSGIProfilingMiddleware(lambda e, s: [], **settings)
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert str(refused.value) in error.getMessage()
+
+
+def test_check_settings_checks_the_otlp_export_variables(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from otelprof_middleware import check_settings
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "abc")
+    assert check_settings(otlp_profiles=False).otlp_profiles is False  # export off: unused
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TIMEOUT"):
+        check_settings(otlp_profiles=True)
+    assert WSGIProfilingMiddleware(lambda e, s: [], otlp_profiles=True).config.enabled is False
+
+
+def test_check_settings_returns_the_config_and_opens_nothing(tmp_path: Path) -> None:
+    from otelprof_middleware import check_settings
+
+    path = tmp_path / "state" / "profiles.db"
+    config = check_settings(store=f"sqlite:///{path}", sample_rate="0.5")
+    assert config.sample_rate == 0.5 and config.enabled
+    assert not path.parent.exists()
+    assert check_settings({"OTELPROF_SAMPLE_RATE": "0.25"}).sample_rate == 0.25
+    with pytest.raises(ValueError, match="OTELPROF_STORE"):
+        check_settings({"OTELPROF_STORE": "sqlite:///:memory:"})
