@@ -77,11 +77,40 @@ def test_failures_are_kept_whatever_their_duration() -> None:
 
 
 def test_triggered_profiles_are_always_kept_and_cost_no_budget() -> None:
-    keep = policy(keep_per_second=0.0)  # the burst floor is one profile
+    keep = policy(keep_per_second=0.1)  # one every ten seconds: a burst of one
     assert reason(keep, 1 * MS, status=500) == ERROR
     assert reason(keep, 1 * MS, status=500) is None  # budget spent
     for _ in range(20):
         assert reason(keep, 1 * MS, triggered=True) == TRIGGERED
+
+
+def test_a_budget_of_zero_keeps_only_triggered_profiles() -> None:
+    keep = policy(keep_per_second=0.0)
+    warm(keep, "/fast", 3 * MS)
+    assert [reason(keep, 1 * MS, status=500) for _ in range(10)] == [None] * 10
+    assert reason(keep, 300 * MS, route="/fast") is None  # slow, but no budget
+    assert reason(keep, 1 * MS, triggered=True) == TRIGGERED
+    assert counters()["discarded.over_budget"] == 11
+
+
+def test_each_discarded_profile_is_counted_once() -> None:
+    keep = policy(keep_per_second=1.0)  # a burst of two
+    warm(keep, "/fast", 3 * MS, count=30)  # 30 fast: not kept
+    failures = [reason(keep, 1 * MS, route="/fast", status=500) for _ in range(5)]
+    assert failures.count(ERROR) == 2
+    snapshot = counters()
+    assert snapshot["discarded.over_budget"] == 3
+    assert snapshot["discarded.not_kept"] == 30  # the over-budget failures are not here too
+    assert reason(keep, 199 * MS, route="/fast") is None  # slow: budget spent
+    assert counters()["discarded.over_budget"] == 4
+    assert counters()["discarded.not_kept"] == 30
+    assert (
+        policy(min_duration_ms=200.0).reason(
+            route="", duration=0.1, status_code=500, failed=False, triggered=False
+        )
+        is None
+    )
+    assert counters()["discarded.not_kept"] == 31
 
 
 def test_the_budget_bounds_kept_profiles_per_second() -> None:

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
 from .._config import Config
-from .._failsafe import count, log_failure, tally
+from .._failsafe import count, log_failure
 from .._request import RequestFacts
 from ..exporters import ProfileExporter, open_exporter
 from ..stores._base import ProfileStore
@@ -38,8 +38,6 @@ from ._store_opener import StoreOpener
 from ._writer import ProfileWriter
 
 __all__ = ["ProfilerCore"]
-
-_count_discarded = tally("discarded.not_kept")
 
 
 class ProfilerCore:
@@ -167,8 +165,7 @@ class ProfilerCore:
         )
         if reason is None:
             active.request.url = None  # later log records must not point at a discarded profile
-            _count_discarded()
-            return
+            return  # (counted by the policy: not kept, or over budget)
         self.keeper.keep(active, status_code=status_code, route=route_name, reason=reason)
 
     def stop(self, active: ActiveProfile, *, from_finalizer: bool = False) -> bool:

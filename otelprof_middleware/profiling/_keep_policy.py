@@ -37,6 +37,7 @@ floor alone decides."""
 _REFRESH_EVERY = 16
 _NO_HISTORY = float("inf")
 _count_over_budget = tally("discarded.over_budget")
+_count_not_kept = tally("discarded.not_kept")
 MAX_ROUTES = 2000
 """Routes tracked at most (route templates, so few; unmatched paths share ``""``)."""
 
@@ -73,7 +74,11 @@ class KeepPolicy:
             (reason ``min_duration``), and nothing else applies.
         slow_floor_ms: a request is never "slow" below this.
         keep_per_second: the budget of error and slow profiles kept per second (burst:
-            two seconds' worth); triggered and ``min_duration`` profiles are not counted.
+            two seconds' worth, at least one profile; 0 keeps none); triggered and
+            ``min_duration`` profiles are not counted.
+
+    Each discarded profile is counted once: ``discarded.over_budget`` when the budget
+    was spent, else ``discarded.not_kept``.
     """
 
     def __init__(
@@ -86,7 +91,8 @@ class KeepPolicy:
         self._min_duration = None if min_duration_ms is None else min_duration_ms / 1000.0
         self._floor = slow_floor_ms / 1000.0
         self._rate = keep_per_second
-        self._burst = max(1.0, 2.0 * keep_per_second)
+        # At least one token, so that a rate under one every two seconds keeps anything.
+        self._burst = max(1.0, 2.0 * keep_per_second) if keep_per_second > 0 else 0.0
         self._tokens = self._burst
         self._refilled_at = time.monotonic()
         self._lock = threading.Lock()
@@ -95,9 +101,13 @@ class KeepPolicy:
     def reason(
         self, *, route: str, duration: float, status_code: int, failed: bool, triggered: bool
     ) -> str | None:
-        """Why this profile is kept, or None to discard it. ``duration`` in seconds."""
+        """Why this profile is kept, or None to discard it (counted). ``duration`` in
+        seconds."""
         if self._min_duration is not None:
-            return MIN_DURATION if duration >= self._min_duration else None
+            if duration >= self._min_duration:
+                return MIN_DURATION
+            _count_not_kept()
+            return None
         history = self._routes.get(route)
         if history is None:
             if len(self._routes) >= MAX_ROUTES:
@@ -113,6 +123,7 @@ class KeepPolicy:
         # until the route has history: then the floor alone decides).
         if duration >= self._floor and (duration > usual or usual == _NO_HISTORY):
             return SLOW if self._spend() else None
+        _count_not_kept()
         return None
 
     def usual_ms(self, route: str) -> float | None:
