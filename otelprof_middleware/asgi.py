@@ -10,6 +10,7 @@ import anyio.to_thread
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.trace import SpanContext
+from starlette.routing import Mount
 
 from ._adapter_parts import build_parts
 from ._config import Settings
@@ -21,7 +22,9 @@ from .profiling._engine import ProfilerCore
 from .profiling._request_profile import add_stem_marker
 from .profiling._span import (
     ROUTE_KEY,
+    MountedOwners,
     current_server_span,
+    mounted_span_owners,
     name_by_route,
     span_declined,
     span_owner_below,
@@ -81,6 +84,9 @@ class ProfilingMiddleware:
         self._owner_checked = False
         self._joins_below_owner = False
         self._is_joiner = False
+        # Span owners in mounted apps, by id of their route (found at the first request).
+        self._mounted: MountedOwners | None = None
+        self._mounted_owners: set[int] = set()
 
     @property
     def core(self) -> ProfilerCore:
@@ -163,10 +169,13 @@ class ProfilingMiddleware:
             return joined
         if self._joins_below_owner or span_declined(scope):
             return _PASS  # a layer inside us owns the span (our joiner is there), or none
-        if self._owner_checked:
-            return _OPEN_SPAN
-        self._owner_checked = True
-        return _PASS if self._join_below_owner() else _OPEN_SPAN
+        if not self._owner_checked:
+            self._owner_checked = True
+            if self._join_below_owner():
+                return _PASS
+        if self._mounted is not None and self._mounted.owns(scope, self._mounted_owners):
+            return _PASS  # routed to a mounted app that owns the span (joiner inside)
+        return _OPEN_SPAN
 
     def _join_below_owner(self) -> bool:
         """Put a joining copy of this middleware right below the layer that owns spans.
@@ -179,17 +188,34 @@ class ProfilingMiddleware:
         """
         found = span_owner_below(self.app)
         if found is None:
+            self._join_mounted_owners()
             return False
-        owner, attribute = found
         self._joins_below_owner = True
+        self._put_joiner(*found)
+        return True
+
+    def _join_mounted_owners(self) -> None:
+        """As :meth:`_join_below_owner`, for apps mounted in the router below that own
+        spans: a joiner in each, and :attr:`_mounted` to tell their requests apart."""
+        found = mounted_span_owners(self.app)
+        if found is None:
+            return
+        self._mounted, owners = found
+        self._mounted_owners = set(owners)
+        for owner, attribute in owners.values():
+            self._put_joiner(owner, attribute)
+
+    def _put_joiner(self, owner: object, attribute: str | None) -> None:
+        """A joining copy of this middleware in ``owner.<attribute>`` (None: the owner
+        asked for no server spans, so none of ours either)."""
         if attribute is None:
-            return True  # the app asked for no server spans: none of ours either
+            return
         joiner = copy.copy(self)
         joiner.app = getattr(owner, attribute)
         joiner._viewer = None  # the viewer is served here, outside
         joiner._is_joiner = True
+        joiner._mounted = None
         setattr(owner, attribute, joiner)
-        return True
 
     async def _in_own_span(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, under the server span this middleware had the OTel middleware open."""
@@ -252,14 +278,15 @@ def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "")
     """
     route = scope.get("route")
     if route is not None:
-        template = getattr(route, "path_format" if for_span else "path", None)
-        if isinstance(template, str) and template:
+        # A Mount when the mounted app set no route of its own (its ``root_path`` already
+        # ends with the mount's path): the mount point, as Starlette's telemetry names it.
+        mounted = isinstance(route, Mount)
+        template = "" if mounted else getattr(route, "path_format" if for_span else "path", None)
+        if isinstance(template, str) and (template or mounted):
             mounted_at: str = scope.get("root_path", "")
-            if for_span:
-                return mounted_at.rstrip("/") + template
-            if root_path and mounted_at.startswith(root_path):
+            if not for_span and root_path and mounted_at.startswith(root_path):
                 mounted_at = mounted_at[len(root_path) :]
-            return mounted_at.rstrip("/") + template
+            return mounted_at.rstrip("/") + template or "/"
     for key in ("path_template", ROUTE_KEY):  # Litestar; Django through RouteMiddleware
         template = scope.get(key)
         if isinstance(template, str) and template:

@@ -168,3 +168,24 @@ def test_wsgi_dispatcher_inside_the_app_keeps_links_at_the_middlewares_root() ->
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_a_mount_without_a_route_of_its_own_is_named_by_its_mount_point() -> None:
+    """A request a Mount matched but its app did not route (a 404 inside it, a mounted
+    app that sets no route): the mount point, not the mount's path twice."""
+    from otelprof_middleware.asgi import route_template
+
+    mount = Mount("/v1", app=Starlette())
+    scope: dict[str, Any] = {"route": mount, "root_path": "/v1"}
+    assert route_template(scope, for_span=True) == "/v1"
+    assert route_template(scope) == "/v1"
+    # Under the middleware's own root path, the index shows the part below it.
+    scope = {"route": mount, "root_path": "/api/v1"}
+    assert route_template(scope, for_span=True) == "/api/v1"
+    assert route_template(scope, root_path="/api") == "/v1"
+    assert route_template({"route": Mount("/", app=Starlette()), "root_path": ""}) == "/"
+    # An ordinary route keeps its template under the mount.
+    route = Route("/items/{item_id:int}", endpoint=lambda request: None)
+    scope = {"route": route, "root_path": "/v1"}
+    assert route_template(scope, for_span=True) == "/v1/items/{item_id}"
+    assert route_template(scope) == "/v1/items/{item_id:int}"

@@ -25,7 +25,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.opentelemetry import OpenTelemetryMiddleware as StarletteOTel
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from otelprof_middleware import ProfilingMiddleware
 from otelprof_middleware.profiling._span import PROFILE_URL, route_attribute
@@ -221,6 +221,80 @@ def test_no_telemetry_we_open_the_only_span(otel: Otel) -> None:
     assert names == ["GET", *["GET /items/{item_id}"] * 3], names
     routes = {(span.attributes or {}).get("http.route") for span in server_spans(otel[1])}
     assert routes == {"/items/{item_id}", None}
+
+
+# --- span owners in mounted apps: known per request, once the route is matched ---------
+
+
+def scopes_of(spans: list[Any]) -> list[str]:
+    return [s.instrumentation_scope.name if s.instrumentation_scope else "" for s in spans]
+
+
+@pytest.mark.parametrize("position", ["add_middleware", "wrapped"])
+def test_a_mounted_fastapi_app_owns_the_span_of_its_requests(otel: Otel, position: str) -> None:
+    api = fastapi_app(tracer_provider=otel[0], metrics=False, logs=False)
+    outer: Any = Starlette(routes=[Route("/health", health), Mount("/api", app=api)])
+    if position == "add_middleware":
+        outer.add_middleware(ProfilingMiddleware, **ours(otel))
+    else:
+        outer = ProfilingMiddleware(outer, **ours(otel))
+    paths = ["/api/items/1", "/health", "/api/items/2", "/missing"]
+    responses = send(outer, *paths)
+    assert [r.status_code for r in responses] == [200, 200, 200, 404]
+    spans = server_spans(otel[1])
+    assert len(spans) == len(paths), [(s.name, scopes_of([s])) for s in spans]
+    assert all((s.attributes or {}).get(PROFILE_URL) for s in spans)
+    # FastAPI's for its routes (in the trace with its endpoint spans), ours elsewhere.
+    fastapi_spans = [s for s in spans if s.name.endswith("/items/{item_id}")]
+    assert len(fastapi_spans) == 2
+    assert {scopes_of([s])[0] for s in fastapi_spans} != {"otelprof_middleware"}
+    ours_spans = [s for s in spans if s not in fastapi_spans]
+    assert sorted(s.name for s in ours_spans) == ["GET", "GET /health"]
+    # Every span of FastAPI's trace is under its server span: one trace per request.
+    for server in fastapi_spans:
+        assert server.context is not None
+        trace_spans = [
+            s
+            for s in otel[1].get_finished_spans()
+            if s.context is not None and s.context.trace_id == server.context.trace_id
+        ]
+        assert [s for s in trace_spans if s.kind == trace.SpanKind.SERVER] == [server]
+
+
+def test_a_catch_all_mount_of_a_fastapi_app(otel: Otel) -> None:
+    """Starlette mounting FastAPI at ``/`` (the layout that had two spans per request)."""
+    api = fastapi_app(tracer_provider=otel[0], metrics=False, logs=False)
+    outer = Starlette(routes=[Route("/health", health), Mount("/", app=api)])
+    outer.add_middleware(ProfilingMiddleware, **ours(otel))
+    send(outer, *PATHS, "/health")
+    spans = server_spans(otel[1])
+    assert sorted(s.name for s in spans) == ["GET /health", *["GET /items/{item_id}"] * 3]
+    assert all((s.attributes or {}).get(PROFILE_URL) for s in spans)
+
+
+def test_owners_mounted_two_levels_down_and_otel_wrapped_mounts(otel: Otel) -> None:
+    api = fastapi_app(tracer_provider=otel[0], metrics=False, logs=False)
+    wrapped = OTelASGI(Starlette(routes=ROUTES), tracer_provider=otel[0])
+    middle = Starlette(routes=[Mount("/api", app=api), Route("/health", health)])
+    outer = Starlette(routes=[Mount("/v1", app=middle), Mount("/otel", app=wrapped)])
+    app = ProfilingMiddleware(outer, **ours(otel))
+    paths = ["/v1/api/items/1", "/v1/health", "/otel/items/2", "/v1/nothing"]
+    assert [r.status_code for r in send(app, *paths)] == [200, 200, 200, 404]
+    spans = server_spans(otel[1])
+    assert len(spans) == 4, [s.name for s in spans]
+    assert all((s.attributes or {}).get(PROFILE_URL) for s in spans)
+    # FastAPI's, OTel's (named by path), ours by route; an unmatched path under a mount
+    # by the mount point, as Starlette's own telemetry names it (it was "/v1/v1/{path}").
+    names = sorted(s.name for s in spans)
+    assert names == ["GET /items/{item_id}", "GET /otel/items/2", "GET /v1", "GET /v1/health"]
+
+
+def test_a_mounted_app_with_tracing_off_gets_no_span_of_ours(otel: Otel) -> None:
+    quiet = fastapi_app(tracer_provider=otel[0], tracing=False, metrics=False, logs=False)
+    outer = Starlette(routes=[Route("/health", health), Mount("/quiet", app=quiet)])
+    outer.add_middleware(ProfilingMiddleware, **ours(otel))
+    send(outer, "/quiet/items/1", "/health")
+    assert [s.name for s in server_spans(otel[1])] == ["GET /health"]
 
 
 def test_our_span_takes_a_litestar_style_path_template(otel: Otel) -> None:

@@ -24,8 +24,10 @@ __all__ = [
     "PROFILE_URL",
     "PYROSCOPE_PROFILE_ID",
     "ROUTE_KEY",
+    "MountedOwners",
     "current_server_span",
     "diff_url",
+    "mounted_span_owners",
     "name_by_route",
     "profile_url",
     "redact_viewer_token",
@@ -164,6 +166,91 @@ def span_owner_below(app: object) -> tuple[object, str | None] | None:
             if inner is None and _fastapi_tracing_off(layer):
                 return layer, None
             return inner
+        layer = getattr(layer, "app", None)
+    return None
+
+
+class MountedOwners:
+    """The routes of a router whose mounted apps open their own server spans.
+
+    A Starlette app that mounts a FastAPI app with native telemetry (or one wrapped in
+    OTel's ASGI middleware) has a span owner for the requests routed there only: a
+    request's way is known once the router has matched it. :meth:`owns` matches it as
+    the router will (first full match wins), and says whether the route it lands on
+    opens the server span; routes that do not, and unmatched paths, get ours.
+
+    Built once, at the first request, by :func:`mounted_span_owners`.
+    """
+
+    __slots__ = ("_full", "routes")
+
+    def __init__(self, routes: list[tuple[Any, MountedOwners | None]], full: object) -> None:
+        self.routes = routes  # every route in order; a nested router's owners, or None
+        self._full = full
+
+    def owns(self, scope: Mapping[str, Any], owners: set[int]) -> bool:
+        """Whether the route ``scope`` lands on has a server span owner (in ``owners``)."""
+        for route, nested in self.routes:
+            match, child_scope = route.matches(scope)
+            if match == self._full:
+                if id(route) in owners:
+                    return True
+                return nested is not None and nested.owns({**scope, **child_scope}, owners)
+        return False
+
+
+def mounted_span_owners(
+    app: object,
+) -> tuple[MountedOwners, dict[int, tuple[object, str | None]]] | None:
+    """The router below ``app`` (through its layers) and the span owners mounted in it.
+
+    Returns the routing (see :class:`MountedOwners`) and, by ``id`` of each route whose
+    app contains a span owner, that owner as :func:`span_owner_below` gives it; None
+    when no mounted app owns spans. Nested routers (a plain Starlette app mounted, with
+    a FastAPI app mounted in it) are followed.
+    """
+    router = _router_below(app)
+    if router is None:
+        return None
+    from starlette.routing import Match
+
+    owners: dict[int, tuple[object, str | None]] = {}
+    routes: list[tuple[Any, MountedOwners | None]] = []
+    for route in getattr(router, "routes", ()):
+        if not callable(getattr(route, "matches", None)):
+            return None  # not a Starlette router: its routing is unknown
+        nested: MountedOwners | None = None
+        mounted = getattr(route, "app", None)  # a Route's is its endpoint: no owner
+        if mounted is not None:
+            found = span_owner_below(mounted)
+            if found is not None:
+                owners[id(route)] = found
+            else:
+                inner = mounted_span_owners(mounted)
+                if inner is not None:
+                    nested = inner[0]
+                    owners.update(inner[1])
+        routes.append((route, nested))
+    if not owners:
+        return None
+    return MountedOwners(routes, Match.FULL), owners
+
+
+def _router_below(app: object) -> object | None:
+    """The first layer below ``app`` with a list of ``routes`` (Starlette's router)."""
+    seen: set[int] = set()
+    layer: object | None = app
+    while layer is not None and id(layer) not in seen and len(seen) < 64:
+        seen.add(id(layer))
+        if isinstance(getattr(layer, "routes", None), list) and not hasattr(
+            layer, "build_middleware_stack"
+        ):
+            return layer
+        if hasattr(layer, "build_middleware_stack") and hasattr(layer, "middleware_stack"):
+            if layer.middleware_stack is None:
+                layer.middleware_stack = layer.build_middleware_stack()
+            layer = layer.middleware_stack
+            continue
         layer = getattr(layer, "app", None)
     return None
 
