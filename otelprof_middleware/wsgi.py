@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any, Unpack
 
 from opentelemetry import context, propagate, trace
@@ -147,7 +148,7 @@ class WSGIProfilingMiddleware:
 
         try:
             return self._profiled(
-                environ, start_traced, span, span.get_span_context(), lambda: _end_span(span, None)
+                environ, start_traced, span, span.get_span_context(), partial(_end_span, span)
             )
         except BaseException as error:
             _end_span(span, error)
@@ -161,10 +162,11 @@ class WSGIProfilingMiddleware:
         start_response: StartResponse,
         span: trace.Span,
         span_context: SpanContext,
-        end_span: Callable[[], None] | None = None,
+        end_span: Callable[[BaseException | None], None] | None = None,
     ) -> Iterable[bytes]:
         """The app, profiled if the core decides so; ``span``: the server span (joined or
-        ours), and its context; ``end_span`` runs when the body ends."""
+        ours), and its context; ``end_span`` runs when the body ends (with the error that
+        ended it, if any)."""
         response: _ProfiledResponse | None = None
         try:
             active = self._core.start(span, span_context, self._describe(environ))
@@ -172,10 +174,10 @@ class WSGIProfilingMiddleware:
                 response = _ProfiledResponse(self._core, active, environ, start_response)
         except Exception as exc:
             log_failure("profiler.start", exc)
-        on_end: Callable[[], None] | None = end_span
-        on_abandon = end_span
         if response is None:
             body = self.app(environ, start_response)
+            if end_span is None:
+                return body
         else:
             try:
                 body = self.app(environ, response.start_response)
@@ -185,15 +187,12 @@ class WSGIProfilingMiddleware:
                 response.finish()
                 raise
             response.app_returned()
-            on_end = response.finish if end_span is None else _both(response.finish, end_span)
-            on_abandon = response.abandon if end_span is None else _both(response.abandon, end_span)
-        if on_end is None or on_abandon is None:
-            return body
+        on_end, on_abandon = _body_ends(response, end_span)
         file_wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
             # The server's own file transfer (sendfile) runs no app code: the profile and
             # the span end here, and the server still sees its file wrapper.
-            on_end()
+            on_end(None)
             return body
         return _ClosingBody(body, on_end, on_abandon)
 
@@ -233,12 +232,29 @@ def route_template(environ: WSGIEnvironment) -> str | None:
     return rule if isinstance(rule, str) and rule else None
 
 
-def _both(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
-    def both() -> None:
-        first()
-        then()
+def _body_ends(
+    response: _ProfiledResponse | None, end_span: Callable[[BaseException | None], None] | None
+) -> tuple[Callable[[BaseException | None], None], Callable[[], None]]:
+    """What ends the body: ``(on_end, on_abandon)``. ``on_end`` takes the error that the
+    body's iteration raised, if any: a streamed body that fails after the app returned
+    has failed as much as an app that raised (the profile is kept as ``error``, our span
+    gets an error status)."""
 
-    return both
+    def on_end(error: BaseException | None) -> None:
+        if response is not None:
+            if error is not None:
+                response.failed = isinstance(error, Exception)
+            response.finish()
+        if end_span is not None:
+            end_span(error)
+
+    def on_abandon() -> None:
+        if response is not None:
+            response.abandon()
+        if end_span is not None:
+            end_span(None)
+
+    return on_end, on_abandon
 
 
 def _end_span(span: trace.Span, error: BaseException | None) -> None:
@@ -306,11 +322,13 @@ class _ProfiledResponse:
 
 
 class _ClosingBody:
-    """The app's body, unchanged; ``on_end`` runs once, when it is exhausted or closed.
+    """The app's body, unchanged; ``on_end`` runs once, when it is exhausted, raises or
+    is closed.
 
-    Exhausted or closed, whichever comes first: servers close right after the last
-    chunk, and test clients that read the body without closing it still see the
-    request's span end and its profile kept, as with OpenTelemetry's own middleware. A
+    Exhausted, raising or closed, whichever comes first: servers close right after the
+    last chunk, and test clients that read the body without closing it still see the
+    request's span end and its profile kept, as with OpenTelemetry's own middleware. An
+    error raised by the iteration is passed to ``on_end`` (then re-raised unchanged). A
     body collected unused and unclosed runs ``on_abandon`` instead. No context token is
     held across iteration, and nothing of ours on the way can raise.
     """
@@ -318,11 +336,14 @@ class _ClosingBody:
     __slots__ = ("_body", "_iterator", "_on_abandon", "_on_end")
 
     def __init__(
-        self, body: Iterable[bytes], on_end: Callable[[], object], on_abandon: Callable[[], object]
+        self,
+        body: Iterable[bytes],
+        on_end: Callable[[BaseException | None], object],
+        on_abandon: Callable[[], object],
     ) -> None:
         self._body = body
         self._iterator: Iterator[bytes] | None = None
-        self._on_end: Callable[[], object] | None = on_end
+        self._on_end: Callable[[BaseException | None], object] | None = on_end
         self._on_abandon = on_abandon
 
     def __iter__(self) -> Iterator[bytes]:
@@ -337,6 +358,9 @@ class _ClosingBody:
         except StopIteration:
             self._end()
             raise
+        except BaseException as error:  # the body failed mid-stream: the request failed
+            self._end(error)
+            raise
 
     def close(self) -> None:
         try:
@@ -347,10 +371,10 @@ class _ClosingBody:
             if self._on_end is not None:  # (None: its exhaustion ended it)
                 self._end()
 
-    def _end(self) -> None:
+    def _end(self, error: BaseException | None = None) -> None:
         on_end, self._on_end = self._on_end, None
         if on_end is not None:
-            on_end()
+            on_end(error)
 
     def __del__(self) -> None:
         if self._on_end is not None:

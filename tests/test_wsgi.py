@@ -3,11 +3,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from flask import Flask, Response, jsonify
 from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+from opentelemetry.trace import StatusCode
 from werkzeug.test import Client as _Client
+from werkzeug.test import EnvironBuilder
 
-from otelprof_middleware import WSGIProfilingMiddleware
+from otelprof_middleware import WSGIProfilingMiddleware, counters
 from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
@@ -157,3 +160,48 @@ def test_viewer_off_by_default_and_loopback_only(otel: Any, closing: list[Any]) 
         == 403
     )
     assert Client(app2).get("/debug/profile/xyz", environ_base=LOOPBACK).status_code == 400
+
+
+def make_failing_stream() -> Flask:
+    app = Flask(__name__)
+
+    @app.get("/broken-stream")
+    def broken_stream() -> Response:
+        def body() -> Iterator[str]:
+            yield "first\n"
+            marker_alpha(0.003)
+            raise RuntimeError("the stream broke")
+
+        return Response(body(), mimetype="text/plain")
+
+    return app
+
+
+@pytest.mark.parametrize("closes", [True, False], ids=["server-closes", "client-never-closes"])
+def test_a_body_that_raises_mid_stream_is_a_failed_request(
+    otel: Any, closing: list[Any], package_defaults: None, closes: bool
+) -> None:
+    """The app returned a streamed body whose iteration raised: the request failed, as
+    if the app had raised. OpenTelemetry's own WSGI middleware gives its span an error
+    status then; the keep policy keeps such a profile as ``error``."""
+    store = MemoryStore()
+    app = make_failing_stream()
+    middleware = profiled(app, otel, store, closing, mode="hook")  # keep policy: not min_duration
+    body = middleware({**EnvironBuilder(path="/broken-stream").get_environ(), **LOOPBACK}, _ignore)
+    with pytest.raises(RuntimeError, match="the stream broke"):
+        for _ in body:
+            pass
+    if closes:
+        body.close()  # type: ignore[attr-defined]
+    middleware.core.writer.flush()
+    [span] = server_spans(otel[1])
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes is not None and PROFILE_URL in span.attributes
+    [summary] = store.list()
+    assert summary.kept_reason == "error"
+    assert "marker_alpha" in text_of(store.get(summary.trace_id)[0].session())
+    assert counters().get("discarded.abandoned", 0) == 0
+
+
+def _ignore(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+    return lambda data: None
