@@ -194,6 +194,8 @@ class WSGIProfilingMiddleware:
             # the span end here, and the server still sees its file wrapper.
             on_end(None)
             return body
+        if hasattr(body, "__len__"):
+            return _SizedClosingBody(body, on_end, on_abandon)
         return _ClosingBody(body, on_end, on_abandon)
 
     def _describe(self, environ: WSGIEnvironment) -> RequestFacts:
@@ -380,3 +382,14 @@ class _ClosingBody:
         if self._on_end is not None:
             self._on_end = None
             self._on_abandon()
+
+
+class _SizedClosingBody(_ClosingBody):
+    """A body with a length: ``len()`` passes through, because servers use it. PEP 3333
+    lets a server set ``Content-Length`` itself for a one-item body (wsgiref and waitress
+    do; without it, waitress answers chunked and closes the connection)."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._body)  # type: ignore[arg-type]  # (checked before it was chosen)

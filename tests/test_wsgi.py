@@ -205,3 +205,28 @@ def test_a_body_that_raises_mid_stream_is_a_failed_request(
 
 def _ignore(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
     return lambda data: None
+
+
+def test_a_one_item_body_keeps_its_length_for_the_server(otel: Any, closing: list[Any]) -> None:
+    """wsgiref (and waitress) set Content-Length for a body whose len() is 1: the body
+    the middleware hands back must still have one."""
+    import io
+    from wsgiref.handlers import SimpleHandler
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"hello raw\n"]
+
+    def served(wsgi_app: Any) -> bytes:
+        out = io.BytesIO()
+        environ = {**EnvironBuilder(path="/raw").get_environ(), **LOOPBACK}
+        handler = SimpleHandler(io.BytesIO(), out, io.StringIO(), environ)
+        handler.run(wsgi_app)
+        lines = out.getvalue().split(b"\r\n")
+        return b"\r\n".join(line for line in lines if not line.startswith(b"Date: "))
+
+    middleware = WSGIProfilingMiddleware(app, tracer_provider=otel[0], profile_store=MemoryStore())
+    closing.append(middleware)
+    plain, ours = served(app), served(middleware)
+    assert b"Content-Length: 10\r\n" in plain
+    assert ours == plain
