@@ -134,6 +134,7 @@ class WSGIProfilingMiddleware:
         except Exception as exc:
             log_failure("span", exc)
             return self.app(environ, start_response)
+        root = str(environ.get("SCRIPT_NAME", ""))  # (a dispatcher inside may extend it)
 
         def start_traced(
             status: str, headers: list[tuple[str, str]], *exc_info: ExcInfo | None
@@ -141,7 +142,7 @@ class WSGIProfilingMiddleware:
             try:
                 add_response_attributes(span, status, headers)
                 method = normalise_method(str(environ.get("REQUEST_METHOD", "")))
-                name_by_route(span, method, route_template(environ))
+                name_by_route(span, method, route_template(environ, root))
             except Exception as exc:
                 log_failure("span", exc)
             return start_response(status, headers, *exc_info)
@@ -221,17 +222,26 @@ add_stem_marker(WSGIProfilingMiddleware._profiled.__code__)
 _PASS, _VIEWER, _OPEN_SPAN = object(), object(), object()
 
 
-def route_template(environ: WSGIEnvironment) -> str | None:
+def route_template(environ: WSGIEnvironment, root: str = "") -> str | None:
     """The matched route template: Flask's URL rule, Django's pattern (RouteMiddleware).
 
     Read when the app calls ``start_response``: Flask's request, with its matched rule,
-    is in the environ only until the app returns.
+    is in the environ only until the app returns. ``root``: the environ's
+    ``SCRIPT_NAME`` when the middleware was called. A dispatcher inside the middleware
+    (werkzeug's ``DispatcherMiddleware``) has moved its mount point into ``SCRIPT_NAME``
+    since, and the app's template is relative to that: the mount point is put back in
+    front (``/shop`` + ``/items/<int:item_id>``), as for a Starlette ``Mount``.
     """
     request = environ.get("werkzeug.request")
     rule = getattr(getattr(request, "url_rule", None), "rule", None)
     if not isinstance(rule, str):
         rule = environ.get(ROUTE_KEY)
-    return rule if isinstance(rule, str) and rule else None
+    if not isinstance(rule, str) or not rule:
+        return None
+    script_name = environ.get("SCRIPT_NAME", "")
+    if isinstance(script_name, str) and script_name != root and script_name.startswith(root):
+        return script_name[len(root) :] + rule
+    return rule
 
 
 def _body_ends(
@@ -275,7 +285,16 @@ class _ProfiledResponse:
     counted and logged by the core's fail-open helpers.
     """
 
-    __slots__ = ("_active", "_core", "_environ", "_route", "_start_response", "_status", "failed")
+    __slots__ = (
+        "_active",
+        "_core",
+        "_environ",
+        "_root",
+        "_route",
+        "_start_response",
+        "_status",
+        "failed",
+    )
 
     def __init__(
         self,
@@ -287,6 +306,7 @@ class _ProfiledResponse:
         self._core = core
         self._active = active
         self._environ = environ
+        self._root = str(environ.get("SCRIPT_NAME", ""))  # before the app is called
         self._start_response = start_response
         self._status = 500
         self._route: str | None = None
@@ -299,7 +319,7 @@ class _ProfiledResponse:
         try:
             code = status.split(" ", 1)[0]
             self._status = int(code) if code.isdigit() else 500
-            self._route = route_template(self._environ)
+            self._route = route_template(self._environ, self._root)
         except Exception as exc:
             log_failure("adapter", exc)
         return self._start_response(status, headers, *exc_info)

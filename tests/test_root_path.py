@@ -165,6 +165,46 @@ def test_wsgi_dispatcher_inside_the_app_keeps_links_at_the_middlewares_root() ->
         assert client.get(row["url"] + "&format=text").status_code == 200
 
 
+@pytest.mark.parametrize("outer_root", ["", "/outer"])
+def test_wsgi_dispatcher_inside_the_app_keeps_the_mount_point_in_the_route(
+    outer_root: str,
+) -> None:
+    """A Flask app mounted by a DispatcherMiddleware inside the middleware: its URL rule
+    is relative to the mount point, which the route (index and span name) puts back in
+    front, as for a Starlette Mount. Two mounted apps with the same rule stay two routes;
+    a SCRIPT_NAME the server gave the whole app stays out of it."""
+    from flask import Flask
+
+    provider, exporter = make_provider()
+    apps = {}
+    for name in ("/v1", "/v2"):
+        app = Flask(name.strip("/"))
+        app.add_url_rule("/items/<int:item_id>", "item", lambda item_id: {"id": item_id})
+        apps[name] = app
+    middleware = WSGIProfilingMiddleware(
+        DispatcherMiddleware(NotFound(), apps),
+        tracer_provider=provider,
+        profile_store=MemoryStore(),
+        sample_rate=1.0,
+        min_duration_ms=0,
+        debug_route=True,
+    )
+    transport = httpx.WSGITransport(app=middleware, script_name=outer_root)
+    with httpx.Client(transport=transport, base_url="http://example.test") as client:
+        assert client.get("/v1/items/1").json() == {"id": 1}
+        assert client.get("/v2/items/2").json() == {"id": 2}
+        middleware.core.writer.flush(5)
+        rows = client.get("/debug/profile", params={"format": "json"}).json()["profiles"]
+    assert sorted(row["route"] for row in rows) == [
+        "/v1/items/<int:item_id>",
+        "/v2/items/<int:item_id>",
+    ]
+    assert sorted(span.name for span in server_spans(exporter)) == [
+        "GET /v1/items/<int:item_id>",
+        "GET /v2/items/<int:item_id>",
+    ]
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
