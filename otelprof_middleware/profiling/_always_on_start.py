@@ -8,6 +8,8 @@ samples). The stop is :meth:`ProfilerCore.stop <._engine.ProfilerCore.stop>`'s, 
 from __future__ import annotations
 
 import functools
+import logging
+import sys
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
@@ -20,7 +22,9 @@ from ._request_profile import RequestProfile, current_request
 from .always_on import AlwaysOnSampler, always_on_sampler
 from .always_on import check_settings as check_always_on_settings
 
-__all__ = ["ALWAYS_ON_MAX_CONCURRENT", "AlwaysOnStart"]
+__all__ = ["ALWAYS_ON_MAX_CONCURRENT", "AlwaysOnStart", "green_threads"]
+
+_logger = logging.getLogger("otelprof_middleware")
 
 ALWAYS_ON_MAX_CONCURRENT = 1024
 """Most always-on profiles in flight on one event loop (or on the process's threads)."""
@@ -41,13 +45,30 @@ class AlwaysOnStart:
         self._max_samples = config.max_samples
         self.sampler_instance: AlwaysOnSampler | None = None
         """The sampler once made (read directly on the hot path; else :meth:`sampler`)."""
+        self.green_threads: str | None = None
+        """``gevent``/``eventlet`` when this process's threads are their greenlets: no
+        always-on profiles here (see :func:`green_threads`)."""
         if config.enabled and config.mode == "always_on":
             check_always_on_settings(self._interval, sigprof=config.always_on_sigprof)
 
-    def sampler(self) -> AlwaysOnSampler:
-        """The process's always-on sampler, made (or found) on first use."""
+    def sampler(self) -> AlwaysOnSampler | None:
+        """The process's always-on sampler, made (or found) on first use; None when the
+        process's threads are greenlets (logged and counted once)."""
         sampler = self.sampler_instance
-        if sampler is None:
+        if sampler is None and self.green_threads is None:
+            self.green_threads = green_threads()
+            if self.green_threads is not None:
+                count("disabled.always_on_green_threads")
+                _logger.warning(
+                    "otelprof: %s has monkey-patched threading in this process: the "
+                    "always-on sampler cannot see its greenlets, so requests are not "
+                    "profiled in always_on mode here. Triggered requests (the %s header) "
+                    "and hook_sample_rate still get hook-mode profiles; see "
+                    "docs/deployment.md.",
+                    self.green_threads,
+                    self._config.trigger_header,
+                )
+                return None
             sampler = self.sampler_instance = always_on_sampler(
                 self._interval, sigprof=self._config.always_on_sigprof
             )
@@ -61,6 +82,8 @@ class AlwaysOnStart:
         :data:`ALWAYS_ON_MAX_CONCURRENT` requests or starting failed (counted)."""
         try:
             sampler = self.sampler_instance or self.sampler()
+            if sampler is None:
+                return None  # greenlets: nothing to sample them with (logged once)
             interval = sampler.interval  # the process's (see always_on_sampler)
             start_call_stack = None  # found in the samples of a profile that is kept
             continuous = True
@@ -80,3 +103,28 @@ class AlwaysOnStart:
             return None
         request.url_factory = functools.partial(lazy_url, self._config, facts, context)
         return ActiveProfile(request, span, context, facts, token)
+
+
+def green_threads() -> str | None:
+    """``"gevent"`` or ``"eventlet"`` when that library has monkey-patched threading.
+
+    Then ``threading.get_ident()`` names the running greenlet, every greenlet of a
+    worker runs on one OS thread, and the sampler's thread is a greenlet too: it never
+    runs while a request holds the CPU, and ``sys._current_frames()`` knows OS threads
+    only. Looked up in ``sys.modules``: nothing is imported.
+    """
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None:
+        try:
+            if gevent_monkey.is_module_patched("threading"):
+                return "gevent"
+        except Exception:
+            pass
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    if eventlet_patcher is not None:
+        try:
+            if eventlet_patcher.is_monkey_patched("thread"):
+                return "eventlet"
+        except Exception:
+            pass
+    return None

@@ -183,8 +183,9 @@ class ProfilerCore:
             # Inline, not a call to the always-on start: every always-on request ends here.
             # (Not ``fail_open`` either: a generator context manager costs ~2 µs a request.)
             try:
-                always_on = self.always_on_start
-                (always_on.sampler_instance or always_on.sampler()).unregister_current(request)
+                sampler = self.always_on_start.sampler_instance  # (it registered the request)
+                if sampler is not None:
+                    sampler.unregister_current(request)
             except Exception as exc:
                 log_failure("profiler.stop", exc)
         else:
