@@ -18,6 +18,12 @@ The variant comes from ``OTELPROF_BENCH_VARIANT`` (read once, at import):
   profile (``min_duration_ms=0``), and the default embedded
   SQLite store under ``OTELPROF_STATE_DIR`` (store and writer exercised),
   ``max_concurrent=256``.
+* ``pyroscope_otel``: ``otel`` plus Grafana's span profiles as their docs set them up:
+  ``pyroscope.configure`` (pyroscope-io's agent, 100 Hz) and pyroscope-otel's
+  ``PyroscopeSpanProcessor``, pushing to ``bench.otlp_sink`` (``OTELPROF_BENCH_SINK``).
+* ``sentry_continuous``: ``otel`` plus sentry-sdk's continuous profiler
+  (``profile_session_sample_rate=1.0``, ``profile_lifecycle="manual"``, started; no Sentry
+  tracing: OTel traces) with its default integrations, sending to ``bench.otlp_sink``.
 
 Ours and the reference sit *inside* the OTel middleware, so they join its server span.
 
@@ -53,7 +59,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import otelprof_middleware
-from bench.common import VARIANTS, DroppingExporter, cpu_work
+from bench.common import COMPETITOR_VARIANTS, VARIANTS, DroppingExporter, cpu_work
 from bench.floor import FloorASGIMiddleware, FloorWSGIMiddleware
 from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
 
@@ -223,6 +229,8 @@ def _build_asgi() -> ASGIApp:
     elif VARIANT.startswith("ours_"):
         _ours = ProfilingMiddleware(app, tracer_provider=provider, **_ours_settings())
         app = _ours
+    elif VARIANT == "pyroscope_otel":
+        _start_pyroscope(provider)
     return OTelASGIMiddleware(app, tracer_provider=provider)
 
 
@@ -261,11 +269,42 @@ def _build_wsgi() -> Flask:
     elif VARIANT.startswith("ours_"):
         _ours = WSGIProfilingMiddleware(inner, tracer_provider=provider, **_ours_settings())
         inner = _ours
+    elif VARIANT == "pyroscope_otel":
+        _start_pyroscope(provider)
     flask_app.wsgi_app = OTelWSGIMiddleware(inner, tracer_provider=provider)  # type: ignore[method-assign]
     return flask_app
 
 
+def _start_sentry() -> None:
+    """sentry-sdk's continuous profiler, before the apps exist (its integrations patch
+    Starlette and Flask when it is initialised)."""
+    import sentry_sdk
+
+    sink = os.environ["OTELPROF_BENCH_SINK"].removeprefix("http://")
+    sentry_sdk.init(
+        dsn=f"http://public@{sink}/1",
+        profile_session_sample_rate=1.0,
+        profile_lifecycle="manual",
+    )
+    sentry_sdk.profiler.start_profiler()
+
+
+def _start_pyroscope(provider: TracerProvider) -> None:
+    """Grafana's span profiles: pyroscope-io's agent and pyroscope-otel's processor."""
+    import pyroscope  # type: ignore[import-untyped]
+    from pyroscope.otel import PyroscopeSpanProcessor  # type: ignore[import-untyped]
+
+    pyroscope.configure(
+        application_name="otelprof-bench", server_address=os.environ["OTELPROF_BENCH_SINK"]
+    )
+    provider.add_span_processor(PyroscopeSpanProcessor())
+
+
 def _build() -> tuple[ASGIApp, Flask]:
+    if VARIANT in COMPETITOR_VARIANTS and not os.environ.get("OTELPROF_BENCH_SINK"):
+        raise RuntimeError(f"{VARIANT} sends profiles to OTELPROF_BENCH_SINK (set by bench.run)")
+    if VARIANT == "sentry_continuous":
+        _start_sentry()
     server = os.environ.get("OTELPROF_BENCH_SERVER", "")
     # Each server process builds only its own app, so only one middleware (one core,
     # one writer, one store) exists per process.

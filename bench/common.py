@@ -8,10 +8,12 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 __all__ = [
+    "COMPETITOR_VARIANTS",
     "CONNECTIONS",
     "ENDPOINTS",
     "FIB_N",
     "SERVER_NAMES",
+    "SINK_VARIANTS",
     "SWEEP_CONNECTIONS",
     "SWEEP_VARIANTS",
     "VARIANTS",
@@ -32,7 +34,14 @@ VARIANTS = (
     "ours_all",
     "ours_always_on",
     "ours_always_on_slow",
+    "pyroscope_otel",
+    "sentry_continuous",
 )
+COMPETITOR_VARIANTS = ("pyroscope_otel", "sentry_continuous")
+"""Other profilers, set up as their docs say, measured in the same run (not installed with
+the package: ``pip install pyroscope-io pyroscope-otel sentry-sdk``)."""
+SINK_VARIANTS = ("ours_defaults_otlp", *COMPETITOR_VARIANTS)
+"""Variants that send profiles out: to ``bench.otlp_sink``, as to a server elsewhere."""
 ENDPOINTS = ("/tiny", "/cpu", "/io")
 CONNECTIONS = {"/tiny": 16, "/cpu": 16, "/io": 64}
 """wrk connections per endpoint in the main measurements."""

@@ -1,10 +1,11 @@
-"""An OTLP/HTTP profiles sink for the benchmark: answers every POST as a collector would.
+"""A sink for the benchmark's profile exports: answers every POST as its server would.
 
-``python -m bench.otlp_sink PORT`` serves ``POST /v1development/profiles`` (200 with an
-empty ``ExportProfilesServiceResponse``, which is zero bytes) and ``GET /stats``
-(``{"requests": n, "bytes": b}``), so a run can show the profiles arrived. It stands in
-for an OTel Collector on another machine: ``bench.run`` pins it to the load generator's
-core, not the server's.
+``python -m bench.otlp_sink PORT`` answers any ``POST`` with 200 and an empty body: an OTel
+Collector's ``/v1development/profiles`` (an empty ``ExportProfilesServiceResponse`` is zero
+bytes), Pyroscope's ``/ingest``, Sentry's ``/api/<project>/envelope/``. ``GET /stats``
+gives ``{"requests": n, "bytes": b, "paths": {path: n}}``, so a run can show the profiles
+arrived. It stands in for a server on another machine: ``bench.run`` pins it to the load
+generator's core, not the server's.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _lock = threading.Lock()
-_stats = {"requests": 0, "bytes": 0}
+_stats: dict[str, Any] = {"requests": 0, "bytes": 0, "paths": {}}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -28,7 +29,9 @@ class _Handler(BaseHTTPRequestHandler):
         with _lock:
             _stats["requests"] += 1
             _stats["bytes"] += len(body)
-        self.send_response(200 if self.path == "/v1development/profiles" else 404)
+            path = self.path.split("?", 1)[0]
+            _stats["paths"][path] = _stats["paths"].get(path, 0) + 1
+        self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")
         self.end_headers()

@@ -54,6 +54,10 @@ VARIANT_NOTES = {
     "ours_always_on": 'otel + ours in `mode="always_on"`, `sample_rate=1.0`, every profile kept',
     "ours_always_on_slow": "as `ours_always_on` with `min_duration_ms=100`: every request "
     "profiled, only slow ones kept (a threshold of the user's own)",
+    "pyroscope_otel": "otel + Grafana's span profiles: pyroscope-io's agent (100 Hz) and "
+    "pyroscope-otel's `PyroscopeSpanProcessor`, pushing to a local sink",
+    "sentry_continuous": "otel + sentry-sdk's continuous profiler (session rate 1.0, started), "
+    "its default integrations, sending to a local sink",
 }
 
 

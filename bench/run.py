@@ -43,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    COMPETITOR_VARIANTS,
     CONNECTIONS,
     ENDPOINTS,
     SERVER_NAMES,
+    SINK_VARIANTS,
     SWEEP_CONNECTIONS,
     SWEEP_VARIANTS,
     VARIANTS,
@@ -126,7 +128,13 @@ def _parse_args(argv: Sequence[str] | None) -> Plan:
         help="memory phase length: ours_all on /io, 64 connections (quick 0 = off, full 5)",
     )
     parser.add_argument("--servers", default="asgi,wsgi", help="comma-separated: asgi,wsgi")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument(
+        "--variants",
+        default=",".join(v for v in VARIANTS if v not in COMPETITOR_VARIANTS),
+        help="comma-separated (default: all but the other profilers, "
+        + ", ".join(COMPETITOR_VARIANTS)
+        + ")",
+    )
     parser.add_argument("--overhead-repeats", type=int, help="in-process repeats (1000 / 5000)")
     parser.add_argument(
         "--retries",
@@ -275,9 +283,9 @@ def _running(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = _server_env(server, variant, cpu_iterations, state_dir, plan.code_dir)
     sink: subprocess.Popen[bytes] | None = None
-    if variant == "ours_defaults_otlp":
-        # The OTLP profiles go to a local sink on the load generator's core, as they
-        # would go to a collector on another machine.
+    if variant in SINK_VARIANTS:
+        # The profiles go to a local sink on the load generator's core, as they would
+        # go to a collector (or Pyroscope, or Sentry) on another machine.
         sink_port = _free_port()
         sink = subprocess.Popen(
             _pinned(1, [PYTHON, "-m", "bench.otlp_sink", str(sink_port)], plan),
@@ -287,6 +295,7 @@ def _running(
             start_new_session=True,
         )
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
+        env["OTELPROF_BENCH_SINK"] = f"http://127.0.0.1:{sink_port}"
     try:
         with log_path.open("wb") as log:
             process = subprocess.Popen(
