@@ -18,6 +18,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from ._adapter_parts import build_parts
 from ._config import Settings
 from ._failsafe import log_failure
+from ._flask_join import FlaskSpanJoiner, instrumented_flask_app
 from ._request import RequestFacts, normalise_method
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .profiling._active_profile import ActiveProfile
@@ -76,6 +77,8 @@ class WSGIProfilingMiddleware:
         self._start_policy = self._core.start_policy
         self._trigger_key = "HTTP_" + self.config.trigger_header.upper().replace("-", "_")
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        self._flask_checked = False  # looked for a FlaskInstrumentor-instrumented app
+        self._joins_flask = False  # found: its requests are profiled from inside Flask
 
     @property
     def core(self) -> ProfilerCore:
@@ -109,7 +112,29 @@ class WSGIProfilingMiddleware:
         if self._start_policy.is_excluded(path):
             return _PASS
         joined = current_server_span()
-        return _OPEN_SPAN if joined is None else joined
+        if joined is not None:
+            return joined
+        if self._joins_flask:
+            return _PASS  # FlaskInstrumentor opens the span inside: joined from there
+        if not self._flask_checked:
+            self._flask_checked = True
+            if self._join_flask():
+                return _PASS
+        return _OPEN_SPAN
+
+    def _join_flask(self) -> bool:
+        """When the app is a Flask app FlaskInstrumentor instrumented, profile its
+        requests from inside Flask, under the instrumentor's span (see
+        :mod:`._flask_join`), instead of opening a server span of ours. Runs once, at
+        the first request."""
+        flask_app = instrumented_flask_app(self.app)
+        if flask_app is None:
+            return False
+        FlaskSpanJoiner(self._core, self._describe, self._start_policy.is_excluded).install(
+            flask_app
+        )
+        self._joins_flask = True
+        return True
 
     def _in_own_span(
         self, environ: WSGIEnvironment, start_response: StartResponse

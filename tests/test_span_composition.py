@@ -31,7 +31,7 @@ from otelprof_middleware import ProfilingMiddleware
 from otelprof_middleware.profiling._span import PROFILE_URL, route_attribute
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import marker_alpha, server_spans
+from .helpers import marker_alpha, server_spans, text_of
 
 Otel = tuple[TracerProvider, InMemorySpanExporter]
 
@@ -309,11 +309,8 @@ def test_our_span_takes_a_litestar_style_path_template(otel: Otel) -> None:
     assert (span.attributes or {})["http.route"] == "/items/{item_id:int}"
 
 
-def test_flask_instrumentor_one_server_span(otel: Otel) -> None:
+def flask_items_app() -> Any:
     from flask import Flask
-    from opentelemetry.instrumentation.flask import FlaskInstrumentor
-
-    from otelprof_middleware import WSGIProfilingMiddleware
 
     flask_app = Flask(__name__)
 
@@ -322,16 +319,130 @@ def test_flask_instrumentor_one_server_span(otel: Otel) -> None:
         marker_alpha(0.002)
         return f"item {item_id}"
 
-    FlaskInstrumentor().instrument_app(flask_app, tracer_provider=otel[0])
-    try:
-        flask_app.wsgi_app = WSGIProfilingMiddleware(  # type: ignore[method-assign]
-            flask_app.wsgi_app, **ours(otel)
+    @flask_app.get("/health")
+    def get_health() -> str:
+        return "ok"
+
+    @flask_app.get("/boom")
+    def boom() -> str:
+        raise RuntimeError("on purpose")
+
+    return flask_app
+
+
+def flask_trace_shape(exporter: InMemorySpanExporter) -> list[tuple[str, str, str]]:
+    return sorted(
+        (
+            span.name,
+            str(span.kind),
+            span.instrumentation_scope.name if span.instrumentation_scope else "",
         )
+        for span in exporter.get_finished_spans()
+    )
+
+
+@pytest.mark.parametrize("order", ["instrument_then_wrap", "wrap_then_instrument"])
+def test_flask_instrumentor_keeps_its_server_span_and_gets_the_link(otel: Otel, order: str) -> None:
+    """FlaskInstrumentor's span stays the one SERVER span (as without us), the profile is
+    linked from it, and its ``excluded_urls`` still keep /health out of the traces."""
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    paths = [*PATHS, "/health"]
+    without_us = flask_items_app()
+    FlaskInstrumentor().instrument_app(without_us, tracer_provider=otel[0], excluded_urls="health")
+    try:
+        assert [without_us.test_client().get(p).status_code for p in paths] == [200] * 4
+        expected = flask_trace_shape(otel[1])
+    finally:
+        FlaskInstrumentor().uninstrument_app(without_us)
+    otel[1].clear()
+
+    flask_app = flask_items_app()
+    settings = ours(otel)
+    store = settings["profile_store"]
+    middleware: WSGIProfilingMiddleware | None = None
+    if order == "wrap_then_instrument":
+        middleware = WSGIProfilingMiddleware(flask_app.wsgi_app, **settings)
+        flask_app.wsgi_app = middleware  # type: ignore[method-assign]
+    FlaskInstrumentor().instrument_app(flask_app, tracer_provider=otel[0], excluded_urls="health")
+    try:
+        if middleware is None:
+            middleware = WSGIProfilingMiddleware(flask_app.wsgi_app, **settings)
+            flask_app.wsgi_app = middleware  # type: ignore[method-assign]
         client = flask_app.test_client()
-        assert [client.get(p).text for p in PATHS] == ["item 1", "item 2", "item 3"]
-        check_one_linked_span_per_request(otel[1], PATHS, name="GET /items/<int:item_id>")
+        assert [client.get(p).text for p in paths] == ["item 1", "item 2", "item 3", "ok"]
     finally:
         FlaskInstrumentor().uninstrument_app(flask_app)
+    middleware.core.writer.flush(timeout=5.0)
+
+    assert flask_trace_shape(otel[1]) == expected  # the same spans, kinds and owners
+    check_one_linked_span_per_request(otel[1], PATHS, name="GET /items/<int:item_id>")
+    [span] = [s for s in server_spans(otel[1]) if s.name.endswith("/items/<int:item_id>")][:1]
+    assert span.instrumentation_scope is not None
+    assert span.instrumentation_scope.name == "opentelemetry.instrumentation.flask"
+    # Each profile holds the view's work, under its route.
+    summaries = store.list(limit=10)
+    assert sorted(s.route for s in summaries) == ["/items/<int:item_id>"] * 3
+    record = store.get(summaries[0].trace_id)[0]
+    assert "marker_alpha" in text_of(record.session())
+
+
+def test_flask_instrumentor_failed_request_is_kept_as_error(
+    otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    # The package defaults: always-on, the keep policy (errors are kept).
+    monkeypatch.setenv("OTELPROF_MIN_DURATION_MS", "")
+    monkeypatch.setenv("OTELPROF_MODE", "")
+    flask_app = flask_items_app()
+    FlaskInstrumentor().instrument_app(flask_app, tracer_provider=otel[0])
+    settings = {key: value for key, value in ours(otel).items() if key != "min_duration_ms"}
+    try:
+        middleware = WSGIProfilingMiddleware(flask_app.wsgi_app, **settings)
+        flask_app.wsgi_app = middleware  # type: ignore[method-assign]
+        assert flask_app.test_client().get("/boom").status_code == 500
+        assert flask_app.test_client().get("/items/4").status_code == 200
+    finally:
+        FlaskInstrumentor().uninstrument_app(flask_app)
+    middleware.core.writer.flush(timeout=5.0)
+    [failed, fine] = sorted(server_spans(otel[1]), key=lambda s: s.name)
+    assert (failed.attributes or {}).get(PROFILE_URL)
+    assert not (fine.attributes or {}).get(PROFILE_URL)  # fast and fine: not kept, no link
+    [summary] = settings["profile_store"].list(limit=10)
+    assert (summary.kept_reason, summary.status_code, summary.mode) == ("error", 500, "always_on")
+
+
+def test_flask_instrumented_globally_is_joined_too(otel: Otel) -> None:
+    """``FlaskInstrumentor().instrument()`` before the app exists (opentelemetry-instrument
+    does this): the app's class is the instrumentor's, its span is joined."""
+    import flask
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    FlaskInstrumentor().instrument(tracer_provider=otel[0])
+    try:
+        flask_app = flask.Flask(__name__)
+
+        @flask_app.get("/items/<int:item_id>")
+        def get_item(item_id: int) -> str:
+            marker_alpha(0.002)
+            return f"item {item_id}"
+
+        flask_app.wsgi_app = WSGIProfilingMiddleware(flask_app.wsgi_app, **ours(otel))  # type: ignore[method-assign]
+        client = flask_app.test_client()
+        assert [client.get(p).text for p in PATHS] == ["item 1", "item 2", "item 3"]
+    finally:
+        FlaskInstrumentor().uninstrument()
+    check_one_linked_span_per_request(otel[1], PATHS, name="GET /items/<int:item_id>")
+    assert {
+        s.instrumentation_scope.name for s in server_spans(otel[1]) if s.instrumentation_scope
+    } == {"opentelemetry.instrumentation.flask"}
 
 
 _: Callable[..., Any] = health  # (the excluded route's handler)

@@ -64,8 +64,8 @@ def current_server_span() -> tuple[trace.Span, SpanContext] | None:
     current, so at our entry it is ``get_current_span()``. A remote parent (a
     ``NonRecordingSpan`` built from headers) or no span means nobody opened the server
     span yet; the adapters then open one through the OTel middleware. FlaskInstrumentor
-    starts its span later, in ``before_request``: it then finds ours current and makes
-    its own an INTERNAL child, so there is still exactly one server span.
+    starts its span later, in ``before_request``: the WSGI adapter joins it from there
+    (``otelprof_middleware._flask_join``).
     """
     span = _read_current_span()
     context = span.get_span_context()
