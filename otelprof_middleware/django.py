@@ -30,6 +30,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from opentelemetry import trace
 
 from ._failsafe import fail_open
+from ._inner_join import JOINER_KEY, InnerJoiner
 from .profiling._span import ROUTE_KEY
 
 __all__ = ["RouteMiddleware", "record_route", "route_template"]
@@ -61,6 +62,11 @@ def route_template(request: Any) -> str | None:
 class RouteMiddleware:
     """Django middleware copying the matched route to otelprof and the server span.
 
+    Under WSGI with ``DjangoInstrumentor`` (listed before it, as the instrumentor puts its
+    own first), it also profiles each request under the instrumentor's span, for our
+    WSGI middleware outside Django, which then opens no span of its own: see
+    :mod:`otelprof_middleware._inner_join`.
+
     Sync and async capable: under ASGI it runs as a coroutine on the event loop (no
     thread hop), under WSGI as a plain call. It acts after the inner handlers returned
     (Django has resolved the URL by then, and has turned view exceptions into a
@@ -87,14 +93,43 @@ class RouteMiddleware:
     def __call__(self, request: Any) -> Any:
         if self._is_async:
             return self._acall(request)
-        response = self.get_response(request)
+        carrier, joiner = _joiner_of(request)
+        if joiner is None:
+            response = self.get_response(request)
+            record_route(request)
+            return response
+        active = joiner.begin(carrier)
+        try:
+            response = self.get_response(request)
+        except BaseException:
+            joiner.end(active, status_code=500, route=route_template(request), failed=True)
+            raise
         record_route(request)
+        joiner.end(
+            active, status_code=_status_of(response), route=route_template(request), failed=False
+        )
         return response
 
     async def _acall(self, request: Any) -> Any:
         response = await self.get_response(request)
         record_route(request)
         return response
+
+
+def _joiner_of(request: Any) -> tuple[Any, InnerJoiner[Any] | None]:
+    """The request's WSGI environ, and the joiner our WSGI middleware put there when
+    ``DjangoInstrumentor`` opens the server span (None: the middleware outside opened or
+    joined a span itself, or is not there)."""
+    carrier = getattr(request, "environ", None)
+    if isinstance(carrier, dict):
+        joiner = carrier.get(JOINER_KEY)
+        return carrier, joiner if isinstance(joiner, InnerJoiner) else None
+    return None, None
+
+
+def _status_of(response: Any) -> int:
+    status = getattr(response, "status_code", 500)
+    return status if isinstance(status, int) else 500
 
 
 def record_route(request: Any) -> None:

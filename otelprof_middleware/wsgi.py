@@ -18,7 +18,13 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from ._adapter_parts import build_parts
 from ._config import Settings
 from ._failsafe import log_failure
-from ._flask_join import FlaskSpanJoiner, instrumented_flask_app
+from ._inner_join import (
+    JOINER_KEY,
+    FlaskSpanJoiner,
+    InnerJoiner,
+    django_joinable,
+    instrumented_flask_app,
+)
 from ._request import RequestFacts, normalise_method
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .profiling._active_profile import ActiveProfile
@@ -77,8 +83,11 @@ class WSGIProfilingMiddleware:
         self._start_policy = self._core.start_policy
         self._trigger_key = "HTTP_" + self.config.trigger_header.upper().replace("-", "_")
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
-        self._flask_checked = False  # looked for a FlaskInstrumentor-instrumented app
-        self._joins_flask = False  # found: its requests are profiled from inside Flask
+        # At the first request: is the app instrumented inside (FlaskInstrumentor,
+        # DjangoInstrumentor)? Then its requests are profiled from in there.
+        self._inside_checked = False
+        self._joins_inside = False
+        self._joiner: InnerJoiner[WSGIEnvironment] | None = None  # (Django: handed over)
 
     @property
     def core(self) -> ProfilerCore:
@@ -114,27 +123,29 @@ class WSGIProfilingMiddleware:
         joined = current_server_span()
         if joined is not None:
             return joined
-        if self._joins_flask:
-            return _PASS  # FlaskInstrumentor opens the span inside: joined from there
-        if not self._flask_checked:
-            self._flask_checked = True
-            if self._join_flask():
-                return _PASS
+        if not self._inside_checked:
+            self._inside_checked = True
+            self._joins_inside = self._join_inside()
+        if self._joins_inside:
+            if self._joiner is not None:
+                environ[JOINER_KEY] = self._joiner  # for Django's RouteMiddleware
+            return _PASS  # the instrumentor opens the span inside: joined from there
         return _OPEN_SPAN
 
-    def _join_flask(self) -> bool:
-        """When the app is a Flask app FlaskInstrumentor instrumented, profile its
-        requests from inside Flask, under the instrumentor's span (see
-        :mod:`._flask_join`), instead of opening a server span of ours. Runs once, at
-        the first request."""
+    def _join_inside(self) -> bool:
+        """When FlaskInstrumentor or DjangoInstrumentor (with our RouteMiddleware)
+        instrumented the app, profile its requests from inside, under the instrumentor's
+        span (see :mod:`._inner_join`), instead of opening a server span of ours. Runs
+        once, at the first request."""
+        joiner = InnerJoiner(self._core, self._describe, _path_of, self._start_policy.is_excluded)
         flask_app = instrumented_flask_app(self.app)
-        if flask_app is None:
-            return False
-        FlaskSpanJoiner(self._core, self._describe, self._start_policy.is_excluded).install(
-            flask_app
-        )
-        self._joins_flask = True
-        return True
+        if flask_app is not None:
+            FlaskSpanJoiner(joiner).install(flask_app)
+            return True
+        if django_joinable(self.app):
+            self._joiner = joiner
+            return True
+        return False
 
     def _in_own_span(
         self, environ: WSGIEnvironment, start_response: StartResponse
@@ -245,6 +256,10 @@ class WSGIProfilingMiddleware:
 add_stem_marker(WSGIProfilingMiddleware._profiled.__code__)
 
 _PASS, _VIEWER, _OPEN_SPAN = object(), object(), object()
+
+
+def _path_of(environ: WSGIEnvironment) -> str:
+    return str(environ.get("PATH_INFO", "") or "/")
 
 
 def route_template(environ: WSGIEnvironment, root: str = "") -> str | None:

@@ -9,4 +9,5 @@ from . import views
 urlpatterns = [
     path("items/<int:item_id>/", views.item),
     path("async/items/<int:item_id>/", views.async_item),
+    path("health/", views.health),
 ]

@@ -33,3 +33,8 @@ async def async_item(request: HttpRequest, item_id: int) -> JsonResponse:
     await asyncio.sleep(0.005)
     django_async_marker()
     return JsonResponse({"item_id": item_id, "view": "async"})
+
+
+def health(request: HttpRequest) -> JsonResponse:
+    """A health check (excluded from traces by the DjangoInstrumentor tests)."""
+    return JsonResponse({"ok": True})

@@ -9,8 +9,10 @@ the index when another span is current inside Django.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import django
@@ -98,6 +100,62 @@ def test_django_asgi_under_uvicorn(asgi_server: Server) -> None:
 
 def test_django_wsgi_under_gunicorn_gthread(wsgi_server: Server) -> None:
     _check(wsgi_server)
+
+
+def _instrumented_requests(server: Server) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        for _ in range(ROUNDS):
+            for path in PATHS:
+                assert client.get(path).status_code == 200
+            assert client.get("/health/").status_code == 200
+
+
+def _check_profiles(linked: list[dict[str, object]]) -> None:
+    for span in linked:
+        attributes: Any = span["attributes"]
+        path = attributes.get("url.path") or attributes["http.target"]
+        function = PATHS[path][1]
+        response = fetch_profile(attributes[PROFILE_URL])
+        assert response.status_code == 200 and function in response.text, path
+
+
+def test_django_instrumentor_span_is_joined_under_wsgi(tmp_path: Path) -> None:
+    """WSGI: DjangoInstrumentor's span stays the server span (not demoted to INTERNAL
+    under one of ours), carries the profile link, and its excluded URLs get no span."""
+    port = free_port()
+    app = "tests.django_app.instrumented_wsgi:application"
+    env = {"OTEL_PYTHON_DJANGO_EXCLUDED_URLS": "health"}
+    command = gunicorn(app, port, workers=2, threads=4)
+    with run_server(command, tmp_path, port=port, env=env) as server:
+        _instrumented_requests(server)
+        linked = _linked_spans(server, ROUNDS * len(PATHS))
+        time.sleep(0.5)  # (a span of /health/ would have been written by now too)
+        spans = server.spans()
+        assert {span["kind"] for span in spans} == {"SpanKind.SERVER"}, spans
+        assert len(spans) == len(linked) == ROUNDS * len(PATHS)  # none for /health/
+        for span in linked:  # Django's names: its pattern, without the leading slash
+            assert span["name"] in {f"GET {r.lstrip('/')}" for r, _ in PATHS.values()}
+        _check_profiles(linked)
+        index = httpx.get(server.base_url + "/debug/profile?format=json&limit=1000").json()
+        assert {row["route"] for row in index["profiles"]} == {r for r, _ in PATHS.values()}
+
+
+def test_django_instrumentor_under_asgi_keeps_our_span(tmp_path: Path) -> None:
+    """ASGI (as documented): the middleware opens the server span, Django's is its INTERNAL
+    child, the sync view's work is in the profile, and the instrumentor's exclusions
+    must be repeated in ``exclude_paths``."""
+    port = free_port()
+    app = "tests.django_app.instrumented_asgi:application"
+    env = {"OTEL_PYTHON_DJANGO_EXCLUDED_URLS": "health", "OTELPROF_EXCLUDE_PATHS": "/health"}
+    with run_server(uvicorn(app, port), tmp_path, port=port, env=env) as server:
+        _instrumented_requests(server)
+        linked = _linked_spans(server, ROUNDS * len(PATHS))
+        time.sleep(0.5)
+        spans = server.spans()
+        kinds = sorted(span["kind"] for span in spans)
+        assert kinds == ["SpanKind.INTERNAL"] * 6 + ["SpanKind.SERVER"] * 6, kinds
+        assert len(linked) == ROUNDS * len(PATHS)
+        _check_profiles(linked)
 
 
 # In-process: the route must reach the profile index even when the span current inside

@@ -1,0 +1,246 @@
+"""Join a framework instrumentation's server span from inside the framework, as the ASGI
+adapter joins FastAPI's from inside FastAPI.
+
+``FlaskInstrumentor`` opens its server span in a ``before_request`` hook and
+``DjangoInstrumentor`` in a Django middleware: both after every ASGI/WSGI middleware has
+been called, so the adapter finds no span at its entry. Opening one there (what it does
+for an app no instrumentation traces) gave two spans per request: ours, the server span,
+and the framework's, demoted to an ``INTERNAL`` child; and the instrumentor's
+``excluded_urls`` no longer kept health checks out of the traces. Instead, when the app
+the adapter wraps is instrumented that way, the adapter passes its requests through and
+an :class:`InnerJoiner` profiles each one from inside, under the instrumentor's span:
+
+* Flask: hooks next to the instrumentor's own, from just after its ``before_request``
+  (its span is current) to just before its ``teardown_request`` (its span still open,
+  so the link can be put on it);
+* Django under WSGI: :class:`~otelprof_middleware.django.RouteMiddleware`, listed after
+  the instrumentor's middleware, around the rest of Django's handling; the adapter hands
+  it the joiner in the request's environ (``JOINER_KEY``). Not under ASGI: there the
+  instrumentor's middleware (sync only) runs in a worker thread, and a sync view then
+  runs on that very thread (asgiref's thread-sensitive executor), where a profile
+  started inside would not see it; the ASGI adapter keeps its own span and sees it.
+
+The profile covers what the framework's span covers; a request the instrumentor does not
+trace is not profiled, as without us. Found by looking, at the first request: anything
+else keeps the adapter's own span.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from ._failsafe import log_failure
+from ._request import RequestFacts
+from ._types import WSGIEnvironment
+from .profiling._active_profile import ActiveProfile
+from .profiling._engine import ProfilerCore
+from .profiling._request_profile import add_stem_marker
+from .profiling._span import current_server_span
+
+__all__ = [
+    "JOINER_KEY",
+    "FlaskSpanJoiner",
+    "InnerJoiner",
+    "django_joinable",
+    "instrumented_flask_app",
+]
+
+JOINER_KEY = "otelprof.inner_joiner"
+"""The environ key under which the WSGI adapter hands Django's RouteMiddleware the joiner
+(only when the app is instrumented that way)."""
+_ACTIVE_KEY = "otelprof.flask_profile"
+"""The environ key of the request's profile between the two hooks."""
+_INSTRUMENTATION_MODULE = "opentelemetry.instrumentation.flask"
+_DJANGO_OTEL_MIDDLEWARE = (
+    "opentelemetry.instrumentation.django.middleware.otel_middleware._DjangoMiddleware"
+)
+_DJANGO_OURS = "otelprof_middleware.django.RouteMiddleware"
+Carrier = TypeVar("Carrier")  # a WSGI environ (an ASGI scope, should an adapter need it)
+
+
+class InnerJoiner(Generic[Carrier]):
+    """Profiles requests from inside the framework, under its instrumentor's span.
+
+    Args:
+        core: the adapter's engine.
+        describe: the adapter's description of a request (from its environ / scope).
+        path_of: the request's path (for ``exclude_paths``).
+        is_excluded: the adapter's ``exclude_paths`` rule.
+    """
+
+    def __init__(
+        self,
+        core: ProfilerCore,
+        describe: Callable[[Carrier], RequestFacts],
+        path_of: Callable[[Carrier], str],
+        is_excluded: Callable[[str], bool],
+    ) -> None:
+        self._core = core
+        self._describe = describe
+        self._path_of = path_of
+        self._is_excluded = is_excluded
+
+    def begin(self, carrier: Carrier) -> ActiveProfile | None:
+        """Profile the request under the current span (the instrumentor's), if it is one
+        of this process's and the request is not excluded. Never raises."""
+        try:
+            if self._is_excluded(self._path_of(carrier)):
+                return None
+            joined = current_server_span()
+            if joined is None:
+                return None  # the instrumentor traces not this one (its excluded_urls)
+            return self._core.start(joined[0], joined[1], self._describe(carrier))
+        except Exception as exc:
+            log_failure("profiler.start", exc)
+            return None
+
+    def end(
+        self, active: ActiveProfile | None, *, status_code: int, route: str | None, failed: bool
+    ) -> None:
+        """Stop the profile and keep it if the policy says so. Never raises."""
+        if active is None:
+            return
+        try:
+            try:
+                self._core.finish(active, status_code=status_code, route=route, failed=failed)
+            finally:
+                self._core.detach(active)
+        except Exception as exc:
+            log_failure("profiler.finish", exc)
+
+
+def django_joinable(app: object) -> bool:
+    """Whether ``app`` is Django's handler with ``DjangoInstrumentor``'s middleware and,
+    after it, our ``RouteMiddleware`` in ``MIDDLEWARE`` (which then joins its span).
+    Imports nothing."""
+    handlers = sys.modules.get("django.core.handlers.base")
+    conf = sys.modules.get("django.conf")
+    if handlers is None or conf is None:
+        return False
+    layer: object = app
+    for _ in range(4):  # through a wrapper or two (WhiteNoise's ``application``, say)
+        if isinstance(layer, handlers.BaseHandler):
+            break
+        layer = getattr(layer, "application", None) or getattr(layer, "app", None)
+        if layer is None:
+            return False
+    else:
+        return False
+    settings = conf.settings
+    if not settings.configured:
+        return False
+    middleware = [str(name) for name in getattr(settings, "MIDDLEWARE", None) or ()]
+    return (
+        _DJANGO_OTEL_MIDDLEWARE in middleware
+        and _DJANGO_OURS in middleware
+        and middleware.index(_DJANGO_OTEL_MIDDLEWARE) < middleware.index(_DJANGO_OURS)
+    )
+
+
+def instrumented_flask_app(app: object) -> Any | None:
+    """The Flask app behind ``app`` (a WSGI callable) when FlaskInstrumentor instrumented
+    it, else None. Imports nothing: Flask and the instrumentation are used only when
+    already imported."""
+    flask = sys.modules.get("flask")
+    if flask is None:
+        return None
+    layer: object = app
+    for _ in range(4):
+        owner = getattr(layer, "__self__", None)
+        if isinstance(owner, flask.Flask):
+            if getattr(owner, "_is_instrumented_by_opentelemetry", False) and callable(
+                getattr(owner, "_before_request", None)
+            ):
+                return owner
+            return None
+        inner = _instrumentation_wrapped(layer)
+        if inner is None:
+            return None
+        layer = inner
+    return None
+
+
+def _instrumentation_wrapped(layer: object) -> object | None:
+    """The ``wsgi_app`` that FlaskInstrumentor's wrapper function calls (from its
+    closure), or None when ``layer`` is not that wrapper."""
+    code = getattr(layer, "__code__", None)
+    closure = getattr(layer, "__closure__", None)
+    if code is None or closure is None:
+        return None
+    if getattr(layer, "__module__", None) != _INSTRUMENTATION_MODULE:
+        return None
+    try:
+        wrapped: object = closure[code.co_freevars.index("wsgi_app")].cell_contents
+    except (ValueError, IndexError):
+        return None
+    return wrapped
+
+
+class FlaskSpanJoiner:
+    """The Flask hooks around an :class:`InnerJoiner`, next to FlaskInstrumentor's."""
+
+    def __init__(self, joiner: InnerJoiner[WSGIEnvironment]) -> None:
+        self._joiner = joiner
+
+    def install(self, flask_app: Any) -> None:
+        """Put the hooks right after the instrumentor's: ours starts after its
+        ``before_request`` and, as Flask runs teardowns in reverse, ends just before its
+        ``teardown_request`` (after every teardown registered later)."""
+        before = flask_app.before_request_funcs.setdefault(None, [])
+        teardown = flask_app.teardown_request_funcs.setdefault(None, [])
+        before.insert(_after(before, flask_app._before_request), self.start)
+        teardown.insert(_after(teardown, getattr(flask_app, "_teardown_request", None)), self.end)
+        # The profile's root: Flask's entry, as our adapter's frame is for our own span.
+        add_stem_marker(type(flask_app).wsgi_app.__code__)
+
+    def start(self) -> None:
+        """``before_request``: profile the request under the span just opened, if any."""
+        try:
+            from flask import request
+
+            active = self._joiner.begin(request.environ)
+            if active is not None:
+                request.environ[_ACTIVE_KEY] = active
+        except Exception as exc:  # a hook of ours must never fail the request
+            log_failure("profiler.start", exc)
+
+    def end(self, error: BaseException | None) -> None:
+        """``teardown_request``: stop the profile and keep it if the policy says so."""
+        try:
+            from flask import request
+
+            active: ActiveProfile | None = request.environ.pop(_ACTIVE_KEY, None)
+            if active is None:
+                return
+            rule = getattr(request.url_rule, "rule", None)
+            status_code = _status(active, error)
+        except Exception as exc:  # a hook of ours must never fail the request
+            log_failure("profiler.finish", exc)
+            return
+        self._joiner.end(
+            active,
+            status_code=status_code,
+            route=rule if isinstance(rule, str) else None,
+            failed=error is not None,
+        )
+
+
+def _after(hooks: list[Any], hook: object) -> int:
+    """The index just after ``hook`` in ``hooks`` (the end when it is not there)."""
+    for index, candidate in enumerate(hooks):
+        if candidate is hook:
+            return index + 1
+    return len(hooks)
+
+
+def _status(active: ActiveProfile, error: BaseException | None) -> int:
+    """The response's status, as the instrumentor put it on its span (500 when the app
+    raised and none was set)."""
+    attributes = getattr(active.span, "attributes", None) or {}
+    for key in ("http.response.status_code", "http.status_code"):
+        value = attributes.get(key)
+        if isinstance(value, int):
+            return value
+    return 500 if error is not None else 200
