@@ -37,7 +37,7 @@ from pyinstrument.renderers import (
 )
 from pyinstrument.session import Session
 
-from ._identifiers import NO_START_STACK, frame_parts
+from ._identifiers import NO_START_STACK, frame_parts, identifier
 
 __all__ = ["CONTENT_TYPES", "FORMATS", "RenderError", "inline_script_hashes", "render"]
 
@@ -83,6 +83,13 @@ _NO_START_STACK = [NO_START_STACK]
 # script (before the session data): blanked, as an empty ``href`` fetches nothing.
 _FONT_URL = re.compile(r"https://fonts\.(?:googleapis|gstatic)\.com/[^\"'`\s]*")
 _FONT_HOST = re.compile(r"fonts\.(?:googleapis|gstatic)\.com")
+# pyinstrument's tree renderers (and its page's script) recurse once per frame of depth:
+# a stack deeper than the recursion limit (an app that raised ``sys.setrecursionlimit``)
+# made every format but ``folded`` fail with RecursionError. Deeper stacks keep their
+# root-side and leaf-side frames and one frame saying how many were left out between.
+_MAX_DEPTH = 400
+_KEEP_ROOT = 100
+_KEEP_LEAF = _MAX_DEPTH - _KEEP_ROOT - 1
 
 
 class RenderError(RuntimeError):
@@ -114,6 +121,8 @@ def render(session: Session, fmt: str) -> tuple[str, str]:
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt != "folded":
+        session = _shallow(session)
     session = _renderable(session)
     body: str
     if fmt == "html":
@@ -160,6 +169,32 @@ def _renderable(session: Session) -> Session:
         max_interval=session.max_interval,
         sample_count=session.sample_count,
         start_call_stack=list(_NO_START_STACK),
+        target_description=session.target_description,
+        cpu_time=session.cpu_time,
+        sys_path=session.sys_path,
+        sys_prefixes=session.sys_prefixes,
+    )
+
+
+def _shallow(session: Session) -> Session:
+    """``session``, or a copy whose stacks deeper than ``_MAX_DEPTH`` lose their middle."""
+    if all(len(stack) <= _MAX_DEPTH for stack, _ in session.frame_records):
+        return session
+    records = []
+    for stack, seconds in session.frame_records:
+        if len(stack) > _MAX_DEPTH:
+            elided = len(stack) - _KEEP_ROOT - _KEEP_LEAF
+            marker = identifier(f"[{elided} frames elided]")
+            stack = [*stack[:_KEEP_ROOT], marker, *stack[-_KEEP_LEAF:]]
+        records.append((stack, seconds))
+    return Session(
+        frame_records=records,
+        start_time=session.start_time,
+        duration=session.duration,
+        min_interval=session.min_interval,
+        max_interval=session.max_interval,
+        sample_count=session.sample_count,
+        start_call_stack=session.start_call_stack,
         target_description=session.target_description,
         cpu_time=session.cpu_time,
         sys_path=session.sys_path,

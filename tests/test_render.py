@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import re
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import pyinstrument.renderers.html
 import pytest
 from pyinstrument.session import Session
 
+from otelprof_middleware._identifiers import identifier, line_attribute
 from otelprof_middleware.render import (
     CONTENT_TYPES,
     FORMATS,
@@ -282,3 +284,43 @@ def test_html_with_a_font_link_left_is_refused(
     monkeypatch.setattr(pyinstrument.renderers.HTMLRenderer, "render", with_other_font_url)
     with pytest.raises(RenderError, match="web-font"):
         render(session, "html")
+
+
+def _deep_session(depth: int) -> Session:
+    """A recursion ``depth`` frames deep under a root, its leaf doing the work: what an
+    app that raised ``sys.setrecursionlimit`` records (pyinstrument's renderers recurse
+    once per frame, so such a tree overflowed the viewer's own recursion limit)."""
+    root = identifier("handler", "/app/views.py", 1)
+    level = identifier("walk", "/app/tree.py", 10) + line_attribute(12)
+    leaf = identifier("leaf_work", "/app/tree.py", 20) + line_attribute(21)
+    return make_session(
+        [([root, *[level] * depth, leaf], 0.03), ([root, *[level] * (depth // 2)], 0.01)]
+    )
+
+
+@pytest.mark.parametrize("fmt", [fmt for fmt in FORMATS if fmt != "folded"])
+def test_a_stack_deeper_than_the_recursion_limit_renders_with_the_middle_elided(
+    fmt: str,
+) -> None:
+    depth = sys.getrecursionlimit() * 3
+    body, _ = render(_deep_session(depth), fmt)
+    # The root and the leaf stay, the frames between them are replaced by one frame
+    # that says how many were left out.
+    assert "handler" in body
+    assert "leaf_work" in body
+    assert re.search(r"\d+ frames elided", body), body[:2000]
+
+
+def test_text_of_a_deep_stack_keeps_its_times() -> None:
+    depth = sys.getrecursionlimit() * 3
+    text, _ = render(_deep_session(depth), "text")
+    assert "0.040 handler" in text
+    assert "0.030 leaf_work" in text
+
+
+def test_folded_keeps_every_frame_of_a_deep_stack() -> None:
+    depth = sys.getrecursionlimit() * 3
+    folded, _ = render(_deep_session(depth), "folded")
+    deepest = max(folded.splitlines(), key=len)
+    assert deepest.count("walk (/app/tree.py:10)") == depth
+    assert "elided" not in folded
