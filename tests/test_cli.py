@@ -569,3 +569,11 @@ def test_ls_with_a_malformed_store_url_is_bad_usage(
     code, _, err = run(capsys, "ls", "--store", url)
     assert code == 2, err
     assert "OTELPROF_STORE" in err
+
+
+def test_a_query_password_is_not_shown_either(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0?password=hunter2"
+    code, out, err = run(capsys, "ls", "--store", url)
+    assert (code, out) == (1, "")
+    assert "password=***" in err
+    assert "hunter2" not in err

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._base import ProfileStore
+from ._base import ProfileStore, redact_url
 from .memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_PROFILES, MemoryStore
 from .redis import RedisStore
 from .sqlite import SQLiteStore
@@ -81,12 +81,13 @@ def _parse(url: str) -> tuple[str, str]:
     if not sep or not scheme:
         raise ValueError(
             f"OTELPROF_STORE must be a URL like sqlite:///path/profiles.db or memory://, "
-            f"got {url!r}"
+            f"got {redact_url(url)!r}"
         )
     if scheme == "memory":
         if rest != "//":
             raise ValueError(
-                f"OTELPROF_STORE: the memory store URL is exactly memory://, got {url!r}"
+                "OTELPROF_STORE: the memory store URL is exactly memory://, "
+                f"got {redact_url(url)!r}"
             )
         return "memory", ""
     if scheme == "sqlite":
@@ -94,12 +95,12 @@ def _parse(url: str) -> tuple[str, str]:
         if not path or "?" in path or path == ":memory:":
             raise ValueError(
                 f"OTELPROF_STORE: a SQLite URL is sqlite:///relative/path.db or "
-                f"sqlite:////absolute/path.db (no query string), got {url!r}"
+                f"sqlite:////absolute/path.db (no query string), got {redact_url(url)!r}"
             )
         return "sqlite", path
     if scheme in ("redis", "rediss"):
         return "redis", url
     raise ValueError(
-        f"OTELPROF_STORE: unknown store scheme {scheme!r} in {url!r}; expected "
+        f"OTELPROF_STORE: unknown store scheme {scheme!r} in {redact_url(url)!r}; expected "
         "sqlite:///path/profiles.db, memory:// or redis://host:6379/0"
     )

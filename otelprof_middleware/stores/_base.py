@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from .._record import ProfileRecord, ProfileSummary
 
@@ -130,15 +130,38 @@ def matches(
     )
 
 
+# Query parameters that carry a secret: redis-py passes every query parameter it does not
+# parse itself to the connection, so ``?password=`` logs in and ``?ssl_password=``
+# unlocks the TLS key, as the URL's ``user:password@`` part does.
+_SECRET_QUERY_PARAMETERS = frozenset({"password", "ssl_password"})
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and ``store.url``."""
+    """``url`` with its passwords replaced by ``***``, for messages and ``store.url``.
+
+    The password of the user part and the value of a ``password`` or ``ssl_password``
+    query parameter are replaced.
+    """
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
         return url
-    if not password:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if password:
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    if parts.query:
+        parts = parts._replace(query=_redact_query(parts.query))
+    return urlunsplit(parts)
+
+
+def _redact_query(query: str) -> str:
+    """``query`` with the values of its secret parameters replaced by ``***``."""
+    fields = []
+    for field in query.split("&"):
+        name, sep, _ = field.partition("=")
+        if sep and unquote_plus(name).strip().lower() in _SECRET_QUERY_PARAMETERS:
+            field = f"{name}=***"
+        fields.append(field)
+    return "&".join(fields)

@@ -331,6 +331,31 @@ def test_url_never_shows_the_password_and_rediss_means_tls() -> None:
     assert redis_store_module.redact_url("redis://h:1/0") == "redis://h:1/0"
 
 
+def test_a_password_given_as_a_query_parameter_is_redacted_too() -> None:
+    # redis-py takes any query parameter it does not parse as a keyword: ?password= logs
+    # in as well as the URL's user part, and ?ssl_password= unlocks the TLS key.
+    redact = redis_store_module.redact_url
+    assert (
+        redact("redis://h:1/0?prefix=a:&password=s3cret&socket_timeout=1")
+        == "redis://h:1/0?prefix=a:&password=***&socket_timeout=1"
+    )
+    assert redact("rediss://:pw@h:1/0?ssl_password=k3y") == "rediss://:***@h:1/0?ssl_password=***"
+    assert redact("redis://h:1/0?PASSWORD=s3cret") == "redis://h:1/0?PASSWORD=***"
+    assert redact("redis://h:1/0?prefix=password") == "redis://h:1/0?prefix=password"
+    store = RedisStore("redis://127.0.0.1:1/0?password=s3cret", ttl_seconds=5)
+    try:
+        assert "s3cret" not in store.url
+    finally:
+        store.close()
+    with pytest.raises(ValueError) as raised:
+        redis_store_module.RedisStore("redis://127.0.0.1:1/0?password=s3cret&socket_timeout=x")
+    assert "s3cret" not in str(raised.value)
+    # A mistyped scheme is refused by name, its password hidden as well.
+    with pytest.raises(ValueError, match="unknown store scheme") as raised:
+        open_store("reddis://:s3cret@127.0.0.1:1/0")
+    assert "s3cret" not in str(raised.value)
+
+
 def test_package_works_without_redis_py() -> None:
     code = textwrap.dedent(
         """
