@@ -83,10 +83,14 @@ ROUTE = "/items/{item_id}"
 
 
 def _put(
-    store: MemoryStore, n: int, records: list[tuple[list[str], float]], route: str = ROUTE
+    store: MemoryStore,
+    n: int,
+    records: list[tuple[list[str], float]],
+    route: str = ROUTE,
+    **fields: object,
 ) -> ProfileSummary:
     duration_ms = sum(s for _, s in records) * 1000
-    summary = make_summary(n, route=route, duration_ms=duration_ms, start_time=1000.0 + n)
+    summary = make_summary(n, route=route, duration_ms=duration_ms, start_time=1000.0 + n, **fields)
     store.put(ProfileRecord.from_session(summary, session(records)))
     return summary
 
@@ -233,3 +237,55 @@ def test_diff_page_escapes_function_names() -> None:
     graph = page[page.index('<svg class="flamediff"') : page.index("</svg>")]
     assert 'data-function="&lt;script&gt;alert(1)&lt;/script&gt;"' in graph
     assert "<script" not in graph and "<img" not in graph
+
+
+def test_diff_compares_a_request_with_profiles_of_its_own_mode() -> None:
+    import json
+
+    # The route's profiles come from the always-on sampler; a triggered request is
+    # profiled by the hook, which also records the event loop's frames and C functions
+    # that the sampler never shows. Against always-on profiles, those would all "take
+    # more time than usual".
+    loop_hook = "__next__\x00otelprof_middleware/profiling/_loop_hook.py\x00117"
+    builtin = "sum\x00<built-in>\x000"
+    store = MemoryStore()
+    for n in range(3):
+        _put(store, n, [([ROOT, A, B], 0.020)], mode="always_on")
+    _put(store, 3, [([ROOT, loop_hook, A, B, builtin], 0.010)], mode="hook")
+    for n in range(4, 7):
+        _put(store, n, [([ROOT, A, B], 0.020)], mode="always_on")
+    triggered = _put(
+        store, 7, [([ROOT, loop_hook, A, B, builtin], 0.030)], mode="hook", kept_reason="triggered"
+    )
+    viewer = Viewer(store)
+
+    status, body = _get(
+        viewer,
+        f"/debug/profile/{triggered.trace_id}/diff",
+        f"span_id={triggered.span_id}&format=json",
+    )
+    assert status == 200
+    data = json.loads(body)
+    assert data["baseline_profiles"] == 1  # the other hook profile, not the six always-on ones
+    rows = {row["function"]: row for row in data["functions"]}
+    assert rows["__next__"]["baseline_ms"] == pytest.approx(10.0)
+    assert rows["sum"]["delta_ms"] == pytest.approx(20.0)
+    status, page = _get(viewer, f"/debug/profile/{triggered.trace_id}/diff")
+    assert status == 200 and "1 other recent profile " in page
+    assert "pyinstrument hook" in page
+
+    # An always-on request is compared with the always-on profiles only.
+    usual = _put(store, 8, [([ROOT, A, B], 0.040)], mode="always_on")
+    status, body = _get(viewer, f"/debug/profile/{usual.trace_id}/diff", "format=json")
+    data = json.loads(body)
+    assert data["baseline_profiles"] == 6
+    rows = {row["function"]: row for row in data["functions"]}
+    assert "__next__" not in rows and "sum" not in rows
+    assert rows["query_db"]["delta_ms"] == pytest.approx(20.0)
+
+    # A hook request whose route has only always-on profiles has nothing to compare with.
+    lone = _put(store, 9, [([ROOT, A], 0.01)], route="/lone", mode="always_on")
+    hooked = _put(store, 10, [([ROOT, A], 0.01)], route="/lone", mode="hook")
+    status, page = _get(viewer, f"/debug/profile/{hooked.trace_id}/diff")
+    assert status == 200 and "nothing to compare it with yet" in page
+    assert lone.trace_id not in page

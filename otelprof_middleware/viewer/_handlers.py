@@ -146,7 +146,9 @@ def diff(call: Call, trace_id: str) -> ViewerResponse:
     summary = record.summary
     if not summary.route:
         raise Abort(404, "this request matched no route, so it has no baseline.\n")
-    sessions = call.store.route_sessions(summary.route, limit, exclude=summary)
+    # Only profiles taken the same way compare: the hook records frames (the event
+    # loop's, C functions) that the always-on sampler never shows, and the other way round.
+    sessions = call.store.route_sessions(summary.route, limit, exclude=summary, mode=summary.mode)
     try:
         # No other kept profile of the route yet (the span link is made when the first
         # is kept): the page says so, with nothing to compare, rather than a 404.

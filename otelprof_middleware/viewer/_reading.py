@@ -16,6 +16,10 @@ from ._http import Abort
 
 __all__ = ["StoreReader", "decoded"]
 
+# How many of a route's recent profiles a diff looks through for those taken in the
+# request's own mode (the hook and the always-on sampler see different frames).
+_MODE_SCAN = 1000
+
 _T = TypeVar("_T")
 
 
@@ -81,15 +85,22 @@ class StoreReader:
         )
 
     def route_summaries(
-        self, route: str, limit: int, exclude: ProfileSummary | None = None
+        self,
+        route: str,
+        limit: int,
+        exclude: ProfileSummary | None = None,
+        mode: str | None = None,
     ) -> list[ProfileSummary]:
-        """The ``limit`` most recent profiles of ``route`` (the baseline), ``exclude`` aside."""
-        summaries = self.summaries(route=route, limit=limit + 1)
+        """The ``limit`` most recent profiles of ``route`` (the baseline), ``exclude`` aside;
+        with ``mode``, only those taken in that mode (among the route's recent profiles)."""
+        scan = limit + 1 if mode is None else max(limit + 1, _MODE_SCAN)
+        summaries = self.summaries(route=route, limit=scan)
         return self._read(
             lambda: [
                 s
                 for s in summaries
                 if s.route == route
+                and (mode is None or s.mode == mode)
                 and (
                     exclude is None
                     or (s.trace_id, s.span_id) != (exclude.trace_id, exclude.span_id)
@@ -98,10 +109,14 @@ class StoreReader:
         )
 
     def route_sessions(
-        self, route: str, limit: int, exclude: ProfileSummary | None = None
+        self,
+        route: str,
+        limit: int,
+        exclude: ProfileSummary | None = None,
+        mode: str | None = None,
     ) -> list[Session]:
         """The sessions of :meth:`route_summaries`, decoded; 422 when one is corrupt."""
-        summaries = self.route_summaries(route, limit, exclude)
+        summaries = self.route_summaries(route, limit, exclude, mode)
         records = self._read(
             lambda: [r for s in summaries for r in self._store().get(s.trace_id, s.span_id)]
         )

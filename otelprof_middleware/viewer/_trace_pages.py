@@ -115,14 +115,18 @@ _DIFF_HEADING = Template(
 _DIFF_INTRO = Template(
     """<p>Request <a class="mono" href="$href">$trace_id</a> ($method \
 <span class="mono">$route</span>, $duration ms) against the mean of the \
-<a href="$baseline">$others of its route</a>. Times are inclusive: the time each function \
-was on the stack, waits included.</p>
+<a href="$baseline">$others of its route</a> taken by the same profiler ($mode). Times are \
+inclusive: the time each function was on the stack, waits included.</p>
 """
 )
-_ALONE = Markup(
-    '<p class="muted">This is the only kept profile of its route so far: there is '
-    "nothing to compare it with yet. Come back when the route has more.</p>\n"
+_ALONE = Template(
+    """<p class="muted">No other kept profile of its route was taken by the same profiler \
+($mode) so far: there is nothing to compare it with yet. Come back when the route has \
+more.</p>
+"""
 )
+# The profilers, as the profile page names them: a diff compares one profiler's profiles.
+_PROFILERS = {"hook": "pyinstrument hook", "always_on": "always-on sampler"}
 _GRAPH = Template(
     """<h2>Flame graph</h2>
 <p class="legend muted">This request's call paths, as wide as the time they took here, \
@@ -189,10 +193,12 @@ def diff_page(
         duration=f"{s.duration_ms:.1f}",
         baseline=baseline_path(prefix, s.route),
         others=plural(baseline_count, "other recent profile"),
+        mode=_PROFILERS.get(s.mode, s.mode),
     )
     title = f"{s.method} {s.route or _NO_ROUTE} {ms_text(s.duration_ms)} vs route · otelprof"
     if baseline_count == 0:
-        return page(title, intro + _ALONE, heading=heading)
+        alone = fill(_ALONE, mode=_PROFILERS.get(s.mode, s.mode))
+        return page(title, intro + alone, heading=heading)
     graph = fill(_GRAPH, flame=Markup(flame)) if flame else _NO_SAMPLES
     functions = fill(
         _FUNCTIONS,
