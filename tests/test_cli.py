@@ -461,6 +461,42 @@ def test_serve_with_a_token_and_public_url(store_url: str) -> None:
         assert browser.get(f"/debug/profile/{B}").status_code == 200  # by cookie
 
 
+def test_serve_below_a_path_prefix_that_the_proxy_strips(store_url: str) -> None:
+    # nginx: location /profiles/ { proxy_pass http://127.0.0.1:8089/; } forwards
+    # /profiles/debug/profile as /debug/profile: the pages must link, and scope the token
+    # cookie, below /profiles, where the browser reaches them.
+    token = "s3cret-token"
+    with (
+        serve(
+            "--store", store_url, "--root-path", "/profiles/", env={"OTELPROF_DEBUG_TOKEN": token}
+        ) as (base, log),
+        httpx.Client(base_url=base) as browser,
+    ):
+        root = browser.get("/")
+        assert (root.status_code, root.headers["location"]) == (307, "/profiles/debug/profile")
+        first = browser.get("/debug/profile", params={"token": token})
+        assert first.status_code == 200
+        assert "Path=/profiles/debug/profile;" in first.headers["set-cookie"]
+        assert f'href="/profiles/debug/profile/{A}?span_id={1:016x}"' in first.text
+        assert 'href="/debug/profile' not in first.text
+        # (Straight to the viewer, not through the proxy, the cookie's path does not match.)
+        bearer = {"authorization": f"Bearer {token}"}
+        index = browser.get("/debug/profile", params={"format": "json"}, headers=bearer)
+        url = index.json()["profiles"][-1]["url"]
+        assert url == f"{base}/profiles/debug/profile/{A}?span_id={1:016x}"
+        page = browser.get(f"/debug/profile/{A}", params={"span_id": f"{1:016x}"}, headers=bearer)
+        assert f'src="/profiles/debug/profile/{A}/flame?span_id={1:016x}"' in page.text
+        assert "/profiles/debug/profile" in log.read_text()
+
+
+@pytest.mark.parametrize("root_path", ["profiles", "/a?b=1", "/a#b", "//evil.example"])
+def test_serve_rejects_a_bad_root_path(
+    capsys: pytest.CaptureFixture[str], store_url: str, root_path: str
+) -> None:
+    code, _, err = run(capsys, "serve", "--store", store_url, "--root-path", root_path)
+    assert code == 2 and "--root-path" in err
+
+
 @pytest.fixture
 def uvicorn_runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
     """Replace uvicorn.run: record how serve would start, never bind anything."""

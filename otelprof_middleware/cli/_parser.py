@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="base URL of this viewer as users reach it, for the links in ?format=json "
         "(default: OTELPROF_PUBLIC_URL, else the request's host)",
     )
+    serve.add_argument(
+        "--root-path",
+        default="",
+        help="the path prefix your reverse proxy strips before forwarding, e.g. /profiles "
+        "for a proxy that serves /profiles/debug/profile from this viewer's /debug/profile: "
+        "the pages link to, and the token cookie is scoped to, <root-path>/debug/profile "
+        "(default: none)",
+    )
 
     ls = commands.add_parser("ls", help="list recent profiles", description="List profiles.")
     ls.add_argument("--store", help=store_help)

@@ -30,6 +30,7 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             message = str(exc).replace("public_url (OTELPROF_PUBLIC_URL)", "--public-url")
             raise CommandExit(2, message) from None
+    root_path = _root_path(args.root_path)
     host: str = args.host
     loopback = host == "localhost" or is_loopback(host)
     if not loopback and token is None:
@@ -51,9 +52,10 @@ def serve(args: argparse.Namespace) -> int:
         viewer = Viewer(store, token=token, public_url=public_url)
         shown_host = f"[{host}]" if ":" in host else host
         access = "clients must present the debug token" if token else "loopback clients only"
+        behind = f", reached as {root_path}{DEBUG_PREFIX} through the proxy" if root_path else ""
         print(
             f"otelprof: serving {redact_url(url)} at "
-            f"http://{shown_host}:{args.port}{DEBUG_PREFIX} ({access})",
+            f"http://{shown_host}:{args.port}{DEBUG_PREFIX} ({access}{behind})",
             file=sys.stderr,
         )
         if token is None:
@@ -68,6 +70,8 @@ def serve(args: argparse.Namespace) -> int:
             host=host,
             port=args.port,
             lifespan="off",
+            # Links and the token cookie's path start with it (ASGI ``root_path``).
+            root_path=root_path,
             # The peer address decides loopback access: never rewrite it from headers.
             proxy_headers=False,
             # Access logs would record ?token= query strings.
@@ -78,3 +82,20 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _root_path(value: str) -> str:
+    """``--root-path`` without its trailing ``/``; exit 2 unless it is a plain path."""
+    root_path = value.rstrip("/")
+    if root_path and (
+        not root_path.startswith("/")
+        or root_path.startswith("//")
+        or any(c in root_path for c in "?#\\")
+        or any(ord(c) < 0x21 or ord(c) == 0x7F for c in root_path)
+    ):
+        raise CommandExit(
+            2,
+            f"--root-path must be a path such as /profiles (no query, fragment or spaces), "
+            f"got {value[:40]!r}",
+        )
+    return root_path

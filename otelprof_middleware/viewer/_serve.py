@@ -154,12 +154,13 @@ class ViewerApp:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1003})
             return
-        if scope["path"] == "/":
+        if app_path(scope) == "/":
+            location = scope.get("root_path", "").rstrip("/") + self.viewer.prefix
             await send(
                 {
                     "type": "http.response.start",
                     "status": 307,
-                    "headers": [(b"location", self.viewer.prefix.encode("latin-1"))],
+                    "headers": [(b"location", location.encode("latin-1"))],
                 }
             )
             await send({"type": "http.response.body", "body": b""})
