@@ -4,6 +4,7 @@ import asyncio
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,6 +145,50 @@ def test_wsgi_style_threads_are_attributed_by_thread() -> None:
         text = text_of(store.get(summary.trace_id)[0].session())
         other = "marker_beta" if summary.route == "marker_alpha" else "marker_alpha"
         assert other not in text
+
+
+def test_a_thread_request_after_a_pause_is_sampled_from_its_start() -> None:
+    """Between requests the sampler thread naps in watch mode (four to eight intervals, so
+    that back-to-back requests need not wake it). A WSGI request registered during that
+    nap must wake it: it did not, and the first 20-40 ms of a request that came after a
+    quiet moment went unsampled (a 25 ms first phase was missing from a third of the
+    profiles under gunicorn gthread, its time partly credited to the next phase)."""
+    from otelprof_middleware.profiling._engine import ProfilerCore
+
+    provider, _ = make_provider()
+    tracer = provider.get_tracer("t")
+    store = MemoryStore()
+    core = ProfilerCore(
+        Config.load({}, sample_rate=1.0, mode="always_on", always_on_interval_ms=5),
+        store=store,
+    )
+
+    def request() -> None:
+        with tracer.start_as_current_span("GET") as span:
+            active = core.start(span, span.get_span_context(), RequestFacts(method="GET"))
+            assert active is not None and active.hook is None
+            marker_alpha(0.025)
+            marker_beta(0.025)
+            core.finish(active, status_code=200, route="/ab")
+            core.detach(active)
+
+    request()  # starts the sampler thread
+    for _ in range(8):
+        time.sleep(0.15)  # the thread is napping in watch mode, not idle
+        worker = threading.Thread(target=request)
+        worker.start()
+        worker.join()
+    core.writer.close()
+    summaries = store.list(limit=20)
+    assert len(summaries) == 9
+    first_phase = []
+    for summary in summaries[:8]:
+        session = store.get(summary.trace_id)[0].session()
+        first_phase.append(
+            sum(t for stack, t in session.frame_records if any("marker_alpha" in f for f in stack))
+        )
+    # 25 ms of CPU at a 5 ms interval: every profile sees most of it.
+    assert min(first_phase) > 0.010, [round(t * 1000, 1) for t in first_phase]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

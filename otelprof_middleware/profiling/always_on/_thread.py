@@ -83,6 +83,24 @@ class SamplerThread:
         self._thread = None
         return not thread.is_alive()
 
+    def _nap(self, seconds: float) -> bool:
+        """Sleep ``seconds`` in watch mode; True, early, when a request that needs this
+        thread was registered (or the thread is stopped), so its first moments are sampled.
+
+        Only a registration that needs the thread wakes it (``wake``); a SIGPROF-driven
+        loop's requests never do, so a busy loop is not made to hand over the GIL.
+        """
+        # As for idling: ``_idle`` first, then look; a registration after the look sees
+        # ``_idle`` and sets the event, one before it is seen by the look.
+        self._idle = True
+        self._wake.clear()
+        try:
+            if self.sampler.registry.needs_thread():
+                return True
+            return self._wake.wait(seconds)
+        finally:
+            self._idle = False
+
     def _run(self) -> None:
         sampler, registry = self.sampler, self.sampler.registry
         stop, wake = self._stop, self._wake
@@ -117,9 +135,11 @@ class SamplerThread:
                 # Watchdog. Rarely awake while the loop ticks: every wake-up must win
                 # the GIL from a busy loop.
                 if stalled:
-                    time.sleep(asked)
+                    pause = asked
                 else:
-                    time.sleep((_WATCHDOG_BUSY if busy else _WATCHDOG_INTERVALS) * sampler.interval)
+                    pause = (_WATCHDOG_BUSY if busy else _WATCHDOG_INTERVALS) * sampler.interval
+                if self._nap(pause):
+                    continue  # a thread's request arrived: sample it from its start
                 wall = time.perf_counter()
                 cpu = _cpu_seconds(main_cpu)
                 # Busy (its CPU clock ran for over half the time): SIGPROF ticks it,
