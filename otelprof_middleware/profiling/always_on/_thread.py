@@ -115,8 +115,9 @@ class SamplerThread:
                 unwatched = 0
             elif unwatched < _WATCHDOG_IDLE_ROUNDS:
                 # Between two short requests there is often nothing registered for a
-                # moment: stay (asleep) in watch mode rather than idle, so the next
-                # request does not have to set the event and wake this thread.
+                # moment: stay in watch mode (napping, see ``_nap``: a thread's request
+                # wakes it) rather than idle, so a loop's next request does not have to
+                # restart the watchdog.
                 unwatched += 1
             else:
                 # Idle, clear, then look again: a registration after the look saw
