@@ -5,6 +5,12 @@ since threads do not survive ``fork()``. It exits after ``IDLE_SECONDS`` with no
 do and starts again with the next item, so a process that builds many apps (a test
 suite) does not keep an idle thread per app. ``offer`` never blocks: a full queue
 refuses the item, and the caller counts the drop.
+
+The thread works in a context of its own, with OpenTelemetry instrumentation suppressed:
+the exporters' HTTP posts and the store's queries are the profiler's plumbing, not the
+app's work. A thread started by a request would otherwise run in that request's context
+when the threading instrumentation (which ``opentelemetry-bootstrap`` installs) copies it
+into new threads, and every later post would be a client span in that request's trace.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import os
 import queue
 import sys
 import threading
+
+from opentelemetry import context as otel_context
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 
 __all__ = ["BatchingThread"]
 
@@ -113,6 +122,11 @@ class BatchingThread:
             self._pid = os.getpid()
 
     def _run(self, work: queue.Queue[object]) -> None:
+        # A fresh context: no span of the request that started the thread, and no spans
+        # for the thread's own I/O (instrumented httpx, redis, sqlite3).
+        token = otel_context.attach(
+            otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, otel_context.Context())
+        )
         try:
             while True:
                 try:
@@ -143,3 +157,4 @@ class BatchingThread:
                     return
         finally:
             self._thread_exit()
+            otel_context.detach(token)
