@@ -7,6 +7,7 @@ samples). The stop is :meth:`ProfilerCore.stop <._engine.ProfilerCore.stop>`'s, 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import sys
@@ -22,7 +23,7 @@ from ._request_profile import RequestProfile, current_request
 from .always_on import AlwaysOnSampler, always_on_sampler
 from .always_on import check_settings as check_always_on_settings
 
-__all__ = ["ALWAYS_ON_MAX_CONCURRENT", "AlwaysOnStart", "green_threads"]
+__all__ = ["ALWAYS_ON_MAX_CONCURRENT", "AlwaysOnStart", "green_threads", "in_trio_task"]
 
 _logger = logging.getLogger("otelprof_middleware")
 
@@ -48,6 +49,8 @@ class AlwaysOnStart:
         self.green_threads: str | None = None
         """``gevent``/``eventlet`` when this process's threads are their greenlets: no
         always-on profiles here (see :func:`green_threads`)."""
+        self.refused_trio = False
+        """A request ran in a trio task: logged and counted once (see :func:`in_trio_task`)."""
         if config.enabled and config.mode == "always_on":
             check_always_on_settings(self._interval, sigprof=config.always_on_sigprof)
 
@@ -81,6 +84,9 @@ class AlwaysOnStart:
         sampler, once the request is chosen. None when the sampler holds
         :data:`ALWAYS_ON_MAX_CONCURRENT` requests or starting failed (counted)."""
         try:
+            if asyncio._get_running_loop() is None and in_trio_task():
+                self._refuse_trio()
+                return None
             sampler = self.sampler_instance or self.sampler()
             if sampler is None:
                 return None  # greenlets: nothing to sample them with (logged once)
@@ -103,6 +109,42 @@ class AlwaysOnStart:
             return None
         request.url_factory = functools.partial(lazy_url, self._config, facts, context)
         return ActiveProfile(request, span, context, facts, token)
+
+    def _refuse_trio(self) -> None:
+        """A request in a trio task gets no always-on profile: logged and counted once."""
+        if self.refused_trio:
+            return
+        self.refused_trio = True
+        count("disabled.always_on_trio")
+        _logger.warning(
+            "otelprof: requests run on a trio event loop here: the always-on sampler "
+            "tells concurrent requests apart by their asyncio task, and trio's tasks all "
+            "run on one thread, so their samples would be credited to one another. They "
+            "are not profiled in always_on mode; use mode='hook' (OTELPROF_MODE=hook). "
+            "Triggered requests (the %s header) and hook_sample_rate still get hook-mode "
+            "profiles; see docs/always-on.md.",
+            self._config.trigger_header,
+        )
+
+
+def in_trio_task() -> bool:
+    """Whether this thread is running a trio task (hypercorn ``-k trio``, anyio's trio
+    backend). Looked up in ``sys.modules``: nothing is imported, and a process without
+    trio pays one dictionary lookup (only where no asyncio loop runs: WSGI threads).
+
+    The always-on registry keys a request by its asyncio task, or else by its thread:
+    every trio task of a loop shares one thread, so the last request to start took the
+    thread's samples, the others' included (a 300 ms marker of one request was in
+    another's profile, and none in its own).
+    """
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except Exception:  # RuntimeError outside trio; anything else: not trio either
+        return False
+    return True
 
 
 def green_threads() -> str | None:
