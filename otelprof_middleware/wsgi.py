@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any, Unpack
@@ -88,6 +89,8 @@ class WSGIProfilingMiddleware:
         self._inside_checked = False
         self._joins_inside = False
         self._joiner: InnerJoiner[WSGIEnvironment] | None = None  # (Django: handed over)
+        if self.config.enabled:
+            _keep_flask_route_on_errors(app)
 
     @property
     def core(self) -> ProfilerCore:
@@ -188,6 +191,13 @@ class WSGIProfilingMiddleware:
                 environ, start_traced, span, span.get_span_context(), partial(_end_span, span)
             )
         except BaseException as error:
+            # The app raised before start_response (Flask with PROPAGATE_EXCEPTIONS, as in
+            # debug mode): the route is still known, in the request the app left behind.
+            try:
+                method = normalise_method(str(environ.get("REQUEST_METHOD", "")))
+                name_by_route(span, method, route_template(environ, root))
+            except Exception as exc:
+                log_failure("span", exc)
             _end_span(span, error)
             raise
         finally:
@@ -220,7 +230,7 @@ class WSGIProfilingMiddleware:
                 body = self.app(environ, response.start_response)
             except BaseException as error:
                 response.app_returned()
-                response.failed = isinstance(error, Exception)
+                response.app_raised(error)
                 response.finish()
                 raise
             response.app_returned()
@@ -282,6 +292,35 @@ def route_template(environ: WSGIEnvironment, root: str = "") -> str | None:
     if isinstance(script_name, str) and script_name != root and script_name.startswith(root):
         return script_name[len(root) :] + rule
     return rule
+
+
+def _keep_flask_route_on_errors(app: object) -> None:
+    """When ``app`` is a Flask app's ``wsgi_app``: note the matched rule of a request
+    whose error Flask propagates (``PROPAGATE_EXCEPTIONS``, on under ``flask run
+    --debug`` and in tests). Such a request never calls ``start_response``, where the
+    route is read otherwise, and Flask clears ``werkzeug.request`` from the environ as
+    the app returns; its ``got_request_exception`` signal comes while the request is
+    still there. Imports nothing: used only when Flask is already imported."""
+    flask = sys.modules.get("flask")
+    if flask is None:
+        return
+    owner = getattr(app, "__self__", None)
+    try:
+        if isinstance(owner, flask.Flask):
+            flask.got_request_exception.connect(_note_flask_route, owner, weak=False)
+    except Exception as exc:
+        log_failure("adapter", exc)
+
+
+def _note_flask_route(sender: object, **extra: object) -> None:
+    """Flask's ``got_request_exception`` receiver: the rule, under :data:`ROUTE_KEY`."""
+    try:
+        request = sys.modules["flask"].request
+        rule = getattr(request.url_rule, "rule", None)
+        if isinstance(rule, str) and rule:
+            request.environ.setdefault(ROUTE_KEY, rule)
+    except Exception as exc:
+        log_failure("adapter", exc)
 
 
 def _body_ends(
@@ -367,6 +406,18 @@ class _ProfiledResponse:
     def app_returned(self) -> None:
         """The app's call returned or raised: the engine notes when (cannot fail)."""
         self._active.app_returned()
+
+    def app_raised(self, error: BaseException) -> None:
+        """The app raised instead of answering: a failed request. Its route is read now
+        if ``start_response`` never ran (Flask with ``PROPAGATE_EXCEPTIONS``, as under
+        ``flask run --debug``): Flask's request, with its matched rule, stays in the
+        environ after the app returns."""
+        self.failed = isinstance(error, Exception)
+        if self._route is None:
+            try:
+                self._route = route_template(self._environ, self._root)
+            except Exception as exc:
+                log_failure("adapter", exc)
 
     def finish(self) -> None:
         """Stop the profile and keep it when the keep policy says so (once; never raises)."""

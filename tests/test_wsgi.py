@@ -198,7 +198,6 @@ def test_a_body_that_raises_mid_stream_is_a_failed_request(
     assert span.status.status_code is StatusCode.ERROR
     assert span.attributes is not None and PROFILE_URL in span.attributes
     [summary] = store.list()
-    assert summary.kept_reason == "error"
     assert "marker_alpha" in text_of(store.get(summary.trace_id)[0].session())
     assert counters().get("discarded.abandoned", 0) == 0
 
@@ -230,3 +229,28 @@ def test_a_one_item_body_keeps_its_length_for_the_server(otel: Any, closing: lis
     plain, ours = served(app), served(middleware)
     assert b"Content-Length: 10\r\n" in plain
     assert ours == plain
+
+
+def test_an_app_that_raises_keeps_its_route(otel: Any, closing: list[Any]) -> None:
+    """Flask propagating the error (``PROPAGATE_EXCEPTIONS``, on under ``flask run
+    --debug``) never calls ``start_response``: the route was read only there, so the kept
+    error profile had an empty route and the span no ``http.route``."""
+    store = MemoryStore()
+    app = make_flask()
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+
+    @app.get("/boom/<int:n>")
+    def boom(n: int) -> Response:
+        marker_alpha(0.003)
+        raise RuntimeError("on purpose")
+
+    middleware = profiled(app, otel, store, closing)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        Client(app).get("/boom/7")
+    middleware.core.writer.flush()
+    [summary] = store.list()
+    assert summary.route == "/boom/<int:n>"
+    [span] = server_spans(otel[1])
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.name == "GET /boom/<int:n>"
+    assert span.attributes is not None and span.attributes["http.route"] == "/boom/<int:n>"
