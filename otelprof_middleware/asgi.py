@@ -87,6 +87,8 @@ class ProfilingMiddleware:
         # Span owners in mounted apps, by id of their route (found at the first request).
         self._mounted: MountedOwners | None = None
         self._mounted_owners: set[int] = set()
+        # (middleware stack, whether OTel's ASGI middleware runs above us in it)
+        self._otel_above: tuple[object, bool] | None = None
 
     @property
     def core(self) -> ProfilerCore:
@@ -167,7 +169,7 @@ class ProfilingMiddleware:
         joined = current_server_span()
         if joined is not None:
             return joined
-        if self._joins_below_owner or span_declined(scope):
+        if self._joins_below_owner or span_declined(scope) or self._declined_above(scope):
             return _PASS  # a layer inside us owns the span (our joiner is there), or none
         if not self._owner_checked:
             self._owner_checked = True
@@ -176,6 +178,28 @@ class ProfilingMiddleware:
         if self._mounted is not None and self._mounted.owns(scope, self._mounted_owners):
             return _PASS  # routed to a mounted app that owns the span (joiner inside)
         return _OPEN_SPAN
+
+    def _declined_above(self, scope: Scope) -> bool:
+        """True when OTel's ASGI middleware runs above this one in the Starlette app
+        serving the request, and opened no server span: it declined this request (its
+        ``excluded_urls``), so we open none either. That is FastAPIInstrumentor's layer
+        (``instrument_app``, or ``opentelemetry-instrument``), which wraps the app's whole
+        middleware stack, ours included; unlike Starlette's and FastAPI's own telemetry it
+        does not mark the scope. Found once per middleware stack, by walking it down to
+        this middleware."""
+        stack = getattr(scope.get("app"), "middleware_stack", None)
+        if stack is None:
+            return False
+        known = self._otel_above
+        if known is not None and known[0] is stack:
+            return known[1]
+        above = False
+        try:
+            above = _otel_asgi_above(stack, self)
+        except Exception as exc:
+            log_failure("adapter", exc)
+        self._otel_above = (stack, above)
+        return above
 
     def _join_below_owner(self) -> bool:
         """Put a joining copy of this middleware right below the layer that owns spans.
@@ -246,6 +270,22 @@ class ProfilingMiddleware:
 add_stem_marker(ProfilingMiddleware.__call__.__code__)
 
 _PASS, _VIEWER, _OPEN_SPAN = object(), object(), object()
+
+
+def _otel_asgi_above(stack: object, target: object) -> bool:
+    """Whether an OTel ``OpenTelemetryMiddleware`` is on the way from ``stack`` (a
+    Starlette app's middleware stack) down to ``target``, following each layer's ``app``."""
+    layer: object | None = stack
+    seen_otel = False
+    for _ in range(64):
+        if layer is None:
+            return False
+        if layer is target:
+            return seen_otel
+        if isinstance(layer, OpenTelemetryMiddleware):
+            seen_otel = True
+        layer = getattr(layer, "app", None)
+    return False
 
 
 def _is_last(message: Message) -> bool:

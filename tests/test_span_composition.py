@@ -483,3 +483,43 @@ def test_route_attribute_reads_the_sdk_span(otel: Otel) -> None:
         named = OtherSpan(wrap({"http.route": "/a/{b}"}))
         assert route_attribute(named) == "/a/{b}"  # type: ignore[arg-type]
         assert route_attribute(OtherSpan(wrap({}))) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("how", ["instrument_app", "instrument"])
+def test_fastapi_instrumentor_excluded_urls_get_no_span(otel: Otel, how: str) -> None:
+    """FastAPIInstrumentor's layer wraps the app's whole middleware stack, ours included,
+    and opens no span for its ``excluded_urls``, without marking the scope: we opened a
+    server span of our own for them (``opentelemetry-instrument`` with
+    ``OTEL_PYTHON_FASTAPI_EXCLUDED_URLS=/health`` traced /health with the middleware,
+    and not without it)."""
+    instrumentor = FastAPIInstrumentor()
+    if how == "instrument":  # as opentelemetry-instrument does: before the app is made
+        instrumentor.instrument(tracer_provider=otel[0], excluded_urls="/health")
+    try:
+        import fastapi  # its FastAPI class as it is now (instrument() replaces it)
+
+        app: Any = fastapi.FastAPI()
+        app.get("/items/{item_id}")(_get_item)
+        app.get("/health")(_get_health)
+        if how == "instrument_app":
+            FastAPIInstrumentor.instrument_app(
+                app, tracer_provider=otel[0], excluded_urls="/health"
+            )
+        app.add_middleware(ProfilingMiddleware, **ours(otel))
+        responses = send(app, *PATHS, "/health", "/health")
+        assert [r.status_code for r in responses] == [200] * 5
+        check_one_linked_span_per_request(otel[1], PATHS, name="GET /items/{item_id}")
+    finally:
+        if how == "instrument":
+            instrumentor.uninstrument()
+        else:
+            FastAPIInstrumentor.uninstrument_app(app)
+
+
+def _get_item(item_id: int) -> dict[str, int]:
+    marker_alpha(0.002)
+    return {"item": item_id}
+
+
+def _get_health() -> str:
+    return "ok"
