@@ -109,3 +109,11 @@ def exporters() -> Iterator[list[Any]]:
     for exporter in made:
         exporter.close(5)
     assert not [t for t in threading.enumerate() if t.name in EXPORTER_THREADS]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    """The suite's ``@pytest.mark.anyio`` tests run on asyncio only: anyio's plugin would
+    run each on every installed backend, and trio is installed for the one test of trio
+    itself (tests/test_always_on_trio.py, which runs its own loop)."""
+    return "asyncio"
