@@ -187,8 +187,12 @@ def test_a_thread_request_after_a_pause_is_sampled_from_its_start() -> None:
         first_phase.append(
             sum(t for stack, t in session.frame_records if any("marker_alpha" in f for f in stack))
         )
-    # 25 ms of CPU at a 5 ms interval: every profile sees most of it.
-    assert min(first_phase) > 0.010, [round(t * 1000, 1) for t in first_phase]
+    # 25 ms of CPU at a 5 ms interval: the profiles see most of it. (Before: five of eight
+    # saw none. One miss is allowed: on a loaded machine the sampler thread itself may not
+    # be scheduled in time.)
+    shown = [round(t * 1000, 1) for t in first_phase]
+    assert sum(t < 0.010 for t in first_phase) <= 1, shown
+    assert sorted(first_phase)[len(first_phase) // 2] > 0.015, shown
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -66,6 +66,7 @@ PYTHON = sys.executable
 # -- counting the middleware's SIGPROF handler runs --------------------------------------
 
 HANDLER_RUNS = [0]
+SPINS_STARTED = [0]  # /spin requests that reached the endpoint (tests wait for one)
 _original_on_sigprof = SigprofDriver.on_sigprof
 
 
@@ -583,6 +584,7 @@ def _sigprof_state() -> dict[str, Any]:
         "itimer_prof": list(signal.getitimer(signal.ITIMER_PROF)),
         "timer_armed": status.timer_armed,
         "handler_runs": HANDLER_RUNS[0],
+        "spins_started": SPINS_STARTED[0],
         "user_runs": USER_RUNS[0],
         "user_interval": USER_INTERVAL[0],
         "driven": status.main_loop_driven,
@@ -605,6 +607,7 @@ async def state_endpoint(request: Request) -> Response:
 
 
 async def spin_endpoint(request: Request) -> Response:
+    SPINS_STARTED[0] += 1
     ms = float(request.query_params.get("ms", "30"))
     before = HANDLER_RUNS[0]
     user_before = USER_RUNS[0]

@@ -467,7 +467,14 @@ def test_sigterm_with_requests_in_flight_exits_0(tmp_path: Path, loop: str) -> N
         threads = [threading.Thread(target=busy) for _ in range(4)]
         for thread in threads:
             thread.start()
-        time.sleep(0.15)  # requests in flight, the timer armed
+        # Requests in flight (one reached its endpoint: on a loaded machine the clients'
+        # connections may take longer than any fixed pause), the timer armed.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            state = httpx.get(server.base_url + "/state", timeout=30).json()
+            if state["spins_started"]:
+                break
+            time.sleep(0.01)
         os.kill(server.process.pid, signal.SIGTERM)
         returncode = server.process.wait(30)
         for thread in threads:
