@@ -161,19 +161,7 @@ def _renderable(session: Session) -> Session:
     """``session``, or a copy pyinstrument can build a frame tree from."""
     if session.start_call_stack:
         return session
-    return Session(
-        frame_records=session.frame_records,
-        start_time=session.start_time,
-        duration=session.duration,
-        min_interval=session.min_interval,
-        max_interval=session.max_interval,
-        sample_count=session.sample_count,
-        start_call_stack=list(_NO_START_STACK),
-        target_description=session.target_description,
-        cpu_time=session.cpu_time,
-        sys_path=session.sys_path,
-        sys_prefixes=session.sys_prefixes,
-    )
+    return _copy(session, session.frame_records, list(_NO_START_STACK))
 
 
 def _shallow(session: Session) -> Session:
@@ -187,14 +175,21 @@ def _shallow(session: Session) -> Session:
             marker = identifier(f"[{elided} frames elided]")
             stack = [*stack[:_KEEP_ROOT], marker, *stack[-_KEEP_LEAF:]]
         records.append((stack, seconds))
+    return _copy(session, records, session.start_call_stack)
+
+
+def _copy(
+    session: Session, frame_records: list[tuple[list[str], float]], start_call_stack: list[str]
+) -> Session:
+    """``session`` with other samples or another start stack (the rest as it was)."""
     return Session(
-        frame_records=records,
+        frame_records=frame_records,
         start_time=session.start_time,
         duration=session.duration,
         min_interval=session.min_interval,
         max_interval=session.max_interval,
         sample_count=session.sample_count,
-        start_call_stack=session.start_call_stack,
+        start_call_stack=start_call_stack,
         target_description=session.target_description,
         cpu_time=session.cpu_time,
         sys_path=session.sys_path,

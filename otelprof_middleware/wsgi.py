@@ -329,21 +329,21 @@ def _body_ends(
     """What ends the body: ``(on_end, on_abandon)``. ``on_end`` takes the error that the
     body's iteration raised, if any: a streamed body that fails after the app returned
     has failed as much as an app that raised (the profile is kept as ``error``, our span
-    gets an error status)."""
+    gets an error status). A profile under a span not ours (the common case) ends with
+    the response's own methods: no closures made per request."""
+    if end_span is None:
+        assert response is not None  # (neither a span nor a profile: the body unwrapped)
+        return response.body_ended, response.abandon
 
     def on_end(error: BaseException | None) -> None:
         if response is not None:
-            if error is not None:
-                response.failed = isinstance(error, Exception)
-            response.finish()
-        if end_span is not None:
-            end_span(error)
+            response.body_ended(error)
+        end_span(error)
 
     def on_abandon() -> None:
         if response is not None:
             response.abandon()
-        if end_span is not None:
-            end_span(None)
+        end_span(None)
 
     return on_end, on_abandon
 
@@ -406,6 +406,13 @@ class _ProfiledResponse:
     def app_returned(self) -> None:
         """The app's call returned or raised: the engine notes when (cannot fail)."""
         self._active.app_returned()
+
+    def body_ended(self, error: BaseException | None) -> None:
+        """The body was exhausted or closed, or raised ``error`` while it was iterated (a
+        failed request): the profile ends here (once; never raises)."""
+        if error is not None:
+            self.failed = isinstance(error, Exception)
+        self.finish()
 
     def app_raised(self, error: BaseException) -> None:
         """The app raised instead of answering: a failed request. Its route is read now

@@ -155,18 +155,20 @@ def green_threads() -> str | None:
     runs while a request holds the CPU, and ``sys._current_frames()`` knows OS threads
     only. Looked up in ``sys.modules``: nothing is imported.
     """
-    gevent_monkey = sys.modules.get("gevent.monkey")
-    if gevent_monkey is not None:
+    for module_name, check, target, name in _MONKEY_PATCHERS:
+        patcher = sys.modules.get(module_name)
+        if patcher is None:
+            continue
         try:
-            if gevent_monkey.is_module_patched("threading"):
-                return "gevent"
-        except Exception:
-            pass
-    eventlet_patcher = sys.modules.get("eventlet.patcher")
-    if eventlet_patcher is not None:
-        try:
-            if eventlet_patcher.is_monkey_patched("thread"):
-                return "eventlet"
+            if getattr(patcher, check)(target):
+                return name
         except Exception:
             pass
     return None
+
+
+_MONKEY_PATCHERS = (
+    # (module, its "is this patched?" function, what it patches, the name we log)
+    ("gevent.monkey", "is_module_patched", "threading", "gevent"),
+    ("eventlet.patcher", "is_monkey_patched", "thread", "eventlet"),
+)
