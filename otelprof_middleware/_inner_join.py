@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from ._failsafe import log_failure
 from ._request import RequestFacts
@@ -57,15 +57,14 @@ _DJANGO_OTEL_MIDDLEWARE = (
     "opentelemetry.instrumentation.django.middleware.otel_middleware._DjangoMiddleware"
 )
 _DJANGO_OURS = "otelprof_middleware.django.RouteMiddleware"
-Carrier = TypeVar("Carrier")  # a WSGI environ (an ASGI scope, should an adapter need it)
 
 
-class InnerJoiner(Generic[Carrier]):
+class InnerJoiner:
     """Profiles requests from inside the framework, under its instrumentor's span.
 
     Args:
         core: the adapter's engine.
-        describe: the adapter's description of a request (from its environ / scope).
+        describe: the WSGI adapter's description of a request (from its environ).
         path_of: the request's path (for ``exclude_paths``).
         is_excluded: the adapter's ``exclude_paths`` rule.
     """
@@ -73,8 +72,8 @@ class InnerJoiner(Generic[Carrier]):
     def __init__(
         self,
         core: ProfilerCore,
-        describe: Callable[[Carrier], RequestFacts],
-        path_of: Callable[[Carrier], str],
+        describe: Callable[[WSGIEnvironment], RequestFacts],
+        path_of: Callable[[WSGIEnvironment], str],
         is_excluded: Callable[[str], bool],
     ) -> None:
         self._core = core
@@ -82,16 +81,16 @@ class InnerJoiner(Generic[Carrier]):
         self._path_of = path_of
         self._is_excluded = is_excluded
 
-    def begin(self, carrier: Carrier) -> ActiveProfile | None:
+    def begin(self, environ: WSGIEnvironment) -> ActiveProfile | None:
         """Profile the request under the current span (the instrumentor's), if it is one
         of this process's and the request is not excluded. Never raises."""
         try:
-            if self._is_excluded(self._path_of(carrier)):
+            if self._is_excluded(self._path_of(environ)):
                 return None
             joined = current_server_span()
             if joined is None:
                 return None  # the instrumentor traces not this one (its excluded_urls)
-            return self._core.start(joined[0], joined[1], self._describe(carrier))
+            return self._core.start(joined[0], joined[1], self._describe(environ))
         except Exception as exc:
             log_failure("profiler.start", exc)
             return None
@@ -181,7 +180,7 @@ def _instrumentation_wrapped(layer: object) -> object | None:
 class FlaskSpanJoiner:
     """The Flask hooks around an :class:`InnerJoiner`, next to FlaskInstrumentor's."""
 
-    def __init__(self, joiner: InnerJoiner[WSGIEnvironment]) -> None:
+    def __init__(self, joiner: InnerJoiner) -> None:
         self._joiner = joiner
 
     def install(self, flask_app: Any) -> None:

@@ -104,10 +104,8 @@ class RouteMiddleware:
         except BaseException:
             joiner.end(active, status_code=500, route=route_template(request), failed=True)
             raise
-        record_route(request)
-        joiner.end(
-            active, status_code=_status_of(response), route=route_template(request), failed=False
-        )
+        route = record_route(request)
+        joiner.end(active, status_code=_status_of(response), route=route, failed=False)
         return response
 
     async def _acall(self, request: Any) -> Any:
@@ -116,7 +114,7 @@ class RouteMiddleware:
         return response
 
 
-def _joiner_of(request: Any) -> tuple[Any, InnerJoiner[Any] | None]:
+def _joiner_of(request: Any) -> tuple[Any, InnerJoiner | None]:
     """The request's WSGI environ, and the joiner our WSGI middleware put there when
     ``DjangoInstrumentor`` opens the server span (None: the middleware outside opened or
     joined a span itself, or is not there)."""
@@ -132,15 +130,17 @@ def _status_of(response: Any) -> int:
     return status if isinstance(status, int) else 500
 
 
-def record_route(request: Any) -> None:
-    """Copy ``request``'s route template to the scope/environ and the current span.
+def record_route(request: Any) -> str | None:
+    """Copy ``request``'s route template to the scope/environ and the current span, and
+    return it.
 
-    Fail-open: never raises. Does nothing when no URL pattern matched.
+    Fail-open: never raises. Does nothing (and returns None) when no URL pattern matched.
     """
+    route = None
     with fail_open("django.route"):
         route = route_template(request)
         if route is None:
-            return
+            return None
         # ASGIRequest.scope / WSGIRequest.environ are the very dicts the server handed
         # to the app, so the adapters see the key.
         for carrier in (getattr(request, "scope", None), getattr(request, "environ", None)):
@@ -151,3 +151,4 @@ def record_route(request: Any) -> None:
             attributes: Mapping[str, Any] | None = getattr(span, "attributes", None)
             if not attributes or _HTTP_ROUTE not in attributes:
                 span.set_attribute(_HTTP_ROUTE, route)
+    return route

@@ -88,7 +88,7 @@ class WSGIProfilingMiddleware:
         # DjangoInstrumentor)? Then its requests are profiled from in there.
         self._inside_checked = False
         self._joins_inside = False
-        self._joiner: InnerJoiner[WSGIEnvironment] | None = None  # (Django: handed over)
+        self._joiner: InnerJoiner | None = None  # (Django: handed over)
         if self.config.enabled:
             _keep_flask_route_on_errors(app)
 

@@ -65,7 +65,7 @@ def current_server_span() -> tuple[trace.Span, SpanContext] | None:
     ``NonRecordingSpan`` built from headers) or no span means nobody opened the server
     span yet; the adapters then open one through the OTel middleware. FlaskInstrumentor
     starts its span later, in ``before_request``: the WSGI adapter joins it from there
-    (``otelprof_middleware._flask_join``).
+    (``otelprof_middleware._inner_join``).
     """
     span = _read_current_span()
     context = span.get_span_context()
