@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -360,6 +361,41 @@ async def test_the_loop_tick_stops_when_the_last_request_ends(
     assert sources.sigprof - sigprof >= 3, vars(sources)
     await asyncio.sleep(3 * INTERVAL)  # a short gap between requests, after the restart
     assert state.ticking and _timer_armed(sampler), "stopped at its first idle tick"
+
+
+def test_the_timer_is_disarmed_once_its_loop_is_gone(sampler: AlwaysOnSampler) -> None:
+    """A loop closed right after its last request (``asyncio.run``'s end, a test's loop)
+    never runs its idle loop ticks again: the timer must still stop, or it keeps sending
+    SIGPROF into whatever the process runs next. trio closes its signal wakeup socket
+    before it hands the wakeup fd back (``WakeupSocketpair.close``); a signal in between
+    is reported by CPython as an unraisable exception, which fails the user's test."""
+
+    async def one_request() -> None:
+        async with _registered(sampler):
+            await asyncio.sleep(0.01)
+
+    asyncio.run(one_request())
+    assert _timer_armed(sampler)  # (kept through short gaps: the loop was just closed)
+    _burn_until(lambda: not _timer_armed(sampler), cpu_limit=0.3)
+    assert not _timer_armed(sampler), "still armed with no loop and no request"
+    reported: list[Any] = []
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = reported.append
+    reader, writer = socket.socketpair()
+    try:
+        writer.setblocking(False)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        writer.close()  # (trio's order) any signal now fails to write to the wakeup fd
+        marker_sigprof_busy(0.1)
+        signal.set_wakeup_fd(-1)
+        _settle()
+    finally:
+        signal.set_wakeup_fd(-1)
+        sys.unraisablehook = previous_hook
+        reader.close()
+        writer.close()
+    assert [str(report.exc_value) for report in reported] == []
+    assert not _timer_armed(sampler)
 
 
 def marker_sigprof_blocking(seconds: float) -> None:

@@ -44,6 +44,8 @@ class SigprofDriver:
         self.cpu_timer = CPUTimer()
         self.handler_installed = False
         self.armed_pid = -1  # the process whose SIGPROF timer is armed
+        self.idle_signals = 0  # signals in a row that found no request registered
+        self.changing_timer = False  # in arm() or disarm() (the handler may interrupt them)
         self.main_ident = threading.main_thread().ident
 
     @property
@@ -94,17 +96,25 @@ class SigprofDriver:
         """
         if self.armed_pid not in (-1, pid()):
             self.cpu_timer.forget()  # a forked child: the parent's timer is not ours
+        self.changing_timer = True
         try:
             self.cpu_timer.arm(self.sampler.interval)
             self.armed_pid = pid()
+            self.idle_signals = 0
         except (ValueError, OSError):
             self.armed_pid = -1
+        finally:
+            self.changing_timer = False
 
     def disarm(self) -> None:
         """Disarm this process's timer, if armed."""
         if self.armed_pid == pid():
-            self.armed_pid = -1
-            self.cpu_timer.disarm()
+            self.changing_timer = True
+            try:
+                self.armed_pid = -1
+                self.cpu_timer.disarm()
+            finally:
+                self.changing_timer = False
 
     def on_sigprof(self, signum: int, frame: types.FrameType | None) -> None:
         """The handler: tick, given the interrupted frame, when anything is registered."""
@@ -113,9 +123,31 @@ class SigprofDriver:
         sampler = self.sampler
         try:
             if sampler.registry.anything_registered():
+                self.idle_signals = 0
                 sampler.tick(frame, None)
+            else:
+                self._idle_signal()
         except Exception:
             sampler.pending_failures += 1
+
+    def _idle_signal(self) -> None:
+        """A signal that found no request: stop the timer once that lasts, or at once
+        when no loop it drove still runs (closed right after its last request, as at the
+        end of ``asyncio.run``: its idle loop ticks never come to disarm it).
+
+        A timer left armed keeps signalling whatever the process runs next, and a signal
+        is not always harmless there: trio closes its signal wakeup socket before handing
+        the wakeup fd back, and CPython reports a signal in between as an unraisable
+        exception (which fails a test). The next request arms it again.
+        """
+        self.idle_signals += 1
+        if self.changing_timer or not self.cpu_timer.armed:
+            return  # (interrupted arm() or disarm() itself)
+        if self.idle_signals >= _IDLE_SIGNALS or not any(
+            state.driven and state.loop.is_running()
+            for state in list(self.sampler.registry.loops.values())
+        ):
+            self.disarm()
 
     def loop_tick(self, state: LoopState) -> None:
         """The loop's own tick: no task runs now, so it sees every request waiting."""
@@ -145,7 +177,7 @@ class SigprofDriver:
                 and time.perf_counter() - sampler.last_tick >= 0.75 * sampler.interval
             ):
                 sampler.tick(None, None)
-            if (
+            if state.requests and (
                 self.armed_pid != pid()
                 or not self.cpu_timer.armed  # (disarmed by ``disarm_all``)
                 or (self.cpu_timer.survives_exec and signal.getitimer(signal.ITIMER_PROF)[0] == 0)
@@ -172,6 +204,7 @@ class SigprofDriver:
 
 _EMPTY = contextvars.Context()  # loop ticks run outside every request
 _LOOP_IDLE_TICKS = 20  # empty loop ticks before the loop tick stops and the timer is disarmed
+_IDLE_SIGNALS = 3  # signals in a row finding no request before the handler disarms the timer
 
 PROCESS = [os.getpid()]
 """``PROCESS[0]``: this process's id, kept current across ``fork`` (no syscall; read
