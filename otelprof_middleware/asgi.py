@@ -356,8 +356,9 @@ class _NamingSend:
 
 
 class _DrainingAtShutdown:
-    """The lifespan's ``send``: before the app reports its shutdown done, what the writer
-    and the exporter hold is written and sent.
+    """The lifespan's ``send``: before the app reports its shutdown done, the always-on
+    timer is stopped (:meth:`ProfilerCore.stand_down`), and what the writer and the
+    exporter hold is written and sent.
 
     uvicorn re-raises the SIGTERM it caught once it has shut down, so the process ends
     without running ``atexit`` (where the writer otherwise gets its last flush): the
@@ -372,6 +373,7 @@ class _DrainingAtShutdown:
 
     async def __call__(self, message: Message) -> None:
         if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            self._core.stand_down()
             try:
                 await anyio.to_thread.run_sync(self._core.drain)
             except Exception as exc:

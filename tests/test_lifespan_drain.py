@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from otelprof_middleware import ProfileRecord, ProfilingMiddleware
+from otelprof_middleware import ProfileRecord, ProfilingMiddleware, testing
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import drive, http_scope, make_provider, marker_alpha
@@ -73,3 +73,41 @@ async def test_queued_profiles_are_written_before_shutdown_completes() -> None:
     ]
     assert stored_when_done == [3], "profiles were still queued when the app reported shutdown"
     app.core.writer.close()
+
+
+@pytest.mark.anyio
+async def test_the_always_on_timer_stops_when_the_lifespan_ends(package_defaults: None) -> None:
+    """The loop closes right after the lifespan ends, and asyncio closes its self-pipe
+    before it hands back the signal wakeup fd: a SIGPROF in between is reported as an
+    unraisable exception. So the timer stops at the lifespan's end, not after the loop's
+    idle ticks (which a closed loop never runs)."""
+    testing.reset()  # the process's sampler afresh: SIGPROF ours, no timer armed
+    app = ProfilingMiddleware(
+        Starlette(routes=[Route("/work", work)]),
+        tracer_provider=make_provider()[0],
+        profile_store=MemoryStore(),
+    )
+    lifespan_in: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    lifespan_out: list[dict[str, Any]] = []
+
+    async def lifespan_send(message: dict[str, Any]) -> None:
+        lifespan_out.append(message)
+
+    lifespan = asyncio.ensure_future(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan_in.get, lifespan_send)
+    )
+    await lifespan_in.put({"type": "lifespan.startup"})
+    try:
+        scope = http_scope("/work", client=("127.0.0.1", 1234), server=("127.0.0.1", 8000))
+        assert (await drive(app, scope))[-1]["body"] == b"done"
+        status = testing.always_on_status()
+        if not status.sigprof_handler_is_ours:
+            pytest.skip(f"SIGPROF is not free in this process: {status}")
+        assert status.main_loop_driven and status.timer_armed, status  # (idle ticks to go)
+        await lifespan_in.put({"type": "lifespan.shutdown"})
+        await asyncio.wait_for(lifespan, 10)
+        assert [m["type"] for m in lifespan_out][-1] == "lifespan.shutdown.complete"
+        assert not testing.always_on_status().timer_armed
+    finally:
+        app.core.writer.close()
+        testing.reset()

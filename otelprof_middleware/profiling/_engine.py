@@ -207,6 +207,19 @@ class ProfilerCore:
         except Exception as exc:
             log_failure("profiler.stop", exc)
 
+    def stand_down(self) -> None:
+        """The server sends this app no more requests (its lifespan is ending): stop the
+        ``SIGPROF`` timer now, from the loop's own thread, not after the loop's idle ticks.
+        The loop closes next, and asyncio closes its self-pipe before it hands back the
+        signal wakeup fd (where a server used ``loop.add_signal_handler``): a signal in
+        between is reported as an unraisable exception. Never raises."""
+        try:
+            sampler = self.always_on_start.sampler_instance
+            if sampler is not None:
+                sampler.sigprof.stand_down()
+        except Exception as exc:
+            log_failure("profiler.stop", exc)
+
     def drain(self, timeout: float = 2.0) -> None:
         """Write what the writer holds and send what the exporter holds, each within
         ``timeout`` seconds: the server is shutting down (see the ASGI lifespan)."""

@@ -116,6 +116,14 @@ class SigprofDriver:
             finally:
                 self.changing_timer = False
 
+    def stand_down(self) -> None:
+        """Disarm the timer now, if no request is registered and this is the thread it
+        drives (the main thread); the next request arms it again."""
+        if threading.get_ident() == self.main_ident and not (
+            self.sampler.registry.anything_registered()
+        ):
+            self.disarm()
+
     def on_sigprof(self, signum: int, frame: types.FrameType | None) -> None:
         """The handler: tick, given the interrupted frame, when anything is registered."""
         # Runs on the main thread between two bytecodes of whatever it was running:
