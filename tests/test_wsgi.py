@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -254,3 +257,34 @@ def test_an_app_that_raises_keeps_its_route(otel: Any, closing: list[Any]) -> No
     assert span.status.status_code == StatusCode.ERROR
     assert span.name == "GET /boom/<int:n>"
     assert span.attributes is not None and span.attributes["http.route"] == "/boom/<int:n>"
+
+
+def _open_files_under(directory: Path) -> list[str]:
+    """The files under ``directory`` this process holds open (Linux's /proc)."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)):
+                names.append(target)
+    return names
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux's /proc")
+def test_apps_built_one_after_another_share_the_store_connection(
+    otel: Any, closing: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test suite that builds its app per test (Flask's app factory) with the middleware
+    on, at the defaults: each app whose requests kept a profile opened the embedded store,
+    and its SQLite connection (two open files) stayed open for the life of the process.
+    Some 500 such tests ran out of file descriptors, and the app's own ``open()`` failed."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    for _ in range(12):
+        app = make_flask()
+        middleware = WSGIProfilingMiddleware(app.wsgi_app, tracer_provider=otel[0])
+        app.wsgi_app = middleware  # type: ignore[method-assign]
+        closing.append(middleware)
+        assert Client(app).get("/fail").status_code == 500  # kept: it failed
+        assert middleware.core.writer.flush()
+    assert counters().get("written") == 12
+    assert len(_open_files_under(tmp_path)) <= 3  # one connection: the file, -wal, -shm

@@ -2,19 +2,21 @@
 
 The store is not opened when the middleware is built (a server's master process may
 fork after that); the writer opens it with the first kept profile, the viewer with the
-first page. One :class:`StoreOpener` per middleware serves both.
+first page. One :class:`StoreOpener` per middleware serves both. A store named by a URL
+is opened once per process (:func:`open_shared`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 from .._config import Config
-from ..stores import open_store
+from ..stores import _parse, open_store
 from ..stores._base import ProfileStore
 
-__all__ = ["STORE_RETRY_SECONDS", "StoreOpener"]
+__all__ = ["STORE_RETRY_SECONDS", "StoreOpener", "open_shared"]
 
 STORE_RETRY_SECONDS = 5.0
 """After a failed open, the seconds during which :meth:`StoreOpener.get` fails at once."""
@@ -57,7 +59,7 @@ class StoreOpener:
             if now < self._retry_at:
                 raise RuntimeError("profile store unavailable (retrying shortly)")
             try:
-                self._store = open_store(
+                self._store = open_shared(
                     self._config.resolved_store_url(),
                     max_profiles=self._config.store_max_profiles,
                     max_bytes=self._config.store_max_bytes,
@@ -66,3 +68,31 @@ class StoreOpener:
                 self._retry_at = now + STORE_RETRY_SECONDS
                 raise
             return self._store
+
+
+_shared: dict[tuple[str, str, int, int], ProfileStore] = {}
+_shared_lock = threading.Lock()
+
+
+def open_shared(url: str, *, max_profiles: int, max_bytes: int) -> ProfileStore:
+    """The store ``url`` names, opened once per process: the middlewares of a process
+    that name the same SQLite file (or Redis URL) with the same bounds share it, and so
+    one connection (or pool). Each used to open its own and keep it to the end of the
+    process (its writer is closed at exit), so a test suite that builds an app per test
+    ran out of file descriptors. ``memory://`` is still one store per middleware.
+
+    Raises:
+        Exception: whatever :func:`~otelprof_middleware.stores.open_store` raised.
+    """
+    kind, target = _parse(url)
+    if kind == "memory":
+        return open_store(url, max_profiles=max_profiles, max_bytes=max_bytes)
+    if kind == "sqlite":
+        target = os.path.abspath(target)  # as the store resolves it
+    key = (kind, target, max_profiles, max_bytes)
+    with _shared_lock:
+        store = _shared.get(key)
+        if store is None:
+            store = open_store(url, max_profiles=max_profiles, max_bytes=max_bytes)
+            _shared[key] = store
+        return store
