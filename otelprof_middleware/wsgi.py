@@ -159,8 +159,9 @@ class WSGIProfilingMiddleware:
         the body's iteration, in a generator that the garbage collector closes, in
         whatever context it runs then, when a client never closes the response (test
         clients); that logs errors and has crashed CPython 3.11. The span's context is
-        current exactly while the app is called, and the span ends when the body is
-        exhausted or closed (or collected unused).
+        current while the app is called and during each step of a streamed body's
+        iteration and its close (:class:`_InSpanBody`), and the span ends when the body
+        is exhausted or closed (or collected unused).
         """
         try:
             span = self._tracer.start_span(
@@ -243,6 +244,8 @@ class WSGIProfilingMiddleware:
             return body
         if hasattr(body, "__len__"):
             return _SizedClosingBody(body, on_end, on_abandon)
+        if end_span is not None:  # our span: its context is current (see _InSpanBody)
+            return _InSpanBody(body, on_end, on_abandon, context.get_current())
         return _ClosingBody(body, on_end, on_abandon)
 
     def _describe(self, environ: WSGIEnvironment) -> RequestFacts:
@@ -500,6 +503,40 @@ class _ClosingBody:
         if self._on_end is not None:
             self._on_end = None
             self._on_abandon()
+
+
+class _InSpanBody(_ClosingBody):
+    """A streamed body under the server span of ours: each step of its iteration, and
+    its ``close()``, runs in the span's context, as the app's call did (and as under
+    OpenTelemetry's WSGI middleware), so the spans and log records made while it streams
+    (``stream_with_context``) belong to the request's trace. Each call attaches and
+    detaches the context itself: no token is held between chunks."""
+
+    __slots__ = ("_context",)
+
+    def __init__(
+        self,
+        body: Iterable[bytes],
+        on_end: Callable[[BaseException | None], object],
+        on_abandon: Callable[[], object],
+        span_context: context.Context,
+    ) -> None:
+        super().__init__(body, on_end, on_abandon)
+        self._context = span_context
+
+    def __next__(self) -> bytes:
+        token = context.attach(self._context)
+        try:
+            return super().__next__()
+        finally:
+            context.detach(token)
+
+    def close(self) -> None:
+        token = context.attach(self._context)
+        try:
+            super().close()
+        finally:
+            context.detach(token)
 
 
 class _SizedClosingBody(_ClosingBody):

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, stream_with_context
+from opentelemetry import trace
 from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import INVALID_SPAN, StatusCode
 from werkzeug.test import Client as _Client
 from werkzeug.test import EnvironBuilder
 
@@ -288,3 +289,37 @@ def test_apps_built_one_after_another_share_the_store_connection(
         assert middleware.core.writer.flush()
     assert counters().get("written") == 12
     assert len(_open_files_under(tmp_path)) <= 3  # one connection: the file, -wal, -shm
+
+
+def test_spans_made_while_a_body_streams_belong_to_the_request(
+    otel: Any, closing: list[Any]
+) -> None:
+    """Under the server span the middleware opens, a streamed body (Flask's
+    ``stream_with_context``, a CSV export that queries as it goes) runs in the span's
+    context, as under OpenTelemetry's WSGI middleware: its spans are the request's
+    children and its log records carry the trace id. They were roots of new traces."""
+    provider, exporter = otel
+    tracer = provider.get_tracer("app")
+    app = Flask(__name__)
+
+    @app.get("/export")
+    def export() -> Response:
+        def rows() -> Iterator[str]:
+            for index in range(2):
+                with tracer.start_as_current_span(f"fetch-{index}"):
+                    yield f"row{index}\n"
+
+        return Response(stream_with_context(rows()), mimetype="text/csv")
+
+    middleware = WSGIProfilingMiddleware(
+        app.wsgi_app, tracer_provider=provider, profile_store=MemoryStore()
+    )
+    app.wsgi_app = middleware  # type: ignore[method-assign]
+    closing.append(middleware)
+    assert Client(app).get("/export").text == "row0\nrow1\n"
+    [server] = server_spans(exporter)
+    fetches = [s for s in exporter.get_finished_spans() if s.name.startswith("fetch-")]
+    assert len(fetches) == 2
+    for span in fetches:
+        assert span.parent is not None and span.parent.span_id == server.context.span_id
+    assert trace.get_current_span() is INVALID_SPAN  # nothing left attached
