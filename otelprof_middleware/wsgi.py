@@ -502,7 +502,8 @@ class _ClosingBody:
     def __del__(self) -> None:
         if self._on_end is not None:
             self._on_end = None
-            self._on_abandon()
+            if not sys.is_finalizing():  # (the tracer provider has shut down by then)
+                self._on_abandon()
 
 
 class _InSpanBody(_ClosingBody):

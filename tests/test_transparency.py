@@ -161,6 +161,40 @@ def test_process_exits_with_responses_left_unclosed(script: str, mode: str) -> N
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
+EXIT_WITH_UNCLOSED_WSGI_EXPORTING = """
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    trace.set_tracer_provider(provider)
+    import flask
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    app = flask.Flask(__name__)
+    app.wsgi_app = WSGIProfilingMiddleware(app.wsgi_app, store="memory://")
+
+    @app.route("/")
+    def index():
+        return "ok"
+
+    response = app.test_client().get("/")  # never closed: collected at exit
+    print("end of script")
+"""
+
+
+def test_a_body_collected_at_exit_ends_nothing() -> None:
+    """A response left unclosed in a module global is collected as the interpreter
+    finalizes, after the tracer provider's own shutdown: ending our span then printed
+    "Processor is already shutdown, ignoring call" (CPython 3.13: "Exception ignored in
+    _ClosingBody.__del__" and a traceback from logging). Nothing is ended then."""
+    result = run_script(EXIT_WITH_UNCLOSED_WSGI_EXPORTING)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "end of script"
+    assert result.stderr == ""
+
+
 # --- ASGI faults: the response is byte-identical to the app's without us --------------
 
 
