@@ -22,6 +22,7 @@ from ._config_values import (
     parse_mode,
     parse_optional_float,
     parse_optional_str,
+    parse_path,
     parse_paths,
     parse_public_url,
     parse_pyroscope_url,
@@ -91,7 +92,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "max_samples": lambda n, v: parse_int(n, v, low=10),
     "writer_queue_size": lambda n, v: parse_int(n, v, low=1),
     "service_name": parse_service,
-    "state_dir": parse_optional_str,
+    "state_dir": parse_path,
     "pyroscope_url": parse_pyroscope_url,
     "pyroscope_tenant_id": parse_optional_str,
     "otlp_profiles": parse_bool,
@@ -157,7 +158,8 @@ class Config:
             (``OTELPROF_WRITER_QUEUE_SIZE``, default ``256``); more are dropped and counted.
         service_name: names the state directory (``OTELPROF_SERVICE_NAME``); default
             ``OTEL_SERVICE_NAME`` or ``unknown_service``.
-        state_dir: where the embedded store lives (``OTELPROF_STATE_DIR``); default
+        state_dir: where the embedded store lives (``OTELPROF_STATE_DIR``; a leading
+            ``~`` is the home directory); default
             ``$XDG_STATE_HOME/otelprof/<service_name>`` (``~/.local/state/...``).
         pyroscope_url: also push each kept profile to this Grafana Pyroscope server,
             e.g. ``http://pyroscope:4040`` (``OTELPROF_PYROSCOPE_URL``; default: off).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ __all__ = [
     "parse_mode",
     "parse_optional_float",
     "parse_optional_str",
+    "parse_path",
     "parse_paths",
     "parse_public_url",
     "parse_pyroscope_url",
@@ -98,6 +100,13 @@ def parse_optional_str(name: str, value: object) -> str | None:
     if not isinstance(value, str):
         raise ValueError(f"{where(name)} must be a string, got {value!r}")
     return value.strip() or None
+
+
+def parse_path(name: str, value: object) -> str | None:
+    """A directory; a leading ``~`` is the home directory, as in a shell (environment
+    files expand none: a literal ``~`` directory would be made in the working one)."""
+    text = parse_optional_str(name, value)
+    return None if text is None else os.path.expanduser(text)
 
 
 def parse_paths(name: str, value: object) -> tuple[str, ...]:

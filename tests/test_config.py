@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from otelprof_middleware import Config
@@ -86,3 +88,16 @@ def test_any_otel_service_name_is_accepted_and_tamed() -> None:
     config = Config.load({"OTEL_SERVICE_NAME": "my shop/api"})
     assert config.service_name == "my_shop_api"
     assert config.resolved_state_dir().endswith("/otelprof/my_shop_api")
+
+
+def test_state_dir_starting_with_a_tilde_is_the_home_directory() -> None:
+    """An environment file (Docker's ``env_file``, systemd's ``Environment=``, a ``.env``)
+    expands no ``~``: ``OTELPROF_STATE_DIR=~/.local/state/otelprof/api`` made a directory
+    named ``~`` in the working directory and put the store there."""
+    config = Config.load({"OTELPROF_STATE_DIR": "~/.local/state/otelprof/api"})
+    home = os.path.expanduser("~")
+    assert config.resolved_state_dir() == os.path.join(home, ".local/state/otelprof/api")
+    assert config.resolved_store_url() == (
+        "sqlite:///" + os.path.join(home, ".local/state/otelprof/api", "profiles.db")
+    )
+    assert Config.load(state_dir="/srv/otelprof").resolved_state_dir() == "/srv/otelprof"
