@@ -46,6 +46,8 @@ def test_blank_min_duration_means_the_keep_policy() -> None:
         ("store", "ftp://x", "sqlite:///"),
         ("public_url", "example.com", "absolute http(s) URL"),
         ("public_url", "https://x.example/?a=1", "query"),
+        ("public_url", "https://x.example/svc?", "query"),  # links read /svc?/debug/...
+        ("public_url", "https://x.example/svc#", "query"),
         ("interval_ms", "0", "between"),
         ("exclude_paths", "health", "start with '/'"),
         ("trigger_header", "bad header", "HTTP header name"),
