@@ -130,6 +130,10 @@ def parse_public_url(name: str, value: object) -> str | None:
     if text is None:
         return None
     parts = urlsplit(text)
+    if "@" in parts.netloc:  # never echoed: it holds a password
+        raise ValueError(
+            f"{where(name)} must not carry user:password@: it would be in every span link"
+        )
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{where(name)} must be an absolute http(s) URL, got {text!r}")
     if "?" in text or "#" in text:  # (an empty one too: links would read ...?/debug/...)

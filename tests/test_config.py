@@ -103,3 +103,13 @@ def test_state_dir_starting_with_a_tilde_is_the_home_directory() -> None:
         "sqlite:///" + os.path.join(home, ".local/state/otelprof/api", "profiles.db")
     )
     assert Config.load(state_dir="/srv/otelprof").resolved_state_dir() == "/srv/otelprof"
+
+
+def test_public_url_with_credentials_is_refused_without_echoing_them() -> None:
+    """``user:password@`` in ``public_url`` went into every span link, that is into the
+    tracing backend, readable by everyone who can see a trace."""
+    for url in ("https://ann:s3cret@api.example.com", "https://s3cret@api.example.com/svc"):
+        with pytest.raises(ValueError, match="OTELPROF_PUBLIC_URL") as refused:
+            Config.load({"OTELPROF_PUBLIC_URL": url})
+        assert "s3cret" not in str(refused.value)
+        assert "user:password@" in str(refused.value)
