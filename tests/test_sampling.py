@@ -63,3 +63,12 @@ def test_trigger_only_when_allowed() -> None:
     assert with_token.is_triggered(b"s3cret", remote)
     assert not with_token.is_triggered(b"wrong", local)
     assert not with_token.is_triggered(b"1", local)
+
+
+def test_root_path_excludes_the_root_page_only() -> None:
+    """``/`` names the root page (a load balancer's health check), as the docs now say:
+    by the sub-path rule alone it would read as every path."""
+    s = sampler(exclude_paths="/")
+    assert s.is_excluded("/")
+    for path in ("/items", "/health/live"):
+        assert not s.is_excluded(path), path
