@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import logging.config
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -236,3 +238,38 @@ def test_filter_name_limits_enrichment_but_never_drops(capture: Capture) -> None
     app_log.info("elsewhere")
     record = capture.by_message("elsewhere")
     assert not hasattr(record, "trace_id")
+
+
+def _docs_logging_dict() -> dict[str, Any]:
+    """The ``LOGGING`` dict of docs/logging.md, as a reader copies it."""
+    page = (Path(__file__).parent.parent / "docs" / "logging.md").read_text()
+    block = next(b for b in page.split("```python\n")[1:] if b.startswith("LOGGING = {"))
+    namespace: dict[str, Any] = {}
+    exec(block.split("```", 1)[0], namespace)
+    return dict(namespace["LOGGING"])
+
+
+def test_the_documented_dict_config_leaves_the_otelprof_logger_on() -> None:
+    """docs/logging.md's ``dictConfig`` (also Django's ``LOGGING``) runs after the package
+    is imported, as in Django's ``wsgi.py``. Without ``disable_existing_loggers: False`` it
+    disabled every logger that existed then: the ``otelprof_middleware`` logger, so that
+    "profiling is OFF for this app" never showed, and Django's ``django.request``, so
+    that a view's exception was no longer logged at all."""
+    loggers = [logging.getLogger(name) for name in ("otelprof_middleware", "django.request")]
+    root = logging.getLogger()
+    saved = (
+        root.handlers[:],
+        root.level,
+        [
+            (lg, lg.disabled)
+            for lg in logging.root.manager.loggerDict.values()
+            if isinstance(lg, logging.Logger)
+        ],
+    )
+    try:
+        logging.config.dictConfig(_docs_logging_dict())
+        assert [lg.disabled for lg in loggers] == [False, False]
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        for lg, disabled in saved[2]:
+            lg.disabled = disabled
