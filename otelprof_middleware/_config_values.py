@@ -180,6 +180,8 @@ def parse_service(name: str, value: object) -> str | None:
         raise ValueError(
             f"{where(name)} may hold only letters, digits, '.', '_' and '-', got {text!r}"
         )
+    if text is not None and not text.strip("."):  # "..": the state directory's parent
+        raise ValueError(f"{where(name)} names a directory: not only dots, got {text!r}")
     return text
 
 

@@ -54,6 +54,8 @@ def test_blank_min_duration_means_the_keep_policy() -> None:
         ("max_concurrent", "0", ">= 1"),
         ("store_max_profiles", "ten", "integer"),
         ("service_name", "a/b", "letters"),
+        ("service_name", "..", "not only dots"),  # would name otelprof's parent directory
+        ("service_name", ".", "not only dots"),
     ],
 )
 def test_invalid_values_name_the_setting_and_variable(name: str, value: str, fragment: str) -> None:
