@@ -613,3 +613,20 @@ def test_a_query_password_is_not_shown_either(capsys: pytest.CaptureFixture[str]
     assert (code, out) == (1, "")
     assert "password=***" in err
     assert "hunter2" not in err
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_store_errors_name_the_sqlite_url_as_given(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    absolute: bool,
+) -> None:
+    """The URL in a message is the one the user gave: the password redaction rebuilt it
+    with one slash fewer (``sqlite://tmp/...``), a path that does not exist."""
+    (tmp_path / "not-a-store.db").write_bytes(b"this is not an SQLite database at all" * 4)
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///" + (str(tmp_path / "not-a-store.db") if absolute else "not-a-store.db")
+    code, out, err = run(capsys, "ls", "--store", url)
+    assert (code, out) == (1, "")
+    assert f"cannot open the profile store {url}:" in err

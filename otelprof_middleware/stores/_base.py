@@ -147,13 +147,16 @@ def redact_url(url: str) -> str:
         password = parts.password
     except ValueError:
         return url
+    redacted = parts
     if password:
         user = parts.username or ""
         host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{user}:***@{host}")
+        redacted = redacted._replace(netloc=f"{user}:***@{host}")
     if parts.query:
-        parts = parts._replace(query=_redact_query(parts.query))
-    return urlunsplit(parts)
+        redacted = redacted._replace(query=_redact_query(parts.query))
+    # Rebuilt only when something was hidden: urlunsplit drops the empty authority of
+    # sqlite:///path and sqlite:////path (one slash fewer: another path).
+    return url if redacted == parts else urlunsplit(redacted)
 
 
 def _redact_query(query: str) -> str:
