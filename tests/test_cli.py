@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -630,3 +631,41 @@ def test_store_errors_name_the_sqlite_url_as_given(
     code, out, err = run(capsys, "ls", "--store", url)
     assert (code, out) == (1, "")
     assert f"cannot open the profile store {url}:" in err
+
+
+@pytest.mark.parametrize("command", [["ls"], ["show", A], ["export", A, "-o", "-"]])
+@pytest.mark.parametrize("kind", ["empty file", "another app's database"])
+def test_reading_commands_leave_a_file_that_is_no_store_untouched(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: list[str], kind: str
+) -> None:
+    """ls, show and export read: pointed at a 0-byte file or at another SQLite database
+    (a mistyped --store), they said "no profiles match" after writing the store's tables
+    into it and switching it to WAL mode."""
+    path = tmp_path / "app.db"
+    if kind == "empty file":
+        path.touch()
+    else:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE users (id INTEGER)")
+        conn.close()
+    before = path.read_bytes()
+    code, out, err = run(capsys, *command, "--store", f"sqlite:///{path}")
+    assert (code, out) == (1, "")
+    assert f"{path} is not an otelprof profile store" in err
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
+def test_serve_refuses_another_apps_database(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, uvicorn_runs: list[dict[str, object]]
+) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.close()
+    before = path.read_bytes()
+    code, _, err = run(capsys, "serve", "--store", f"sqlite:///{path}")
+    assert code == 1
+    assert f"{path} is not an otelprof profile store" in err
+    assert path.read_bytes() == before
+    assert uvicorn_runs == []

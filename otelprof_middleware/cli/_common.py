@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
+from urllib.request import pathname2url
 
 from .._config import Config
 from ..stores import open_store
@@ -44,15 +46,10 @@ def open_profile_store(url: str, config: Config, *, must_exist: bool) -> Profile
     rather than created empty.
     """
     shown = redact_url(url)
-    if must_exist and url.lower().startswith("sqlite:///"):
+    if url.lower().startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
-        if path and "?" not in path and not os.path.exists(path):
-            raise CommandExit(
-                1,
-                f"no profile store at {os.path.abspath(path)}: nothing was profiled there "
-                "yet; pass --store or set OTELPROF_STORE (or OTELPROF_STATE_DIR / "
-                "OTELPROF_SERVICE_NAME) to the app's",
-            )
+        if path and "?" not in path:
+            _check_sqlite_file(path, must_exist=must_exist)
     try:
         return open_store(
             url, max_profiles=config.store_max_profiles, max_bytes=config.store_max_bytes
@@ -61,6 +58,54 @@ def open_profile_store(url: str, config: Config, *, must_exist: bool) -> Profile
         raise CommandExit(2, str(exc)) from None
     except Exception as exc:
         raise CommandExit(1, f"cannot open the profile store {shown}: {exc}") from None
+
+
+def _check_sqlite_file(path: str, *, must_exist: bool) -> None:
+    """Exit 1 when ``path`` is missing (``must_exist``) or is a file but no store.
+
+    Opening a store brings the file's schema up to date, which writes: a mistyped
+    ``--store`` naming another SQLite database (or an empty file, which ``must_exist``
+    commands only read) would get the store's tables and WAL mode. The file is read
+    here without writing; a file SQLite cannot read is left to the store's own error.
+    """
+    where = os.path.abspath(path)
+    if not os.path.exists(path):
+        if must_exist:
+            raise CommandExit(
+                1,
+                f"no profile store at {where}: nothing was profiled there "
+                "yet; pass --store or set OTELPROF_STORE (or OTELPROF_STATE_DIR / "
+                "OTELPROF_SERVICE_NAME) to the app's",
+            )
+        return
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        if not must_exist:
+            return  # serve may start the store there
+        is_store = False
+    else:
+        try:
+            is_store = _has_store_schema(where)
+        except sqlite3.Error:
+            return
+    if not is_store:
+        raise CommandExit(
+            1,
+            f"{where} is not an otelprof profile store (an empty file, or another "
+            "SQLite database); it was left as it is: pass the app's store with --store",
+        )
+
+
+def _has_store_schema(path: str) -> bool:
+    """True when the SQLite file at ``path`` holds a store's schema (read-only)."""
+    conn = sqlite3.connect(f"file:{pathname2url(path)}?mode=ro", uri=True)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        table = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'profiles'"
+        ).fetchone()
+    finally:
+        conn.close()
+    return bool(version) and table is not None
 
 
 def write_stdout(text: str) -> None:
