@@ -181,10 +181,12 @@ def assert_security_headers(response: ViewerResponse) -> None:
         assert header(response, name) == value, name
     csp = header(response, "content-security-policy")
     assert csp is not None and "default-src 'none'" in csp
-    # Only pyinstrument's page may be framed, and only by our own pages (the profile frame).
+    # Only pyinstrument's page (or its error, sandboxed, shown in its place) may be framed,
+    # and only by our own pages (the profile frame).
     if "frame-ancestors 'self'" in csp:
         assert header(response, "x-frame-options") == "SAMEORIGIN"
-        assert "pyinstrumentHTMLRenderer.render(" in text(response)
+        is_error = response.status >= 400 and csp.endswith("; sandbox")
+        assert is_error or "pyinstrumentHTMLRenderer.render(" in text(response)
     else:
         assert "frame-ancestors 'none'" in csp and header(response, "x-frame-options") == "DENY"
     content_type = header(response, "content-type")

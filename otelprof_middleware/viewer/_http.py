@@ -17,6 +17,7 @@ __all__ = [
     "Abort",
     "ViewerRequest",
     "ViewerResponse",
+    "framable",
     "html_response",
     "json_response",
     "plain",
@@ -148,6 +149,23 @@ def response(
 def plain(status: int, message: str, extra: Sequence[tuple[str, str]] = ()) -> ViewerResponse:
     """A plain-text answer (errors, refusals)."""
     return response(status, TEXT, message.encode("utf-8"), DATA_CSP, extra)
+
+
+def framable(answer: ViewerResponse) -> ViewerResponse:
+    """``answer`` (an error) allowed in a frame of our own origin, as pyinstrument's page.
+
+    An error of a page our frames show (a corrupt profile's ``.../flame``) must be
+    readable there: with ``frame-ancestors 'none'`` the browser shows a blocked frame
+    ("refused to connect") instead of the message. Still ``sandbox``: nothing runs.
+    """
+    headers = []
+    for name, value in answer.headers:
+        if name == "content-security-policy":
+            value = value.replace("frame-ancestors 'none'", "frame-ancestors 'self'")
+        elif name == "x-frame-options":
+            value = "SAMEORIGIN"
+        headers.append((name, value))
+    return ViewerResponse(answer.status, headers, answer.body)
 
 
 def html_response(page: str, csp: str = PAGE_CSP) -> ViewerResponse:

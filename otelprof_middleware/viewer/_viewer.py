@@ -11,7 +11,7 @@ from .._record import is_trace_id
 from ..stores._base import ProfileStore
 from . import _handlers
 from ._access import Access
-from ._http import Abort, ViewerRequest, ViewerResponse, plain
+from ._http import Abort, ViewerRequest, ViewerResponse, framable, plain
 from ._query import parse_query
 from ._reading import StoreReader
 
@@ -94,6 +94,8 @@ class Viewer:
         except Exception as exc:
             log_failure("viewer", exc)
             response = plain(503, "the profile viewer failed; the error was logged.\n")
+        if response.status >= 400 and self._framed(request.path):
+            response = framable(response)
         if set_cookie is not None:
             response.headers.append(("set-cookie", set_cookie))
         if request.method.upper() == "HEAD":
@@ -125,6 +127,10 @@ class Viewer:
         if page == "diff":
             return _handlers.diff(call, trace_id)
         return _handlers.profile(call, trace_id, bare=page == "flame")
+
+    def _framed(self, path: str) -> bool:
+        """True for the pages our frame pages show in an ``<iframe>`` (``.../flame``)."""
+        return self.handles(path) and path.rstrip("/").endswith("/flame")
 
     def _links(self, request: ViewerRequest) -> str:
         """Where the viewer's pages are, as links: the app's mount point, then the prefix."""

@@ -366,7 +366,13 @@ def check(request: FuzzRequest, response: Observed, *, tokened: bool, broken: bo
 
     csp = response.header("content-security-policy") or ""
     assert "default-src 'none'" in csp, context
-    if "frame-ancestors 'self'" in csp:  # pyinstrument's page, framed by the viewer's own
+    if "frame-ancestors 'self'" in csp and response.status >= 400:
+        # an error of pyinstrument's page, shown in its place in the viewer's frame
+        assert response.path.rstrip("/").endswith("/flame"), context
+        assert csp.endswith("; sandbox"), context
+        assert response.header("content-type") == "text/plain; charset=utf-8", context
+        assert response.header("x-frame-options") == "SAMEORIGIN", context
+    elif "frame-ancestors 'self'" in csp:  # pyinstrument's page, framed by the viewer's own
         assert response.status == 200, context
         assert request.method == "HEAD" or b"pyinstrumentHTMLRenderer.render(" in body, context
         assert response.header("x-frame-options") == "SAMEORIGIN", context
