@@ -83,6 +83,12 @@ _NO_START_STACK = [NO_START_STACK]
 # script (before the session data): blanked, as an empty ``href`` fetches nothing.
 _FONT_URL = re.compile(r"https://fonts\.(?:googleapis|gstatic)\.com/[^\"'`\s]*")
 _FONT_HOST = re.compile(r"fonts\.(?:googleapis|gstatic)\.com")
+# The page script titles the tab with the session's description cut to its last word
+# (for a script's "app.py:12"): "0.06s - ms - pyinstrument" for "GET /cpu · always-on
+# sampler, interval 5 ms". Its pattern becomes one that takes the whole first line. A
+# pyinstrument without this pattern keeps its own title.
+_TITLE_WORD = r"/[^\s/]+(:\d+)?$/.exec("
+_TITLE_WHOLE = "/.+/.exec("
 # pyinstrument's tree renderers (and its page's script) recurse once per frame of depth:
 # a stack deeper than the recursion limit (an app that raised ``sys.setrecursionlimit``)
 # made every format but ``folded`` fail with RecursionError. Deeper stacks keep their
@@ -206,7 +212,7 @@ def _safe_html(page: str) -> str:
     start += len(_DATA_START)
     # Only the template (before the data) loses its font URL: a frame or file name in
     # the data is the profiled program's, kept as it is (escaped, never fetched).
-    head = _FONT_URL.sub("", page[:start])
+    head = _FONT_URL.sub("", page[:start]).replace(_TITLE_WORD, _TITLE_WHOLE, 1)
     if _FONT_HOST.search(head):
         raise RenderError("could not remove the web-font link from pyinstrument's page")
     page = head + page[start:end].translate(_JSON_ESCAPES) + page[end:]

@@ -247,9 +247,11 @@ def test_inline_script_hashes_cover_exactly_the_pages_scripts(session: Session) 
     app_js = (
         Path(pyinstrument.renderers.html.__file__).parent / "html_resources" / "app.js"
     ).read_text(encoding="utf-8")
-    # pyinstrument's script, less its web-font URL (blanked: no third-party request).
+    # pyinstrument's script, less its web-font URL (blanked: no third-party request),
+    # its tab title made of the whole description.
     served_js = re.sub(r"https://fonts\.googleapis\.com/[^\"]*", "", app_js)
     assert served_js != app_js and "fonts.googleapis" not in served_js
+    served_js = served_js.replace(r"/[^\s/]+(:\d+)?$/.exec(", "/.+/.exec(")
     app_hash = base64.b64encode(hashlib.sha256(served_js.encode("utf-8")).digest()).decode()
     assert hashes[0] == f"'sha256-{app_hash}'"
     other, _ = render(profile(lambda: marker_render_work(5_000)), "html")
@@ -269,6 +271,15 @@ def test_html_names_no_font_host_but_keeps_the_programs_own_text(session: Sessio
     page, _ = render(named, "html")
     assert page.count("fonts.googleapis.com") == 1, "only in the embedded profile data"
     assert page.index("fonts.googleapis.com") > page.index("const sessionData = ")
+
+
+def test_html_titles_the_tab_with_the_whole_description(session: Session) -> None:
+    # pyinstrument's script cut the description to its last word for the tab title
+    # ("0.06s - ms - pyinstrument"); the browser test checks the title itself.
+    body, _ = render(session, "html")
+    head = body[: body.index("const sessionData = ")]
+    assert r"/[^\s/]+(:\d+)?$/.exec(" not in head
+    assert head.count("/.+/.exec(s.target_description)") == 1
 
 
 def test_html_with_a_font_link_left_is_refused(

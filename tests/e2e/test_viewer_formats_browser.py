@@ -148,3 +148,24 @@ def test_a_profile_that_cannot_be_shown_says_so_inside_its_frame(
     alone = httpx.get(_flame(link), timeout=10)
     assert alone.status_code == 422
     assert "sandbox" in alone.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize(
+    ("which", "expect"), [("cpu", "GET /cpu"), ("fail", "GET /fail"), ("empty", "GET /empty")]
+)
+def test_pyinstrument_page_tab_title_names_the_request(
+    browser: Browser, profiles: Profiles, which: str, expect: str
+) -> None:
+    """pyinstrument titles its page with the last word of the session's description:
+    ``0.0412s - ms - pyinstrument`` for ``GET /cpu · always-on sampler, interval 5 ms``."""
+    seen = _open(browser, _flame(profiles.links[which]))
+    assert expect in seen.title
+    assert seen.title.endswith(" - pyinstrument")
+
+
+def test_the_route_baseline_page_title_names_the_route(
+    browser: Browser, profiles: Profiles
+) -> None:
+    base = profiles.server.base_url + PREFIX
+    seen = _open(browser, base + "/route/flame?route=/cpu")
+    assert "/cpu: baseline of 1 recent request" in seen.title
