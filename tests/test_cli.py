@@ -244,8 +244,8 @@ def test_unknown_ids_exit_1(
         ("profile.speedscope.json", None, '"$schema"'),
         ("profile.json", None, '"root_frame"'),
         ("profile.txt", None, "cli_profiled_work"),
-        ("profile.out", None, "<html"),
-        ("profile.out", "folded", "cli_profiled_work"),
+        ("profile", None, "<html"),
+        ("profile.svg", "folded", "cli_profiled_work"),
     ],
 )
 def test_export_writes_the_file(
@@ -264,6 +264,20 @@ def test_export_writes_the_file(
     assert (code, out) == (0, "")
     assert expect in target.read_text()
     assert f"wrote {target}" in err
+
+
+@pytest.mark.parametrize("name", ["flame.svg", "profile.out", "profile.png"])
+def test_export_refuses_a_file_name_whose_format_it_cannot_tell(
+    capsys: pytest.CaptureFixture[str], store_url: str, tmp_path: Path, name: str
+) -> None:
+    """``-o flame.svg`` wrote pyinstrument's HTML page into flame.svg, which no image
+    viewer opens (and a browser shows as an XML error)."""
+    target = tmp_path / name
+    code, out, err = run(capsys, "export", A, "--store", store_url, "-o", str(target))
+    assert (code, out) == (2, "")
+    assert f"cannot tell the format of {str(target)!r} from its name" in err
+    assert "--format" in err
+    assert not target.exists()
 
 
 def test_export_to_stdout_and_unwritable_file(

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--format",
                 choices=FORMATS,
                 help="default: from the file name (.html, .speedscope.json, .json, .txt, "
-                ".folded), else html",
+                ".folded; html for a name without a suffix)",
             )
             sub.add_argument(
                 "-o", "--output", required=True, help="the file to write ('-' for stdout)"

@@ -4,11 +4,12 @@ a file."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .._record import ProfileRecord, is_span_id, is_trace_id
 from .._time import utc
-from ..render import render
+from ..render import FORMATS, render
 from ..stores._base import redact_url
 from ._common import CommandExit, load_config, open_profile_store, store_url, write_stdout
 
@@ -41,7 +42,15 @@ def show(args: argparse.Namespace) -> int:
     fmt: str = args.format or "text"
     output: str | None = getattr(args, "output", None)
     if args.command == "export" and args.format is None:
-        fmt = export_suffix_format(output or "")
+        by_name = export_suffix_format(output or "")
+        if by_name is None:
+            suffixes = ", ".join(suffix for suffix, _ in _EXPORT_SUFFIXES)
+            raise CommandExit(
+                2,
+                f"cannot tell the format of {output!r} from its name: pass --format "
+                f"({', '.join(FORMATS)}) or name the file {suffixes}",
+            )
+        fmt = by_name
     config = load_config()
     url = store_url(args, config)
     store = open_profile_store(url, config, must_exist=True)
@@ -88,13 +97,14 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
-def export_suffix_format(path: str) -> str:
-    """The format ``export`` writes when none is given: by the suffix, else html."""
+def export_suffix_format(path: str) -> str | None:
+    """The format ``export`` writes when none is given: by the suffix, html for a name
+    without one (``-`` too), None for a suffix of another kind of file (``.svg``)."""
     lowered = path.lower()
     for suffix, fmt in _EXPORT_SUFFIXES:
         if lowered.endswith(suffix):
             return fmt
-    return "html"
+    return None if os.path.splitext(os.path.basename(lowered))[1] else "html"
 
 
 def render_record(record: ProfileRecord, fmt: str) -> str:
