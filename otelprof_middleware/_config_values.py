@@ -13,7 +13,8 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+
+from ._net import http_url_parts
 
 __all__ = [
     "MODES",
@@ -129,12 +130,11 @@ def parse_public_url(name: str, value: object) -> str | None:
     text = parse_optional_str(name, value)
     if text is None:
         return None
-    parts = urlsplit(text)
-    if "@" in parts.netloc:  # never echoed: it holds a password
+    if "@" in text.partition("://")[2].partition("/")[0]:  # never echoed: a password
         raise ValueError(
             f"{where(name)} must not carry user:password@: it would be in every span link"
         )
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if http_url_parts(text) is None:
         raise ValueError(f"{where(name)} must be an absolute http(s) URL, got {text!r}")
     if "?" in text or "#" in text:  # (an empty one too: links would read ...?/debug/...)
         raise ValueError(f"{where(name)} must not carry a query or fragment, got {text!r}")
@@ -158,8 +158,8 @@ def parse_pyroscope_url(name: str, value: object) -> str | None:
     text = parse_optional_str(name, value)
     if text is None:
         return None
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    parts = http_url_parts(text)
+    if parts is None:
         # Never echo the value: it may carry basic-auth credentials.
         raise ValueError(f"{where(name)} must be an absolute http(s) URL")
     if parts.query or parts.fragment:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from urllib.parse import SplitResult, urlsplit
 
-__all__ = ["is_loopback", "safe_host"]
+__all__ = ["http_url_parts", "is_loopback", "safe_host"]
 
 # A host name (dot-separated labels, an optional final dot) or a bracketed IPv6 address,
 # with an optional port: nothing that could end an attribute, a URL's authority or a line.
@@ -40,3 +41,21 @@ def safe_host(host: str | None) -> str | None:
     if host and len(host) <= _MAX_HOST and _HOST.fullmatch(host):
         return host
     return None
+
+
+def http_url_parts(text: str) -> SplitResult | None:
+    """``text`` split, when it is an absolute ``http``/``https`` URL with a host and, if
+    any, a port from 0 to 65535; else None.
+
+    ``urlsplit`` raises on some malformed URLs (``http://[::1``) and accepts others
+    (``http://h:99999``, whose ``port`` raises only when read): both are None here, so a
+    setting's check can name the setting instead of passing on "Invalid IPv6 URL".
+    """
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises for a port that is not one
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts

@@ -48,6 +48,10 @@ def test_blank_min_duration_means_the_keep_policy() -> None:
         ("public_url", "https://x.example/?a=1", "query"),
         ("public_url", "https://x.example/svc?", "query"),  # links read /svc?/debug/...
         ("public_url", "https://x.example/svc#", "query"),
+        ("public_url", "http://[::1", "absolute http(s) URL"),
+        ("public_url", "https://x.example:443a", "absolute http(s) URL"),
+        ("pyroscope_url", "http://[::1:4040", "absolute http(s) URL"),
+        ("pyroscope_url", "http://pyroscope:99999", "absolute http(s) URL"),
         ("interval_ms", "0", "between"),
         ("exclude_paths", "health", "start with '/'"),
         ("trigger_header", "bad header", "HTTP header name"),

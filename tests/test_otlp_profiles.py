@@ -121,6 +121,10 @@ def test_headers_timeout_and_compression_follow_the_otlp_variables() -> None:
         ({"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, "OTLP_COMPRESSION"),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"}, "OTLP_ENDPOINT"),
         ({"OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT": "ftp://u:secret-123@h"}, "PROFILES_ENDPOINT"),
+        # urlsplit's own errors ("Invalid IPv6 URL") and ports that are no port
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:secret-123@[::1"}, "OTLP_ENDPOINT"),
+        ({"OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT": "http://c:99999/x"}, "PROFILES_ENDPOINT"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:secret-123@c:4318a"}, "OTLP_ENDPOINT"),
     ],
 )
 def test_bad_variables_are_named_and_secrets_never_echoed(env: dict[str, str], named: str) -> None:

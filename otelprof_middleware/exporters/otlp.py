@@ -31,11 +31,12 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import httpx
 
 from .._failsafe import count, log_event
+from .._net import http_url_parts
 from .._record import ProfileSummary
 from ..profiling._span import PYROSCOPE_PROFILE_ID
 from ._http import ExportError, HttpExporter, QueuedProfile, RetryPolicy
@@ -97,8 +98,7 @@ def _env(environ: Mapping[str, str], signal: str, general: str) -> tuple[str, st
 
 
 def _check_url(name: str, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if http_url_parts(value) is None:
         # Never echo the value: it may carry credentials.
         raise ValueError(f"{name} must be an absolute http(s) URL")
     return value
