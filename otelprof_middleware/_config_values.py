@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 
 from ._net import http_url_parts
+from .stores._base import redact_url
 
 __all__ = [
     "MODES",
@@ -147,9 +148,10 @@ def parse_store(name: str, value: object) -> str | None:
         return None
     scheme = text.split(":", 1)[0].lower() if ":" in text else ""
     if scheme not in ("sqlite", "memory", "redis", "rediss"):
+        # A mistyped Redis URL ("reddis://:pw@...") still hides its password.
         raise ValueError(
             f"{where(name)} must be a URL like sqlite:///path/profiles.db, memory:// "
-            f"or redis://host:6379/0, got {text!r}"
+            f"or redis://host:6379/0, got {redact_url(text)!r}"
         )
     return text
 

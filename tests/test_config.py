@@ -119,3 +119,18 @@ def test_public_url_with_credentials_is_refused_without_echoing_them() -> None:
             Config.load({"OTELPROF_PUBLIC_URL": url})
         assert "s3cret" not in str(refused.value)
         assert "user:password@" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["reddis://:s3cret@cache:6379/0", "redis2://c:6379/0?password=s3cret"]
+)
+def test_a_store_url_of_unknown_scheme_is_refused_without_its_password(url: str) -> None:
+    """The settings check echoed the URL as given: the password of a mistyped Redis URL
+    went into the 'profiling is OFF' error log and the CLI's message."""
+    with pytest.raises(ValueError, match="OTELPROF_STORE") as from_env:
+        Config.load({"OTELPROF_STORE": url})
+    with pytest.raises(ValueError, match="OTELPROF_STORE") as from_keyword:
+        Config.load({}, store=url)
+    for raised in (from_env, from_keyword):
+        assert "must be a URL like" in str(raised.value)
+        assert "s3cret" not in str(raised.value)
