@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Awaitable
+from contextvars import ContextVar
 from typing import Unpack
 
 import anyio.to_thread
@@ -131,8 +132,10 @@ class ProfilingMiddleware:
                 try:
                     await self._traced_app(scope, receive, send)
                 except Exception as exc:
-                    if _entered_own_span(exc):
-                        raise  # the app's, or its server's: untouched
+                    if _app_called.get() is scope:
+                        # The app's, its server's, or OTel's once the app ran (a span
+                        # processor raising as the span ends): untouched, never a 2nd call.
+                        raise
                     # OTel's middleware failed before the app ran (it decodes the query
                     # string as strict UTF-8, say): the app answers, with no span of ours.
                     log_failure("span", exc)
@@ -243,6 +246,7 @@ class ProfilingMiddleware:
 
     async def _in_own_span(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app, under the server span this middleware had the OTel middleware open."""
+        _app_called.set(scope)  # (the same context as our caller's: OTel awaits us inline)
         naming = _NamingSend(send, scope, trace.get_current_span())
         await self(scope, receive, naming, _in_own_span=True)
 
@@ -271,6 +275,10 @@ add_stem_marker(ProfilingMiddleware.__call__.__code__)
 
 _PASS, _VIEWER, _OPEN_SPAN = object(), object(), object()
 
+_app_called: ContextVar[Scope | None] = ContextVar("otelprof_app_called", default=None)
+"""The scope of the last request whose app the OTel middleware called under our span: an
+exception it raises after that (its ``finally`` ends the span) must not call it again."""
+
 
 def _otel_asgi_above(stack: object, target: object) -> bool:
     """Whether an OTel ``OpenTelemetryMiddleware`` is on the way from ``stack`` (a
@@ -294,17 +302,6 @@ def _is_last(message: Message) -> bool:
     return (
         kind == "http.response.body" and not message.get("more_body", False)
     ) or kind == "http.response.pathsend"
-
-
-def _entered_own_span(exc: BaseException) -> bool:
-    """True when ``exc`` came through the app (its traceback passes ``_in_own_span``)."""
-    code = ProfilingMiddleware._in_own_span.__code__
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code is code:
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "") -> str | None:

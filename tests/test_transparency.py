@@ -18,6 +18,7 @@ from unittest import mock
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -369,6 +370,43 @@ async def test_app_exceptions_under_our_span_are_untouched() -> None:
     with pytest.raises(LookupError, match="the app's own"):
         await drive(_profiled(app), http_scope())
     assert "failed.span" not in counters()
+
+
+class _RaisingOnEnd(SpanProcessor):
+    """A span processor that raises when a span ends (the SDK does not guard on_end)."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        raise RuntimeError("injected: a span processor raises at the span's end")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("ending", ["raises", "returns_mid_body"])
+async def test_app_runs_once_when_otel_fails_after_it(ending: str) -> None:
+    """The span we have OTel's middleware open ends in that middleware's ``finally`` when
+    the app did not finish its response (it raised, or returned mid-body as Starlette's
+    ``StreamingResponse`` does when the client left). An exception raised there is not
+    the app's, but the app ran: it must never be called a second time (was: a POST
+    handler ran twice, the second time after its client had gone)."""
+    calls: list[str] = []
+
+    async def app(scope: Message, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        calls.append(scope["method"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        if ending == "raises":
+            raise LookupError("the app's own")
+
+    provider = TracerProvider()
+    provider.add_span_processor(_RaisingOnEnd())
+    middleware = ProfilingMiddleware(
+        app, tracer_provider=provider, profile_store=MemoryStore(), sample_rate=1.0
+    )
+    with pytest.raises(Exception) as raised:
+        await drive(middleware, http_scope(method="POST"))
+    assert calls == ["POST"]
+    assert "failed.span" not in counters()
+    if ending == "raises":  # the processor's exception, raised while the app's went up
+        assert isinstance(raised.value.__context__, LookupError)
 
 
 @pytest.mark.parametrize("with_span", [False, True], ids=["own_span", "joined"])
