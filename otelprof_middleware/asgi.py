@@ -248,7 +248,11 @@ class ProfilingMiddleware:
         """The app, under the server span this middleware had the OTel middleware open."""
         _app_called.set(scope)  # (the same context as our caller's: OTel awaits us inline)
         naming = _NamingSend(send, scope, trace.get_current_span())
-        await self(scope, receive, naming, _in_own_span=True)
+        try:
+            await self(scope, receive, naming, _in_own_span=True)
+        finally:
+            if not naming.named:  # no last body came through us (see _NamingSend)
+                naming.name_span()
 
     def _describe(self, scope: Scope) -> RequestFacts:
         """The request as the engine sees it (its headers are read only if need be)."""
@@ -332,24 +336,38 @@ def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "")
 
 
 class _NamingSend:
-    """``send`` of a request under a span we opened: names it by route before it ends."""
+    """``send`` of a request under a span we opened: names it by route before it ends.
 
-    __slots__ = ("_scope", "_send", "_span")
+    The span ends right after the last body; a request whose last body never comes
+    through here (the app raised and an outer ``ServerErrorMiddleware`` answers, or a
+    stream returned mid-body as its client left) is named when the app returns.
+    """
+
+    __slots__ = ("_scope", "_send", "_span", "named")
 
     def __init__(self, send: Send, scope: Scope, span: trace.Span) -> None:
         self._send = send
         self._scope = scope
         self._span = span
+        self.named = False
 
     def __call__(self, message: Message) -> Awaitable[None]:
         try:
             if _is_last(message):
-                scope = self._scope
-                method = normalise_method(scope.get("method", ""))
-                name_by_route(self._span, method, route_template(scope, for_span=True))
-        except Exception as exc:
+                self.name_span()
+        except Exception as exc:  # a malformed message: the server answers it
             log_failure("span", exc)
         return self._send(message)
+
+    def name_span(self) -> None:
+        """Name the span by the route matched so far (never raises)."""
+        self.named = True
+        try:
+            scope = self._scope
+            method = normalise_method(scope.get("method", ""))
+            name_by_route(self._span, method, route_template(scope, for_span=True))
+        except Exception as exc:
+            log_failure("span", exc)
 
 
 class _DrainingAtShutdown:

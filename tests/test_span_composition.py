@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -24,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.opentelemetry import OpenTelemetryMiddleware as StarletteOTel
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Mount, Route
 
 from otelprof_middleware import ProfilingMiddleware
@@ -78,8 +79,6 @@ def send(app: Any, *paths: str) -> list[httpx.Response]:
     async def go() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
             return [await c.get(path) for path in paths]
-
-    import anyio
 
     return anyio.run(go)
 
@@ -221,6 +220,69 @@ def test_no_telemetry_we_open_the_only_span(otel: Otel) -> None:
     assert names == ["GET", *["GET /items/{item_id}"] * 3], names
     routes = {(span.attributes or {}).get("http.route") for span in server_spans(otel[1])}
     assert routes == {"/items/{item_id}", None}
+
+
+def test_our_span_is_named_by_route_when_the_response_does_not_end_inside_us(
+    otel: Otel,
+) -> None:
+    """A request whose last body never passes through us is named by its route all the
+    same: a route that raises (Starlette's ``ServerErrorMiddleware``, outside the
+    middlewares added to the app, sends the 500) and a stream its client left (Starlette's
+    ``StreamingResponse`` returns mid-body). Was: named by the raw path, one span name per
+    id, and no ``http.route``, on exactly the failed requests."""
+
+    def boom(request: Request) -> PlainTextResponse:
+        raise RuntimeError("on purpose")
+
+    async def chunks() -> Any:
+        while True:
+            yield b"chunk"
+            await anyio.sleep(0.001)
+
+    def stream(request: Request) -> StreamingResponse:
+        return StreamingResponse(chunks())
+
+    app = Starlette(
+        routes=[Route("/boom/{n:int}", boom), Route("/stream/{n:int}", stream)],
+        middleware=[Middleware(ProfilingMiddleware, **ours(otel))],
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+
+    async def go() -> None:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            assert (await c.get("/boom/7")).status_code == 500
+        messages = iter([{"type": "http.request", "body": b""}, {"type": "http.disconnect"}])
+
+        async def receive() -> dict[str, Any]:
+            message = next(messages, None)
+            if message is None:
+                await anyio.sleep_forever()
+            return message  # type: ignore[return-value]
+
+        async def send(message: dict[str, Any]) -> None:
+            await anyio.sleep(0)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/stream/8",
+            "raw_path": b"/stream/8",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"testserver")],
+            "client": ("127.0.0.1", 5000),
+            "server": ("testserver", 80),
+        }
+        await app(scope, receive, send)
+
+    anyio.run(go)
+    spans = {span.name: span for span in server_spans(otel[1])}
+    assert sorted(spans) == ["GET /boom/{n}", "GET /stream/{n}"], sorted(spans)
+    assert spans["GET /boom/{n}"].attributes["http.route"] == "/boom/{n}"  # type: ignore[index]
+    assert spans["GET /stream/{n}"].attributes["http.route"] == "/stream/{n}"  # type: ignore[index]
 
 
 # --- span owners in mounted apps: known per request, once the route is matched ---------
