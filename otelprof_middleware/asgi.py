@@ -419,6 +419,7 @@ class _ProfiledSend:
         try:
             if message["type"] == "http.response.start":
                 self.status_code = message["status"]
+                self._core.response_sent_here(self._active)  # from a task of its own?
             elif _is_last(message):  # the server span ends right after it: link it first
                 self._stop_and_keep()
         except Exception as exc:

@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
@@ -464,3 +465,65 @@ def test_span_carries_the_baseline_link_when_the_route_matched(
         page = client.get(link.replace("http://testserver", ""), params={"format": "json"})
         assert page.status_code == 200
         assert page.json()["baseline_profiles"] == 1
+
+
+def _frames_named(frame: Any, function: str) -> list[Any]:
+    found = [frame] if frame.function == function else []
+    for child in frame.children:
+        found.extend(_frames_named(child, function))
+    return found
+
+
+def _await_time_under(root: Any, function: str) -> float:
+    """The ``[await]`` time in ``root``'s tree with ``function`` among its callers."""
+    total = 0.0
+    for wait in _frames_named(root, "[await]"):
+        parent = wait.parent
+        while parent is not None and parent.function != function:
+            parent = parent.parent
+        if parent is not None:
+            total += wait.time
+    return total
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["hook", "always_on"])
+async def test_a_streaming_bodys_waits_are_where_the_body_waits(
+    mode: str, otel: tuple[TracerProvider, InMemorySpanExporter], closing: list[Any]
+) -> None:
+    """Starlette streams the body in a child task while the request's own task waits for
+    the client in ``listen_for_disconnect`` (servers reporting ASGI spec < 2.4: uvicorn,
+    hypercorn, httpx's transport). What the body awaits (an upstream call) is where the
+    request waits: it goes under ``stream_response``, not under the wait for the client
+    (was: all of it under ``listen_for_disconnect``, in both modes)."""
+
+    async def upstream() -> AsyncIterator[bytes]:
+        for index in range(3):
+            await asyncio.sleep(0.1)  # a slow upstream (an LLM's stream, say)
+            yield f"token{index}\n".encode()
+
+    async def relay(request: Request) -> StreamingResponse:
+        return StreamingResponse(upstream())
+
+    store = MemoryStore()
+    app = ProfilingMiddleware(
+        Starlette(routes=[Route("/relay", relay)]),
+        tracer_provider=otel[0],
+        profile_store=store,
+        sample_rate=1.0,
+        min_duration_ms=0,
+        mode=mode,
+    )
+    closing.append(app)
+    transport = httpx.ASGITransport(app=app, client=LOOPBACK)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        assert (await client.get("/relay")).text == "token0\ntoken1\ntoken2\n"
+    assert app.core.writer.flush(10)
+    [summary] = store.list()
+    [record] = store.get(summary.trace_id)
+    root = record.session().root_frame()
+    assert root is not None
+    in_body = _await_time_under(root, "stream_response")
+    for_client = _await_time_under(root, "listen_for_disconnect")
+    assert in_body >= 0.2, (in_body, for_client)  # of the 0.3 s the upstream took
+    assert for_client < 0.1, (in_body, for_client)

@@ -12,6 +12,7 @@ policy (:mod:`._start_policy`), the two ways to start (:mod:`._hook_start`,
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import time
 import types
@@ -36,6 +37,7 @@ from ._span import route_attribute
 from ._start_policy import StartPolicy
 from ._store_opener import StoreOpener
 from ._writer import ProfileWriter
+from .always_on._registry import LoopState, current_task
 
 __all__ = ["ProfilerCore"]
 
@@ -134,6 +136,33 @@ class ProfilerCore:
         if type(app_call) is not types.CoroutineType:  # an app returning a future, say
             return app_call
         return HookedCoroutine(app_call, request, main=True)
+
+    @staticmethod
+    def response_sent_here(active: ActiveProfile) -> None:
+        """The response starts from the current task: if that is not the request's own
+        task, the request waits where that task waits from now on.
+
+        Starlette's ``StreamingResponse`` (on servers reporting ASGI spec below 2.4:
+        uvicorn, hypercorn, the test clients) sends the response from a child task while
+        the request's own task waits for the client to leave: what the body awaits (an
+        upstream call) would otherwise show as the request waiting for its client.
+        Never raises.
+        """
+        request = active.request
+        try:
+            registration = request.registration
+            if type(registration) is LoopState:  # always-on: it holds the request's task
+                task = current_task(registration.loop)
+                if task is not None and task is not registration.requests.get(request):
+                    request.producer = task
+            elif not request.continuous:  # hook mode: a child task's coroutine is wrapped
+                loop = asyncio._get_running_loop()
+                task = current_task(loop) if loop is not None else None
+                coro = task.get_coro() if task is not None else None
+                if type(coro) is HookedCoroutine and coro.is_child_of(request):
+                    request.producer = coro
+        except Exception as exc:
+            log_failure("profiler.producer", exc)
 
     def finish(
         self,

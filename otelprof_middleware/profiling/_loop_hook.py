@@ -108,6 +108,10 @@ class HookedCoroutine(collections.abc.Coroutine[Any, Any, Any]):
         """Close the wrapped coroutine (no hook: this may run from a finalizer)."""
         self._coro.close()
 
+    def is_child_of(self, request: RequestProfile) -> bool:
+        """Whether this is the coroutine of a task ``request`` created (not its own)."""
+        return self._request is request and not self._main
+
     def __await__(self) -> Generator[Any, None, Any]:
         return self
 
@@ -181,14 +185,20 @@ class HookedCoroutine(collections.abc.Coroutine[Any, Any, Any]):
         if request.closed:
             return
         tail = now - state.last
+        # Whose suspensions are the request's waits: its own coroutine's, or, once its
+        # body streams from a child task, that task's (``ProfilerCore.response_sent_here``).
+        producer = request.producer
         if finished:
             request.add(self._prefix or [], tail)
-            if self._main:
+            if producer is self:
+                request.producer = None  # (gone: the request's own coroutine again)
+                request.wait_stack = None
+            elif self._main:
                 request.wait_stack = None
         else:
             where = chain_stack(self._prefix or [], self._coro)  # ([await] added as it waits)
             request.add(where, tail)  # ran since the last sample, up to this await
-            if self._main:
+            if producer is self or (self._main and producer is None):
                 request.wait_stack = where
         if request.wait_stack is not None:  # its own coroutine waits (again) from now
             request.suspend(request.wait_stack, now)

@@ -63,6 +63,9 @@ class RequestProfile:
     suspended_at: float | None = None
     suspended_stack: list[str] | None = None
     wait_stack: list[str] | None = None  # hook mode on a loop: where its coroutine waits
+    # Where the request waits once its body streams from a task of its own making
+    # (Starlette's StreamingResponse): that task (always-on), its coroutine (hook mode).
+    producer: object = None
     hook_failed = False  # hook mode on a loop: the hook could not be installed for a step
     left_app_at: float | None = None  # WSGI: when the app's call returned (perf_counter)
     url_factory: Callable[[], str] | None = None  # makes ``url`` when first read

@@ -169,6 +169,8 @@ class Ledger:
         for state in loops:
             prefix = state.prefix or []
             for request, task in list(state.requests.items()):
+                if request.producer is not None:  # its body streams from another task
+                    task = request.producer  # type: ignore[assignment]
                 before = states.get(request)
                 # A suspended task waits on one future until it runs again: the same
                 # future as last tick means the same wait (the common case).

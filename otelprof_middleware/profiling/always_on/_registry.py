@@ -27,15 +27,15 @@ from .._task_factory import record_tasks
 from ._ledger import Running, State
 from ._stacks import AWAIT_STACKS, running_stack, thread_stack
 
-__all__ = ["Job", "LoopState", "Registry", "driven"]
+__all__ = ["Job", "LoopState", "Registry", "current_task", "driven"]
 
-_current_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
+current_task: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None]
 if sys.version_info >= (3, 12):
-    _current_task = asyncio.current_task  # in C
+    current_task = asyncio.current_task  # in C
 else:
     # 3.11's ``asyncio.current_task`` is a Python function reading this table (kept by
     # the C tasks): read it directly, a call less on every always-on request.
-    _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+    current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 
 class LoopState:
@@ -108,7 +108,7 @@ class Registry:
         requests = state.requests
         if len(requests) >= cap:
             return None
-        task = _current_task(loop)
+        task = current_task(loop)
         if task is not None:
             requests[request] = task
             request.registration = state
@@ -184,7 +184,7 @@ class Registry:
         """
         running: dict[RequestProfile, State] = {}
         for ident, state in list(self.loops.items()):
-            task = _current_task(state.loop)
+            task = current_task(state.loop)
             frame = frames.get(ident)
             if task is None or frame is None:
                 continue
@@ -228,7 +228,7 @@ class Registry:
         request = self.tasks.get(task)
         if request is None and state.driven:  # driven loops do not fill ``tasks``
             for candidate, its_task in list(state.requests.items()):
-                if its_task is task:
+                if its_task is task or candidate.producer is task:  # (its response's task)
                     return candidate
         return request
 
