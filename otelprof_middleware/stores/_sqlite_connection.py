@@ -5,7 +5,9 @@ connection (WAL, ``synchronous=NORMAL``, busy timeout) and brings the schema up 
 a fresh file gets its tables, a file of an older version the columns it lacks
 (``_sqlite_sql.ADDED_COLUMNS``). Fork-safe: a child process never uses the connection
 it inherited; it opens its own on first use (detected by ``os.register_at_fork`` and by
-a change of ``os.getpid()``).
+a change of ``os.getpid()``). A file deleted or replaced since it was opened is opened
+(created) again at the next use: SQLite would go on writing into the deleted file,
+which nothing opened later would see.
 """
 
 from __future__ import annotations
@@ -64,9 +66,9 @@ class ProcessConnection:
         self.url = url
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the opened file
         self._pid = os.getpid()
         self._closed = False
-        self._create_file()
         with self._lock:
             self._conn = self._open()
         _LIVE.add(self)
@@ -87,6 +89,11 @@ class ProcessConnection:
                     _ABANDONED.append(self._conn)
                     self._conn = None
                 self._pid = os.getpid()
+            if self._conn is not None and self._file_replaced():
+                # SQLite neither checkpoints nor deletes a moved file's WAL on close, so
+                # closing cannot harm a new file at the same path.
+                self._conn.close()
+                self._conn = None
             if self._conn is None:
                 self._conn = self._open()
             yield self._conn
@@ -104,6 +111,14 @@ class ProcessConnection:
             self._closed = True
         _LIVE.discard(self)
 
+    def _file_replaced(self) -> bool:
+        """True when ``path`` no longer names the file the connection has open."""
+        try:
+            now = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        return (now.st_dev, now.st_ino) != self._file
+
     def _create_file(self) -> None:
         directory = os.path.dirname(self.path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -113,6 +128,9 @@ class ProcessConnection:
         os.close(fd)
 
     def _open(self) -> sqlite3.Connection:
+        self._create_file()
+        created = os.stat(self.path)  # (replaced before the connect: reopened at next use)
+        self._file = (created.st_dev, created.st_ino)
         conn = sqlite3.connect(
             self.path,
             timeout=BUSY_TIMEOUT_MS / 1000,

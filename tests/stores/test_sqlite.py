@@ -20,7 +20,14 @@ from pyinstrument.session import Session
 from otelprof_middleware._record import ProfileRecord
 from otelprof_middleware.stores import ProfileStore, SQLiteStore, _sqlite_connection, open_store
 from otelprof_middleware.stores import sqlite as sqlite_module
-from tests.helpers import in_threads, make_record, make_summary, package_env, profile
+from tests.helpers import (
+    in_threads,
+    make_record,
+    make_summary,
+    package_env,
+    profile,
+    summary_numbers,
+)
 from tests.stores.checks import integrity_and_totals, raw_sqlite
 
 
@@ -105,6 +112,35 @@ def test_persists_across_reopen(db_path: Path, session: Session) -> None:
         assert second.stats() == (1, record.size)
     finally:
         second.close()
+
+
+def test_a_deleted_file_is_created_again(store: SQLiteStore, db_path: Path) -> None:
+    """Deleting the store while the app runs (``rm`` of the state directory, a tmp
+    cleaner) must not leave the workers writing into the deleted file, where no viewer,
+    `otelprof ls` or newly started worker would ever see their profiles again."""
+    other_worker = SQLiteStore(db_path)  # a second process's connection to the same file
+    try:
+        store.put(make_record(1))
+        other_worker.put(make_record(2))
+        for path in db_path.parent.iterdir():
+            path.unlink()
+        db_path.parent.rmdir()
+
+        store.put(make_record(3))
+        other_worker.put(make_record(4))
+
+        assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+        reader = SQLiteStore(db_path)  # `otelprof ls`, or a worker started since
+        try:
+            assert summary_numbers(reader.list()) == [4, 3]
+        finally:
+            reader.close()
+        assert summary_numbers(store.list()) == [4, 3]
+        assert store.stats() == (2, 200)
+    finally:
+        other_worker.close()
+    assert integrity_and_totals(db_path) == ("ok", (2, 200), (2, 200))
 
 
 def test_relative_path_is_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
