@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ BAD = [
     ({"store": "sqlite://profiles.db"}, "OTELPROF_STORE"),
     ({"store": "redis://127.0.0.1:notaport/0"}, "OTELPROF_STORE"),
     ({"store": "redis://127.0.0.1:6379/0?bogus_opt=1"}, "OTELPROF_STORE"),
+    ({"store": "redis://127.0.0.1:6379/0?prefix="}, "OTELPROF_STORE"),
 ]
 
 
@@ -124,3 +126,16 @@ def test_check_settings_returns_the_config_and_opens_nothing(tmp_path: Path) -> 
     assert check_settings({"OTELPROF_SAMPLE_RATE": "0.25"}).sample_rate == 0.25
     with pytest.raises(ValueError, match="OTELPROF_STORE"):
         check_settings({"OTELPROF_STORE": "sqlite:///:memory:"})
+
+
+def test_a_redis_store_without_redis_py_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The refusal names OTELPROF_STORE, as every other store URL refusal does, and its
+    install line works in zsh, which globs an unquoted ``[redis]``."""
+    from otelprof_middleware import check_settings
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis: ImportError
+    with pytest.raises(ValueError, match="OTELPROF_STORE") as refused:
+        check_settings(store="redis://127.0.0.1:6379/0")
+    assert "pip install 'otelprof-middleware[redis]'" in str(refused.value)

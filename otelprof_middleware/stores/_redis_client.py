@@ -44,7 +44,9 @@ DEFAULT_SOCKET_TIMEOUT = 2.0
 RETRY_AFTER_TIMEOUT_SECONDS = 1.0
 """After a call timed out, calls fail at once for this long instead of waiting again."""
 
-_INSTALL_HINT = "the redis store needs redis-py: pip install otelprof-middleware[redis]"
+_INSTALL_HINT = (
+    "OTELPROF_STORE: the redis store needs redis-py: pip install 'otelprof-middleware[redis]'"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,9 @@ def settings(url: str, ttl_seconds: float | None, prefix: str | None) -> Setting
     if prefix is None:
         prefix = options.get("prefix", DEFAULT_PREFIX)
     if not prefix or len(prefix) > 200:
-        raise ValueError(f"the Redis key prefix must be 1 to 200 characters, got {prefix!r}")
+        raise ValueError(
+            f"OTELPROF_STORE: the Redis key prefix must be 1 to 200 characters, got {prefix!r}"
+        )
     return Settings(
         url=redact_url(url),
         connection_url=urlunsplit(parts._replace(query=urlencode(query))),

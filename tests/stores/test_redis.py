@@ -374,7 +374,7 @@ def test_package_works_without_redis_py() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=package_env()
     )
     assert done.returncode == 0, done.stderr
-    assert "pip install otelprof-middleware[redis]" in done.stdout
+    assert "pip install 'otelprof-middleware[redis]'" in done.stdout
 
 
 # -- TTL -----------------------------------------------------------------------------------
