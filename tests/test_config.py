@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from otelprof_middleware import Config
+from otelprof_middleware import Config, check_settings
 from otelprof_middleware._config import env_name
 
 
@@ -134,3 +134,14 @@ def test_a_store_url_of_unknown_scheme_is_refused_without_its_password(url: str)
     for raised in (from_env, from_keyword):
         assert "must be a URL like" in str(raised.value)
         assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["redis://:s3cret@[::1/0", "reddis://u:s3cret@[fe80::1/0"])
+def test_a_store_url_that_does_not_split_is_refused_by_name_without_its_password(
+    url: str,
+) -> None:
+    """urlsplit raises on a malformed IPv6 host: the check passed on its bare "Invalid
+    IPv6 URL" (naming no setting), and the redaction gave such a URL back untouched."""
+    with pytest.raises(ValueError, match="OTELPROF_STORE") as raised:
+        check_settings(store=url)
+    assert "s3cret" not in str(raised.value)

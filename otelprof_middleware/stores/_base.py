@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
@@ -136,6 +137,10 @@ def matches(
 _SECRET_QUERY_PARAMETERS = frozenset({"password", "ssl_password"})
 
 
+# The password of a URL's user part, for a URL urlsplit refuses: "//user:" kept.
+_USER_PASSWORD = re.compile(r"(//[^/@:]*:)[^/]*@")
+
+
 def redact_url(url: str) -> str:
     """``url`` with its passwords replaced by ``***``, for messages and ``store.url``.
 
@@ -145,8 +150,8 @@ def redact_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         password = parts.password
-    except ValueError:
-        return url
+    except ValueError:  # it does not split (a malformed IPv6 host): hide the user part's
+        return _USER_PASSWORD.sub(r"\1***@", url)
     redacted = parts
     if password:
         user = parts.username or ""

@@ -68,8 +68,12 @@ def settings(url: str, ttl_seconds: float | None, prefix: str | None) -> Setting
     Raises:
         ValueError: a bad URL, TTL or prefix.
     """
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("redis", "rediss") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # a malformed IPv6 host
+        host = None
+    if host is None or parts.scheme.lower() not in ("redis", "rediss"):
         raise ValueError(
             f"OTELPROF_STORE: a Redis URL is redis://host:6379/0 or rediss://host:6380/0, "
             f"got {redact_url(url)!r}"
