@@ -683,3 +683,19 @@ def test_serve_refuses_another_apps_database(
     assert f"{path} is not an otelprof profile store" in err
     assert path.read_bytes() == before
     assert uvicorn_runs == []
+
+
+@pytest.mark.parametrize("command", [["ls"], ["show", A], ["serve"]])
+def test_a_memory_store_is_refused_for_it_lives_in_the_apps_process(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    uvicorn_runs: list[dict[str, object]],
+    command: list[str],
+) -> None:
+    """With the app's OTELPROF_STORE=memory://, ls said "no profiles match" and serve an
+    empty index: the command opened a new, empty memory store of its own."""
+    monkeypatch.setenv("OTELPROF_STORE", "memory://")
+    code, out, err = run(capsys, *command)
+    assert (code, out) == (2, "")
+    assert "memory://" in err and "inside the app's process" in err
+    assert uvicorn_runs == []

@@ -46,6 +46,13 @@ def open_profile_store(url: str, config: Config, *, must_exist: bool) -> Profile
     rather than created empty.
     """
     shown = redact_url(url)
+    if url.lower().startswith("memory:"):
+        raise CommandExit(
+            2,
+            f"{shown}: a memory store lives inside the app's process (each worker its own) "
+            "and no other process can read it; open the app's /debug/profile, or give the "
+            "app a sqlite:/// or redis:// store",
+        )
     if url.lower().startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if path and "?" not in path:
