@@ -92,3 +92,17 @@ def test_an_idle_writer_thread_exits_and_the_next_profile_starts_one(
         make_summary(1).trace_id,
     }
     writer.close()
+
+
+def test_a_closed_writer_starts_again_with_the_next_profile() -> None:
+    """``close()`` (the exit flush, or a test closing its app's writer) left the thread
+    marked as running: every later profile was queued with no thread to write it."""
+    store = MemoryStore()
+    writer = ProfileWriter(lambda: store, queue_size=10)
+    session = _session()
+    assert writer.submit(make_summary(0), session) and writer.flush()
+    writer.close()
+    assert writer.submit(make_summary(1), session)
+    assert writer.flush(2.0)
+    assert len(store.list()) == 2
+    writer.close()
