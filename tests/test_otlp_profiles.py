@@ -26,6 +26,7 @@ from starlette.testclient import TestClient
 
 from otelprof_middleware import Config, WSGIProfilingMiddleware
 from otelprof_middleware._failsafe import snapshot
+from otelprof_middleware._identifiers import thread_root
 from otelprof_middleware.exporters import SpanFacts, open_exporter
 from otelprof_middleware.exporters._http import QueuedProfile, RetryPolicy, retry_after
 from otelprof_middleware.exporters.otlp import (
@@ -45,6 +46,8 @@ from .exporter_inputs import (
     ROOT,
     SPAN_ID,
     TRACE_ID,
+    VIEW,
+    WORK,
     exported_summary,
     item_app,
     sample_session,
@@ -611,3 +614,28 @@ def test_a_timeout_that_looks_like_seconds_is_read_as_milliseconds_and_warned_on
         assert settings_from_env(env).timeout == 0.007
         assert settings_from_env(env).timeout == 0.007
     assert caplog.text.count("read as milliseconds") == 1
+
+
+def test_thread_roots_are_exported_without_the_thread_id() -> None:
+    """An always-on stack starts at its thread's root frame, which carries the thread's id
+    (``threading.get_ident()``, a pointer-sized number) where a line number goes: it was
+    sent as that function's start line and its location's line (140212345678912), and two
+    threads of one name were two functions, so Pyroscope's flame graph of a route split
+    at the root per worker thread and process."""
+    first, second = (
+        thread_root("AnyIO worker thread", ident) for ident in (140212345678912, 140212345999999)
+    )
+    session = make_session(
+        [([first, VIEW, WORK], 0.010), ([second, VIEW, WORK], 0.005)],
+        start_time=1_700_000_000.25,
+        duration=0.05,
+    )
+    item = QueuedProfile(exported_summary(), session, SpanFacts("GET /x", None, {}))
+    [received] = profiles_of([encode_request([item])])
+    stacks = received.stacks()
+    root = ("AnyIO worker thread", "<thread>", 0)
+    view, work = ("ItemView.get", "/srv/app/views.py", 25), ("crunch", "/srv/app/work.py", 33)
+    assert [tuple(frames) for frames, _ in stacks] == [(root, view, work)]
+    assert sum(value for _, value in stacks) == 15_000_000
+    functions = received.dictionary.function_table
+    assert max(function.start_line for function in functions) < 1000

@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 
 from otelprof_middleware import Config, WSGIProfilingMiddleware
 from otelprof_middleware._failsafe import snapshot
+from otelprof_middleware._identifiers import thread_root
 from otelprof_middleware.exporters import SpanFacts, open_exporter
 from otelprof_middleware.exporters.pyroscope import (
     PyroscopeExporter,
@@ -29,8 +30,15 @@ from otelprof_middleware.exporters.pyroscope import (
 from otelprof_middleware.profiling._span import PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
-from .exporter_inputs import LOOPBACK, SPAN_ID, exported_summary, item_app, sample_session
-from .helpers import free_port, make_provider, marker_alpha, server_spans
+from .exporter_inputs import (
+    LOOPBACK,
+    SPAN_ID,
+    VIEW,
+    exported_summary,
+    item_app,
+    sample_session,
+)
+from .helpers import free_port, make_provider, make_session, marker_alpha, server_spans
 from .pyroscope_receiver import Receiver, decode, parse_name
 
 PYROSCOPE_PROFILE_ID = "pyroscope.profile.id"  # the attribute Grafana reads
@@ -284,3 +292,22 @@ def test_wsgi_receiver_down_leaves_the_request_alone_and_the_attribute_off_when_
     dropped = counters.get("pyroscope.dropped.queue_full", 0)
     assert 1 <= len(marked) <= 2 and len(marked) + dropped == 4
     assert counters.get("pyroscope.failed") == len(marked)
+
+
+def test_thread_roots_are_named_without_the_thread_id() -> None:
+    """The thread's id was written into the root frame's name as its line
+    (``MainThread (<thread>:140212345678912)``): one root per thread and process in
+    Pyroscope's flame graph of a route, where one per thread name belongs."""
+    session = make_session(
+        [
+            ([thread_root("MainThread", 140212345678912), VIEW], 0.010),
+            ([thread_root("MainThread", 140212345999999), VIEW], 0.005),
+        ],
+        start_time=1_700_000_000.25,
+        duration=0.05,
+    )
+    decoded = decode(encode_pprof([QueuedProfile(exported_summary(), session, SpanFacts())]))
+    roots: dict[str, int] = {}
+    for names, value, _ in decoded.stacks:
+        roots[names[0]] = roots.get(names[0], 0) + value
+    assert roots == {"MainThread (<thread>:0)": 15_000_000}

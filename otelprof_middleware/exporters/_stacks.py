@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 
 from pyinstrument.session import Session
 
+from .._identifiers import frame_parts, is_thread_root, thread_root
+
 __all__ = ["SAMPLE_TYPE", "stack_samples"]
 
 SAMPLE_TYPE = ("wall", "nanoseconds")
@@ -37,6 +39,19 @@ def stack_samples(
         for frame_info in reversed(stack):  # the leaf first, as pprof and OTLP want
             index = locations.get(frame_info)
             if index is None:
-                index = locations[frame_info] = location(frame_info)
+                exported = _without_thread_id(frame_info)
+                index = locations.get(exported)
+                if index is None:
+                    index = locations[exported] = location(exported)
+                locations[frame_info] = index
             indices.append(index)
         yield tuple(indices), nanoseconds
+
+
+def _without_thread_id(frame_info: str) -> str:
+    """A thread's root frame (always-on) without the thread's id, which it holds where a
+    first line goes: a line number to the backends, and one root per thread and process
+    in an aggregated flame graph. Other frames as they are."""
+    if not is_thread_root(frame_info):
+        return frame_info
+    return thread_root(frame_parts(frame_info).bare_name, 0)
