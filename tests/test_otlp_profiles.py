@@ -282,6 +282,28 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
 # --- delivery and its faults ----------------------------------------------------------
 
 
+def test_headers_from_the_variables_replace_ours_in_any_case(
+    otlp_receiver: OtlpReceiver, exporters: list[OtlpProfilesExporter]
+) -> None:
+    """The variables' header names are lowercased, ours were not: a ``user-agent`` (or a
+    stray ``content-type``) from OTEL_EXPORTER_OTLP_HEADERS went out beside our own, two
+    headers of one name, and the receiver read the first: the User-Agent was not replaced,
+    and a content-type made it answer 400 to every batch."""
+    exporter = OtlpProfilesExporter(
+        OtlpProfilesSettings(
+            endpoint=otlp_receiver.endpoint,
+            headers={"user-agent": "gateway-client/1", "content-type": "application/json"},
+        )
+    )
+    exporters.append(exporter)
+    assert exporter.submit(exported_summary(), sample_session(), queued().span)
+    assert exporter.flush(10)
+    [received] = otlp_receiver.received
+    assert received.problems == []
+    assert received.headers["User-Agent"] == "gateway-client/1"
+    assert received.headers["Content-Type"] == "application/x-protobuf"
+
+
 def test_delivery_posts_protobuf_to_the_signal_path(
     otlp_receiver: OtlpReceiver, exporters: list[OtlpProfilesExporter]
 ) -> None:

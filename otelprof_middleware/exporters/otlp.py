@@ -238,9 +238,13 @@ class OtlpProfilesExporter(HttpExporter):
 
         self.endpoint = settings.endpoint
         self._gzip = settings.compression == "gzip"
+        # The variables' header names are lowercase: a user-agent of theirs replaces
+        # ours, and the body's content type and encoding are always ours (without this,
+        # two headers of one name went out, and receivers read the first).
+        extra = dict(settings.headers)
         self._headers = {
-            "User-Agent": f"otelprof-middleware/{__version__}",
-            **settings.headers,
+            "User-Agent": extra.pop("user-agent", f"otelprof-middleware/{__version__}"),
+            **{n: v for n, v in extra.items() if n not in ("content-type", "content-encoding")},
             "Content-Type": CONTENT_TYPE,
         }
         if self._gzip:
