@@ -100,6 +100,29 @@ def test_generator_body_profiled_until_close(otel: Any, closing: list[Any]) -> N
     assert span.attributes is not None and PROFILE_URL in span.attributes
 
 
+@pytest.mark.parametrize("mode", ["always_on", "hook"])
+def test_a_response_left_open_does_not_stop_the_next_requests(
+    otel: Any, closing: list[Any], mode: str
+) -> None:
+    """A response nobody closes (a warm-up through an unbuffered test client, say, made
+    before gunicorn --preload forks its workers) leaves its request current on the
+    thread until the garbage collector finds it: the requests served after it there are
+    profiled all the same, not taken for requests nested in it."""
+    store = MemoryStore()
+    app = make_flask()
+    middleware = profiled(app, otel, store, closing, mode=mode, min_duration_ms=0)
+    left_open = _Client(app).get("/items/1", environ_base=LOOPBACK)  # never read or closed
+    client = Client(app)
+    for item in (2, 3):
+        assert client.get(f"/items/{item}", environ_base=LOOPBACK).json == {"item_id": item}
+    middleware.core.writer.flush()
+    assert len(store.list()) == 2
+    assert len([s for s in server_spans(otel[1]) if PROFILE_URL in (s.attributes or {})]) == 2
+    left_open.close()
+    middleware.core.writer.flush()
+    assert len(store.list()) == 3
+
+
 def test_flask_error_keeps_profile(otel: Any, closing: list[Any]) -> None:
     store = MemoryStore()
     app = make_flask()

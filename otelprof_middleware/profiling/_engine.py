@@ -119,8 +119,11 @@ class ProfilerCore:
         if kind is None:
             return None
         outer = current_request.get()
-        if outer is not None and not outer.closed:
-            return None  # already profiled by an outer middleware: never twice
+        if outer is not None and not outer.closed and outer.left_app_at is None:
+            # Already profiled by an outer middleware: never twice. (Not a WSGI request
+            # whose app returned: its body, never closed, can stay open in this context
+            # for good, as a warm-up's response does through a --preload fork.)
+            return None
         if kind == "always_on":
             return self.always_on_start.start(span, context, facts)
         return self.hook_start.start(span, context, facts)
