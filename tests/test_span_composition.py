@@ -16,6 +16,7 @@ import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
+from litestar import Request as LitestarRequest
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware as OTelASGI
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -32,7 +33,7 @@ from otelprof_middleware import ProfilingMiddleware
 from otelprof_middleware.profiling._span import PROFILE_URL, route_attribute
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import marker_alpha, server_spans, text_of
+from .helpers import make_provider, marker_alpha, server_spans, text_of
 
 Otel = tuple[TracerProvider, InMemorySpanExporter]
 
@@ -585,3 +586,42 @@ def _get_item(item_id: int) -> dict[str, int]:
 
 def _get_health() -> str:
     return "ok"
+
+
+# --- Litestar's OpenTelemetry plugin -------------------------------------------------------
+
+
+def _litestar_app(provider: TracerProvider) -> Any:
+    from litestar import Litestar, get
+    from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+
+    @get("/items/{item_id:int}", sync_to_thread=False)
+    def get_item(request: LitestarRequest[Any, Any, Any]) -> dict[str, int]:
+        marker_alpha(0.002)
+        return {"item": request.path_params["item_id"]}
+
+    @get("/health", sync_to_thread=False)
+    def get_health() -> str:
+        return "ok"
+
+    config = OpenTelemetryConfig(tracer_provider=provider, exclude=["/health"])
+    return Litestar([get_item, get_health], plugins=[OpenTelemetryPlugin(config)])
+
+
+def test_litestar_otel_plugin_owns_the_span_when_we_wrap_the_app(otel: Otel) -> None:
+    """Litestar's ``OpenTelemetryPlugin`` puts OTel's ASGI middleware inside the Litestar
+    app (around its router, in ``app.asgi_handler``), out of reach of a walk along
+    ``.app``: wrapped with ``ProfilingMiddleware(Litestar(...))``, we opened a SERVER
+    span of our own around it, its span became our INTERNAL child, and the paths its
+    ``exclude`` leaves untraced got a server span of ours."""
+    plain_provider, plain_exporter = make_provider()
+    plain = send(_litestar_app(plain_provider), *PATHS, "/health")
+    app = ProfilingMiddleware(_litestar_app(otel[0]), **ours(otel))
+    responses = send(app, *PATHS, "/health")
+    assert [(r.status_code, r.content) for r in responses] == [
+        (r.status_code, r.content) for r in plain
+    ]
+    check_one_linked_span_per_request(otel[1], PATHS)
+    # The trace has the shape it has without us: Litestar's own span, named as Litestar
+    # names it, and none for /health.
+    assert flask_trace_shape(otel[1]) == flask_trace_shape(plain_exporter)

@@ -146,13 +146,18 @@ def span_owner_below(app: object) -> tuple[object, str | None] | None:
     configured to open no server span (FastAPI with ``telemetry={"tracing": False}``).
     Walks the ``app`` chain, and each Starlette application's middleware stack (built
     now if it is not yet: Starlette builds it at its first request, which is this one).
-    Recognised owners: OTel's ASGI middleware (and FastAPIInstrumentor's), Starlette's
+    Recognised owners: OTel's ASGI middleware (and FastAPIInstrumentor's, and the one
+    Litestar's ``OpenTelemetryPlugin`` puts in the app's ``asgi_handler``), Starlette's
     own ``OpenTelemetryMiddleware``, a FastAPI app whose native telemetry traces.
     """
     seen: set[int] = set()
     layer: object | None = app
     while layer is not None and id(layer) not in seen and len(seen) < 64:
         seen.add(id(layer))
+        # Litestar's plugin middleware calls OTel's, held apart from the app it bypasses to.
+        otel = getattr(layer, "open_telemetry_middleware", None)
+        if otel is not None:
+            layer = otel
         kind = type(layer)
         if (kind.__module__, kind.__name__) in _OWNER_CLASSES:
             return layer, "app"
@@ -166,7 +171,8 @@ def span_owner_below(app: object) -> tuple[object, str | None] | None:
             if inner is None and _fastapi_tracing_off(layer):
                 return layer, None
             return inner
-        layer = getattr(layer, "app", None)
+        # A Litestar app calls its ``asgi_handler`` (it has no ``app``).
+        layer = getattr(layer, "app", None) or getattr(layer, "asgi_handler", None)
     return None
 
 
