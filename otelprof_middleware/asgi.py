@@ -311,6 +311,8 @@ def _is_last(message: Message) -> bool:
 def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "") -> str | None:
     """The matched route template: Starlette/FastAPI, Litestar, Django (RouteMiddleware).
 
+    None: unknown here (the span's ``http.route`` may tell); ``""``: known to be none.
+
     ``for_span``: Starlette's ``path_format`` (``/items/{item_id}``) under the mount's
     ``root_path``, as Starlette's own telemetry names spans; else the route's ``path``
     (``/items/{item_id:int}``), as the profile index shows it, below ``root_path`` (the
@@ -332,6 +334,10 @@ def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "")
         template = scope.get(key)
         if isinstance(template, str) and template:
             return template
+    if "litestar_app" in scope:
+        # Litestar routed it and matched nothing: no route, whatever its OTel plugin put
+        # in ``http.route`` (the method and the raw path, one value per scanned path).
+        return ""
     return None
 
 

@@ -625,3 +625,17 @@ def test_litestar_otel_plugin_owns_the_span_when_we_wrap_the_app(otel: Otel) -> 
     # The trace has the shape it has without us: Litestar's own span, named as Litestar
     # names it, and none for /health.
     assert flask_trace_shape(otel[1]) == flask_trace_shape(plain_exporter)
+
+
+def test_litestar_otel_plugin_unmatched_paths_share_the_empty_route(otel: Otel) -> None:
+    """Litestar's plugin sets ``http.route`` to the method and the raw path (``GET
+    /nowhere/1``), and Litestar matched no route for a 404: the profile's route fell back
+    to that attribute, one route per scanned path in the index and the keep policy's
+    per-route history. Litestar ran, so its ``path_template`` (none: no route) is the
+    answer, as for any unmatched request."""
+    store = MemoryStore()
+    app = ProfilingMiddleware(_litestar_app(otel[0]), **{**ours(otel), "profile_store": store})
+    paths = ["/items/1", "/nowhere/1", "/nowhere/2"]
+    assert [r.status_code for r in send(app, *paths)] == [200, 404, 404]
+    app.core.writer.flush()
+    assert sorted(s.route for s in store.list()) == ["", "", "/items/{item_id}"]

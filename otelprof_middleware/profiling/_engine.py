@@ -178,16 +178,17 @@ class ProfilerCore:
         """The request ended: stop the profile; keep it if the keep policy says so (span
         link, then the writer).
 
-        ``route``: the matched route template when the adapter knows it (else the span's
-        ``http.route``, else none). ``failed``: the app raised. Safe to call more than
-        once (only the first call counts) and from any task.
+        ``route``: the matched route template when the adapter knows it, ``""`` when it
+        knows there is none (else, for None, the span's ``http.route``, else none).
+        ``failed``: the app raised. Safe to call more than once (only the first call
+        counts) and from any task.
         """
         if not self.stop(active):
             return
         if active.request.hook_failed:  # counted and logged where it failed
             active.request.url = None
             return
-        route_name = route or route_attribute(active.span) or ""
+        route_name = route if route is not None else (route_attribute(active.span) or "")
         reason = self.keep_policy.reason(
             route=route_name,
             duration=active.duration,
