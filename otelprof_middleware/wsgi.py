@@ -276,7 +276,8 @@ def _path_of(environ: WSGIEnvironment) -> str:
 
 
 def route_template(environ: WSGIEnvironment, root: str = "") -> str | None:
-    """The matched route template: Flask's URL rule, Django's pattern (RouteMiddleware).
+    """The matched route template: Flask's URL rule, Django's pattern (RouteMiddleware),
+    Bottle's route rule.
 
     Read when the app calls ``start_response``: Flask's request, with its matched rule,
     is in the environ only until the app returns. ``root``: the environ's
@@ -289,11 +290,13 @@ def route_template(environ: WSGIEnvironment, root: str = "") -> str | None:
     rule = getattr(getattr(request, "url_rule", None), "rule", None)
     if not isinstance(rule, str):
         rule = environ.get(ROUTE_KEY)
+    if not isinstance(rule, str):
+        rule = getattr(environ.get("bottle.route"), "rule", None)
     if not isinstance(rule, str) or not rule:
         return None
     script_name = environ.get("SCRIPT_NAME", "")
     if isinstance(script_name, str) and script_name != root and script_name.startswith(root):
-        return script_name[len(root) :] + rule
+        return script_name[len(root) :].rstrip("/") + rule  # (Bottle leaves "/" there)
     return rule
 
 

@@ -346,3 +346,33 @@ def test_spans_made_while_a_body_streams_belong_to_the_request(
     for span in fetches:
         assert span.parent is not None and span.parent.span_id == server.context.span_id
     assert trace.get_current_span() is INVALID_SPAN  # nothing left attached
+
+
+def test_our_span_takes_a_bottle_style_route_rule(otel: Any, closing: list[Any]) -> None:
+    """Bottle leaves the matched route in ``environ["bottle.route"]`` (its ``rule``), as
+    Flask leaves its request there: our span was named ``GET`` alone and the profile had
+    no route, for every Bottle route alike."""
+
+    class BottleRoute:  # what Bottle's router puts in the environ
+        rule = "/items/<item_id:int>"
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["bottle.route"] = BottleRoute()  # as Bottle's router does
+        if environ["PATH_INFO"].startswith("/mounted"):
+            # Bottle's mount() shifts the path back when the mounted app returns, and
+            # leaves "/", not "", in SCRIPT_NAME (and the mounted app's own route).
+            environ["SCRIPT_NAME"] = "/"
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    store = MemoryStore()
+    middleware = WSGIProfilingMiddleware(
+        app, tracer_provider=otel[0], profile_store=store, sample_rate=1.0, min_duration_ms=0
+    )
+    closing.append(middleware)
+    assert Client(middleware).get("/items/7").data == b"ok"
+    assert Client(middleware).get("/mounted/items/7").data == b"ok"
+    middleware.core.writer.flush()
+    assert [s.route for s in store.list()] == ["/items/<item_id:int>"] * 2
+    spans = server_spans(otel[1])
+    assert [s.name for s in spans] == ["GET /items/<item_id:int>"] * 2
