@@ -24,6 +24,8 @@ import threading
 from opentelemetry import context as otel_context
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 
+from ._fork import renew_locks_in_children
+
 __all__ = ["BatchingThread"]
 
 _STOP = object()
@@ -63,6 +65,11 @@ class BatchingThread:
         self._queue_pid = os.getpid()  # the process the queue belongs to
         self._queue: queue.Queue[object] = queue.Queue(self._queue_size)
         self._thread: threading.Thread | None = None
+        renew_locks_in_children(self)
+
+    def renew_locks(self) -> None:
+        """In a forked child: the parent's thread may have held the lock (exiting idle)."""
+        self._lock = threading.Lock()
 
     def offer(self, item: object) -> bool:
         """Queue ``item``; never blocks. False when the queue is full or the process exits."""

@@ -13,6 +13,7 @@ import threading
 import time
 
 from .._config import Config
+from .._fork import renew_locks_in_children
 from ..stores import _parse, open_store
 from ..stores._base import ProfileStore
 
@@ -36,6 +37,11 @@ class StoreOpener:
         self._store = store
         self._lock = threading.Lock()
         self._retry_at = 0.0
+        renew_locks_in_children(self)
+
+    def renew_locks(self) -> None:
+        """In a forked child: the parent's writer thread may have been opening the store."""
+        self._lock = threading.Lock()
 
     @property
     def opened(self) -> ProfileStore | None:
@@ -72,6 +78,15 @@ class StoreOpener:
 
 _shared: dict[tuple[str, str, int, int], ProfileStore] = {}
 _shared_lock = threading.Lock()
+
+
+def _renew_shared_lock() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # (see _fork: a thread may be opening a store)
+    os.register_at_fork(after_in_child=_renew_shared_lock)
 
 
 def open_shared(url: str, *, max_profiles: int, max_bytes: int) -> ProfileStore:

@@ -36,6 +36,7 @@ import types
 from collections.abc import Callable
 
 from ..._failsafe import count
+from ..._fork import renew_locks_in_children
 from .._request_profile import RequestProfile
 from . import _ledger, _registry, _sigprof, _stacks, _thread
 from ._cpu_timer import disarm_all
@@ -82,6 +83,12 @@ class AlwaysOnSampler:
         self._tick_lock = threading.Lock()
         self.ledger = Ledger()
         self._jitter = random.Random()
+        renew_locks_in_children(self)
+
+    def renew_locks(self) -> None:
+        """In a forked child: the parent's sampler thread may have held the tick lock."""
+        self._tick_lock = threading.Lock()
+        self.thread.renew_locks()
 
     @property
     def uses_sigprof(self) -> bool:

@@ -71,6 +71,10 @@ class SamplerThread:
             self._thread.start()
             self._pid = pid()
 
+    def renew_locks(self) -> None:
+        """In a forked child (see :meth:`AlwaysOnSampler.renew_locks`)."""
+        self._lock = threading.Lock()
+
     def stop(self, timeout: float = 2.0) -> bool:
         """Stop the thread and wait up to ``timeout`` seconds for it; False when it
         still runs then (True: ended, or never started in this process)."""

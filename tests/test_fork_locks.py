@@ -1,0 +1,61 @@
+"""A child forked while another thread of the parent holds one of the package's locks
+gets that lock back unlocked: ``fork()`` copies a held lock as held, and the child's first
+use of it would wait forever (a request forking while the sampler thread ticks, say)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from otelprof_middleware import Config
+from otelprof_middleware.profiling import _store_opener
+from otelprof_middleware.profiling._store_opener import StoreOpener
+from otelprof_middleware.profiling._writer import ProfileWriter
+from otelprof_middleware.profiling.always_on import AlwaysOnSampler
+from otelprof_middleware.stores import MemoryStore
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+
+
+def _lock_getters() -> dict[str, Callable[[], Any]]:
+    sampler = AlwaysOnSampler(0.005, sigprof=False)  # (no thread started, no timer)
+    writer = ProfileWriter(MemoryStore, queue_size=1)
+    opener = StoreOpener(Config.load({}, store="memory://"))
+    return {
+        "sampler tick": lambda: sampler._tick_lock,
+        "sampler thread": lambda: sampler.thread._lock,
+        "writer thread": lambda: writer._lock,
+        "store opener": lambda: opener._lock,
+        "shared stores": lambda: _store_opener._shared_lock,
+    }
+
+
+@pytest.mark.parametrize("which", list(_lock_getters()))
+def test_a_child_forked_while_a_thread_holds_a_lock_can_take_it(which: str) -> None:
+    lock = _lock_getters()[which]
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock():
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(5)
+    try:
+        with warnings.catch_warnings():  # 3.12+: fork of a multi-threaded process
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            os._exit(0 if lock().acquire(timeout=2) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        holder.join(5)
+    assert os.waitstatus_to_exitcode(status) == 0, f"the child could not take the {which} lock"
