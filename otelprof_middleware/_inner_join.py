@@ -13,6 +13,8 @@ an :class:`InnerJoiner` profiles each one from inside, under the instrumentor's 
 * Flask: hooks next to the instrumentor's own, from just after its ``before_request``
   (its span is current) to just before its ``teardown_request`` (its span still open,
   so the link can be put on it);
+* Falcon: a Falcon middleware of ours, after the instrumentor's (its span is current
+  from ``process_request`` on, and still open in ``process_response``);
 * Django under WSGI: :class:`~otelprof_middleware.django.RouteMiddleware`, listed after
   the instrumentor's middleware, around the rest of Django's handling; the adapter hands
   it the joiner in the request's environ (``JOINER_KEY``). Not under ASGI: there the
@@ -41,9 +43,11 @@ from .profiling._span import current_server_span
 
 __all__ = [
     "JOINER_KEY",
+    "FalconSpanJoiner",
     "FlaskSpanJoiner",
     "InnerJoiner",
     "django_joinable",
+    "instrumented_falcon_app",
     "instrumented_flask_app",
 ]
 
@@ -53,6 +57,7 @@ JOINER_KEY = "otelprof.inner_joiner"
 _ACTIVE_KEY = "otelprof.flask_profile"
 """The environ key of the request's profile between the two hooks."""
 _INSTRUMENTATION_MODULE = "opentelemetry.instrumentation.flask"
+_FALCON_INSTRUMENTATION_MODULE = "opentelemetry.instrumentation.falcon"
 _DJANGO_OTEL_MIDDLEWARE = (
     "opentelemetry.instrumentation.django.middleware.otel_middleware._DjangoMiddleware"
 )
@@ -243,3 +248,71 @@ def _status(active: ActiveProfile, error: BaseException | None) -> int:
         if isinstance(value, int):
             return value
     return 500 if error is not None else 200
+
+
+def instrumented_falcon_app(app: object) -> Any | None:
+    """``app`` when it is a Falcon app that ``FalconInstrumentor`` instrumented (the
+    instrumentor replaces ``falcon.App`` with a subclass that opens the span in
+    ``__call__``), else None."""
+    kind = type(app)
+    if kind.__module__ != _FALCON_INSTRUMENTATION_MODULE:
+        return None
+    if not getattr(app, "_is_instrumented_by_opentelemetry", False):
+        return None
+    return app if callable(getattr(app, "add_middleware", None)) else None
+
+
+class FalconSpanJoiner:
+    """A Falcon middleware around an :class:`InnerJoiner`, after FalconInstrumentor's.
+
+    Falcon calls ``process_request`` in order (the instrumentor's first, its span already
+    current) and ``process_response`` in reverse (ours before the instrumentor's, which
+    names its span, and before its span ends as the app call returns).
+    """
+
+    def __init__(self, joiner: InnerJoiner) -> None:
+        self._joiner = joiner
+
+    def install(self, falcon_app: Any) -> None:
+        """Put this middleware right after the instrumentor's, so that the profile covers
+        the other middlewares' hooks too; appended when the list is not where Falcon 3.1+
+        keeps it. ``add_middleware`` prepares the list again either way."""
+        middlewares = getattr(falcon_app, "_unprepared_middleware", None)
+        if isinstance(middlewares, list):
+            kinds = [type(m).__name__ for m in middlewares]
+            at = kinds.index("_TraceMiddleware") + 1 if "_TraceMiddleware" in kinds else 0
+            middlewares.insert(at, self)
+            falcon_app.add_middleware([])
+        else:
+            falcon_app.add_middleware(self)
+        add_stem_marker(type(falcon_app).__call__.__code__)
+
+    def process_request(self, req: Any, resp: Any) -> None:
+        """Profile the request under the instrumentor's span, if it opened one."""
+        try:
+            active = self._joiner.begin(req.env)
+            if active is not None:
+                req.env[_ACTIVE_KEY] = active
+        except Exception as exc:  # a hook of ours must never fail the request
+            log_failure("profiler.start", exc)
+
+    def process_response(
+        self, req: Any, resp: Any, resource: object, req_succeeded: bool = True
+    ) -> None:
+        """Stop the profile and keep it if the policy says so."""
+        try:
+            active: ActiveProfile | None = req.env.pop(_ACTIVE_KEY, None)
+            if active is None:
+                return
+            route = getattr(req, "uri_template", None)
+            code = str(resp.status).split(" ", 1)[0]
+            status_code = int(code) if code.isdigit() else 500
+        except Exception as exc:  # a hook of ours must never fail the request
+            log_failure("profiler.finish", exc)
+            return
+        self._joiner.end(
+            active,
+            status_code=status_code,
+            route=route if isinstance(route, str) and route else None,
+            failed=not req_succeeded,
+        )

@@ -21,9 +21,11 @@ from ._config import Settings
 from ._failsafe import log_failure
 from ._inner_join import (
     JOINER_KEY,
+    FalconSpanJoiner,
     FlaskSpanJoiner,
     InnerJoiner,
     django_joinable,
+    instrumented_falcon_app,
     instrumented_flask_app,
 )
 from ._request import RequestFacts, normalise_method
@@ -136,14 +138,18 @@ class WSGIProfilingMiddleware:
         return _OPEN_SPAN
 
     def _join_inside(self) -> bool:
-        """When FlaskInstrumentor or DjangoInstrumentor (with our RouteMiddleware)
-        instrumented the app, profile its requests from inside, under the instrumentor's
-        span (see :mod:`._inner_join`), instead of opening a server span of ours. Runs
-        once, at the first request."""
+        """When FlaskInstrumentor, FalconInstrumentor or DjangoInstrumentor (with our
+        RouteMiddleware) instrumented the app, profile its requests from inside, under
+        the instrumentor's span (see :mod:`._inner_join`), instead of opening a server
+        span of ours. Runs once, at the first request."""
         joiner = InnerJoiner(self._core, self._describe, _path_of, self._start_policy.is_excluded)
         flask_app = instrumented_flask_app(self.app)
         if flask_app is not None:
             FlaskSpanJoiner(joiner).install(flask_app)
+            return True
+        falcon_app = instrumented_falcon_app(self.app)
+        if falcon_app is not None:
+            FalconSpanJoiner(joiner).install(falcon_app)
             return True
         if django_joinable(self.app):
             self._joiner = joiner

@@ -33,7 +33,7 @@ from otelprof_middleware import ProfilingMiddleware
 from otelprof_middleware.profiling._span import PROFILE_URL, route_attribute
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider, marker_alpha, server_spans, text_of
+from .helpers import make_provider, marker_alpha, marker_beta, server_spans, text_of
 
 Otel = tuple[TracerProvider, InMemorySpanExporter]
 
@@ -639,3 +639,81 @@ def test_litestar_otel_plugin_unmatched_paths_share_the_empty_route(otel: Otel) 
     assert [r.status_code for r in send(app, *paths)] == [200, 404, 404]
     app.core.writer.flush()
     assert sorted(s.route for s in store.list()) == ["", "", "/items/{item_id}"]
+
+
+# --- FalconInstrumentor (WSGI) -------------------------------------------------------------
+
+
+def _falcon_items_app() -> Any:
+    falcon = pytest.importorskip("falcon")  # (its module: instrument() replaces its App)
+
+    class Item:
+        def on_get(self, req: Any, resp: Any, item_id: int) -> None:
+            marker_alpha(0.002)
+            resp.media = {"item": item_id}
+
+    class Health:
+        def on_get(self, req: Any, resp: Any) -> None:
+            resp.text = "ok"
+
+    class Boom:
+        def on_get(self, req: Any, resp: Any) -> None:
+            raise RuntimeError("on purpose")
+
+    class Auth:  # an app middleware: its work is the request's too
+        def process_request(self, req: Any, resp: Any) -> None:
+            marker_beta(0.002)
+
+    app = falcon.App(middleware=[Auth()])
+    app.add_route("/items/{item_id:int}", Item())
+    app.add_route("/health", Health())
+    app.add_route("/boom", Boom())
+    return app
+
+
+def test_falcon_instrumentor_keeps_its_server_span_and_gets_the_link(otel: Otel) -> None:
+    """FalconInstrumentor opens its span in the instrumented app's ``__call__``, after
+    every WSGI middleware: we opened a SERVER span of our own (named ``GET``), and its
+    span became our INTERNAL child, which it then names by the raw path (``GET
+    /items/1``, one name per id)."""
+    pytest.importorskip("falcon")
+    instrumentation = pytest.importorskip("opentelemetry.instrumentation.falcon")
+    from werkzeug.test import Client
+
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    paths = [*PATHS, "/health", "/boom"]
+    instrumentor = instrumentation.FalconInstrumentor()
+    instrumentor.instrument(tracer_provider=otel[0])
+    try:
+        # One app for both runs: the instrumentor gives its tracer provider to the first
+        # app built after instrument() only.
+        app = _falcon_items_app()
+        expected_status = [Client(app).get(p, buffered=True).status_code for p in paths]
+        expected = flask_trace_shape(otel[1])
+        otel[1].clear()
+        settings = ours(otel)
+        middleware = WSGIProfilingMiddleware(app, **settings)
+        client = Client(middleware)
+        assert [client.get(p, buffered=True).status_code for p in paths] == expected_status
+    finally:
+        instrumentor.uninstrument()
+    middleware.core.writer.flush(timeout=5.0)
+
+    assert flask_trace_shape(otel[1]) == expected  # the same spans, kinds and owners
+    check_one_linked_span_per_request(otel[1], paths)
+    assert sorted(s.name for s in server_spans(otel[1])) == [
+        "GET /boom",
+        "GET /health",
+        *["GET /items/{item_id:int}"] * 3,
+    ]
+    summaries = settings["profile_store"].list(limit=10)
+    assert sorted(s.route for s in summaries) == [
+        "/boom",
+        "/health",
+        *["/items/{item_id:int}"] * 3,
+    ]
+    assert {s.status_code for s in summaries} == {200, 500}
+    record = next(s for s in summaries if s.route.startswith("/items/"))
+    text = text_of(settings["profile_store"].get(record.trace_id)[0].session())
+    assert "marker_alpha" in text and "marker_beta" in text
