@@ -717,3 +717,38 @@ def test_falcon_instrumentor_keeps_its_server_span_and_gets_the_link(otel: Otel)
     record = next(s for s in summaries if s.route.startswith("/items/"))
     text = text_of(settings["profile_store"].get(record.trace_id)[0].session())
     assert "marker_alpha" in text and "marker_beta" in text
+
+
+# --- Quart: OTel's middleware on ``app.asgi_app`` ------------------------------------------
+
+
+class _QuartLike:
+    """What a Quart app is to an ASGI server (Quart is not in the test extra): its
+    ``__call__`` calls ``self.asgi_app``, where OTel's docs put their ASGI middleware
+    (``app.asgi_app = OpenTelemetryMiddleware(app.asgi_app)``)."""
+
+    def __init__(self) -> None:
+        self.asgi_app: Any = self._asgi_app
+
+    async def __call__(self, scope: Any, receive: Any, send_: Any) -> None:
+        await self.asgi_app(scope, receive, send_)
+
+    async def _asgi_app(self, scope: Any, receive: Any, send_: Any) -> None:
+        marker_alpha(0.002)
+        await send_({"type": "http.response.start", "status": 200, "headers": []})
+        await send_({"type": "http.response.body", "body": b"ok"})
+
+
+def test_otel_middleware_on_a_quart_style_asgi_app_attribute_owns_the_span(otel: Otel) -> None:
+    """``ProfilingMiddleware(quart_app)`` with OTel's ASGI middleware on
+    ``quart_app.asgi_app``: the search for a span owner below us followed only ``.app``,
+    so we opened a SERVER span of our own and OTel's became its INTERNAL child."""
+    plain_provider, plain_exporter = make_provider()
+    plain = _QuartLike()
+    plain.asgi_app = OTelASGI(plain.asgi_app, tracer_provider=plain_provider)
+    send(plain, *PATHS)
+    inner = _QuartLike()
+    inner.asgi_app = OTelASGI(inner.asgi_app, tracer_provider=otel[0])
+    assert [r.text for r in send(ProfilingMiddleware(inner, **ours(otel)), *PATHS)] == ["ok"] * 3
+    check_one_linked_span_per_request(otel[1], PATHS)
+    assert flask_trace_shape(otel[1]) == flask_trace_shape(plain_exporter)

@@ -146,8 +146,9 @@ def span_owner_below(app: object) -> tuple[object, str | None] | None:
     configured to open no server span (FastAPI with ``telemetry={"tracing": False}``).
     Walks the ``app`` chain, and each Starlette application's middleware stack (built
     now if it is not yet: Starlette builds it at its first request, which is this one).
-    Recognised owners: OTel's ASGI middleware (and FastAPIInstrumentor's, and the one
-    Litestar's ``OpenTelemetryPlugin`` puts in the app's ``asgi_handler``), Starlette's
+    Recognised owners: OTel's ASGI middleware (and FastAPIInstrumentor's, the one
+    Litestar's ``OpenTelemetryPlugin`` puts in the app's ``asgi_handler``, and one put on a
+    Quart app's ``asgi_app``), Starlette's
     own ``OpenTelemetryMiddleware``, a FastAPI app whose native telemetry traces.
     """
     seen: set[int] = set()
@@ -171,8 +172,13 @@ def span_owner_below(app: object) -> tuple[object, str | None] | None:
             if inner is None and _fastapi_tracing_off(layer):
                 return layer, None
             return inner
-        # A Litestar app calls its ``asgi_handler`` (it has no ``app``).
-        layer = getattr(layer, "app", None) or getattr(layer, "asgi_handler", None)
+        # A Litestar app calls its ``asgi_handler``, a Quart app its ``asgi_app`` (where
+        # OTel's docs put their middleware): neither has an ``app``.
+        layer = (
+            getattr(layer, "app", None)
+            or getattr(layer, "asgi_handler", None)
+            or getattr(layer, "asgi_app", None)
+        )
     return None
 
 
