@@ -49,6 +49,7 @@ __all__ = [
     "django_joinable",
     "instrumented_falcon_app",
     "instrumented_flask_app",
+    "otel_wsgi_below",
 ]
 
 JOINER_KEY = "otelprof.inner_joiner"
@@ -316,3 +317,20 @@ class FalconSpanJoiner:
             route=route if isinstance(route, str) and route else None,
             failed=not req_succeeded,
         )
+
+
+def otel_wsgi_below(app: object) -> Any | None:
+    """OTel's WSGI ``OpenTelemetryMiddleware`` below ``app``, if there is one: followed
+    through each layer's ``app``, and a Flask app's ``wsgi_app`` (where OTel's docs put
+    it). It opens the server span when called, inside us: a joining copy of the adapter
+    goes below it (its ``wsgi``)."""
+    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+
+    seen: set[int] = set()
+    layer: object | None = app
+    while layer is not None and id(layer) not in seen and len(seen) < 64:
+        seen.add(id(layer))
+        if isinstance(layer, OpenTelemetryMiddleware):
+            return layer
+        layer = getattr(layer, "app", None) or getattr(layer, "wsgi_app", None)
+    return None

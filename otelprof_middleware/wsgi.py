@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -27,6 +28,7 @@ from ._inner_join import (
     django_joinable,
     instrumented_falcon_app,
     instrumented_flask_app,
+    otel_wsgi_below,
 )
 from ._request import RequestFacts, normalise_method
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
@@ -91,6 +93,7 @@ class WSGIProfilingMiddleware:
         self._inside_checked = False
         self._joins_inside = False
         self._joiner: InnerJoiner | None = None  # (Django: handed over)
+        self._is_joiner = False  # a copy below OTel's WSGI middleware: joins or passes
         if self.config.enabled:
             _keep_flask_route_on_errors(app)
 
@@ -128,6 +131,8 @@ class WSGIProfilingMiddleware:
         joined = current_server_span()
         if joined is not None:
             return joined
+        if self._is_joiner:
+            return _PASS  # OTel's middleware above traces not this one
         if not self._inside_checked:
             self._inside_checked = True
             self._joins_inside = self._join_inside()
@@ -139,9 +144,9 @@ class WSGIProfilingMiddleware:
 
     def _join_inside(self) -> bool:
         """When FlaskInstrumentor, FalconInstrumentor or DjangoInstrumentor (with our
-        RouteMiddleware) instrumented the app, profile its requests from inside, under
-        the instrumentor's span (see :mod:`._inner_join`), instead of opening a server
-        span of ours. Runs once, at the first request."""
+        RouteMiddleware) instrumented the app, or OTel's WSGI middleware is inside it,
+        profile its requests from inside, under that span (see :mod:`._inner_join`),
+        instead of opening a server span of ours. Runs once, at the first request."""
         joiner = InnerJoiner(self._core, self._describe, _path_of, self._start_policy.is_excluded)
         flask_app = instrumented_flask_app(self.app)
         if flask_app is not None:
@@ -153,6 +158,12 @@ class WSGIProfilingMiddleware:
             return True
         if django_joinable(self.app):
             self._joiner = joiner
+            return True
+        owner = otel_wsgi_below(self.app)
+        if owner is not None:  # it opens the server span: a joining copy of us below it
+            below = copy.copy(self)
+            below.app, below._viewer, below._is_joiner = owner.wsgi, None, True
+            owner.wsgi = below
             return True
         return False
 

@@ -752,3 +752,44 @@ def test_otel_middleware_on_a_quart_style_asgi_app_attribute_owns_the_span(otel:
     assert [r.text for r in send(ProfilingMiddleware(inner, **ours(otel)), *PATHS)] == ["ok"] * 3
     check_one_linked_span_per_request(otel[1], PATHS)
     assert flask_trace_shape(otel[1]) == flask_trace_shape(plain_exporter)
+
+
+# --- OTel's WSGI middleware inside ours ------------------------------------------------------
+
+
+def _wsgi_items(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    marker_alpha(0.002)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+@pytest.mark.parametrize("where", ["wrapped", "flask_wsgi_app"])
+def test_otel_wsgi_middleware_inside_ours_owns_the_span(otel: Otel, where: str) -> None:
+    """``WSGIProfilingMiddleware(OpenTelemetryMiddleware(app))``, or a Flask app whose
+    ``wsgi_app`` OTel's middleware wraps, wrapped whole: OTel's span is the server span,
+    as the README says (an app that already has a server span from OTel's WSGI
+    middleware is joined). We opened one of our own, and OTel's became its INTERNAL
+    child."""
+    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware as OTelWSGI
+    from werkzeug.test import Client
+
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    def build(provider: TracerProvider) -> Any:
+        if where == "wrapped":
+            return OTelWSGI(_wsgi_items, tracer_provider=provider)
+        flask_app = flask_items_app()
+        flask_app.wsgi_app = OTelWSGI(  # type: ignore[method-assign]
+            flask_app.wsgi_app, tracer_provider=provider
+        )
+        return flask_app
+
+    plain_provider, plain_exporter = make_provider()
+    plain = Client(build(plain_provider))
+    expected = [plain.get(p, buffered=True).status_code for p in PATHS]
+    middleware = WSGIProfilingMiddleware(build(otel[0]), **ours(otel))
+    client = Client(middleware)
+    assert [client.get(p, buffered=True).status_code for p in PATHS] == expected == [200] * 3
+    middleware.core.writer.flush(timeout=5.0)
+    check_one_linked_span_per_request(otel[1], PATHS)
+    assert flask_trace_shape(otel[1]) == flask_trace_shape(plain_exporter)
