@@ -306,8 +306,10 @@ class FalconSpanJoiner:
             if active is None:
                 return
             route = getattr(req, "uri_template", None)
-            code = str(resp.status).split(" ", 1)[0]
-            status_code = int(code) if code.isdigit() else 500
+            status_code = getattr(resp, "status_code", None)  # (Falcon 4)
+            if not isinstance(status_code, int):  # "200 OK", 200 or HTTPStatus.OK
+                code = str(getattr(resp.status, "value", resp.status)).split(" ", 1)[0]
+                status_code = int(code) if code.isdigit() else 500
         except Exception as exc:  # a hook of ours must never fail the request
             log_failure("profiler.finish", exc)
             return
