@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -248,3 +249,38 @@ async def test_eager_child_tasks_are_profiled_under_the_endpoint(
     markers = _frames(root, "marker_beta")
     assert sum(f.time for f in markers) >= 0.022
     assert all("fan_out" in _ancestors(f) for f in markers)
+
+
+@pytest.mark.anyio
+async def test_a_profiler_of_every_thread_is_left_alone(
+    hooked: Callable[..., ProfilingMiddleware], store: MemoryStore
+) -> None:
+    """yappi and memray profile every thread through ``threading.setprofile`` and a C
+    profile function that ``sys.getprofile()`` does not show: while such a tool runs, no
+    step (and no worker-thread job) installs a hook of ours, which would replace theirs and
+    then remove it."""
+    hooks: list[object] = []
+
+    def job() -> None:
+        hooks.append(sys.getprofile())
+
+    async def endpoint(request: Request) -> JSONResponse:
+        hooks.append(sys.getprofile())
+        await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(None, job)
+        return JSONResponse({"ok": True})
+
+    app = hooked(Starlette(routes=[Route("/x", endpoint)]))
+    async with _client(app) as client:
+        threading.setprofile(_every_thread)
+        try:
+            response = await client.get("/x")
+        finally:
+            threading.setprofile(None)  # type: ignore[arg-type]
+    assert response.json() == {"ok": True}
+    assert hooks == [None, None], "a hook was installed over the other profiler's"
+    assert counters().get("skipped.foreign_hook", 0) >= 1
+
+
+def _every_thread(frame: Any, event: str, arg: Any) -> None:
+    sys.setprofile(None)  # (as yappi's does, handing over to a C function)

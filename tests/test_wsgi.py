@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -376,3 +378,52 @@ def test_our_span_takes_a_bottle_style_route_rule(otel: Any, closing: list[Any])
     assert [s.route for s in store.list()] == ["/items/<item_id:int>"] * 2
     spans = server_spans(otel[1])
     assert [s.name for s in spans] == ["GET /items/<item_id:int>"] * 2
+
+
+def test_another_profilers_hook_is_left_alone(otel: Any, closing: list[Any]) -> None:
+    """A profile function the app or a tool set on the thread (``sys.setprofile``, cProfile
+    before 3.12) is neither replaced nor removed by a hook-mode request: that request is
+    not profiled."""
+    store = MemoryStore()
+    app = make_flask()
+    profiled(app, otel, store, closing, mode="hook")
+    seen: list[str] = []
+
+    def theirs(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            seen.append(frame.f_code.co_name)
+
+    sys.setprofile(theirs)
+    try:
+        response = Client(app).get("/items/5", environ_base=LOOPBACK)
+        still_theirs = sys.getprofile() is theirs
+    finally:
+        sys.setprofile(None)
+    assert response.json == {"item_id": 5}
+    assert still_theirs, "the request removed the other profiler's hook"
+    assert "item" in seen and "marker_alpha" in seen
+    assert counters().get("skipped.foreign_hook", 0) == 1
+
+
+def test_a_profiler_of_every_thread_is_left_alone(otel: Any, closing: list[Any]) -> None:
+    """yappi and memray profile every thread through ``threading.setprofile`` and a C
+    profile function that ``sys.getprofile()`` does not show: while such a tool runs, a
+    hook-mode request installs no hook of its own (it would replace theirs, then remove it)."""
+    store = MemoryStore()
+    app = make_flask()
+    hooks: list[object] = []
+
+    @app.get("/hook")
+    def hook() -> Response:
+        hooks.append(sys.getprofile())
+        return jsonify(ok=True)
+
+    profiled(app, otel, store, closing, mode="hook")
+    threading.setprofile(lambda frame, event, arg: None)
+    try:
+        response = Client(app).get("/hook", environ_base=LOOPBACK)
+    finally:
+        threading.setprofile(None)  # type: ignore[arg-type]
+    assert response.json == {"ok": True}
+    assert hooks == [None], "a hook was installed over the other profiler's"
+    assert counters().get("skipped.foreign_hook", 0) == 1

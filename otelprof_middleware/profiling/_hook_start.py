@@ -101,7 +101,12 @@ class HookStart:
                     install_task_factory(loop)
                 else:  # a thread serves one request at a time: the hook stays on
                     hook = thread_hook(self._interval)
-                    hook.acquire()
+                    if not hook.acquire():  # another profiler's hook: leave it alone
+                        current_request.reset(token)
+                        with self._lock:
+                            self.slots_in_use -= 1
+                        count("skipped.foreign_hook")
+                        return None
             except BaseException:
                 current_request.reset(token)
                 raise

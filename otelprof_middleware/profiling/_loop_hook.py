@@ -38,6 +38,7 @@ from .._failsafe import count, log_failure
 from ._frames import frame_stack, stack_above
 from ._request_profile import RequestProfile
 from ._task_factory import wrap_coroutines
+from ._thread_hook import other_profiler_here
 from .always_on._stacks import chain_stack
 
 __all__ = ["HookedCoroutine", "install_task_factory"]
@@ -138,8 +139,7 @@ class HookedCoroutine(collections.abc.Coroutine[Any, Any, Any]):
             return method(*args)
         if state.depth:  # inside another step of ours on this thread: its hook samples
             return self._nested_step(state, method, args)
-        installed = sys.getprofile()
-        if installed is not None and installed is not state.hook:
+        if other_profiler_here(state.hook):
             count("skipped.foreign_hook")  # another profiler's hook: leave it alone
             return method(*args)
         now = time.perf_counter()

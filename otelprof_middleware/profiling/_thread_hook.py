@@ -8,6 +8,7 @@ loop the hook is confined to the request's own task steps instead: ``_loop_hook`
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 import types
@@ -19,7 +20,20 @@ from pyinstrument.stack_sampler import build_call_stack
 from .._failsafe import count
 from ._request_profile import current_request
 
-__all__ = ["ThreadHook", "thread_hook"]
+__all__ = ["ThreadHook", "other_profiler_here", "thread_hook"]
+
+
+def other_profiler_here(ours: object) -> bool:
+    """Whether another tool profiles this thread, so a hook of ours must not go on it.
+
+    ``ours``: what ``sys.getprofile()`` returns while our hook is installed here (None if
+    it is not). A profile function is per thread, so installing ours would replace
+    theirs, and removing ours later would leave the thread with none. yappi and memray
+    install a C function that ``sys.getprofile()`` does not show; they profile every
+    thread through ``threading.setprofile``, which is what tells they are running.
+    """
+    installed = sys.getprofile()
+    return (installed is not None and installed is not ours) or threading.getprofile() is not None
 
 
 class ThreadHook:
@@ -43,7 +57,7 @@ class ThreadHook:
     from its own code.
     """
 
-    __slots__ = ("_in_event", "_last", "interval", "thread_id", "users")
+    __slots__ = ("_in_event", "_installed", "_last", "interval", "thread_id", "users")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -51,21 +65,30 @@ class ThreadHook:
         self.users = 0
         self._last = 0.0
         self._in_event = False
+        self._installed: object = None  # what sys.getprofile() returns while it is installed
 
-    def acquire(self) -> None:
-        """Install the hook on this thread unless it is already installed."""
+    def acquire(self) -> bool:
+        """Install the hook on this thread unless it is already installed.
+
+        Returns False, and does nothing, when another profiler's hook is on this thread
+        (:func:`other_profiler_here`): theirs is left alone.
+        """
+        if self.users <= 0 and other_profiler_here(self._installed):
+            return False
         self.users += 1
         if self.users > 1:
-            return
+            return True
         # ``users`` is counted first: the hook may fire as soon as it is installed, and
         # a hook that sees no users records nothing.
         self._last = time.perf_counter()
         try:
             setstatprofile(target=self._on_event, interval=self.interval)
+            self._installed = sys.getprofile()
         except BaseException:
             self.users -= 1
             setstatprofile(None)
             raise
+        return True
 
     def release(self, *, from_finalizer: bool = False) -> None:
         """Remove the hook when the last profiled request on this thread ends.
@@ -77,7 +100,10 @@ class ThreadHook:
         self.users -= 1
         if self.users <= 0:
             self.users = 0
-            if not (from_finalizer or self._in_event or _collecting_on == self.thread_id):
+            if (
+                not (from_finalizer or self._in_event or _collecting_on == self.thread_id)
+                and sys.getprofile() is self._installed  # (not a hook the app set since)
+            ):
                 setstatprofile(None)
 
     def _on_event(self, frame: types.FrameType, event: str, arg: Any) -> None:

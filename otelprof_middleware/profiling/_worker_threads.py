@@ -32,6 +32,7 @@ from .._failsafe import count, log_failure
 from .._identifiers import UNKNOWN_FILE, identifier
 from ._frames import code_head, frame_stack, stack_above
 from ._request_profile import RequestProfile, current_request
+from ._thread_hook import other_profiler_here
 from .always_on import always_on_sampler
 
 __all__ = ["install", "run_profiled"]
@@ -109,7 +110,7 @@ def run_profiled(
             return func(*args, **kwargs)
         finally:
             sampler.unregister_worker(functools.partial(_identifier, func))
-    if sys.getprofile() is not None or request.closed:
+    if request.closed or other_profiler_here(None):
         return func(*args, **kwargs)  # a hook is already here (nested job, a profiler)
     last = time.perf_counter()
 
