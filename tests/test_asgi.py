@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from otelprof_middleware import ProfilingMiddleware
+from otelprof_middleware import ProfilingMiddleware, counters
 from otelprof_middleware.profiling._span import PROFILE_ID, PROFILE_URL
 from otelprof_middleware.stores import MemoryStore
 
@@ -296,7 +296,6 @@ def test_store_failure_never_changes_the_response(
             assert (ours.status_code, ours.content) == (theirs.status_code, theirs.content)
         app.core.writer.flush()
         assert client.get("/debug/profile").status_code == 503
-    from otelprof_middleware import counters
 
     assert counters()["failed.store.put"] == 4
 
@@ -343,7 +342,6 @@ def test_crashing_profiler_leaves_the_request_alone(
         for _ in range(3):
             assert client.get("/alpha").json() == {"endpoint": "alpha"}
     app.core.writer.flush()
-    from otelprof_middleware import counters
 
     assert counters()["failed.profiler.start"] == 3
     assert store.list() == []
@@ -400,8 +398,11 @@ async def test_lifespan_and_websocket_pass_straight_through(
 
 
 def test_no_sdk_provider_means_no_profile_even_when_triggered(
-    store: MemoryStore, closing: list[Any]
+    store: MemoryStore, closing: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Without an SDK provider (or with ``OTEL_SDK_DISABLED=true``) requests have no valid
+    span: nothing is profiled, and the middleware says so once rather than stay silent
+    (a user who forgot the SDK saw no profile and no reason)."""
     from opentelemetry.trace import NoOpTracerProvider
 
     app = ProfilingMiddleware(
@@ -412,10 +413,14 @@ def test_no_sdk_provider_means_no_profile_even_when_triggered(
         debug_route=True,
     )
     closing.append(app)
-    with TestClient(app, client=LOOPBACK) as client:
+    with TestClient(app, client=LOOPBACK) as client, caplog.at_level("WARNING"):
         assert client.get("/beta", headers={"x-otelprof": "1"}).json() == {"endpoint": "beta"}
+        assert client.get("/beta").json() == {"endpoint": "beta"}
     app.core.writer.flush()
     assert store.list() == []
+    said = [r.getMessage() for r in caplog.records if r.name == "otelprof_middleware"]
+    assert len(said) == 1 and "no valid OpenTelemetry span" in said[0], said
+    assert counters()["skipped.no_span"] == 2
 
 
 def test_def_endpoint_work_on_the_worker_thread_is_in_the_profile(

@@ -4,6 +4,7 @@ is told the app has shut down (uvicorn then re-raises SIGTERM: no atexit runs)."
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -81,7 +82,10 @@ async def test_the_always_on_timer_stops_when_the_lifespan_ends(package_defaults
     before it hands back the signal wakeup fd: a SIGPROF in between is reported as an
     unraisable exception. So the timer stops at the lifespan's end, not after the loop's
     idle ticks (which a closed loop never runs)."""
-    testing.reset()  # the process's sampler afresh: SIGPROF ours, no timer armed
+    previous = signal.getsignal(signal.SIGPROF)  # (an earlier test's may be there)
+    testing.reset()  # the process's sampler afresh, its timer disarmed
+    signal.setitimer(signal.ITIMER_PROF, 0)
+    signal.signal(signal.SIGPROF, signal.SIG_DFL)  # free for the sampler to take
     app = ProfilingMiddleware(
         Starlette(routes=[Route("/work", work)]),
         tracer_provider=make_provider()[0],
@@ -111,3 +115,4 @@ async def test_the_always_on_timer_stops_when_the_lifespan_ends(package_defaults
     finally:
         app.core.writer.close()
         testing.reset()
+        signal.signal(signal.SIGPROF, previous if previous is not None else signal.SIG_DFL)

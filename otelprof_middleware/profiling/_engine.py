@@ -22,7 +22,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
 from .._config import Config
-from .._failsafe import count, log_failure
+from .._failsafe import count, log_failure, logger
 from .._request import RequestFacts
 from ..exporters import ProfileExporter, open_exporter
 from ..stores._base import ProfileStore
@@ -81,6 +81,7 @@ class ProfilerCore:
         if exporter is not None:
             atexit.register(exporter.close, 2.0)
         self.keeper = Keeper(config, writer, exporter)
+        self.said_no_span = False  # (the warning that requests have no span: once)
 
     @property
     def writer(self) -> ProfileWriter:
@@ -112,6 +113,15 @@ class ProfilerCore:
         request. The profile's link is known from here on (made when first read).
         """
         if not context.is_valid:  # no SDK provider: nothing to key or link the profile by
+            count("skipped.no_span")
+            if not self.said_no_span:
+                self.said_no_span = True
+                logger.warning(
+                    "otelprof: requests here have no valid OpenTelemetry span (no SDK "
+                    "TracerProvider is set, or OTEL_SDK_DISABLED is true), so none is "
+                    "profiled: set up the SDK's TracerProvider to get profiles. "
+                    "Counted as skipped.no_span; said once."
+                )
             return None
         kind = self.start_policy.choose(
             context.trace_id, span.is_recording(), facts.trigger, facts.client_host
