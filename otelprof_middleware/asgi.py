@@ -106,7 +106,7 @@ class ProfilingMiddleware:
             context = span.get_span_context()
         elif self._is_joiner:  # below the layer that owns the server span: join or pass
             joined = current_server_span() if scope["type"] == "http" else None
-            if joined is None:
+            if joined is None or _excluded.get():
                 await self.app(scope, receive, send)
                 return
             span, context = joined
@@ -123,6 +123,13 @@ class ProfilingMiddleware:
                 log_failure("adapter", exc)
             if way is _PASS:
                 await self.app(scope, receive, send)
+                return
+            if way is _EXCLUDED:  # (said to our joiners inside, if any)
+                token = _excluded.set(True)
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    _excluded.reset(token)
                 return
             if way is _VIEWER:
                 assert self._viewer is not None
@@ -168,7 +175,7 @@ class ProfilingMiddleware:
         if self._viewer is not None and self._viewer.handles(path):
             return _VIEWER
         if self._start_policy.is_excluded(path):
-            return _PASS
+            return _EXCLUDED
         joined = current_server_span()
         if joined is not None:
             return joined
@@ -277,7 +284,12 @@ class ProfilingMiddleware:
 
 add_stem_marker(ProfilingMiddleware.__call__.__code__)
 
-_PASS, _VIEWER, _OPEN_SPAN = object(), object(), object()
+_PASS, _EXCLUDED, _VIEWER, _OPEN_SPAN = object(), object(), object(), object()
+
+_excluded: ContextVar[bool] = ContextVar("otelprof_excluded", default=False)
+"""True while the app serves a request that ``exclude_paths`` leaves out: the joining
+copies of the middleware inside the app (below the layer that owns the span) see the
+path only as a mount inside has rewritten it, so the outer middleware decides."""
 
 _app_called: ContextVar[Scope | None] = ContextVar("otelprof_app_called", default=None)
 """The scope of the last request whose app the OTel middleware called under our span: an

@@ -793,3 +793,19 @@ def test_otel_wsgi_middleware_inside_ours_owns_the_span(otel: Otel, where: str) 
     middleware.core.writer.flush(timeout=5.0)
     check_one_linked_span_per_request(otel[1], PATHS)
     assert flask_trace_shape(otel[1]) == flask_trace_shape(plain_exporter)
+
+
+def test_exclude_paths_hold_below_a_span_owner_inside_the_app(otel: Otel) -> None:
+    """With the span's owner inside the app (OTel's ASGI middleware here; the same for
+    Starlette's, FastAPI's telemetry, Litestar's plugin), requests are profiled by our
+    joining copy below it, which never looked at ``exclude_paths``: once the first
+    profiled request had put it there, every excluded path was profiled."""
+    store = MemoryStore()
+    inner = OTelASGI(Starlette(routes=ROUTES), tracer_provider=otel[0])
+    app = ProfilingMiddleware(
+        inner, **{**ours(otel), "profile_store": store, "exclude_paths": "/health"}
+    )
+    assert [r.status_code for r in send(app, "/items/1", "/health", "/health")] == [200] * 3
+    app.core.writer.flush()
+    assert [s.route for s in store.list()] == ["/items/{item_id:int}"]
+    assert len(server_spans(otel[1])) == 3  # OTel's spans, as without us
