@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Awaitable
 from contextvars import ContextVar
 from typing import Unpack
@@ -90,6 +91,8 @@ class ProfilingMiddleware:
         self._mounted_owners: set[int] = set()
         # (middleware stack, whether OTel's ASGI middleware runs above us in it)
         self._otel_above: tuple[object, bool] | None = None
+        if self.config.enabled:
+            _note_quart_routes(app)
 
     @property
     def core(self) -> ProfilerCore:
@@ -321,7 +324,8 @@ def _is_last(message: Message) -> bool:
 
 
 def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "") -> str | None:
-    """The matched route template: Starlette/FastAPI, Litestar, Django (RouteMiddleware).
+    """The matched route template: Starlette/FastAPI, Litestar, Django (RouteMiddleware),
+    Quart (noted by :func:`_note_quart_route`).
 
     None: unknown here (the span's ``http.route`` may tell); ``""``: known to be none.
 
@@ -463,3 +467,32 @@ class _ProfiledSend:
         if not self._active.finished:
             self._stop_and_keep()
         self._core.detach(self._active)
+
+
+def _note_quart_routes(app: object) -> None:
+    """When ``app`` is a Quart app (or its ``asgi_app``): note each request's matched rule
+    in its scope (:data:`ROUTE_KEY`), where :func:`route_template` reads it. Quart keeps
+    it on its request, in a task of its own; its ``request_started`` signal comes once
+    the rule is matched, with the request current. Imports nothing: used only when Quart
+    is already imported."""
+    quart = sys.modules.get("quart")
+    if quart is None:
+        return
+    owner = app if isinstance(app, quart.Quart) else getattr(app, "__self__", None)
+    try:
+        if isinstance(owner, quart.Quart):
+            quart.request_started.connect(_note_quart_route, owner, weak=False)
+    except Exception as exc:
+        log_failure("adapter", exc)
+
+
+async def _note_quart_route(sender: object, **extra: object) -> None:
+    """Quart's ``request_started`` receiver (a coroutine: Quart would run a plain
+    function in a worker thread)."""
+    try:
+        request = sys.modules["quart"].request
+        rule = getattr(request.url_rule, "rule", None)
+        if isinstance(rule, str) and rule:
+            request.scope.setdefault(ROUTE_KEY, rule)
+    except Exception as exc:
+        log_failure("adapter", exc)

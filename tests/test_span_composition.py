@@ -809,3 +809,43 @@ def test_exclude_paths_hold_below_a_span_owner_inside_the_app(otel: Otel) -> Non
     app.core.writer.flush()
     assert [s.route for s in store.list()] == ["/items/{item_id:int}"]
     assert len(server_spans(otel[1])) == 3  # OTel's spans, as without us
+
+
+@pytest.mark.parametrize("how", ["asgi_app", "whole_app"])
+def test_our_span_takes_quarts_url_rule(otel: Otel, how: str) -> None:
+    """Quart keeps its matched rule on its request, in a task of its own: our span was
+    named ``GET`` alone and every profile had no route."""
+    quart = pytest.importorskip("quart")
+    app = quart.Quart(__name__)
+
+    @app.get("/items/<int:item_id>")
+    async def item(item_id: int) -> str:
+        marker_alpha(0.002)
+        return f"item {item_id}"
+
+    @app.get("/boom/<int:n>")
+    async def boom(n: int) -> str:
+        raise RuntimeError("on purpose")
+
+    store = MemoryStore()
+    settings = {**ours(otel), "profile_store": store}
+    if how == "asgi_app":
+        app.asgi_app = ProfilingMiddleware(app.asgi_app, **settings)  # type: ignore[method-assign]
+        served: Any = app
+    else:
+        served = ProfilingMiddleware(app, **settings)
+    responses = send(served, "/items/1", "/items/2", "/boom/3", "/nowhere")
+    assert [r.status_code for r in responses] == [200, 200, 500, 404]
+    assert sorted(s.name for s in server_spans(otel[1])) == [
+        "GET",
+        "GET /boom/<int:n>",
+        "GET /items/<int:item_id>",
+        "GET /items/<int:item_id>",
+    ]
+    (served if how == "whole_app" else app.asgi_app).core.writer.flush()
+    assert sorted(s.route for s in store.list()) == [
+        "",
+        "/boom/<int:n>",
+        "/items/<int:item_id>",
+        "/items/<int:item_id>",
+    ]
