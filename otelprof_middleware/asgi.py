@@ -18,6 +18,7 @@ from ._adapter_parts import build_parts
 from ._config import Settings
 from ._failsafe import log_failure
 from ._request import RequestFacts, app_path, normalise_method
+from ._route_notes import note_falcon_routes
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .profiling._active_profile import ActiveProfile
 from .profiling._engine import ProfilerCore
@@ -93,6 +94,7 @@ class ProfilingMiddleware:
         self._otel_above: tuple[object, bool] | None = None
         if self.config.enabled:
             _note_quart_routes(app)
+            note_falcon_routes(app)
 
     @property
     def core(self) -> ProfilerCore:

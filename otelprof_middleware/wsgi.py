@@ -31,6 +31,7 @@ from ._inner_join import (
     otel_wsgi_below,
 )
 from ._request import RequestFacts, normalise_method
+from ._route_notes import note_falcon_routes
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .profiling._active_profile import ActiveProfile
 from .profiling._engine import ProfilerCore
@@ -96,6 +97,7 @@ class WSGIProfilingMiddleware:
         self._is_joiner = False  # a copy below OTel's WSGI middleware: joins or passes
         if self.config.enabled:
             _keep_flask_route_on_errors(app)
+            note_falcon_routes(app)
 
     @property
     def core(self) -> ProfilerCore:

@@ -849,3 +849,47 @@ def test_our_span_takes_quarts_url_rule(otel: Otel, how: str) -> None:
         "/items/<int:item_id>",
         "/items/<int:item_id>",
     ]
+
+
+@pytest.mark.parametrize("kind", ["wsgi", "asgi"])
+def test_our_span_takes_falcons_uri_template(otel: Otel, kind: str) -> None:
+    """Falcon keeps the matched template on its request object (``req.uri_template``),
+    not in the environ or scope: our span was named ``GET`` alone and every profile had
+    no route."""
+    falcon = pytest.importorskip("falcon")
+    falcon_asgi = pytest.importorskip("falcon.asgi")
+
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    class Item:
+        def on_get(self, req: Any, resp: Any, item_id: int) -> None:
+            marker_alpha(0.002)
+            resp.media = {"item": item_id}
+
+    class AsyncItem:
+        async def on_get(self, req: Any, resp: Any, item_id: int) -> None:
+            marker_alpha(0.002)
+            resp.media = {"item": item_id}
+
+    store = MemoryStore()
+    settings = {**ours(otel), "profile_store": store}
+    paths = ["/items/1", "/items/2", "/nowhere"]
+    if kind == "wsgi":
+        wsgi_app = falcon.App()
+        wsgi_app.add_route("/items/{item_id:int}", Item())
+        middleware: Any = WSGIProfilingMiddleware(wsgi_app, **settings)
+        from werkzeug.test import Client
+
+        client = Client(middleware)
+        statuses = [client.get(p, buffered=True).status_code for p in paths]
+    else:
+        asgi_app = falcon_asgi.App()
+        asgi_app.add_route("/items/{item_id:int}", AsyncItem())
+        middleware = ProfilingMiddleware(asgi_app, **settings)
+        statuses = [r.status_code for r in send(middleware, *paths)]
+    assert statuses == [200, 200, 404]
+    middleware.core.writer.flush()
+    assert (
+        sorted(s.name for s in server_spans(otel[1])) == ["GET"] + ["GET /items/{item_id:int}"] * 2
+    )
+    assert sorted(s.route for s in store.list()) == [""] + ["/items/{item_id:int}"] * 2
