@@ -2,14 +2,24 @@
 
 Nothing in the profiler, store, writer or renderer may fail or slow the user's
 request. Each risky step runs under ``with fail_open("stage"):``.
+
+What an app's signal handler raises is not a failure of ours, though it may surface in
+our code: CPython runs a Python signal handler between any two bytecodes of the main
+thread, ours included, and an alarm-based timeout (``signal.alarm`` and a handler that
+raises) must reach the app as it would without us. :func:`log_failure` (so
+:func:`fail_open`) re-raises it, as :func:`raised_by_signal_handler` tells it.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import os
+import signal
 import threading
 import time
+import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +29,7 @@ __all__ = [
     "fail_open",
     "log_event",
     "log_failure",
+    "raised_by_signal_handler",
     "reset_counters",
     "snapshot",
     "tally",
@@ -97,8 +108,47 @@ def log_event(stage: str, message: str, *args: object) -> None:
         logger.warning(message, *args)
 
 
+def raised_by_signal_handler(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of a Python signal handler other than ours (an app's
+    alarm-based timeout, say), run between two bytecodes of the code it unwound.
+
+    Read on failures only: it asks the ``signal`` module for every handler.
+    """
+    tb = exc.__traceback__
+    if tb is None or threading.current_thread() is not threading.main_thread():
+        return False  # (Python signal handlers run on the main thread only)
+    handlers: set[types.CodeType] = set()
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (ValueError, OSError):
+            continue
+        while isinstance(handler, functools.partial):
+            handler = handler.func
+        code = getattr(getattr(handler, "__func__", handler), "__code__", None)
+        if code is None and callable(handler):  # a callable object
+            code = getattr(type(handler).__call__, "__code__", None)
+        if isinstance(code, types.CodeType) and not code.co_filename.startswith(_OUR_DIR):
+            handlers.add(code)
+    while tb is not None:
+        if tb.tb_frame.f_code in handlers:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_OUR_DIR = os.path.dirname(__file__) + os.sep  # (our SIGPROF handler's exceptions are ours)
+
+
 def log_failure(stage: str, exc: BaseException) -> None:
-    """Count a failure of ``stage`` and log it unless it was logged recently."""
+    """Count a failure of ``stage`` and log it unless it was logged recently.
+
+    Raises:
+        BaseException: ``exc`` itself, when an app's signal handler raised it
+            (:func:`raised_by_signal_handler`): it is the app's, not a failure.
+    """
+    if raised_by_signal_handler(exc):
+        raise exc
     with _lock:
         _counts[f"failed.{stage}"] += 1
     if not _due(stage):

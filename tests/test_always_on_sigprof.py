@@ -722,3 +722,34 @@ def test_sigprof_reset_to_default_never_kills_the_process() -> None:
     )
     assert result.returncode == 0, (result.returncode, result.stderr)
     assert result.stdout.split() == ["True", "True"], result.stdout
+
+
+class _AppTimeout(Exception):
+    """What an app's alarm-based timeout raises from its signal handler."""
+
+
+def _app_timeout(signum: int, frame: types.FrameType | None) -> None:
+    raise _AppTimeout
+
+
+def test_an_apps_signal_handler_exception_escapes_the_tick(
+    sampler: AlwaysOnSampler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app's signal handler (``signal.alarm`` and a handler raising a timeout, say) can
+    run between two bytecodes of our own SIGPROF tick. What it raises is the app's: it
+    reaches the interrupted code as it would without us, never counted as our failure
+    (a swallowed timeout let a request run forever)."""
+
+    def tick(frame: object, now: object) -> None:
+        signal.raise_signal(signal.SIGUSR1)  # its handler runs here, inside the tick
+
+    previous = signal.signal(signal.SIGUSR1, _app_timeout)
+    monkeypatch.setattr(sampler, "tick", tick)
+    token = current_request.set(_new_request())  # a request runs
+    try:
+        with pytest.raises(_AppTimeout):
+            sampler.sigprof.on_sigprof(signal.SIGPROF, sys._getframe())
+    finally:
+        current_request.reset(token)
+        signal.signal(signal.SIGUSR1, previous)
+    assert sampler.pending_failures == 0

@@ -130,7 +130,8 @@ class HookStart:
 
     def stop(self, active: ActiveProfile, *, from_finalizer: bool) -> None:
         """Take the hook off (or leave it to its thread) and give the slot back; never
-        raises (a failure is counted and logged as ``profiler.stop``).
+        raises (a failure is counted and logged as ``profiler.stop``) but what an app's
+        signal handler raised meanwhile (see ``_failsafe``).
 
         ``from_finalizer``: called by the garbage collector (see :class:`ThreadHook`).
         """
@@ -151,6 +152,7 @@ class HookStart:
             else:  # finished elsewhere: the unused hook goes with that thread's next request
                 hook.users -= 1
         except Exception as exc:
-            log_failure("profiler.stop", exc)
-        with self._lock:
-            self.slots_in_use -= 1
+            log_failure("profiler.stop", exc)  # (raises an app's signal handler's exception)
+        finally:
+            with self._lock:
+                self.slots_in_use -= 1

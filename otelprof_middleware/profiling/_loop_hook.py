@@ -34,7 +34,7 @@ from typing import Any
 
 from pyinstrument.low_level.stat_profile import setstatprofile
 
-from .._failsafe import count, log_failure
+from .._failsafe import count, log_failure, raised_by_signal_handler
 from ._frames import frame_stack, stack_above
 from ._request_profile import RequestProfile
 from ._task_factory import wrap_coroutines
@@ -67,7 +67,9 @@ def _on_event(frame: types.FrameType, event: str, arg: Any) -> None:
         request = state.request
         if request is not None and not request.closed:
             request.add(state.prefix + stack_above(frame, event, arg, _STOP_CODES), elapsed)
-    except Exception:
+    except Exception as exc:
+        if raised_by_signal_handler(exc):
+            raise  # the app's (pyinstrument removes the hook, and it reaches the app)
         count("failed.sample")
 
 

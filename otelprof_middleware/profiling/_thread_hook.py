@@ -17,7 +17,7 @@ from typing import Any
 from pyinstrument.low_level.stat_profile import setstatprofile
 from pyinstrument.stack_sampler import build_call_stack
 
-from .._failsafe import count
+from .._failsafe import count, raised_by_signal_handler
 from ._request_profile import current_request
 
 __all__ = ["ThreadHook", "other_profiler_here", "thread_hook"]
@@ -119,7 +119,9 @@ class ThreadHook:
             request = current_request.get()
             if request is not None and not request.closed:
                 request.add(build_call_stack(frame, event, arg), elapsed)
-        except Exception:
+        except Exception as exc:
+            if raised_by_signal_handler(exc):
+                raise  # the app's (pyinstrument removes the hook, and it reaches the app)
             count("failed.sample")
         finally:
             self._in_event = False

@@ -35,7 +35,7 @@ import time
 import types
 from collections.abc import Callable
 
-from ..._failsafe import count
+from ..._failsafe import count, raised_by_signal_handler
 from ..._fork import renew_locks_in_children
 from .._request_profile import RequestProfile
 from . import _ledger, _registry, _sigprof, _stacks, _thread
@@ -230,7 +230,9 @@ class AlwaysOnSampler:
             if slept is None or slept > elapsed:
                 slept = elapsed
             self._sample(elapsed, slept, main_frame)
-        except Exception:
+        except Exception as exc:
+            if raised_by_signal_handler(exc):
+                raise  # the app's own signal handler ran in the tick: its exception
             self.pending_failures += 1
         finally:
             self._tick_lock.release()

@@ -21,6 +21,7 @@ import time
 import types
 from typing import TYPE_CHECKING, Any
 
+from ..._failsafe import raised_by_signal_handler
 from ._cpu_timer import CPUTimer, disarm_all
 from ._registry import LoopState
 
@@ -135,7 +136,9 @@ class SigprofDriver:
                 sampler.tick(frame, None)
             else:
                 self._idle_signal()
-        except Exception:
+        except Exception as exc:
+            if raised_by_signal_handler(exc):
+                raise  # an app's signal handler ran inside ours: its exception, not ours
             sampler.pending_failures += 1
 
     def _idle_signal(self) -> None:
@@ -192,8 +195,10 @@ class SigprofDriver:
             ):
                 self.arm()  # (other code may have set the shared ITIMER_PROF to zero)
             state.loop.call_later(sampler.next_interval(), self.loop_tick, state, context=_EMPTY)
-        except Exception:
+        except Exception as exc:
             state.ticking = False
+            if raised_by_signal_handler(exc):
+                raise
             sampler.pending_failures += 1
 
     def _hand_over(self, state: LoopState) -> None:

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import signal
+import types
+
+import pytest
+
+from otelprof_middleware import _failsafe
+from otelprof_middleware._failsafe import fail_open
+
+
+class _AppTimeout(Exception):
+    """What an app's alarm-based timeout raises from its signal handler."""
+
+
+def _app_timeout(signum: int, frame: types.FrameType | None) -> None:
+    raise _AppTimeout
+
+
+def test_an_apps_signal_handler_exception_is_not_swallowed() -> None:
+    """A signal handler of the app's can run between two bytecodes of the middleware's own
+    code (an alarm landing in our span, keep or writer step). What it raises is the app's,
+    and reaches the app as it would without us: fail-open is for our own failures."""
+    previous = signal.signal(signal.SIGUSR1, _app_timeout)
+    try:
+        with pytest.raises(_AppTimeout), fail_open("writer.submit"):
+            signal.raise_signal(signal.SIGUSR1)  # its handler runs here, inside our block
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert _failsafe.snapshot().get("failed.writer.submit", 0) == 0
+
+
+def test_our_own_failures_are_still_swallowed() -> None:
+    previous = signal.signal(signal.SIGUSR1, _app_timeout)  # installed, not raising here
+    try:
+        with fail_open("writer.submit"):
+            raise RuntimeError("ours")
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert _failsafe.snapshot().get("failed.writer.submit", 0) == 1
