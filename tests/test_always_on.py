@@ -1,19 +1,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from otelprof_middleware import Config, ProfilingMiddleware, testing
 from otelprof_middleware._request import RequestFacts
@@ -250,3 +253,41 @@ def test_every_new_loop_gets_the_task_factory_even_at_a_reused_address() -> None
     finally:
         sampler.stop()
     assert all(results), results
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory: 3.12+")
+def test_an_eager_loop_of_the_test_client_still_streams() -> None:
+    """An app that makes its loop eager in its lifespan, under Starlette's ``TestClient``
+    (a loop the sampler thread ticks, whose task factory records the requests' tasks):
+    anyio still recognises the eager factory, and StreamingResponse's task group works
+    (it failed at the first request, and the client's portal with it)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for chunk in (b"a", b"b"):
+            await asyncio.sleep(0)
+            yield chunk
+
+    async def stream(request: Request) -> StreamingResponse:
+        return StreamingResponse(body())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        yield
+
+    store = MemoryStore()
+    middleware = ProfilingMiddleware(
+        Starlette(routes=[Route("/stream", stream)], lifespan=lifespan),
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        mode="always_on",
+        min_duration_ms=0,
+    )
+    try:
+        with TestClient(middleware) as client:
+            for _ in range(2):
+                assert client.get("/stream").text == "ab"
+        assert middleware.core.writer.flush(10)
+        assert len(store.list()) == 2
+    finally:
+        middleware.core.writer.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from otelprof_middleware import ProfilingMiddleware, counters
@@ -284,3 +284,47 @@ async def test_a_profiler_of_every_thread_is_left_alone(
 
 def _every_thread(frame: Any, event: str, arg: Any) -> None:
     sys.setprofile(None)  # (as yappi's does, handing over to a C function)
+
+
+def _streaming_app() -> Starlette:
+    async def body() -> AsyncIterator[bytes]:
+        for chunk in (b"a", b"b"):
+            await asyncio.sleep(0)
+            marker_beta(0.005)
+            yield chunk
+
+    async def stream(request: Request) -> StreamingResponse:
+        return StreamingResponse(body())  # streams from an anyio task group's child task
+
+    return Starlette(routes=[Route("/stream", stream)])
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory: 3.12+")
+async def test_anyio_task_groups_work_on_an_eager_loop(
+    hooked: Callable[..., ProfilingMiddleware], store: MemoryStore
+) -> None:
+    """anyio recognises asyncio's eager task factory by its code, and creates its task
+    group's tasks lazily with the constructor it closes over; wrapped in a factory it
+    does not recognise, they start eagerly and Starlette's StreamingResponse failed
+    ("Attempted to exit a cancel scope that isn't the current tasks's current cancel
+    scope"). The loop's factory keeps that shape with ours inside."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_task_factory()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+    app = hooked(_streaming_app())
+    try:
+        async with _client(app) as client:
+            for _ in range(2):
+                response = await client.get("/stream")
+                assert response.text == "ab"
+        factory = loop.get_task_factory()
+        assert getattr(factory, "__code__", None) is asyncio.eager_task_factory.__code__  # type: ignore[attr-defined,unused-ignore]
+    finally:
+        loop.set_task_factory(previous)
+    assert app.core.writer.flush(10)
+    summaries = [s for s in store.list() if s.route == "/stream"]
+    assert len(summaries) == 2
+    [record] = store.get(summaries[0].trace_id)
+    root = record.session().root_frame()
+    assert root is not None and _frames(root, "marker_beta")  # the child task's, hooked

@@ -71,8 +71,11 @@ def _roles(loop: asyncio.AbstractEventLoop) -> _Roles:
     if roles is not None:
         return roles
     roles = _Roles()
+    eager_constructor = _eager_constructor(previous)
 
     def create(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        if eager_constructor is not None:  # (``eager_start`` is in kwargs, or not: anyio)
+            return eager_constructor(coro, loop=loop, **kwargs)  # type: ignore[no-any-return]
         if previous is not None:
             return previous(loop, coro, **kwargs)  # type: ignore[return-value]
         return asyncio.Task(coro, loop=loop, **kwargs)
@@ -98,6 +101,26 @@ def _roles(loop: asyncio.AbstractEventLoop) -> _Roles:
             task.add_done_callback(forget)
         return task
 
-    factory.otelprof_roles = roles  # type: ignore[attr-defined]
-    loop.set_task_factory(factory)  # type: ignore[arg-type]
+    installed: Callable[..., Any] = factory
+    if eager_constructor is not None:
+        # anyio recognises asyncio's eager factory by its code and, to start its task
+        # groups' tasks lazily, calls the task constructor that factory closes over. So
+        # an eager loop keeps a factory of that shape, with ours as its constructor.
+        def construct(coro: Any, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> Any:
+            return factory(loop, coro, **kwargs)
+
+        installed = asyncio.create_eager_task_factory(construct)  # type: ignore[attr-defined,unused-ignore]
+    installed.otelprof_roles = roles  # type: ignore[attr-defined]
+    loop.set_task_factory(installed)
     return roles
+
+
+def _eager_constructor(factory: object) -> Callable[..., Any] | None:
+    """The task constructor of asyncio's eager task factory (``eager_task_factory``,
+    ``create_eager_task_factory(constructor)``), recognised as anyio does; else None."""
+    eager = getattr(asyncio, "eager_task_factory", None)  # (3.12+)
+    if eager is None or getattr(factory, "__code__", None) is not eager.__code__:
+        return None
+    closure = getattr(factory, "__closure__", None)
+    constructor = closure[0].cell_contents if closure else None
+    return constructor if callable(constructor) else None
