@@ -291,3 +291,42 @@ def test_an_eager_loop_of_the_test_client_still_streams() -> None:
         assert len(store.list()) == 2
     finally:
         middleware.core.writer.close()
+
+
+def test_a_task_factory_the_app_sets_later_still_records_child_tasks() -> None:
+    """On a loop the sampler thread ticks (``TestClient``'s), child tasks are mapped to
+    their request by our task factory. An app that sets a task factory of its own after
+    the first request replaced ours: a later request's child tasks went unrecorded, and
+    the CPU time of its ``gather`` child was missing from its profile."""
+
+    async def child() -> None:
+        marker_alpha(0.1)
+
+    async def work(request: Request) -> JSONResponse:
+        await asyncio.gather(child(), asyncio.sleep(0))
+        return JSONResponse({"ok": True})
+
+    async def set_factory(request: Request) -> JSONResponse:
+        asyncio.get_running_loop().set_task_factory(
+            lambda loop, coro, **kwargs: asyncio.Task(coro, loop=loop, **kwargs)
+        )
+        return JSONResponse({"ok": True})
+
+    store = MemoryStore()
+    middleware = ProfilingMiddleware(
+        Starlette(routes=[Route("/work", work), Route("/set", set_factory)]),
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        mode="always_on",
+        min_duration_ms=0,
+    )
+    try:
+        with TestClient(middleware) as client:
+            assert client.get("/set").json() == {"ok": True}  # after our first request
+            assert client.get("/work").json() == {"ok": True}
+        assert middleware.core.writer.flush(10)
+        [summary] = [s for s in store.list() if s.route == "/work"]
+        [record] = store.get(summary.trace_id)
+        assert "marker_alpha" in text_of(record.session())
+    finally:
+        middleware.core.writer.close()

@@ -103,8 +103,8 @@ class Registry:
         state = self.loops.get(ident)
         if state is None or state.loop is not loop:
             state = self.loops[ident] = LoopState(loop, can_drive(ident))
-            if not state.driven:  # SIGPROF ticks read the running task's context
-                self.install_task_factory(loop)
+        if not state.driven:  # (SIGPROF ticks read the running task's context)
+            self.install_task_factory(loop)  # each time: the app may have set its own since
         requests = state.requests
         if len(requests) >= cap:
             return None
