@@ -112,8 +112,16 @@ def raised_by_signal_handler(exc: BaseException) -> bool:
     """Whether ``exc`` came out of a Python signal handler other than ours (an app's
     alarm-based timeout, say), run between two bytecodes of the code it unwound.
 
-    Read on failures only: it asks the ``signal`` module for every handler.
+    Read on failures only: it asks the ``signal`` module for every handler. Never
+    raises (False when it cannot tell, as at interpreter exit, modules torn down).
     """
+    try:
+        return _in_a_signal_handler(exc)
+    except Exception:
+        return False
+
+
+def _in_a_signal_handler(exc: BaseException) -> bool:
     tb = exc.__traceback__
     if tb is None or threading.current_thread() is not threading.main_thread():
         return False  # (Python signal handlers run on the main thread only)

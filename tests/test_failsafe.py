@@ -38,3 +38,14 @@ def test_our_own_failures_are_still_swallowed() -> None:
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert _failsafe.snapshot().get("failed.writer.submit", 0) == 1
+
+
+def test_telling_a_signal_handlers_exception_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It runs inside the hooks' own ``except`` blocks, also while the interpreter
+    finalizes (a hook left on by a response collected at exit), when module globals may
+    be None already: it must answer, not raise out of the hook."""
+    monkeypatch.setattr(signal, "valid_signals", None)
+    try:
+        raise RuntimeError("ours")
+    except RuntimeError as exc:
+        assert not _failsafe.raised_by_signal_handler(exc)
