@@ -101,6 +101,19 @@ class InnerJoiner:
             log_failure("profiler.start", exc)
             return None
 
+    def begin_in(self, environ: WSGIEnvironment) -> None:
+        """:meth:`begin`, the profile kept in ``environ`` for :meth:`taken_from` (for a
+        framework whose start and end hooks are two calls). Never raises."""
+        active = self.begin(environ)
+        if active is not None:
+            environ[_ACTIVE_KEY] = active
+
+    @staticmethod
+    def taken_from(environ: WSGIEnvironment) -> ActiveProfile | None:
+        """The profile :meth:`begin_in` kept in ``environ``, removed from it."""
+        active: ActiveProfile | None = environ.pop(_ACTIVE_KEY, None)
+        return active
+
     def end(
         self, active: ActiveProfile | None, *, status_code: int, route: str | None, failed: bool
     ) -> None:
@@ -202,21 +215,16 @@ class FlaskSpanJoiner:
 
     def start(self) -> None:
         """``before_request``: profile the request under the span just opened, if any."""
-        try:
-            from flask import request
+        from flask import request  # (Flask runs this hook: it is imported)
 
-            active = self._joiner.begin(request.environ)
-            if active is not None:
-                request.environ[_ACTIVE_KEY] = active
-        except Exception as exc:  # a hook of ours must never fail the request
-            log_failure("profiler.start", exc)
+        self._joiner.begin_in(request.environ)
 
     def end(self, error: BaseException | None) -> None:
         """``teardown_request``: stop the profile and keep it if the policy says so."""
         try:
             from flask import request
 
-            active: ActiveProfile | None = request.environ.pop(_ACTIVE_KEY, None)
+            active = self._joiner.taken_from(request.environ)
             if active is None:
                 return
             rule = getattr(request.url_rule, "rule", None)
@@ -290,19 +298,14 @@ class FalconSpanJoiner:
 
     def process_request(self, req: Any, resp: Any) -> None:
         """Profile the request under the instrumentor's span, if it opened one."""
-        try:
-            active = self._joiner.begin(req.env)
-            if active is not None:
-                req.env[_ACTIVE_KEY] = active
-        except Exception as exc:  # a hook of ours must never fail the request
-            log_failure("profiler.start", exc)
+        self._joiner.begin_in(req.env)
 
     def process_response(
         self, req: Any, resp: Any, resource: object, req_succeeded: bool = True
     ) -> None:
         """Stop the profile and keep it if the policy says so."""
         try:
-            active: ActiveProfile | None = req.env.pop(_ACTIVE_KEY, None)
+            active = self._joiner.taken_from(req.env)
             if active is None:
                 return
             route = getattr(req, "uri_template", None)
