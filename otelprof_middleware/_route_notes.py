@@ -1,10 +1,15 @@
 """Route templates that frameworks keep where the adapters cannot read them, copied out.
 
 The adapters read a request's route template from the ASGI scope or WSGI environ when the
-response starts. Falcon keeps it on its own request object (``req.uri_template``): for a
-Falcon app, a Falcon middleware of ours copies it into the scope / environ under
-:data:`~.profiling._span.ROUTE_KEY` once routing has matched. Imports nothing: used only
-when Falcon is already imported.
+response starts. Some frameworks keep it elsewhere, and a hook of ours copies it into the
+scope / environ under :data:`~.profiling._span.ROUTE_KEY` once routing has matched:
+
+* Falcon, on its request object (``req.uri_template``): a Falcon middleware of ours;
+* Quart, on its request, in a task of its own: its ``request_started`` signal;
+* Flask, for a request whose error Flask propagates: its ``got_request_exception`` signal
+  (any other Flask request is read from the environ when the response starts).
+
+Imports nothing: each is used only when its framework is already imported.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 from ._failsafe import log_failure
 from .profiling._span import ROUTE_KEY
 
-__all__ = ["note_falcon_routes"]
+__all__ = ["note_falcon_routes", "note_flask_routes_on_errors", "note_quart_routes"]
 
 
 def note_falcon_routes(app: object) -> None:
@@ -45,8 +50,66 @@ class _FalconRouteNote:
 
 def _note(carrier: dict[str, Any], req: Any) -> None:
     try:
-        template = req.uri_template
-        if isinstance(template, str) and template:
-            carrier.setdefault(ROUTE_KEY, template)
+        _keep(carrier, req.uri_template)
     except Exception as exc:
         log_failure("adapter", exc)
+
+
+def note_quart_routes(app: object) -> None:
+    """When ``app`` is a Quart app (or its ``asgi_app``): note each request's matched rule
+    in its scope. Quart's ``request_started`` signal comes once the rule is matched, with
+    the request current."""
+    quart = sys.modules.get("quart")
+    if quart is None:
+        return
+    owner = app if isinstance(app, quart.Quart) else getattr(app, "__self__", None)
+    try:
+        if isinstance(owner, quart.Quart):
+            quart.request_started.connect(_note_quart_route, owner, weak=False)
+    except Exception as exc:
+        log_failure("adapter", exc)
+
+
+async def _note_quart_route(sender: object, **extra: object) -> None:
+    """Quart's ``request_started`` receiver (a coroutine: Quart would run a plain
+    function in a worker thread)."""
+    _note_rule(sys.modules["quart"], "scope")
+
+
+def note_flask_routes_on_errors(app: object) -> None:
+    """When ``app`` is a Flask app's ``wsgi_app``: note the matched rule of a request
+    whose error Flask propagates (``PROPAGATE_EXCEPTIONS``, on under ``flask run
+    --debug`` and in tests). Such a request never calls ``start_response``, where the
+    route is read otherwise, and Flask clears ``werkzeug.request`` from the environ as
+    the app returns; its ``got_request_exception`` signal comes while the request is
+    still there."""
+    flask = sys.modules.get("flask")
+    if flask is None:
+        return
+    owner = getattr(app, "__self__", None)
+    try:
+        if isinstance(owner, flask.Flask):
+            flask.got_request_exception.connect(_note_flask_route, owner, weak=False)
+    except Exception as exc:
+        log_failure("adapter", exc)
+
+
+def _note_flask_route(sender: object, **extra: object) -> None:
+    """Flask's ``got_request_exception`` receiver."""
+    _note_rule(sys.modules["flask"], "environ")
+
+
+def _note_rule(framework: Any, carrier: str) -> None:
+    """The current request's matched URL rule (Flask's, Quart's), into its ``carrier``
+    (``environ`` or ``scope``)."""
+    try:
+        request = framework.request
+        _keep(getattr(request, carrier), getattr(request.url_rule, "rule", None))
+    except Exception as exc:
+        log_failure("adapter", exc)
+
+
+def _keep(carrier: dict[str, Any], template: object) -> None:
+    """``template`` under :data:`ROUTE_KEY` unless one is there already."""
+    if isinstance(template, str) and template:
+        carrier.setdefault(ROUTE_KEY, template)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Awaitable
 from contextvars import ContextVar
 from typing import Unpack
@@ -18,7 +17,7 @@ from ._adapter_parts import build_parts
 from ._config import Settings
 from ._failsafe import log_failure
 from ._request import RequestFacts, app_path, normalise_method
-from ._route_notes import note_falcon_routes
+from ._route_notes import note_falcon_routes, note_quart_routes
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .profiling._active_profile import ActiveProfile
 from .profiling._engine import ProfilerCore
@@ -93,7 +92,7 @@ class ProfilingMiddleware:
         # (middleware stack, whether OTel's ASGI middleware runs above us in it)
         self._otel_above: tuple[object, bool] | None = None
         if self.config.enabled:
-            _note_quart_routes(app)
+            note_quart_routes(app)
             note_falcon_routes(app)
 
     @property
@@ -327,7 +326,7 @@ def _is_last(message: Message) -> bool:
 
 def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "") -> str | None:
     """The matched route template: Starlette/FastAPI, Litestar, Django (RouteMiddleware),
-    Quart (noted by :func:`_note_quart_route`).
+    Quart (noted by :func:`~._route_notes.note_quart_routes`).
 
     None: unknown here (the span's ``http.route`` may tell); ``""``: known to be none.
 
@@ -469,32 +468,3 @@ class _ProfiledSend:
         if not self._active.finished:
             self._stop_and_keep()
         self._core.detach(self._active)
-
-
-def _note_quart_routes(app: object) -> None:
-    """When ``app`` is a Quart app (or its ``asgi_app``): note each request's matched rule
-    in its scope (:data:`ROUTE_KEY`), where :func:`route_template` reads it. Quart keeps
-    it on its request, in a task of its own; its ``request_started`` signal comes once
-    the rule is matched, with the request current. Imports nothing: used only when Quart
-    is already imported."""
-    quart = sys.modules.get("quart")
-    if quart is None:
-        return
-    owner = app if isinstance(app, quart.Quart) else getattr(app, "__self__", None)
-    try:
-        if isinstance(owner, quart.Quart):
-            quart.request_started.connect(_note_quart_route, owner, weak=False)
-    except Exception as exc:
-        log_failure("adapter", exc)
-
-
-async def _note_quart_route(sender: object, **extra: object) -> None:
-    """Quart's ``request_started`` receiver (a coroutine: Quart would run a plain
-    function in a worker thread)."""
-    try:
-        request = sys.modules["quart"].request
-        rule = getattr(request.url_rule, "rule", None)
-        if isinstance(rule, str) and rule:
-            request.scope.setdefault(ROUTE_KEY, rule)
-    except Exception as exc:
-        log_failure("adapter", exc)

@@ -31,7 +31,7 @@ from ._inner_join import (
     otel_wsgi_below,
 )
 from ._request import RequestFacts, normalise_method
-from ._route_notes import note_falcon_routes
+from ._route_notes import note_falcon_routes, note_flask_routes_on_errors
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .profiling._active_profile import ActiveProfile
 from .profiling._engine import ProfilerCore
@@ -96,7 +96,7 @@ class WSGIProfilingMiddleware:
         self._joiner: InnerJoiner | None = None  # (Django: handed over)
         self._is_joiner = False  # a copy below OTel's WSGI middleware: joins or passes
         if self.config.enabled:
-            _keep_flask_route_on_errors(app)
+            note_flask_routes_on_errors(app)
             note_falcon_routes(app)
 
     @property
@@ -317,35 +317,6 @@ def route_template(environ: WSGIEnvironment, root: str = "") -> str | None:
     if isinstance(script_name, str) and script_name != root and script_name.startswith(root):
         return script_name[len(root) :].rstrip("/") + rule  # (Bottle leaves "/" there)
     return rule
-
-
-def _keep_flask_route_on_errors(app: object) -> None:
-    """When ``app`` is a Flask app's ``wsgi_app``: note the matched rule of a request
-    whose error Flask propagates (``PROPAGATE_EXCEPTIONS``, on under ``flask run
-    --debug`` and in tests). Such a request never calls ``start_response``, where the
-    route is read otherwise, and Flask clears ``werkzeug.request`` from the environ as
-    the app returns; its ``got_request_exception`` signal comes while the request is
-    still there. Imports nothing: used only when Flask is already imported."""
-    flask = sys.modules.get("flask")
-    if flask is None:
-        return
-    owner = getattr(app, "__self__", None)
-    try:
-        if isinstance(owner, flask.Flask):
-            flask.got_request_exception.connect(_note_flask_route, owner, weak=False)
-    except Exception as exc:
-        log_failure("adapter", exc)
-
-
-def _note_flask_route(sender: object, **extra: object) -> None:
-    """Flask's ``got_request_exception`` receiver: the rule, under :data:`ROUTE_KEY`."""
-    try:
-        request = sys.modules["flask"].request
-        rule = getattr(request.url_rule, "rule", None)
-        if isinstance(rule, str) and rule:
-            request.environ.setdefault(ROUTE_KEY, rule)
-    except Exception as exc:
-        log_failure("adapter", exc)
 
 
 def _body_ends(
