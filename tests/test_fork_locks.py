@@ -31,7 +31,7 @@ def _lock_getters() -> dict[str, Callable[[], Any]]:
         "sampler thread": lambda: sampler.thread._lock,
         "writer thread": lambda: writer._lock,
         "store opener": lambda: opener._lock,
-        "shared stores": lambda: _store_opener._shared_lock,
+        "shared stores": lambda: _store_opener._shared.lock,
     }
 
 

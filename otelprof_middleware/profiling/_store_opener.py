@@ -76,17 +76,20 @@ class StoreOpener:
             return self._store
 
 
-_shared: dict[tuple[str, str, int, int], ProfileStore] = {}
-_shared_lock = threading.Lock()
+class _SharedStores:
+    """The stores opened by URL in this process, by (kind, target, bounds)."""
+
+    def __init__(self) -> None:
+        self.stores: dict[tuple[str, str, int, int], ProfileStore] = {}
+        self.lock = threading.Lock()
+        renew_locks_in_children(self)
+
+    def renew_locks(self) -> None:
+        """In a forked child: a thread of the parent may have been opening a store."""
+        self.lock = threading.Lock()
 
 
-def _renew_shared_lock() -> None:
-    global _shared_lock
-    _shared_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # (see _fork: a thread may be opening a store)
-    os.register_at_fork(after_in_child=_renew_shared_lock)
+_shared = _SharedStores()
 
 
 def open_shared(url: str, *, max_profiles: int, max_bytes: int) -> ProfileStore:
@@ -105,9 +108,9 @@ def open_shared(url: str, *, max_profiles: int, max_bytes: int) -> ProfileStore:
     if kind == "sqlite":
         target = os.path.abspath(target)  # as the store resolves it
     key = (kind, target, max_profiles, max_bytes)
-    with _shared_lock:
-        store = _shared.get(key)
+    with _shared.lock:
+        store = _shared.stores.get(key)
         if store is None:
             store = open_store(url, max_profiles=max_profiles, max_bytes=max_bytes)
-            _shared[key] = store
+            _shared.stores[key] = store
         return store
