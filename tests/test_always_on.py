@@ -255,6 +255,19 @@ def test_every_new_loop_gets_the_task_factory_even_at_a_reused_address() -> None
     assert all(results), results
 
 
+def _keeping_every_profile(app: Starlette) -> tuple[ProfilingMiddleware, MemoryStore]:
+    """``app`` under an always-on middleware that keeps every profile in a memory store."""
+    store = MemoryStore()
+    middleware = ProfilingMiddleware(
+        app,
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        mode="always_on",
+        min_duration_ms=0,
+    )
+    return middleware, store
+
+
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory: 3.12+")
 def test_an_eager_loop_of_the_test_client_still_streams() -> None:
     """An app that makes its loop eager in its lifespan, under Starlette's ``TestClient``
@@ -275,13 +288,8 @@ def test_an_eager_loop_of_the_test_client_still_streams() -> None:
         asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
         yield
 
-    store = MemoryStore()
-    middleware = ProfilingMiddleware(
-        Starlette(routes=[Route("/stream", stream)], lifespan=lifespan),
-        tracer_provider=make_provider()[0],
-        profile_store=store,
-        mode="always_on",
-        min_duration_ms=0,
+    middleware, store = _keeping_every_profile(
+        Starlette(routes=[Route("/stream", stream)], lifespan=lifespan)
     )
     try:
         with TestClient(middleware) as client:
@@ -312,13 +320,8 @@ def test_a_task_factory_the_app_sets_later_still_records_child_tasks() -> None:
         )
         return JSONResponse({"ok": True})
 
-    store = MemoryStore()
-    middleware = ProfilingMiddleware(
-        Starlette(routes=[Route("/work", work), Route("/set", set_factory)]),
-        tracer_provider=make_provider()[0],
-        profile_store=store,
-        mode="always_on",
-        min_duration_ms=0,
+    middleware, store = _keeping_every_profile(
+        Starlette(routes=[Route("/work", work), Route("/set", set_factory)])
     )
     try:
         with TestClient(middleware) as client:
