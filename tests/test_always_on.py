@@ -191,10 +191,10 @@ def test_a_thread_request_after_a_pause_is_sampled_from_its_start() -> None:
             sum(t for stack, t in session.frame_records if any("marker_alpha" in f for f in stack))
         )
     # 25 ms of CPU at a 5 ms interval: the profiles see most of it. (Before: five of eight
-    # saw none. One miss is allowed: on a loaded machine the sampler thread itself may not
-    # be scheduled in time.)
+    # saw none. Two misses are allowed: on a loaded machine the sampler thread itself may
+    # not be scheduled in time.)
     shown = [round(t * 1000, 1) for t in first_phase]
-    assert sum(t < 0.010 for t in first_phase) <= 1, shown
+    assert sum(t < 0.010 for t in first_phase) <= 2, shown
     assert sorted(first_phase)[len(first_phase) // 2] > 0.015, shown
 
 

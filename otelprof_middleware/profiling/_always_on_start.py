@@ -22,6 +22,7 @@ from ._active_profile import ActiveProfile, lazy_url
 from ._request_profile import RequestProfile, current_request
 from .always_on import AlwaysOnSampler, always_on_sampler
 from .always_on import check_settings as check_always_on_settings
+from .always_on._registry import LoopState, current_task
 
 __all__ = ["ALWAYS_ON_MAX_CONCURRENT", "AlwaysOnStart", "green_threads", "in_trio_task"]
 
@@ -109,6 +110,18 @@ class AlwaysOnStart:
             return None
         request.url_factory = functools.partial(lazy_url, self._config, facts, context)
         return ActiveProfile(request, span, context, facts, token)
+
+    @staticmethod
+    def note_producer(request: RequestProfile) -> None:
+        """The response of ``request`` starts from the current task: when that is not
+        the request's own (registered) task, the request waits where that task waits
+        from now on (see ``ProfilerCore.response_sent_here``). A request on a thread has
+        no task: nothing to note."""
+        registration = request.registration
+        if type(registration) is LoopState:
+            task = current_task(registration.loop)
+            if task is not None and task is not registration.requests.get(request):
+                request.producer = task
 
     def _refuse_trio(self) -> None:
         """A request in a trio task gets no always-on profile: logged and counted once."""

@@ -12,7 +12,6 @@ policy (:mod:`._start_policy`), the two ways to start (:mod:`._hook_start`,
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import time
 import types
@@ -31,13 +30,12 @@ from ._always_on_start import AlwaysOnStart
 from ._hook_start import HookStart
 from ._keep_policy import KeepPolicy
 from ._keeper import Keeper
-from ._loop_hook import HookedCoroutine
+from ._loop_hook import HookedCoroutine, note_hooked_producer
 from ._request_profile import current_request
 from ._span import route_attribute
 from ._start_policy import StartPolicy
 from ._store_opener import StoreOpener
 from ._writer import ProfileWriter
-from .always_on._registry import LoopState, current_task
 
 __all__ = ["ProfilerCore"]
 
@@ -150,8 +148,7 @@ class ProfilerCore:
             return app_call
         return HookedCoroutine(app_call, request, main=True)
 
-    @staticmethod
-    def response_sent_here(active: ActiveProfile) -> None:
+    def response_sent_here(self, active: ActiveProfile) -> None:
         """The response starts from the current task: if that is not the request's own
         task, the request waits where that task waits from now on.
 
@@ -163,17 +160,10 @@ class ProfilerCore:
         """
         request = active.request
         try:
-            registration = request.registration
-            if type(registration) is LoopState:  # always-on: it holds the request's task
-                task = current_task(registration.loop)
-                if task is not None and task is not registration.requests.get(request):
-                    request.producer = task
-            elif not request.continuous:  # hook mode: a child task's coroutine is wrapped
-                loop = asyncio._get_running_loop()
-                task = current_task(loop) if loop is not None else None
-                coro = task.get_coro() if task is not None else None
-                if type(coro) is HookedCoroutine and coro.is_child_of(request):
-                    request.producer = coro
+            if request.continuous:
+                self.always_on_start.note_producer(request)
+            else:
+                note_hooked_producer(request)
         except Exception as exc:
             log_failure("profiler.producer", exc)
 

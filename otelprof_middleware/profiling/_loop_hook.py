@@ -39,9 +39,10 @@ from ._frames import frame_stack, stack_above
 from ._request_profile import RequestProfile
 from ._task_factory import wrap_coroutines
 from ._thread_hook import other_profiler_here
+from .always_on._registry import current_task
 from .always_on._stacks import chain_stack
 
-__all__ = ["HookedCoroutine", "install_task_factory"]
+__all__ = ["HookedCoroutine", "install_task_factory", "note_hooked_producer"]
 
 
 class _ThreadState(threading.local):
@@ -224,6 +225,17 @@ class HookedCoroutine(collections.abc.Coroutine[Any, Any, Any]):
 
 # A step's own frames start above one of these (the wrapped coroutine's send/throw).
 _STOP_CODES = (HookedCoroutine._step.__code__, HookedCoroutine._nested_step.__code__)
+
+
+def note_hooked_producer(request: RequestProfile) -> None:
+    """Hook mode: the response of ``request`` starts from the current task. When that
+    is a task the request created (its coroutine wrapped here), the request waits where
+    that coroutine waits from now on (see ``ProfilerCore.response_sent_here``)."""
+    loop = asyncio._get_running_loop()
+    task = current_task(loop) if loop is not None else None
+    coro = task.get_coro() if task is not None else None
+    if type(coro) is HookedCoroutine and coro.is_child_of(request):
+        request.producer = coro
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
