@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -333,3 +334,49 @@ def test_a_task_factory_the_app_sets_later_still_records_child_tasks() -> None:
         assert "marker_alpha" in text_of(record.session())
     finally:
         middleware.core.writer.close()
+
+
+@pytest.mark.anyio
+async def test_loop_work_a_worker_job_waits_for_is_the_requests() -> None:
+    # Django under ASGI with a sync-only middleware (DjangoInstrumentor's, most third-party
+    # ones) runs an async view as: the request's task hands the sync chain to a worker
+    # thread (sync_to_async), which hands the view back to the loop (async_to_sync) and
+    # waits. The view's work runs on the loop while the request's worker job blocks:
+    # the samples are the loop's, not the waiting worker's.
+    from asgiref.sync import async_to_sync, sync_to_async
+
+    async def view() -> None:
+        await asyncio.sleep(0.002)
+        marker_alpha(0.15)
+
+    def sync_chain() -> None:
+        async_to_sync(view)()
+
+    async def endpoint(request: Request) -> JSONResponse:
+        await sync_to_async(sync_chain)()
+        return JSONResponse({})
+
+    store = MemoryStore()
+    middleware = ProfilingMiddleware(
+        Starlette(routes=[Route("/view", endpoint)]),
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        sample_rate=1.0,
+        mode="always_on",
+        min_duration_ms=0,
+        always_on_interval_ms=2,
+    )
+    try:
+        transport = httpx.ASGITransport(app=middleware, client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/view")).status_code == 200
+        middleware.core.writer.flush()
+        (summary,) = store.list()
+        session = store.get(summary.trace_id)[0].session()
+        text = text_of(session)
+    finally:
+        middleware.core.writer.close()
+    assert "marker_alpha" in text, text
+    # The worker job's wait is not credited a second time beside the loop's work.
+    root = session.root_frame()
+    assert root is not None and root.time <= 1.25 * session.duration, text

@@ -158,6 +158,33 @@ def test_django_instrumentor_under_asgi_keeps_our_span(tmp_path: Path) -> None:
         _check_profiles(linked)
 
 
+def test_django_instrumentor_under_asgi_always_on_profiles_async_views(tmp_path: Path) -> None:
+    """Always-on mode (the default): the instrumentor's middleware is sync only, so Django
+    runs the async view from a worker thread through ``async_to_sync``, back on the loop,
+    while the worker waits. The view's work is in the profile, not the worker's wait."""
+    port = free_port()
+    app = "tests.django_app.instrumented_asgi:application"
+    env = {
+        "OTELPROF_EXCLUDE_PATHS": "/health",
+        "OTELPROF_MODE": "always_on",
+        "OTELPROF_ALWAYS_ON_INTERVAL_MS": "2",
+    }
+    with run_server(uvicorn(app, port), tmp_path, port=port, env=env) as server:
+        _instrumented_requests(server)
+        linked = _linked_spans(server, ROUNDS * len(PATHS))
+        assert len(linked) == ROUNDS * len(PATHS)
+        found: dict[str, int] = {}
+        for span in linked:
+            attributes: Any = span["attributes"]
+            path = attributes.get("url.path") or attributes["http.target"]
+            response = fetch_profile(attributes[PROFILE_URL])
+            assert response.status_code == 200, path
+            found[path] = found.get(path, 0) + (PATHS[path][1] in response.text)
+        # Statistical: a 20 ms marker has a few ticks, and a tick of the watchdog thread
+        # (a loop starved of CPU) cannot tell whose asgiref task runs.
+        assert all(count >= ROUNDS - 1 for count in found.values()), found
+
+
 # In-process: the route must reach the profile index even when the span current inside
 # Django is not the server span (DjangoInstrumentor's, here a stand-in), through the
 # ASGI scope / WSGI environ key that RouteMiddleware fills.

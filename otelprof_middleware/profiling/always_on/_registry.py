@@ -55,7 +55,7 @@ class LoopState:
 class Job:
     """What a registered thread runs: a request, or a job one submitted to a worker."""
 
-    __slots__ = ("began", "request", "stop_code", "submitted_from")
+    __slots__ = ("began", "request", "seen", "stop_code", "submitted_from")
 
     def __init__(
         self,
@@ -68,6 +68,7 @@ class Job:
         self.submitted_from = submitted_from  # None: the request's own thread (WSGI)
         self.stop_code = stop_code  # the job wrapper's code: frames above it are the job's
         self.began = began  # perf_counter() when it began
+        self.seen = False  # a tick found it (its time is credited from the ticks on)
 
 
 class Registry:
@@ -213,6 +214,12 @@ class Registry:
             frame = frames.get(ident)
             request = job.request
             if frame is None or request.closed:
+                continue
+            job.seen = True
+            if request in running and job.submitted_from is not None:
+                # Its task runs on a loop now, while a job it submitted is on a worker:
+                # the loop's stack is the one executing (asgiref's ``async_to_sync``
+                # runs the work on the loop while the worker job waits for it).
                 continue
             if job.submitted_from is None:
                 running[request] = Running(thread_stack(ident, frame))

@@ -166,7 +166,8 @@ class AlwaysOnSampler:
         crediting half the boundary intervals lost a quarter of a 10 ms job.) A job no tick
         saw gets its whole time under the stack that submitted it plus
         ``job_identifier()`` (the job's function): where inside it is unknown, but the
-        time is the request's.
+        time is the request's. A job the ticks saw while its request ran on a loop (which
+        they credited instead) adds nothing.
         """
         # Not in the middle of a tick (on another thread: this one waits for it to end), or
         # that tick would credit the job's end a second time. A tick never waits for this.
@@ -181,7 +182,7 @@ class AlwaysOnSampler:
                 if trailing:
                     add_time(request, state, trailing)
                 self.ledger.states.pop(request, None)  # the next tick starts afresh from there
-            elif job_identifier is not None and job.submitted_from is not None:
+            elif job_identifier is not None and job.submitted_from is not None and not job.seen:
                 request.add_worker(
                     [*job.submitted_from, job_identifier()], time.perf_counter() - job.began
                 )
