@@ -8,6 +8,7 @@ from contextvars import ContextVar
 from typing import Unpack
 
 import anyio.to_thread
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.trace import SpanContext
@@ -26,6 +27,7 @@ from .profiling._span import (
     ROUTE_KEY,
     MountedOwners,
     current_server_span,
+    has_ended,
     mounted_span_owners,
     name_by_route,
     span_declined,
@@ -135,6 +137,13 @@ class ProfilingMiddleware:
                 finally:
                     _excluded.reset(token)
                 return
+            if way is _LEFTOVER:  # an earlier request's context: this one starts afresh
+                fresh = otel_context.attach(otel_context.Context())
+                try:
+                    await self(scope, receive, send)
+                finally:
+                    otel_context.detach(fresh)
+                return
             if way is _VIEWER:
                 assert self._viewer is not None
                 await serve_viewer(self._viewer, scope, send)
@@ -173,8 +182,8 @@ class ProfilingMiddleware:
             send_profiled.finish()
 
     def _way(self, scope: Scope) -> tuple[trace.Span, SpanContext] | object:
-        """The viewer, straight through, the server span to join (with its context), or
-        one to open."""
+        """The viewer, straight through, the server span to join (with its context), one
+        to open, or an ended span left current by an earlier request (start afresh)."""
         path = app_path(scope)
         if self._viewer is not None and self._viewer.handles(path):
             return _VIEWER
@@ -182,7 +191,7 @@ class ProfilingMiddleware:
             return _EXCLUDED
         joined = current_server_span()
         if joined is not None:
-            return joined
+            return _LEFTOVER if has_ended(joined[0]) else joined
         if self._joins_below_owner or span_declined(scope) or self._declined_above(scope):
             return _PASS  # a layer inside us owns the span (our joiner is there), or none
         if not self._owner_checked:
@@ -288,7 +297,7 @@ class ProfilingMiddleware:
 
 add_stem_marker(ProfilingMiddleware.__call__.__code__)
 
-_PASS, _EXCLUDED, _VIEWER, _OPEN_SPAN = object(), object(), object(), object()
+_PASS, _EXCLUDED, _VIEWER, _OPEN_SPAN, _LEFTOVER = (object() for _ in range(5))
 
 _excluded: ContextVar[bool] = ContextVar("otelprof_excluded", default=False)
 """True while the app serves a request that ``exclude_paths`` leaves out: the joining

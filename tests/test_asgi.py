@@ -532,3 +532,37 @@ async def test_a_streaming_bodys_waits_are_where_the_body_waits(
     for_client = _await_time_under(root, "listen_for_disconnect")
     assert in_body >= 0.2, (in_body, for_client)  # of the 0.3 s the upstream took
     assert for_client < 0.1, (in_body, for_client)
+
+
+@pytest.mark.anyio
+async def test_a_request_in_a_context_left_by_an_earlier_one_gets_its_own_span(
+    otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
+) -> None:
+    # On an asyncio loop, uvicorn resumes reading a connection from inside the request
+    # that paused it: the next request on it starts in that request's context, whose
+    # server span has ended (CPython gh-140947). It is no span to join.
+    import contextvars
+
+    app = wrap(otel, store)
+    closing.append(app)
+    left: list[contextvars.Context] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if not left:  # the context the server's resume_reading() captures
+            left.append(contextvars.copy_context())
+
+    await app(http_scope("/alpha"), receive, send)
+    [first] = server_spans(otel[1])
+    await left[0].run(asyncio.create_task, app(http_scope("/beta"), receive, send))
+    assert app.core.writer.flush()
+    spans = server_spans(otel[1])
+    assert len(spans) == 2, spans
+    second = spans[1]
+    assert second.parent is None and second.context.trace_id != first.context.trace_id
+    assert second.name == "GET /beta"
+    assert second.attributes is not None and PROFILE_URL in second.attributes
+    [record] = store.get(format(second.context.trace_id, "032x"))
+    assert "marker_beta" in text_of(record.session())

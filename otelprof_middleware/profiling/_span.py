@@ -74,6 +74,17 @@ def current_server_span() -> tuple[trace.Span, SpanContext] | None:
     return span, context
 
 
+def has_ended(span: trace.Span) -> bool:
+    """Whether ``span`` (an SDK span) has ended: current at a request's start, it is left
+    over from an earlier request, not a server span to join.
+
+    On an asyncio loop, uvicorn resumes reading a connection from inside the request
+    that paused it (a large body), and the next requests on that connection inherit
+    that request's context, its ended server span current (CPython gh-140947).
+    """
+    return getattr(span, "end_time", None) is not None
+
+
 def _span_slot() -> tuple[object, ContextVar[Mapping[str, object]], str] | None:
     """Where the OTel API keeps the current span, when it is where it usually is.
 

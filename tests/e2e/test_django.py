@@ -185,6 +185,32 @@ def test_django_instrumentor_under_asgi_always_on_profiles_async_views(tmp_path:
         assert all(count >= ROUNDS - 1 for count in found.values()), found
 
 
+def test_requests_after_a_large_upload_on_one_connection_get_their_own_spans(
+    tmp_path: Path,
+) -> None:
+    """uvicorn on an asyncio loop resumes reading a connection from inside the request
+    that paused it (a body larger than its buffer): the next requests on that connection
+    start in that request's context, with its ended server span current (CPython
+    gh-140947). They still get their own server span, in their own trace, and a profile."""
+    port = free_port()
+    command = [*uvicorn("tests.django_app.asgi:application", port, workers=1), "--loop", "asyncio"]
+    with run_server(command, tmp_path, port=port) as server:
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            assert client.post("/health/", content=b"x" * 2_000_000).status_code == 200
+            for path in PATHS:
+                assert client.get(path).status_code == 200
+        linked = _linked_spans(server, 1 + len(PATHS))
+        by_path = {
+            span["attributes"].get("url.path") or span["attributes"]["http.target"]: span
+            for span in linked
+        }
+        assert set(by_path) >= {"/health/", *PATHS}, sorted(by_path)
+        traces = {span["context"]["trace_id"] for span in by_path.values()}
+        assert len(traces) == len(by_path)
+        assert all(span["parent_id"] is None for span in by_path.values())
+        _check_profiles([by_path[path] for path in PATHS])
+
+
 # In-process: the route must reach the profile index even when the span current inside
 # Django is not the server span (DjangoInstrumentor's, here a stand-in), through the
 # ASGI scope / WSGI environ key that RouteMiddleware fills.
