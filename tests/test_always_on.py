@@ -380,3 +380,43 @@ async def test_loop_work_a_worker_job_waits_for_is_the_requests() -> None:
     # The worker job's wait is not credited a second time beside the loop's work.
     root = session.root_frame()
     assert root is not None and root.time <= 1.25 * session.duration, text
+
+
+def test_a_wsgi_request_waiting_for_its_async_view_shows_the_view() -> None:
+    # Django under WSGI runs an async view through ``async_to_sync``: a new event loop on
+    # a worker thread (a job of the request) runs the view while the request's own
+    # thread waits for it. The worker's stack is the request's, not that wait.
+    from asgiref.sync import async_to_sync
+    from werkzeug.test import Client
+
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    async def view() -> None:
+        await asyncio.sleep(0.002)
+        marker_alpha(0.15)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        async_to_sync(view)()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    store = MemoryStore()
+    middleware = WSGIProfilingMiddleware(
+        app,
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        sample_rate=1.0,
+        mode="always_on",
+        min_duration_ms=0,
+        always_on_interval_ms=2,
+    )
+    try:
+        response = Client(middleware).get("/", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+        assert response.status_code == 200
+        response.close()  # the profile ends at the body's close()
+        middleware.core.writer.flush()
+        (summary,) = store.list()
+        text = text_of(store.get(summary.trace_id)[0].session())
+    finally:
+        middleware.core.writer.close()
+    assert "marker_alpha" in text, text

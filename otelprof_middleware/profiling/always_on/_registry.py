@@ -210,13 +210,14 @@ class Registry:
             if request is not None and not request.closed:
                 running[request] = Running(stack)
         job_starts: dict[RequestProfile, float] = {}
+        on_loops = set(running)
         for ident, job in list(self.threads.items()):
             frame = frames.get(ident)
             request = job.request
             if frame is None or request.closed:
                 continue
             job.seen = True
-            if request in running and job.submitted_from is not None:
+            if request in on_loops and job.submitted_from is not None:
                 # Its task runs on a loop now, while a job it submitted is on a worker:
                 # the loop's stack is the one executing (asgiref's ``async_to_sync``
                 # runs the work on the loop while the worker job waits for it).
