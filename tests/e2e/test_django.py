@@ -158,18 +158,30 @@ def test_django_instrumentor_under_asgi_keeps_our_span(tmp_path: Path) -> None:
         _check_profiles(linked)
 
 
-def test_django_instrumentor_under_asgi_always_on_profiles_async_views(tmp_path: Path) -> None:
-    """Always-on mode (the default): the instrumentor's middleware is sync only, so Django
-    runs the async view from a worker thread through ``async_to_sync``, back on the loop,
-    while the worker waits. The view's work is in the profile, not the worker's wait."""
+@pytest.mark.parametrize(
+    "server_kind",
+    ["asgi-instrumentor", "wsgi"],
+)
+def test_django_always_on_profiles_async_views(tmp_path: Path, server_kind: str) -> None:
+    """Always-on mode (the default), where Django hands an async view back and forth:
+
+    * ASGI with DjangoInstrumentor, whose middleware is sync only: Django runs the chain on
+      a worker thread, which runs the view back on the loop (``async_to_sync``) and waits;
+    * WSGI: ``async_to_sync`` runs the view on a new loop in a worker thread while the
+      request's thread waits.
+
+    The view's work is in the profile, not the wait."""
     port = free_port()
-    app = "tests.django_app.instrumented_asgi:application"
     env = {
         "OTELPROF_EXCLUDE_PATHS": "/health",
         "OTELPROF_MODE": "always_on",
         "OTELPROF_ALWAYS_ON_INTERVAL_MS": "2",
     }
-    with run_server(uvicorn(app, port), tmp_path, port=port, env=env) as server:
+    if server_kind == "wsgi":
+        command = gunicorn("tests.django_app.wsgi:application", port, workers=2, threads=4)
+    else:
+        command = uvicorn("tests.django_app.instrumented_asgi:application", port)
+    with run_server(command, tmp_path, port=port, env=env) as server:
         _instrumented_requests(server)
         linked = _linked_spans(server, ROUNDS * len(PATHS))
         assert len(linked) == ROUNDS * len(PATHS)
