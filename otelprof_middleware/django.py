@@ -70,7 +70,8 @@ class RouteMiddleware:
     Sync and async capable: under ASGI it runs as a coroutine on the event loop (no
     thread hop), under WSGI as a plain call. It acts after the inner handlers returned
     (Django has resolved the URL by then, and has turned view exceptions into a
-    response), before the response goes out and before the server span ends.
+    response), before the response goes out and before the server span ends; also when
+    they raised, or Django cancelled the view because its client left (ASGI).
 
     Example::
 
@@ -95,9 +96,10 @@ class RouteMiddleware:
             return self._acall(request)
         carrier, joiner = _joiner_of(request)
         if joiner is None:
-            response = self.get_response(request)
-            record_route(request)
-            return response
+            try:
+                return self.get_response(request)
+            finally:  # (also when it raised: DEBUG_PROPAGATE_EXCEPTIONS)
+                record_route(request)
         active = joiner.begin(carrier)
         try:
             response = self.get_response(request)
@@ -109,9 +111,10 @@ class RouteMiddleware:
         return response
 
     async def _acall(self, request: Any) -> Any:
-        response = await self.get_response(request)
-        record_route(request)
-        return response
+        try:
+            return await self.get_response(request)
+        finally:  # also when Django cancelled the view (its client went away)
+            record_route(request)
 
 
 def _joiner_of(request: Any) -> tuple[Any, InnerJoiner | None]:

@@ -10,4 +10,5 @@ urlpatterns = [
     path("items/<int:item_id>/", views.item),
     path("async/items/<int:item_id>/", views.async_item),
     path("health/", views.health),
+    path("slow/", views.slow),
 ]

@@ -35,6 +35,12 @@ async def async_item(request: HttpRequest, item_id: int) -> JsonResponse:
     return JsonResponse({"item_id": item_id, "view": "async"})
 
 
+async def slow(request: HttpRequest) -> JsonResponse:
+    """A slow async view: Django cancels it when the client disconnects (ASGI)."""
+    await asyncio.sleep(5)
+    return JsonResponse({"view": "slow"})
+
+
 def health(request: HttpRequest) -> JsonResponse:
     """A health check (excluded from traces by the DjangoInstrumentor tests)."""
     return JsonResponse({"ok": True})

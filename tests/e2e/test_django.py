@@ -292,3 +292,51 @@ def test_wsgi_route_reaches_the_index_through_the_environ(
     assert response.get_json() == {"item_id": 3, "view": "sync"}
     app.core.writer.flush(5)
     _route_checks(spans, store)
+
+
+def test_a_request_django_cancels_keeps_its_route(
+    django_with_child_span: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """Django (ASGI) cancels a view whose client went away: the span and the profile still
+    get the route, the slow request someone looks for."""
+    provider, spans = django_with_child_span
+    store = MemoryStore()
+    app = ProfilingMiddleware(
+        get_asgi_application(), tracer_provider=provider, profile_store=store, sample_rate=1.0
+    )
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/slow/",
+        "raw_path": b"/slow/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"localhost")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("localhost", 80),
+    }
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await anyio.sleep(0.1)  # then the client leaves
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise AssertionError(f"a cancelled view sent {message}")
+
+    async def call() -> None:
+        with anyio.fail_after(3):
+            await app(scope, receive, send)
+
+    anyio.run(call)
+    app.core.writer.flush(5)
+    [server] = [span for span in spans.get_finished_spans() if span.kind == SpanKind.SERVER]
+    assert server.name == "GET /slow/"
+    assert (server.attributes or {}).get("http.route") == "/slow/"
+    [summary] = store.list()
+    assert summary.route == "/slow/"
