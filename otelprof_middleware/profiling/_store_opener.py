@@ -37,6 +37,9 @@ class StoreOpener:
         self._store = store
         self._lock = threading.Lock()
         self._retry_at = 0.0
+        # Why the last attempt to open it failed (text: the exception's traceback would
+        # keep the failed caller's frames, and so its batch of profiles, alive).
+        self._failure = ""
         renew_locks_in_children(self)
 
     def renew_locks(self) -> None:
@@ -52,8 +55,9 @@ class StoreOpener:
         """The store, opened now if this is its first use.
 
         Raises:
-            Exception: whatever opening the store raised, or ``RuntimeError`` while the
-                retry delay of the last failure runs (callers fail open).
+            Exception: whatever opening the store raised, or ``RuntimeError`` naming
+                that failure while its retry delay runs (callers fail open; their
+                rate-limited log then still says why, long after the first failure).
         """
         store = self._store
         if store is not None:
@@ -63,15 +67,19 @@ class StoreOpener:
                 return self._store
             now = time.monotonic()
             if now < self._retry_at:
-                raise RuntimeError("profile store unavailable (retrying shortly)")
+                raise RuntimeError(
+                    f"profile store unavailable ({self._failure}); retrying every "
+                    f"{STORE_RETRY_SECONDS:g} s"
+                )
             try:
                 self._store = open_shared(
                     self._config.resolved_store_url(),
                     max_profiles=self._config.store_max_profiles,
                     max_bytes=self._config.store_max_bytes,
                 )
-            except Exception:
+            except Exception as exc:
                 self._retry_at = now + STORE_RETRY_SECONDS
+                self._failure = f"{type(exc).__name__}: {exc}"
                 raise
             return self._store
 

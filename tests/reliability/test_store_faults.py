@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from otelprof_middleware import counters
+from otelprof_middleware import _failsafe, counters
 from otelprof_middleware.profiling import _store_opener
 from otelprof_middleware.stores import SQLiteStore, _sqlite_connection
 
@@ -227,6 +227,36 @@ def test_store_open_failure_logs_its_cause(
         assert harness.core.writer.flush(10)
         assert logged_stages(caplog) == ["store.put"]
         assert "NotADirectoryError" in _first_warning(caplog)
+    finally:
+        _close_store(harness)
+
+
+def test_store_open_failure_keeps_its_cause_while_retries_wait(
+    kind: Kind,
+    harnesses: MakeHarness,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between two attempts to open the store, its writes fail at once: the warning
+    logged for them (once a minute, so nearly every one after the first) still says
+    why the store cannot be opened, not only that it is unavailable."""
+    monkeypatch.setattr(_failsafe, "LOG_INTERVAL_SECONDS", 0.0)  # log every failure
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    harness = harnesses(kind, None, state_dir=str(blocker / "state"))
+    try:
+        for _ in range(2):  # two writer batches: the open, then a write while it waits
+            assert send_batch(harness, BATCH[:2]).failures == []
+            assert harness.core.writer.flush(10)
+        warnings = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "otelprof_middleware" and "store.put failed" in r.getMessage()
+        ]
+        assert len(warnings) >= 2
+        assert "retrying every" in warnings[-1]
+        assert all("NotADirectoryError" in message for message in warnings), warnings
     finally:
         _close_store(harness)
 
