@@ -296,6 +296,86 @@ def test_export_needs_an_output(capsys: pytest.CaptureFixture[str], store_url: s
     assert exit_.value.code == 2
 
 
+# -- a store the CLI may only read -------------------------------------------------------
+
+
+@contextmanager
+def read_only_view(source: Path, target: Path) -> Iterator[Path]:
+    """``source`` also seen read-only at ``target`` (a read-only bind mount, as a viewer
+    container mounts the apps' state volume); skips where mounting is not permitted."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    target.mkdir()
+    mounted = subprocess.run(
+        ["mount", "--bind", str(source), str(target)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"mount --bind refused here: {mounted.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def _index(base: str) -> list[str]:
+    response = httpx.get(base + "/debug/profile", params={"format": "json"})
+    assert response.status_code == 200, response.text
+    return [row["trace_id"] for row in response.json()["profiles"]]
+
+
+def test_ls_and_serve_read_a_store_on_a_read_only_mount_while_an_app_writes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, session: Session
+) -> None:
+    """The CLI only reads: a store it may not write (a read-only mount of the apps'
+    state directory) is read, and shows what the apps write afterwards."""
+    _fill(tmp_path / "state" / "profiles.db", session)
+    app = SQLiteStore(tmp_path / "state" / "profiles.db")  # an app, writing
+    try:
+        app.put(ProfileRecord.from_session(_summary("d1" + "0" * 30, 5, "/new", 9.0, 5), session))
+        with read_only_view(tmp_path / "state", tmp_path / "ro") as ro:
+            url = "sqlite:///" + str(ro / "profiles.db")
+            code, out, err = run(capsys, "ls", "--store", url)
+            assert code == 0, err
+            assert [row.split()[-2] for row in out.splitlines()[1:]] == [
+                "d1" + "0" * 30,
+                C,
+                C,
+                B,
+                A,
+            ]
+            code, out, _ = run(capsys, "show", B, "--store", url)
+            assert code == 0 and "cli_profiled_work" in out
+            with serve("--store", url) as (base, _):
+                assert _index(base)[0] == "d1" + "0" * 30
+                later = "e1" + "0" * 30
+                app.put(ProfileRecord.from_session(_summary(later, 6, "/new", 9.0, 6), session))
+                assert _index(base)[0] == later
+    finally:
+        app.close()
+
+
+def test_serve_waits_for_an_app_to_open_a_store_on_a_read_only_mount(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, session: Session
+) -> None:
+    """SQLite reads a store it may not write only through the -shm file an app keeps:
+    with no app running, ls says so (exit 1) and serve answers 503 until one runs."""
+    _fill(tmp_path / "state" / "profiles.db", session)  # closed: no -wal, no -shm
+    with read_only_view(tmp_path / "state", tmp_path / "ro") as ro:
+        url = "sqlite:///" + str(ro / "profiles.db")
+        code, _, err = run(capsys, "ls", "--store", url)
+        assert code == 1 and "only while an app has it open" in err
+        with serve("--store", url) as (base, log):
+            waiting = httpx.get(base + "/debug/profile", params={"format": "json"})
+            assert waiting.status_code == 503
+            app = SQLiteStore(tmp_path / "state" / "profiles.db")
+            try:
+                assert _index(base) == [C, C, B, A]
+            finally:
+                app.close()
+            assert "only while an app has it open" in log.read_text()
+
+
 # -- which store -------------------------------------------------------------------------
 
 

@@ -4,13 +4,14 @@ and writing to stdout."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sqlite3
 import sys
 from urllib.request import pathname2url
 
 from .._config import Config
-from ..stores import open_store
+from ..stores import SQLiteStore, open_store
 from ..stores._base import ProfileStore, redact_url
 
 __all__ = ["CommandExit", "load_config", "open_profile_store", "store_url", "write_stdout"]
@@ -44,6 +45,10 @@ def open_profile_store(url: str, config: Config, *, must_exist: bool) -> Profile
 
     ``must_exist``: an embedded SQLite store that is not there is an error (exit 1)
     rather than created empty.
+
+    A SQLite store this process may not write (a read-only mount of the apps' state
+    directory, a file of another user it may only read) is opened read-only: the
+    commands and the viewer only read.
     """
     shown = redact_url(url)
     if url.lower().startswith("memory:"):
@@ -53,18 +58,33 @@ def open_profile_store(url: str, config: Config, *, must_exist: bool) -> Profile
             "and no other process can read it; open the app's /debug/profile, or give the "
             "app a sqlite:/// or redis:// store",
         )
+    path = ""
     if url.lower().startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if path and "?" not in path:
             _check_sqlite_file(path, must_exist=must_exist)
     try:
-        return open_store(
-            url, max_profiles=config.store_max_profiles, max_bytes=config.store_max_bytes
-        )
+        try:
+            return open_store(
+                url, max_profiles=config.store_max_profiles, max_bytes=config.store_max_bytes
+            )
+        except OSError as exc:
+            if exc.errno not in _NOT_WRITABLE or not path or not os.path.isfile(path):
+                raise
+            return SQLiteStore(
+                path,
+                max_profiles=config.store_max_profiles,
+                max_bytes=config.store_max_bytes,
+                read_only=True,
+            )
     except (ValueError, ImportError) as exc:
         raise CommandExit(2, str(exc)) from None
     except Exception as exc:
         raise CommandExit(1, f"cannot open the profile store {shown}: {exc}") from None
+
+
+# Why a file that exists could not be opened for writing: it is then opened read-only.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _check_sqlite_file(path: str, *, must_exist: bool) -> None:

@@ -8,6 +8,13 @@ it inherited; it opens its own on first use (detected by ``os.register_at_fork``
 a change of ``os.getpid()``). A file deleted or replaced since it was opened is opened
 (created) again at the next use: SQLite would go on writing into the deleted file,
 which nothing opened later would see.
+
+A read-only connection (``read_only=True``: ``otelprof serve`` and the CLI on a store
+they may not write, such as a read-only mount) opens the file with ``mode=ro`` and
+neither creates, configures nor migrates it: SQLite reads a WAL file that way while the
+apps write it, through the ``-shm`` and ``-wal`` files they keep. Where it may not
+create those files itself (a read-only filesystem), it can read the file only while an
+app has it open: until then the connection is opened again at each use.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import sqlite3
 import threading
 import weakref
 from collections.abc import Iterator
+from urllib.request import pathname2url
 
 from . import _sqlite_sql as sql
 from ._sqlite_sql import BUSY_TIMEOUT_MS, SCHEMA_VERSION
@@ -55,21 +63,25 @@ class ProcessConnection:
     Args:
         path: the database file (an absolute path).
         url: the store's URL, for the error once closed.
+        read_only: open an existing file read-only (``mode=ro``); never create it or
+            bring its schema up to date. Writes then raise ``sqlite3.OperationalError``.
 
     Raises:
-        OSError: the directory or file cannot be created.
+        OSError: the directory or file cannot be created (or, read-only, is missing).
         sqlite3.DatabaseError: the file is not a usable store.
     """
 
-    def __init__(self, path: str, url: str) -> None:
+    def __init__(self, path: str, url: str, *, read_only: bool = False) -> None:
         self.path = path
         self.url = url
+        self.read_only = read_only
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the opened file
         self._pid = os.getpid()
         self._closed = False
-        with self._lock:
+        # Read-only before any app opened the file: opened at a later use instead.
+        with self._lock, contextlib.suppress(_NoAppHasItOpen):
             self._conn = self._open()
         _LIVE.add(self)
 
@@ -128,19 +140,28 @@ class ProcessConnection:
         os.close(fd)
 
     def _open(self) -> sqlite3.Connection:
-        self._create_file()
+        if not self.read_only:
+            self._create_file()
         created = os.stat(self.path)  # (replaced before the connect: reopened at next use)
         self._file = (created.st_dev, created.st_ino)
         conn = sqlite3.connect(
-            self.path,
+            f"file:{pathname2url(self.path)}?mode=ro" if self.read_only else self.path,
             timeout=BUSY_TIMEOUT_MS / 1000,
             isolation_level=None,  # autocommit; transactions are explicit
             check_same_thread=False,  # shared by threads under self._lock
+            uri=self.read_only,
         )
         try:
-            sql.retry_busy(lambda: _configure(conn))
+            sql.retry_busy(lambda: (_check_read_only if self.read_only else _configure)(conn))
         except sqlite3.DatabaseError as exc:
             conn.close()
+            opening = isinstance(exc, sqlite3.OperationalError)  # (not a schema check's)
+            if self.read_only and opening and not os.path.exists(self.path + "-shm"):
+                raise _NoAppHasItOpen(
+                    f"cannot read {self.path!r} read-only yet ({exc}): SQLite reads a store "
+                    "it may not write only while an app has it open (its -wal and -shm "
+                    "files exist)"
+                ) from exc
             raise type(exc)(
                 f"cannot use {self.path!r} as the otelprof profile store: {exc}. Move the "
                 "file away or point OTELPROF_STORE elsewhere."
@@ -166,6 +187,22 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     _migrate(conn)
+
+
+class _NoAppHasItOpen(sqlite3.OperationalError):
+    """A read-only store has no ``-shm`` file yet, and this process may not create it."""
+
+
+def _check_read_only(conn: sqlite3.Connection) -> None:
+    """A read-only connection's set-up: the file must already be a current store."""
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    version = sql.user_version(conn)
+    if version != SCHEMA_VERSION or _missing_columns(conn):
+        raise sqlite3.DatabaseError(
+            f"opened read-only, it must be a store of schema version {SCHEMA_VERSION}, "
+            f"found version {version}{' with columns missing' if version else ''}; an app "
+            "of this version writing to it brings it up to date"
+        )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

@@ -58,9 +58,14 @@ class SQLiteStore:
         max_bytes: keep at most this many compressed payload bytes
             (``OTELPROF_STORE_MAX_BYTES``, default 64 MiB). A single record larger
             than this is refused with ``ValueError`` instead of emptying the store.
+        read_only: only read an existing store, opening the file read-only; it is
+            never created or migrated, and :meth:`put`, :meth:`put_many` and
+            :meth:`delete` raise ``sqlite3.OperationalError``. For readers that may
+            not write the file (``otelprof serve`` or ``ls`` on a read-only mount of
+            the apps' state directory); SQLite reads it while the apps write.
 
     Raises:
-        OSError: the directory or file cannot be created.
+        OSError: the directory or file cannot be created (read-only: it is missing).
         sqlite3.DatabaseError: the file is not a usable store (corrupt, not SQLite,
             written by a newer schema version, locked beyond the busy timeout).
 
@@ -77,6 +82,8 @@ class SQLiteStore:
         path: str | os.PathLike[str],
         max_profiles: int = DEFAULT_MAX_PROFILES,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        *,
+        read_only: bool = False,
     ) -> None:
         check_bounds(max_profiles, max_bytes)
         text = os.fspath(path)
@@ -89,7 +96,7 @@ class SQLiteStore:
         self.url = "sqlite:///" + self.path
         self.max_profiles = max_profiles
         self.max_bytes = max_bytes
-        self._connection = ProcessConnection(self.path, self.url)
+        self._connection = ProcessConnection(self.path, self.url, read_only=read_only)
 
     # -- ProfileStore ----------------------------------------------------------
 

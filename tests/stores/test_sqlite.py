@@ -189,6 +189,32 @@ def test_unwritable_directory_raises(tmp_path: Path) -> None:
         locked.chmod(0o700)
 
 
+def test_read_only_reads_what_a_writer_writes_and_never_writes(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    store.put(make_record(0))
+    reader = SQLiteStore(db_path, read_only=True)
+    try:
+        assert [s.trace_id for s in reader.list()] == [f"{1:032x}"]
+        store.put(make_record(1))
+        assert len(reader.list()) == 2 and reader.stats()[0] == 2
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.put(make_record(2))
+        assert store.stats()[0] == 2
+    finally:
+        reader.close()
+
+
+def test_read_only_never_creates_or_migrates(tmp_path: Path, db_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        SQLiteStore(tmp_path / "missing" / "profiles.db", read_only=True)
+    assert not (tmp_path / "missing").exists()
+    _create_v1_file(db_path)  # an older file, lacking the columns added since
+    with pytest.raises(sqlite3.DatabaseError, match="found version 1 with columns missing"):
+        SQLiteStore(db_path, read_only=True)
+    assert "kept_reason" not in _columns(db_path)
+
+
 def test_open_store_round_trips_the_url(store: SQLiteStore) -> None:
     store.put(make_record(1))
     again = open_store(store.url)
