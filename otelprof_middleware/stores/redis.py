@@ -42,6 +42,7 @@ and walks the sorted sets for ``list``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -293,8 +294,15 @@ class RedisStore:
 
     def _forget(self, ids: Iterable[str]) -> None:
         """Remove what is left of ``ids`` whose hash or payload is gone (expired or
-        evicted)."""
-        self._connection.run(self._forget_script, args=[self.prefix, *ids])
+        evicted).
+
+        Best effort: a reader that may not write (``otelprof serve`` on a read-only
+        replica, or as an ACL user without write commands) gets ``READONLY`` or
+        ``NOPERM`` here, and still answers with what it read; the next write removes
+        the entries.
+        """
+        with contextlib.suppress(self._connection.redis.ResponseError):
+            self._connection.run(self._forget_script, args=[self.prefix, *ids])
 
 
 def _text(value: bytes | str) -> str:

@@ -465,6 +465,55 @@ def test_a_hash_lost_outside_the_store_is_skipped_and_forgotten(
     assert store.stats() == (2, 200)
 
 
+def _replica_of(primary: RedisServer, directory: Path) -> RedisServer:
+    """A read-only replica of ``primary``, in sync with it."""
+    replica = RedisServer(directory)
+    replica.start()
+    client = redis.Redis(port=replica.port, socket_timeout=1)
+    try:
+        client.replicaof("127.0.0.1", primary.port)
+        deadline = time.monotonic() + 10
+        while client.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.02)
+    finally:
+        client.close()
+    return replica
+
+
+def test_a_reader_that_may_not_write_skips_a_lost_profile(
+    store: RedisStore, raw: redis.Redis, prefix: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """otelprof serve on a read-only replica, or as an ACL user without write commands,
+    skips index entries whose keys expired and answers; it cannot remove them (READONLY,
+    NOPERM), the next write does. Failing to remove them failed the whole read."""
+    for n in range(3):
+        store.put(make_record(n))
+    gone = make_summary(1)
+    raw.delete(f"{prefix}p:{gone.trace_id}:{gone.span_id}")  # as when its TTL passes
+    user = f"reader{uuid.uuid4().hex[:8]}"
+    raw.acl_setuser(user, enabled=True, nopass=True, keys=["*"], commands=["+@all", "-@write"])
+    replica = _replica_of(redis_server, tmp_path / "replica")
+    readers = [
+        RedisStore(replica.url + "/0", prefix=prefix),
+        RedisStore(f"redis://{user}:x@127.0.0.1:{redis_server.port}/0", prefix=prefix),
+    ]
+    try:
+        for reader in readers:
+            assert summary_numbers(reader.list()) == [2, 0]
+            assert reader.get(gone.trace_id, gone.span_id) == []
+            assert reader.get(gone.trace_id) == []
+            assert [r.summary for r in reader.get(make_summary(2).trace_id)] == [make_summary(2)]
+        assert raw.hlen(prefix + "entries") == 3  # left for a writer to remove
+        assert summary_numbers(store.list()) == [2, 0]
+        assert redis_index(raw, prefix) == (2, 200)
+    finally:
+        for reader in readers:
+            reader.close()
+        replica.stop()
+        raw.acl_deluser(user)
+
+
 # -- prefixes ---------------------------------------------------------------------------------
 
 
