@@ -359,21 +359,24 @@ def test_serve_waits_for_an_app_to_open_a_store_on_a_read_only_mount(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, session: Session
 ) -> None:
     """SQLite reads a store it may not write only through the -shm file an app keeps:
-    with no app running, ls says so (exit 1) and serve answers 503 until one runs."""
-    _fill(tmp_path / "state" / "profiles.db", session)  # closed: no -wal, no -shm
+    with no app running, ls says so (exit 1) and serve answers 503 until one runs. A
+    viewer container may also start before the apps have created the store."""
+    (tmp_path / "state").mkdir()
     with read_only_view(tmp_path / "state", tmp_path / "ro") as ro:
         url = "sqlite:///" + str(ro / "profiles.db")
-        code, _, err = run(capsys, "ls", "--store", url)
-        assert code == 1 and "only while an app has it open" in err
         with serve("--store", url) as (base, log):
             waiting = httpx.get(base + "/debug/profile", params={"format": "json"})
             assert waiting.status_code == 503
+            _fill(tmp_path / "state" / "profiles.db", session)  # closed: no -wal, no -shm
+            code, _, err = run(capsys, "ls", "--store", url)
+            assert code == 1 and "only while an app has it open" in err
+            assert httpx.get(base + "/debug/profile").status_code == 503
             app = SQLiteStore(tmp_path / "state" / "profiles.db")
             try:
                 assert _index(base) == [C, C, B, A]
             finally:
                 app.close()
-            assert "only while an app has it open" in log.read_text()
+            assert "does not exist yet" in log.read_text()  # (logged once a minute)
 
 
 # -- which store -------------------------------------------------------------------------

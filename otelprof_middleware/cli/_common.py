@@ -48,7 +48,8 @@ def open_profile_store(url: str, config: Config, *, must_exist: bool) -> Profile
 
     A SQLite store this process may not write (a read-only mount of the apps' state
     directory, a file of another user it may only read) is opened read-only: the
-    commands and the viewer only read.
+    commands and the viewer only read. ``serve`` may start before the apps have
+    created it there; it reads it once they have.
     """
     shown = redact_url(url)
     if url.lower().startswith("memory:"):
@@ -69,7 +70,7 @@ def open_profile_store(url: str, config: Config, *, must_exist: bool) -> Profile
                 url, max_profiles=config.store_max_profiles, max_bytes=config.store_max_bytes
             )
         except OSError as exc:
-            if exc.errno not in _NOT_WRITABLE or not path or not os.path.isfile(path):
+            if exc.errno not in _NOT_WRITABLE or not path or os.path.isdir(path):
                 raise
             return SQLiteStore(
                 path,

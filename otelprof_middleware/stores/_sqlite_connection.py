@@ -14,7 +14,8 @@ they may not write, such as a read-only mount) opens the file with ``mode=ro`` a
 neither creates, configures nor migrates it: SQLite reads a WAL file that way while the
 apps write it, through the ``-shm`` and ``-wal`` files they keep. Where it may not
 create those files itself (a read-only filesystem), it can read the file only while an
-app has it open: until then the connection is opened again at each use.
+app has it open; and no app may have created it yet. Until then the connection is
+opened again at each use.
 """
 
 from __future__ import annotations
@@ -63,11 +64,11 @@ class ProcessConnection:
     Args:
         path: the database file (an absolute path).
         url: the store's URL, for the error once closed.
-        read_only: open an existing file read-only (``mode=ro``); never create it or
-            bring its schema up to date. Writes then raise ``sqlite3.OperationalError``.
+        read_only: open the file read-only (``mode=ro``); never create it or bring its
+            schema up to date. Writes then raise ``sqlite3.OperationalError``.
 
     Raises:
-        OSError: the directory or file cannot be created (or, read-only, is missing).
+        OSError: the directory or file cannot be created.
         sqlite3.DatabaseError: the file is not a usable store.
     """
 
@@ -142,6 +143,10 @@ class ProcessConnection:
     def _open(self) -> sqlite3.Connection:
         if not self.read_only:
             self._create_file()
+        elif not os.path.exists(self.path):
+            raise _NoAppHasItOpen(
+                f"{self.path!r} does not exist yet: an app creates it with its first kept profile"
+            )
         created = os.stat(self.path)  # (replaced before the connect: reopened at next use)
         self._file = (created.st_dev, created.st_ino)
         conn = sqlite3.connect(
@@ -190,7 +195,8 @@ def _configure(conn: sqlite3.Connection) -> None:
 
 
 class _NoAppHasItOpen(sqlite3.OperationalError):
-    """A read-only store has no ``-shm`` file yet, and this process may not create it."""
+    """A read-only store's file, or its ``-shm`` file, is not there yet, and this process
+    may not create it."""
 
 
 def _check_read_only(conn: sqlite3.Connection) -> None:

@@ -58,14 +58,16 @@ class SQLiteStore:
         max_bytes: keep at most this many compressed payload bytes
             (``OTELPROF_STORE_MAX_BYTES``, default 64 MiB). A single record larger
             than this is refused with ``ValueError`` instead of emptying the store.
-        read_only: only read an existing store, opening the file read-only; it is
-            never created or migrated, and :meth:`put`, :meth:`put_many` and
-            :meth:`delete` raise ``sqlite3.OperationalError``. For readers that may
-            not write the file (``otelprof serve`` or ``ls`` on a read-only mount of
-            the apps' state directory); SQLite reads it while the apps write.
+        read_only: only read the store, opening the file read-only; it is never
+            created or migrated, and :meth:`put`, :meth:`put_many` and :meth:`delete`
+            raise ``sqlite3.OperationalError``. For readers that may not write the file
+            (``otelprof serve`` or ``ls`` on a read-only mount of the apps' state
+            directory); SQLite reads it while the apps write. A file that no app has
+            created yet (or, on a read-only filesystem, has open) is opened at a later
+            call; until then calls raise ``sqlite3.OperationalError`` saying so.
 
     Raises:
-        OSError: the directory or file cannot be created (read-only: it is missing).
+        OSError: the directory or file cannot be created.
         sqlite3.DatabaseError: the file is not a usable store (corrupt, not SQLite,
             written by a newer schema version, locked beyond the busy timeout).
 

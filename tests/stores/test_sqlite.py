@@ -206,9 +206,18 @@ def test_read_only_reads_what_a_writer_writes_and_never_writes(
 
 
 def test_read_only_never_creates_or_migrates(tmp_path: Path, db_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        SQLiteStore(tmp_path / "missing" / "profiles.db", read_only=True)
-    assert not (tmp_path / "missing").exists()
+    later = tmp_path / "later" / "profiles.db"
+    reader = SQLiteStore(later, read_only=True)  # (a viewer started before the apps)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="does not exist yet"):
+            reader.list()
+        assert not later.parent.exists()
+        writer = SQLiteStore(later)
+        writer.put(make_record(0))
+        writer.close()
+        assert len(reader.list()) == 1
+    finally:
+        reader.close()
     _create_v1_file(db_path)  # an older file, lacking the columns added since
     with pytest.raises(sqlite3.DatabaseError, match="found version 1 with columns missing"):
         SQLiteStore(db_path, read_only=True)
