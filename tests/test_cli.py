@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -353,6 +354,22 @@ def test_ls_and_serve_read_a_store_on_a_read_only_mount_while_an_app_writes(
                 assert _index(base)[0] == later
     finally:
         app.close()
+
+
+def test_only_a_store_it_may_read_is_opened_read_only(tmp_path: Path) -> None:
+    """A read-only filesystem, or a file it may not write: read-only. A missing file
+    behind a permission error (a directory it may not search) keeps its error: read-only,
+    serve would answer 503 "does not exist yet" forever."""
+    from otelprof_middleware.cli._common import _read_only_here
+
+    present = tmp_path / "profiles.db"
+    present.write_bytes(b"")
+    missing = str(tmp_path / "missing.db")
+    assert _read_only_here(OSError(errno.EROFS, "ro"), missing)
+    assert _read_only_here(OSError(errno.EACCES, "denied"), str(present))
+    assert not _read_only_here(OSError(errno.EACCES, "denied"), missing)
+    assert not _read_only_here(OSError(errno.EROFS, "ro"), str(tmp_path))
+    assert not _read_only_here(OSError(errno.ENOSPC, "full"), str(present))
 
 
 def test_serve_waits_for_an_app_to_open_a_store_on_a_read_only_mount(

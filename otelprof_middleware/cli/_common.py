@@ -70,7 +70,7 @@ def open_profile_store(url: str, config: Config, *, must_exist: bool) -> Profile
                 url, max_profiles=config.store_max_profiles, max_bytes=config.store_max_bytes
             )
         except OSError as exc:
-            if exc.errno not in _NOT_WRITABLE or not path or os.path.isdir(path):
+            if not path or not _read_only_here(exc, path):
                 raise
             return SQLiteStore(
                 path,
@@ -84,8 +84,13 @@ def open_profile_store(url: str, config: Config, *, must_exist: bool) -> Profile
         raise CommandExit(1, f"cannot open the profile store {shown}: {exc}") from None
 
 
-# Why a file that exists could not be opened for writing: it is then opened read-only.
-_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+def _read_only_here(exc: OSError, path: str) -> bool:
+    """True when opening the store at ``path`` for writing failed because this process
+    may not write there, though it may read: a read-only filesystem (the file may not
+    exist yet), or a file it may not write."""
+    if exc.errno == errno.EROFS:
+        return not os.path.isdir(path)
+    return exc.errno in (errno.EACCES, errno.EPERM) and os.path.isfile(path)
 
 
 def _check_sqlite_file(path: str, *, must_exist: bool) -> None:

@@ -143,11 +143,14 @@ class ProcessConnection:
     def _open(self) -> sqlite3.Connection:
         if not self.read_only:
             self._create_file()
-        elif not os.path.exists(self.path):
+        try:
+            created = os.stat(self.path)  # (replaced before the connect: reopened at next use)
+        except FileNotFoundError:
+            if not self.read_only:
+                raise
             raise _NoAppHasItOpen(
                 f"{self.path!r} does not exist yet: an app creates it with its first kept profile"
-            )
-        created = os.stat(self.path)  # (replaced before the connect: reopened at next use)
+            ) from None
         self._file = (created.st_dev, created.st_ino)
         conn = sqlite3.connect(
             f"file:{pathname2url(self.path)}?mode=ro" if self.read_only else self.path,
