@@ -1,10 +1,12 @@
 """Always-on: the crediting arithmetic. What each request was doing between two ticks.
 
 A tick sees each registered request in one state: :class:`Running` (its stack on a
-thread) or :class:`Waiting` (its task suspended on a future), or nowhere. The interval
-since the previous tick is credited to the previous and the current state by
-:func:`credit`; a wait is credited in one piece when it ends (:func:`close_wait`).
-:class:`Ledger` keeps each request's state from one tick to the next.
+thread) or :class:`Waiting` (its task suspended on a future), or nowhere; and each worker
+job a request runs in a state of its own (a request may run several jobs at once, and
+its task on the event loop meanwhile). The interval since the previous tick is credited
+to the previous and the current state by :func:`credit`; a wait is credited in one piece
+when it ends (:func:`close_wait`). :class:`Ledger` keeps the states from one tick to the
+next.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from .._request_profile import RequestProfile
 from ._stacks import await_stack
 
 if TYPE_CHECKING:
-    from ._registry import LoopState
+    from ._registry import Job, LoopState
 
 __all__ = [
     "Interval",
@@ -138,32 +140,43 @@ def add_time(request: RequestProfile, state: State, seconds: float) -> None:
 
 
 class Ledger:
-    """Each registered request's state at the last tick, and what a tick credits."""
+    """Each registered request's and worker job's state at the last tick, and what a
+    tick credits."""
 
-    __slots__ = ("running_before", "states")
+    __slots__ = ("job_states", "running_before", "states")
 
     def __init__(self) -> None:
-        self.states: dict[RequestProfile, State] = {}  # each one's state at the last tick
+        # Each request's state at the last tick: its own task's (or thread's).
+        self.states: dict[RequestProfile, State] = {}
+        self.job_states: dict[Job, State] = {}  # each worker job's at the last tick
         self.running_before: list[RequestProfile] = []  # running at the last tick
 
     def credit_tick(
         self,
         loops: list[LoopState],
         running: dict[RequestProfile, State],
-        job_starts: dict[RequestProfile, float],
+        jobs: dict[Job, State],
         interval: Interval,
     ) -> None:
-        """Credit ``interval`` to every registered request: ``running`` (with the worker
-        jobs that began in it, ``job_starts``), the tasks waiting on ``loops``, and
-        those that ran at the last tick and are nowhere now.
+        """Credit ``interval`` to every registered request: ``running`` (on its own task
+        or thread), its worker ``jobs``, the tasks waiting on ``loops``, and those that
+        ran at the last tick and are nowhere now.
 
         A request still waiting on the same future as at the last tick costs one
         identity check: its wait is credited in one piece when it ends. A request seen
         waiting for the first time (the other common case: with many short requests
-        waiting, a tick finds a new one every few) is credited inline, see below.
+        waiting, a tick finds a new one every few) is credited inline, see below. A
+        request whose task waits while a job of its runs on a worker thread is not
+        waiting meanwhile: the job's time is what it waits for (counted once).
         """
         states = self.states
         end = interval.end
+        # Requests with a job on a worker thread now -> when the first of them began.
+        with_jobs: dict[RequestProfile, float] = {}
+        for job in jobs:
+            began = with_jobs.get(job.request)
+            if began is None or job.began < began:
+                with_jobs[job.request] = job.began
         # What :func:`credit` gives a state first seen at this tick, before its age cap.
         first_share = min(interval.elapsed, interval.gil_wait + interval.slept / 2)
         for state in loops:
@@ -172,6 +185,10 @@ class Ledger:
                 if request.producer is not None:  # its body streams from another task
                     task = request.producer  # type: ignore[assignment]
                 before = states.get(request)
+                if with_jobs and request in with_jobs:  # it waits for its job(s)...
+                    if before is not None and request not in running:  # (...or runs too)
+                        self.hand_over(request, before, with_jobs[request], interval)
+                    continue
                 # A suspended task waits on one future until it runs again: the same
                 # future as last tick means the same wait (the common case).
                 future = getattr(task, "_fut_waiter", None)
@@ -197,8 +214,7 @@ class Ledger:
                 if not request.closed:  # (closed: its profile ended during this tick)
                     states[request] = waiting
         for request, now in running.items():
-            job_began = job_starts.get(request) if job_starts else None
-            self.change(request, states.get(request), now, interval, job_began)
+            self.change(request, states.get(request), now, interval)
         for request in self.running_before:
             # Ran at the last tick; neither running nor waiting on a loop now (its job
             # ended): its share of the interval, then forget it.
@@ -207,6 +223,25 @@ class Ledger:
                 if type(before) is Running:
                     self.change(request, before, None, interval)
         self.running_before = list(running)
+        if jobs or self.job_states:
+            self.credit_jobs(jobs, interval)
+
+    def credit_jobs(self, jobs: dict[Job, State], interval: Interval) -> None:
+        """Credit ``interval`` to each worker job running now or at the last tick."""
+        job_states = self.job_states
+        start = interval.end - interval.elapsed
+        for job, now in jobs.items():
+            before = job_states.get(job)
+            began = job.began if before is None and job.began > start else None
+            _credit_change(job.request, before, now, interval, began)
+            if job.request.closed:
+                job_states.pop(job, None)
+            else:
+                job_states[job] = now
+        for job in [j for j in job_states if j not in jobs]:  # gone without its end
+            before = job_states.pop(job)
+            if not job.request.closed:
+                _credit_change(job.request, before, None, interval)
 
     def change(
         self,
@@ -214,28 +249,54 @@ class Ledger:
         before: State | None,
         now: State | None,
         interval: Interval,
-        job_began: float | None = None,
     ) -> None:
-        """Credit ``request``'s interval to ``before`` and ``now``; ``now`` is its state.
-
-        ``job_began``: ``now`` is a worker job that began at that moment of the interval,
-        so the interval is split there rather than halfway.
-        """
-        close_wait(request, before, interval.end - interval.elapsed)
-        if job_began is not None and now is not None:
-            own = min(interval.elapsed, interval.end - job_began)
-            if before is not None and interval.elapsed > own:
-                add_time(request, before, interval.elapsed - own)
-            add_time(request, now, own)
-        else:
-            credit(request, before, now, interval)
+        """Credit ``request``'s interval to ``before`` and ``now``; ``now`` is its state."""
+        _credit_change(request, before, now, interval)
         if now is None or request.closed:  # (closed: its profile ended during this tick)
             self.states.pop(request, None)
         else:
             self.states[request] = now
+
+    def hand_over(
+        self, request: RequestProfile, before: State, job_began: float, interval: Interval
+    ) -> None:
+        """``request``'s task waits for a job of its on a worker thread, which began at
+        ``job_began``: its state up to then is credited, and forgotten."""
+        start = interval.end - interval.elapsed
+        if job_began > start:  # the job began in this interval: the split is known
+            close_wait(request, before, start)
+            add_time(request, before, min(interval.elapsed, job_began - start))
+        else:
+            _credit_change(request, before, None, interval)
+        self.states.pop(request, None)
 
     def sweep(self) -> None:
         """Forget the states of requests unregistered while a tick was running."""
         states = self.states
         for request in [r for r in states if r.closed]:
             states.pop(request, None)
+        job_states = self.job_states
+        for job in [j for j in job_states if j.request.closed]:
+            job_states.pop(job, None)
+
+
+def _credit_change(
+    request: RequestProfile,
+    before: State | None,
+    now: State | None,
+    interval: Interval,
+    job_began: float | None = None,
+) -> None:
+    """Credit ``request``'s interval to ``before`` and ``now``.
+
+    ``job_began``: ``now`` is a worker job that began at that moment of the interval,
+    so the interval is split there rather than halfway.
+    """
+    close_wait(request, before, interval.end - interval.elapsed)
+    if job_began is not None and now is not None:
+        own = min(interval.elapsed, interval.end - job_began)
+        if before is not None and interval.elapsed > own:
+            add_time(request, before, interval.elapsed - own)
+        add_time(request, now, own)
+    else:
+        credit(request, before, now, interval)

@@ -173,11 +173,11 @@ class Registry:
         frames: dict[int, types.FrameType],
         main_ident: int | None,
         main_frame: types.FrameType | None,
-        interval_start: float,
         outside_sampler: Callable[[types.FrameType], types.FrameType],
-    ) -> tuple[dict[RequestProfile, State], dict[RequestProfile, float]]:
-        """Each request running at this tick with its stack, and the worker jobs that
-        began during the interval (request -> when).
+    ) -> tuple[dict[RequestProfile, State], dict[Job, State]]:
+        """Each request running at this tick on its own task or thread, with its stack,
+        and each worker job running for a request (one request may have several at once,
+        and run on its event loop meanwhile: each place is a state of its own).
 
         ``frames``: every thread's current frame; ``main_frame``: the frame SIGPROF
         interrupted (None for a thread or loop tick, whose own frames
@@ -209,27 +209,24 @@ class Registry:
                     AWAIT_STACKS.clear()
             if request is not None and not request.closed:
                 running[request] = Running(stack)
-        job_starts: dict[RequestProfile, float] = {}
-        on_loops = set(running)
+        jobs: dict[Job, State] = {}
         for ident, job in list(self.threads.items()):
             frame = frames.get(ident)
             request = job.request
             if frame is None or request.closed:
                 continue
             job.seen = True
-            if request in on_loops and job.submitted_from is not None:
-                # Its task runs on a loop now, while a job it submitted is on a worker:
-                # the loop's stack is the one executing (asgiref's ``async_to_sync``
-                # runs the work on the loop while the worker job waits for it).
+            if job.submitted_from is not None and waits_for_its_loop(frame):
+                # asgiref's ``async_to_sync`` on the job's thread: the work runs on the
+                # event loop (sampled there) while this thread waits for it. (Django
+                # under ASGI runs an async view so behind any sync-only middleware.)
                 continue
             if job.submitted_from is None:
                 running[request] = Running(thread_stack(ident, frame))
             else:  # frames above the job wrapper, under the stack that submitted it
                 tail = thread_stack(ident, frame, job.stop_code)[1:]
-                running[request] = Running(job.submitted_from + tail, worker=True)
-                if job.began > interval_start:  # the job began during this interval
-                    job_starts[request] = job.began
-        return running, job_starts
+                jobs[job] = Running(job.submitted_from + tail, worker=True)
+        return running, jobs
 
     def _task_request(self, state: LoopState, task: asyncio.Task[Any]) -> RequestProfile | None:
         """The request whose task ``task`` is (a main-thread loop, ticked by a thread)."""
@@ -239,6 +236,24 @@ class Registry:
                 if its_task is task or candidate.producer is task:  # (its response's task)
                     return candidate
         return request
+
+
+def waits_for_its_loop(frame: types.FrameType) -> bool:
+    """Whether a worker thread at ``frame`` waits in asgiref's ``async_to_sync`` for a
+    coroutine it handed to the event loop (``CurrentThreadExecutor.run_until_future``
+    waiting on its condition), rather than doing work of its own.
+
+    A job whose callback it runs meanwhile (``sync_to_async`` back onto this thread)
+    is deeper in that call and is work: only the wait itself is matched.
+    """
+    if frame.f_code.co_name != "wait":
+        return False
+    caller = frame.f_back
+    return (
+        caller is not None
+        and caller.f_code.co_name == "run_until_future"
+        and "asgiref" in caller.f_code.co_filename
+    )
 
 
 def driven(request: RequestProfile) -> bool:

@@ -173,15 +173,16 @@ class AlwaysOnSampler:
         # that tick would credit the job's end a second time. A tick never waits for this.
         with self._tick_lock:
             job = self.registry.threads.pop(threading.get_ident(), None)
-            if job is None or job.request.closed:
+            if job is None:
                 return
+            state = self.ledger.job_states.pop(job, None)
             request = job.request
-            state = self.ledger.states.get(request)
-            if type(state) is Running and state.worker:
+            if request.closed:
+                return
+            if state is not None:
                 trailing = self._trailing(max(self.last_tick, job.began))
                 if trailing:
                     add_time(request, state, trailing)
-                self.ledger.states.pop(request, None)  # the next tick starts afresh from there
             elif job_identifier is not None and job.submitted_from is not None and not job.seen:
                 request.add_worker(
                     [*job.submitted_from, job_identifier()], time.perf_counter() - job.began
@@ -257,9 +258,7 @@ class AlwaysOnSampler:
             # The signal may have interrupted our own registration code: its time goes to
             # the first caller outside the sampler, as a thread tick's does.
             frames[main_ident] = _outside_sampler(main_frame)  # type: ignore[index]
-        running, job_starts = self.registry.running_now(
-            frames, main_ident, main_frame, self.last_tick - elapsed, _outside_sampler
-        )
+        running, jobs = self.registry.running_now(frames, main_ident, main_frame, _outside_sampler)
         del frames  # frame objects of other threads: hold them no longer than needed
         # A long wait for the GIL (threads contending) is not credited beyond a cap: the
         # sampler wins the GIL when a thread *releases* it, typically in I/O right after
@@ -267,7 +266,7 @@ class AlwaysOnSampler:
         # 30 ms of work under gunicorn's socket write. Unseen time stays unattributed.
         gil_wait = min(max(0.0, elapsed - slept), _GIL_WAIT_CAP * self.interval)
         interval = Interval(self.last_tick, elapsed, slept, gil_wait)
-        self.ledger.credit_tick(list(self.registry.loops.values()), running, job_starts, interval)
+        self.ledger.credit_tick(list(self.registry.loops.values()), running, jobs, interval)
         self.samples += 1
         if not self.samples % _SWEEP_TICKS:
             self.ledger.sweep()
