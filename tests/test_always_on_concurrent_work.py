@@ -93,3 +93,41 @@ def test_every_place_a_request_runs_at_once_is_credited(path: str, mode: str) ->
             assert seen > 0.5 * WORK, (function, path, mode)
     finally:
         middleware.core.writer.close()
+
+
+async def gathered_jobs(request: Request) -> JSONResponse:
+    await asyncio.gather(
+        asyncio.to_thread(marker_alpha, 0.03), asyncio.to_thread(marker_beta, 0.03)
+    )
+    return JSONResponse({"ok": True})
+
+
+def test_jobs_a_child_task_submits_are_under_the_stack_that_created_it() -> None:
+    """Hook mode puts a child task's frames under the stack that created it (here the
+    endpoint's ``gather``); the jobs the child submits to worker threads went under the
+    child's bare frames instead (the loop's, then the hook's), apart from the endpoint."""
+    store = MemoryStore()
+    middleware = ProfilingMiddleware(
+        Starlette(routes=[Route("/gathered", gathered_jobs)]),
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        mode="hook",
+        min_duration_ms=0,
+    )
+    try:
+        with TestClient(middleware) as client:
+            assert client.get("/gathered").json() == {"ok": True}
+        assert middleware.core.writer.flush(10)
+        [summary] = store.list()
+        session = store.get(summary.trace_id)[0].session()
+        for function in ("marker_alpha", "marker_beta"):
+            stacks = [
+                [frame.split("\x00", 1)[0] for frame in stack]
+                for stack, _ in session.frame_records
+                if any(frame.split("\x00", 1)[0] == function for frame in stack)
+            ]
+            assert stacks, function
+            for names in stacks:
+                assert "gathered_jobs" in names, names
+    finally:
+        middleware.core.writer.close()

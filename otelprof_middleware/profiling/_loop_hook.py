@@ -42,7 +42,7 @@ from ._thread_hook import other_profiler_here
 from .always_on._registry import current_task
 from .always_on._stacks import chain_stack
 
-__all__ = ["HookedCoroutine", "install_task_factory", "note_hooked_producer"]
+__all__ = ["HookedCoroutine", "install_task_factory", "note_hooked_producer", "submitting_stack"]
 
 
 class _ThreadState(threading.local):
@@ -236,6 +236,17 @@ def note_hooked_producer(request: RequestProfile) -> None:
     coro = task.get_coro() if task is not None else None
     if type(coro) is HookedCoroutine and coro.is_child_of(request):
         request.producer = coro
+
+
+def submitting_stack(frame: types.FrameType) -> list[str]:
+    """The stack (root first) of ``frame`` on this thread, as this thread's hook samples
+    it: in a step of a hook-mode request's task, the step's prefix (for a child task,
+    the stack that created it) and the frames above the step; else the frames as they
+    are. A job submitted to a worker thread from there goes under it."""
+    state = _state
+    if state.depth and state.request is not None:
+        return state.prefix + stack_above(frame, "", None, _STOP_CODES)
+    return frame_stack(frame)[::-1]
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:

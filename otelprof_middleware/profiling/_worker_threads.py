@@ -8,7 +8,8 @@ A hook on the event loop thread sees that work only as an opaque ``[await]``.
 While a profiled request is current in the submitting context, :func:`install` makes
 both entry points run the job through :func:`run_profiled`, which, on the worker thread,
 installs a short-lived pyinstrument hook for exactly the job's duration and grafts its
-samples under the stack that submitted the job (the request it belongs to is captured
+samples under the stack that submitted the job (as the loop's hook samples it: a child
+task's steps under the stack that created the task; the request it belongs to is captured
 at submission, so it works whether or not the executor copies contextvars). The loop's
 ``[await]`` for that wait is reduced by the time the worker's samples account for, so
 nothing is counted twice. Jobs of unprofiled requests go straight through: one
@@ -30,7 +31,8 @@ from pyinstrument.low_level.stat_profile import setstatprofile
 
 from .._failsafe import count, log_failure
 from .._identifiers import UNKNOWN_FILE, identifier
-from ._frames import code_head, frame_stack, stack_above
+from ._frames import code_head, stack_above
+from ._loop_hook import submitting_stack
 from ._request_profile import RequestProfile, current_request
 from ._thread_hook import other_profiler_here
 from .always_on import always_on_sampler
@@ -66,7 +68,7 @@ def _wrap_anyio() -> None:
             result: T = await original(func, *args, **kwargs)
             return result
         # Where the request waits for the job: the worker's frames go under it.
-        submitted_from = frame_stack(sys._getframe(1))[::-1]
+        submitted_from = submitting_stack(sys._getframe(1))
         job = functools.partial(run_profiled, request, submitted_from, func)
         result = await original(job, *args, **kwargs)
         return result
@@ -85,7 +87,7 @@ def _wrap_thread_pool_executor() -> None:
         if request is None or request.closed:
             future: Future[T] = original(self, fn, *args, **kwargs)
             return future
-        submitted_from = frame_stack(sys._getframe(1))[::-1]
+        submitted_from = submitting_stack(sys._getframe(1))
         job = functools.partial(run_profiled, request, submitted_from, fn)
         future = original(self, job, *args, **kwargs)
         return future
