@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Awaitable
 from contextvars import ContextVar
 from typing import Unpack
@@ -12,7 +13,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.trace import SpanContext
-from starlette.routing import Mount
+from starlette.routing import BaseRoute, Match, Mount
 
 from ._adapter_parts import build_parts
 from ._config import Settings
@@ -334,8 +335,9 @@ def _is_last(message: Message) -> bool:
 
 
 def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "") -> str | None:
-    """The matched route template: Starlette/FastAPI, Litestar, Django (RouteMiddleware),
-    Quart (noted by :func:`~._route_notes.note_quart_routes`).
+    """The matched route template: Starlette/FastAPI (before Starlette 1.0, found from
+    the matched endpoint), Litestar, Django (RouteMiddleware), Quart (noted by
+    :func:`~._route_notes.note_quart_routes`).
 
     None: unknown here (the span's ``http.route`` may tell); ``""``: known to be none.
 
@@ -346,6 +348,8 @@ def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "")
     app adds its own prefix to ``scope["root_path"]``, and that part is shown.
     """
     route = scope.get("route")
+    if route is None and "endpoint" in scope:
+        route = _starlette_0x_route(scope)
     if route is not None:
         # A Mount when the mounted app set no route of its own (its ``root_path`` already
         # ends with the mount's path): the mount point, as Starlette's telemetry names it.
@@ -365,6 +369,55 @@ def route_template(scope: Scope, *, for_span: bool = False, root_path: str = "")
         # in ``http.route`` (the method and the raw path, one value per scanned path).
         return ""
     return None
+
+
+def _starlette_0x_route(scope: Scope) -> object | None:
+    """The route Starlette before 1.0 matched: its router puts only the route's
+    ``endpoint`` in the scope (a Mount's: its app), not the route.
+
+    Looked up among the outermost router's routes, into mounted apps (indexed by
+    endpoint at a router's first request, and again when an endpoint is not in the
+    index); of several routes with that endpoint, the one matching the scope (whose
+    ``root_path`` is the innermost mount's by now, as those routes' own matching expects).
+    """
+    endpoint = scope["endpoint"]
+    router = scope.get("router")
+    if router is None:
+        return None
+    known = _ENDPOINT_ROUTES.get(id(router))
+    found = known[1].get(id(endpoint)) if known is not None and known[0]() is router else None
+    if found is None:  # the router's first request, or a route added since
+        index: dict[int, list[BaseRoute]] = {}
+        _index_routes(getattr(router, "routes", ()), index, 8)
+        if len(_ENDPOINT_ROUTES) >= 64:  # (routers come and go in test suites)
+            _ENDPOINT_ROUTES.clear()
+        _ENDPOINT_ROUTES[id(router)] = (weakref.ref(router), index)
+        found = index.get(id(endpoint), [])
+    if len(found) > 1:
+        found = [route for route in found if route.matches(scope)[0] is not Match.NONE]
+    return found[0] if found else None
+
+
+def _index_routes(routes: object, index: dict[int, list[BaseRoute]], depth: int) -> None:
+    """``routes`` (and those of mounts in it, ``depth`` deep) by the id of their
+    ``endpoint`` (a Mount: its app), into ``index`` (whose routes keep the ids valid)."""
+    if not isinstance(routes, list):
+        return
+    for route in routes:
+        if isinstance(route, Mount):
+            index.setdefault(id(route.app), []).append(route)
+            if depth:
+                _index_routes(route.routes, index, depth - 1)
+        elif isinstance(route, BaseRoute):
+            endpoint = getattr(route, "endpoint", None)
+            if endpoint is not None:
+                index.setdefault(id(endpoint), []).append(route)
+
+
+_ENDPOINT_ROUTES: dict[int, tuple[weakref.ref[object], dict[int, list[BaseRoute]]]] = {}
+"""Starlette 0.x routers (by id, with a reference to tell a new one at the same id) ->
+their routes by endpoint id (see :func:`_starlette_0x_route`). Starlette's ``Router``
+compares by value: it cannot be a dict key."""
 
 
 class _NamingSend:
