@@ -17,8 +17,10 @@ import pytest
 from pyinstrument.session import Session
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
@@ -129,5 +131,54 @@ def test_jobs_a_child_task_submits_are_under_the_stack_that_created_it() -> None
             assert stacks, function
             for names in stacks:
                 assert "gathered_jobs" in names, names
+    finally:
+        middleware.core.writer.close()
+
+
+class _Passing(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+
+async def gathered_on_the_loop(request: Request) -> JSONResponse:
+    async def child() -> None:
+        marker_alpha(0.02)
+
+    await asyncio.gather(child(), asyncio.to_thread(marker_beta, 0.02))
+    return JSONResponse({"ok": True})
+
+
+def test_a_grandchild_task_is_under_the_stack_that_created_it() -> None:
+    """With a ``BaseHTTPMiddleware`` inside ours, the app runs in a child task of the
+    request (``call_next``); the tasks the endpoint creates there are grandchildren.
+    Their creation stack was taken from the child's bare frames (the loop's, then the
+    hook's), so the endpoint's work formed a tree apart from the request's, with no
+    middleware above it."""
+    store = MemoryStore()
+    middleware = ProfilingMiddleware(
+        Starlette(
+            routes=[Route("/gathered", gathered_on_the_loop)],
+            middleware=[Middleware(_Passing)],
+        ),
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        mode="hook",
+        min_duration_ms=0,
+    )
+    try:
+        with TestClient(middleware) as client:
+            assert client.get("/gathered").json() == {"ok": True}
+        assert middleware.core.writer.flush(10)
+        [summary] = store.list()
+        session = store.get(summary.trace_id)[0].session()
+        for function in ("marker_alpha", "marker_beta"):
+            stacks = [
+                [frame.split("\x00", 1)[0] for frame in stack]
+                for stack, _ in session.frame_records
+                if any(frame.split("\x00", 1)[0] == function for frame in stack)
+            ]
+            assert stacks, function
+            for names in stacks:
+                assert {"dispatch", "gathered_on_the_loop"} <= set(names), names
     finally:
         middleware.core.writer.close()

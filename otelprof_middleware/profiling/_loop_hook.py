@@ -242,7 +242,7 @@ def submitting_stack(frame: types.FrameType) -> list[str]:
     """The stack (root first) of ``frame`` on this thread, as this thread's hook samples
     it: in a step of a hook-mode request's task, the step's prefix (for a child task,
     the stack that created it) and the frames above the step; else the frames as they
-    are. A job submitted to a worker thread from there goes under it."""
+    are. A task created or a job submitted to a worker thread from there goes under it."""
     state = _state
     if state.depth and state.request is not None:
         return state.prefix + stack_above(frame, "", None, _STOP_CODES)
@@ -256,6 +256,7 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _wrap_child(coro: Coroutine[Any, Any, Any], request: RequestProfile) -> HookedCoroutine:
-    # Called by the loop's task factory, called where the task is created.
-    created_at = frame_stack(sys._getframe(2))[::-1]
+    # Called by the loop's task factory, called where the task is created (in a child
+    # task's step, a grandchild: under the child's own creation stack).
+    created_at = submitting_stack(sys._getframe(2))
     return HookedCoroutine(coro, request, main=False, prefix=created_at)
