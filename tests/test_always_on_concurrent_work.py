@@ -82,17 +82,18 @@ def test_every_place_a_request_runs_at_once_is_credited(path: str, mode: str) ->
     )
     try:
         with TestClient(middleware) as client:
-            for _ in range(3):
+            for _ in range(5):
                 assert client.get(path).json() == {"ok": True}
         assert middleware.core.writer.flush(10)
         summaries = store.list()
-        assert len(summaries) == 3
+        assert len(summaries) == 5
         sessions = [store.get(summary.trace_id)[0].session() for summary in summaries]
         for function in ("marker_alpha", "marker_beta"):
             # Each spun WORK seconds of wall clock: about that is seen, now and then much
-            # less for one request on a busy 2-core machine; the hidden place got 0-37%.
+            # less for one request on a busy 2-core machine (a median of 46% of it once,
+            # beside the whole suite); the hidden place got 0-37%.
             seen = statistics.median(_seconds_under(session, function) for session in sessions)
-            assert seen > 0.5 * WORK, (function, path, mode)
+            assert seen > 0.4 * WORK, (function, path, mode)
     finally:
         middleware.core.writer.close()
 
