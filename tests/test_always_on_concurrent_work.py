@@ -109,9 +109,19 @@ def test_jobs_a_child_task_submits_are_under_the_stack_that_created_it() -> None
     """Hook mode puts a child task's frames under the stack that created it (here the
     endpoint's ``gather``); the jobs the child submits to worker threads went under the
     child's bare frames instead (the loop's, then the hook's), apart from the endpoint."""
+    session = _hook_profile_of_one_request(Starlette(routes=[Route("/gathered", gathered_jobs)]))
+    for function in ("marker_alpha", "marker_beta"):
+        stacks = _stacks_holding(session, function)
+        assert stacks, function
+        for names in stacks:
+            assert "gathered_jobs" in names, names
+
+
+def _hook_profile_of_one_request(app: Starlette) -> Session:
+    """The hook-mode profile of one ``GET /gathered`` to ``app``."""
     store = MemoryStore()
     middleware = ProfilingMiddleware(
-        Starlette(routes=[Route("/gathered", gathered_jobs)]),
+        app,
         tracer_provider=make_provider()[0],
         profile_store=store,
         mode="hook",
@@ -122,18 +132,15 @@ def test_jobs_a_child_task_submits_are_under_the_stack_that_created_it() -> None
             assert client.get("/gathered").json() == {"ok": True}
         assert middleware.core.writer.flush(10)
         [summary] = store.list()
-        session = store.get(summary.trace_id)[0].session()
-        for function in ("marker_alpha", "marker_beta"):
-            stacks = [
-                [frame.split("\x00", 1)[0] for frame in stack]
-                for stack, _ in session.frame_records
-                if any(frame.split("\x00", 1)[0] == function for frame in stack)
-            ]
-            assert stacks, function
-            for names in stacks:
-                assert "gathered_jobs" in names, names
+        return store.get(summary.trace_id)[0].session()
     finally:
         middleware.core.writer.close()
+
+
+def _stacks_holding(session: Session, function: str) -> list[list[str]]:
+    """The function names of each sampled stack that holds ``function``, root first."""
+    stacks = ([frame.split("\x00", 1)[0] for frame in stack] for stack, _ in session.frame_records)
+    return [names for names in stacks if function in names]
 
 
 class _Passing(BaseHTTPMiddleware):
@@ -155,31 +162,14 @@ def test_a_grandchild_task_is_under_the_stack_that_created_it() -> None:
     Their creation stack was taken from the child's bare frames (the loop's, then the
     hook's), so the endpoint's work formed a tree apart from the request's, with no
     middleware above it."""
-    store = MemoryStore()
-    middleware = ProfilingMiddleware(
+    session = _hook_profile_of_one_request(
         Starlette(
             routes=[Route("/gathered", gathered_on_the_loop)],
             middleware=[Middleware(_Passing)],
-        ),
-        tracer_provider=make_provider()[0],
-        profile_store=store,
-        mode="hook",
-        min_duration_ms=0,
+        )
     )
-    try:
-        with TestClient(middleware) as client:
-            assert client.get("/gathered").json() == {"ok": True}
-        assert middleware.core.writer.flush(10)
-        [summary] = store.list()
-        session = store.get(summary.trace_id)[0].session()
-        for function in ("marker_alpha", "marker_beta"):
-            stacks = [
-                [frame.split("\x00", 1)[0] for frame in stack]
-                for stack, _ in session.frame_records
-                if any(frame.split("\x00", 1)[0] == function for frame in stack)
-            ]
-            assert stacks, function
-            for names in stacks:
-                assert {"dispatch", "gathered_on_the_loop"} <= set(names), names
-    finally:
-        middleware.core.writer.close()
+    for function in ("marker_alpha", "marker_beta"):
+        stacks = _stacks_holding(session, function)
+        assert stacks, function
+        for names in stacks:
+            assert {"dispatch", "gathered_on_the_loop"} <= set(names), names
