@@ -150,7 +150,7 @@ class Config:
             ``True``; see docs/always-on.md for what was tested).
         trigger_header: request header that asks for a profile
             (``OTELPROF_TRIGGER_HEADER``, default ``x-otelprof``).
-        max_concurrent: hook-profiled requests in flight per process
+        max_concurrent: hook-profiled requests in flight per middleware
             (``OTELPROF_MAX_CONCURRENT``, default ``32``); always-on profiles are capped at
             1024 in flight.
         max_samples: samples kept per profile (``OTELPROF_MAX_SAMPLES``, default ``20000``).

@@ -50,8 +50,9 @@ __all__ = ["WSGIProfilingMiddleware"]
 class WSGIProfilingMiddleware:
     """Profile sampled requests of a WSGI app and link each profile from its span.
 
-    The profile covers the whole response: it ends when the server calls the body's
-    ``close()``, so streamed (generator) bodies are profiled until their last chunk.
+    The profile covers the whole response: it ends when the body is used up or closed,
+    whichever comes first, so streamed (generator) bodies are profiled until their last
+    chunk.
 
     Example::
 
@@ -64,7 +65,8 @@ class WSGIProfilingMiddleware:
     Args:
         app: the WSGI application to wrap.
         tracer_provider: used only when no instrumentation opened a server span; then
-            this middleware opens one through opentelemetry-instrumentation-wsgi.
+            this middleware opens one of its own, with opentelemetry-instrumentation-wsgi's
+            request attributes and name.
         profile_store: a store instance (tests, custom backends) instead of the
             ``store`` URL.
         **settings: every :class:`~otelprof_middleware.Config` field (also read from
