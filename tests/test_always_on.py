@@ -336,6 +336,15 @@ def test_a_task_factory_the_app_sets_later_still_records_child_tasks() -> None:
         middleware.core.writer.close()
 
 
+_EVERY_PROFILE_SAMPLED_EVERY_2_MS: dict[str, Any] = {
+    "sample_rate": 1.0,
+    "mode": "always_on",
+    "min_duration_ms": 0,
+    "always_on_interval_ms": 2,
+}
+"""The settings of the asgiref round-trip tests below (ASGI and WSGI)."""
+
+
 @pytest.mark.anyio
 async def test_loop_work_a_worker_job_waits_for_is_the_requests() -> None:
     # Django under ASGI with a sync-only middleware (DjangoInstrumentor's, most third-party
@@ -361,10 +370,7 @@ async def test_loop_work_a_worker_job_waits_for_is_the_requests() -> None:
         Starlette(routes=[Route("/view", endpoint)]),
         tracer_provider=make_provider()[0],
         profile_store=store,
-        sample_rate=1.0,
-        mode="always_on",
-        min_duration_ms=0,
-        always_on_interval_ms=2,
+        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
     )
     try:
         transport = httpx.ASGITransport(app=middleware, client=("127.0.0.1", 50000))
@@ -405,10 +411,7 @@ def test_a_wsgi_request_waiting_for_its_async_view_shows_the_view() -> None:
         app,
         tracer_provider=make_provider()[0],
         profile_store=store,
-        sample_rate=1.0,
-        mode="always_on",
-        min_duration_ms=0,
-        always_on_interval_ms=2,
+        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
     )
     try:
         response = Client(middleware).get("/", environ_base={"REMOTE_ADDR": "127.0.0.1"})

@@ -30,7 +30,7 @@ from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
 from otelprof_middleware.stores import MemoryStore
 
 from ..django_app import middleware
-from ..helpers import free_port, make_provider
+from ..helpers import free_port, http_scope, make_provider
 from .servers import Server, fetch_profile, gunicorn, run_server, uvicorn
 from .test_servers import _linked_spans
 
@@ -304,20 +304,12 @@ def test_a_request_django_cancels_keeps_its_route(
     app = ProfilingMiddleware(
         get_asgi_application(), tracer_provider=provider, profile_store=store, sample_rate=1.0
     )
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/slow/",
-        "raw_path": b"/slow/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"localhost")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("localhost", 80),
-    }
+    scope = http_scope(
+        "/slow/",
+        headers=[(b"host", b"localhost")],
+        client=("127.0.0.1", 50000),
+        server=("localhost", 80),
+    )
     messages = [{"type": "http.request", "body": b"", "more_body": False}]
 
     async def receive() -> dict[str, Any]:
