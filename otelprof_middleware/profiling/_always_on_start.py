@@ -19,6 +19,7 @@ from .._config import Config
 from .._failsafe import count, log_failure
 from .._request import RequestFacts
 from ._active_profile import ActiveProfile, lazy_url
+from ._green import green_threads
 from ._request_profile import RequestProfile, current_request
 from .always_on import AlwaysOnSampler, always_on_sampler
 from .always_on import check_settings as check_always_on_settings
@@ -158,30 +159,3 @@ def in_trio_task() -> bool:
     except Exception:  # RuntimeError outside trio; anything else: not trio either
         return False
     return True
-
-
-def green_threads() -> str | None:
-    """``"gevent"`` or ``"eventlet"`` when that library has monkey-patched threading.
-
-    Then ``threading.get_ident()`` names the running greenlet, every greenlet of a
-    worker runs on one OS thread, and the sampler's thread is a greenlet too: it never
-    runs while a request holds the CPU, and ``sys._current_frames()`` knows OS threads
-    only. Looked up in ``sys.modules``: nothing is imported.
-    """
-    for module_name, check, target, name in _MONKEY_PATCHERS:
-        patcher = sys.modules.get(module_name)
-        if patcher is None:
-            continue
-        try:
-            if getattr(patcher, check)(target):
-                return name
-        except Exception:
-            pass
-    return None
-
-
-_MONKEY_PATCHERS = (
-    # (module, its "is this patched?" function, what it patches, the name we log)
-    ("gevent.monkey", "is_module_patched", "threading", "gevent"),
-    ("eventlet.patcher", "is_monkey_patched", "thread", "eventlet"),
-)

@@ -25,7 +25,7 @@ from ._active_profile import ActiveProfile, lazy_url
 from ._loop_hook import install_task_factory
 from ._request_profile import RequestProfile, current_request
 from ._start_policy import StartPolicy
-from ._thread_hook import ThreadHook, thread_hook
+from ._thread_hook import ThreadHook, os_thread_id, thread_hook
 
 __all__ = ["HookStart"]
 
@@ -99,7 +99,8 @@ class HookStart:
             try:
                 if loop is not None:  # the hook runs only in the request's own task steps
                     install_task_factory(loop)
-                else:  # a thread serves one request at a time: the hook stays on
+                else:  # a thread serves one request at a time (greenlets share their OS
+                    # thread's hook): the hook stays on
                     hook = thread_hook(self._interval)
                     if not hook.acquire():  # another profiler's hook: leave it alone
                         current_request.reset(token)
@@ -139,7 +140,7 @@ class HookStart:
             hook = active.hook
             if hook is None:
                 pass  # on a loop: each step of the request removed its hook
-            elif hook.thread_id == threading.get_ident():
+            elif hook.thread_id == os_thread_id():
                 users = hook.users
                 try:
                     hook.release(from_finalizer=from_finalizer)

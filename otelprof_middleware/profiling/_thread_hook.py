@@ -3,6 +3,9 @@
 A WSGI worker or a test client's thread runs one request at a time, so the hook
 installed for a profiled request records that request's calls only. (On an event
 loop the hook is confined to the request's own task steps instead: ``_loop_hook``.)
+Under gevent or eventlet a worker's greenlets take turns on one OS thread and share its
+profile function, so they share its hook: each sample goes to the request of the
+greenlet that runs (its own contextvars).
 """
 
 from __future__ import annotations
@@ -18,9 +21,17 @@ from pyinstrument.low_level.stat_profile import setstatprofile
 from pyinstrument.stack_sampler import build_call_stack
 
 from .._failsafe import count, raised_by_signal_handler
+from ._green import green_threads
 from ._request_profile import current_request
 
-__all__ = ["ThreadHook", "other_profiler_here", "thread_hook"]
+__all__ = ["ThreadHook", "os_thread_id", "other_profiler_here", "thread_hook"]
+
+
+def os_thread_id() -> int:
+    """The OS thread running now. ``threading.get_ident()`` names the running greenlet
+    once gevent or eventlet has monkey-patched threading; a profile function belongs to
+    the OS thread (``get_native_id`` is not patched)."""
+    return threading.get_native_id()
 
 
 def other_profiler_here(ours: object) -> bool:
@@ -40,10 +51,12 @@ class ThreadHook:
     """The pyinstrument hook of a thread without an event loop (a WSGI worker, a test
     client's thread), installed while a profiled request runs there.
 
-    Requests never interleave on such a thread, so each sample goes to the request that is
-    current. (On an event loop the hook runs only in the profiled request's own task
-    steps: see ``_loop_hook``.) Only ever touched from its own thread (``acquire`` and
-    ``release`` run where the request runs), so it needs no lock.
+    Each sample goes to the request that is current: the thread's one request, or, where
+    greenlets take turns on the thread, the running greenlet's (their ``users`` add up, and
+    the last one out removes the hook). (On an event loop the hook runs only in the
+    profiled request's own task steps: see ``_loop_hook``.) Only ever touched from its own
+    OS thread (``acquire`` and ``release`` run where the request runs), so it needs no
+    lock.
 
     The hook is never removed from inside pyinstrument's C hook, not even from our own
     callback: removing it frees state the C code may still use (a use-after-free:
@@ -61,7 +74,7 @@ class ThreadHook:
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.thread_id = threading.get_ident()
+        self.thread_id = os_thread_id()
         self.users = 0
         self._last = 0.0
         self._in_event = False
@@ -135,7 +148,7 @@ _collecting_on: int | None = None
 
 def _note_collection(phase: str, info: dict[str, int]) -> None:
     global _collecting_on
-    _collecting_on = threading.get_ident() if phase == "start" else None
+    _collecting_on = os_thread_id() if phase == "start" else None
 
 
 def _follow_collections() -> None:
@@ -150,13 +163,22 @@ def _follow_collections() -> None:
 
 
 _local = threading.local()
+# Greenlets' hooks, by OS thread: ``threading.local`` is per greenlet once gevent has
+# patched it, and each greenlet's own hook saw another's as a foreign profiler's.
+_green_hooks: dict[int, ThreadHook] = {}
 
 
 def thread_hook(interval: float) -> ThreadHook:
-    """The hook of the calling thread (created on first use)."""
+    """The hook of the calling thread (created on first use); of its OS thread, for a
+    greenlet."""
     hook: ThreadHook | None = getattr(_local, "hook", None)
     if hook is None:
         _follow_collections()
-        hook = ThreadHook(interval)
+        if green_threads() is None:
+            hook = ThreadHook(interval)
+        else:  # (a patched process has a few OS threads: the dict stays small)
+            hook = _green_hooks.get(os_thread_id())
+            if hook is None:
+                hook = _green_hooks[os_thread_id()] = ThreadHook(interval)
         _local.hook = hook
     return hook

@@ -19,6 +19,21 @@ def green_marker_work(seconds: float) -> None:
         sum(range(50))
 
 
+def green_alpha_work(seconds: float) -> None:
+    """CPU work that lets the worker's other greenlets run between its steps."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        sum(range(50))
+        time.sleep(0)  # (gevent's: a switch to the other greenlets)
+
+
+def green_beta_work(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        sum(range(50))
+        time.sleep(0)
+
+
 app = Flask(__name__)
 
 
@@ -26,6 +41,18 @@ app = Flask(__name__)
 def spin() -> str:
     green_marker_work(0.3)
     return "spun"
+
+
+@app.get("/alpha")
+def alpha() -> str:
+    green_alpha_work(0.3)
+    return "alpha"
+
+
+@app.get("/beta")
+def beta() -> str:
+    green_beta_work(0.3)
+    return "beta"
 
 
 @app.get("/fast")

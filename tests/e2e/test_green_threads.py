@@ -9,6 +9,7 @@ import secrets
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -86,3 +87,50 @@ def test_green_threads_names_the_patching_library() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert out.stdout.split() == ["None", "gevent"], out.stderr
+
+
+def test_concurrent_triggered_greenlets_each_get_their_own_profile(tmp_path: Path) -> None:
+    """The greenlets of a gevent worker share one OS thread, and with it one profile
+    function: triggered requests in flight together share the worker's hook, each with
+    its own samples. (Each greenlet had a hook object of its own: the second one saw the
+    first one's hook as another profiler's and left its request unprofiled, counted as
+    ``skipped.foreign_hook``.)"""
+    port = free_port()
+    command = [
+        str(BIN / "python"),
+        "-m",
+        "gunicorn",
+        "tests.e2e.green_flask:app",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "1",
+        "--worker-class",
+        "gevent",
+    ]
+    with run_server(command, tmp_path, port=port, env=PACKAGE_DEFAULTS) as server:
+
+        def triggered(path: str) -> str:
+            trace_id, headers = _traceparent()
+            headers["x-otelprof"] = "1"
+            with httpx.Client(base_url=server.base_url, timeout=10) as client:
+                assert client.get(path, headers=headers).status_code == 200
+            return trace_id
+
+        paths = ["/alpha", "/beta"] * 3
+        with ThreadPoolExecutor(len(paths)) as pool:
+            trace_ids = list(pool.map(triggered, paths))
+        time.sleep(1.0)  # the writer stores in the background
+        store = SQLiteStore(server.state_dir / "profiles.db")
+        try:
+            kept = {trace_id: store.get(trace_id) for trace_id in trace_ids}
+        finally:
+            store.close()
+    markers = {"/alpha": "green_alpha_work", "/beta": "green_beta_work"}
+    for path, trace_id in zip(paths, trace_ids, strict=True):
+        [record] = kept[trace_id]
+        assert (record.summary.kept_reason, record.summary.mode) == ("triggered", "hook")
+        frames = record.session().frame_records
+        other = markers["/beta" if path == "/alpha" else "/alpha"]
+        assert _seconds_under(frames, markers[path]) > 0, path
+        assert _seconds_under(frames, other) == 0, path  # never the other greenlet's work
