@@ -55,8 +55,11 @@ __all__ = [
 JOINER_KEY = "otelprof.inner_joiner"
 """The environ key under which the WSGI adapter hands Django's RouteMiddleware the joiner
 (only when the app is instrumented that way)."""
-_ACTIVE_KEY = "otelprof.flask_profile"
-"""The environ key of the request's profile between the two hooks."""
+_ACTIVE_KEY = "otelprof.falcon_profile"
+"""The environ key of a Falcon request's profile between the two hooks."""
+_ACTIVE_ATTRIBUTE = "_otelprof_profile"
+"""The attribute of Flask's request object holding its profile between the two hooks (not
+its environ: the app sees that one, and may dump or copy it)."""
 _INSTRUMENTATION_MODULE = "opentelemetry.instrumentation.flask"
 _FALCON_INSTRUMENTATION_MODULE = "opentelemetry.instrumentation.falcon"
 _DJANGO_OTEL_MIDDLEWARE = (
@@ -113,6 +116,16 @@ class InnerJoiner:
         """The profile :meth:`begin_in` kept in ``environ``, removed from it."""
         active: ActiveProfile | None = environ.pop(_ACTIVE_KEY, None)
         return active
+
+    def drop(self, active: ActiveProfile) -> None:
+        """Stop the profile and keep nothing. Never raises."""
+        try:
+            try:
+                self._core.discard(active)
+            finally:
+                self._core.detach(active)
+        except Exception as exc:
+            log_failure("profiler.stop", exc)
 
     def end(
         self, active: ActiveProfile | None, *, status_code: int, route: str | None, failed: bool
@@ -217,14 +230,20 @@ class FlaskSpanJoiner:
         """``before_request``: profile the request under the span just opened, if any."""
         from flask import request  # (Flask runs this hook: it is imported)
 
-        self._joiner.begin_in(request.environ)
+        active = self._joiner.begin(request.environ)
+        if active is not None:
+            try:
+                setattr(request._get_current_object(), _ACTIVE_ATTRIBUTE, active)
+            except Exception as exc:
+                self._joiner.drop(active)
+                log_failure("profiler.start", exc)
 
     def end(self, error: BaseException | None) -> None:
         """``teardown_request``: stop the profile and keep it if the policy says so."""
         try:
             from flask import request
 
-            active = self._joiner.taken_from(request.environ)
+            active = vars(request._get_current_object()).pop(_ACTIVE_ATTRIBUTE, None)
             if active is None:
                 return
             rule = getattr(request.url_rule, "rule", None)

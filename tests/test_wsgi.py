@@ -157,6 +157,36 @@ def test_joins_flask_instrumentor_and_otel_wsgi(otel: Any, closing: list[Any]) -
     assert span.attributes is not None and PROFILE_URL in span.attributes
 
 
+def test_flask_instrumentor_join_adds_nothing_to_the_environ(otel: Any, closing: list[Any]) -> None:
+    """The view sees the environ keys it sees under FlaskInstrumentor alone: the joined
+    profile is kept on Flask's request object, not in ``request.environ`` (it was, as
+    ``otelprof.flask_profile``: an app dumping or copying its environ met our object)."""
+    from flask import request
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+    def environ_keys(wrap: bool) -> set[str]:
+        app = make_flask()
+
+        @app.get("/environ")
+        def environ() -> Response:
+            return jsonify(sorted(request.environ))
+
+        FlaskInstrumentor.instrument_app(app, tracer_provider=otel[0])
+        try:
+            if wrap:
+                profiled(app, otel, MemoryStore(), closing, min_duration_ms=0)
+            keys = set(Client(app).get("/environ").get_json())
+            if wrap:  # (the request was profiled under Flask's span)
+                [span] = [s for s in server_spans(otel[1]) if s.name == "GET /environ"]
+                assert span.attributes is not None and PROFILE_URL in span.attributes
+            otel[1].clear()
+            return keys
+        finally:
+            FlaskInstrumentor.uninstrument_app(app)
+
+    assert environ_keys(wrap=True) == environ_keys(wrap=False)
+
+
 def test_store_failure_changes_nothing(otel: Any, closing: list[Any]) -> None:
     class Broken(MemoryStore):
         def put(self, record: Any) -> None:
