@@ -233,7 +233,7 @@ class FlaskSpanJoiner:
         active = self._joiner.begin(request.environ)
         if active is not None:
             try:
-                setattr(request._get_current_object(), _ACTIVE_ATTRIBUTE, active)
+                setattr(_flask_request_object(request), _ACTIVE_ATTRIBUTE, active)
             except Exception as exc:
                 self._joiner.drop(active)
                 log_failure("profiler.start", exc)
@@ -243,7 +243,8 @@ class FlaskSpanJoiner:
         try:
             from flask import request
 
-            active = vars(request._get_current_object()).pop(_ACTIVE_ATTRIBUTE, None)
+            held: dict[str, Any] = vars(_flask_request_object(request))
+            active = held.pop(_ACTIVE_ATTRIBUTE, None)
             if active is None:
                 return
             rule = getattr(request.url_rule, "rule", None)
@@ -257,6 +258,12 @@ class FlaskSpanJoiner:
             route=rule if isinstance(rule, str) else None,
             failed=error is not None,
         )
+
+
+def _flask_request_object(proxy: object) -> object:
+    """The request object behind Flask's ``request`` proxy (this request's own)."""
+    get: Any = getattr(proxy, "_get_current_object")  # noqa: B009  (werkzeug's LocalProxy)
+    return get()
 
 
 def _after(hooks: list[Any], hook: object) -> int:
