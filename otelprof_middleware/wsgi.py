@@ -481,8 +481,12 @@ class _ClosingBody:
             raise
 
     def close(self) -> None:
+        # The app's close() once, however often ours is called: a generator iterating us
+        # with ``yield from`` (OpenTelemetry's WSGI middleware) closes us when it is closed,
+        # then again in its ``finally``.
+        body, self._body = self._body, _CLOSED
         try:
-            close: Any = getattr(self._body, "close", None)
+            close: Any = getattr(body, "close", None)
             if close is not None:
                 close()
         finally:
@@ -499,6 +503,10 @@ class _ClosingBody:
             self._on_end = None
             if not sys.is_finalizing():  # (the tracer provider has shut down by then)
                 self._on_abandon()
+
+
+_CLOSED: Iterable[bytes] = ()
+"""A closed body's stand-in: nothing to iterate or close."""
 
 
 class _InSpanBody(_ClosingBody):

@@ -450,6 +450,55 @@ def test_wsgi_file_wrapper_reaches_the_server(with_span: bool) -> None:
     assert "otelprof.profile.url" in (span.attributes or {})
 
 
+@pytest.mark.parametrize("order", ["otel_outside", "otel_inside", "otel_alone"])
+def test_wsgi_body_closed_once_when_the_client_leaves_under_otel_wsgi(order: str) -> None:
+    """A server closes a body it stopped iterating (the client left mid-stream). Under
+    OTel's WSGI middleware, whose generator body closes what it iterates with ``yield
+    from`` and then again in its ``finally``, the app's body must be closed once, as
+    without us: ours, being its own iterator, was closed twice, and passed both calls on
+    (``close()`` ran twice on the app's iterable)."""
+    from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+
+    closes: list[int] = []
+
+    class Body:
+        def __iter__(self) -> Any:
+            for index in range(5):
+                yield b"chunk %d" % index
+
+        def close(self) -> None:
+            closes.append(1)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Body()
+
+    provider, _ = make_provider()
+    settings: dict[str, Any] = {"profile_store": MemoryStore(), "sample_rate": 1.0}
+    wsgi: Any
+    if order == "otel_outside":
+        wsgi = OpenTelemetryMiddleware(
+            WSGIProfilingMiddleware(app, **settings), None, None, provider
+        )
+    elif order == "otel_inside":
+        wsgi = WSGIProfilingMiddleware(
+            OpenTelemetryMiddleware(app, None, None, provider), **settings
+        )
+    else:
+        wsgi = OpenTelemetryMiddleware(app, None, None, provider)
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/stream",
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+    }
+    body = wsgi(environ, lambda status, headers, *exc: None)
+    assert next(iter(body)) == b"chunk 0"
+    body.close()  # the server, as the client went away
+    assert len(closes) == 1
+
+
 GC_CALLBACKS = """
     import gc, os
     for name in [name for name in os.environ if name.startswith("OTELPROF_")]:
