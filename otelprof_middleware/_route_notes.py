@@ -7,7 +7,9 @@ scope / environ under :data:`~.profiling._span.ROUTE_KEY` once routing has match
 * Falcon, on its request object (``req.uri_template``): a Falcon middleware of ours;
 * Quart, on its request, in a task of its own: its ``request_started`` signal;
 * Flask, for a request whose error Flask propagates: its ``got_request_exception`` signal
-  (any other Flask request is read from the environ when the response starts).
+  (any other Flask request is read from the environ when the response starts);
+* Pyramid, on its request object (``request.matched_route.pattern``): a ``ContextFound``
+  subscriber of ours.
 
 Imports nothing: each is used only when its framework is already imported.
 """
@@ -20,7 +22,12 @@ from typing import Any
 from ._failsafe import log_failure
 from .profiling._span import ROUTE_KEY
 
-__all__ = ["note_falcon_routes", "note_flask_routes_on_errors", "note_quart_routes"]
+__all__ = [
+    "note_falcon_routes",
+    "note_flask_routes_on_errors",
+    "note_pyramid_routes",
+    "note_quart_routes",
+]
 
 
 def note_falcon_routes(app: object) -> None:
@@ -51,6 +58,30 @@ class _FalconRouteNote:
 def _note(carrier: dict[str, Any], req: Any) -> None:
     try:
         _keep(carrier, req.uri_template)
+    except Exception as exc:
+        log_failure("adapter", exc)
+
+
+def note_pyramid_routes(app: object) -> None:
+    """When ``app`` is a Pyramid app (its router): note each request's matched route
+    pattern (``/items/{item_id}``) in its environ. Pyramid keeps it on its request object
+    only, which the environ does not reach; its ``ContextFound`` event comes once the route
+    is matched, before the view runs."""
+    router = sys.modules.get("pyramid.router")
+    interfaces = sys.modules.get("pyramid.interfaces")
+    if router is None or interfaces is None or not isinstance(app, router.Router):
+        return
+    try:
+        app.registry.registerHandler(_note_pyramid_route, (interfaces.IContextFound,))
+    except Exception as exc:
+        log_failure("adapter", exc)
+
+
+def _note_pyramid_route(event: Any) -> None:
+    """Pyramid's ``ContextFound`` subscriber."""
+    try:
+        request = event.request
+        _keep(request.environ, getattr(request.matched_route, "pattern", None))
     except Exception as exc:
         log_failure("adapter", exc)
 

@@ -31,7 +31,7 @@ from ._inner_join import (
     otel_wsgi_below,
 )
 from ._request import RequestFacts, normalise_method
-from ._route_notes import note_falcon_routes, note_flask_routes_on_errors
+from ._route_notes import note_falcon_routes, note_flask_routes_on_errors, note_pyramid_routes
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .profiling._active_profile import ActiveProfile
 from .profiling._engine import ProfilerCore
@@ -100,6 +100,7 @@ class WSGIProfilingMiddleware:
         if self.config.enabled:
             note_flask_routes_on_errors(app)
             note_falcon_routes(app)
+            note_pyramid_routes(app)
 
     @property
     def core(self) -> ProfilerCore:

@@ -410,6 +410,43 @@ def test_our_span_takes_a_bottle_style_route_rule(otel: Any, closing: list[Any])
     assert [s.name for s in spans] == ["GET /items/<item_id:int>"] * 2
 
 
+def test_a_pyramid_apps_route_names_our_span_and_profile(otel: Any, closing: list[Any]) -> None:
+    """Pyramid keeps the matched route on its request object only: our span was named
+    ``GET`` alone and the profile had no route, for every Pyramid route alike (a view that
+    raises too)."""
+    pyramid_config = pytest.importorskip("pyramid.config")
+    from pyramid.response import Response as PyramidResponse
+
+    def item(request: Any) -> Any:
+        marker_alpha(0.002)
+        return PyramidResponse(f"item {request.matchdict['item_id']}")
+
+    def fail(request: Any) -> Any:
+        raise RuntimeError("on purpose")
+
+    with pyramid_config.Configurator() as config:
+        config.add_route("item", "/items/{item_id}")
+        config.add_view(item, route_name="item")
+        config.add_route("fail", "/fail")
+        config.add_view(fail, route_name="fail")
+        pyramid_app = config.make_wsgi_app()
+    store = MemoryStore()
+    middleware = WSGIProfilingMiddleware(
+        pyramid_app,
+        tracer_provider=otel[0],
+        profile_store=store,
+        sample_rate=1.0,
+        min_duration_ms=0,
+    )
+    closing.append(middleware)
+    assert Client(middleware).get("/items/7").data == b"item 7"
+    with pytest.raises(RuntimeError):
+        Client(middleware).get("/fail")
+    middleware.core.writer.flush()
+    assert sorted(s.route for s in store.list()) == ["/fail", "/items/{item_id}"]
+    assert sorted(s.name for s in server_spans(otel[1])) == ["GET /fail", "GET /items/{item_id}"]
+
+
 def test_another_profilers_hook_is_left_alone(otel: Any, closing: list[Any]) -> None:
     """A profile function the app or a tool set on the thread (``sys.setprofile``, cProfile
     before 3.12) is neither replaced nor removed by a hook-mode request: that request is
