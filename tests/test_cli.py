@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -602,6 +603,29 @@ def test_serve_below_a_path_prefix_that_the_proxy_strips(store_url: str) -> None
         page = browser.get(f"/debug/profile/{A}", params={"span_id": f"{1:016x}"}, headers=bearer)
         assert f'src="/profiles/debug/profile/{A}/flame?span_id={1:016x}"' in page.text
         assert "/profiles/debug/profile" in log.read_text()
+
+
+def test_serve_on_a_taken_port_exits_1_saying_so(store_url: str) -> None:
+    # uvicorn logs the bind error and exits 3, a code the CLI does not document.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTELPROF_")}
+        command = ["serve", "--store", store_url, "--port", str(port)]
+        done = subprocess.run(
+            [sys.executable, "-m", "otelprof_middleware.cli", *command],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert "address already in use" in done.stderr  # uvicorn's own line
+    assert done.stderr.rstrip().endswith(
+        f"otelprof: the viewer could not start on 127.0.0.1:{port} (uvicorn's error above says why)"
+    )
 
 
 @pytest.mark.parametrize("root_path", ["profiles", "/a?b=1", "/a#b", "//evil.example"])

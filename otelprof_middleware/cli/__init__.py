@@ -14,8 +14,9 @@ Usage::
 under ``OTELPROF_STATE_DIR`` (what the middleware uses). ``--token`` defaults to
 ``OTELPROF_DEBUG_TOKEN`` and ``--public-url`` to ``OTELPROF_PUBLIC_URL``.
 
-Exit codes: ``0`` done; ``1`` no such profile, or the store failed; ``2`` bad usage
-(malformed ids, bad options or settings, a non-loopback ``serve`` without a token).
+Exit codes: ``0`` done; ``1`` no such profile, the store failed, or ``serve`` could not
+listen; ``2`` bad usage (malformed ids, bad options or settings, a non-loopback ``serve``
+without a token).
 
 This package holds :func:`main`; the options are in ``_parser``, each command in its own
 module (``_serve``, ``_ls``, ``_show`` for show and export), what they share in
@@ -45,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments without the program name; default ``sys.argv[1:]``.
 
     Returns:
-        The exit code: ``0`` done, ``1`` not found or store failure, ``2`` bad usage.
+        The exit code: ``0`` done, ``1`` not found, store failure or ``serve`` could not
+        listen, ``2`` bad usage.
         (argparse itself exits with ``SystemExit(2)`` on unknown options.)
     """
     parser = build_parser()

@@ -65,20 +65,31 @@ def serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         scheme = "https" if public_url and public_url.startswith("https://") else None
-        uvicorn.run(
-            ViewerApp(viewer, scheme=scheme),
-            host=host,
-            port=args.port,
-            lifespan="off",
-            # Links and the token cookie's path start with it (ASGI ``root_path``).
-            root_path=root_path,
-            # The peer address decides loopback access: never rewrite it from headers.
-            proxy_headers=False,
-            # Access logs would record ?token= query strings.
-            access_log=False,
-            server_header=False,
-            log_level="warning",
-        )
+        try:
+            uvicorn.run(
+                ViewerApp(viewer, scheme=scheme),
+                host=host,
+                port=args.port,
+                lifespan="off",
+                # Links and the token cookie's path start with it (ASGI ``root_path``).
+                root_path=root_path,
+                # The peer address decides loopback access: never rewrite it from headers.
+                proxy_headers=False,
+                # Access logs would record ?token= query strings.
+                access_log=False,
+                server_header=False,
+                log_level="warning",
+            )
+        except SystemExit as exc:
+            # uvicorn logs why it could not start (the port is taken, say) and exits 3,
+            # a code otelprof does not document, after the "serving" line above.
+            if exc.code in (None, 0):
+                raise
+            raise CommandExit(
+                1,
+                f"the viewer could not start on {shown_host}:{args.port} "
+                "(uvicorn's error above says why)",
+            ) from None
     finally:
         store.close()
     return 0
