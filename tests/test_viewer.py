@@ -588,6 +588,9 @@ def test_profile_html_is_a_frame_around_pyinstrument(session: Session) -> None:
         path, _, query = link.replace("&amp;", "&").partition("?")
         assert call(viewer, path, query).status == 200, link
     assert call(viewer, f"{PREFIX}/{T1}/flame", f"span_id={S1}").status == 200
+    # ?format=html is this page (framed by nobody), not pyinstrument's (docs/quickstart.md).
+    as_html = call(viewer, f"{PREFIX}/{T1}", f"span_id={S1}&format=html")
+    assert as_html.body == response.body and header(as_html, "x-frame-options") == "DENY"
 
 
 def test_profile_frame_of_an_unmatched_request_has_no_route_links(session: Session) -> None:
