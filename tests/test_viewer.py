@@ -458,6 +458,33 @@ def test_index_filters(store: MemoryStore) -> None:
     assert ids("unknown=1") == ids("")
 
 
+def test_index_route_table_reads_the_newest_1000_whatever_the_order() -> None:
+    # 1100 stored: the oldest 100 took 500 ms, the newest 1000 took 1 ms. The route table
+    # reads 1000 (MAX_LIMIT); it must be the same 1000 for every order and limit, and say
+    # that it is not the whole store.
+    store = MemoryStore(max_profiles=2000)
+    for n in range(1100):
+        store.put(make_record(n, route="/r", duration_ms=500.0 if n < 100 else 1.0))
+    viewer = Viewer(store)
+
+    def route_table(query: str) -> tuple[str, list[str]]:
+        body = text(call(viewer, PREFIX, query))
+        table = body[body.index("<h2>Routes</h2>") : body.index("<h2>Profiles</h2>")]
+        label = re.findall(r"Durations of [^,]*", table)[0]
+        return label, re.findall(r'<td class="num">([^<]*)</td>', table)
+
+    label, cells = route_table("")
+    assert label.startswith("Durations of the newest 1000 stored profiles (the most"), label
+    assert cells == ["1000", "1.0", "1.0", "1.0"], cells  # count, median, p95, slowest
+    for query in ("order=slowest", "limit=1000", "limit=1000&order=slowest", "limit=7"):
+        assert route_table(query) == (label, cells), query
+
+
+def test_index_route_table_counts_what_it_read(store: MemoryStore) -> None:
+    body = text(call(Viewer(store), PREFIX, "route=/slow"))
+    assert "Durations of 1 stored profile, per route" in body
+
+
 def test_index_html_keeps_filters_in_form_and_links(store: MemoryStore) -> None:
     body = text(call(Viewer(store), PREFIX, "route=/slow&order=slowest&limit=7"))
     assert 'name="route" value="/slow"' in body

@@ -70,9 +70,10 @@ def index(call: Call) -> ViewerResponse:
     if fmt == "json":
         return _json_list(call, summaries)
     distribution = summaries
-    if summaries and len(summaries) == filters.limit and filters.limit < MAX_LIMIT:
-        # The histograms describe every stored profile the filters match (up to
-        # MAX_LIMIT), not only the rows of this page.
+    if len(summaries) == filters.limit and (filters.limit < MAX_LIMIT or filters.order != "newest"):
+        # The histograms describe the newest stored profiles the filters match (up to
+        # MAX_LIMIT), not only the rows of this page, and whatever its order: with
+        # order=slowest&limit=1000 they described the slowest alone.
         with contextlib.suppress(Abort):  # logged and counted; the page goes on without
             distribution = call.store.summaries(
                 limit=MAX_LIMIT, route=filters.route, min_duration_ms=filters.min_duration_ms

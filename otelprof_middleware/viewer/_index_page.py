@@ -20,7 +20,7 @@ from ._html import (
     page,
     profile_path,
 )
-from ._query import ORDERS, Filters
+from ._query import MAX_LIMIT, ORDERS, Filters
 
 __all__ = ["index_page"]
 
@@ -77,7 +77,7 @@ _ROW = Template(
 
 _ROUTES = Template(
     """<h2>Routes</h2>
-<p class="muted">Durations of $count stored profiles, per route (log scale from $low to \
+<p class="muted">Durations of $count, per route (log scale from $low to \
 $high ms; red: slower than the route's 95th percentile).</p>
 <table>
 <thead><tr><th>Method</th><th>Route</th><th>Profiles</th><th>Median (ms)</th>\
@@ -197,4 +197,8 @@ def _routes_section(prefix: str, filters: Filters, summaries: Sequence[ProfileSu
                 baseline=link(baseline_path(prefix, route), "baseline") if route else "",
             )
         )
-    return fill(_ROUTES, count=len(every), low=f"{low:.1f}", high=f"{high:.1f}", rows=join(rows))
+    count = plural(len(every), "stored profile")
+    if len(every) >= MAX_LIMIT:
+        # The store may hold more than the table reads: the counts are not the store's.
+        count = f"the newest {count} (the most this table reads; filter by route for one route's)"
+    return fill(_ROUTES, count=count, low=f"{low:.1f}", high=f"{high:.1f}", rows=join(rows))
