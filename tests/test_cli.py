@@ -6,10 +6,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -371,6 +373,65 @@ def test_only_a_store_it_may_read_is_opened_read_only(tmp_path: Path) -> None:
     assert not _read_only_here(OSError(errno.EACCES, "denied"), missing)
     assert not _read_only_here(OSError(errno.EROFS, "ro"), str(tmp_path))
     assert not _read_only_here(OSError(errno.ENOSPC, "full"), str(present))
+
+
+def _main_as_another_user(argv: list[str], closed: Path) -> tuple[int, str]:
+    """``main(argv)`` in a forked child that may not read ``closed``, and its stderr.
+
+    As root (who reads any file) the child becomes ``nobody``; else ``closed`` is mode
+    000 while it runs. A fork, not a new interpreter: ``nobody`` may not run ours.
+    """
+    mode = closed.stat().st_mode
+    if os.geteuid() != 0:
+        closed.chmod(0)
+    read, write = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 70
+            try:
+                os.close(read)
+                sys.stderr = open(write, "w", closefd=False)  # noqa: SIM115
+                if os.geteuid() == 0:
+                    os.setgroups([])
+                    os.setgid(65534)
+                    os.setuid(65534)
+                code = main(argv)
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        os.close(write)
+        with open(read) as err:
+            message = err.read()
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), message
+    finally:
+        closed.chmod(mode)
+
+
+@pytest.mark.parametrize("closed", ["directory", "file"])
+def test_a_store_of_another_user_is_reported_as_such(session: Session, closed: str) -> None:
+    """The app's state directory is 0700 (its store 0600) for the user the app runs as;
+    someone else running ``otelprof ls`` was told "no profile store ... nothing was
+    profiled there yet" (os.path.exists is False behind a directory it may not search),
+    or SQLite's "unable to open database file"."""
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)  # reachable by anyone; the state directory is not
+        state = base / "state"
+        url = _fill(state / "profiles.db", session)
+        if closed == "file":
+            state.chmod(0o755)
+        blocked = state if closed == "directory" else state / "profiles.db"
+        for argv in (["ls", "--store", url], ["show", B, "--store", url]):
+            code, err = _main_as_another_user(argv, blocked)
+            assert code == 1, err
+            assert "nothing was profiled" not in err and "unable to open" not in err
+            assert f"cannot read the profile store at {state / 'profiles.db'}: " in err
+            assert f"permission denied ({blocked} belongs to " in err
+            assert "run otelprof as that user (sudo -u " in err
+    finally:
+        shutil.rmtree(base)
 
 
 def test_serve_waits_for_an_app_to_open_a_store_on_a_read_only_mount(

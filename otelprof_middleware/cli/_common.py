@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import pwd
 import sqlite3
 import sys
 from urllib.request import pathname2url
@@ -102,6 +103,16 @@ def _check_sqlite_file(path: str, *, must_exist: bool) -> None:
     here without writing; a file SQLite cannot read is left to the store's own error.
     """
     where = os.path.abspath(path)
+    try:
+        os.stat(path)
+    except PermissionError:
+        # A state directory of the app's user (0700): os.path.exists says False, and
+        # "nothing was profiled there yet" would send the reader the wrong way.
+        raise CommandExit(1, _not_yours(where)) from None
+    except OSError:
+        pass
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        raise CommandExit(1, _not_yours(where))  # SQLite: "unable to open database file"
     if not os.path.exists(path):
         if must_exist:
             raise CommandExit(
@@ -126,6 +137,30 @@ def _check_sqlite_file(path: str, *, must_exist: bool) -> None:
             f"{where} is not an otelprof profile store (an empty file, or another "
             "SQLite database); it was left as it is: pass the app's store with --store",
         )
+
+
+def _not_yours(where: str) -> str:
+    """Why a store this user may not read cannot be opened, naming its owner."""
+    place, owner = where, "<user>"
+    while True:
+        try:
+            uid = os.stat(place).st_uid
+        except OSError:
+            if os.path.dirname(place) == place:
+                break
+            place = os.path.dirname(place)
+            continue
+        try:
+            owner = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            owner = f"#{uid}"
+        break
+    return (
+        f"cannot read the profile store at {where}: permission denied ({place} belongs "
+        f"to {owner}). The app keeps its state directory and store private to the user it "
+        f"runs as: run otelprof as that user (sudo -u {owner} otelprof ...), or pass "
+        "--store with a store you may read"
+    )
 
 
 def _has_store_schema(path: str) -> bool:
