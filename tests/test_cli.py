@@ -157,6 +157,20 @@ def test_ls_shows_why_each_profile_was_kept(
     assert [p["kept_reason"] for p in profiles] == reasons
 
 
+def test_ls_names_an_unmatched_request(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, session: Session
+) -> None:
+    store = SQLiteStore(tmp_path / "profiles.db")
+    try:
+        store.put(ProfileRecord.from_session(_summary(A, 1, "", 3.0, 1, status_code=404), session))
+    finally:
+        store.close()
+    code, out, _ = run(capsys, "ls", "--store", "sqlite:///" + str(tmp_path / "profiles.db"))
+    assert code == 0
+    assert out.splitlines()[1].split()[1:5] == ["GET", "(no", "route", "matched)"]
+    assert "404" in out.splitlines()[1]
+
+
 def test_ls_with_no_match_says_so(capsys: pytest.CaptureFixture[str], store_url: str) -> None:
     code, out, err = run(capsys, "ls", "--store", store_url, "--route", "/nope")
     assert (code, out) == (0, "")

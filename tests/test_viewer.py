@@ -485,6 +485,21 @@ def test_index_route_table_counts_what_it_read(store: MemoryStore) -> None:
     assert "Durations of 1 stored profile, per route" in body
 
 
+def test_index_shows_an_unmatched_request_without_a_route_link() -> None:
+    # A request no route matched is stored with route "": its cells were an empty <a>
+    # (invisible) whose href, route=, is no filter at all (every profile).
+    store = MemoryStore()
+    store.put(make_record(0, route="", status_code=404))
+    store.put(make_record(1))
+    body = text(call(Viewer(store), PREFIX))
+    assert 'route="' not in body and "route=&" not in body
+    assert "></a>" not in body
+    rows = re.findall(r"<tr>.*?</tr>", body, re.S)
+    unmatched = [row for row in rows if "(no route matched)" in row]
+    assert len(unmatched) == 2, unmatched  # the routes table and the profile's row
+    assert all("route=" not in row for row in unmatched)
+
+
 def test_index_html_keeps_filters_in_form_and_links(store: MemoryStore) -> None:
     body = text(call(Viewer(store), PREFIX, "route=/slow&order=slowest&limit=7"))
     assert 'name="route" value="/slow"' in body

@@ -56,7 +56,7 @@ def table(summaries: Sequence[ProfileSummary]) -> str:
         (
             utc(s.start_time),
             s.method,
-            s.route,
+            s.route or "(no route matched)",
             str(s.status_code),
             f"{s.duration_ms:.1f}",
             s.kept_reason or "-",  # "-": stored by an older version, which did not record it

@@ -67,7 +67,7 @@ $rows</tbody>
 _ROW = Template(
     '<tr><td class="mono"><a href="$link">$time</a></td>'
     "<td>$method</td>"
-    '<td class="mono"><a href="$route_link" title="only this route">$route</a></td>'
+    '<td class="mono">$route</td>'
     '<td class="num">$status</td>'
     '<td class="num">$duration</td>'
     "$kept"
@@ -99,6 +99,7 @@ _ROUTE_ROW = Template(
     '<td class="muted">$baseline</td></tr>\n'
 )
 _MAX_ROUTES = 30
+_NO_ROUTE = Markup('<span class="muted">(no route matched)</span>')
 _OTHER_FORMATS = ("text", "speedscope", "json")
 
 
@@ -155,8 +156,11 @@ def _row(prefix: str, filters: Filters, s: ProfileSummary) -> Markup:
         link=profile_path(prefix, s),
         time=utc(s.start_time),
         method=s.method,
-        route_link=prefix + "?" + filters.query(route=s.route),
-        route=s.route,
+        route=(
+            link(prefix + "?" + filters.query(route=s.route), s.route, "only this route")
+            if s.route
+            else _NO_ROUTE
+        ),
         status=s.status_code,
         duration=f"{s.duration_ms:.1f}",
         kept=kept_cell(s),
@@ -179,10 +183,15 @@ def _routes_section(prefix: str, filters: Filters, summaries: Sequence[ProfileSu
     rows = []
     for (route, method), durations in ordered[:_MAX_ROUTES]:
         durations.sort()
-        only = link(
-            prefix + "?" + filters.query(route=route, order="slowest"),
-            route or "(no route matched)",
-            "this route's profiles, slowest first",
+        # An unmatched request has no route to filter by (an empty route= is no filter).
+        only = (
+            link(
+                prefix + "?" + filters.query(route=route, order="slowest"),
+                route,
+                "this route's profiles, slowest first",
+            )
+            if route
+            else _NO_ROUTE
         )
         rows.append(
             fill(
