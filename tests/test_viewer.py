@@ -500,6 +500,22 @@ def test_index_shows_an_unmatched_request_without_a_route_link() -> None:
     assert all("route=" not in row for row in unmatched)
 
 
+def test_index_route_table_says_how_many_routes_it_leaves_out() -> None:
+    # 32 routes; the table draws the 30 with the most profiles and says so, or an on-call
+    # engineer looking for a route with fewer profiles could think it has none.
+    store = MemoryStore()
+    n = 0
+    for r in range(32):
+        for _ in range(2 if r < 30 else 1):
+            store.put(make_record(n, route=f"/r{r}"))
+            n += 1
+    body = text(call(Viewer(store), PREFIX))
+    routes = body[body.index("<h2>Routes</h2>") : body.index("<h2>Profiles</h2>")]
+    assert routes.count('<svg class="histogram"') == 30
+    assert "and 2 more routes with fewer profiles, not shown: filter by route" in routes
+    assert "more route" not in text(call(Viewer(store), PREFIX, "route=/r31"))
+
+
 def test_index_html_keeps_filters_in_form_and_links(store: MemoryStore) -> None:
     body = text(call(Viewer(store), PREFIX, "route=/slow&order=slowest&limit=7"))
     assert 'name="route" value="/slow"' in body

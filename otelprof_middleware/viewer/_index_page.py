@@ -99,6 +99,10 @@ _ROUTE_ROW = Template(
     '<td class="muted">$baseline</td></tr>\n'
 )
 _MAX_ROUTES = 30
+_MORE_ROUTES = Template(
+    '<tr><td></td><td colspan="7" class="muted">and $more with fewer profiles, not shown: '
+    "filter by route to see one</td></tr>\n"
+)
 _NO_ROUTE = Markup('<span class="muted">(no route matched)</span>')
 _OTHER_FORMATS = ("text", "speedscope", "json")
 
@@ -206,6 +210,9 @@ def _routes_section(prefix: str, filters: Filters, summaries: Sequence[ProfileSu
                 baseline=link(baseline_path(prefix, route), "baseline") if route else "",
             )
         )
+    if len(ordered) > _MAX_ROUTES:
+        hidden = len(ordered) - _MAX_ROUTES
+        rows.append(fill(_MORE_ROUTES, more=plural(hidden, "more route")))
     count = plural(len(every), "stored profile")
     if len(every) >= MAX_LIMIT:
         # The store may hold more than the table reads: the counts are not the store's.
