@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,6 +170,30 @@ def test_ls_names_an_unmatched_request(
     assert code == 0
     assert out.splitlines()[1].split()[1:5] == ["GET", "(no", "route", "matched)"]
     assert "404" in out.splitlines()[1]
+
+
+def test_ls_aligns_wide_and_combining_characters(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, session: Session
+) -> None:
+    # Terminal columns, not characters: 注文 takes four, "e" + U+0301 one.
+    routes = ["/注文/{id}", "/cafe\u0301", "/items/{item_id}"]
+    store = SQLiteStore(tmp_path / "profiles.db")
+    try:
+        for n, route in enumerate(routes):
+            store.put(ProfileRecord.from_session(_summary(A, n + 1, route, 5.0, n), session))
+    finally:
+        store.close()
+    code, out, _ = run(capsys, "ls", "--store", "sqlite:///" + str(tmp_path / "profiles.db"))
+    assert code == 0
+
+    def columns(text: str) -> int:
+        wide = sum(unicodedata.east_asian_width(c) in "WF" for c in text)
+        return len(text) + wide - sum(unicodedata.combining(c) > 0 for c in text)
+
+    lines = out.splitlines()
+    status_ends = {columns(line[: line.index("STATUS") + 6]) for line in lines[:1]}
+    status_ends |= {columns(line[: line.index(" 200") + 4]) for line in lines[1:]}
+    assert len(status_ends) == 1, out  # the STATUS column lines up on every row
 
 
 def test_ls_with_no_match_says_so(capsys: pytest.CaptureFixture[str], store_url: str) -> None:
