@@ -828,6 +828,23 @@ async def test_viewer_app_decides_by_the_peer_address(
         assert response.json() == {"profiles": []}
 
 
+@pytest.mark.anyio
+async def test_viewer_app_redirect_carries_the_security_headers() -> None:
+    # docs/security.md: CSP, nosniff, no-referrer, no-store and X-Frame-Options on every
+    # response; the redirect from / had only its Location (and a chunked empty body).
+    app = ViewerApp(Viewer(MemoryStore(), token="t0ken"))
+    transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://viewer") as http:
+        response = await http.get("/")
+    assert (response.status_code, response.headers["location"]) == (307, "/debug/profile")
+    assert response.headers["content-length"] == "0" and response.content == b""
+    assert response.headers["content-security-policy"].startswith("default-src 'none'")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-frame-options"] == "DENY"
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -17,7 +17,7 @@ from .._net import safe_host
 from .._request import app_path
 from .._types import Receive, Scope, Send, StartResponse, WSGIEnvironment
 from ..profiling._span import redact_viewer_token
-from ._http import ViewerRequest
+from ._http import ViewerRequest, ViewerResponse, plain
 from ._viewer import Viewer
 
 __all__ = ["ViewerApp", "serve_asgi", "serve_wsgi"]
@@ -54,6 +54,10 @@ async def serve_asgi(
         root_path=scope.get("root_path", ""),
     )
     response = await anyio.to_thread.run_sync(viewer.handle, request)
+    await _send_asgi(send, response)
+
+
+async def _send_asgi(send: Send, response: ViewerResponse) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -156,13 +160,7 @@ class ViewerApp:
             return
         if app_path(scope) == "/":
             location = scope.get("root_path", "").rstrip("/") + self.viewer.prefix
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 307,
-                    "headers": [(b"location", location.encode("latin-1"))],
-                }
-            )
-            await send({"type": "http.response.body", "body": b""})
+            # With the headers of every viewer answer (CSP, nosniff, no-store, ...).
+            await _send_asgi(send, plain(307, "", [("location", location)]))
             return
         await serve_asgi(self.viewer, scope, send, scheme=self.scheme)
