@@ -20,6 +20,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from otelprof_middleware import Config, ProfilingMiddleware, testing
+from otelprof_middleware._identifiers import is_thread_root
 from otelprof_middleware._request import RequestFacts
 from otelprof_middleware.profiling._start_policy import StartPolicy
 from otelprof_middleware.profiling.always_on import always_on_sampler
@@ -386,6 +387,40 @@ async def test_loop_work_a_worker_job_waits_for_is_the_requests() -> None:
     # The worker job's wait is not credited a second time beside the loop's work.
     root = session.root_frame()
     assert root is not None and root.time <= 1.25 * session.duration, text
+
+
+@pytest.mark.anyio
+async def test_a_first_request_with_a_worker_job_is_one_tree() -> None:
+    # The first request on a loop (a quiet server's): it waits, then its ``def`` work
+    # runs on a worker thread. Its waits and its job go under the loop thread's root,
+    # as its own samples: the profile is one tree (it had a root for the job's stack,
+    # one for the waits, and one for the loop's samples).
+    async def endpoint(request: Request) -> JSONResponse:
+        await asyncio.sleep(0.03)
+        await run_in_threadpool(marker_beta, 0.06)
+        await asyncio.sleep(0.03)
+        return JSONResponse({})
+
+    store = MemoryStore()
+    middleware = ProfilingMiddleware(
+        Starlette(routes=[Route("/job", endpoint)]),
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
+    )
+    try:
+        transport = httpx.ASGITransport(app=middleware, client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/job")).status_code == 200
+        middleware.core.writer.flush()
+        (summary,) = store.list()
+        session = store.get(summary.trace_id)[0].session()
+        text = text_of(session)
+    finally:
+        middleware.core.writer.close()
+    assert "marker_beta" in text, text
+    roots = {stack[0] for stack, _ in session.frame_records}
+    assert len(roots) == 1 and is_thread_root(roots.pop()), text
 
 
 def test_a_wsgi_request_waiting_for_its_async_view_shows_the_view() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from ._loop_hook import submitting_stack
 from ._request_profile import RequestProfile, current_request
 from ._thread_hook import other_profiler_here
 from .always_on import always_on_sampler
+from .always_on._stacks import thread_stack
 
 __all__ = ["install", "run_profiled"]
 
@@ -68,7 +70,7 @@ def _wrap_anyio() -> None:
             result: T = await original(func, *args, **kwargs)
             return result
         # Where the request waits for the job: the worker's frames go under it.
-        submitted_from = submitting_stack(sys._getframe(1))
+        submitted_from = _submitted_from(request, sys._getframe(1))
         job = functools.partial(run_profiled, request, submitted_from, func)
         result = await original(job, *args, **kwargs)
         return result
@@ -87,12 +89,22 @@ def _wrap_thread_pool_executor() -> None:
         if request is None or request.closed:
             future: Future[T] = original(self, fn, *args, **kwargs)
             return future
-        submitted_from = submitting_stack(sys._getframe(1))
+        submitted_from = _submitted_from(request, sys._getframe(1))
         job = functools.partial(run_profiled, request, submitted_from, fn)
         future = original(self, job, *args, **kwargs)
         return future
 
     ThreadPoolExecutor.submit = submit  # type: ignore[method-assign,assignment]
+
+
+def _submitted_from(request: RequestProfile, frame: types.FrameType) -> list[str]:
+    """The stack (root first) at ``frame``, where ``request`` submits a job, as the
+    request's other samples have it: the always-on sampler's, rooted at this thread
+    (as its ticks read the request's own thread); a hook's, as the hook samples it.
+    The job's samples go under it, in one tree with the rest of the request."""
+    if request.continuous:
+        return thread_stack(threading.get_ident(), frame)
+    return submitting_stack(frame)
 
 
 def run_profiled(

@@ -115,6 +115,8 @@ class Registry:
             request.registration = state
             if not state.driven:  # (SIGPROF ticks find the request in the context)
                 self.tasks[task] = request
+            if state.prefix is None:  # (once a loop: its first request)
+                note_prefix(state, ident, task)
         return state
 
     def remove(self, request: RequestProfile) -> None:
@@ -236,6 +238,16 @@ class Registry:
                 if its_task is task or candidate.producer is task:  # (its response's task)
                     return candidate
         return request
+
+
+def note_prefix(state: LoopState, ident: int, task: asyncio.Task[Any]) -> None:
+    """Learn the loop's own frames below a task's coroutine from the task registering a
+    request (a tick learns them only once it finds a task running): the stacks of the
+    requests seen waiting before then start at the thread, in one tree with the rest."""
+    root = getattr(task.get_coro(), "cr_frame", None)
+    stack, below_root = running_stack(ident, sys._getframe(), root)
+    if below_root:
+        state.prefix = stack[:below_root]
 
 
 def waits_for_its_loop(frame: types.FrameType) -> bool:
