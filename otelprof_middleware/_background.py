@@ -16,6 +16,7 @@ into new threads, and every later post would be a client span in that request's 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import queue
 import sys
@@ -113,6 +114,41 @@ class BatchingThread:
             self._thread = None
             if not thread.is_alive():
                 self._pid = -1  # the next offer starts a thread again (else it only queued)
+
+    def take_queued(self) -> list[object]:
+        """Take the items still waiting: the thread will never process them.
+
+        For a shutdown whose flush or close did not finish in time (a slow receiver):
+        the caller counts what is left instead of losing it silently at exit. Waiters
+        of :meth:`flush` are released; a stop asked by :meth:`close` stays asked.
+        """
+        taken: list[object] = []
+        stop = False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, threading.Event):
+                item.set()
+            elif item is _STOP:
+                stop = True
+            else:
+                taken.append(item)
+        if stop:
+            self.ask_to_stop()
+        return taken
+
+    def queued_items(self) -> list[object]:
+        """The items waiting now (not the one being processed), left in the queue."""
+        with self._queue.mutex:
+            items = list(self._queue.queue)
+        return [i for i in items if i is not _STOP and not isinstance(i, threading.Event)]
+
+    def ask_to_stop(self) -> None:
+        """Tell the thread to stop after its current batch, without waiting."""
+        with contextlib.suppress(queue.Full):  # full: close() refuses new items anyway
+            self._queue.put_nowait(_STOP)
 
     def _process(self, items: list[object]) -> None:
         """Handle one batch (on the thread). Must count its own failures, never raise."""

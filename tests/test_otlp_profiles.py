@@ -392,6 +392,51 @@ def test_close_ends_a_retry_wait(
     assert snapshot().get("otlp_profiles.failed") == 1
 
 
+def test_close_counts_and_logs_the_profiles_a_stuck_receiver_left_queued(
+    otlp_receiver: OtlpReceiver,
+    exporters: list[OtlpProfilesExporter],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    otlp_receiver.gate.clear()  # the receiver holds the first post: the thread is stuck
+    exporter = exporter_for(exporters, otlp_receiver.endpoint, batch_size=1)
+    for n in range(4):
+        assert exporter.submit(
+            exported_summary(f"00f067aa0ba902c{n}"), sample_session(), SpanFacts()
+        )
+    deadline = time.monotonic() + 10
+    while exporter._sending == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the first profile is being sent
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
+        exporter.close(0.3)
+    assert time.monotonic() - started < 3  # bounded, whatever the receiver does
+    assert snapshot().get("otlp_profiles.dropped.shutdown") == 3
+    assert "at shutdown, 3 profiles were still queued and 1 being sent" in caplog.text
+    assert "dropped, counted as otlp_profiles.dropped.shutdown" in caplog.text
+    otlp_receiver.gate.set()  # the post in flight completes; the other three never go
+    deadline = time.monotonic() + 10
+    while [t for t in threading.enumerate() if t.name == "otelprof-otlp-profiles"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert len(otlp_receiver.received) == 1
+    assert snapshot().get("otlp_profiles.exported") == 1
+
+
+def test_close_in_time_drops_nothing(
+    otlp_receiver: OtlpReceiver,
+    exporters: list[OtlpProfilesExporter],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exporter = exporter_for(exporters, otlp_receiver.endpoint, batch_size=1)
+    for n in range(4):
+        exporter.submit(exported_summary(f"00f067aa0ba902c{n}"), sample_session(), SpanFacts())
+    with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
+        exporter.close(10)
+    assert snapshot().get("otlp_profiles.exported") == 4
+    assert "otlp_profiles.dropped.shutdown" not in snapshot()
+    assert "at shutdown" not in caplog.text
+
+
 def test_partial_success_counts_the_rejected_and_logs_once(
     otlp_receiver: OtlpReceiver,
     exporters: list[OtlpProfilesExporter],
@@ -547,6 +592,38 @@ def test_a_stuck_or_dead_collector_never_holds_a_request(
     assert counters.get("failed.otlp_profiles.push", 0) >= 1
     assert counters.get("otlp_profiles.retried", 0) >= 1  # connection refused is retried
     assert caplog.text.count("otlp_profiles.push failed") == 1
+
+
+def test_a_lifespan_end_with_a_stuck_collector_says_what_is_unsent_and_keeps_it(
+    otlp_receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn ends the process right after the lifespan (it re-raises SIGTERM): what
+    the exporter still holds then is counted and logged. The process may also go on (a
+    test client): the profiles stay queued and are sent when the receiver answers."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.url)
+    provider, _ = _provider()
+    app = item_app(provider, otlp_profiles=True)
+    exporter = app.core.exporter
+    assert exporter is not None
+    otlp_receiver.gate.clear()
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="otelprof_middleware"),
+            TestClient(app, client=LOOPBACK) as client,
+        ):
+            for n in range(3):
+                assert client.get(f"/items/{n}").status_code == 200
+        unsent = snapshot().get("otlp_profiles.unsent.shutdown", 0)
+        assert unsent >= 1  # the first post may hold one or more of the three
+        assert f"at shutdown, {unsent} profiles were still queued and {3 - unsent} being" in (
+            caplog.text
+        )
+        assert "lost if the process exits now" in caplog.text
+    finally:
+        otlp_receiver.gate.set()
+    assert exporter.flush(10)
+    exporter.close(5)
+    assert snapshot().get("otlp_profiles.exported") == 3
 
 
 def test_wsgi_profiles_link_to_their_spans(

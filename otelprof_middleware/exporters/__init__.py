@@ -81,6 +81,11 @@ class ProfileExporter(Protocol):
         """Send what is queued (within ``timeout``), then stop."""
         ...
 
+    def note_unsent(self, waited: float) -> int:
+        """At shutdown, after a flush that did not end within ``waited`` seconds: count
+        and log the profiles not sent yet (they stay queued); returns their number."""
+        ...
+
 
 class _Exporters:
     """Several exporters behind one: each gets every profile (Pyroscope and OTLP both on)."""
@@ -111,6 +116,9 @@ class _Exporters:
     def close(self, timeout: float = 5.0) -> None:
         for exporter in self.exporters:
             exporter.close(timeout)
+
+    def note_unsent(self, waited: float) -> int:
+        return sum(exporter.note_unsent(waited) for exporter in self.exporters)
 
 
 def check_exporter_settings(otlp_profiles: bool, environ: Mapping[str, str] | None = None) -> None:

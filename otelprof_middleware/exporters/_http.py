@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import os
 import random
 import threading
 import time
@@ -32,7 +33,7 @@ import httpx
 from pyinstrument.session import Session
 
 from .._background import BatchingThread
-from .._failsafe import count, log_failure
+from .._failsafe import count, log_failure, logger
 from .._record import ProfileSummary
 from . import SpanFacts
 
@@ -137,6 +138,7 @@ class HttpExporter(BatchingThread):
         self._closed = False
         self._closing = threading.Event()  # ends a retry's wait at shutdown
         self._client: httpx.Client | None = None  # the thread's, made on first send
+        self._sending = 0  # profiles of the batch being sent now
         super().__init__(thread_name, queue_size, batch_size)
 
     def submit(self, summary: ProfileSummary, session: Session, span: SpanFacts) -> bool:
@@ -160,11 +162,58 @@ class HttpExporter(BatchingThread):
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (without waiting out retries), then stop the thread.
 
-        Later submits are dropped and counted.
+        Later submits are dropped and counted. Profiles still queued when ``timeout``
+        ends (a slow or unreachable receiver) are not sent: they are counted as
+        ``<prefix>.dropped.shutdown`` and logged, rather than lost silently at exit.
         """
         self._closed = True
         self._closing.set()
+        thread = self._thread
         super().close(timeout)
+        if thread is None or not thread.is_alive() or self._queue_pid != os.getpid():
+            return
+        left = sum(isinstance(item, QueuedProfile) for item in self.take_queued())
+        self.ask_to_stop()  # if close() found the queue full
+        if left:
+            count(f"{self._prefix}.dropped.shutdown", left)
+        self._say_unsent(left, timeout, f"dropped, counted as {self._prefix}.dropped.shutdown")
+
+    def note_unsent(self, waited: float) -> int:
+        """At shutdown, after a flush that did not end within ``waited`` seconds: count
+        (``<prefix>.unsent.shutdown``) and log the profiles not sent yet.
+
+        They stay queued: if the process goes on (an app whose lifespan ended in a test
+        client), they are still sent; if it exits now (uvicorn re-raises SIGTERM right
+        after the lifespan), they are lost, and the log says so.
+
+        Returns:
+            The number of profiles still queued.
+        """
+        if self._queue_pid != os.getpid():
+            return 0
+        left = sum(isinstance(item, QueuedProfile) for item in self.queued_items())
+        if left:
+            count(f"{self._prefix}.unsent.shutdown", left)
+        self._say_unsent(
+            left,
+            waited,
+            f"lost if the process exits now, counted as {self._prefix}.unsent.shutdown",
+        )
+        return left
+
+    def _say_unsent(self, left: int, waited: float, outcome: str) -> None:
+        sending = self._sending
+        if left or sending:
+            logger.warning(
+                "otelprof: %s export: at shutdown, %d profiles were still queued and %d "
+                "being sent after %g s (the receiver did not take them in time): %s. "
+                "otelprof's store has them.",
+                self._prefix,
+                left,
+                sending,
+                waited,
+                outcome,
+            )
 
     def _send(self, client: httpx.Client, items: Sequence[QueuedProfile]) -> None:
         """Encode and post one batch; count what was delivered and what failed.
@@ -176,6 +225,7 @@ class HttpExporter(BatchingThread):
     def _process(self, items: list[object]) -> None:
         """Push one batch; a failure is counted, never raised."""
         profiles = [item for item in items if isinstance(item, QueuedProfile)]
+        self._sending = len(profiles)
         try:
             if self._client is None:
                 # httpx's default trust_env: HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE
@@ -186,6 +236,8 @@ class HttpExporter(BatchingThread):
             self._send(self._client, profiles)
         except Exception as exc:  # the thread must outlive any failure
             self._failed(len(profiles), exc)
+        finally:
+            self._sending = 0
 
     def _failed(self, profiles: int, exc: BaseException) -> None:
         count(f"{self._prefix}.failed", profiles)

@@ -13,8 +13,10 @@ stacks are compared with the viewer's folded rendering of the stored one.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -214,3 +216,42 @@ def test_a_dead_collector_fails_no_request(tmp_path: Path) -> None:
     log = server.log.read_text()
     assert log.count("otlp_profiles.push failed") == 1, log
     assert "ConnectError" in log
+
+
+SHUTDOWN_LOG = re.compile(
+    r"otlp_profiles export: at shutdown, (\d+) profiles were still queued and (\d+) being sent"
+)
+
+
+@pytest.mark.parametrize("server_kind", ["uvicorn", "gunicorn"])
+def test_at_sigterm_what_a_stuck_collector_holds_is_counted_and_logged(
+    tmp_path: Path, otlp_receiver: OtlpReceiver, server_kind: str
+) -> None:
+    """The collector takes the first post and never answers: at SIGTERM the server exits
+    within the exporter's few seconds, and says how many profiles were not sent. (uvicorn
+    drains at the lifespan's end and then re-raises SIGTERM, so no atexit runs; gunicorn's
+    worker closes the exporter at exit.) Before, they were lost without a word."""
+    otlp_receiver.gate.clear()
+    port = free_port()
+    if server_kind == "uvicorn":
+        command = uvicorn("tests.e2e.honest_app:app", port, workers=1)
+        paths = [f"/async/{n}" for n in range(10)]
+    else:
+        command = gunicorn("tests.e2e.honest_flask:app", port, workers=1, threads=4)
+        paths = [f"/wsgi/{n}" for n in range(10)]
+    try:
+        with run_server(command, tmp_path, port=port, env=_env(otlp_receiver, "hook")) as server:
+            sent = _send(server, paths)
+            assert set(_stored(server, sent)) == set(sent)
+            started = time.monotonic()
+            os.killpg(server.process.pid, signal.SIGTERM)
+            server.process.wait(30)
+            elapsed = time.monotonic() - started
+    finally:
+        otlp_receiver.gate.set()
+    log = server.log.read_text()
+    assert elapsed < 12, log
+    match = SHUTDOWN_LOG.search(log)
+    assert match is not None, log
+    assert int(match.group(1)) + int(match.group(2)) == len(sent), log
+    assert int(match.group(1)) > 0, log
