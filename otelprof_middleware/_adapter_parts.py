@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from opentelemetry import trace
+
 from ._config import Config
 from .profiling._engine import ProfilerCore
 from .profiling._settings import load_config
@@ -28,12 +30,17 @@ class AdapterParts:
     viewer: Viewer | None
 
 
-def build_parts(settings: Mapping[str, object], profile_store: ProfileStore | None) -> AdapterParts:
+def build_parts(
+    settings: Mapping[str, object],
+    profile_store: ProfileStore | None,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> AdapterParts:
     """The parts of a middleware built with ``settings`` (an invalid one turns profiling
-    off, loudly: see ``load_config``) and, if given, its own store instance. With
-    profiling on, worker-thread jobs are attributed to the request that submitted them."""
+    off, loudly: see ``load_config``) and, if given, its own store instance and tracer
+    provider. With profiling on, worker-thread jobs are attributed to the request that
+    submitted them."""
     config = load_config(settings, has_store=profile_store is not None)
-    core = ProfilerCore(config, store=profile_store)
+    core = ProfilerCore(config, store=profile_store, tracer_provider=tracer_provider)
     viewer = (
         Viewer(core.store_opener.get, token=config.debug_token, public_url=config.public_url)
         if config.debug_route

@@ -56,9 +56,10 @@ class ProfilingMiddleware:
 
     Args:
         app: the ASGI application to wrap.
-        tracer_provider: used only when no instrumentation opened a server span; then
-            this middleware opens one through opentelemetry-instrumentation-asgi.
-            Default: the global provider.
+        tracer_provider: used when no instrumentation opened a server span; then
+            this middleware opens one through opentelemetry-instrumentation-asgi. Its
+            resource also names the service of a profile whose span the sampler did not
+            record (a triggered request). Default: the global provider.
         profile_store: a store instance (tests, custom backends) instead of the
             ``store`` URL.
         **settings: every :class:`~otelprof_middleware.Config` field, e.g.
@@ -79,7 +80,7 @@ class ProfilingMiddleware:
         **settings: Unpack[Settings],
     ) -> None:
         self.app = app
-        parts = build_parts(settings, profile_store)
+        parts = build_parts(settings, profile_store, tracer_provider)
         self.config, self._core, self._viewer = parts.config, parts.core, parts.viewer
         self._start_policy = self._core.start_policy
         self._trigger_header = self._start_policy.trigger_header

@@ -64,9 +64,11 @@ class WSGIProfilingMiddleware:
 
     Args:
         app: the WSGI application to wrap.
-        tracer_provider: used only when no instrumentation opened a server span; then
+        tracer_provider: used when no instrumentation opened a server span; then
             this middleware opens one of its own, with opentelemetry-instrumentation-wsgi's
-            request attributes and name.
+            request attributes and name. Its resource also names the service of a profile
+            whose span the sampler did not record (a triggered request). Default: the
+            global provider.
         profile_store: a store instance (tests, custom backends) instead of the
             ``store`` URL.
         **settings: every :class:`~otelprof_middleware.Config` field (also read from
@@ -86,7 +88,7 @@ class WSGIProfilingMiddleware:
         **settings: Unpack[Settings],
     ) -> None:
         self.app = app
-        parts = build_parts(settings, profile_store)
+        parts = build_parts(settings, profile_store, tracer_provider)
         self.config, self._core, self._viewer = parts.config, parts.core, parts.viewer
         self._start_policy = self._core.start_policy
         self._trigger_key = "HTTP_" + self.config.trigger_header.upper().replace("-", "_")

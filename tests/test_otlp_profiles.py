@@ -20,8 +20,11 @@ import pytest
 from opentelemetry.proto.collector.profiles.v1development.profiles_service_pb2 import (
     ExportProfilesServiceRequest,
 )
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from starlette.testclient import TestClient
 
 from otelprof_middleware import Config, WSGIProfilingMiddleware
@@ -658,6 +661,61 @@ def test_wsgi_profiles_link_to_their_spans(
         for s in server_spans(spans)
     }
     assert links == expected and len(expected) == 2
+
+
+def _dropping_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
+    """A provider whose sampler records nothing (as ``TraceIdRatioBased`` does for most
+    traces), with the app's resource."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "checkout-api"}), sampler=ALWAYS_OFF
+    )
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+@pytest.mark.parametrize("adapter", ["asgi", "wsgi"])
+def test_a_triggered_profile_of_an_unsampled_trace_carries_the_apps_resource(
+    otlp_receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, adapter: str
+) -> None:
+    """The trigger header profiles a request the sampler did not record. Its span is an
+    API ``NonRecordingSpan`` with no resource: the profile went out with an empty
+    resource (no ``service.name``, so no service in Pyroscope) and the index said
+    ``unknown_service``. The app's provider has the resource."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.url)
+    provider, spans = _dropping_provider()
+    settings: dict[str, Any] = {"otlp_profiles": True, "debug_route": True}
+    if adapter == "asgi":
+        app: Any = item_app(provider, **settings)
+        with TestClient(app, client=LOOPBACK) as client:
+            assert client.get("/items/1", headers={"x-otelprof": "1"}).status_code == 200
+    else:
+
+        def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            marker_alpha(0.01)
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok"]
+
+        app = WSGIProfilingMiddleware(
+            wsgi_app, tracer_provider=provider, profile_store=MemoryStore(), **settings
+        )
+        from werkzeug.test import Client
+
+        response = Client(app).get(
+            "/x", headers={"x-otelprof": "1"}, environ_base={"REMOTE_ADDR": "127.0.0.1"}
+        )
+        assert response.status_code == 200 and response.data == b"ok"
+    exporter = app.core.exporter
+    assert exporter is not None
+    try:
+        assert exporter.flush(10) and app.core.writer.flush(10)
+    finally:
+        exporter.close(5)
+    assert spans.get_finished_spans() == ()  # nothing recorded, as the sampler said
+    [profile] = profiles_of(otlp_receiver.requests())
+    assert profile.resource["service.name"] == "checkout-api"
+    [summary] = app.core.get_store().list()
+    assert summary.service == "checkout-api"
 
 
 def test_pyroscope_and_otlp_together_each_get_every_profile(

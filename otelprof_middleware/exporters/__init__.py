@@ -45,10 +45,19 @@ class SpanFacts:
     resource: Mapping[str, object] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def of(cls, span: trace.Span) -> SpanFacts:
-        """Read the facts of an SDK span; API-only spans give empty facts."""
+    def of(cls, span: trace.Span, provider: trace.TracerProvider | None = None) -> SpanFacts:
+        """Read the facts of an SDK span; API-only spans give empty facts.
+
+        Args:
+            span: the server span.
+            provider: whose resource to take when the span has none: a span the sampler
+                did not record (a triggered profile of an unsampled trace) is an API
+                ``NonRecordingSpan``, but the app's ``TracerProvider`` has a resource.
+        """
         name = getattr(span, "name", "")
         resource = getattr(span, "resource", None)
+        if resource is None and provider is not None:
+            resource = getattr(provider, "resource", None)
         attributes = getattr(resource, "attributes", None)
         service = attributes.get("service.name") if isinstance(attributes, Mapping) else None
         return cls(

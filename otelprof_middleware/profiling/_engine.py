@@ -48,6 +48,8 @@ class ProfilerCore:
         store: a store instance to use instead of opening ``config.store``.
         exporter: an exporter to use instead of the one the settings ask for
             (``pyroscope_url``); None and no such setting: no export.
+        tracer_provider: the middleware's own provider, if it was given one (its
+            resource names the service of a profile whose span was not recorded).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class ProfilerCore:
         *,
         store: ProfileStore | None = None,
         exporter: ProfileExporter | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.config = config
         self.start_policy = StartPolicy(config)
@@ -78,7 +81,7 @@ class ProfilerCore:
         )
         if exporter is not None:
             atexit.register(exporter.close, 2.0)
-        self.keeper = Keeper(config, writer, exporter)
+        self.keeper = Keeper(config, writer, exporter, tracer_provider=tracer_provider)
         self.said_no_span = False  # (the warning that requests have no span: once)
 
     @property

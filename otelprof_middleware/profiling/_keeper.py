@@ -33,14 +33,23 @@ class Keeper:
         config: the settings (the links' base URL, the configured service name).
         writer: the background writer that stores kept profiles.
         exporter: where kept profiles are sent too (Pyroscope, OTLP); None: nowhere.
+        tracer_provider: the middleware's own provider, if it was given one; else the
+            global one is used. Its resource stands in for the span's when the span has
+            none (not recorded: a triggered profile of an unsampled trace).
     """
 
     def __init__(
-        self, config: Config, writer: ProfileWriter, exporter: ProfileExporter | None
+        self,
+        config: Config,
+        writer: ProfileWriter,
+        exporter: ProfileExporter | None,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.config = config
         self.writer = writer
         self.exporter = exporter
+        self.tracer_provider = tracer_provider
 
     def keep(self, active: ActiveProfile, *, status_code: int, route: str, reason: str) -> None:
         """Keep a stopped profile: span link, then the writer (and exporter).
@@ -86,14 +95,20 @@ class Keeper:
             with fail_open("exporter.submit"):
                 # The exporter's attributes (pyroscope.profile.id) only if it took the
                 # profile, and while the span is still open.
-                accepted = exporter.submit(summary, session, SpanFacts.of(active.span))
+                accepted = exporter.submit(summary, session, self.span_facts(active.span))
                 if accepted and active.span.is_recording():
                     active.span.set_attributes(exporter.span_attributes(summary))
+
+    def span_facts(self, span: trace.Span) -> SpanFacts:
+        """The span's facts; the resource is the provider's when the span has none."""
+        if isinstance(span, trace.NonRecordingSpan):
+            return SpanFacts.of(span, self.tracer_provider or trace.get_tracer_provider())
+        return SpanFacts.of(span)
 
     def service_name(self, span: trace.Span) -> str:
         """The service a profile belongs to: the span's ``service.name`` (what trace UIs
         show), else the configured one (``OTELPROF_SERVICE_NAME``), else ``unknown_service``."""
-        name = SpanFacts.of(span).service_name
+        name = self.span_facts(span).service_name
         if not name or name.startswith("unknown_service"):
             name = self.config.resolved_service_name
         return _CONTROL.sub(" ", name)[:_MAX_SERVICE_LENGTH]
