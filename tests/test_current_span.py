@@ -36,6 +36,26 @@ def test_joins_the_current_local_span(tracer: trace.Tracer) -> None:
     assert current_server_span() is None  # no span current
 
 
+@pytest.mark.parametrize(
+    ("kind", "attributes", "joins"),
+    [
+        (trace.SpanKind.SERVER, {}, True),
+        # OTel's ASGI/WSGI middleware under a span already current (the request's own)
+        (trace.SpanKind.INTERNAL, {"http.request.method": "GET"}, True),
+        (trace.SpanKind.INTERNAL, {"http.method": "GET"}, True),
+        # a span around the whole server (a CLI command's): every request's, none's own
+        (trace.SpanKind.INTERNAL, {"process.command": "granian"}, False),
+        (trace.SpanKind.CLIENT, {}, False),
+    ],
+)
+def test_only_a_requests_span_is_joined(
+    tracer: trace.Tracer, kind: trace.SpanKind, attributes: dict[str, str], joins: bool
+) -> None:
+    with tracer.start_as_current_span("span", kind=kind, attributes=attributes) as span:
+        joined = current_server_span()
+        assert (joined is not None and joined[0] is span) is joins
+
+
 def test_a_remote_parent_is_not_joined() -> None:
     remote = NonRecordingSpan(
         SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1))
@@ -79,6 +99,6 @@ def test_another_runtime_context_is_read_through_the_api(
         current_server_span()
     monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", OtherRuntime())
     assert current_server_span() is None  # the contextvar still holds nothing for it
-    with tracer.start_as_current_span("server") as span:
+    with tracer.start_as_current_span("server", kind=trace.SpanKind.SERVER) as span:
         joined = current_server_span()
         assert joined is not None and joined[0] is span

@@ -8,6 +8,7 @@ layer excludes. Real OTel SDK providers with in-memory exporters.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -221,6 +222,45 @@ def test_no_telemetry_we_open_the_only_span(otel: Otel) -> None:
     assert names == ["GET", *["GET /items/{item_id}"] * 3], names
     routes = {(span.attributes or {}).get("http.route") for span in server_spans(otel[1])}
     assert routes == {"/items/{item_id}", None}
+
+
+@pytest.mark.parametrize("telemetry", ["none", "fastapi_instrumentor"])
+def test_a_span_current_around_the_whole_server_is_not_joined(otel: Otel, telemetry: str) -> None:
+    """A span current while the server runs (``opentelemetry-instrument granian``: the click
+    instrumentation's span for the ``granian`` command, inherited by the forked worker; or a
+    ``serve`` CLI command calling ``uvicorn.run``) is current in every request's task. It is
+    not a request's span: each request still gets its own span with its own link (inside
+    the CLI span's trace, as OTel's ASGI middleware makes it), and the CLI span is neither
+    renamed nor linked. Before, every request joined it: one profile, overwritten by each
+    request, on a span the worker never ends nor exports."""
+    store = MemoryStore()
+    if telemetry == "none":
+        app: Any = ProfilingMiddleware(
+            Starlette(routes=ROUTES), **{**ours(otel), "profile_store": store}
+        )
+    else:
+        app = fastapi_app(tracer_provider=otel[0], metrics=False, logs=False)
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=otel[0])
+        app.add_middleware(ProfilingMiddleware, **{**ours(otel), "profile_store": store})
+    try:
+        with otel[0].get_tracer("click").start_as_current_span("granian") as cli:
+            assert [r.status_code for r in send(app, *PATHS)] == [200, 200, 200]
+    finally:
+        if telemetry != "none":
+            FastAPIInstrumentor.uninstrument_app(app)
+    finished = otel[1].get_finished_spans()
+    cli_span = next(s for s in finished if s.context.span_id == cli.get_span_context().span_id)
+    assert cli_span.name == "granian"
+    assert PROFILE_URL not in (cli_span.attributes or {})
+    requests = [s for s in finished if (s.attributes or {}).get("http.route")]
+    assert len(requests) == len(PATHS), [(s.name, s.kind) for s in finished]
+    assert all((s.attributes or {}).get(PROFILE_URL) for s in requests)
+    span_ids = {f"{s.context.span_id:016x}" for s in requests}
+    assert len(span_ids) == len(PATHS)
+    deadline = time.monotonic() + 5  # (the writer thread stores them)
+    while len(store.list()) < len(PATHS) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert {r.span_id for r in store.list()} == span_ids
 
 
 def test_our_span_is_named_by_route_when_the_response_does_not_end_inside_us(

@@ -13,7 +13,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import SpanContext, SpanKind
 from opentelemetry.trace import propagation as trace_propagation
 
 from .._config import DEBUG_PREFIX
@@ -66,12 +66,34 @@ def current_server_span() -> tuple[trace.Span, SpanContext] | None:
     span yet; the adapters then open one through the OTel middleware. FlaskInstrumentor
     starts its span later, in ``before_request``: the WSGI adapter joins it from there
     (``otelprof_middleware._inner_join``).
+
+    A local span that is not a request's (neither SERVER nor carrying an HTTP method)
+    was current before the request came: a span around the whole server, such as the
+    click instrumentation's span for the ``granian`` command under
+    ``opentelemetry-instrument``, or a ``serve`` CLI command's span around
+    ``uvicorn.run``. Every request would join that one span, so it counts as none.
     """
     span = _read_current_span()
     context = span.get_span_context()
-    if not context.is_valid or context.is_remote:
+    if not context.is_valid or context.is_remote or not _is_request_span(span):
         return None
     return span, context
+
+
+_HTTP_METHOD_KEYS = ("http.request.method", "http.method")
+
+
+def _is_request_span(span: trace.Span) -> bool:
+    """True for an SDK span of kind SERVER, or of another kind with an HTTP method
+    attribute (OTel's ASGI/WSGI middleware opens an INTERNAL span when a local span is
+    already current: still the request's own); True when the kind cannot be read."""
+    kind = getattr(span, "kind", None)
+    if kind is None or kind is SpanKind.SERVER:
+        return True
+    attributes = getattr(span, "attributes", None)
+    if not isinstance(attributes, Mapping):
+        return True
+    return any(key in attributes for key in _HTTP_METHOD_KEYS)
 
 
 def has_ended(span: trace.Span) -> bool:
