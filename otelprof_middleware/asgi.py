@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 from collections.abc import Awaitable
 from contextvars import ContextVar
@@ -11,8 +12,9 @@ from typing import Unpack
 import anyio.to_thread
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware, get_host_port_url_tuple
 from opentelemetry.trace import SpanContext
+from opentelemetry.util.http import ExcludeList, parse_excluded_urls
 from starlette.routing import BaseRoute, Match, Mount
 
 from ._adapter_parts import build_parts
@@ -87,6 +89,7 @@ class ProfilingMiddleware:
         self._traced_app = OpenTelemetryMiddleware(
             self._in_own_span, tracer_provider=tracer_provider, exclude_spans=["receive", "send"]
         )
+        self._otel_excluded = _otel_excluded_urls()
         self._owner_checked = False
         self._joins_below_owner = False
         self._is_joiner = False
@@ -202,6 +205,11 @@ class ProfilingMiddleware:
                 return _PASS
         if self._mounted is not None and self._mounted.owns(scope, self._mounted_owners):
             return _PASS  # routed to a mounted app that owns the span (joiner inside)
+        excluded = self._otel_excluded
+        if excluded is not None:  # the URL as OTel's ASGI middleware matches it
+            url: str = get_host_port_url_tuple(scope)[2]  # type: ignore[no-untyped-call]
+            if excluded.url_disabled(url):
+                return _EXCLUDED  # as OTel's instrumentations leave it out: no span
         return _OPEN_SPAN
 
     def _declined_above(self, scope: Scope) -> bool:
@@ -531,3 +539,13 @@ class _ProfiledSend:
         if not self._active.finished:
             self._stop_and_keep()
         self._core.detach(self._active)
+
+
+def _otel_excluded_urls() -> ExcludeList | None:
+    """The URLs OTel's ASGI instrumentations leave out, from ``OTEL_PYTHON_ASGI_EXCLUDED_URLS``
+    or else ``OTEL_PYTHON_EXCLUDED_URLS`` (as ``opentelemetry.util.http.get_excluded_urls``
+    reads them; comma-separated regular expressions searched in the full URL), or None."""
+    raw = os.environ.get(
+        "OTEL_PYTHON_ASGI_EXCLUDED_URLS", os.environ.get("OTEL_PYTHON_EXCLUDED_URLS", "")
+    )
+    return parse_excluded_urls(raw) if raw.strip() else None

@@ -263,6 +263,34 @@ def test_a_span_current_around_the_whole_server_is_not_joined(otel: Otel, teleme
     assert {r.span_id for r in store.list()} == span_ids
 
 
+@pytest.mark.parametrize(
+    ("variables", "excluded"),
+    [
+        ({"OTEL_PYTHON_EXCLUDED_URLS": "health"}, True),
+        ({"OTEL_PYTHON_ASGI_EXCLUDED_URLS": "health,other"}, True),
+        # the ASGI-specific variable wins over the generic one, as in OTel's instrumentors
+        ({"OTEL_PYTHON_EXCLUDED_URLS": "health", "OTEL_PYTHON_ASGI_EXCLUDED_URLS": "x"}, False),
+        ({}, False),
+    ],
+)
+def test_the_span_we_open_honours_otels_excluded_urls(
+    otel: Otel, monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], excluded: bool
+) -> None:
+    """With no instrumentation in the app (Litestar, Quart, Falcon under
+    ``opentelemetry-instrument``), ours is the request's only span: the URLs OTel's
+    instrumentations are told to leave out get none (and so no profile), as
+    FastAPIInstrumentor and StarletteInstrumentor leave them out."""
+    for name in ("OTEL_PYTHON_EXCLUDED_URLS", "OTEL_PYTHON_ASGI_EXCLUDED_URLS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    app = ProfilingMiddleware(Starlette(routes=ROUTES), **ours(otel))
+    responses = send(app, "/items/1", "/health")
+    assert [r.text for r in responses] == ["item 1", "ok"]
+    targets = {(s.attributes or {}).get("http.target") for s in server_spans(otel[1])}
+    assert targets == ({"/items/1"} if excluded else {"/items/1", "/health"})
+
+
 def test_our_span_is_named_by_route_when_the_response_does_not_end_inside_us(
     otel: Otel,
 ) -> None:
