@@ -5,6 +5,7 @@ route template (``scope["path_template"]``), and the span's link opens the profi
 from __future__ import annotations
 
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,34 @@ def test_litestar_under_uvicorn(tmp_path: Path) -> None:
             s["context"]["trace_id"].removeprefix("0x") != health_trace
             for s in server.server_spans()
         )
+
+
+def test_a_span_around_the_server_is_not_every_requests_span(tmp_path: Path) -> None:
+    """uvicorn run from a CLI command's span: each request still gets its own span (a
+    child of the command's, as OTel's ASGI middleware makes it) with its own link and
+    profile. Before, every request joined the command's span: one profile key for all."""
+    port = free_port()
+    command = [sys.executable, "-m", "tests.e2e.cli_serve", str(port)]
+    with (
+        run_server(command, tmp_path, port=port) as server,
+        httpx.Client(base_url=server.base_url, timeout=30) as client,
+    ):
+        for n in range(3):
+            assert client.get(f"/items/{n}").json() == {"item_id": n}
+        deadline = time.monotonic() + 10
+        while True:
+            spans = [s for s in server.spans() if s["attributes"].get("http.route")]
+            if len(spans) >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(spans) == 3, server.spans()
+        links = {s["attributes"][PROFILE_URL] for s in spans}
+        assert len(links) == 3
+        expected = {s["context"]["span_id"].removeprefix("0x") for s in spans}
+        while True:  # (the writer thread stores them)
+            index = client.get("/debug/profile", params={"format": "json"}).json()["profiles"]
+            stored = {row["span_id"] for row in index if row["route"] == "/items/{item_id}"}
+            if stored == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert stored == expected
