@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import weakref
 from collections.abc import Awaitable
 from contextvars import ContextVar
@@ -14,7 +13,6 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware, get_host_port_url_tuple
 from opentelemetry.trace import SpanContext
-from opentelemetry.util.http import ExcludeList, parse_excluded_urls
 from starlette.routing import BaseRoute, Match, Mount
 
 from ._adapter_parts import build_parts
@@ -33,6 +31,7 @@ from .profiling._span import (
     has_ended,
     mounted_span_owners,
     name_by_route,
+    otel_excluded_urls,
     span_declined,
     span_owner_below,
 )
@@ -89,7 +88,7 @@ class ProfilingMiddleware:
         self._traced_app = OpenTelemetryMiddleware(
             self._in_own_span, tracer_provider=tracer_provider, exclude_spans=["receive", "send"]
         )
-        self._otel_excluded = _otel_excluded_urls()
+        self._otel_excluded = otel_excluded_urls("ASGI")
         self._owner_checked = False
         self._joins_below_owner = False
         self._is_joiner = False
@@ -539,13 +538,3 @@ class _ProfiledSend:
         if not self._active.finished:
             self._stop_and_keep()
         self._core.detach(self._active)
-
-
-def _otel_excluded_urls() -> ExcludeList | None:
-    """The URLs OTel's ASGI instrumentations leave out, from ``OTEL_PYTHON_ASGI_EXCLUDED_URLS``
-    or else ``OTEL_PYTHON_EXCLUDED_URLS`` (as ``opentelemetry.util.http.get_excluded_urls``
-    reads them; comma-separated regular expressions searched in the full URL), or None."""
-    raw = os.environ.get(
-        "OTEL_PYTHON_ASGI_EXCLUDED_URLS", os.environ.get("OTEL_PYTHON_EXCLUDED_URLS", "")
-    )
-    return parse_excluded_urls(raw) if raw.strip() else None

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any, Unpack
+from wsgiref.util import request_uri
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.instrumentation.wsgi import (
@@ -40,6 +41,7 @@ from .profiling._span import (
     ROUTE_KEY,
     current_server_span,
     name_by_route,
+    otel_excluded_urls,
 )
 from .stores._base import ProfileStore
 from .viewer import serve_wsgi
@@ -99,6 +101,7 @@ class WSGIProfilingMiddleware:
         self._joins_inside = False
         self._joiner: InnerJoiner | None = None  # (Django: handed over)
         self._is_joiner = False  # a copy below OTel's WSGI middleware: joins or passes
+        self._otel_excluded = otel_excluded_urls("WSGI")
         if self.config.enabled:
             note_flask_routes_on_errors(app)
             note_falcon_routes(app)
@@ -147,6 +150,10 @@ class WSGIProfilingMiddleware:
             if self._joiner is not None:
                 environ[JOINER_KEY] = self._joiner  # for Django's RouteMiddleware
             return _PASS  # the instrumentor opens the span inside: joined from there
+        if self._otel_excluded is not None and self._otel_excluded.url_disabled(
+            request_uri(environ)
+        ):
+            return _PASS  # as OTel's instrumentations leave it out: no span, no profile
         return _OPEN_SPAN
 
     def _join_inside(self) -> bool:

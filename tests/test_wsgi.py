@@ -494,3 +494,37 @@ def test_a_profiler_of_every_thread_is_left_alone(otel: Any, closing: list[Any])
     assert response.json == {"ok": True}
     assert hooks == [None], "a hook was installed over the other profiler's"
     assert counters().get("skipped.foreign_hook", 0) == 1
+
+
+@pytest.mark.parametrize(
+    ("variables", "excluded"),
+    [
+        ({"OTEL_PYTHON_EXCLUDED_URLS": "items/2"}, True),
+        ({"OTEL_PYTHON_WSGI_EXCLUDED_URLS": "items/2"}, True),
+        ({"OTEL_PYTHON_EXCLUDED_URLS": "items/2", "OTEL_PYTHON_WSGI_EXCLUDED_URLS": "x"}, False),
+        ({}, False),
+    ],
+)
+def test_the_span_we_open_honours_otels_excluded_urls(
+    otel: Any,
+    closing: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    variables: dict[str, str],
+    excluded: bool,
+) -> None:
+    """No instrumentor in the app (granian or gunicorn serving a plain WSGI app under
+    opentelemetry-instrument): ours is the request's only span, and the URLs OTel's
+    instrumentations are told to leave out get none, so no profile either."""
+    for name in ("OTEL_PYTHON_EXCLUDED_URLS", "OTEL_PYTHON_WSGI_EXCLUDED_URLS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    app = make_flask()
+    store = MemoryStore()
+    middleware = profiled(app, otel, store, closing, min_duration_ms=0)
+    client = Client(app)
+    assert [client.get(p).status_code for p in ("/items/1", "/items/2")] == [200, 200]
+    middleware.core.writer.flush(timeout=5.0)
+    targets = {(s.attributes or {}).get("http.target") for s in server_spans(otel[1])}
+    assert targets == ({"/items/1"} if excluded else {"/items/1", "/items/2"})
+    assert len(store.list()) == len(targets)

@@ -5,6 +5,7 @@ Attribute names live here and nowhere else; docs/attributes.md explains the choi
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -15,6 +16,7 @@ from opentelemetry import trace
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import SpanContext, SpanKind
 from opentelemetry.trace import propagation as trace_propagation
+from opentelemetry.util.http import ExcludeList, parse_excluded_urls
 
 from .._config import DEBUG_PREFIX
 
@@ -29,6 +31,7 @@ __all__ = [
     "diff_url",
     "mounted_span_owners",
     "name_by_route",
+    "otel_excluded_urls",
     "profile_url",
     "redact_viewer_token",
     "route_attribute",
@@ -94,6 +97,17 @@ def _is_request_span(span: trace.Span) -> bool:
     if not isinstance(attributes, Mapping):
         return True
     return any(key in attributes for key in _HTTP_METHOD_KEYS)
+
+
+def otel_excluded_urls(protocol: str) -> ExcludeList | None:
+    """The URLs OTel's instrumentations leave out, for the span an adapter opens itself:
+    ``OTEL_PYTHON_<protocol>_EXCLUDED_URLS``, or else ``OTEL_PYTHON_EXCLUDED_URLS``, read
+    as ``opentelemetry.util.http.get_excluded_urls`` reads them (comma-separated regular
+    expressions searched in the full URL); None when neither is set."""
+    raw = os.environ.get(
+        f"OTEL_PYTHON_{protocol}_EXCLUDED_URLS", os.environ.get("OTEL_PYTHON_EXCLUDED_URLS", "")
+    )
+    return parse_excluded_urls(raw) if raw.strip() else None
 
 
 def has_ended(span: trace.Span) -> bool:
