@@ -13,9 +13,10 @@ policy (:mod:`._start_policy`), the two ways to start (:mod:`._hook_start`,
 from __future__ import annotations
 
 import atexit
+import multiprocessing.util
 import time
 import types
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
@@ -38,6 +39,15 @@ from ._store_opener import StoreOpener
 from ._writer import ProfileWriter
 
 __all__ = ["ProfilerCore"]
+
+
+def _close_at_exit(close: Callable[[float], None]) -> None:
+    """Call ``close(2.0)`` (it drains a writer or exporter) when the process ends: at
+    ``atexit``, and in a worker multiprocessing forked (granian's), which ends with
+    ``os._exit`` after multiprocessing's own exit finalizers and never runs ``atexit``.
+    ``close`` runs twice where both run; the second call finds nothing to do."""
+    atexit.register(close, 2.0)
+    multiprocessing.util.Finalize(None, close, args=(2.0,), exitpriority=10)
 
 
 class ProfilerCore:
@@ -71,7 +81,7 @@ class ProfilerCore:
         )
         self.hook_start = HookStart(config, self.start_policy)
         self.always_on_start = AlwaysOnStart(config)  # its settings: loud now, not at a request
-        atexit.register(writer.close, 2.0)
+        _close_at_exit(writer.close)
         exporter = exporter or open_exporter(
             config.pyroscope_url,
             tenant_id=config.pyroscope_tenant_id,
@@ -80,7 +90,7 @@ class ProfilerCore:
             otlp_profiles_pyroscope=config.otlp_profiles_pyroscope,
         )
         if exporter is not None:
-            atexit.register(exporter.close, 2.0)
+            _close_at_exit(exporter.close)
         self.keeper = Keeper(config, writer, exporter, tracer_provider=tracer_provider)
         self.said_no_span = False  # (the warning that requests have no span: once)
 

@@ -1,0 +1,67 @@
+"""A worker that multiprocessing forked ends with ``os._exit`` once its target returns:
+multiprocessing runs its own exit finalizers there, never ``atexit``. granian's workers
+are such processes (a WSGI app there has no lifespan to flush at either): the profiles
+still queued for the writer must be written before the worker ends."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from wsgiref.util import setup_testing_defaults
+
+from otelprof_middleware import ProfileRecord, WSGIProfilingMiddleware
+from otelprof_middleware.stores import SQLiteStore
+
+from .helpers import make_provider, marker_alpha
+
+
+class SlowSQLiteStore(SQLiteStore):
+    """A real SQLite store whose writes take 0.3 s (a busy disk)."""
+
+    def put(self, record: ProfileRecord) -> None:
+        time.sleep(0.3)
+        super().put(record)
+
+    def put_many(self, records: Sequence[ProfileRecord]) -> None:
+        time.sleep(0.3)
+        super().put_many(records)
+
+
+def _app(environ: dict[str, object], start_response: object) -> list[bytes]:
+    marker_alpha(0.005)
+    start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
+    return [b"done"]
+
+
+def _serve_one_request_then_return(path: str) -> None:
+    provider, _ = make_provider()
+    middleware = WSGIProfilingMiddleware(
+        _app,
+        tracer_provider=provider,
+        profile_store=SlowSQLiteStore(path),
+        sample_rate=1.0,
+        min_duration_ms=0,
+    )
+    environ: dict[str, object] = {}
+    setup_testing_defaults(environ)
+    body = middleware(environ, lambda status, headers, exc_info=None: None)
+    assert b"".join(body) == b"done"
+    body.close()  # type: ignore[attr-defined]
+    # The target returns at once: the profile is still with the writer (0.3 s to write).
+
+
+def test_a_forked_multiprocessing_worker_writes_its_last_profiles(tmp_path: Path) -> None:
+    path = str(tmp_path / "profiles.db")
+    worker = multiprocessing.get_context("fork").Process(
+        target=_serve_one_request_then_return, args=(path,)
+    )
+    worker.start()
+    worker.join(20)
+    assert worker.exitcode == 0
+    store = SQLiteStore(path)
+    try:
+        assert len(store.list()) == 1
+    finally:
+        store.close()
