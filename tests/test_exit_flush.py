@@ -6,12 +6,14 @@ still queued for the writer must be written before the worker ends."""
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
 from otelprof_middleware import ProfileRecord, WSGIProfilingMiddleware
+from otelprof_middleware.profiling._keeper import Keeper
 from otelprof_middleware.stores import SQLiteStore
 
 from .helpers import make_provider, marker_alpha
@@ -56,6 +58,61 @@ def test_a_forked_multiprocessing_worker_writes_its_last_profiles(tmp_path: Path
     path = str(tmp_path / "profiles.db")
     worker = multiprocessing.get_context("fork").Process(
         target=_serve_one_request_then_return, args=(path,)
+    )
+    worker.start()
+    worker.join(20)
+    assert worker.exitcode == 0
+    store = SQLiteStore(path)
+    try:
+        assert len(store.list()) == 1
+    finally:
+        store.close()
+
+
+def _finish_on_a_server_thread_while_the_worker_returns(path: str) -> None:
+    """As in a granian worker: the request's body is closed (its profile kept) on a server
+    thread, while the worker's main thread returns as soon as the response is out."""
+    keep = Keeper.keep
+
+    def slow_keep(self: Keeper, *args: object, **kwargs: object) -> None:
+        time.sleep(0.3)  # (the profile is being built when the worker returns)
+        keep(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    Keeper.keep = slow_keep  # type: ignore[method-assign]
+    body_sent = threading.Event()
+
+    def app(environ: dict[str, object], start_response: object) -> Iterator[bytes]:
+        marker_alpha(0.005)
+        start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
+        yield b"done"
+        body_sent.set()  # the last bytes are out: the server's worker may now return
+
+    provider, _ = make_provider()
+    middleware = WSGIProfilingMiddleware(
+        app,
+        tracer_provider=provider,
+        profile_store=SQLiteStore(path),
+        sample_rate=1.0,
+        min_duration_ms=0,
+    )
+
+    def serve() -> None:
+        environ: dict[str, object] = {}
+        setup_testing_defaults(environ)
+        body = middleware(environ, lambda status, headers, exc_info=None: None)
+        assert b"".join(body) == b"done"
+        body.close()  # type: ignore[attr-defined]
+
+    threading.Thread(target=serve, daemon=True).start()
+    assert body_sent.wait(10)
+
+
+def test_a_profile_kept_on_a_server_thread_as_the_worker_ends_is_written(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "profiles.db")
+    worker = multiprocessing.get_context("fork").Process(
+        target=_finish_on_a_server_thread_while_the_worker_returns, args=(path,)
     )
     worker.start()
     worker.join(20)

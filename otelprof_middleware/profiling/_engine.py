@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing.util
+import os
+import sys
+import threading
 import time
 import types
 from collections.abc import Awaitable, Callable
@@ -22,7 +25,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
 from .._config import Config
-from .._failsafe import count, log_failure, logger
+from .._failsafe import count, fail_open, log_failure, logger
 from .._request import RequestFacts
 from ..exporters import ProfileExporter, open_exporter
 from ..stores._base import ProfileStore
@@ -47,7 +50,37 @@ def _close_at_exit(close: Callable[[float], None]) -> None:
     ``os._exit`` after multiprocessing's own exit finalizers and never runs ``atexit``.
     ``close`` runs twice where both run; the second call finds nothing to do."""
     atexit.register(close, 2.0)
-    multiprocessing.util.Finalize(None, close, args=(2.0,), exitpriority=10)
+    multiprocessing.util.Finalize(None, _close_after_requests, args=(close,), exitpriority=10)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _close_after_requests(close: Callable[[float], None]) -> None:
+    """In a forked worker about to ``os._exit``: wait (1 s at most) until no other thread
+    runs this package's code, then close. granian's worker returns as soon as its last
+    response is sent, while the server thread that ran the request may still be in the
+    body's ``close()``, keeping its profile: ``os._exit`` would end it before the profile
+    reaches the writer. (Our own threads are named ``otelprof-*`` and not waited for.)"""
+    with fail_open("writer.exit"):
+        me = threading.get_ident()
+        ours = {t.ident for t in threading.enumerate() if t.name.startswith("otelprof-")}
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and _package_code_running(me, ours):
+            time.sleep(0.01)
+    close(2.0)
+
+
+def _package_code_running(me: int, ours: set[int | None]) -> bool:
+    for ident, frame in sys._current_frames().items():
+        if ident == me or ident in ours:
+            continue
+        current: types.FrameType | None = frame
+        while current is not None:
+            if current.f_code.co_filename.startswith(_PACKAGE_DIR):
+                return True
+            current = current.f_back
+    return False
 
 
 class ProfilerCore:
