@@ -29,6 +29,7 @@ __all__ = [
     "fail_open",
     "log_event",
     "log_failure",
+    "log_once",
     "raised_by_signal_handler",
     "reset_counters",
     "snapshot",
@@ -43,6 +44,7 @@ LOG_INTERVAL_SECONDS = 60.0
 _lock = threading.Lock()
 _counts: Counter[str] = Counter()  # counted under the lock (tallies are not)
 _last_logged: dict[str, float] = {}
+_said: set[str] = set()  # the notices :func:`log_once` has given in this process
 
 
 def count(name: str, amount: int = 1) -> None:
@@ -87,6 +89,7 @@ def reset_counters() -> None:
     with _lock:
         _counts.clear()
         _last_logged.clear()
+        _said.clear()
         for name, counter in _tallies.items():
             _tally_offsets[name] = _tally_value(counter)
 
@@ -106,6 +109,19 @@ def log_event(stage: str, message: str, *args: object) -> None:
     """Log a warning about ``stage`` at most once per interval (counting is the caller's)."""
     if _due(stage):
         logger.warning(message, *args)
+
+
+def log_once(notice: str, message: str, *args: object) -> None:
+    """Log a warning about ``notice`` once per process (again after :func:`reset_counters`).
+
+    For a fact about the process's setup, not a failure: an app factory that builds an
+    app per test must not repeat it for every app it builds.
+    """
+    with _lock:
+        if notice in _said:
+            return
+        _said.add(notice)
+    logger.warning(message, *args)
 
 
 def raised_by_signal_handler(exc: BaseException) -> bool:

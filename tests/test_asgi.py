@@ -423,6 +423,35 @@ def test_no_sdk_provider_means_no_profile_even_when_triggered(
     assert counters()["skipped.no_span"] == 2
 
 
+def test_no_sdk_provider_is_said_once_per_process_not_once_per_app(
+    store: MemoryStore, closing: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A test suite without an SDK provider whose app factory builds an app per test heard
+    the warning once per app: every test's first request logged it, and a test that asserts
+    on its own log records (``caplog.messages == [...]``) failed only with the middleware.
+    It is a fact about the process, said once per process (again after testing.reset())."""
+    from opentelemetry.trace import NoOpTracerProvider
+
+    from otelprof_middleware import testing
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "otelprof_middleware"]
+
+    with caplog.at_level("WARNING"):
+        for _ in range(3):  # three tests, each with its own app from the factory
+            app = ProfilingMiddleware(
+                make_app(), tracer_provider=NoOpTracerProvider(), profile_store=store
+            )
+            closing.append(app)
+            with TestClient(app) as client:
+                assert client.get("/beta").json() == {"endpoint": "beta"}
+        assert len(said()) == 1 and "no valid OpenTelemetry span" in said()[0], said()
+        testing.reset()
+        with TestClient(app) as client:
+            client.get("/beta")
+        assert len(said()) == 2, said()
+
+
 def test_def_endpoint_work_on_the_worker_thread_is_in_the_profile(
     otel: tuple[TracerProvider, InMemorySpanExporter], store: MemoryStore, closing: list[Any]
 ) -> None:

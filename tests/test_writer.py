@@ -106,3 +106,55 @@ def test_a_closed_writer_starts_again_with_the_next_profile() -> None:
     assert writer.flush(2.0)
     assert len(store.list()) == 2
     writer.close()
+
+
+_MANY_APPS = """
+import atexit, gc, sys, weakref
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from otelprof_middleware import WSGIProfilingMiddleware
+
+trace.set_tracer_provider(TracerProvider())
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+def call(middleware):
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "SERVER_NAME": "t",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http", "REMOTE_ADDR": "127.0.0.1"}
+    body = middleware(environ, lambda status, headers, exc_info=None: None)
+    b"".join(body)
+    body.close()
+
+before = atexit._ncallbacks()
+writers = []
+for _ in range(300):  # a test suite's app factory: one middleware per test
+    middleware = WSGIProfilingMiddleware(app, sample_rate=1.0, store=sys.argv[1])
+    writers.append(weakref.ref(middleware.core.writer))
+    del middleware
+gc.collect()
+print(atexit._ncallbacks() - before, sum(w() is not None for w in writers))
+call(WSGIProfilingMiddleware(app, sample_rate=1.0, store=sys.argv[1]))  # kept, not flushed
+"""
+
+
+def test_an_app_per_test_adds_no_exit_hook_and_the_last_profile_is_written_at_exit(
+    tmp_path: Any,
+) -> None:
+    """A suite that built 500 apps (one middleware each) had 505 atexit hooks, each holding
+    its writer (and store settings) until exit. One hook drains them all, and holds none."""
+    import subprocess
+    import sys
+
+    from otelprof_middleware.stores import SQLiteStore
+
+    url = f"sqlite:///{tmp_path / 'profiles.db'}"
+    done = subprocess.run(
+        [sys.executable, "-c", _MANY_APPS, url], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    added_hooks, writers_alive = map(int, done.stdout.split())
+    assert added_hooks <= 2, added_hooks  # (the sampler's, when it starts; none per app)
+    assert writers_alive == 0
+    assert len(SQLiteStore(str(tmp_path / "profiles.db")).list()) == 1  # drained at exit

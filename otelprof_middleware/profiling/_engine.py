@@ -12,25 +12,21 @@ policy (:mod:`._start_policy`), the two ways to start (:mod:`._hook_start`,
 
 from __future__ import annotations
 
-import atexit
-import multiprocessing.util
-import os
-import sys
-import threading
 import time
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
 from .._config import Config
-from .._failsafe import count, fail_open, log_failure, logger
+from .._failsafe import count, log_failure, log_once
 from .._request import RequestFacts
 from ..exporters import ProfileExporter, open_exporter
 from ..stores._base import ProfileStore
 from ._active_profile import ActiveProfile
 from ._always_on_start import AlwaysOnStart
+from ._at_exit import close_at_exit
 from ._hook_start import HookStart
 from ._keep_policy import KeepPolicy
 from ._keeper import Keeper
@@ -42,45 +38,6 @@ from ._store_opener import StoreOpener
 from ._writer import ProfileWriter
 
 __all__ = ["ProfilerCore"]
-
-
-def _close_at_exit(close: Callable[[float], None]) -> None:
-    """Call ``close(2.0)`` (it drains a writer or exporter) when the process ends: at
-    ``atexit``, and in a worker multiprocessing forked (granian's), which ends with
-    ``os._exit`` after multiprocessing's own exit finalizers and never runs ``atexit``.
-    ``close`` runs twice where both run; the second call finds nothing to do."""
-    atexit.register(close, 2.0)
-    multiprocessing.util.Finalize(None, _close_after_requests, args=(close,), exitpriority=10)
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _close_after_requests(close: Callable[[float], None]) -> None:
-    """In a forked worker about to ``os._exit``: wait (1 s at most) until no other thread
-    runs this package's code, then close. granian's worker returns as soon as its last
-    response is sent, while the server thread that ran the request may still be in the
-    body's ``close()``, keeping its profile: ``os._exit`` would end it before the profile
-    reaches the writer. (Our own threads are named ``otelprof-*`` and not waited for.)"""
-    with fail_open("writer.exit"):
-        me = threading.get_ident()
-        ours = {t.ident for t in threading.enumerate() if t.name.startswith("otelprof-")}
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and _package_code_running(me, ours):
-            time.sleep(0.01)
-    close(2.0)
-
-
-def _package_code_running(me: int, ours: set[int | None]) -> bool:
-    for ident, frame in sys._current_frames().items():
-        if ident == me or ident in ours:
-            continue
-        current: types.FrameType | None = frame
-        while current is not None:
-            if current.f_code.co_filename.startswith(_PACKAGE_DIR):
-                return True
-            current = current.f_back
-    return False
 
 
 class ProfilerCore:
@@ -114,7 +71,7 @@ class ProfilerCore:
         )
         self.hook_start = HookStart(config, self.start_policy)
         self.always_on_start = AlwaysOnStart(config)  # its settings: loud now, not at a request
-        _close_at_exit(writer.close)
+        close_at_exit(writer)
         exporter = exporter or open_exporter(
             config.pyroscope_url,
             tenant_id=config.pyroscope_tenant_id,
@@ -123,9 +80,8 @@ class ProfilerCore:
             otlp_profiles_pyroscope=config.otlp_profiles_pyroscope,
         )
         if exporter is not None:
-            _close_at_exit(exporter.close)
+            close_at_exit(exporter)
         self.keeper = Keeper(config, writer, exporter, tracer_provider=tracer_provider)
-        self.said_no_span = False  # (the warning that requests have no span: once)
 
     @property
     def writer(self) -> ProfileWriter:
@@ -158,14 +114,13 @@ class ProfilerCore:
         """
         if not context.is_valid:  # no SDK provider: nothing to key or link the profile by
             count("skipped.no_span")
-            if not self.said_no_span:
-                self.said_no_span = True
-                logger.warning(
-                    "otelprof: requests here have no valid OpenTelemetry span (no SDK "
-                    "TracerProvider is set, or OTEL_SDK_DISABLED is true), so none is "
-                    "profiled: set up the SDK's TracerProvider to get profiles. "
-                    "Counted as skipped.no_span; said once."
-                )
+            log_once(  # once per process: a test suite builds an app (and a core) per test
+                "no_span",
+                "otelprof: requests here have no valid OpenTelemetry span (no SDK "
+                "TracerProvider is set, or OTEL_SDK_DISABLED is true), so none is "
+                "profiled: set up the SDK's TracerProvider to get profiles. "
+                "Counted as skipped.no_span; said once per process.",
+            )
             return None
         kind = self.start_policy.choose(
             context.trace_id, span.is_recording(), facts.trigger, facts.client_host
