@@ -240,13 +240,14 @@ class Config:
         """``service_name``, or ``unknown_service`` as OTel names an unnamed service."""
         return self.service_name or "unknown_service"
 
-    def resolved_state_dir(self) -> str:
-        """The per-service directory of the embedded store."""
+    def resolved_state_dir(self) -> str | None:
+        """The per-service directory of the embedded store; None when there is no home
+        directory to put it in (see :func:`state_home`)."""
         if self.state_dir:
             return self.state_dir
-        base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-            os.path.expanduser("~"), ".local", "state"
-        )
+        base = state_home()
+        if base is None:
+            return None
         return os.path.join(base, "otelprof", self.resolved_service_name)
 
     def base_url(self, scheme: str, host: str | None, root_path: str) -> str:
@@ -259,4 +260,29 @@ class Config:
         """The store URL in force: ``store`` or the embedded SQLite file."""
         if self.store:
             return self.store
-        return "sqlite:///" + os.path.join(self.resolved_state_dir(), "profiles.db")
+        state_dir = self.resolved_state_dir()
+        if state_dir is None:
+            return NO_HOME_STORE
+        return "sqlite:///" + os.path.join(state_dir, "profiles.db")
+
+
+NO_HOME_STORE = "memory://"
+"""The default store when there is no home directory (:func:`state_home` is None)."""
+
+
+def state_home() -> str | None:
+    """``$XDG_STATE_HOME``, else ``~/.local/state``; None when neither is an absolute path.
+
+    With ``HOME`` unset and no password-file entry for the user (``env -i``, a container
+    run under an arbitrary uid, some hermetic test runners), ``~`` does not expand: the
+    embedded store went to a directory literally named ``~`` under the current directory,
+    the checkout a test suite runs in (where ``rm -rf ~`` is the obvious clean-up). A
+    relative ``XDG_STATE_HOME`` is ignored, as the XDG specification says.
+    """
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(xdg):
+        return xdg
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home):
+        return None
+    return os.path.join(home, ".local", "state")

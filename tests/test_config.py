@@ -145,3 +145,59 @@ def test_a_store_url_that_does_not_split_is_refused_by_name_without_its_password
     with pytest.raises(ValueError, match="OTELPROF_STORE") as raised:
         check_settings(store=url)
     assert "s3cret" not in str(raised.value)
+
+
+def test_without_a_home_directory_the_default_store_is_in_memory_not_under_the_cwd(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``HOME`` unset and no password-file entry (``env -i``, a CI container under an
+    arbitrary uid), ``~`` does not expand: a test run made ``./~/.local/state/otelprof/
+    unknown_service/profiles.db`` in the checkout it ran in. The default store is then
+    in memory, said once, and nothing is written under the current directory."""
+    import pwd
+
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(uid)
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.delenv("OTELPROF_STORE", raising=False)
+    monkeypatch.delenv("OTELPROF_STATE_DIR", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.chdir(tmp_path)
+    assert os.path.expanduser("~") == "~"  # (what the user's process sees)
+    assert Config.load().resolved_store_url() == "memory://"
+    monkeypatch.setenv("XDG_STATE_HOME", "state")  # relative: ignored, as XDG says
+    assert Config.load().resolved_store_url() == "memory://"
+    monkeypatch.delenv("XDG_STATE_HOME")
+
+    def app(environ: dict[str, object], start_response: object) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])  # type: ignore[operator]
+        return [b"ok"]
+
+    middleware = WSGIProfilingMiddleware(
+        app, tracer_provider=TracerProvider(), sample_rate=1.0, min_duration_ms=0, mode="hook"
+    )
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "SERVER_NAME": "t",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "REMOTE_ADDR": "127.0.0.1",
+    }
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            body = middleware(environ, lambda status, headers, exc_info=None: None)
+            assert b"".join(body) == b"ok"
+            body.close()  # type: ignore[attr-defined]
+        assert middleware.core.writer.flush()
+    middleware.core.writer.close()
+    assert os.listdir(tmp_path) == []
+    assert len(middleware.core.get_store().list()) == 2
+    said = [r.getMessage() for r in caplog.records if "no home directory" in r.getMessage()]
+    assert len(said) == 1, said

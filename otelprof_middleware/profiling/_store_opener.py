@@ -12,7 +12,8 @@ import os
 import threading
 import time
 
-from .._config import Config
+from .._config import NO_HOME_STORE, Config
+from .._failsafe import log_once
 from .._fork import renew_locks_in_children
 from ..stores import _parse, open_store
 from ..stores._base import ProfileStore
@@ -71,9 +72,18 @@ class StoreOpener:
                     f"profile store unavailable ({self._failure}); retrying every "
                     f"{STORE_RETRY_SECONDS:g} s"
                 )
+            url = self._config.resolved_store_url()
+            if url == NO_HOME_STORE and not self._config.store:
+                log_once(
+                    "no_home",
+                    "otelprof: no home directory (HOME is unset and the user has no "
+                    "password-file entry), so the embedded store has nowhere to go: "
+                    "profiles are kept in memory, per process. Set OTELPROF_STATE_DIR or "
+                    "OTELPROF_STORE to keep them on disk.",
+                )
             try:
                 self._store = open_shared(
-                    self._config.resolved_store_url(),
+                    url,
                     max_profiles=self._config.store_max_profiles,
                     max_bytes=self._config.store_max_bytes,
                 )
