@@ -99,8 +99,8 @@ def _due(stage: str) -> bool:
     now = time.monotonic()
     with _lock:
         last = _last_logged.get(stage)
-        if last is not None and now - last < LOG_INTERVAL_SECONDS:
-            return False
+        if last is not None and 0.0 <= now - last < LOG_INTERVAL_SECONDS:
+            return False  # (a clock that went back, frozen by a test: logged again)
         _last_logged[stage] = now
         return True
 

@@ -49,3 +49,23 @@ def test_telling_a_signal_handlers_exception_never_raises(monkeypatch: pytest.Mo
         raise RuntimeError("ours")
     except RuntimeError as exc:
         assert not _failsafe.raised_by_signal_handler(exc)
+
+
+def test_a_clock_that_went_back_does_not_silence_a_stage_for_good(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure logged under a frozen clock (freezegun patches ``time.monotonic``, years
+    ahead) silenced that stage until the real clock caught up: never, in that process."""
+    import time
+
+    from otelprof_middleware import _failsafe
+
+    real = time.monotonic()
+    now = [real + 1.7e9]
+    monkeypatch.setattr(_failsafe.time, "monotonic", lambda: now[0])
+    with caplog.at_level("WARNING"):
+        _failsafe.log_failure("store.put", OSError("frozen"))
+        now[0] = real + 120.0
+        _failsafe.log_failure("store.put", OSError("real again"))
+    said = [r.getMessage() for r in caplog.records if "store.put failed" in r.getMessage()]
+    assert len(said) == 2, said

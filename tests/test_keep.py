@@ -130,3 +130,24 @@ def test_explicit_min_duration_replaces_the_policy() -> None:
         )
         == MIN_DURATION
     )
+
+
+def test_a_clock_that_went_back_leaves_the_budget_working(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test frozen by freezegun (which patches ``time.monotonic``) put the clock years
+    ahead; back on the real clock, the refill came out hugely negative, and no failed or
+    slow request was kept again in that process (a session-scoped app in a suite)."""
+    import time
+
+    from otelprof_middleware.profiling import _keep_policy
+
+    real = time.monotonic()
+    now = [real]
+    monkeypatch.setattr(_keep_policy.time, "monotonic", lambda: now[0])
+    keep = policy(keep_per_second=5.0)
+    now[0] = real + 1.7e9  # frozen at a date: "monotonic" is that date's epoch seconds
+    assert reason(keep, 1 * MS, status=500) == ERROR
+    now[0] = real + 1.0  # unfrozen: the real clock again, far behind
+    assert reason(keep, 1 * MS, status=500) == ERROR
+    now[0] = real + 30.0
+    kept = [reason(keep, 1 * MS, status=500) for _ in range(20)]
+    assert kept.count(ERROR) == 10  # a full burst again

@@ -137,7 +137,11 @@ class KeepPolicy:
         """Take one token from the budget; False when it is spent."""
         with self._lock:
             now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._refilled_at) * self._rate)
+            # A clock that went back (freezegun and the like patch time.monotonic in a
+            # test, and the real clock is far behind the frozen one after it) adds
+            # nothing, and does not take the budget away for good.
+            elapsed = max(0.0, now - self._refilled_at)
+            self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
             self._refilled_at = now
             if self._tokens < 1.0:
                 _count_over_budget()

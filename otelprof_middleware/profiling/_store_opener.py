@@ -67,7 +67,8 @@ class StoreOpener:
             if self._store is not None:
                 return self._store
             now = time.monotonic()
-            if now < self._retry_at:
+            # (a wait longer than the delay: the clock went back, frozen by a test)
+            if now < self._retry_at <= now + STORE_RETRY_SECONDS:
                 raise RuntimeError(
                     f"profile store unavailable ({self._failure}); retrying every "
                     f"{STORE_RETRY_SECONDS:g} s"

@@ -307,3 +307,28 @@ def test_disk_full(
             assert_profiling_resumes(harness)
         finally:
             _close_store(harness)
+
+
+def test_a_clock_that_went_back_does_not_stop_the_store_from_opening(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that failed to open under a frozen clock (freezegun patches
+    ``time.monotonic``, years ahead) waited for its retry time on the real clock: never,
+    in that process, and every later profile was lost."""
+    from otelprof_middleware import Config
+
+    real = time.monotonic()
+    now = [real + 1.7e9]
+    monkeypatch.setattr(_store_opener.time, "monotonic", lambda: now[0])
+    blocker = tmp_path / "state"
+    blocker.write_text("not a directory yet")
+    opener = _store_opener.StoreOpener(Config.load(state_dir=str(blocker / "svc")))
+    with pytest.raises(NotADirectoryError):
+        opener.get()
+    blocker.unlink()  # fixed meanwhile; and the test's clock is the real one again
+    now[0] = real + 60.0
+    store = opener.get()
+    try:
+        assert store.list() == []
+    finally:
+        store.close()  # type: ignore[attr-defined]
