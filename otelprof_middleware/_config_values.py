@@ -108,7 +108,12 @@ def parse_path(name: str, value: object) -> str | None:
     """A directory; a leading ``~`` is the home directory, as in a shell (environment
     files expand none: a literal ``~`` directory would be made in the working one)."""
     text = parse_optional_str(name, value)
-    return None if text is None else os.path.expanduser(text)
+    if text is None:
+        return None
+    path = os.path.expanduser(text)
+    if path.startswith("~"):  # no home directory to expand it to: not the working one
+        raise ValueError(f"{where(name)} starts with '~', but there is no home directory")
+    return path
 
 
 def parse_paths(name: str, value: object) -> tuple[str, ...]:

@@ -201,3 +201,20 @@ def test_without_a_home_directory_the_default_store_is_in_memory_not_under_the_c
     assert len(middleware.core.get_store().list()) == 2
     said = [r.getMessage() for r in caplog.records if "no home directory" in r.getMessage()]
     assert len(said) == 1, said
+
+
+def test_a_state_dir_under_a_tilde_without_a_home_directory_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``OTELPROF_STATE_DIR=~/state`` with no home directory to expand ``~`` to put the
+    store in a directory literally named ``~`` under the working one."""
+    import pwd
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(uid)
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(ValueError, match=r"OTELPROF_STATE_DIR.*no home directory"):
+        Config.load({"OTELPROF_STATE_DIR": "~/state"})
+    assert Config.load({"OTELPROF_STATE_DIR": "/srv/state"}).state_dir == "/srv/state"
