@@ -1,9 +1,9 @@
 """Tear-down of the package's process-wide state, for the test suites of apps that use it.
 
 The middleware keeps a few things per process, not per instance: the always-on sampler
-(with its signal handler, timer and thread), the failure counters and the log rate
-limiter. A test suite that builds apps with different settings can start each test from
-a clean process state::
+(with its signal handler, timer and thread), the background writers' threads, the failure
+counters and the log rate limiter. A test suite that builds apps with different settings
+can start each test from a clean process state::
 
     import pytest
     from otelprof_middleware import testing
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from . import _failsafe
 from .profiling import always_on
+from .profiling._at_exit import close_background
 
 __all__ = ["AlwaysOnStatus", "always_on_status", "reset"]
 
@@ -59,8 +60,12 @@ def always_on_status() -> AlwaysOnStatus:
 
 
 def reset() -> None:
-    """Stop and forget the always-on sampler (its timer disarmed, its thread ended) and
-    clear the counters and the log rate limiter. Middlewares built afterwards start
-    afresh; a middleware still serving requests starts a new sampler when it needs one."""
+    """Stop and forget the always-on sampler (its timer disarmed, its thread ended), write
+    out what the background writers hold and end their threads, and clear the counters,
+    the log rate limiter and the once-per-process notices. Middlewares built afterwards
+    start afresh; a middleware still serving requests starts a new sampler (and writer
+    thread) when it needs one. After it, the package runs no thread: a test's check for
+    leaked threads can call it first."""
     always_on.reset_for_tests()
+    close_background()
     _failsafe.reset_counters()

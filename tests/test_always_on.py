@@ -95,6 +95,30 @@ def app() -> Iterator[tuple[ProfilingMiddleware, MemoryStore]]:
     middleware.core.writer.close()
 
 
+def test_reset_leaves_no_thread_of_ours_and_the_kept_profile_written(
+    app: tuple[ProfilingMiddleware, MemoryStore],
+) -> None:
+    """A user's test that checks for leaked threads (those alive after it that were not
+    before) saw ``otelprof-sampler`` and ``otelprof-writer`` with the middleware on, and
+    ``testing.reset()`` ended only the sampler. It ends the writers too, after writing what
+    they hold; the next profile starts them again."""
+    middleware, store = app
+
+    def ours() -> set[str]:
+        return {t.name for t in threading.enumerate() if t.name.startswith("otelprof")}
+
+    with TestClient(middleware) as client:
+        assert client.get("/alpha").status_code == 200
+    assert ours()  # (the sampler's thread and the writer's, at this moment)
+    testing.reset()
+    assert ours() == set()
+    assert len(store.list()) == 1  # written before its thread ended
+    with TestClient(middleware) as client:
+        assert client.get("/alpha").status_code == 200
+    middleware.core.writer.flush()
+    assert len(store.list()) == 2
+
+
 @pytest.mark.anyio
 async def test_concurrent_loop_and_worker_requests_never_mix(
     app: tuple[ProfilingMiddleware, MemoryStore],

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from .._failsafe import fail_open
 
-__all__ = ["close_at_exit"]
+__all__ = ["close_at_exit", "close_background"]
 
 
 class _Closable(Protocol):
@@ -43,10 +43,12 @@ def close_at_exit(closable: _Closable) -> None:
         _to_close_strongly.append(closable)
 
 
-def _close_all() -> None:
+def close_background(timeout: float = 2.0) -> None:
+    """Drain every live writer and exporter and end their threads (at exit, and in
+    ``testing.reset()``); each starts again with its next profile."""
     for closable in [*_to_close, *_to_close_strongly]:
         with fail_open("writer.close"):
-            closable.close(2.0)
+            closable.close(timeout)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -64,7 +66,7 @@ def _close_after_requests() -> None:
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and _package_code_running(me, ours):
             time.sleep(0.01)
-    _close_all()
+    close_background()
 
 
 def _package_code_running(me: int, ours: set[int | None]) -> bool:
@@ -93,6 +95,6 @@ _AFTER_FORK = _AfterFork()
 
 # Registered at import, after the background threads' own exit note (atexit runs the
 # later first): the writers drain before new threads are refused.
-atexit.register(_close_all)
+atexit.register(close_background)
 _finalize_in_this_process()
 multiprocessing.util.register_after_fork(_AFTER_FORK, _finalize_in_this_process)
