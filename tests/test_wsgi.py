@@ -346,6 +346,31 @@ def test_apps_built_one_after_another_share_the_store_connection(
     assert len(_open_files_under(tmp_path)) <= 3  # one connection: the file, -wal, -shm
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux's /proc")
+def test_a_store_per_test_is_closed_with_its_app(otel: Any, tmp_path: Path) -> None:
+    """A suite that gives each test's app a store of its own (``OTELPROF_STORE`` under the
+    test's ``tmp_path``) kept every one open to the end of the process, three files each
+    (the database, -wal, -shm): some 340 tests reach a 1024-descriptor limit, 80 macOS's
+    256. A store goes when the last app using it does."""
+    import gc
+
+    for index in range(12):
+        app = make_flask()
+        middleware = WSGIProfilingMiddleware(
+            app.wsgi_app, tracer_provider=otel[0], store=f"sqlite:///{tmp_path}/{index}/p.db"
+        )
+        app.wsgi_app = middleware  # type: ignore[method-assign]
+        # kept (min_duration_ms=0 here); not /fail, whose traceback, logged by Flask, the
+        # test's log capture holds with the middleware's frame until the test ends
+        Client(app).get("/items/1").close()
+        assert middleware.core.writer.flush()
+        middleware.core.writer.close()  # (its thread ends: idle, or at testing.reset())
+        del app, middleware
+    gc.collect()
+    assert counters().get("written") == 12
+    assert _open_files_under(tmp_path) == []
+
+
 def test_spans_made_while_a_body_streams_belong_to_the_request(
     otel: Any, closing: list[Any]
 ) -> None:

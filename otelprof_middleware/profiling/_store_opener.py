@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 
 from .._config import NO_HOME_STORE, Config
 from .._failsafe import log_once
@@ -99,7 +100,12 @@ class _SharedStores:
     """The stores opened by URL in this process, by (kind, target, bounds)."""
 
     def __init__(self) -> None:
-        self.stores: dict[tuple[str, str, int, int], ProfileStore] = {}
+        # Weak values: a store lives while a middleware uses it. A suite that gives each
+        # test's app a store of its own (``OTELPROF_STORE=sqlite:///<tmp_path>/...``) kept
+        # every one open, three file descriptors each, to the end of the process.
+        self.stores: weakref.WeakValueDictionary[tuple[str, str, int, int], ProfileStore] = (
+            weakref.WeakValueDictionary()
+        )
         self.lock = threading.Lock()
         renew_locks_in_children(self)
 

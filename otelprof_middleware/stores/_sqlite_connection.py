@@ -124,6 +124,13 @@ class ProcessConnection:
             self._closed = True
         _LIVE.discard(self)
 
+    def __del__(self) -> None:
+        # A store no middleware uses any more is collected (the shared stores are held
+        # weakly): close its connection rather than leave that to sqlite3, which warns
+        # about it (ResourceWarning, Python 3.13) under a test suite's ``-W error``.
+        with contextlib.suppress(Exception):
+            self.close()
+
     def _file_replaced(self) -> bool:
         """True when ``path`` no longer names the file the connection has open."""
         try:

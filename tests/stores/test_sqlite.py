@@ -650,3 +650,19 @@ def test_processes_opening_an_old_file_at_once_migrate_it_once(
         assert [s.kept_reason for s in store.list(route="/items/{item_id}")] == ["", ""]
     finally:
         store.close()
+
+
+def test_a_store_dropped_unclosed_closes_its_connection(tmp_path: Path) -> None:
+    """The middlewares' shared stores are held weakly, so a store whose apps are gone is
+    collected without ``close()``. Its connection is closed then, not left to sqlite3,
+    which warns about a connection collected open (ResourceWarning, Python 3.13): an
+    error, through pytest's unraisable-exception check, in a suite run with ``-W error``."""
+    import gc
+
+    store = SQLiteStore(str(tmp_path / "p.db"))
+    with store._connection.locked() as conn:
+        conn.execute("SELECT 1")
+    del store
+    gc.collect()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        conn.execute("SELECT 1")
