@@ -4,7 +4,9 @@ is told the app has shut down (uvicorn then re-raises SIGTERM: no atexit runs)."
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +18,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from otelprof_middleware import ProfileRecord, ProfilingMiddleware, testing
+from otelprof_middleware._failsafe import snapshot
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import drive, http_scope, make_provider, marker_alpha
@@ -74,6 +77,62 @@ async def test_queued_profiles_are_written_before_shutdown_completes() -> None:
     ]
     assert stored_when_done == [3], "profiles were still queued when the app reported shutdown"
     app.core.writer.close()
+
+
+class StuckStore(MemoryStore):
+    """A real memory store whose writes wait until ``release`` is set (a locked file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def put(self, record: ProfileRecord) -> None:
+        self.release.wait(10)
+        super().put(record)
+
+    def put_many(self, records: Sequence[ProfileRecord]) -> None:
+        self.release.wait(10)
+        super().put_many(records)
+
+
+@pytest.mark.anyio
+async def test_profiles_a_stuck_store_holds_at_shutdown_are_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # uvicorn ends the process right after the lifespan: profiles still waiting for the
+    # store are lost then, and must not be lost without a word.
+    testing.reset()
+    store = StuckStore()
+    app = ProfilingMiddleware(
+        Starlette(routes=[Route("/work", work)]),
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        sample_rate=1.0,
+        min_duration_ms=0,
+    )
+    lifespan_in: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def lifespan_send(message: dict[str, Any]) -> None:
+        return None
+
+    lifespan = asyncio.ensure_future(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan_in.get, lifespan_send)
+    )
+    await lifespan_in.put({"type": "lifespan.startup"})
+    for _ in range(4):  # the first is taken by the writer (stuck in put), three wait
+        scope = http_scope("/work", client=("127.0.0.1", 1234), server=("127.0.0.1", 8000))
+        await drive(app, scope)
+        await asyncio.sleep(0.05)
+    try:
+        with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
+            await lifespan_in.put({"type": "lifespan.shutdown"})
+            await asyncio.wait_for(lifespan, 10)
+        assert snapshot().get("unwritten.shutdown") == 3
+        assert "at shutdown, 3 profiles were still waiting for the store" in caplog.text
+    finally:
+        store.release.set()
+    app.core.writer.close()
+    assert len(store.list()) == 4  # still queued: a process that goes on writes them
 
 
 @pytest.mark.anyio

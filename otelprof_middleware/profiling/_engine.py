@@ -257,9 +257,10 @@ class ProfilerCore:
     def drain(self, timeout: float = 2.0) -> None:
         """Write what the writer holds and send what the exporter holds, each within
         ``timeout`` seconds: the server is shutting down (see the ASGI lifespan).
-        Profiles the exporter could not send in time are counted and logged: the
-        process may end at once (uvicorn re-raises SIGTERM)."""
-        self.writer.flush(timeout)
+        Profiles the store or the exporter could not take in time are counted and
+        logged: the process may end at once (uvicorn re-raises SIGTERM)."""
+        if not self.writer.flush(timeout):
+            self.writer.note_unwritten(timeout)
         if self.exporter is not None and not self.exporter.flush(timeout):
             self.exporter.note_unsent(timeout)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pyinstrument.session import Session
 
 from .._background import BatchingThread
-from .._failsafe import count, fail_open, log_event, log_failure
+from .._failsafe import count, fail_open, log_event, log_failure, logger
 from .._record import ProfileRecord, ProfileSummary
 from ..stores._base import ProfileStore
 
@@ -45,6 +45,28 @@ class ProfileWriter(BatchingThread):
             self._queue_size,
         )
         return False
+
+    def note_unwritten(self, waited: float) -> int:
+        """At shutdown, after a flush that did not end within ``waited`` seconds (a slow
+        or locked store): count (``unwritten.shutdown``) and log the profiles not written.
+
+        They stay queued: if the process goes on, they are still written; if it exits
+        now (uvicorn re-raises SIGTERM right after the lifespan), they are lost.
+
+        Returns:
+            The number of profiles still queued.
+        """
+        left = len(self.queued_items())
+        if left:
+            count("unwritten.shutdown", left)
+            logger.warning(
+                "otelprof: at shutdown, %d profiles were still waiting for the store after "
+                "%g s (a slow or locked store): lost if the process exits now, counted as "
+                "unwritten.shutdown",
+                left,
+                waited,
+            )
+        return left
 
     def _process(self, items: list[object]) -> None:
         """Serialise a batch and store it in one transaction where the store can."""
