@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pyinstrument.session import Session
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -370,6 +371,27 @@ _EVERY_PROFILE_SAMPLED_EVERY_2_MS: dict[str, Any] = {
 """The settings of the asgiref round-trip tests below (ASGI and WSGI)."""
 
 
+async def _profile_of_one_request(endpoint: Any) -> Session:
+    """The always-on profile (every 2 ms, kept) of one request to ``endpoint``, served
+    in this test's own loop through httpx's ASGI transport."""
+    store = MemoryStore()
+    middleware = ProfilingMiddleware(
+        Starlette(routes=[Route("/endpoint", endpoint)]),
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
+    )
+    try:
+        transport = httpx.ASGITransport(app=middleware, client=("127.0.0.1", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/endpoint")).status_code == 200
+        middleware.core.writer.flush()
+        (summary,) = store.list()
+        return store.get(summary.trace_id)[0].session()
+    finally:
+        middleware.core.writer.close()
+
+
 @pytest.mark.anyio
 async def test_loop_work_a_worker_job_waits_for_is_the_requests() -> None:
     # Django under ASGI with a sync-only middleware (DjangoInstrumentor's, most third-party
@@ -390,23 +412,8 @@ async def test_loop_work_a_worker_job_waits_for_is_the_requests() -> None:
         await sync_to_async(sync_chain)()
         return JSONResponse({})
 
-    store = MemoryStore()
-    middleware = ProfilingMiddleware(
-        Starlette(routes=[Route("/view", endpoint)]),
-        tracer_provider=make_provider()[0],
-        profile_store=store,
-        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
-    )
-    try:
-        transport = httpx.ASGITransport(app=middleware, client=("127.0.0.1", 50000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            assert (await client.get("/view")).status_code == 200
-        middleware.core.writer.flush()
-        (summary,) = store.list()
-        session = store.get(summary.trace_id)[0].session()
-        text = text_of(session)
-    finally:
-        middleware.core.writer.close()
+    session = await _profile_of_one_request(endpoint)
+    text = text_of(session)
     assert "marker_alpha" in text, text
     # The worker job's wait is not credited a second time beside the loop's work.
     root = session.root_frame()
@@ -425,23 +432,8 @@ async def test_a_first_request_with_a_worker_job_is_one_tree() -> None:
         await asyncio.sleep(0.03)
         return JSONResponse({})
 
-    store = MemoryStore()
-    middleware = ProfilingMiddleware(
-        Starlette(routes=[Route("/job", endpoint)]),
-        tracer_provider=make_provider()[0],
-        profile_store=store,
-        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
-    )
-    try:
-        transport = httpx.ASGITransport(app=middleware, client=("127.0.0.1", 50000))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            assert (await client.get("/job")).status_code == 200
-        middleware.core.writer.flush()
-        (summary,) = store.list()
-        session = store.get(summary.trace_id)[0].session()
-        text = text_of(session)
-    finally:
-        middleware.core.writer.close()
+    session = await _profile_of_one_request(endpoint)
+    text = text_of(session)
     assert "marker_beta" in text, text
     roots = {stack[0] for stack, _ in session.frame_records}
     assert len(roots) == 1 and is_thread_root(roots.pop()), text

@@ -41,16 +41,21 @@ async def work(request: Request) -> PlainTextResponse:
     return PlainTextResponse("done")
 
 
-@pytest.mark.anyio
-async def test_queued_profiles_are_written_before_shutdown_completes() -> None:
-    store = SlowStore()
-    app = ProfilingMiddleware(
+def keeping_every_profile(store: MemoryStore) -> ProfilingMiddleware:
+    """``/work`` behind the middleware, every request profiled and kept into ``store``."""
+    return ProfilingMiddleware(
         Starlette(routes=[Route("/work", work)]),
         tracer_provider=make_provider()[0],
         profile_store=store,
         sample_rate=1.0,
         min_duration_ms=0,
     )
+
+
+@pytest.mark.anyio
+async def test_queued_profiles_are_written_before_shutdown_completes() -> None:
+    store = SlowStore()
+    app = keeping_every_profile(store)
     lifespan_in: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     lifespan_out: list[dict[str, Any]] = []
     stored_when_done: list[int] = []
@@ -103,13 +108,7 @@ async def test_profiles_a_stuck_store_holds_at_shutdown_are_counted_and_logged(
     # store are lost then, and must not be lost without a word.
     testing.reset()
     store = StuckStore()
-    app = ProfilingMiddleware(
-        Starlette(routes=[Route("/work", work)]),
-        tracer_provider=make_provider()[0],
-        profile_store=store,
-        sample_rate=1.0,
-        min_duration_ms=0,
-    )
+    app = keeping_every_profile(store)
     lifespan_in: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def lifespan_send(message: dict[str, Any]) -> None:
