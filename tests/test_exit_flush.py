@@ -8,7 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
@@ -54,19 +54,23 @@ def _serve_one_request_then_return(path: str) -> None:
     # The target returns at once: the profile is still with the writer (0.3 s to write).
 
 
-def test_a_forked_multiprocessing_worker_writes_its_last_profiles(tmp_path: Path) -> None:
+def _profiles_stored_by_a_forked_worker(target: Callable[[str], None], tmp_path: Path) -> int:
+    """Run ``target`` (given a SQLite store's path) in a worker multiprocessing forks, as
+    granian's: how many profiles its store holds once the worker has ended."""
     path = str(tmp_path / "profiles.db")
-    worker = multiprocessing.get_context("fork").Process(
-        target=_serve_one_request_then_return, args=(path,)
-    )
+    worker = multiprocessing.get_context("fork").Process(target=target, args=(path,))
     worker.start()
     worker.join(20)
     assert worker.exitcode == 0
     store = SQLiteStore(path)
     try:
-        assert len(store.list()) == 1
+        return len(store.list())
     finally:
         store.close()
+
+
+def test_a_forked_multiprocessing_worker_writes_its_last_profiles(tmp_path: Path) -> None:
+    assert _profiles_stored_by_a_forked_worker(_serve_one_request_then_return, tmp_path) == 1
 
 
 def _finish_on_a_server_thread_while_the_worker_returns(path: str) -> None:
@@ -110,15 +114,7 @@ def _finish_on_a_server_thread_while_the_worker_returns(path: str) -> None:
 def test_a_profile_kept_on_a_server_thread_as_the_worker_ends_is_written(
     tmp_path: Path,
 ) -> None:
-    path = str(tmp_path / "profiles.db")
-    worker = multiprocessing.get_context("fork").Process(
-        target=_finish_on_a_server_thread_while_the_worker_returns, args=(path,)
+    stored = _profiles_stored_by_a_forked_worker(
+        _finish_on_a_server_thread_while_the_worker_returns, tmp_path
     )
-    worker.start()
-    worker.join(20)
-    assert worker.exitcode == 0
-    store = SQLiteStore(path)
-    try:
-        assert len(store.list()) == 1
-    finally:
-        store.close()
+    assert stored == 1
