@@ -77,10 +77,13 @@ class SigprofDriver:
 
     def drive(self, state: LoopState) -> None:
         """Make sure ``state``'s loop is ticked: the timer armed, its loop tick scheduled."""
+        if not state.ticking:
+            # The watchdog first: a tick landing while its thread starts (slow on a busy
+            # machine) would credit the registering request with our own frames.
+            self.sampler.thread.wake()
         if self.armed_pid != pid() or not self.cpu_timer.armed:
             self.arm()
         if not state.ticking:
-            self.sampler.thread.wake()  # the watchdog
             state.ticking = True
             state.idle_ticks = 0  # (a restart after idling must not stop at its first tick)
             state.loop.call_later(
