@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 from wsgiref.util import setup_testing_defaults
 
 from otelprof_middleware import ProfileRecord, WSGIProfilingMiddleware
@@ -37,20 +38,28 @@ def _app(environ: dict[str, object], start_response: object) -> list[bytes]:
     return [b"done"]
 
 
-def _serve_one_request_then_return(path: str) -> None:
-    provider, _ = make_provider()
-    middleware = WSGIProfilingMiddleware(
-        _app,
-        tracer_provider=provider,
-        profile_store=SlowSQLiteStore(path),
+def _keeping_every_profile(app: Any, store: SQLiteStore) -> WSGIProfilingMiddleware:
+    """``app`` behind the middleware, every request profiled and kept into ``store``."""
+    return WSGIProfilingMiddleware(
+        app,
+        tracer_provider=make_provider()[0],
+        profile_store=store,
         sample_rate=1.0,
         min_duration_ms=0,
     )
+
+
+def _serve_one(middleware: WSGIProfilingMiddleware) -> None:
+    """One request through ``middleware``, its body read and closed, as a server does."""
     environ: dict[str, object] = {}
     setup_testing_defaults(environ)
     body = middleware(environ, lambda status, headers, exc_info=None: None)
     assert b"".join(body) == b"done"
     body.close()  # type: ignore[attr-defined]
+
+
+def _serve_one_request_then_return(path: str) -> None:
+    _serve_one(_keeping_every_profile(_app, SlowSQLiteStore(path)))
     # The target returns at once: the profile is still with the writer (0.3 s to write).
 
 
@@ -91,23 +100,8 @@ def _finish_on_a_server_thread_while_the_worker_returns(path: str) -> None:
         yield b"done"
         body_sent.set()  # the last bytes are out: the server's worker may now return
 
-    provider, _ = make_provider()
-    middleware = WSGIProfilingMiddleware(
-        app,
-        tracer_provider=provider,
-        profile_store=SQLiteStore(path),
-        sample_rate=1.0,
-        min_duration_ms=0,
-    )
-
-    def serve() -> None:
-        environ: dict[str, object] = {}
-        setup_testing_defaults(environ)
-        body = middleware(environ, lambda status, headers, exc_info=None: None)
-        assert b"".join(body) == b"done"
-        body.close()  # type: ignore[attr-defined]
-
-    threading.Thread(target=serve, daemon=True).start()
+    middleware = _keeping_every_profile(app, SQLiteStore(path))
+    threading.Thread(target=_serve_one, args=(middleware,), daemon=True).start()
     assert body_sent.wait(10)
 
 

@@ -26,6 +26,14 @@ pytestmark = pytest.mark.e2e
 pytest.importorskip("gevent")
 
 
+def _gevent_gunicorn(port: int) -> list[str]:
+    """gunicorn serving ``tests.e2e.green_flask`` with one gevent worker."""
+    return [
+        *(str(BIN / "python"), "-m", "gunicorn", "tests.e2e.green_flask:app"),
+        *("--bind", f"127.0.0.1:{port}", "--workers", "1", "--worker-class", "gevent"),
+    ]
+
+
 def _traceparent() -> tuple[str, dict[str, str]]:
     trace_id = secrets.token_hex(16)
     return trace_id, {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
@@ -33,18 +41,7 @@ def _traceparent() -> tuple[str, dict[str, str]]:
 
 def test_gevent_worker_keeps_no_empty_profile_and_says_why(tmp_path: Path) -> None:
     port = free_port()
-    command = [
-        str(BIN / "python"),
-        "-m",
-        "gunicorn",
-        "tests.e2e.green_flask:app",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        "1",
-        "--worker-class",
-        "gevent",
-    ]
+    command = _gevent_gunicorn(port)
     with run_server(command, tmp_path, port=port, env=PACKAGE_DEFAULTS) as server:
         with httpx.Client(base_url=server.base_url, timeout=10) as client:
             for _ in range(30):
@@ -96,18 +93,7 @@ def test_concurrent_triggered_greenlets_each_get_their_own_profile(tmp_path: Pat
     first one's hook as another profiler's and left its request unprofiled, counted as
     ``skipped.foreign_hook``.)"""
     port = free_port()
-    command = [
-        str(BIN / "python"),
-        "-m",
-        "gunicorn",
-        "tests.e2e.green_flask:app",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        "1",
-        "--worker-class",
-        "gevent",
-    ]
+    command = _gevent_gunicorn(port)
     with run_server(command, tmp_path, port=port, env=PACKAGE_DEFAULTS) as server:
 
         def triggered(path: str) -> str:
