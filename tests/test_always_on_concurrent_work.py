@@ -69,9 +69,9 @@ async def loop_and_worker(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
-@pytest.mark.parametrize("mode", ["always_on", "hook"])
-@pytest.mark.parametrize("path", ["/fan-out", "/loop-and-worker"])
-def test_every_place_a_request_runs_at_once_is_credited(path: str, mode: str) -> None:
+def _median_seconds_under_markers(path: str, mode: str) -> dict[str, float]:
+    """Five profiled requests to ``path``: each marker's median seconds in their profiles."""
+    testing.reset()
     store = MemoryStore()
     middleware = ProfilingMiddleware(
         Starlette(routes=[Route("/fan-out", fan_out), Route("/loop-and-worker", loop_and_worker)]),
@@ -88,14 +88,33 @@ def test_every_place_a_request_runs_at_once_is_credited(path: str, mode: str) ->
         summaries = store.list()
         assert len(summaries) == 5
         sessions = [store.get(summary.trace_id)[0].session() for summary in summaries]
-        for function in ("marker_alpha", "marker_beta"):
-            # Each spun WORK seconds of wall clock: about that is seen, now and then much
-            # less for one request on a busy 2-core machine (a median of 46% of it once,
-            # beside the whole suite); the hidden place got 0-37%.
-            seen = statistics.median(_seconds_under(session, function) for session in sessions)
-            assert seen > 0.4 * WORK, (function, path, mode)
+        return {
+            function: statistics.median(_seconds_under(session, function) for session in sessions)
+            for function in ("marker_alpha", "marker_beta")
+        }
     finally:
         middleware.core.writer.close()
+
+
+@pytest.mark.parametrize("mode", ["always_on", "hook"])
+@pytest.mark.parametrize("path", ["/fan-out", "/loop-and-worker"])
+def test_every_place_a_request_runs_at_once_is_credited(path: str, mode: str) -> None:
+    # Each marker spun WORK seconds of wall clock: about that is seen, and the hidden place
+    # got 0-37% in every run before the fix. Two threads spinning at once starve the
+    # sampler thread of the GIL (CPython hands it between the two; ticks 30-230 ms apart
+    # where 5 ms were asked), and a tick credits at most 2 intervals of its GIL wait at a
+    # change of state: so now and then one run of five sees much less of the loop's work
+    # (a median of 23% once in a CI run, the same before and after the last sampler
+    # changes). A run that falls short is repeated, twice at most: the hidden place fails
+    # every run.
+    shortfalls = []
+    for _ in range(3):
+        seen = _median_seconds_under_markers(path, mode)
+        short = {function: seconds for function, seconds in seen.items() if seconds <= 0.4 * WORK}
+        if not short:
+            return
+        shortfalls.append(short)
+    pytest.fail(f"{path} ({mode}): a median under 40% of {WORK} s, 3 runs: {shortfalls}")
 
 
 async def gathered_jobs(request: Request) -> JSONResponse:
