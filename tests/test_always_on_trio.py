@@ -75,6 +75,46 @@ def test_a_request_in_a_trio_task_gets_no_always_on_profile(
     core.writer.close()
 
 
+def test_the_trio_warning_is_said_once_per_process_not_per_middleware(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A test suite that builds an app per test (FastAPI's own did: 211 warnings) hears
+    # it once; each middleware still counts that it profiles nothing here.
+    cores = [ProfilerCore(Config.load({}, mode="always_on"), store=MemoryStore()) for _ in "ab"]
+    monkeypatch.setitem(sys.modules, "trio", _fake_trio(in_task=True))
+    with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
+        for core in cores:
+            assert _start_one(core) is None
+    assert counters().get("disabled.always_on_trio") == 2
+    assert len([r for r in caplog.records if "trio" in r.getMessage()]) == 1
+    for core in cores:
+        core.writer.close()
+
+
+@pytest.mark.parametrize("patcher", ["gevent", "eventlet"])
+def test_the_green_threads_warning_is_said_once_per_process(
+    patcher: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (A stand-in for the patcher's "is threading patched?" question: monkey-patching
+    # this process for real would turn every later test's threads into greenlets;
+    # tests/e2e/test_green_threads.py runs real gevent workers.)
+    module, check = {
+        "gevent": ("gevent.monkey", "is_module_patched"),
+        "eventlet": ("eventlet.patcher", "is_monkey_patched"),
+    }[patcher]
+    monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{check: lambda target: True}))
+    cores = [ProfilerCore(Config.load({}, mode="always_on"), store=MemoryStore()) for _ in "ab"]
+    with caplog.at_level(logging.WARNING, logger="otelprof_middleware"):
+        for core in cores:
+            assert _start_one(core) is None
+            assert _start_one(core) is None
+    assert counters().get("disabled.always_on_green_threads") == 2
+    said = [r for r in caplog.records if "monkey-patched threading" in r.getMessage()]
+    assert len(said) == 1 and said[0].getMessage().startswith(f"otelprof: {patcher} ")
+    for core in cores:
+        core.writer.close()
+
+
 def test_trio_imported_but_not_running_here_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

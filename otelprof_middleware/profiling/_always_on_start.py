@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import sys
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
 from .._config import Config
-from .._failsafe import count, log_failure
+from .._failsafe import count, log_failure, log_once
 from .._request import RequestFacts
 from ._active_profile import ActiveProfile, lazy_url
 from ._green import green_threads
@@ -27,7 +26,6 @@ from .always_on._registry import LoopState, current_task
 
 __all__ = ["ALWAYS_ON_MAX_CONCURRENT", "AlwaysOnStart", "green_threads", "in_trio_task"]
 
-_logger = logging.getLogger("otelprof_middleware")
 
 ALWAYS_ON_MAX_CONCURRENT = 1024
 """Most always-on profiles in flight on one event loop (or on the process's threads)."""
@@ -52,19 +50,21 @@ class AlwaysOnStart:
         """``gevent``/``eventlet`` when this process's threads are their greenlets: no
         always-on profiles here (see :func:`green_threads`)."""
         self.refused_trio = False
-        """A request ran in a trio task: logged and counted once (see :func:`in_trio_task`)."""
+        """A request ran in a trio task: counted once (see :func:`in_trio_task`)."""
         if config.enabled and config.mode == "always_on":
             check_always_on_settings(self._interval, sigprof=config.always_on_sigprof)
 
     def sampler(self) -> AlwaysOnSampler | None:
         """The process's always-on sampler, made (or found) on first use; None when the
-        process's threads are greenlets (logged and counted once)."""
+        process's threads are greenlets (counted once per middleware, logged once per
+        process: a test suite building an app per test must not repeat it per app)."""
         sampler = self.sampler_instance
         if sampler is None and self.green_threads is None:
             self.green_threads = green_threads()
             if self.green_threads is not None:
                 count("disabled.always_on_green_threads")
-                _logger.warning(
+                log_once(
+                    "always_on.green_threads",
                     "otelprof: %s has monkey-patched threading in this process: the "
                     "always-on sampler cannot see its greenlets, so requests are not "
                     "profiled in always_on mode here. Triggered requests (the %s header) "
@@ -125,12 +125,14 @@ class AlwaysOnStart:
                 request.producer = task
 
     def _refuse_trio(self) -> None:
-        """A request in a trio task gets no always-on profile: logged and counted once."""
+        """A request in a trio task gets no always-on profile: counted once per middleware,
+        logged once per process."""
         if self.refused_trio:
             return
         self.refused_trio = True
         count("disabled.always_on_trio")
-        _logger.warning(
+        log_once(
+            "always_on.trio",
             "otelprof: requests run on a trio event loop here: the always-on sampler "
             "tells concurrent requests apart by their asyncio task, and trio's tasks all "
             "run on one thread, so their samples would be credited to one another. They "
