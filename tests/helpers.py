@@ -77,6 +77,23 @@ def marker_beta(seconds: float = 0.02) -> int:
     return spin(seconds)
 
 
+def until_it_holds(attempt: Callable[[], str | None], attempts: int = 3) -> None:
+    """Run ``attempt`` until it returns None (its claim held), ``attempts`` times at most;
+    else fail, with the shortfall each run described.
+
+    For a claim about what a sampler sees in time, on a shared machine: a run the
+    scheduler starved (a sampler thread not scheduled, or without the GIL, for tens of
+    ms) can fall short once, where the bug the test guards against fails every run.
+    """
+    shortfalls = []
+    for _ in range(attempts):
+        shortfall = attempt()
+        if shortfall is None:
+            return
+        shortfalls.append(shortfall)
+    raise AssertionError(f"short in all {attempts} runs: {shortfalls}")
+
+
 def text_of(session: Session) -> str:
     return ConsoleRenderer(unicode=False, color=False, show_all=True).render(session)
 

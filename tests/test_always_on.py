@@ -34,6 +34,7 @@ from .helpers import (
     marker_alpha,
     marker_beta,
     text_of,
+    until_it_holds,
 )
 
 
@@ -183,8 +184,14 @@ def test_a_thread_request_after_a_pause_is_sampled_from_its_start() -> None:
     nap must wake it: it did not, and the first 20-40 ms of a request that came after a
     quiet moment went unsampled (a 25 ms first phase was missing from a third of the
     profiles under gunicorn gthread, its time partly credited to the next phase)."""
+    until_it_holds(_first_phases_after_pauses_are_sampled)
+
+
+def _first_phases_after_pauses_are_sampled() -> str | None:
+    """Eight WSGI-style requests after pauses: None when their first phases were seen."""
     from otelprof_middleware.profiling._engine import ProfilerCore
 
+    testing.reset()
     provider, _ = make_provider()
     tracer = provider.get_tracer("t")
     store = MemoryStore()
@@ -218,11 +225,13 @@ def test_a_thread_request_after_a_pause_is_sampled_from_its_start() -> None:
             sum(t for stack, t in session.frame_records if any("marker_alpha" in f for f in stack))
         )
     # 25 ms of CPU at a 5 ms interval: the profiles see most of it. (Before: five of eight
-    # saw none. Two misses are allowed: on a loaded machine the sampler thread itself may
-    # not be scheduled in time.)
+    # saw none, every run. Two misses are allowed in a run; on a loaded machine the sampler
+    # thread may not be scheduled in time for most of a run: at a load average of 12 on
+    # 2 cores, six of eight saw none, as many before the fix as after.)
     shown = [round(t * 1000, 1) for t in first_phase]
-    assert sum(t < 0.010 for t in first_phase) <= 2, shown
-    assert sorted(first_phase)[len(first_phase) // 2] > 0.015, shown
+    if sum(t < 0.010 for t in first_phase) > 2 or sorted(first_phase)[4] <= 0.015:
+        return f"first phases seen (ms): {shown}"
+    return None
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

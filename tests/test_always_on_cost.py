@@ -36,7 +36,7 @@ from otelprof_middleware.profiling._request_profile import (
 from otelprof_middleware.profiling.always_on import AlwaysOnSampler
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_provider, spin, spin_cpu
+from .helpers import make_provider, spin, spin_cpu, until_it_holds
 
 
 def _name(identifier: str) -> str:
@@ -575,18 +575,28 @@ def test_a_sampled_job_is_credited_from_its_start_to_its_end() -> None:
 
 
 def test_a_job_no_tick_saw_keeps_its_time_under_its_function() -> None:
-    sampler = AlwaysOnSampler(0.5, sigprof=False)  # first tick 0.25-0.75 s in: after the job
-    try:
-        request = _continuous_request()
-        _run_job(sampler, request, 0.030)
-        assert _job_seconds(request, "job_marker") == 0  # never sampled: frames unknown
-        [(stack, seconds)] = [
-            (stack, seconds) for stack, seconds in request.records if "job_function" in stack[-1]
-        ]
-        assert stack == [*SUBMITTED, "job_function\x00jobs.py\x001"]
-        assert 0.028 <= seconds <= 0.2, seconds
-    finally:
-        sampler.stop()
+    def attempt() -> str | None:
+        sampler = AlwaysOnSampler(0.5, sigprof=False)  # first tick 0.25-0.75 s in: after the job
+        try:
+            request = _continuous_request()
+            began = time.perf_counter()
+            _run_job(sampler, request, 0.030)
+            took = time.perf_counter() - began
+            if sampler.samples:  # a starved machine: the 30 ms job outlasted the first tick
+                return f"the job took {took:.3f} s and a tick saw it"
+            assert _job_seconds(request, "job_marker") == 0  # never sampled: frames unknown
+            [(stack, seconds)] = [
+                (stack, seconds)
+                for stack, seconds in request.records
+                if "job_function" in stack[-1]
+            ]
+            assert stack == [*SUBMITTED, "job_function\x00jobs.py\x001"]
+            assert 0.028 <= seconds <= took, (seconds, took)
+            return None
+        finally:
+            sampler.stop()
+
+    until_it_holds(attempt)
 
 
 def test_a_long_gil_wait_between_two_stacks_goes_to_the_frames_they_share() -> None:

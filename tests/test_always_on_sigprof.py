@@ -295,14 +295,26 @@ async def test_no_thread_ticks_a_busy_driven_loop(
     sampler: AlwaysOnSampler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sources = TickSources(sampler, monkeypatch)
-    async with _registered(sampler) as request:
-        assert _loop_state(sampler).driven
-        _burn_until(lambda: sources.sigprof >= TICKS)
-    assert sources.sigprof >= TICKS, vars(sources)
-    # a watchdog may look in, but the loop is running: SIGPROF samples it
-    assert sources.thread <= max(2, sources.sigprof // 4), vars(sources)
-    for stack, _ in request.records:  # (a thread tick can catch the handler running)
-        assert not [frame for frame in stack if _in_sampler(frame)], stack
+    shortfalls = []
+    for _ in range(3):
+        sources.sigprof = sources.thread = 0
+        began = time.perf_counter()
+        async with _registered(sampler) as request:
+            assert _loop_state(sampler).driven
+            cpu = _burn_until(lambda: sources.sigprof >= TICKS)
+        assert sources.sigprof >= TICKS, vars(sources)
+        for stack, _ in request.records:  # (a thread tick can catch the handler running)
+            assert not [frame for frame in stack if _in_sampler(frame)], stack
+        # A watchdog may look in, but the loop is running: SIGPROF samples it. Unless the
+        # machine starves this process: CPU-time ticks then come late, and the watchdog
+        # rightly ticks instead (a run of 12 at a load average of 12 on 2 cores: 7 to 32
+        # thread ticks). The bug this guards against fails every run.
+        if sources.thread <= max(2, sources.sigprof // 4):
+            return
+        shortfalls.append(
+            (vars(sources).copy(), f"CPU {cpu:.3f} s in {time.perf_counter() - began:.3f} s")
+        )
+    pytest.fail(f"the thread ticked a busy driven loop in all 3 runs: {shortfalls}")
 
 
 @pytest.mark.anyio
