@@ -499,29 +499,32 @@ def test_an_unchanged_wait_is_one_record_with_its_whole_time() -> None:
 def test_consecutive_waits_are_credited_each_to_its_own_await() -> None:
     # Two waits on two futures, at two places: each ends as one record of its own,
     # the first one credited when the second started (not lost, not merged).
-    sampler = AlwaysOnSampler(0.002, sigprof=False)
-
     async def body() -> None:
         await waiting_marker(0.12)
         await other_waiting_marker(0.12)
 
-    try:
-        request = _run_registered(sampler, body)
-    finally:
-        sampler.stop()
-    first = [
-        seconds
-        for stack, seconds in request.records
-        if "waiting_marker" in map(_name, stack) and stack[-1] == AWAIT_FRAME_IDENTIFIER
-    ]
-    second = [
-        seconds
-        for stack, seconds in request.records
-        if "other_waiting_marker" in map(_name, stack) and stack[-1] == AWAIT_FRAME_IDENTIFIER
-    ]
-    assert len(first) == 1 and len(second) == 1, request.records
-    assert 0.07 <= first[0] <= 0.16, first
-    assert 0.07 <= second[0] <= 0.16, second
+    def attempt() -> str | None:
+        sampler = AlwaysOnSampler(0.002, sigprof=False)
+        try:
+            request = _run_registered(sampler, body)
+        finally:
+            sampler.stop()
+        waits = {
+            marker: [
+                seconds
+                for stack, seconds in request.records
+                if marker in map(_name, stack) and stack[-1] == AWAIT_FRAME_IDENTIFIER
+            ]
+            for marker in ("waiting_marker", "other_waiting_marker")
+        }
+        assert all(len(seconds) == 1 for seconds in waits.values()), request.records
+        # (A starved sampler thread, tens of ms without a tick, credits less: the tail
+        # after the last tick counts only up to 10 intervals.)
+        if all(0.07 <= seconds[0] <= 0.16 for seconds in waits.values()):
+            return None
+        return f"waits credited: {waits}"
+
+    until_it_holds(attempt)
 
 
 async def other_waiting_marker(seconds: float) -> None:

@@ -322,29 +322,35 @@ async def test_idle_wait_is_ticked_by_the_loop_and_shown_as_await(
     sampler: AlwaysOnSampler, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sources = TickSources(sampler, monkeypatch, thread_ticks=False)  # the loop's ticks only
-    async with _registered(sampler) as request:
-        assert _loop_state(sampler).driven
-        started = time.perf_counter()
-        await marker_sigprof_wait(0.1)
-        waited = time.perf_counter() - started
-        assert _loop_state(sampler).ticking  # the call_later tick is running
-        assert not sampler.registry.needs_thread()
-    # the process is idle, so SIGPROF hardly fires: the loop's call_later tick (1-3 ms
-    # apart) covers the wait
-    assert sources.loop >= 10, vars(sources)
-    waits = [
-        (stack, seconds)
-        for stack, seconds in _records_with(request, "marker_sigprof_wait")
-        if stack[-1] == AWAIT_FRAME_IDENTIFIER
-    ]
-    assert waits, request.records
-    for stack, _ in waits:
-        names = [_name(frame) for frame in stack]
-        assert names.index("marker_sigprof_wait") < names.index("sleep") < len(names) - 1
-    total = sum(seconds for _, seconds in waits)
-    assert 0.6 * 0.1 <= total <= waited + 0.01, (total, waited)
-    # waiting through many ticks at the same await extends one record
-    assert len(waits) <= 3, len(waits)
+    shortfalls = []
+    for _ in range(3):
+        sources.loop = sources.sigprof = sources.thread = 0
+        async with _registered(sampler) as request:
+            assert _loop_state(sampler).driven
+            started = time.perf_counter()
+            await marker_sigprof_wait(0.1)
+            waited = time.perf_counter() - started
+            assert _loop_state(sampler).ticking  # the call_later tick is running
+            assert not sampler.registry.needs_thread()
+        waits = [
+            (stack, seconds)
+            for stack, seconds in _records_with(request, "marker_sigprof_wait")
+            if stack[-1] == AWAIT_FRAME_IDENTIFIER
+        ]
+        for stack, _ in waits:
+            names = [_name(frame) for frame in stack]
+            assert names.index("marker_sigprof_wait") < names.index("sleep") < len(names) - 1
+        # waiting through many ticks at the same await extends one record
+        assert len(waits) <= 3, len(waits)
+        total = sum(seconds for _, seconds in waits)
+        assert total <= waited + 0.01, (total, waited)
+        # The process is idle, so SIGPROF hardly fires: the loop's call_later tick (1-3 ms
+        # apart) covers the wait. (On a starved machine the loop runs its tick late: a
+        # run may fall short.)
+        if sources.loop >= 10 and waits and total >= 0.6 * 0.1:
+            return
+        shortfalls.append((vars(sources).copy(), round(total, 3), round(waited, 3)))
+    pytest.fail(f"the loop's ticks missed the wait in all 3 runs: {shortfalls}")
 
 
 @pytest.mark.anyio
