@@ -94,6 +94,28 @@ def reset_counters() -> None:
             _tally_offsets[name] = _tally_value(counter)
 
 
+def _after_fork_in_child() -> None:
+    """A forked child counts from zero and gets the lock back unlocked.
+
+    Each worker process reports its own counters (docs/configuration.md): a gunicorn
+    ``--preload`` app that served requests in the master before forking (a warm-up) gave
+    every worker the master's counts. And the lock is taken by the writer and sampler
+    threads: one that held it at ``fork()`` left it held for good in the child, whose
+    first count then waited forever. The child logs its own failures too (the rate
+    limiter restarts); the once-per-process notices stay said.
+    """
+    global _lock
+    _lock = threading.Lock()
+    _counts.clear()
+    _last_logged.clear()
+    for name, counter in _tallies.items():
+        _tally_offsets[name] = _tally_value(counter)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _due(stage: str) -> bool:
     """True when ``stage`` was not logged within the last interval (and mark it logged)."""
     now = time.monotonic()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from otelprof_middleware import Config
+from otelprof_middleware import Config, _failsafe
 from otelprof_middleware.profiling import _store_opener
 from otelprof_middleware.profiling._store_opener import StoreOpener
 from otelprof_middleware.profiling._writer import ProfileWriter
@@ -26,7 +26,10 @@ def _lock_getters() -> dict[str, Callable[[], Any]]:
     sampler = AlwaysOnSampler(0.005, sigprof=False)  # (no thread started, no timer)
     writer = ProfileWriter(MemoryStore, queue_size=1)
     opener = StoreOpener(Config.load({}, store="memory://"))
+    store = MemoryStore()
     return {
+        "failure counters": lambda: _failsafe._lock,  # (rebound in the child: read late)
+        "memory store": lambda: store._lock,
         "sampler tick": lambda: sampler._tick_lock,
         "sampler thread": lambda: sampler.thread._lock,
         "writer thread": lambda: writer._lock,
@@ -59,3 +62,25 @@ def test_a_child_forked_while_a_thread_holds_a_lock_can_take_it(which: str) -> N
         release.set()
         holder.join(5)
     assert os.waitstatus_to_exitcode(status) == 0, f"the child could not take the {which} lock"
+
+
+def test_a_forked_child_counts_from_zero() -> None:
+    """A gunicorn ``--preload`` master that served requests (a warm-up) forks workers:
+    each counts its own, from zero, and logs its own first failure."""
+    count_not_kept = _failsafe.tally("test.tallied")
+    _failsafe.count("written", 3)
+    count_not_kept()
+    _failsafe.log_failure("store.put", OSError("before the fork"))
+    assert _failsafe.snapshot() == {"written": 3, "test.tallied": 1, "failed.store.put": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        ok = _failsafe.snapshot() == {} and _failsafe._due("store.put")
+        _failsafe.count("written")
+        count_not_kept()
+        ok = ok and _failsafe.snapshot() == {"written": 1, "test.tallied": 1}
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child started from the parent's counts"
+    assert _failsafe.snapshot() == {"written": 3, "test.tallied": 1, "failed.store.put": 1}

@@ -7,6 +7,7 @@ import itertools
 import threading
 from collections.abc import Sequence
 
+from .._fork import renew_locks_in_children
 from .._record import ProfileRecord, ProfileSummary
 from ._base import (
     DEFAULT_MAX_BYTES,
@@ -64,6 +65,12 @@ class MemoryStore:
         self._heap: list[tuple[float, int, _Key]] = []
         self._seq = itertools.count()
         self._bytes = 0
+        renew_locks_in_children(self)
+
+    def renew_locks(self) -> None:
+        """In a forked child (a ``--preload`` worker whose master kept profiles): the
+        parent's writer thread may have held the lock mid-write."""
+        self._lock = threading.Lock()
 
     def put(self, record: ProfileRecord) -> None:
         """Store ``record`` (replacing one with the same ids), then evict the oldest.
