@@ -212,6 +212,7 @@ class Registry:
             if request is not None and not request.closed:
                 running[request] = Running(stack)
         jobs: dict[Job, State] = {}
+        blocked: list[tuple[RequestProfile, int, types.FrameType]] = []
         for ident, job in list(self.threads.items()):
             frame = frames.get(ident)
             request = job.request
@@ -224,10 +225,22 @@ class Registry:
                 # under ASGI runs an async view so behind any sync-only middleware.)
                 continue
             if job.submitted_from is None:
-                running[request] = Running(thread_stack(ident, frame))
+                if blocked_in_wait(frame):
+                    blocked.append((request, ident, frame))  # (its jobs are not all read yet)
+                else:
+                    running[request] = Running(thread_stack(ident, frame))
             else:  # frames above the job wrapper, under the stack that submitted it
                 tail = thread_stack(ident, frame, job.stop_code)[1:]
                 jobs[job] = Running(job.submitted_from + tail, worker=True)
+        if blocked:
+            # A request's own thread blocked on a lock while a job of its runs on a worker
+            # thread waits for that job (``Future.result()``; asgiref's ``async_to_sync``
+            # under WSGI, which runs the coroutine on a loop in a worker thread): the job's
+            # time is what it waits for, counted once, as for a task waiting on its job.
+            with_jobs = {job.request for job in jobs}
+            for request, ident, frame in blocked:
+                if request not in with_jobs:
+                    running[request] = Running(thread_stack(ident, frame))
         return running, jobs
 
     def _task_request(self, state: LoopState, task: asyncio.Task[Any]) -> RequestProfile | None:
@@ -266,6 +279,15 @@ def waits_for_its_loop(frame: types.FrameType) -> bool:
         and caller.f_code.co_name == "run_until_future"
         and "asgiref" in caller.f_code.co_filename
     )
+
+
+def blocked_in_wait(frame: types.FrameType) -> bool:
+    """Whether a thread at ``frame`` is blocked in ``threading.Condition.wait`` (under
+    ``Future.result``, ``Event.wait``, asgiref's ``run_until_future``...)."""
+    return frame.f_code is _CONDITION_WAIT
+
+
+_CONDITION_WAIT = threading.Condition.wait.__code__
 
 
 def driven(request: RequestProfile) -> bool:
