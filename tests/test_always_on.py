@@ -486,8 +486,9 @@ def test_a_wsgi_request_waiting_for_its_async_view_shows_the_view() -> None:
     assert "marker_alpha" in text, text
 
 
-def _wsgi_profile_of_one_request(app: Any) -> Session:
-    """The always-on profile (every 2 ms, kept) of one request to the WSGI ``app``."""
+def _wsgi_profile_of_one_request(app: Any, mode: str = "always_on") -> Session:
+    """The profile (kept; always-on every 2 ms, or the hook's) of one request to the
+    WSGI ``app``."""
     from werkzeug.test import Client
 
     from otelprof_middleware import WSGIProfilingMiddleware
@@ -497,7 +498,7 @@ def _wsgi_profile_of_one_request(app: Any) -> Session:
         app,
         tracer_provider=make_provider()[0],
         profile_store=store,
-        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
+        **{**_EVERY_PROFILE_SAMPLED_EVERY_2_MS, "mode": mode},
     )
     try:
         response = Client(middleware).get("/", environ_base={"REMOTE_ADDR": "127.0.0.1"})
@@ -525,23 +526,25 @@ def _job_on_an_executor() -> None:
         executor.submit(marker_alpha, 0.15).result()
 
 
+@pytest.mark.parametrize("mode", ["always_on", "hook"])
 @pytest.mark.parametrize(
     "work", [_async_view_through_async_to_sync, _job_on_an_executor], ids=["asgiref", "future"]
 )
 def test_a_wsgi_thread_waiting_for_its_job_is_not_credited_beside_it(
-    work: Callable[[], None],
+    work: Callable[[], None], mode: str
 ) -> None:
     # Django under WSGI runs an async view through ``async_to_sync`` (a new loop on a
     # worker thread) while the request's own thread blocks on a condition; a view may
     # also wait on an executor's future. The thread's wait was credited as well as the
     # job: a profile of 0.36 s held 0.49 s (Django under gunicorn gthread), half of it
-    # ``Condition.wait`` beside the view's marker.
+    # ``Condition.wait`` beside the view's marker. The hook did the same (its sample at
+    # the wait's end held the whole wait).
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         work()
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"ok"]
 
-    session = _wsgi_profile_of_one_request(app)
+    session = _wsgi_profile_of_one_request(app, mode)
     text = text_of(session)
     assert "marker_alpha" in text, text
     root = session.root_frame()

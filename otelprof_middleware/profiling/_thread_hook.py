@@ -131,6 +131,14 @@ class ThreadHook:
             self._last = now
             request = current_request.get()
             if request is not None and not request.closed:
+                if request.worker_seconds:
+                    # Its jobs' samples on worker threads since this thread's last one.
+                    # Blocked in a condition's wait (``Future.result()``, asgiref's
+                    # ``async_to_sync`` under WSGI), the thread waited for them: that time
+                    # is theirs, not counted twice. Running, it did not wait for them.
+                    if frame.f_code is _CONDITION_WAIT:
+                        elapsed -= min(elapsed, request.worker_seconds)
+                    request.worker_seconds = 0.0
                 request.add(build_call_stack(frame, event, arg), elapsed)
         except Exception as exc:
             if raised_by_signal_handler(exc):
@@ -139,6 +147,8 @@ class ThreadHook:
         finally:
             self._in_event = False
 
+
+_CONDITION_WAIT = threading.Condition.wait.__code__
 
 # The thread running a garbage collection, if one runs: its finalizers may run inside that
 # thread's C hook. (Only one thread collects at a time. A finalizer's Python code can let
