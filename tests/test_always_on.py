@@ -381,7 +381,7 @@ _EVERY_PROFILE_SAMPLED_EVERY_2_MS: dict[str, Any] = {
 """The settings of the asgiref round-trip tests below (ASGI and WSGI)."""
 
 
-async def _profile_of_one_request(endpoint: Any) -> Session:
+async def _profile_of_one_request(endpoint: Any, mode: str = "always_on") -> Session:
     """The always-on profile (every 2 ms, kept) of one request to ``endpoint``, served
     in this test's own loop through httpx's ASGI transport."""
     store = MemoryStore()
@@ -389,7 +389,7 @@ async def _profile_of_one_request(endpoint: Any) -> Session:
         Starlette(routes=[Route("/endpoint", endpoint)]),
         tracer_provider=make_provider()[0],
         profile_store=store,
-        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
+        **{**_EVERY_PROFILE_SAMPLED_EVERY_2_MS, "mode": mode},
     )
     try:
         transport = httpx.ASGITransport(app=middleware, client=("127.0.0.1", 50000))
@@ -403,7 +403,8 @@ async def _profile_of_one_request(endpoint: Any) -> Session:
 
 
 @pytest.mark.anyio
-async def test_loop_work_a_worker_job_waits_for_is_the_requests() -> None:
+@pytest.mark.parametrize("mode", ["always_on", "hook"])
+async def test_loop_work_a_worker_job_waits_for_is_the_requests(mode: str) -> None:
     # Django under ASGI with a sync-only middleware (DjangoInstrumentor's, most third-party
     # ones) runs an async view as: the request's task hands the sync chain to a worker
     # thread (sync_to_async), which hands the view back to the loop (async_to_sync) and
@@ -422,7 +423,7 @@ async def test_loop_work_a_worker_job_waits_for_is_the_requests() -> None:
         await sync_to_async(sync_chain)()
         return JSONResponse({})
 
-    session = await _profile_of_one_request(endpoint)
+    session = await _profile_of_one_request(endpoint, mode)
     text = text_of(session)
     assert "marker_alpha" in text, text
     # The worker job's wait is not credited a second time beside the loop's work.

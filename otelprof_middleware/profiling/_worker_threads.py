@@ -37,6 +37,7 @@ from ._loop_hook import submitting_stack
 from ._request_profile import RequestProfile, current_request
 from ._thread_hook import other_profiler_here
 from .always_on import always_on_sampler
+from .always_on._registry import waits_for_its_loop
 from .always_on._stacks import thread_stack
 
 __all__ = ["install", "run_profiled"]
@@ -133,7 +134,9 @@ def run_profiled(
         try:
             now = time.perf_counter()
             elapsed, last = now - last, now
-            if not request.closed:
+            # In asgiref's ``async_to_sync`` this thread waits while the loop runs the
+            # work (the loop's hook records it): the wait is not the request's time too.
+            if not request.closed and not waits_for_its_loop(frame):
                 tail = stack_above(frame, event, arg, stop)
                 request.add_worker(submitted_from + tail, elapsed)
         except Exception:
