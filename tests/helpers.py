@@ -77,6 +77,22 @@ def marker_beta(seconds: float = 0.02) -> int:
     return spin(seconds)
 
 
+def slow_writes(store_class: type[Any], seconds: float = 0.3) -> type[Any]:
+    """A subclass of the real store ``store_class`` whose writes first sleep ``seconds``
+    (a busy disk, a far Redis)."""
+
+    class SlowWrites(store_class):  # type: ignore[misc,valid-type]
+        def put(self, record: ProfileRecord) -> None:
+            time.sleep(seconds)
+            super().put(record)
+
+        def put_many(self, records: Sequence[ProfileRecord]) -> None:
+            time.sleep(seconds)
+            super().put_many(records)
+
+    return SlowWrites
+
+
 def until_it_holds(attempt: Callable[[], str | None], attempts: int = 3) -> None:
     """Run ``attempt`` until it returns None (its claim held), ``attempts`` times at most;
     else fail, with the shortfall each run described.

@@ -454,36 +454,12 @@ def test_a_wsgi_request_waiting_for_its_async_view_shows_the_view() -> None:
     # Django under WSGI runs an async view through ``async_to_sync``: a new event loop on
     # a worker thread (a job of the request) runs the view while the request's own
     # thread waits for it. The worker's stack is the request's, not that wait.
-    from asgiref.sync import async_to_sync
-    from werkzeug.test import Client
-
-    from otelprof_middleware import WSGIProfilingMiddleware
-
-    async def view() -> None:
-        await asyncio.sleep(0.002)
-        marker_alpha(0.15)
-
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        async_to_sync(view)()
+        _async_view_through_async_to_sync()
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"ok"]
 
-    store = MemoryStore()
-    middleware = WSGIProfilingMiddleware(
-        app,
-        tracer_provider=make_provider()[0],
-        profile_store=store,
-        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
-    )
-    try:
-        response = Client(middleware).get("/", environ_base={"REMOTE_ADDR": "127.0.0.1"})
-        assert response.status_code == 200
-        response.close()  # the profile ends at the body's close()
-        middleware.core.writer.flush()
-        (summary,) = store.list()
-        text = text_of(store.get(summary.trace_id)[0].session())
-    finally:
-        middleware.core.writer.close()
+    text = text_of(_wsgi_profile_of_one_request(app))
     assert "marker_alpha" in text, text
 
 

@@ -8,28 +8,16 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from wsgiref.util import setup_testing_defaults
 
-from otelprof_middleware import ProfileRecord, WSGIProfilingMiddleware
+from otelprof_middleware import WSGIProfilingMiddleware
 from otelprof_middleware.profiling._keeper import Keeper
 from otelprof_middleware.stores import SQLiteStore
 
-from .helpers import make_provider, marker_alpha
-
-
-class SlowSQLiteStore(SQLiteStore):
-    """A real SQLite store whose writes take 0.3 s (a busy disk)."""
-
-    def put(self, record: ProfileRecord) -> None:
-        time.sleep(0.3)
-        super().put(record)
-
-    def put_many(self, records: Sequence[ProfileRecord]) -> None:
-        time.sleep(0.3)
-        super().put_many(records)
+from .helpers import make_provider, marker_alpha, slow_writes
 
 
 def _app(environ: dict[str, object], start_response: object) -> list[bytes]:
@@ -59,7 +47,7 @@ def _serve_one(middleware: WSGIProfilingMiddleware) -> None:
 
 
 def _serve_one_request_then_return(path: str) -> None:
-    _serve_one(_keeping_every_profile(_app, SlowSQLiteStore(path)))
+    _serve_one(_keeping_every_profile(_app, slow_writes(SQLiteStore)(path)))
     # The target returns at once: the profile is still with the writer (0.3 s to write).
 
 

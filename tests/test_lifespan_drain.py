@@ -7,7 +7,6 @@ import asyncio
 import logging
 import signal
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,19 +20,7 @@ from otelprof_middleware import ProfileRecord, ProfilingMiddleware, testing
 from otelprof_middleware._failsafe import snapshot
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import drive, http_scope, make_provider, marker_alpha
-
-
-class SlowStore(MemoryStore):
-    """A real memory store whose writes take 0.3 s (a busy disk or a far Redis)."""
-
-    def put(self, record: ProfileRecord) -> None:
-        time.sleep(0.3)
-        super().put(record)
-
-    def put_many(self, records: Sequence[ProfileRecord]) -> None:
-        time.sleep(0.3)
-        super().put_many(records)
+from .helpers import drive, http_scope, make_provider, marker_alpha, slow_writes
 
 
 async def work(request: Request) -> PlainTextResponse:
@@ -54,7 +41,7 @@ def keeping_every_profile(store: MemoryStore) -> ProfilingMiddleware:
 
 @pytest.mark.anyio
 async def test_queued_profiles_are_written_before_shutdown_completes() -> None:
-    store = SlowStore()
+    store = slow_writes(MemoryStore)()  # writes take 0.3 s
     app = keeping_every_profile(store)
     lifespan_in: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     lifespan_out: list[dict[str, Any]] = []
