@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 
 import otelprof_middleware
 from demo_app.telemetry import configure_tracing
@@ -21,7 +21,11 @@ app.wsgi_app = WSGIProfilingMiddleware(app.wsgi_app)  # type: ignore[method-assi
 
 @app.get("/counters")
 def counters() -> Response:
-    return jsonify(pid=os.getpid(), counters=otelprof_middleware.counters())
+    """This worker's pid and counters; ``?hold=S``: answer S seconds later (so that
+    concurrent requests keep a worker busy and reach the other one)."""
+    answer = jsonify(pid=os.getpid(), counters=otelprof_middleware.counters())
+    time.sleep(float(request.args.get("hold", "0")))
+    return answer
 
 
 def _warm_up() -> None:
