@@ -152,6 +152,13 @@ class RequestProfile:
         self.add(stack, seconds)
         self.worker_seconds += seconds
 
+    def wait_beyond_jobs(self, waited: float) -> float:
+        """The part of a wait of ``waited`` seconds that the request's worker-thread jobs
+        have not recorded since the last call (their tally restarts: concurrent jobs may
+        exceed the wait, and the excess is never carried over)."""
+        covered, self.worker_seconds = self.worker_seconds, 0.0
+        return waited - min(waited, covered)
+
     def suspend(self, stack: list[str], now: float) -> None:
         """The request was switched out at ``now``; ``stack`` is where it waits."""
         self.suspended_at = now
@@ -160,10 +167,8 @@ class RequestProfile:
     def resume(self, now: float) -> None:
         """The request runs again: the time away is an ``[await]`` under its waiting stack."""
         if self.suspended_at is not None and self.suspended_stack is not None:
-            waited = now - self.suspended_at
             # Worker threads' samples already account for part of this wait.
-            waited -= min(waited, self.worker_seconds)
-            self.worker_seconds = 0.0  # concurrent jobs may exceed the wait: never carry over
+            waited = self.wait_beyond_jobs(now - self.suspended_at)
             if waited > 0:
                 self.add(self.suspended_stack, waited, waiting=True)
         self.suspended_at = None

@@ -23,6 +23,7 @@ from pyinstrument.stack_sampler import build_call_stack
 from .._failsafe import count, raised_by_signal_handler
 from ._green import green_threads
 from ._request_profile import current_request
+from .always_on._registry import blocked_in_wait
 
 __all__ = ["ThreadHook", "os_thread_id", "other_profiler_here", "thread_hook"]
 
@@ -136,9 +137,10 @@ class ThreadHook:
                     # Blocked in a condition's wait (``Future.result()``, asgiref's
                     # ``async_to_sync`` under WSGI), the thread waited for them: that time
                     # is theirs, not counted twice. Running, it did not wait for them.
-                    if frame.f_code is _CONDITION_WAIT:
-                        elapsed -= min(elapsed, request.worker_seconds)
-                    request.worker_seconds = 0.0
+                    if blocked_in_wait(frame):
+                        elapsed = request.wait_beyond_jobs(elapsed)
+                    else:
+                        request.worker_seconds = 0.0
                 request.add(build_call_stack(frame, event, arg), elapsed)
         except Exception as exc:
             if raised_by_signal_handler(exc):
@@ -147,8 +149,6 @@ class ThreadHook:
         finally:
             self._in_event = False
 
-
-_CONDITION_WAIT = threading.Condition.wait.__code__
 
 # The thread running a garbage collection, if one runs: its finalizers may run inside that
 # thread's C hook. (Only one thread collects at a time. A finalizer's Python code can let
