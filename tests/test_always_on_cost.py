@@ -619,3 +619,65 @@ def test_a_long_gil_wait_between_two_stacks_goes_to_the_frames_they_share() -> N
     assert credited[tuple(now.stack)] == pytest.approx(0.0025)
     assert credited[tuple(shared)] == pytest.approx(0.035)
     assert sum(credited.values()) == pytest.approx(0.050)  # the whole interval, once
+
+
+def _first_tick_credit(on_its_thread: Callable[[], object]) -> tuple[float, float, float]:
+    """A request registered on a thread of its own that then runs ``on_its_thread``; a
+    tick 50 ms after the last one (its sampler waited 45 ms for the GIL) sees it for the
+    first time, in its thread's frame, while it still runs there.
+
+    Returns (credited to the stack the tick saw, the request's age at the tick, the
+    thread's CPU seconds since it registered)."""
+    from otelprof_middleware.profiling.always_on._ledger import Interval, Running, credit
+    from otelprof_middleware.profiling.always_on._registry import Registry
+
+    request = _continuous_request()
+    registered, finish = threading.Event(), threading.Event()
+
+    def thread() -> None:
+        Registry().add_current(request, 8, lambda ident: False)
+        registered.set()
+        on_its_thread()
+        finish.wait(5)
+
+    worker = threading.Thread(target=thread)
+    worker.start()
+    try:
+        registered.wait(5)
+        time.sleep(0.045)  # the thread runs ``on_its_thread`` (or sits still) meanwhile
+        assert request.thread_cpu is not None, "no thread CPU clock on this platform"
+        clock, began = request.thread_cpu
+        used = time.clock_gettime(clock) - began
+        age = time.perf_counter() - request.start_perf
+        now = Running(["thread\x00<thread>\x001", "wait\x00threading.py\x00320"])
+        interval = Interval(end=time.perf_counter(), elapsed=0.050, slept=0.005, gil_wait=0.010)
+        credit(request, None, now, interval)
+    finally:
+        finish.set()
+        worker.join()
+    return sum(seconds for _, seconds in request.records), age, used
+
+
+def test_a_thread_first_seen_where_it_sat_still_since_it_started_is_credited_that_time() -> None:
+    """A late first tick (behind busy threads) finds a WSGI request's thread where it has
+    sat still since it started (waiting for the GIL, or blocked in a call): the time it
+    did not run is that frame's, not only the capped share of the sampler's GIL wait
+    (which gave it 12.5 of its 45+ ms; the gap of issue 14 on gunicorn's threads)."""
+    credited, age, used = _first_tick_credit(lambda: None)
+    assert used < 0.005, used
+    assert credited == pytest.approx(age - used, abs=0.002), (credited, age, used)
+    assert credited > 0.040
+
+
+def test_a_thread_first_seen_after_running_all_along_gets_only_the_capped_share() -> None:
+    """The bias the cap guards against: a thread that ran on the CPU since it started and
+    is first seen in another frame (gunicorn's socket write after the view's work) is not
+    credited the time it ran there: only the capped share of the interval."""
+
+    def run_on_the_cpu() -> None:
+        spin_cpu(0.045, wall_limit=0.060)
+
+    credited, age, used = _first_tick_credit(run_on_the_cpu)
+    assert credited == pytest.approx(max(0.0125, age - used), abs=0.002), (credited, age, used)
+    if used > age - 0.010:  # (it ran nearly all along: the scheduler let it)
+        assert credited < 0.013, (credited, age, used)

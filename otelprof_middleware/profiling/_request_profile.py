@@ -60,6 +60,10 @@ class RequestProfile:
     own_seconds = 0.0
     worker_seconds = 0.0
     registration: object = None  # always-on: its loop's state, or its thread's ident
+    # Always-on, a request on a thread of its own (WSGI): its thread's CPU-time clock and
+    # that clock's reading at registration, so that a late first tick can tell how long
+    # the thread sat still since (see ``_ledger.frozen_since_start``).
+    thread_cpu: tuple[int, float] | None = None
     suspended_at: float | None = None
     suspended_stack: list[str] | None = None
     wait_stack: list[str] | None = None  # hook mode on a loop: where its coroutine waits

@@ -30,6 +30,7 @@ __all__ = [
     "close_wait",
     "common_prefix",
     "credit",
+    "frozen_since_start",
 ]
 
 
@@ -91,9 +92,14 @@ def credit(
     if before is None:  # started during the interval
         if now is not None:
             # The GIL wait was spent running (by whoever held it, most likely this
-            # state); of the sleep, on average half. Never more than its age.
+            # state); of the sleep, on average half. Never more than its age. A thread
+            # that sat still since it started (waiting for the GIL behind busy threads,
+            # or blocked in a call) sat still where it is now: that time is this state's.
             age = time.perf_counter() - request.start_perf
-            add_time(request, now, min(age, elapsed, gil_wait + slept / 2))
+            share = min(age, elapsed, gil_wait + slept / 2)
+            if type(now) is Running and not now.worker:
+                share = max(share, min(elapsed, frozen_since_start(request, age)))
+            add_time(request, now, share)
         return
     if type(before) is Running:  # the GIL wait was most likely spent running ``before``
         add_time(request, before, slept / 2 + gil_wait)
@@ -110,6 +116,28 @@ def credit(
         add_time(request, before, slept / 2)
         if now is not None:
             add_time(request, now, slept / 2 + gil_wait)
+
+
+def frozen_since_start(request: RequestProfile, age: float) -> float:
+    """How long the thread of ``request`` (registered on a thread of its own) did not
+    run in the ``age`` seconds since it started: its age less its CPU time since.
+
+    A thread's stack changes only while it runs; once it stops (it waits for the GIL
+    behind busy threads, or blocks in a call), it stays where a tick finds it. So when
+    a tick, late behind busy threads, first sees a request, the time its thread sat
+    still is the time of the stack the tick sees: with one stretch of running since the
+    start (the usual case when the sampler itself waits its turn for the GIL), exactly;
+    its CPU time stays unattributed. 0.0 where the platform has no thread CPU clocks.
+    """
+    thread_cpu = request.thread_cpu
+    if thread_cpu is None:
+        return 0.0
+    clock, began = thread_cpu
+    try:
+        used = time.clock_gettime(clock) - began
+    except OSError:  # the thread is gone
+        return 0.0
+    return age - used if used < age else 0.0
 
 
 def common_prefix(first: list[str], second: list[str]) -> list[str]:

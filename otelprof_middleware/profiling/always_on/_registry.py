@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,9 @@ class Job:
         self.seen = False  # a tick found it (its time is credited from the ticks on)
 
 
+_THREAD_CPU_CLOCKS = hasattr(time, "pthread_getcpuclockid")  # (not on macOS, Windows)
+
+
 class Registry:
     """Which request runs where: event loops' tasks and threads' jobs."""
 
@@ -100,6 +104,12 @@ class Registry:
                 return None
             job = threads[ident] = Job(request, None, None, request.start_perf)
             request.registration = ident
+            if _THREAD_CPU_CLOCKS:  # (the clock's id is read here, while the thread lives)
+                try:
+                    clock = time.pthread_getcpuclockid(ident)
+                    request.thread_cpu = (clock, time.clock_gettime(clock))
+                except OSError:  # (the ledger does without)
+                    pass
             return job
         state = self.loops.get(ident)
         if state is None or state.loop is not loop:
