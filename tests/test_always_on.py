@@ -526,3 +526,43 @@ def test_a_wsgi_thread_waiting_for_its_job_is_not_credited_beside_it(
     assert "marker_alpha" in text, text
     root = session.root_frame()
     assert root is not None and root.time <= 1.25 * session.duration, text
+
+
+def test_a_request_that_wakes_the_sampler_thread_is_ticked_at_once() -> None:
+    """The sampler thread, started or woken from its nap by a thread's request, ticks at
+    once instead of sleeping an interval first. The wake-up itself waits its turn for the
+    GIL (about 40 ms behind 8 busy gunicorn threads), and the sleep added a second such
+    wait: 8 concurrent 30 ms requests after a pause mostly ended before the first tick.
+    Here an interval of 0.5 s (sleeps of 0.25-0.75 s) makes the difference plain."""
+    from otelprof_middleware.profiling._request_profile import RequestProfile
+    from otelprof_middleware.profiling.always_on._sampler import AlwaysOnSampler
+
+    def attempt() -> str | None:
+        sampler = AlwaysOnSampler(0.5, sigprof=False)
+        seen: list[int] = []
+
+        def request() -> None:
+            profile = RequestProfile(0.5, 1000, None, continuous=True)
+            ticks = sampler.samples
+            sampler.register_current(profile)
+            deadline = time.perf_counter() + 0.1
+            while sampler.samples == ticks and time.perf_counter() < deadline:
+                time.sleep(0.002)  # (sits still: the tick finds it here)
+            seen.append(sampler.samples - ticks)
+            sampler.unregister_current(profile)
+
+        try:
+            for _ in range(3):  # the first starts the thread; the others wake it
+                worker = threading.Thread(target=request)
+                worker.start()
+                worker.join()
+                deadline = time.perf_counter() + 2.0
+                while not sampler.thread._idle and time.perf_counter() < deadline:
+                    time.sleep(0.01)  # until the thread naps (in watch mode) or idles
+        finally:
+            sampler.stop()
+        if all(seen[1:]):  # (the first started the thread: it sleeps an interval first)
+            return None
+        return f"ticks within 0.1 s of each registration: {seen}"
+
+    until_it_holds(attempt)

@@ -579,13 +579,22 @@ def test_a_sampled_job_is_credited_from_its_start_to_its_end() -> None:
 
 def test_a_job_no_tick_saw_keeps_its_time_under_its_function() -> None:
     def attempt() -> str | None:
-        sampler = AlwaysOnSampler(0.5, sigprof=False)  # first tick 0.25-0.75 s in: after the job
+        sampler = AlwaysOnSampler(0.5, sigprof=False)  # ticks 0.25-0.75 s apart
         try:
+            # The thread ticks at once when a registration starts it (this thread's, for
+            # another request), then sleeps: the job runs before its next tick.
+            other = _continuous_request()
+            sampler.register_current(other)
+            deadline = time.perf_counter() + 2.0
+            while not sampler.samples and time.perf_counter() < deadline:
+                time.sleep(0.001)
+            ticks = sampler.samples
             request = _continuous_request()
             began = time.perf_counter()
             _run_job(sampler, request, 0.030)
             took = time.perf_counter() - began
-            if sampler.samples:  # a starved machine: the 30 ms job outlasted the first tick
+            sampler.unregister_current(other)
+            if sampler.samples != ticks:  # a starved machine: the job outlasted a sleep
                 return f"the job took {took:.3f} s and a tick saw it"
             assert _job_seconds(request, "job_marker") == 0  # never sampled: frames unknown
             [(stack, seconds)] = [

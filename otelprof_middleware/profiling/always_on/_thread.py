@@ -113,6 +113,9 @@ class SamplerThread:
         main_cpu = _main_thread_cpu_clock()
         last_cpu = last_wall = 0.0
         busy = False
+        # Woken from a nap or idling by a registration: tick at once. (Not when a
+        # registration starts the thread: that thread still waits in ``Thread.start``.)
+        woken = False
         while not stop.is_set():
             sampling = registry.needs_thread()
             if sampling or registry.watching():
@@ -129,11 +132,18 @@ class SamplerThread:
                 self._idle = True
                 wake.clear()
                 if not registry.needs_thread() and not registry.watching():
-                    wake.wait(1.0)
+                    woken = wake.wait(1.0)
                 self._idle = False
                 continue
             asked = sampler.next_interval()
-            if sampling:
+            if sampling and woken:
+                # The first tick for a request that woke this thread comes at once: the
+                # wake-up already waited its turn for the GIL (behind busy request
+                # threads, tens of ms), and a sleep would add a second such wait before
+                # anything of it is seen: a 30 ms request would end unseen.
+                woken = False
+                sampler.tick(None, 0.0)
+            elif sampling:
                 time.sleep(asked)
                 sampler.tick(None, asked)
             else:
@@ -144,6 +154,7 @@ class SamplerThread:
                 else:
                     pause = (_WATCHDOG_BUSY if busy else _WATCHDOG_INTERVALS) * sampler.interval
                 if self._nap(pause):
+                    woken = True
                     continue  # a thread's request arrived: sample it from its start
                 wall = time.perf_counter()
                 cpu = _cpu_seconds(main_cpu)
