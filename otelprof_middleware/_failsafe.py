@@ -18,11 +18,12 @@ import logging
 import os
 import signal
 import threading
-import time
 import types
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from . import _clock
 
 __all__ = [
     "count",
@@ -118,7 +119,7 @@ if hasattr(os, "register_at_fork"):
 
 def _due(stage: str) -> bool:
     """True when ``stage`` was not logged within the last interval (and mark it logged)."""
-    now = time.monotonic()
+    now = _clock.monotonic()
     with _lock:
         last = _last_logged.get(stage)
         if last is not None and 0.0 <= now - last < LOG_INTERVAL_SECONDS:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-import types
 from collections.abc import Coroutine, Generator, Iterator
 from typing import Any
 
 import pytest
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 
+from otelprof_middleware import _clock
 from otelprof_middleware.profiling._request_profile import RequestProfile
-from otelprof_middleware.profiling.always_on import _ledger
 from otelprof_middleware.profiling.always_on._ledger import (
     Interval,
     Ledger,
@@ -145,7 +144,7 @@ def test_a_first_sighting_is_credited_as_the_general_path_credits_it(
     tasks: list[StubTask], age: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = time.perf_counter()
-    monkeypatch.setattr(_ledger, "time", types.SimpleNamespace(perf_counter=lambda: now))
+    monkeypatch.setattr(_clock, "perf_counter", lambda: now)
     interval = Interval(now, elapsed=0.006, slept=0.004, gil_wait=0.002)
     request = _request(age, now)
     task = _task(tasks, endpoint_one())

@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from otelprof_middleware import _failsafe
+from otelprof_middleware import _clock, _failsafe
 from otelprof_middleware._failsafe import fail_open
 
 
@@ -62,7 +62,7 @@ def test_a_clock_that_went_back_does_not_silence_a_stage_for_good(
 
     real = time.monotonic()
     now = [real + 1.7e9]
-    monkeypatch.setattr(_failsafe.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(_clock, "monotonic", lambda: now[0])
     with caplog.at_level("WARNING"):
         _failsafe.log_failure("store.put", OSError("frozen"))
         now[0] = real + 120.0

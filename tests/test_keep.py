@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from otelprof_middleware import counters
+from otelprof_middleware import _clock, counters
 from otelprof_middleware.profiling._keep_policy import (
     ERROR,
     MIN_DURATION,
@@ -138,11 +138,9 @@ def test_a_clock_that_went_back_leaves_the_budget_working(monkeypatch: pytest.Mo
     slow request was kept again in that process (a session-scoped app in a suite)."""
     import time
 
-    from otelprof_middleware.profiling import _keep_policy
-
     real = time.monotonic()
     now = [real]
-    monkeypatch.setattr(_keep_policy.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(_clock, "monotonic", lambda: now[0])
     keep = policy(keep_per_second=5.0)
     now[0] = real + 1.7e9  # frozen at a date: "monotonic" is that date's epoch seconds
     assert reason(keep, 1 * MS, status=500) == ERROR

@@ -11,10 +11,13 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
+from wsgiref.util import setup_testing_defaults
 
 import httpx
 import pytest
@@ -540,3 +543,39 @@ def test_only_a_thread_hook_adds_a_gc_callback() -> None:
     result = run_script(GC_CALLBACKS)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["default", "True", "hook", "True"], result.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_patched_sleep_and_perf_counter_see_only_the_apps_calls(mode: str) -> None:
+    """A user's test patches ``time.sleep`` (to skip a wait) or ``time.perf_counter`` (to
+    fix a measured duration) around a request, then asserts on the mock: the calls are the
+    app's alone. Our sampler thread slept with ``time.sleep``, so under the mock it spun
+    (thousands of calls while the request lasted), and the request path's clock readings
+    took the values meant for the app."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start = time.perf_counter()
+        time.sleep(0.5)  # the mock returns at once
+        threading.Event().wait(0.2)  # the request lasts: the sampler ticks meanwhile
+        elapsed = time.perf_counter() - start
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [f"{elapsed:.2f}".encode()]
+
+    provider, _ = make_provider()
+    middleware = WSGIProfilingMiddleware(
+        app, tracer_provider=provider, profile_store=MemoryStore(), mode=mode
+    )
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    with (
+        mock.patch("time.sleep") as sleep,
+        mock.patch("time.perf_counter", side_effect=[10.0, 10.25]) as perf_counter,
+    ):
+        body = middleware(environ, lambda status, headers, exc_info=None: None)
+        try:
+            assert b"".join(body) == b"0.25"
+        finally:
+            body.close()  # type: ignore[attr-defined]
+    assert sleep.call_args_list == [mock.call(0.5)]
+    assert perf_counter.call_count == 2
+    assert [name for name in counters() if name.startswith("failed.")] == []

@@ -25,13 +25,13 @@ import math
 import os
 import random
 import threading
-import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
 from pyinstrument.session import Session
 
+from .. import _clock
 from .._background import BatchingThread
 from .._failsafe import count, log_failure, logger
 from .._record import ProfileSummary
@@ -100,7 +100,7 @@ def retry_after(response: httpx.Response, now: float | None = None) -> float | N
         return None
     if when.tzinfo is None:
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, when.timestamp() - (_clock.time() if now is None else now))
 
 
 class HttpExporter(BatchingThread):
@@ -259,7 +259,7 @@ class HttpExporter(BatchingThread):
             httpx.HTTPError: the connection failed (after the retries).
         """
         policy = self._retry
-        deadline = time.monotonic() + policy.budget
+        deadline = _clock.monotonic() + policy.budget
         attempt = 0
         while True:
             attempt += 1
@@ -279,7 +279,7 @@ class HttpExporter(BatchingThread):
                 raise error
             if wait is None:
                 wait = policy.backoff(attempt)
-            if not math.isfinite(wait) or time.monotonic() + wait > deadline:
+            if not math.isfinite(wait) or _clock.monotonic() + wait > deadline:
                 raise error  # the server asks for longer than the budget allows
             count(f"{self._prefix}.retried")
             if self._closing.wait(wait):

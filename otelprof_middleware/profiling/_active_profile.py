@@ -7,13 +7,13 @@ span gets it when the profile is kept. It is made only when first read.
 
 from __future__ import annotations
 
-import time
 from contextvars import Token
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, format_span_id, format_trace_id
 
+from .. import _clock
 from .._config import Config
 from .._net import safe_host
 from .._request import RequestFacts, normalise_method
@@ -46,7 +46,7 @@ class ActiveProfile:
         """The adapter's call of the app returned (or raised), on the request's thread: the
         always-on sampler credits the time up to here exactly (WSGI; the body it returned
         may still run app code while the server iterates it, which is sampled as usual)."""
-        self.request.left_app_at = time.perf_counter()
+        self.request.left_app_at = _clock.perf_counter()
 
     @property
     def method(self) -> str:

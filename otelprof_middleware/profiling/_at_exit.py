@@ -17,11 +17,11 @@ import multiprocessing.util
 import os
 import sys
 import threading
-import time
 import types
 import weakref
 from typing import Protocol
 
+from .. import _clock
 from .._failsafe import fail_open
 
 __all__ = ["close_at_exit", "close_background"]
@@ -63,9 +63,9 @@ def _close_after_requests() -> None:
     with fail_open("writer.exit"):
         me = threading.get_ident()
         ours = {t.ident for t in threading.enumerate() if t.name.startswith("otelprof-")}
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and _package_code_running(me, ours):
-            time.sleep(0.01)
+        deadline = _clock.monotonic() + 1.0
+        while _clock.monotonic() < deadline and _package_code_running(me, ours):
+            _clock.sleep(0.01)
     close_background()
 
 

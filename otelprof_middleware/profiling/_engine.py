@@ -12,13 +12,13 @@ policy (:mod:`._start_policy`), the two ways to start (:mod:`._hook_start`,
 
 from __future__ import annotations
 
-import time
 import types
 from collections.abc import Awaitable
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
+from .. import _clock
 from .._config import Config
 from .._failsafe import count, log_failure, log_once
 from .._request import RequestFacts
@@ -212,7 +212,7 @@ class ProfilerCore:
         active.finished = True
         request = active.request
         request.closed = True
-        duration = time.perf_counter() - request.start_perf
+        duration = _clock.perf_counter() - request.start_perf
         if request.continuous:
             # Inline, not a call to the always-on start: every always-on request ends here.
             # (Not ``fail_open`` either: a generator context manager costs ~2 µs a request.)

@@ -18,8 +18,8 @@ request: a dict lookup and a list store, the percentile worked out every few req
 from __future__ import annotations
 
 import threading
-import time
 
+from .. import _clock
 from .._failsafe import tally
 
 __all__ = ["ERROR", "MIN_DURATION", "SLOW", "TRIGGERED", "KeepPolicy"]
@@ -94,7 +94,7 @@ class KeepPolicy:
         # At least one token, so that a rate under one every two seconds keeps anything.
         self._burst = max(1.0, 2.0 * keep_per_second) if keep_per_second > 0 else 0.0
         self._tokens = self._burst
-        self._refilled_at = time.monotonic()
+        self._refilled_at = _clock.monotonic()
         self._lock = threading.Lock()
         self._routes: dict[str, _RouteHistory] = {}
 
@@ -136,7 +136,7 @@ class KeepPolicy:
     def _spend(self) -> bool:
         """Take one token from the budget; False when it is spent."""
         with self._lock:
-            now = time.monotonic()
+            now = _clock.monotonic()
             # A clock that went back (freezegun and the like patch time.monotonic in a
             # test, and the real clock is far behind the frozen one after it) adds
             # nothing, and does not take the budget away for good.

@@ -27,13 +27,13 @@ import asyncio
 import collections.abc
 import sys
 import threading
-import time
 import types
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from pyinstrument.low_level.stat_profile import setstatprofile
 
+from .. import _clock
 from .._failsafe import count, log_failure, raised_by_signal_handler
 from ._frames import frame_stack, stack_above
 from ._request_profile import RequestProfile
@@ -62,7 +62,7 @@ def _on_event(frame: types.FrameType, event: str, arg: Any) -> None:
     # Called by pyinstrument's C hook every ``interval``: nothing may escape.
     try:
         state = _state
-        now = time.perf_counter()
+        now = _clock.perf_counter()
         elapsed = now - state.last
         state.last = now
         request = state.request
@@ -145,7 +145,7 @@ class HookedCoroutine(collections.abc.Coroutine[Any, Any, Any]):
         if other_profiler_here(state.hook):
             count("skipped.foreign_hook")  # another profiler's hook: leave it alone
             return method(*args)
-        now = time.perf_counter()
+        now = _clock.perf_counter()
         request.resume(now)  # the wait so far (the main coroutine's) ends here
         prefix = self._prefix
         if prefix is None:  # the adapter's frames below this coroutine, once
@@ -184,7 +184,7 @@ class HookedCoroutine(collections.abc.Coroutine[Any, Any, Any]):
         except Exception as exc:
             # Left installed (recognised as ours at the next step, which replaces it).
             log_failure("profiler.stop", exc)
-        now = time.perf_counter()
+        now = _clock.perf_counter()
         if request.closed:
             return
         tail = now - state.last

@@ -17,7 +17,6 @@ How it works (the Go pprof-labels idea, on pyinstrument's own low-level hook):
 from __future__ import annotations
 
 import sys
-import time
 import types
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -25,6 +24,7 @@ from contextvars import ContextVar
 from pyinstrument.frame import AWAIT_FRAME_IDENTIFIER
 from pyinstrument.session import Session
 
+from .. import _clock
 from .._failsafe import log_failure
 from .._identifiers import ATTRIBUTES_SEP, NO_SAMPLES, is_thread_root
 from ._frames import code_head
@@ -93,13 +93,13 @@ class RequestProfile:
         self.start_call_stack = start_call_stack
         if description:
             self.description = description
-        self.start_perf = time.perf_counter()
+        self.start_perf = _clock.perf_counter()
 
     @property
     def start_wall(self) -> float:
         """When the request started, as a ``time.time()`` (worked out when first asked)."""
         if self._start_wall is None:
-            self._start_wall = time.time() - (time.perf_counter() - self.start_perf)
+            self._start_wall = _clock.time() - (_clock.perf_counter() - self.start_perf)
         return self._start_wall
 
     @property

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import weakref
 
+from .. import _clock
 from .._config import NO_HOME_STORE, Config
 from .._failsafe import log_once
 from .._fork import renew_locks_in_children
@@ -67,7 +67,7 @@ class StoreOpener:
         with self._lock:
             if self._store is not None:
                 return self._store
-            now = time.monotonic()
+            now = _clock.monotonic()
             # (a wait longer than the delay: the clock went back, frozen by a test)
             if now < self._retry_at <= now + STORE_RETRY_SECONDS:
                 raise RuntimeError(

@@ -13,13 +13,13 @@ from __future__ import annotations
 import gc
 import sys
 import threading
-import time
 import types
 from typing import Any
 
 from pyinstrument.low_level.stat_profile import setstatprofile
 from pyinstrument.stack_sampler import build_call_stack
 
+from .. import _clock
 from .._failsafe import count, raised_by_signal_handler
 from ._green import green_threads
 from ._request_profile import current_request
@@ -94,7 +94,7 @@ class ThreadHook:
             return True
         # ``users`` is counted first: the hook may fire as soon as it is installed, and
         # a hook that sees no users records nothing.
-        self._last = time.perf_counter()
+        self._last = _clock.perf_counter()
         try:
             setstatprofile(target=self._on_event, interval=self.interval)
             self._installed = sys.getprofile()
@@ -127,7 +127,7 @@ class ThreadHook:
         try:
             if self.users <= 0:  # the last request ended elsewhere, or inside a callback
                 return  # removed at a safe point of ours (see the class docstring)
-            now = time.perf_counter()
+            now = _clock.perf_counter()
             elapsed = now - self._last
             self._last = now
             request = current_request.get()

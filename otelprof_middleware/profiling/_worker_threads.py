@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import sys
 import threading
-import time
 import types
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 from pyinstrument.low_level.stat_profile import setstatprofile
 
+from .. import _clock
 from .._failsafe import count, log_failure
 from .._identifiers import UNKNOWN_FILE, identifier
 from ._frames import code_head, stack_above
@@ -127,12 +127,12 @@ def run_profiled(
             sampler.unregister_worker(functools.partial(_identifier, func))
     if request.closed or other_profiler_here(None):
         return func(*args, **kwargs)  # a hook is already here (nested job, a profiler)
-    last = time.perf_counter()
+    last = _clock.perf_counter()
 
     def on_event(frame: types.FrameType, event: str, arg: Any) -> None:
         nonlocal last
         try:
-            now = time.perf_counter()
+            now = _clock.perf_counter()
             elapsed, last = now - last, now
             # In asgiref's ``async_to_sync`` this thread waits while the loop runs the
             # work (the loop's hook records it): the wait is not the request's time too.
@@ -151,7 +151,7 @@ def run_profiled(
         return func(*args, **kwargs)
     finally:
         setstatprofile(None)
-        now = time.perf_counter()
+        now = _clock.perf_counter()
         if not request.closed and now > last:  # the tail since the last sample
             request.add_worker([*submitted_from, _identifier(func)], now - last)
 

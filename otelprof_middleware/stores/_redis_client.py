@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from .. import _clock
 from ._base import redact_url
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ class Connection:
                 within ``RETRY_AFTER_TIMEOUT_SECONDS`` of a timeout.
         """
         self.check_open()
-        if time.monotonic() < self._timed_out_until:
+        if _clock.monotonic() < self._timed_out_until:
             raise self.redis.TimeoutError(
                 f"Redis at {self.url} timed out less than {RETRY_AFTER_TIMEOUT_SECONDS:g} s "
                 "ago; not waiting on it again yet"
@@ -196,7 +196,7 @@ class Connection:
         try:
             return call(*args, **kwargs)
         except self.redis.TimeoutError:
-            self._timed_out_until = time.monotonic() + RETRY_AFTER_TIMEOUT_SECONDS
+            self._timed_out_until = _clock.monotonic() + RETRY_AFTER_TIMEOUT_SECONDS
             raise
 
     def close(self) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from .. import _clock
 from .._record import SUMMARY_FIELDS, FieldValue, ProfileRecord, ProfileSummary, SummaryField
 
 __all__ = [
@@ -208,7 +208,7 @@ def retry_busy(step: Callable[[], None]) -> None:
     """Run ``step``, retrying with backoff while SQLite reports BUSY or LOCKED without
     having waited (lock upgrades it refuses in order to avoid deadlock), for at most
     ``BUSY_TIMEOUT_MS``."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    deadline = _clock.monotonic() + BUSY_TIMEOUT_MS / 1000
     delay = 0.001
     while True:
         try:
@@ -216,9 +216,9 @@ def retry_busy(step: Callable[[], None]) -> None:
             return
         except sqlite3.OperationalError as exc:
             busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-            if not busy or time.monotonic() >= deadline:
+            if not busy or _clock.monotonic() >= deadline:
                 raise
-        time.sleep(delay)
+        _clock.sleep(delay)
         delay = min(delay * 2, 0.05)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from otelprof_middleware import _failsafe, counters
+from otelprof_middleware import _clock, _failsafe, counters
 from otelprof_middleware.profiling import _store_opener
 from otelprof_middleware.stores import SQLiteStore, _sqlite_connection
 
@@ -319,7 +319,7 @@ def test_a_clock_that_went_back_does_not_stop_the_store_from_opening(
 
     real = time.monotonic()
     now = [real + 1.7e9]
-    monkeypatch.setattr(_store_opener.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(_clock, "monotonic", lambda: now[0])
     blocker = tmp_path / "state"
     blocker.write_text("not a directory yet")
     opener = _store_opener.StoreOpener(Config.load(state_dir=str(blocker / "svc")))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from ... import _clock
 from .._request_profile import RequestProfile
 from ._stacks import await_stack
 
@@ -95,7 +96,7 @@ def credit(
             # state); of the sleep, on average half. Never more than its age. A thread
             # that sat still since it started (waiting for the GIL behind busy threads,
             # or blocked in a call) sat still where it is now: that time is this state's.
-            age = time.perf_counter() - request.start_perf
+            age = _clock.perf_counter() - request.start_perf
             share = min(age, elapsed, gil_wait + slept / 2)
             if type(now) is Running and not now.worker:
                 share = max(share, min(elapsed, frozen_since_start(request, age)))
@@ -237,7 +238,7 @@ class Ledger:
                 # First seen, waiting: what ``change(request, None, waiting, interval)`` does,
                 # without its calls (there is no previous state to close or to split the
                 # interval with): the state's share of the interval, at most its age.
-                age = time.perf_counter() - request.start_perf
+                age = _clock.perf_counter() - request.start_perf
                 request.add_wait(waiting.stack, age if age < first_share else first_share)
                 if not request.closed:  # (closed: its profile ended during this tick)
                     states[request] = waiting

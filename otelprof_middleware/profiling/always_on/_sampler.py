@@ -31,10 +31,10 @@ import random
 import signal
 import sys
 import threading
-import time
 import types
 from collections.abc import Callable
 
+from ... import _clock
 from ..._failsafe import count, raised_by_signal_handler
 from ..._fork import renew_locks_in_children
 from .._request_profile import RequestProfile
@@ -79,7 +79,7 @@ class AlwaysOnSampler:
         self.thread = SamplerThread(self)
         self.samples = 0
         self.pending_failures = 0  # failed ticks not yet counted (a handler takes no locks)
-        self.last_tick = time.perf_counter()
+        self.last_tick = _clock.perf_counter()
         self._tick_lock = threading.Lock()
         self.ledger = Ledger()
         self._jitter = random.Random()
@@ -154,7 +154,7 @@ class AlwaysOnSampler:
     ) -> None:
         """This worker thread runs a job of ``request`` (frames above ``stop`` are its)."""
         self.registry.threads[threading.get_ident()] = Job(
-            request, submitted_from, stop, time.perf_counter()
+            request, submitted_from, stop, _clock.perf_counter()
         )
         if not driven(request):
             self.thread.wake()
@@ -185,14 +185,14 @@ class AlwaysOnSampler:
                     add_time(request, state, trailing)
             elif job_identifier is not None and job.submitted_from is not None and not job.seen:
                 request.add_worker(
-                    [*job.submitted_from, job_identifier()], time.perf_counter() - job.began
+                    [*job.submitted_from, job_identifier()], _clock.perf_counter() - job.began
                 )
 
     def _trailing(self, since: float, *, until: float | None = None) -> float:
         """Seconds from ``since`` (at or after the last tick) to ``until`` (default: now);
         0 when that is no plausible tail of an interval (a clock oddity, or ticks long
         stopped)."""
-        trailing = (time.perf_counter() if until is None else until) - since
+        trailing = (_clock.perf_counter() if until is None else until) - since
         return trailing if 0 < trailing < 10 * self.interval else 0.0
 
     # -- for the drivers -------------------------------------------------------------------
@@ -226,7 +226,7 @@ class AlwaysOnSampler:
         if not self._tick_lock.acquire(blocking=False):
             return  # another tick is running (a signal arrived during a loop tick)
         try:
-            now = time.perf_counter()
+            now = _clock.perf_counter()
             elapsed = now - self.last_tick
             self.last_tick = now
             if slept is None or slept > elapsed:

@@ -17,10 +17,10 @@ import contextvars
 import os
 import signal
 import threading
-import time
 import types
 from typing import TYPE_CHECKING, Any
 
+from ... import _clock
 from ..._failsafe import raised_by_signal_handler
 from ._cpu_timer import CPUTimer, disarm_all
 from ._registry import LoopState
@@ -188,7 +188,7 @@ class SigprofDriver:
             # (skipped when a SIGPROF tick was recent: a busy loop gets those)
             if (
                 state.requests
-                and time.perf_counter() - sampler.last_tick >= 0.75 * sampler.interval
+                and _clock.perf_counter() - sampler.last_tick >= 0.75 * sampler.interval
             ):
                 sampler.tick(None, None)
             if state.requests and (

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from ... import _clock
 from ._sigprof import PROCESS, pid
 
 if TYPE_CHECKING:
@@ -144,7 +145,7 @@ class SamplerThread:
                 woken = False
                 sampler.tick(None, 0.0)
             elif sampling:
-                time.sleep(asked)
+                _clock.sleep(asked)
                 sampler.tick(None, asked)
             else:
                 # Watchdog. Rarely awake while the loop ticks: every wake-up must win
@@ -156,7 +157,7 @@ class SamplerThread:
                 if self._nap(pause):
                     woken = True
                     continue  # a thread's request arrived: sample it from its start
-                wall = time.perf_counter()
+                wall = _clock.perf_counter()
                 cpu = _cpu_seconds(main_cpu)
                 # Busy (its CPU clock ran for over half the time): SIGPROF ticks it,
                 # however late the last tick looks. Blocked: the watchdog ticks.
