@@ -10,6 +10,7 @@ exporter; profiles from real requests through the middleware.
 from __future__ import annotations
 
 import logging
+import random
 import sys
 import threading
 import time
@@ -280,6 +281,22 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after(response("Wed, 21 Oct 2015 07:28:00 GMT"), now=1445412490.0) == 0.0
     assert retry_after(response("soon")) is None
     assert retry_after(httpx.Response(503)) is None
+
+
+def test_retry_backoff_leaves_the_apps_random_sequence_alone() -> None:
+    """An app (or its test) that seeds Python's global ``random`` gets its sequence, however
+    many exporter retries ran meanwhile: the jitter has a generator of its own."""
+    policy = RetryPolicy(max_attempts=4, initial_backoff=1.0, max_backoff=4.0)
+    random.seed(7)
+    expected = [random.random() for _ in range(3)]
+    random.seed(7)
+    waits = [policy.backoff(attempt) for attempt in (1, 2, 3)]
+    assert [random.random() for _ in range(3)] == expected
+    assert [0.5 <= wait / step <= 1.0 for wait, step in zip(waits, (1, 2, 4), strict=True)] == [
+        True,
+        True,
+        True,
+    ]
 
 
 # --- delivery and its faults ----------------------------------------------------------

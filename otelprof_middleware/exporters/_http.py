@@ -76,10 +76,13 @@ class RetryPolicy:
     def backoff(self, attempt: int) -> float:
         """The wait after failed attempt number ``attempt`` (1-based), jitter included."""
         step = min(self.max_backoff, self.initial_backoff * 2.0 ** (attempt - 1))
-        return float(step * random.uniform(0.5, 1.0))
+        return float(step * _JITTER.uniform(0.5, 1.0))
 
 
 NO_RETRIES = RetryPolicy()
+_JITTER = random.Random()
+"""The retries' jitter: a generator of its own, so the app's seeded ``random`` sequence is
+the same however many retries ran."""
 
 
 def has_samples(session: Session) -> bool:
