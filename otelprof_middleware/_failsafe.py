@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from . import _clock
+from ._fork import in_child, notice_fork
 
 __all__ = [
     "count",
@@ -76,6 +77,7 @@ def _tally_value(counter: itertools.count[int]) -> int:
 
 def snapshot() -> dict[str, int]:
     """A copy of all counters, for metrics pages and tests."""
+    notice_fork()  # a worker forked by C code (uWSGI) counts from zero too
     with _lock:
         values = dict(_counts)
         for name, counter in _tallies.items():
@@ -113,8 +115,7 @@ def _after_fork_in_child() -> None:
         _tally_offsets[name] = _tally_value(counter)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+in_child(_after_fork_in_child)
 
 
 def _due(stage: str) -> bool:

@@ -1,4 +1,4 @@
-"""Locks that a forked child gets back unlocked.
+"""Locks that a forked child gets back unlocked, and what else a forked child redoes.
 
 ``fork()`` copies a lock in whatever state it is in. One held at that moment by another
 thread of the parent (the sampler thread mid-tick, a writer thread starting or opening
@@ -6,16 +6,24 @@ the store) stays held for good in the child, whose first use of it then waits fo
 a request that forks (``subprocess`` does not, ``ProcessPoolExecutor`` with the fork
 method and the OpenTelemetry SDK's after-fork hooks do) could hang its child. Objects
 whose locks other threads take register here and get fresh locks in the child.
+
+A child forked by C code does not run ``os.register_at_fork``'s hooks: uWSGI forks its
+workers from the process that loaded the app and calls none of them (unless started with
+``--py-call-osafterfork``). Every after-fork hook of the package therefore registers
+through :func:`in_child`, and :func:`notice_fork` (called as a request starts) runs them
+in a process whose pid changed without them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["ForkSafe", "renew_locks_in_children"]
+__all__ = ["ForkSafe", "in_child", "notice_fork", "renew_locks_in_children"]
 
 
 class ForkSafe(Protocol):
@@ -33,10 +41,39 @@ def renew_locks_in_children(owner: ForkSafe) -> None:
     _owners.add(owner)
 
 
-def _after_fork_in_child() -> None:
+def _renew_owners_locks() -> None:
     for owner in list(_owners):
         with contextlib.suppress(Exception):  # never fail a fork: the child runs on
             owner.renew_locks()
+
+
+_hooks: list[Callable[[], None]] = [_renew_owners_locks]
+_pid = [os.getpid()]  # the process the hooks last ran for (or the importing one)
+_notice_lock = threading.Lock()  # taken only in a process whose pid changed: never at a fork
+
+
+def in_child(hook: Callable[[], None]) -> None:
+    """Run ``hook`` in every child forked from now on, once, first thing: through
+    ``os.register_at_fork``, or at the child's first :func:`notice_fork` when the fork
+    bypassed it. Hooks run in the order they were registered."""
+    _hooks.append(hook)
+
+
+def _after_fork_in_child() -> None:
+    _pid[0] = os.getpid()
+    for hook in list(_hooks):
+        with contextlib.suppress(Exception):  # never fail a fork: the child runs on
+            hook()
+
+
+def notice_fork() -> None:
+    """Run the after-fork hooks now if this process was forked without them (uWSGI's
+    workers): one ``getpid()`` otherwise."""
+    if _pid[0] == os.getpid():
+        return
+    with _notice_lock:
+        if _pid[0] != os.getpid():
+            _after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

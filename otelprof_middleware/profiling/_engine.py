@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanContext
 from .. import _clock
 from .._config import Config
 from .._failsafe import count, log_failure, log_once
+from .._fork import notice_fork
 from .._request import RequestFacts
 from ..exporters import ProfileExporter, open_exporter
 from ..stores._base import ProfileStore
@@ -112,6 +113,7 @@ class ProfilerCore:
         describes it. Must run on the thread (and in the asyncio task) that runs the
         request. The profile's link is known from here on (made when first read).
         """
+        notice_fork()  # a worker uWSGI forked without os.fork's hooks: run them first
         if not context.is_valid:  # no SDK provider: nothing to key or link the profile by
             count("skipped.no_span")
             log_once(  # once per process: a test suite builds an app (and a core) per test

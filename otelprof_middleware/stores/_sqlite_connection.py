@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Iterator
 from urllib.request import pathname2url
 
+from .._fork import in_child
 from . import _sqlite_sql as sql
 from ._sqlite_sql import BUSY_TIMEOUT_MS, SCHEMA_VERSION
 
@@ -51,8 +52,7 @@ def _after_fork_in_child() -> None:
         connection._forget_parent_connection()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+in_child(_after_fork_in_child)
 
 
 class ProcessConnection:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import _clock
 from ..._failsafe import raised_by_signal_handler
+from ..._fork import in_child
 from ._cpu_timer import CPUTimer, disarm_all
 from ._registry import LoopState
 
@@ -236,8 +237,7 @@ def _after_fork_in_child() -> None:
     PROCESS[0] = os.getpid()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+in_child(_after_fork_in_child)
 
 
 _guarded = False
