@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["ForkSafe", "in_child", "notice_fork", "renew_locks_in_children"]
+__all__ = ["ForkSafe", "in_child", "in_uwsgi_before_fork", "notice_fork", "renew_locks_in_children"]
 
 
 class ForkSafe(Protocol):
@@ -78,3 +79,23 @@ def notice_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def in_uwsgi_before_fork() -> bool:
+    """Whether this is a uWSGI process without a worker id: the master (``--master``),
+    or the process loading the app before it forks the workers.
+
+    uWSGI forks its workers from C, without Python's after-fork hooks, and (with a
+    master) with the GIL released. A Python thread of ours running in the forking
+    process at that moment, started by a request it served (a warm-up at import),
+    left the GIL held for good in a worker, or Python's thread state stale, and the
+    worker hung (1 start in 4 to 7 with a master, 4 in 10 without). So such a process
+    starts no thread of ours: it profiles nothing. A dict lookup outside uWSGI.
+    """
+    uwsgi = sys.modules.get("uwsgi")
+    if uwsgi is None:
+        return False
+    try:
+        return bool(uwsgi.worker_id() == 0)
+    except Exception:  # (an older or stub ``uwsgi`` module)
+        return False

@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanContext
 from .. import _clock
 from .._config import Config
 from .._failsafe import count, log_failure, log_once
-from .._fork import notice_fork
+from .._fork import in_uwsgi_before_fork, notice_fork
 from .._request import RequestFacts
 from ..exporters import ProfileExporter, open_exporter
 from ..stores._base import ProfileStore
@@ -114,6 +114,16 @@ class ProfilerCore:
         request. The profile's link is known from here on (made when first read).
         """
         notice_fork()  # a worker uWSGI forked without os.fork's hooks: run them first
+        if in_uwsgi_before_fork():  # (a warm-up at import: no thread of ours there)
+            count("skipped.uwsgi_before_fork")
+            log_once(
+                "uwsgi_before_fork",
+                "otelprof: requests served by uWSGI's master process, or before uWSGI "
+                "forks its workers (a warm-up at import), are not profiled: a thread "
+                "started there can hang the workers uWSGI forks. The workers profile "
+                "theirs. Counted as skipped.uwsgi_before_fork; said once per process.",
+            )
+            return None
         if not context.is_valid:  # no SDK provider: nothing to key or link the profile by
             count("skipped.no_span")
             log_once(  # once per process: a test suite builds an app (and a core) per test
