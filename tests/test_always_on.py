@@ -566,3 +566,41 @@ def test_a_request_that_wakes_the_sampler_thread_is_ticked_at_once() -> None:
         return f"ticks within 0.1 s of each registration: {seen}"
 
     until_it_holds(attempt)
+
+
+def test_an_idle_sampler_thread_with_no_event_loop_waits_to_be_woken() -> None:
+    """With no SIGPROF-driven loop in the process (WSGI), only a registration can bring
+    the sampler thread work, and a registration wakes it: once idle it waits with no
+    timeout, never waking (and taking the GIL) on its own. It napped 20 ms at a time for
+    a second after each request, then looked every second: under uWSGI, which forks its
+    workers from C, a thread running at the fork left a worker's GIL held for good."""
+    from otelprof_middleware.profiling._request_profile import RequestProfile
+    from otelprof_middleware.profiling.always_on._sampler import AlwaysOnSampler
+
+    sampler = AlwaysOnSampler(0.005, sigprof=False)
+    try:
+        profile = RequestProfile(0.005, 1000, None, continuous=True)
+        sampler.register_current(profile)  # (this thread: no event loop runs here)
+        time.sleep(0.02)
+        sampler.unregister_current(profile)
+        thread = sampler.thread._thread
+        assert thread is not None and thread.ident is not None
+        timeouts = []
+        for _ in range(20):
+            time.sleep(0.05)
+            frame = sys._current_frames().get(thread.ident)
+            while frame is not None and frame.f_code.co_name != "wait":
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename == threading.__file__:
+                timeouts.append(frame.f_locals.get("timeout"))
+        assert timeouts and all(timeout is None for timeout in timeouts), timeouts
+        # ...and a request still wakes it: ticked at once.
+        ticks = sampler.samples
+        sampler.register_current(profile)
+        deadline = time.perf_counter() + 1.0
+        while sampler.samples == ticks and time.perf_counter() < deadline:
+            time.sleep(0.002)
+        sampler.unregister_current(profile)
+        assert sampler.samples > ticks
+    finally:
+        sampler.stop()

@@ -171,6 +171,10 @@ class Registry:
         """Whether a SIGPROF-driven loop has requests (the thread watches for stalls)."""
         return any(state.driven and state.requests for state in list(self.loops.values()))
 
+    def has_driven_loop(self) -> bool:
+        """Whether a SIGPROF-driven event loop has registered requests in this process."""
+        return any(state.driven for state in list(self.loops.values()))
+
     def needs_thread(self) -> bool:
         """Whether anything registered is not ticked by SIGPROF."""
         for state in list(self.loops.values()):

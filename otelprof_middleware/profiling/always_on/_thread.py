@@ -119,9 +119,12 @@ class SamplerThread:
         woken = False
         while not stop.is_set():
             sampling = registry.needs_thread()
+            # A SIGPROF-driven loop's requests do not wake this thread while the loop
+            # ticks: only then must it nap and look, rather than wait to be woken.
+            loops = registry.has_driven_loop()
             if sampling or registry.watching():
                 unwatched = 0
-            elif unwatched < _WATCHDOG_IDLE_ROUNDS:
+            elif loops and unwatched < _WATCHDOG_IDLE_ROUNDS:
                 # Between two short requests there is often nothing registered for a
                 # moment: stay in watch mode (napping, see ``_nap``: a thread's request
                 # wakes it) rather than idle, so a loop's next request does not have to
@@ -129,11 +132,14 @@ class SamplerThread:
                 unwatched += 1
             else:
                 # Idle, clear, then look again: a registration after the look saw
-                # ``_idle`` and set the event; one before it is seen by the look.
+                # ``_idle`` and set the event; one before it is seen by the look. With
+                # no such loop, only a registration can bring work: the thread waits for
+                # it without waking (never taking the GIL meanwhile: uWSGI forks its
+                # workers from C, and one forked while this thread held the GIL hung).
                 self._idle = True
                 wake.clear()
                 if not registry.needs_thread() and not registry.watching():
-                    woken = wake.wait(1.0)
+                    woken = wake.wait(1.0 if loops else None)
                 self._idle = False
                 continue
             asked = sampler.next_interval()
