@@ -579,3 +579,22 @@ def test_patched_sleep_and_perf_counter_see_only_the_apps_calls(mode: str) -> No
     assert sleep.call_args_list == [mock.call(0.5)]
     assert perf_counter.call_count == 2
     assert [name for name in counters() if name.startswith("failed.")] == []
+
+
+def test_a_wsgi_app_does_not_load_the_asgi_side() -> None:
+    """Importing the WSGI middleware (a Flask or Django WSGI app) loads neither the ASGI
+    adapter nor OpenTelemetry's ASGI instrumentation and Starlette (20-35 ms of a Flask
+    app's start-up); the ASGI names still resolve when asked for."""
+    code = (
+        "import sys\n"
+        "from otelprof_middleware import WSGIProfilingMiddleware\n"
+        "loaded = [m for m in ('otelprof_middleware.asgi', 'starlette',"
+        " 'opentelemetry.instrumentation.asgi') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "import otelprof_middleware\n"
+        "from otelprof_middleware.asgi import ProfilingMiddleware\n"
+        "assert otelprof_middleware.ProfilingMiddleware is ProfilingMiddleware\n"
+        "assert otelprof_middleware.asgi.ProfilingMiddleware is ProfilingMiddleware\n"
+        "from otelprof_middleware import *\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
