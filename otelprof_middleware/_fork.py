@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["ForkSafe", "in_child", "in_uwsgi_before_fork", "notice_fork", "renew_locks_in_children"]
+__all__ = ["ForkSafe", "in_child", "may_profile_here", "notice_fork", "renew_locks_in_children"]
 
 
 class ForkSafe(Protocol):
@@ -81,21 +81,25 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def in_uwsgi_before_fork() -> bool:
-    """Whether this is a uWSGI process without a worker id: the master (``--master``),
-    or the process loading the app before it forks the workers.
+def may_profile_here() -> bool:
+    """At a request's start: run the after-fork hooks if this process was forked without
+    them (:func:`notice_fork`), and say whether this process may profile at all: not
+    uWSGI's master, nor a uWSGI process before it forks its workers.
 
     uWSGI forks its workers from C, without Python's after-fork hooks, and (with a
     master) with the GIL released. A Python thread of ours running in the forking
     process at that moment, started by a request it served (a warm-up at import),
     left the GIL held for good in a worker, or Python's thread state stale, and the
     worker hung (1 start in 4 to 7 with a master, 4 in 10 without). So such a process
-    starts no thread of ours: it profiles nothing. A dict lookup outside uWSGI.
+    starts no thread of ours: it profiles nothing. Elsewhere: one ``getpid()`` and a
+    dict lookup (one call: it runs on every request).
     """
+    if _pid[0] != os.getpid():
+        notice_fork()
     uwsgi = sys.modules.get("uwsgi")
     if uwsgi is None:
-        return False
+        return True
     try:
-        return bool(uwsgi.worker_id() == 0)
+        return bool(uwsgi.worker_id() != 0)  # (0: the master, or not forked yet)
     except Exception:  # (an older or stub ``uwsgi`` module)
-        return False
+        return True

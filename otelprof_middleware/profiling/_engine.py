@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanContext
 from .. import _clock
 from .._config import Config
 from .._failsafe import count, log_failure, log_once
-from .._fork import in_uwsgi_before_fork, notice_fork
+from .._fork import may_profile_here
 from .._request import RequestFacts
 from ..exporters import ProfileExporter, open_exporter
 from ..stores._base import ProfileStore
@@ -113,8 +113,7 @@ class ProfilerCore:
         describes it. Must run on the thread (and in the asyncio task) that runs the
         request. The profile's link is known from here on (made when first read).
         """
-        notice_fork()  # a worker uWSGI forked without os.fork's hooks: run them first
-        if in_uwsgi_before_fork():  # (a warm-up at import: no thread of ours there)
+        if not may_profile_here():  # (uWSGI's master, or a warm-up before it forks)
             count("skipped.uwsgi_before_fork")
             log_once(
                 "uwsgi_before_fork",
