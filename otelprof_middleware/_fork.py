@@ -24,7 +24,14 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["ForkSafe", "in_child", "may_profile_here", "notice_fork", "renew_locks_in_children"]
+__all__ = [
+    "PROCESS",
+    "ForkSafe",
+    "in_child",
+    "may_profile_here",
+    "notice_fork",
+    "renew_locks_in_children",
+]
 
 
 class ForkSafe(Protocol):
@@ -49,7 +56,9 @@ def _renew_owners_locks() -> None:
 
 
 _hooks: list[Callable[[], None]] = [_renew_owners_locks]
-_pid = [os.getpid()]  # the process the hooks last ran for (or the importing one)
+PROCESS = [os.getpid()]
+"""``PROCESS[0]``: this process's id, kept current across ``fork`` by the after-fork
+hooks (no syscall; the sampler reads it inline). The process they last ran for."""
 _notice_lock = threading.Lock()  # taken only in a process whose pid changed: never at a fork
 
 
@@ -61,7 +70,7 @@ def in_child(hook: Callable[[], None]) -> None:
 
 
 def _after_fork_in_child() -> None:
-    _pid[0] = os.getpid()
+    PROCESS[0] = os.getpid()
     for hook in list(_hooks):
         with contextlib.suppress(Exception):  # never fail a fork: the child runs on
             hook()
@@ -70,10 +79,10 @@ def _after_fork_in_child() -> None:
 def notice_fork() -> None:
     """Run the after-fork hooks now if this process was forked without them (uWSGI's
     workers): one ``getpid()`` otherwise."""
-    if _pid[0] == os.getpid():
+    if PROCESS[0] == os.getpid():
         return
     with _notice_lock:
-        if _pid[0] != os.getpid():
+        if PROCESS[0] != os.getpid():
             _after_fork_in_child()
 
 
@@ -94,7 +103,7 @@ def may_profile_here() -> bool:
     starts no thread of ours: it profiles nothing. Elsewhere: one ``getpid()`` and a
     dict lookup (one call: it runs on every request).
     """
-    if _pid[0] != os.getpid():
+    if PROCESS[0] != os.getpid():
         notice_fork()
     uwsgi = sys.modules.get("uwsgi")
     if uwsgi is None:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from ... import _clock
 from ..._failsafe import count, raised_by_signal_handler
-from ..._fork import renew_locks_in_children
+from ..._fork import PROCESS, renew_locks_in_children
 from .._request_profile import RequestProfile
 from . import _ledger, _registry, _sigprof, _stacks, _thread
 from ._cpu_timer import disarm_all
@@ -111,7 +111,7 @@ class AlwaysOnSampler:
         if where is None:
             return False
         if type(where) is LoopState and where.driven:
-            if not where.ticking or self.sigprof.armed_pid != _sigprof.PROCESS[0]:
+            if not where.ticking or self.sigprof.armed_pid != PROCESS[0]:
                 self.sigprof.drive(where)  # (steady state: ticking and armed, nothing to do)
         else:
             self.thread.wake()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 import signal
 import threading
 import types
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import _clock
 from ..._failsafe import raised_by_signal_handler
-from ..._fork import in_child
+from ..._fork import PROCESS
 from ._cpu_timer import CPUTimer, disarm_all
 from ._registry import LoopState
 
@@ -223,21 +222,10 @@ _EMPTY = contextvars.Context()  # loop ticks run outside every request
 _LOOP_IDLE_TICKS = 20  # empty loop ticks before the loop tick stops and the timer is disarmed
 _IDLE_SIGNALS = 3  # signals in a row finding no request before the handler disarms the timer
 
-PROCESS = [os.getpid()]
-"""``PROCESS[0]``: this process's id, kept current across ``fork`` (no syscall; read
-inline on the per-request path, :func:`pid` elsewhere)."""
-
 
 def pid() -> int:
-    """This process's id (kept current across ``fork``)."""
+    """This process's id (kept current across ``fork``: :data:`PROCESS`)."""
     return PROCESS[0]
-
-
-def _after_fork_in_child() -> None:
-    PROCESS[0] = os.getpid()
-
-
-in_child(_after_fork_in_child)
 
 
 _guarded = False

@@ -18,7 +18,8 @@ import time
 from typing import TYPE_CHECKING
 
 from ... import _clock
-from ._sigprof import PROCESS, pid
+from ..._fork import PROCESS
+from ._sigprof import pid
 
 if TYPE_CHECKING:
     from ._sampler import AlwaysOnSampler
