@@ -95,6 +95,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="otlp",
         help="spans to bench.otlp_sink over OTLP/HTTP (default) or dropped in-process",
     )
+    parser.add_argument(
+        "--ours-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for ours only, e.g. OTELPROF_ALWAYS_ON_INTERVAL_MS=20 (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "realistic")
     args = parser.parse_args(argv)
     args.connections = tuple(int(c) for c in args.connections.split(",") if c)
@@ -103,6 +110,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if server not in SERVER_NAMES:
             parser.error(f"unknown server {server!r}")
     args.endpoints = tuple(e for e in args.endpoints.split(",") if e)
+    if any("=" not in item for item in args.ours_env):
+        parser.error("--ours-env takes NAME=VALUE")
+    args.ours_env = dict(item.split("=", 1) for item in args.ours_env)
     args.pin = len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset") is not None
     return args
 
@@ -167,6 +177,7 @@ def _servers(
                 "REALAPP_VARIANT": variant,
                 "OTELPROF_STATE_DIR": state_dir,
                 "OTEL_SERVICE_NAME": f"realapp-{server}-{variant}",
+                **(args.ours_env if variant == "ours" else {}),
             }
             log = args.out / "logs" / f"{server}-{variant}.log"
             process = _spawn(_pinned(0, _server_argv(server, port), args.pin), env, log)
@@ -332,6 +343,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "duration": args.duration,
         "connections": list(args.connections),
+        "ours_env": args.ours_env,
         "exporter": "OTLP/HTTP to bench.otlp_sink"
         if args.exporter == "otlp"
         else "a dropping exporter",
