@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -28,6 +30,7 @@ __all__ = [
     "build_database",
     "category_page",
     "engine",
+    "gc_stats",
     "setup_telemetry",
 ]
 
@@ -177,3 +180,22 @@ def setup_telemetry(service: str, db: Engine) -> TracerProvider:
     trace.set_tracer_provider(provider)
     SQLAlchemyInstrumentor().instrument(engine=db, tracer_provider=provider)
     return provider
+
+
+_gc_time = [0.0, 0.0]  # seconds in collections, start of the current one
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_time[1] = time.perf_counter()
+    else:
+        _gc_time[0] += time.perf_counter() - _gc_time[1]
+
+
+gc.callbacks.append(_on_gc)
+
+
+def gc_stats() -> dict[str, object]:
+    """Collections per generation, seconds spent in them since start, and the objects the
+    collector tracks now (``/_bench/gc``)."""
+    return {"seconds": _gc_time[0], "generations": gc.get_stats(), "tracked": len(gc.get_objects())}

@@ -24,6 +24,7 @@ from bench.realistic_apps.common import (
     category_page,
     category_products,
     engine,
+    gc_stats,
     setup_telemetry,
 )
 from otelprof_middleware import ProfilingMiddleware
@@ -85,6 +86,11 @@ async def upstream(request: Request) -> Any:
     response.raise_for_status()
     data = response.json()
     return Quote(**data, best=max(data["rates"], key=data["rates"].__getitem__))
+
+
+@app.get("/_bench/gc")
+def bench_gc() -> Any:
+    return gc_stats()
 
 
 @app.get("/sleep", response_model=Waited)

@@ -20,6 +20,7 @@ from bench.realistic_apps.common import (
     category_page,
     category_products,
     engine,
+    gc_stats,
     setup_telemetry,
 )
 from otelprof_middleware import WSGIProfilingMiddleware
@@ -69,6 +70,11 @@ def upstream() -> Any:
     response.raise_for_status()
     data = response.json()
     return {**data, "best": max(data["rates"], key=data["rates"].__getitem__)}
+
+
+@app.get("/_bench/gc")
+def bench_gc() -> Any:
+    return gc_stats()
 
 
 @app.get("/sleep")
