@@ -690,3 +690,32 @@ def test_a_thread_first_seen_after_running_all_along_gets_only_the_capped_share(
     assert credited == pytest.approx(max(0.0125, age - used), abs=0.002), (credited, age, used)
     if used > age - 0.010:  # (it ran nearly all along: the scheduler let it)
         assert credited < 0.013, (credited, age, used)
+
+
+def test_expensive_ticks_are_spaced_out_to_stay_within_their_cpu_budget() -> None:
+    """A tick walks the stack of every registered request: 40 worker threads deep in a
+    framework and a database driver made ticks of about 1 ms, every 5 ms (a quarter of a
+    core, bench.realistic's FastAPI /items/7). Ticks are held to a share of one CPU by
+    spacing them out: here each costs 2 ms of CPU and is asked for every 2 ms, as SIGPROF
+    asks, and they use a few percent of the time instead of all of it."""
+    from otelprof_middleware.profiling.always_on._sampler import _TICK_BUDGET
+
+    sampler = AlwaysOnSampler(0.005, sigprof=False)
+    ran: list[float] = []
+
+    def expensive_tick(elapsed: float, slept: float, main_frame: object = None) -> None:
+        began = time.thread_time()
+        spin_cpu(0.002)
+        ran.append(time.thread_time() - began)
+
+    sampler._sample = expensive_tick  # type: ignore[method-assign]
+    began = time.perf_counter()
+    while time.perf_counter() - began < 0.6:
+        sampler.tick(None, None)
+        time.sleep(0.002)
+    took = time.perf_counter() - began
+    assert len(ran) >= 3, ran  # (still ticking)
+    # Before: a tick at every call, about 150 of them, 2 ms of CPU each (half the time).
+    assert sum(ran) < 3 * _TICK_BUDGET * took, (len(ran), sum(ran), took)
+    assert sampler.min_gap > 0.05, sampler.min_gap
+    sampler.stop()

@@ -31,6 +31,7 @@ import random
 import signal
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable
 
@@ -80,6 +81,10 @@ class AlwaysOnSampler:
         self.samples = 0
         self.pending_failures = 0  # failed ticks not yet counted (a handler takes no locks)
         self.last_tick = _clock.perf_counter()
+        # The ticks' CPU budget: a tick's own CPU time (smoothed) over _TICK_BUDGET is the
+        # least time between two ticks (see :meth:`tick`).
+        self.tick_cpu = 0.0
+        self.min_gap = 0.0
         self._tick_lock = threading.Lock()
         self.ledger = Ledger()
         self._jitter = random.Random()
@@ -198,10 +203,17 @@ class AlwaysOnSampler:
     # -- for the drivers -------------------------------------------------------------------
 
     def next_interval(self) -> float:
-        """Seconds to the next tick, jittered between 0.5x and 1.5x the interval."""
+        """Seconds to the next tick, jittered between 0.5x and 1.5x the interval, and
+        not before the ticks' CPU budget allows (:attr:`min_gap`)."""
         # A CPU-bound thread hands the GIL over on a fixed 5 ms beat; a fixed sleep
         # phase-locks the ticks to the work and biases what they see.
-        return self.interval * (0.5 + self._jitter.random())
+        jittered = self.interval * (0.5 + self._jitter.random())
+        return jittered if jittered >= self.min_gap else self.min_gap
+
+    def held_back(self) -> float:
+        """Seconds until the ticks' CPU budget allows the next tick (0.0: now)."""
+        wait = self.min_gap - (_clock.perf_counter() - self.last_tick)
+        return wait if wait > 0.0 else 0.0
 
     def count_failures(self) -> None:
         """Move failed ticks into the counters (not from a signal handler: it takes a lock)."""
@@ -228,10 +240,20 @@ class AlwaysOnSampler:
         try:
             now = _clock.perf_counter()
             elapsed = now - self.last_tick
+            if elapsed < self.min_gap:
+                return  # over the CPU budget: the next tick credits this time too
             self.last_tick = now
             if slept is None or slept > elapsed:
                 slept = elapsed
+            began = time.thread_time()
             self._sample(elapsed, slept, main_frame)
+            # A tick walks the stack of every request registered: with many requests
+            # deep in a framework and a database driver at once (40 worker threads 100+
+            # frames deep: about 1 ms a tick) ticks every 5 ms took a quarter of a core.
+            # Their CPU time is held to _TICK_BUDGET by spacing them out: fewer samples
+            # under such load, never more cost.
+            self.tick_cpu += (time.thread_time() - began - self.tick_cpu) * _TICK_SMOOTHING
+            self.min_gap = self.tick_cpu / _TICK_BUDGET
         except Exception as exc:
             if raised_by_signal_handler(exc):
                 raise  # the app's own signal handler ran in the tick: its exception
@@ -287,6 +309,8 @@ def _outside_sampler(frame: types.FrameType) -> types.FrameType:
 
 
 _GIL_WAIT_CAP = 2  # most GIL wait credited per tick, in intervals
+_TICK_BUDGET = 0.02  # most of one CPU the ticks may use (their own CPU time)
+_TICK_SMOOTHING = 0.25  # weight of the last tick in the smoothed tick cost
 _SWEEP_TICKS = 256  # ticks between sweeps of states left by requests gone mid-tick
 
 

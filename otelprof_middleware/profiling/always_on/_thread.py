@@ -141,6 +141,8 @@ class SamplerThread:
                 wake.clear()
                 if not registry.needs_thread() and not registry.watching():
                     woken = wake.wait(1.0 if loops else None)
+                else:  # registered while this thread went idle (its event was cleared)
+                    woken = True
                 self._idle = False
                 continue
             asked = sampler.next_interval()
@@ -150,7 +152,10 @@ class SamplerThread:
                 # threads, tens of ms), and a sleep would add a second such wait before
                 # anything of it is seen: a 30 ms request would end unseen.
                 woken = False
-                sampler.tick(None, 0.0)
+                held = sampler.held_back()  # (by the ticks' CPU budget)
+                if held > 0.0:
+                    _clock.sleep(held)
+                sampler.tick(None, held)
             elif sampling:
                 _clock.sleep(asked)
                 sampler.tick(None, asked)
