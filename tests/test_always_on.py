@@ -402,6 +402,36 @@ async def _profile_of_one_request(endpoint: Any, mode: str = "always_on") -> Ses
         middleware.core.writer.close()
 
 
+async def wait_for_the_next_event() -> None:
+    await asyncio.sleep(0.04)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["always_on", "hook"])
+async def test_a_stream_waiting_in_its_async_generator_shows_where_it_waits(mode: str) -> None:
+    # A Server-Sent Events body: an async generator that waits for each event. Its task
+    # waits in Starlette's ``async for`` over the generator, and the always-on profile
+    # showed the whole stream as one ``[await]`` in ``stream_response`` (a 30 s stream:
+    # 30 s there, and not a frame of the app's own code).
+    async def events() -> AsyncIterator[str]:
+        for number in range(6):
+            await wait_for_the_next_event()
+            yield f"data: {number}\n\n"
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    session = await _profile_of_one_request(endpoint, mode)
+    text = text_of(session)
+    under_the_wait = sum(
+        seconds
+        for stack, seconds in session.frame_records
+        if any(frame.startswith("wait_for_the_next_event\x00") for frame in stack)
+    )
+    assert under_the_wait >= 0.5 * session.duration, text
+    assert "events" in text, text
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("mode", ["always_on", "hook"])
 async def test_loop_work_a_worker_job_waits_for_is_the_requests(mode: str) -> None:

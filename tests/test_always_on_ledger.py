@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine, Generator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -120,6 +120,40 @@ def test_a_chain_through_a_generator_is_followed_to_its_innermost_frame(
     stack = await_stack(PREFIX, task.get_coro())
     assert _names(stack)[2:] == ["through_a_generator", "legacy_leaf", "__await__", "[await]"]
     assert stack == [*chain_stack(PREFIX, task.get_coro()), AWAIT_FRAME_IDENTIFIER]
+
+
+async def next_event() -> AsyncIterator[str]:
+    while True:
+        await shared_leaf()
+        yield "data: 1\n\n"
+
+
+async def streams_events() -> None:
+    # StreamingResponse's loop over an SSE body; ``request.stream()`` and streamed
+    # database cursors are consumed the same way.
+    async for _ in next_event():
+        pass
+
+
+def test_a_chain_through_an_async_generator_is_followed_to_its_innermost_frame(
+    tasks: list[StubTask],
+) -> None:
+    # ``async for`` leaves the consumer awaiting the generator's ``asend`` step, which has
+    # no attribute to follow: the wait was shown as an ``[await]`` in the consumer (an SSE
+    # stream's 30 s under Starlette's ``stream_response``), never in the generator.
+    task = _task(tasks, streams_events())
+    stack = await_stack(PREFIX, task.get_coro())
+    assert _names(stack)[2:] == [
+        "streams_events",
+        "next_event",
+        "shared_leaf",
+        "__await__",
+        "[await]",
+    ]
+    assert stack == [*chain_stack(PREFIX, task.get_coro()), AWAIT_FRAME_IDENTIFIER]
+    # cached by the whole chain, the generator's code included
+    assert await_stack(PREFIX, _task(tasks, streams_events()).get_coro()) is stack
+    assert await_stack(PREFIX, _task(tasks, endpoint_one()).get_coro()) is not stack
 
 
 def _loop_state(requests: dict[RequestProfile, StubTask]) -> Iterator[LoopState]:

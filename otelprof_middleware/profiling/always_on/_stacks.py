@@ -7,6 +7,7 @@ of other threads are named read-only (``_frames``); await stacks are cached.
 
 from __future__ import annotations
 
+import gc
 import threading
 import types
 from typing import Any
@@ -50,11 +51,43 @@ _MAX_AWAIT_DEPTH = 200  # coroutines followed down an awaited chain
 ON_CLEAR.append(AWAIT_STACKS.clear)
 
 
+async def _an_async_generator() -> Any:
+    yield None
+
+
+def _step_types() -> tuple[type, type]:
+    """The types of the awaitables ``async for`` and ``aclose()`` of an async generator
+    hand to the coroutine that awaits them (not in ``types``)."""
+    agen = _an_async_generator()
+    send, throw = agen.asend(None), agen.athrow(GeneratorExit)
+    kinds = (type(send), type(throw))
+    send.close()
+    throw.close()
+    return kinds
+
+
+_AGEN_SEND, _AGEN_THROW = _step_types()
+"""``async for`` over an async generator (an SSE stream's body, ``request.stream()``,
+a streamed database cursor) leaves the consuming coroutine awaiting one of these, and
+what the generator itself awaits lies behind it."""
+
+
+def _async_generator_of(step: object) -> types.AsyncGeneratorType[Any, Any] | None:
+    """The async generator an ``asend``/``athrow`` awaitable steps. It has no attribute
+    for it; its only references (the generator and the value sent) are what the garbage
+    collector's traversal reports, read in C with no Python code of the object's run."""
+    for referent in gc.get_referents(step):
+        if type(referent) is types.AsyncGeneratorType:
+            return referent
+    return None
+
+
 def _await_chain(coro: object) -> list[Any]:
     """A suspended coroutine and what it awaits, outermost first.
 
-    Only real coroutines and generators are followed (``cr_await``/``gi_yieldfrom``),
-    so no user-defined attribute lookup ever runs on the sampler thread.
+    Only real coroutines, generators and async generators are followed (``cr_await``,
+    ``gi_yieldfrom``, ``ag_await``), so no user-defined attribute lookup ever runs on
+    the sampler thread.
     """
     chain: list[Any] = []
     while len(chain) < _MAX_AWAIT_DEPTH:
@@ -65,6 +98,12 @@ def _await_chain(coro: object) -> list[Any]:
         elif kind is types.GeneratorType:
             chain.append(coro)
             coro = coro.gi_yieldfrom  # type: ignore[attr-defined]
+        elif kind is _AGEN_SEND or kind is _AGEN_THROW:
+            agen = _async_generator_of(coro)
+            if agen is None:
+                break
+            chain.append(agen)
+            coro = agen.ag_await
         else:
             break
     return chain
@@ -88,7 +127,9 @@ def await_stack(prefix: list[str], coro: object) -> list[str]:
         append(id(node.cr_code))
         innermost = node
         node = node.cr_await
-    if type(node) is types.GeneratorType:  # generators in the chain (``yield from``)
+    kind = type(node)
+    if kind is types.GeneratorType or kind is _AGEN_SEND or kind is _AGEN_THROW:
+        # generators (``yield from``) or async generators (``async for``) in the chain
         for _ in range(_MAX_AWAIT_DEPTH):
             kind = type(node)
             if kind is coroutine:
@@ -97,6 +138,12 @@ def await_stack(prefix: list[str], coro: object) -> list[str]:
             elif kind is types.GeneratorType:
                 append(id(node.gi_code))
                 innermost, node = node, node.gi_yieldfrom
+            elif kind is _AGEN_SEND or kind is _AGEN_THROW:
+                agen = _async_generator_of(node)
+                if agen is None:
+                    break
+                append(id(agen.ag_code))
+                innermost, node = agen, agen.ag_await
             else:
                 break
         frame = _frame_of(innermost)
@@ -128,8 +175,13 @@ def chain_stack(prefix: list[str], coro: object) -> list[str]:
 
 def _frame_of(node: Any) -> types.FrameType | None:
     """The frame of a coroutine or generator from :func:`_await_chain` (None: finished)."""
+    kind = type(node)
     frame: types.FrameType | None = (
-        node.cr_frame if type(node) is types.CoroutineType else node.gi_frame
+        node.cr_frame
+        if kind is types.CoroutineType
+        else node.gi_frame
+        if kind is types.GeneratorType
+        else node.ag_frame
     )
     return frame
 
