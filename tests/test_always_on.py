@@ -518,6 +518,51 @@ def _wsgi_profile_of_one_request(app: Any, mode: str = "always_on") -> Session:
         middleware.core.writer.close()
 
 
+def test_a_wsgi_stream_sleeping_between_events_keeps_a_record_per_stretch_not_per_tick() -> None:
+    # A Flask stream (Server-Sent Events) sleeps between its events: every tick finds its
+    # thread in the same call, and each tick added a record. A minute's stream held about
+    # 11,000 records (4.5 MiB per 20,000) and one of 105 s reached ``max_samples``, whose
+    # cap then dropped the rest of the stream. Equal stacks in a row are one record now.
+    from werkzeug.test import Client
+
+    from otelprof_middleware import WSGIProfilingMiddleware
+
+    events = 12
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        for number in range(events):
+            time.sleep(0.05)  # waiting for the next event
+            yield f"data: {number}\n\n".encode()
+
+    store = MemoryStore()
+    middleware = WSGIProfilingMiddleware(
+        app,
+        tracer_provider=make_provider()[0],
+        profile_store=store,
+        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
+    )
+    try:
+        response = Client(middleware).get(
+            "/", environ_base={"REMOTE_ADDR": "127.0.0.1"}, buffered=False
+        )
+        assert sum(1 for _ in response.response) == events
+        response.close()
+        middleware.core.writer.flush()
+        (summary,) = store.list()
+        session = store.get(summary.trace_id)[0].session()
+    finally:
+        middleware.core.writer.close()
+    text = text_of(session)
+    assert len(session.frame_records) <= 3 * events, text
+    under_app = sum(
+        seconds
+        for stack, seconds in session.frame_records
+        if any(frame.startswith("app\x00") for frame in stack)
+    )
+    assert under_app >= 0.5 * session.duration, text
+
+
 def _async_view_through_async_to_sync() -> None:
     from asgiref.sync import async_to_sync
 

@@ -279,7 +279,9 @@ async def test_main_thread_loop_is_driven_by_sigprof_not_the_thread(
     assert sources.sigprof >= TICKS, (vars(sources), cpu)
     assert ticks >= TICKS - 1, ticks  # (one may find the loop's tick running)
     assert 1 <= sources.arms < sources.sigprof, vars(sources)  # periodic: armed once
-    assert len(busy) >= 0.7 * sources.sigprof, (len(busy), vars(sources))
+    # (equal stacks in a row are one record: ticks that land on the same line of the
+    # marker extend one record, so records are not counted as ticks; their time is)
+    assert busy, vars(sources)
     # each tick credits the wall time since the last one (not the first tick's half)
     assert 0.4 * wall <= sum(seconds for _, seconds in busy) <= wall + 0.02, wall
     for stack, _ in request.records:
@@ -559,10 +561,13 @@ def test_a_forked_child_arms_its_own_timer(sampler: AlwaysOnSampler) -> None:
             report["driven"] = _loop_state(sampler).driven
             report["rearmed"] = sampler.sigprof.armed_pid == os.getpid() and _timer_armed(sampler)
             before = sampler.samples
+            started = time.perf_counter()
             _burn_until(lambda: sampler.samples - before >= TICKS)
+            report["burn"] = time.perf_counter() - started
             report["ticks"] = sampler.samples - before
             report["needs_thread"] = sampler.registry.needs_thread()
-        report["busy"] = len(_records_with(request, "marker_sigprof_busy"))
+        # (seconds, not records: ticks on the same line of the marker extend one record)
+        report["busy"] = sum(s for _, s in _records_with(request, "marker_sigprof_busy"))
         return report
 
     read, write = os.pipe()
@@ -590,7 +595,7 @@ def test_a_forked_child_arms_its_own_timer(sampler: AlwaysOnSampler) -> None:
     assert report["driven"] is True
     assert report["rearmed"] is True
     assert report["ticks"] >= TICKS, report
-    assert report["busy"] >= TICKS // 2, report
+    assert report["busy"] >= 0.4 * report["burn"], report
     assert report["needs_thread"] is False
 
 
