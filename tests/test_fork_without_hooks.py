@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import time
 import warnings
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from flask import Flask, Response
 
 from otelprof_middleware import WSGIProfilingMiddleware, counters
+from otelprof_middleware.profiling.always_on._sampler import current_sampler
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import marker_alpha, text_of
@@ -28,10 +30,16 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
 
 def _c_fork() -> int:
-    """``fork()`` as C code calls it: none of ``os.register_at_fork``'s hooks run."""
+    """``fork()`` as C code calls it: none of ``os.register_at_fork``'s hooks run.
+
+    Through ``PyDLL``, which keeps the GIL during the call: ``CDLL`` releases it, and a
+    thread of ours that took it at the fork (the sampler thread going idle after the
+    warm-up) left it held for good in the child, which hung, and this test with it (as
+    a uWSGI worker forked after a warm-up hung: see ``_fork.may_profile_here``).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        pid: int = ctypes.CDLL(None).fork()
+        pid: int = ctypes.PyDLL(None).fork()
     return pid
 
 
@@ -74,6 +82,15 @@ def test_a_worker_forked_without_the_hooks_profiles_its_requests(
     assert "marker_alpha" in text_of(store.get(store.list()[0].trace_id)[0].session())
     assert counters().get("written") == 1
 
+    # As in a uWSGI process that forks after a warm-up: our threads there wait (the
+    # sampler thread idles with no event loop to watch). Forked while one of them ran, the
+    # child's Python thread state is that thread's too, and starting a thread hung there.
+    sampler = current_sampler()
+    assert sampler is not None
+    deadline = time.monotonic() + 5
+    while not sampler.thread._idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
     read, write = os.pipe()
     pid = _c_fork()
     if pid == 0:  # the worker
