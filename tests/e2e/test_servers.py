@@ -200,7 +200,14 @@ def test_uvicorn_root_path(tmp_path: Path) -> None:
         assert httpx.get(server.base_url + "/items/1").status_code == 200
         assert httpx.get(server.base_url + "/cpu?ms=5").status_code == 200
         links = [s["attributes"][PROFILE_URL] for s in _linked_spans(server, 1)]
-        index = httpx.get(server.base_url + "/debug/profile?format=json").json()
+        # (The span is exported as the request ends; the writer stores the profile on its
+        # own thread, a moment later on a busy machine.)
+        deadline = time.monotonic() + 10
+        while True:
+            index = httpx.get(server.base_url + "/debug/profile?format=json").json()
+            if index["profiles"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     [row] = index["profiles"]  # /cpu is excluded; the viewer's own requests are not profiled
     assert row["route"] == "/items/{item_id}"
     assert row["url"].startswith(server.base_url + "/svc/debug/profile/")
