@@ -608,16 +608,18 @@ def test_a_request_that_wakes_the_sampler_thread_is_ticked_at_once() -> None:
     once instead of sleeping an interval first. The wake-up itself waits its turn for the
     GIL (about 40 ms behind 8 busy gunicorn threads), and the sleep added a second such
     wait: 8 concurrent 30 ms requests after a pause mostly ended before the first tick.
-    Here an interval of 0.5 s (sleeps of 0.25-0.75 s) makes the difference plain."""
+    Here an interval of 0.3 s (sleeps of 0.15-0.45 s) makes the difference plain.
+    (A wake-up within an interval of the last tick, between two requests of a busy
+    server, keeps the usual schedule: a tick per request cost WSGI /tiny its CPU.)"""
     from otelprof_middleware.profiling._request_profile import RequestProfile
     from otelprof_middleware.profiling.always_on._sampler import AlwaysOnSampler
 
     def attempt() -> str | None:
-        sampler = AlwaysOnSampler(0.5, sigprof=False)
+        sampler = AlwaysOnSampler(0.3, sigprof=False)
         seen: list[int] = []
 
         def request() -> None:
-            profile = RequestProfile(0.5, 1000, None, continuous=True)
+            profile = RequestProfile(0.3, 1000, None, continuous=True)
             ticks = sampler.samples
             sampler.register_current(profile)
             deadline = time.perf_counter() + 0.1
@@ -634,6 +636,7 @@ def test_a_request_that_wakes_the_sampler_thread_is_ticked_at_once() -> None:
                 deadline = time.perf_counter() + 2.0
                 while not sampler.thread._idle and time.perf_counter() < deadline:
                     time.sleep(0.01)  # until the thread naps (in watch mode) or idles
+                time.sleep(0.35)  # (and an interval has passed since its last tick)
         finally:
             sampler.stop()
         if all(seen[1:]):  # (the first started the thread: it sleeps an interval first)

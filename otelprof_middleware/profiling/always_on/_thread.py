@@ -146,6 +146,8 @@ class SamplerThread:
                 self._idle = False
                 continue
             asked = sampler.next_interval()
+            if woken and _clock.perf_counter() - sampler.last_tick < sampler.interval:
+                woken = False  # (it slept briefly between two requests: tick as usual)
             if sampling and woken:
                 # The first tick for a request that woke this thread comes at once: the
                 # wake-up already waited its turn for the GIL (behind busy request
