@@ -508,8 +508,12 @@ def _wsgi_profile_of_one_request(app: Any, mode: str = "always_on") -> Session:
         **{**_EVERY_PROFILE_SAMPLED_EVERY_2_MS, "mode": mode},
     )
     try:
-        response = Client(middleware).get("/", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+        response = Client(middleware).get(
+            "/", environ_base={"REMOTE_ADDR": "127.0.0.1"}, buffered=False
+        )
         assert response.status_code == 200
+        for _chunk in response.response:  # (the whole body, as a server sends it)
+            pass
         response.close()  # the profile ends at the body's close()
         middleware.core.writer.flush()
         (summary,) = store.list()
@@ -523,36 +527,18 @@ def test_a_wsgi_stream_sleeping_between_events_keeps_a_record_per_stretch_not_pe
     # thread in the same call, and each tick added a record. A minute's stream held about
     # 11,000 records (4.5 MiB per 20,000) and one of 105 s reached ``max_samples``, whose
     # cap then dropped the rest of the stream. Equal stacks in a row are one record now.
-    from werkzeug.test import Client
-
-    from otelprof_middleware import WSGIProfilingMiddleware
-
     events = 12
+    sent: list[int] = []
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
         start_response("200 OK", [("Content-Type", "text/event-stream")])
         for number in range(events):
             time.sleep(0.05)  # waiting for the next event
+            sent.append(number)
             yield f"data: {number}\n\n".encode()
 
-    store = MemoryStore()
-    middleware = WSGIProfilingMiddleware(
-        app,
-        tracer_provider=make_provider()[0],
-        profile_store=store,
-        **_EVERY_PROFILE_SAMPLED_EVERY_2_MS,
-    )
-    try:
-        response = Client(middleware).get(
-            "/", environ_base={"REMOTE_ADDR": "127.0.0.1"}, buffered=False
-        )
-        assert sum(1 for _ in response.response) == events
-        response.close()
-        middleware.core.writer.flush()
-        (summary,) = store.list()
-        session = store.get(summary.trace_id)[0].session()
-    finally:
-        middleware.core.writer.close()
+    session = _wsgi_profile_of_one_request(app)
+    assert len(sent) == events
     text = text_of(session)
     assert len(session.frame_records) <= 3 * events, text
     under_app = sum(
