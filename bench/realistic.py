@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.common import package_versions
 from bench.run import CLK_TCK, _cpu_ticks, _free_port, _settle, _stop, parse_wrk
 
 __all__ = ["main"]
@@ -331,12 +331,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
     git = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    versions: dict[str, str | None] = {}
-    for name in VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions(VERSIONED)
     return {
         "git": git,
         "date": time.strftime("%Y-%m-%d %H:%M"),

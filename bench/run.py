@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -51,6 +50,7 @@ from bench.common import (
     SWEEP_CONNECTIONS,
     SWEEP_VARIANTS,
     VARIANTS,
+    package_versions,
 )
 from bench.report import render
 
@@ -779,12 +779,7 @@ def _machine() -> dict[str, Any]:
     )
     meminfo = Path("/proc/meminfo").read_text()
     mem_kb = int(re.search(r"MemTotal:\s+(\d+)", meminfo).group(1))  # type: ignore[union-attr]
-    versions: dict[str, str | None] = {}
-    for name in VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions(VERSIONED)
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
     return {
         "nproc": len(os.sched_getaffinity(0)),
