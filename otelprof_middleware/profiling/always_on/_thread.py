@@ -120,12 +120,11 @@ class SamplerThread:
         woken = False
         while not stop.is_set():
             sampling = registry.needs_thread()
-            # A SIGPROF-driven loop's requests do not wake this thread while the loop
-            # ticks: only then must it nap and look, rather than wait to be woken.
-            loops = registry.has_driven_loop()
             if sampling or registry.watching():
                 unwatched = 0
-            elif loops and unwatched < _WATCHDOG_IDLE_ROUNDS:
+            # A SIGPROF-driven loop's requests do not wake this thread while the loop
+            # ticks: only then must it nap and look, rather than wait to be woken.
+            elif (loops := registry.has_driven_loop()) and unwatched < _WATCHDOG_IDLE_ROUNDS:
                 # Between two short requests there is often nothing registered for a
                 # moment: stay in watch mode (napping, see ``_nap``: a thread's request
                 # wakes it) rather than idle, so a loop's next request does not have to
