@@ -27,7 +27,7 @@ from starlette.routing import Route
 import otelprof_middleware
 from otelprof_middleware import ProfilingMiddleware, _failsafe
 from otelprof_middleware.profiling import _request_profile
-from otelprof_middleware.profiling._frames import frame_identifier
+from otelprof_middleware.profiling._frames import code_head, frame_identifier
 from otelprof_middleware.profiling._request_profile import (
     RequestProfile,
     add_stem_marker,
@@ -541,6 +541,10 @@ def job_marker(seconds: float) -> None:
     spin(seconds)
 
 
+def job_function() -> None:
+    """The function a job ran, as the job wrapper reports it when the job ends."""
+
+
 def _job_seconds(request: RequestProfile, name: str) -> float:
     return sum(seconds for stack, seconds in request.records if name in map(_name, stack))
 
@@ -554,7 +558,7 @@ def _run_job(sampler: AlwaysOnSampler, request: RequestProfile, seconds: float) 
         try:
             job_marker(seconds)
         finally:
-            sampler.unregister_worker(lambda: "job_function\x00jobs.py\x001")
+            sampler.unregister_worker(job_function)
 
     worker = threading.Thread(target=job)
     worker.start()
@@ -602,7 +606,7 @@ def test_a_job_no_tick_saw_keeps_its_time_under_its_function() -> None:
                 for stack, seconds in request.records
                 if "job_function" in stack[-1]
             ]
-            assert stack == [*SUBMITTED, "job_function\x00jobs.py\x001"]
+            assert stack == [*SUBMITTED, code_head(job_function.__code__)]
             assert 0.028 <= seconds <= took, (seconds, took)
             return None
         finally:

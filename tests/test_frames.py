@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import types
 
 from pyinstrument.low_level.stat_profile import get_frame_info
 
-from otelprof_middleware.profiling._frames import frame_identifier, frame_stack
+from otelprof_middleware._identifiers import UNKNOWN_FILE, identifier
+from otelprof_middleware.profiling._frames import code_head, frame_identifier, frame_stack
 from otelprof_middleware.profiling.always_on import _sampler
+from otelprof_middleware.profiling.always_on._stacks import (
+    job_identifier,
+    job_stack,
+    submission_stack,
+    thread_stack,
+)
 
 
 class Shape:
@@ -81,3 +89,54 @@ def test_the_sampler_never_calls_pyinstruments_get_frame_info() -> None:
     # get_frame_info reads a method frame's locals; on another thread's frame that
     # crashed the interpreter. The sampler must only use the read-only identifiers.
     assert not hasattr(_sampler, "get_frame_info")
+
+
+# -- worker jobs: the stacks a job's time goes under, shared between jobs -----------------
+
+
+def _submitting_here(ident: int) -> tuple[list[str], list[str]]:
+    """(the submission stack here, the same stack named afresh)."""
+    frame = sys._getframe()
+    return submission_stack(ident, frame), thread_stack(ident, frame)
+
+
+def _submitting_there(ident: int) -> tuple[list[str], list[str]]:
+    frame = sys._getframe()
+    return submission_stack(ident, frame), thread_stack(ident, frame)
+
+
+def test_jobs_submitted_from_one_place_share_its_stack_and_other_places_get_their_own() -> None:
+    ident = threading.get_ident()
+    stacks = []
+    for _ in range(2):
+        stacks.append(_submitting_here(ident))
+    (first, named), (again, _) = stacks
+    assert first == named
+    assert again is first  # one list for every submission from this place
+    other, other_named = _submitting_there(ident)
+    assert other == other_named
+    assert first[-1].startswith("_submitting_here\x00")
+    assert other[-1].startswith("_submitting_there\x00")
+    assert first[:-2] == other[:-2]  # the same callers below this test
+    # The same function called from another line of this test is another place.
+    from_another_line, _ = _submitting_here(ident)
+    assert from_another_line is not first
+    assert from_another_line[-2] != first[-2]  # this test's line
+    assert from_another_line[-1] == first[-1]
+
+
+def _a_job() -> None:
+    """A job's function."""
+
+
+def test_a_job_no_sample_saw_goes_under_its_function_named_through_partials() -> None:
+    submitted_from = ["thread\x00<thread>\x001", "endpoint\x00app.py\x0010"]
+    stack = job_stack(submitted_from, functools.partial(functools.partial(_a_job)))
+    assert stack == [*submitted_from, code_head(_a_job.__code__)]
+    assert job_stack(submitted_from, _a_job) is stack  # shared: same place, same function
+    assert submitted_from == ["thread\x00<thread>\x001", "endpoint\x00app.py\x0010"]
+    # Another submitting stack (equal, but another list) is another entry.
+    assert job_stack(list(submitted_from), _a_job) is not stack
+    # A callable with no code of its own: its class, in no file.
+    assert job_stack(submitted_from, print)[-1] == identifier("print", UNKNOWN_FILE)
+    assert job_identifier(functools.partial(_a_job)) == code_head(_a_job.__code__)

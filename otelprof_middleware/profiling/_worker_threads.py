@@ -31,14 +31,13 @@ from pyinstrument.low_level.stat_profile import setstatprofile
 
 from .. import _clock
 from .._failsafe import count, log_failure
-from .._identifiers import UNKNOWN_FILE, identifier
-from ._frames import code_head, stack_above
+from ._frames import stack_above
 from ._loop_hook import submitting_stack
 from ._request_profile import RequestProfile, current_request
 from ._thread_hook import other_profiler_here
-from .always_on import always_on_sampler
+from .always_on import always_on_sampler, current_sampler
 from .always_on._registry import waits_for_its_loop
-from .always_on._stacks import thread_stack
+from .always_on._stacks import job_identifier, submission_stack
 
 __all__ = ["install", "run_profiled"]
 
@@ -104,7 +103,7 @@ def _submitted_from(request: RequestProfile, frame: types.FrameType) -> list[str
     (as its ticks read the request's own thread); a hook's, as the hook samples it.
     The job's samples go under it, in one tree with the rest of the request."""
     if request.continuous:
-        return thread_stack(threading.get_ident(), frame)
+        return submission_stack(threading.get_ident(), frame)  # (shared: never changed)
     return submitting_stack(frame)
 
 
@@ -119,12 +118,13 @@ def run_profiled(
     stop_code = run_profiled.__code__
     stop = (stop_code,)
     if request.continuous:  # always-on mode: the sampler thread reads this thread
-        sampler = always_on_sampler(request.interval)  # created by the core already
+        # (made by the core when the request started; made again only after a test reset)
+        sampler = current_sampler() or always_on_sampler(request.interval)
         sampler.register_worker(request, submitted_from, stop_code)
         try:
             return func(*args, **kwargs)
         finally:
-            sampler.unregister_worker(functools.partial(_identifier, func))
+            sampler.unregister_worker(func)
     if request.closed or other_profiler_here(None):
         return func(*args, **kwargs)  # a hook is already here (nested job, a profiler)
     last = _clock.perf_counter()
@@ -153,14 +153,4 @@ def run_profiled(
         setstatprofile(None)
         now = _clock.perf_counter()
         if not request.closed and now > last:  # the tail since the last sample
-            request.add_worker([*submitted_from, _identifier(func)], now - last)
-
-
-def _identifier(func: Callable[..., Any]) -> str:
-    while isinstance(func, functools.partial):  # run_in_threadpool wraps the call in one
-        func = func.func
-    code = getattr(func, "__code__", None)
-    if code is None:
-        name = getattr(func, "__qualname__", None) or type(func).__name__
-        return identifier(name, UNKNOWN_FILE)
-    return code_head(code)
+            request.add_worker([*submitted_from, job_identifier(func)], now - last)

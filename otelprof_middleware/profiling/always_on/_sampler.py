@@ -34,6 +34,7 @@ import threading
 import time
 import types
 from collections.abc import Callable
+from typing import Any
 
 from ... import _clock
 from ..._failsafe import count, raised_by_signal_handler
@@ -44,6 +45,7 @@ from ._cpu_timer import disarm_all
 from ._ledger import Interval, Ledger, Running, add_time, close_wait
 from ._registry import Job, LoopState, Registry, driven
 from ._sigprof import SigprofDriver
+from ._stacks import job_stack
 from ._thread import SamplerThread
 
 __all__ = [
@@ -164,15 +166,14 @@ class AlwaysOnSampler:
         if not driven(request):
             self.thread.wake()
 
-    def unregister_worker(self, job_identifier: Callable[[], str] | None = None) -> None:
+    def unregister_worker(self, func: Callable[..., Any] | None = None) -> None:
         """The job on this worker thread ended: its time since the last tick is its own.
 
         (A job's start and end are known exactly, unlike a state change between two ticks;
         crediting half the boundary intervals lost a quarter of a 10 ms job.) A job no tick
-        saw gets its whole time under the stack that submitted it plus
-        ``job_identifier()`` (the job's function): where inside it is unknown, but the
-        time is the request's. A job the ticks saw while its request ran on a loop (which
-        they credited instead) adds nothing.
+        saw gets its whole time under the stack that submitted it plus its function
+        ``func``: where inside it is unknown, but the time is the request's. A job the ticks
+        saw while its request ran on a loop (which they credited instead) adds nothing.
         """
         # Not in the middle of a tick (on another thread: this one waits for it to end), or
         # that tick would credit the job's end a second time. A tick never waits for this.
@@ -188,9 +189,9 @@ class AlwaysOnSampler:
                 trailing = self._trailing(max(self.last_tick, job.began))
                 if trailing:
                     add_time(request, state, trailing)
-            elif job_identifier is not None and job.submitted_from is not None and not job.seen:
+            elif func is not None and job.submitted_from is not None and not job.seen:
                 request.add_worker(
-                    [*job.submitted_from, job_identifier()], _clock.perf_counter() - job.began
+                    job_stack(job.submitted_from, func), _clock.perf_counter() - job.began
                 )
 
     def _trailing(self, since: float, *, until: float | None = None) -> float:
