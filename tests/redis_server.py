@@ -34,12 +34,35 @@ class RedisServer:
         self.directory = directory
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_once = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start redis-server on :attr:`port` and wait until it answers.
+
+        The port was free when it was picked, not necessarily now: another test run on the
+        machine (a second Python version's suite beside this one) may have started its own
+        server there. The server that answers must be this process's, or two suites share
+        one Redis and their tests' keys (the same names in both) mix: a new port then
+        (not on a restart: its clients know the port).
+        """
+        for _ in range(1 if self.started_once else 5):
+            if self._start_on_port():
+                self.started_once = True
+                return
+            self.stop()
+            if self.started_once:
+                break
+            self.port = free_port()
+        raise RuntimeError(
+            f"redis-server: every port tried was taken by another; see {self.directory}"
+        )
+
+    def _start_on_port(self) -> bool:
+        """True once our server answers on :attr:`port`; False when another one does."""
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.directory / "redis.log", "ab") as log:
             self.process = subprocess.Popen(
@@ -64,8 +87,7 @@ class RedisServer:
         try:
             while True:
                 try:
-                    client.ping()
-                    return
+                    answering = client.info("server")["process_id"]
                 except redis.ConnectionError:
                     if self.process.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(
@@ -73,6 +95,8 @@ class RedisServer:
                             + (self.directory / "redis.log").read_text()
                         ) from None
                     time.sleep(0.02)
+                    continue
+                return bool(answering == self.process.pid)
         finally:
             client.close()
 

@@ -743,3 +743,22 @@ def test_middleware_fails_open_while_redis_is_down_and_resumes(
     finally:
         app.core.writer.close()
         store.close()
+
+
+def test_a_test_redis_server_never_shares_a_port_another_suite_took(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two suites on one machine (3.12 beside 3.13): the port one picked may be taken by
+    the other's server before its own binds it; its clients must not end up on that one."""
+    late = RedisServer(tmp_path / "late")
+    late.port = redis_server.port  # as if free_port() had returned a port taken since
+    late.start()
+    try:
+        assert late.port != redis_server.port
+        client = redis.Redis(port=late.port)
+        try:
+            assert client.info("server")["process_id"] == late.process.pid  # type: ignore[union-attr]
+        finally:
+            client.close()
+    finally:
+        late.stop()
