@@ -103,20 +103,23 @@ _JOB_STACKS: dict[tuple[int, int], tuple[list[str], types.CodeType, list[str]]] 
 
 def job_identifier(func: Callable[..., Any]) -> str:
     """The frame identifier standing for a job's function (no frame of it was seen)."""
-    code = _code_of(func)
-    if code is not None:
+    func = _unwrapped(func)
+    code = getattr(func, "__code__", None)
+    if type(code) is types.CodeType:
         return code_head(code)
-    while isinstance(func, functools.partial):
-        func = func.func
     name = getattr(func, "__qualname__", None) or type(func).__name__
     return identifier(name, UNKNOWN_FILE)
 
 
 def _code_of(func: Callable[..., Any]) -> types.CodeType | None:
+    code = getattr(_unwrapped(func), "__code__", None)
+    return code if type(code) is types.CodeType else None
+
+
+def _unwrapped(func: Callable[..., Any]) -> Callable[..., Any]:
     while isinstance(func, functools.partial):  # run_in_threadpool wraps the call in one
         func = func.func
-    code = getattr(func, "__code__", None)
-    return code if type(code) is types.CodeType else None
+    return func
 
 
 AWAIT_STACKS: dict[tuple[int, ...], list[str]] = {}
