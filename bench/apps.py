@@ -9,6 +9,8 @@ The variant comes from ``OTELPROF_BENCH_VARIANT`` (read once, at import):
   request" middleware users write today (the session is dropped).
 * ``floor``: ``otel`` plus the yardstick of :mod:`bench.floor`: the least per-request
   work an always-on profiling layer does (no profile).
+* ``lean``: ``otel`` plus the yardstick of :mod:`bench.lean`: our always-on parts (span
+  read, sampler registration and ticks, keep policy) with none of the package's layering.
 * ``ours_off``: ``otel`` plus our middleware with ``enabled=False``.
 * ``ours_defaults``: ``otel`` plus ours with no arguments (always-on, the keep policy).
 * ``ours_defaults_otlp``: ``ours_defaults`` plus the OTLP profiles export, sending the kept
@@ -61,6 +63,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import otelprof_middleware
 from bench.common import COMPETITOR_VARIANTS, VARIANTS, DroppingExporter, cpu_work
 from bench.floor import FloorASGIMiddleware, FloorWSGIMiddleware
+from bench.lean import LeanASGIMiddleware, LeanWSGIMiddleware
 from otelprof_middleware import ProfilingMiddleware, WSGIProfilingMiddleware
 
 __all__ = [
@@ -226,6 +229,8 @@ def _build_asgi() -> ASGIApp:
         app = ReferenceASGIMiddleware(app)
     elif VARIANT == "floor":
         app = FloorASGIMiddleware(app)
+    elif VARIANT == "lean":
+        app = LeanASGIMiddleware(app)
     elif VARIANT.startswith("ours_"):
         _ours = ProfilingMiddleware(app, tracer_provider=provider, **_ours_settings())
         app = _ours
@@ -266,6 +271,8 @@ def _build_wsgi() -> Flask:
         inner = ReferenceWSGIMiddleware(inner)
     elif VARIANT == "floor":
         inner = FloorWSGIMiddleware(inner)
+    elif VARIANT == "lean":
+        inner = LeanWSGIMiddleware(inner)
     elif VARIANT.startswith("ours_"):
         _ours = WSGIProfilingMiddleware(inner, tracer_provider=provider, **_ours_settings())
         inner = _ours

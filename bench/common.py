@@ -28,6 +28,7 @@ VARIANTS = (
     "otel",
     "reference",
     "floor",
+    "lean",
     "ours_off",
     "ours_defaults",
     "ours_defaults_otlp",

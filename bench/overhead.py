@@ -59,6 +59,7 @@ from starlette.types import Receive, Scope, Send
 
 from bench.common import DroppingExporter, cpu_work
 from bench.floor import FloorASGIMiddleware, FloorWSGIMiddleware
+from bench.lean import LeanASGIMiddleware, LeanWSGIMiddleware
 from otelprof_middleware import (
     Config,
     ProfileRecord,
@@ -279,12 +280,14 @@ def _wsgi_environ() -> dict[str, Any]:
 
 
 def _adapter_stacks(otel: Any, ours: Any, app: Any, provider: TracerProvider) -> dict[str, Any]:
-    """The stacks measured per API: OTel alone, OTel around the ``floor`` yardstick, and
-    OTel around ours off, unsampled or with the defaults."""
+    """The stacks measured per API: OTel alone, OTel around the ``floor`` and ``lean``
+    yardsticks, and OTel around ours off, unsampled or with the defaults."""
     floor = FloorASGIMiddleware if otel is OTelASGIMiddleware else FloorWSGIMiddleware
+    lean = LeanASGIMiddleware if otel is OTelASGIMiddleware else LeanWSGIMiddleware
     return {
         "otel": otel(app, tracer_provider=provider),
         "floor": otel(floor(app), tracer_provider=provider),
+        "lean": otel(lean(app), tracer_provider=provider),
         "ours_off": otel(
             ours(app, tracer_provider=provider, enabled=False), tracer_provider=provider
         ),

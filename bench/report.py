@@ -43,6 +43,8 @@ VARIANT_NOTES = {
     "reference": "otel + hand-written pyinstrument `Profiler` per request (1 ms, dropped)",
     "floor": "otel + the `bench.floor` yardstick: the least per-request work of any "
     "always-on layer (a record, a contextvar, registered, status noted; no profile)",
+    "lean": "otel + the `bench.lean` yardstick: our always-on parts (span read, sampler "
+    "registration and ticks, keep policy) with none of the package's layering; keeps nothing",
     "ours_off": "otel + ours, `enabled=False`",
     "ours_defaults": "otel + ours with no arguments: always-on, every request profiled, the "
     "keep policy (slow for its route, failed, triggered; 5/s) — the production setting",
@@ -298,6 +300,7 @@ def _overhead_section(overhead: dict[str, Any]) -> list[str]:
                 ("ours_off", "OTel + ours, `enabled=False`"),
                 ("ours_unsampled", "OTel + ours, request not sampled (`sample_rate=0`)"),
                 ("floor", "OTel + `floor`: the least an always-on layer does (yardstick)"),
+                ("lean", "OTel + `lean`: our always-on parts, no layering (yardstick)"),
                 ("ours_defaults", "OTel + ours, no arguments (always-on, every request)"),
             ):
                 stats = adapters.get(f"{server}_{key}", {})

@@ -1,0 +1,150 @@
+"""Interleaved A/B on real servers: several variants (or builds) alive at once, one path.
+
+``bench.run`` starts a fresh server per variant in turn, so a machine that gets busier
+or quieter between two variants moves their ratio. Here every server runs for the whole
+measurement, and each round loads them one after the other (the order reversed every
+other round): a drift of the machine hits all of them alike, and the per-round ratios
+against the first server are steadier. For one endpoint and small differences (a few
+points of ``/tiny``), this is the figure to quote; ``bench.run`` is the overview.
+
+Each spec is ``VARIANT:CODE_DIR[:NAME=VALUE,...]``: the ``bench.apps`` variant, the
+directory whose ``bench`` and ``otelprof_middleware`` the server imports (another build:
+a ``git worktree``), and extra environment variables::
+
+    python -m bench.ab --server asgi --path /tiny otel:. floor:. lean:. ours_defaults:.
+    python -m bench.ab --server wsgi --rounds 6 otel:. ours_defaults:. \\
+        ours_defaults:.:OTELPROF_ALWAYS_ON_INTERVAL_MS=1000
+    python -m bench.ab otel:. ours_defaults:. ours_defaults:../old-build
+
+Servers are pinned to CPU 0 and ``wrk -t1`` to CPU 1, as in ``bench.run``. Prints each
+round's req/s and server CPU µs per request, then per spec the medians and the median
+(min to max) of the per-round ratios to the first spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.run import CLK_TCK, _cpu_ticks, _free_port, _server_argv, _settle, _stop, parse_wrk
+
+__all__ = ["main"]
+
+
+@dataclass
+class _Server:
+    spec: str
+    port: int
+    process: subprocess.Popen[bytes]
+    rps: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # server CPU per request
+
+
+def _start(spec: str, server: str, iterations: str) -> _Server:
+    variant, code, *rest = spec.split(":", 2)
+    extra = dict(pair.split("=", 1) for pair in rest[0].split(",")) if rest else {}
+    code_dir = str(Path(code).resolve())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OTELPROF_"))}
+    env.update(
+        OTELPROF_BENCH_VARIANT=variant,
+        OTELPROF_BENCH_SERVER=server,
+        OTELPROF_BENCH_CPU_ITERATIONS=iterations,
+        OTELPROF_STATE_DIR=tempfile.mkdtemp(prefix="otelprof-ab-"),
+        OTEL_SERVICE_NAME="otelprof-bench",
+        PYTHONPATH=code_dir,
+        **extra,
+    )
+    port = _free_port()
+    log = open(Path(tempfile.gettempdir()) / f"otelprof-ab-{port}.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        ["taskset", "-c", "0", *_server_argv(server, port)],
+        cwd=code_dir,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return _Server(spec, port, process)
+
+
+def _wait_ready(server: _Server, path: str) -> None:
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=2).read()
+            return
+        except OSError:
+            if server.process.poll() is not None:
+                break
+            time.sleep(0.1)
+    raise SystemExit(
+        f"{server.spec}: the server did not start (log: otelprof-ab-{server.port}.log)"
+    )
+
+
+def _wrk(port: int, path: str, connections: int, seconds: int) -> str:
+    command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
+    url = f"http://127.0.0.1:{port}{path}"
+    return subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+
+
+def _ratios(values: list[float], base: list[float]) -> str:
+    ratios = [value / reference for value, reference in zip(values, base, strict=True)]
+    return f"x{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", choices=("asgi", "wsgi"), default="asgi")
+    parser.add_argument("--path", default="/tiny")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--duration", type=int, default=4, help="seconds per measurement")
+    parser.add_argument("--cpu-iterations", default="397", help="/cpu's fib(12) calls")
+    parser.add_argument("specs", nargs="+", help="VARIANT:CODE_DIR[:NAME=VALUE,...]")
+    args = parser.parse_args()
+    servers: list[_Server] = []
+    try:
+        for spec in args.specs:
+            servers.append(_start(spec, args.server, args.cpu_iterations))
+        for server in servers:
+            _wait_ready(server, args.path)
+        for server in servers:  # warm-up
+            _wrk(server.port, args.path, args.connections, 1)
+        for round_number in range(args.rounds):
+            order = servers if round_number % 2 == 0 else servers[::-1]
+            for server in order:
+                _settle(server.process.pid)
+                before = _cpu_ticks(server.process.pid)
+                result = parse_wrk(_wrk(server.port, args.path, args.connections, args.duration))
+                ticks = _cpu_ticks(server.process.pid) - before
+                server.rps.append(result["rps"])
+                server.cpu_us.append(ticks / CLK_TCK * 1e6 / max(1, result["requests"]))
+            print(
+                f"round {round_number + 1}: "
+                + "  ".join(f"{s.spec} {s.rps[-1]:.0f}/{s.cpu_us[-1]:.0f}" for s in servers),
+                flush=True,
+            )
+        base = servers[0]
+        heading = f"{args.server} {args.path} @ {args.connections}"
+        print(f"{heading}, {args.rounds} rounds of {args.duration} s; ratios to {base.spec}:")
+        for server in servers:
+            rps = f"req/s {statistics.median(server.rps):7.0f} {_ratios(server.rps, base.rps)}"
+            cpu = statistics.median(server.cpu_us)
+            print(
+                f"  {server.spec:45s} {rps}   CPU µs/req {cpu:6.1f} "
+                + _ratios(server.cpu_us, base.cpu_us)
+            )
+    finally:
+        for server in servers:
+            _stop(server.process)
+
+
+if __name__ == "__main__":
+    main()
