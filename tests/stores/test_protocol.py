@@ -11,6 +11,7 @@ totals against its rows (and its integrity), the Redis prefix's indexes against 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -41,7 +42,10 @@ def make_store(
         elif request.param == "sqlite":
             store = SQLiteStore(tmp_path / f"{len(made)}.db", **bounds)  # type: ignore[arg-type]
         else:
-            url = redis_server.url + f"/0?prefix=p{id(made)}-{len(made)}:"
+            # A prefix no other store of the session had: the server's data outlives each
+            # test, and an ``id()`` is reused once its object is freed (a prefix made from one
+            # gave a test another test's records, and evicting them emptied its store).
+            url = redis_server.url + f"/0?prefix=p{uuid.uuid4().hex[:12]}:"
             store = RedisStore(url, **bounds)  # type: ignore[arg-type]
         made.append(store)
         return store
