@@ -47,6 +47,7 @@ def make_store(
             # gave a test another test's records, and evicting them emptied its store).
             url = redis_server.url + f"/0?prefix=p{uuid.uuid4().hex[:12]}:"
             store = RedisStore(url, **bounds)  # type: ignore[arg-type]
+        assert store.stats() == (0, 0), "a new store must start empty (its own file or prefix)"
         made.append(store)
         return store
 
