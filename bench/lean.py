@@ -29,6 +29,7 @@ from otelprof_middleware.profiling._keep_policy import KeepPolicy
 from otelprof_middleware.profiling._request_profile import RequestProfile, current_request
 from otelprof_middleware.profiling._span import current_server_span
 from otelprof_middleware.profiling.always_on import always_on_sampler
+from otelprof_middleware.profiling.always_on._sampler import AlwaysOnSampler
 
 __all__ = ["LeanASGIMiddleware", "LeanWSGIMiddleware"]
 
@@ -42,6 +43,27 @@ def _keep_policy() -> KeepPolicy:
         min_duration_ms=None,
         slow_floor_ms=_DEFAULTS.slow_floor_ms,
         keep_per_second=_DEFAULTS.keep_per_second,
+    )
+
+
+def _end(
+    sampler: AlwaysOnSampler,
+    keep_policy: KeepPolicy,
+    request: RequestProfile,
+    route: str,
+    status: int,
+) -> None:
+    """The request ended (once: later calls return): unregister it, ask the keep policy."""
+    if request.closed:
+        return
+    request.closed = True
+    sampler.unregister_current(request)
+    keep_policy.reason(
+        route=route,
+        duration=_clock.perf_counter() - request.start_perf,
+        status_code=status,
+        failed=False,
+        triggered=False,
     )
 
 
@@ -64,19 +86,8 @@ class LeanASGIMiddleware:
         status = 500
 
         def end() -> None:
-            if request.closed:
-                return
-            request.closed = True
-            self.sampler.unregister_current(request)
-            duration = _clock.perf_counter() - request.start_perf
-            route = scope.get("route")
-            self.keep_policy.reason(
-                route=getattr(route, "path", ""),
-                duration=duration,
-                status_code=status,
-                failed=False,
-                triggered=False,
-            )
+            route = getattr(scope.get("route"), "path", "")
+            _end(self.sampler, self.keep_policy, request, route, status)
 
         def noting_send(message: Message) -> Any:
             nonlocal status
@@ -117,19 +128,11 @@ class LeanWSGIMiddleware:
             return start_response(status_line, headers, exc_info)
 
         def end() -> None:
-            if request.closed:
-                return
-            request.closed = True
-            self.sampler.unregister_current(request)
-            duration = _clock.perf_counter() - request.start_perf
-            self.keep_policy.reason(
-                route=environ.get("PATH_INFO", ""),
-                duration=duration,
-                status_code=status[0],
-                failed=False,
-                triggered=False,
-            )
-            current_request.reset(token)
+            if not request.closed:
+                _end(
+                    self.sampler, self.keep_policy, request, environ.get("PATH_INFO", ""), status[0]
+                )
+                current_request.reset(token)
 
         try:
             body = self.app(environ, noting_start_response)
