@@ -24,68 +24,58 @@ round's req/s and server CPU µs per request, then per spec the medians and the 
 from __future__ import annotations
 
 import argparse
-import os
+import shutil
 import statistics
 import subprocess
 import tempfile
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.run import CLK_TCK, _cpu_ticks, _free_port, _server_argv, _settle, _stop, parse_wrk
+from bench.run import (
+    CLK_TCK,
+    Server,
+    _cpu_ticks,
+    _free_port,
+    _server_argv,
+    _server_env,
+    _settle,
+    _stop,
+    _wait_ready,
+    parse_wrk,
+)
 
 __all__ = ["main"]
 
 
 @dataclass
-class _Server:
+class _Measured:
     spec: str
-    port: int
-    process: subprocess.Popen[bytes]
+    running: Server
     rps: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # server CPU per request
 
 
-def _start(spec: str, server: str, iterations: str) -> _Server:
+def _start(spec: str, server: str, cpu_iterations: int) -> _Measured:
+    """Start ``spec``'s server as ``bench.run`` does (its environment, pinned to CPU 0)."""
     variant, code, *rest = spec.split(":", 2)
-    extra = dict(pair.split("=", 1) for pair in rest[0].split(",")) if rest else {}
-    code_dir = str(Path(code).resolve())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OTELPROF_"))}
-    env.update(
-        OTELPROF_BENCH_VARIANT=variant,
-        OTELPROF_BENCH_SERVER=server,
-        OTELPROF_BENCH_CPU_ITERATIONS=iterations,
-        OTELPROF_STATE_DIR=tempfile.mkdtemp(prefix="otelprof-ab-"),
-        OTEL_SERVICE_NAME="otelprof-bench",
-        PYTHONPATH=code_dir,
-        **extra,
-    )
+    code_dir = Path(code).resolve()
+    state_dir = tempfile.mkdtemp(prefix="otelprof-ab-")
+    env = _server_env(server, variant, cpu_iterations, state_dir, code_dir)
+    for pair in rest[0].split(",") if rest else ():
+        name, _, value = pair.partition("=")
+        env[name] = value
     port = _free_port()
-    log = open(Path(tempfile.gettempdir()) / f"otelprof-ab-{port}.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        ["taskset", "-c", "0", *_server_argv(server, port)],
-        cwd=code_dir,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    return _Server(spec, port, process)
-
-
-def _wait_ready(server: _Server, path: str) -> None:
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=2).read()
-            return
-        except OSError:
-            if server.process.poll() is not None:
-                break
-            time.sleep(0.1)
-    raise SystemExit(
-        f"{server.spec}: the server did not start (log: otelprof-ab-{server.port}.log)"
-    )
+    log_path = Path(tempfile.gettempdir()) / f"otelprof-ab-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            ["taskset", "-c", "0", *_server_argv(server, port)],
+            cwd=code_dir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return _Measured(spec, Server(server, variant, port, process, state_dir, log_path))
 
 
 def _wrk(port: int, path: str, connections: int, seconds: int) -> str:
@@ -106,24 +96,25 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=int, default=4, help="seconds per measurement")
-    parser.add_argument("--cpu-iterations", default="397", help="/cpu's fib(12) calls")
+    parser.add_argument("--cpu-iterations", type=int, default=397, help="/cpu's fib(12) calls")
     parser.add_argument("specs", nargs="+", help="VARIANT:CODE_DIR[:NAME=VALUE,...]")
     args = parser.parse_args()
-    servers: list[_Server] = []
+    servers: list[_Measured] = []
     try:
         for spec in args.specs:
             servers.append(_start(spec, args.server, args.cpu_iterations))
         for server in servers:
-            _wait_ready(server, args.path)
+            _wait_ready(server.running)
         for server in servers:  # warm-up
-            _wrk(server.port, args.path, args.connections, 1)
+            _wrk(server.running.port, args.path, args.connections, 1)
         for round_number in range(args.rounds):
             order = servers if round_number % 2 == 0 else servers[::-1]
             for server in order:
-                _settle(server.process.pid)
-                before = _cpu_ticks(server.process.pid)
-                result = parse_wrk(_wrk(server.port, args.path, args.connections, args.duration))
-                ticks = _cpu_ticks(server.process.pid) - before
+                pid, port = server.running.process.pid, server.running.port
+                _settle(pid)
+                before = _cpu_ticks(pid)
+                result = parse_wrk(_wrk(port, args.path, args.connections, args.duration))
+                ticks = _cpu_ticks(pid) - before
                 server.rps.append(result["rps"])
                 server.cpu_us.append(ticks / CLK_TCK * 1e6 / max(1, result["requests"]))
             print(
@@ -143,7 +134,8 @@ def main() -> None:
             )
     finally:
         for server in servers:
-            _stop(server.process)
+            _stop(server.running.process)
+            shutil.rmtree(server.running.state_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
