@@ -6,6 +6,8 @@ import functools
 import sys
 import threading
 import types
+from collections.abc import Callable
+from typing import Any
 
 from pyinstrument.low_level.stat_profile import get_frame_info
 
@@ -140,3 +142,18 @@ def test_a_job_no_sample_saw_goes_under_its_function_named_through_partials() ->
     # A callable with no code of its own: its class, in no file.
     assert job_stack(submitted_from, print)[-1] == identifier("print", UNKNOWN_FILE)
     assert job_identifier(functools.partial(_a_job)) == code_head(_a_job.__code__)
+
+
+def _run_sync_endpoint(*, function: Callable[..., Any], arguments: dict[str, Any]) -> Any:
+    """As FastAPI runs a ``def`` endpoint on a worker thread."""
+    return function(**arguments)
+
+
+def test_a_def_endpoint_no_sample_saw_goes_under_the_endpoint_not_fastapis_wrapper() -> None:
+    submitted_from = ["thread\x00<thread>\x001", "run_endpoint_function\x00routing.py\x00383"]
+    job = functools.partial(_run_sync_endpoint, function=_a_job, arguments={})
+    assert job_stack(submitted_from, job)[-1] == code_head(_a_job.__code__)
+    assert job_identifier(job) == code_head(_a_job.__code__)
+    # A ``function`` keyword that is no callable is an argument like any other.
+    other = functools.partial(_run_sync_endpoint, function=None, arguments={})
+    assert job_identifier(other) == code_head(_run_sync_endpoint.__code__)

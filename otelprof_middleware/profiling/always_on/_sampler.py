@@ -154,12 +154,16 @@ class AlwaysOnSampler:
                 trailing = self._trailing(last_tick)
                 if trailing:
                     add_time(request, before, trailing / 2)
+        registration = request.registration  # (a loop's state, or a WSGI thread's ident)
         self.registry.remove(request)
+        if type(registration) is int and registration == threading.get_ident():
+            self.tick_if_overdue()  # (as a worker job's end: its thread is no longer read)
 
     def register_worker(
         self, request: RequestProfile, submitted_from: list[str], stop: types.CodeType
     ) -> None:
         """This worker thread runs a job of ``request`` (frames above ``stop`` are its)."""
+        self.tick_if_overdue()  # (before: this job is not registered yet)
         self.registry.threads[threading.get_ident()] = Job(
             request, submitted_from, stop, _clock.perf_counter()
         )
@@ -175,6 +179,10 @@ class AlwaysOnSampler:
         ``func``: where inside it is unknown, but the time is the request's. A job the ticks
         saw while its request ran on a loop (which they credited instead) adds nothing.
         """
+        self._end_job(func)
+        self.tick_if_overdue()  # (after: this job is no longer registered)
+
+    def _end_job(self, func: Callable[..., Any] | None) -> None:
         # Not in the middle of a tick (on another thread: this one waits for it to end), or
         # that tick would credit the job's end a second time. A tick never waits for this.
         with self._tick_lock:
@@ -193,6 +201,23 @@ class AlwaysOnSampler:
                 request.add_worker(
                     job_stack(job.submitted_from, func), _clock.perf_counter() - job.began
                 )
+
+    def tick_if_overdue(self) -> None:
+        """Tick now, from this thread, if no tick came for a while (a worker job starting
+        or ending, a WSGI request ending: on a thread that holds the GIL, and is not
+        registered itself at that moment).
+
+        Two threads running Python code hand the GIL to each other every switch
+        interval, and a third that asks for it meanwhile (the loop thread that runs the
+        ``SIGPROF`` handler, the sampler thread) can wait until one of them stops: 30 to
+        50 ms. Every job on a worker thread that started and ended inside such a wait was
+        unseen: its time only under its function, none under the frames inside it. A
+        thread that holds the GIL anyway at a job's start or end ticks for the others.
+        """
+        if _clock.perf_counter() - self.last_tick > _OVERDUE * self.interval:
+            # As the sampler thread's tick after a nap of one interval and a long wait
+            # for the GIL: that wait is credited only up to a cap (see ``_sample``).
+            self.tick(None, self.interval)
 
     def _trailing(self, since: float, *, until: float | None = None) -> float:
         """Seconds from ``since`` (at or after the last tick) to ``until`` (default: now);
@@ -253,7 +278,16 @@ class AlwaysOnSampler:
             # frames deep: about 1 ms a tick) ticks every 5 ms took a quarter of a core.
             # Their CPU time is held to _TICK_BUDGET by spacing them out: fewer samples
             # under such load, never more cost.
-            self.tick_cpu += (time.thread_time() - began - self.tick_cpu) * _TICK_SMOOTHING
+            cost = time.thread_time() - began
+            # One tick's cost counts at most a few times the smoothed cost: a full garbage
+            # collection its allocations happened to set off (25-30 ms in a FastAPI server)
+            # is not what ticks cost, and counted whole it spaced the ticks 300 ms apart
+            # for a second or more, so whole batches of requests went unseen. A real rise
+            # (more requests registered) still comes through within a few ticks.
+            ceiling = _TICK_OUTLIER * self.tick_cpu + _TICK_COST_FLOOR
+            self.tick_cpu += (
+                (cost if cost < ceiling else ceiling) - self.tick_cpu
+            ) * _TICK_SMOOTHING
             self.min_gap = self.tick_cpu / _TICK_BUDGET
         except Exception as exc:
             if raised_by_signal_handler(exc):
@@ -312,6 +346,9 @@ def _outside_sampler(frame: types.FrameType) -> types.FrameType:
 _GIL_WAIT_CAP = 2  # most GIL wait credited per tick, in intervals
 _TICK_BUDGET = 0.02  # most of one CPU the ticks may use (their own CPU time)
 _TICK_SMOOTHING = 0.25  # weight of the last tick in the smoothed tick cost
+_OVERDUE = 2  # intervals without a tick after which a job's start or end ticks
+_TICK_OUTLIER = 4  # most a tick's cost counts, in smoothed tick costs (plus the floor)
+_TICK_COST_FLOOR = 0.0005  # seconds a tick's cost may always count
 _SWEEP_TICKS = 256  # ticks between sweeps of states left by requests gone mid-tick
 
 

@@ -118,7 +118,10 @@ def _code_of(func: Callable[..., Any]) -> types.CodeType | None:
 
 def _unwrapped(func: Callable[..., Any]) -> Callable[..., Any]:
     while isinstance(func, functools.partial):  # run_in_threadpool wraps the call in one
-        func = func.func
+        # FastAPI runs a ``def`` endpoint as ``_run_sync_endpoint(function=endpoint, ...)``:
+        # the endpoint, the user's code, names the job rather than FastAPI's wrapper.
+        endpoint = func.keywords.get("function")
+        func = endpoint if callable(endpoint) else func.func
     return func
 
 
