@@ -284,7 +284,7 @@ class AlwaysOnSampler:
             # is not what ticks cost, and counted whole it spaced the ticks 300 ms apart
             # for a second or more, so whole batches of requests went unseen. A real rise
             # (more requests registered) still comes through within a few ticks.
-            ceiling = _TICK_OUTLIER * self.tick_cpu + _TICK_COST_FLOOR
+            ceiling = _TICK_OUTLIER * self.tick_cpu + self.interval * _TICK_BUDGET
             self.tick_cpu += (
                 (cost if cost < ceiling else ceiling) - self.tick_cpu
             ) * _TICK_SMOOTHING
@@ -347,8 +347,9 @@ _GIL_WAIT_CAP = 2  # most GIL wait credited per tick, in intervals
 _TICK_BUDGET = 0.02  # most of one CPU the ticks may use (their own CPU time)
 _TICK_SMOOTHING = 0.25  # weight of the last tick in the smoothed tick cost
 _OVERDUE = 2  # intervals without a tick after which a job's start or end ticks
-_TICK_OUTLIER = 4  # most a tick's cost counts, in smoothed tick costs (plus the floor)
-_TICK_COST_FLOOR = 0.0005  # seconds a tick's cost may always count
+# Most a tick's cost counts: this many smoothed tick costs, plus the cost at which ticks
+# fill the budget at the interval (0.1 ms at 5 ms: never held back by one outlier alone).
+_TICK_OUTLIER = 4
 _SWEEP_TICKS = 256  # ticks between sweeps of states left by requests gone mid-tick
 
 
