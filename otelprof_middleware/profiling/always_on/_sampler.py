@@ -157,13 +157,13 @@ class AlwaysOnSampler:
         registration = request.registration  # (a loop's state, or a WSGI thread's ident)
         self.registry.remove(request)
         if type(registration) is int and registration == threading.get_ident():
-            self.tick_if_overdue()  # (as a worker job's end: its thread is no longer read)
+            self._tick_if_overdue()  # (as a worker job's end: its thread is no longer read)
 
     def register_worker(
         self, request: RequestProfile, submitted_from: list[str], stop: types.CodeType
     ) -> None:
         """This worker thread runs a job of ``request`` (frames above ``stop`` are its)."""
-        self.tick_if_overdue()  # (before: this job is not registered yet)
+        self._tick_if_overdue()  # (before: this job is not registered yet)
         self.registry.threads[threading.get_ident()] = Job(
             request, submitted_from, stop, _clock.perf_counter()
         )
@@ -180,7 +180,7 @@ class AlwaysOnSampler:
         saw while its request ran on a loop (which they credited instead) adds nothing.
         """
         self._end_job(func)
-        self.tick_if_overdue()  # (after: this job is no longer registered)
+        self._tick_if_overdue()  # (after: this job is no longer registered)
 
     def _end_job(self, func: Callable[..., Any] | None) -> None:
         # Not in the middle of a tick (on another thread: this one waits for it to end), or
@@ -202,7 +202,7 @@ class AlwaysOnSampler:
                     job_stack(job.submitted_from, func), _clock.perf_counter() - job.began
                 )
 
-    def tick_if_overdue(self) -> None:
+    def _tick_if_overdue(self) -> None:
         """Tick now, from this thread, if no tick came for a while (a worker job starting
         or ending, a WSGI request ending: on a thread that holds the GIL, and is not
         registered itself at that moment).
@@ -346,7 +346,9 @@ def _outside_sampler(frame: types.FrameType) -> types.FrameType:
 _GIL_WAIT_CAP = 2  # most GIL wait credited per tick, in intervals
 _TICK_BUDGET = 0.02  # most of one CPU the ticks may use (their own CPU time)
 _TICK_SMOOTHING = 0.25  # weight of the last tick in the smoothed tick cost
-_OVERDUE = 2  # intervals without a tick after which a job's start or end ticks
+_OVERDUE = (
+    2  # intervals without a tick after which a job's start or end (a WSGI request's end) ticks
+)
 # Most a tick's cost counts: this many smoothed tick costs, plus the cost at which ticks
 # fill the budget at the interval (0.1 ms at 5 ms: never held back by one outlier alone).
 _TICK_OUTLIER = 4
