@@ -810,3 +810,33 @@ def test_a_wsgi_request_ending_while_the_ticks_are_late_ticks_for_the_others() -
         assert credited > 0.020, (credited, request.records)  # before: 0.0 (unseen)
     finally:
         sampler.stop()
+
+
+def chunked_body() -> Iterator[str]:
+    """A sync ``StreamingResponse`` body: each chunk is a job on a worker thread."""
+    spin(0.002)
+    yield "chunk"
+
+
+def test_an_unseen_sync_stream_chunk_goes_under_the_body_not_starlettes_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Starlette steps a sync body on a worker thread as ``_next(iterator)``, one job a
+    chunk. A chunk no tick saw (10 ms chunks often are: docs/always-on.md) was named
+    ``_next``, Starlette's; now the body's own function names it."""
+    from starlette.concurrency import _next
+
+    from otelprof_middleware.profiling import _worker_threads
+
+    sampler = AlwaysOnSampler(0.005, sigprof=False)
+    sampler.thread.wake = lambda: None  # type: ignore[method-assign]  # (no ticks at all)
+    monkeypatch.setattr(_worker_threads, "current_sampler", lambda: sampler)
+    try:
+        request = _continuous_request()
+        assert _worker_threads.run_profiled(request, SUBMITTED, _next, chunked_body()) == "chunk"
+        assert sampler.samples == 0
+        [(stack, seconds)] = request.records
+        assert stack == [*SUBMITTED, code_head(chunked_body.__code__)], stack
+        assert seconds >= 0.002
+    finally:
+        sampler.stop()

@@ -6,7 +6,7 @@ import functools
 import sys
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pyinstrument.low_level.stat_profile import get_frame_info
@@ -142,6 +142,27 @@ def test_a_job_no_sample_saw_goes_under_its_function_named_through_partials() ->
     # A callable with no code of its own: its class, in no file.
     assert job_stack(submitted_from, print)[-1] == identifier("print", UNKNOWN_FILE)
     assert job_identifier(functools.partial(_a_job)) == code_head(_a_job.__code__)
+
+
+def _chunks() -> Iterator[str]:
+    """A sync ``StreamingResponse`` body."""
+    yield "chunk"
+
+
+def _next(iterator: Iterator[str]) -> str:
+    """As Starlette steps a sync body on a worker thread (``iterate_in_threadpool``)."""
+    return next(iterator)
+
+
+def test_a_job_stepping_a_generator_no_sample_saw_goes_under_the_generator() -> None:
+    submitted_from = ["thread\x00<thread>\x001", "stream_response\x00responses.py\x00250"]
+    body = _chunks()
+    stack = job_stack(submitted_from, _next, (body,))
+    assert stack == [*submitted_from, code_head(_chunks.__code__)]
+    assert job_stack(submitted_from, _next, (_chunks(),)) is stack  # (one per place and code)
+    # Anything else stepped, or more arguments: the function, as before.
+    assert job_stack(submitted_from, _next, (iter(["x"]),))[-1] == code_head(_next.__code__)
+    assert job_stack(submitted_from, _next, (body, 1))[-1] == code_head(_next.__code__)
 
 
 def _run_sync_endpoint(*, function: Callable[..., Any], arguments: dict[str, Any]) -> Any:

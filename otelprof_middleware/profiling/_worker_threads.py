@@ -124,7 +124,7 @@ def run_profiled(
         try:
             return func(*args, **kwargs)
         finally:
-            sampler.unregister_worker(func)
+            sampler.unregister_worker(func, args)
     if request.closed or other_profiler_here(None):
         return func(*args, **kwargs)  # a hook is already here (nested job, a profiler)
     last = _clock.perf_counter()

@@ -170,19 +170,22 @@ class AlwaysOnSampler:
         if not driven(request):
             self.thread.wake()
 
-    def unregister_worker(self, func: Callable[..., Any] | None = None) -> None:
+    def unregister_worker(
+        self, func: Callable[..., Any] | None = None, args: tuple[Any, ...] = ()
+    ) -> None:
         """The job on this worker thread ended: its time since the last tick is its own.
 
         (A job's start and end are known exactly, unlike a state change between two ticks;
         crediting half the boundary intervals lost a quarter of a 10 ms job.) A job no tick
         saw gets its whole time under the stack that submitted it plus its function
-        ``func``: where inside it is unknown, but the time is the request's. A job the ticks
-        saw while its request ran on a loop (which they credited instead) adds nothing.
+        ``func`` (called with ``args``: see :func:`job_stack`): where inside it is unknown,
+        but the time is the request's. A job the ticks saw while its request ran on a loop
+        (which they credited instead) adds nothing.
         """
-        self._end_job(func)
+        self._end_job(func, args)
         self._tick_if_overdue()  # (after: this job is no longer registered)
 
-    def _end_job(self, func: Callable[..., Any] | None) -> None:
+    def _end_job(self, func: Callable[..., Any] | None, args: tuple[Any, ...]) -> None:
         # Not in the middle of a tick (on another thread: this one waits for it to end), or
         # that tick would credit the job's end a second time. A tick never waits for this.
         with self._tick_lock:
@@ -199,7 +202,7 @@ class AlwaysOnSampler:
                     add_time(request, state, trailing)
             elif func is not None and job.submitted_from is not None and not job.seen:
                 request.add_worker(
-                    job_stack(job.submitted_from, func), _clock.perf_counter() - job.began
+                    job_stack(job.submitted_from, func, args), _clock.perf_counter() - job.began
                 )
 
     def _tick_if_overdue(self) -> None:

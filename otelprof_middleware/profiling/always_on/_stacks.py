@@ -80,11 +80,19 @@ _MAX_SUBMISSION_STACKS = 4096
 ON_CLEAR.append(_SUBMISSION_STACKS.clear)
 
 
-def job_stack(submitted_from: list[str], func: Callable[..., Any]) -> list[str]:
+def job_stack(
+    submitted_from: list[str], func: Callable[..., Any], args: tuple[Any, ...] = ()
+) -> list[str]:
     """``submitted_from`` and the job's function: where a job's time goes when no sample
     says where inside it (shared by jobs of one function from one place: do not change
-    the list)."""
-    code = _code_of(func)
+    the list).
+
+    A job that steps a generator (``func(generator)``: Starlette runs a sync
+    ``StreamingResponse`` body as ``_next(iterator)``, one job a chunk) is named after
+    the generator, the user's code, not the function that steps it.
+    """
+    stepped = args[0] if len(args) == 1 else None
+    code = stepped.gi_code if type(stepped) is types.GeneratorType else _code_of(func)
     if code is None:
         return [*submitted_from, job_identifier(func)]
     key = (id(submitted_from), id(code))
