@@ -757,6 +757,14 @@ def test_one_costly_tick_does_not_space_the_next_ticks_out() -> None:
     sampler.stop()
 
 
+def _sampler_without_its_thread() -> AlwaysOnSampler:
+    """A sampler whose ticks come only from the calls a test makes (no SIGPROF, and its
+    thread is never started)."""
+    sampler = AlwaysOnSampler(0.005, sigprof=False)
+    sampler.thread.wake = lambda: None  # type: ignore[method-assign]
+    return sampler
+
+
 def test_a_job_starting_while_the_ticks_are_late_ticks_for_the_jobs_running() -> None:
     """Two threads running Python code hand the GIL to each other, and a third that asks
     for it meanwhile (the loop thread with the SIGPROF handler, the sampler thread) can
@@ -765,8 +773,7 @@ def test_a_job_starting_while_the_ticks_are_late_ticks_for_the_jobs_running() ->
     frames inside it (4 of 8 requests of a CI run). Here no other tick source runs at all:
     a job starting on another thread, with the ticks overdue, ticks for the running one,
     which is then credited from its start, under its own frames."""
-    sampler = AlwaysOnSampler(0.005, sigprof=False)
-    sampler.thread.wake = lambda: None  # type: ignore[method-assign]  # (no sampler thread)
+    sampler = _sampler_without_its_thread()
     try:
         request, other = _continuous_request(), _continuous_request()
         long_job = threading.Thread(target=_run_job, args=(sampler, request, 0.080))
@@ -785,8 +792,7 @@ def test_a_job_starting_while_the_ticks_are_late_ticks_for_the_jobs_running() ->
 def test_a_wsgi_request_ending_while_the_ticks_are_late_ticks_for_the_others() -> None:
     """As a job's start and end: gunicorn gthread's threads are the busy ones, and one
     whose request ends ticks for the requests still running on the others."""
-    sampler = AlwaysOnSampler(0.005, sigprof=False)
-    sampler.thread.wake = lambda: None  # type: ignore[method-assign]  # (no sampler thread)
+    sampler = _sampler_without_its_thread()
     request, other = _continuous_request(), _continuous_request()
 
     def serve(profile: RequestProfile, seconds: float) -> None:
@@ -828,8 +834,7 @@ def test_an_unseen_sync_stream_chunk_goes_under_the_body_not_starlettes_step(
 
     from otelprof_middleware.profiling import _worker_threads
 
-    sampler = AlwaysOnSampler(0.005, sigprof=False)
-    sampler.thread.wake = lambda: None  # type: ignore[method-assign]  # (no ticks at all)
+    sampler = _sampler_without_its_thread()
     monkeypatch.setattr(_worker_threads, "current_sampler", lambda: sampler)
     try:
         request = _continuous_request()

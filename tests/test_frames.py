@@ -160,6 +160,8 @@ def test_a_job_stepping_a_generator_no_sample_saw_goes_under_the_generator() -> 
     stack = job_stack(submitted_from, _next, (body,))
     assert stack == [*submitted_from, code_head(_chunks.__code__)]
     assert job_stack(submitted_from, _next, (_chunks(),)) is stack  # (one per place and code)
+    # (hook mode names the tail of a job after its last sample the same way)
+    assert job_identifier(_next, (body,)) == code_head(_chunks.__code__)
     # Anything else stepped, or more arguments: the function, as before.
     assert job_stack(submitted_from, _next, (iter(["x"]),))[-1] == code_head(_next.__code__)
     assert job_stack(submitted_from, _next, (body, 1))[-1] == code_head(_next.__code__)

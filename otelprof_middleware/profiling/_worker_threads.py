@@ -153,4 +153,4 @@ def run_profiled(
         setstatprofile(None)
         now = _clock.perf_counter()
         if not request.closed and now > last:  # the tail since the last sample
-            request.add_worker([*submitted_from, job_identifier(func)], now - last)
+            request.add_worker([*submitted_from, job_identifier(func, args)], now - last)

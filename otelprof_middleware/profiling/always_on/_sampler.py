@@ -349,9 +349,9 @@ def _outside_sampler(frame: types.FrameType) -> types.FrameType:
 _GIL_WAIT_CAP = 2  # most GIL wait credited per tick, in intervals
 _TICK_BUDGET = 0.02  # most of one CPU the ticks may use (their own CPU time)
 _TICK_SMOOTHING = 0.25  # weight of the last tick in the smoothed tick cost
-_OVERDUE = (
-    2  # intervals without a tick after which a job's start or end (a WSGI request's end) ticks
-)
+# Intervals without a tick after which a worker job's start or end, or a WSGI request's
+# end, ticks (``_tick_if_overdue``).
+_OVERDUE = 2
 # Most a tick's cost counts: this many smoothed tick costs, plus the cost at which ticks
 # fill the budget at the interval (0.1 ms at 5 ms: never held back by one outlier alone).
 _TICK_OUTLIER = 4

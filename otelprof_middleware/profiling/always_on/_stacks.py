@@ -85,14 +85,8 @@ def job_stack(
 ) -> list[str]:
     """``submitted_from`` and the job's function: where a job's time goes when no sample
     says where inside it (shared by jobs of one function from one place: do not change
-    the list).
-
-    A job that steps a generator (``func(generator)``: Starlette runs a sync
-    ``StreamingResponse`` body as ``_next(iterator)``, one job a chunk) is named after
-    the generator, the user's code, not the function that steps it.
-    """
-    stepped = args[0] if len(args) == 1 else None
-    code = stepped.gi_code if type(stepped) is types.GeneratorType else _code_of(func)
+    the list). ``func`` is named as :func:`job_identifier` names it."""
+    code = _job_code(func, args)
     if code is None:
         return [*submitted_from, job_identifier(func)]
     key = (id(submitted_from), id(code))
@@ -109,17 +103,26 @@ def job_stack(
 _JOB_STACKS: dict[tuple[int, int], tuple[list[str], types.CodeType, list[str]]] = {}
 
 
-def job_identifier(func: Callable[..., Any]) -> str:
-    """The frame identifier standing for a job's function (no frame of it was seen)."""
-    func = _unwrapped(func)
-    code = getattr(func, "__code__", None)
-    if type(code) is types.CodeType:
+def job_identifier(func: Callable[..., Any], args: tuple[Any, ...] = ()) -> str:
+    """The frame identifier standing for a job, ``func(*args)`` (no frame of it was seen).
+
+    A job that steps a generator (``func(generator)``: Starlette runs a sync
+    ``StreamingResponse`` body as ``_next(iterator)``, one job a chunk) is named after
+    the generator, the user's code, not the function that steps it.
+    """
+    code = _job_code(func, args)
+    if code is not None:
         return code_head(code)
+    func = _unwrapped(func)
     name = getattr(func, "__qualname__", None) or type(func).__name__
     return identifier(name, UNKNOWN_FILE)
 
 
-def _code_of(func: Callable[..., Any]) -> types.CodeType | None:
+def _job_code(func: Callable[..., Any], args: tuple[Any, ...]) -> types.CodeType | None:
+    """The code a job ``func(*args)`` runs for the user, where there is one."""
+    stepped = args[0] if len(args) == 1 else None
+    if type(stepped) is types.GeneratorType:
+        return stepped.gi_code
     code = getattr(_unwrapped(func), "__code__", None)
     return code if type(code) is types.CodeType else None
 
