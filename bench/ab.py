@@ -24,10 +24,12 @@ round's req/s and server CPU µs per request, then per spec the medians and the 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
 import tempfile
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +53,7 @@ __all__ = ["main"]
 class _Measured:
     spec: str
     running: Server
+    code_dir: Path
     rps: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # server CPU per request
 
@@ -65,6 +68,9 @@ def _start(spec: str, server: str, cpu_iterations: int) -> _Measured:
         name, _, value = pair.partition("=")
         env[name] = value
     port = _free_port()
+    while port in _PORTS_TAKEN:  # (two specs once got one port: the second server failed
+        port = _free_port()  # to bind, and its rounds measured the first one)
+    _PORTS_TAKEN.add(port)
     log_path = Path(tempfile.gettempdir()) / f"otelprof-ab-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -75,7 +81,33 @@ def _start(spec: str, server: str, cpu_iterations: int) -> _Measured:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    return _Measured(spec, Server(server, variant, port, process, state_dir, log_path))
+    return _Measured(spec, Server(server, variant, port, process, state_dir, log_path), code_dir)
+
+
+_PORTS_TAKEN: set[int] = set()
+
+
+def _check_serves_its_code(measured: _Measured) -> None:
+    """Fail unless ``measured``'s own server answers on its port, with its own code."""
+    running = measured.running
+    with urllib.request.urlopen(running.base + "/_bench/counters", timeout=5.0) as response:
+        served = json.load(response)
+    package = Path(served.get("package_path", ""))
+    pid = int(served.get("pid", 0))
+    ours = pid == running.process.pid or _parent(pid) == running.process.pid  # (gunicorn's worker)
+    if not ours or measured.code_dir not in package.parents:
+        raise RuntimeError(
+            f"{measured.spec}: port {running.port} is served by {served.get('variant')} "
+            f"from {package} (pid {pid}), not by this spec's server; see {running.log_path}"
+        )
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rpartition(")")[2].split()[1])
 
 
 def _wrk(port: int, path: str, connections: int, seconds: int) -> str:
@@ -105,6 +137,8 @@ def main() -> None:
             servers.append(_start(spec, args.server, args.cpu_iterations))
         for server in servers:
             _wait_ready(server.running)
+        for server in servers:
+            _check_serves_its_code(server)
         for server in servers:  # warm-up
             _wrk(server.running.port, args.path, args.connections, 1)
         for round_number in range(args.rounds):

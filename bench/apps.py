@@ -172,6 +172,7 @@ def _counters() -> dict[str, Any]:
     """Our counters, plus the store's ``(count, bytes)`` when ours keeps profiles."""
     data: dict[str, Any] = {
         "variant": VARIANT,
+        "pid": os.getpid(),
         "package_path": os.path.dirname(otelprof_middleware.__file__ or ""),
         "counters": otelprof_middleware.counters(),
     }
