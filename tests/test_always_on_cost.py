@@ -34,6 +34,7 @@ from otelprof_middleware.profiling._request_profile import (
     current_request,
 )
 from otelprof_middleware.profiling.always_on import AlwaysOnSampler
+from otelprof_middleware.profiling.always_on._cpu_timer import disarm_all
 from otelprof_middleware.stores import MemoryStore
 
 from .helpers import make_provider, spin, spin_cpu, until_it_holds
@@ -615,6 +616,77 @@ def test_a_job_no_tick_saw_keeps_its_time_under_its_function() -> None:
     until_it_holds(attempt)
 
 
+_SEEN_AT_THE_JOBS_END = "first seen at the job's end"
+_SEEN_WAITING_BEFORE = "seen waiting before the job began"
+_SEEN_SUBMITTING = "seen running as it submitted the job"
+
+
+def _awaiting_an_unseen_job(scenario: str) -> tuple[RequestProfile, float]:
+    """A request on an event loop awaits a 40 ms job on a thread of its own that no tick
+    sees (no SIGPROF, no sampler thread: the only ticks are the overdue one the job's end
+    makes and, but for ``_SEEN_AT_THE_JOBS_END``, one just before the job). A plain
+    thread, not an executor: an earlier test's middleware may have wrapped executors to
+    register their jobs. Returns the request and its duration."""
+    sampler = _sampler_without_its_thread()
+
+    def job(request: RequestProfile) -> None:
+        if scenario == _SEEN_WAITING_BEFORE:
+            time.sleep(0.005)  # (the task awaits the job's future meanwhile)
+        if scenario != _SEEN_AT_THE_JOBS_END:
+            # (submitting: the loop thread is still in ``Thread.start``)
+            sampler.tick(None, sampler.interval)
+        stop = sys._getframe(0).f_code
+        sampler.register_worker(request, SUBMITTED, stop)
+        try:
+            spin(0.040)
+        finally:
+            sampler.unregister_worker(job_function)
+
+    async def body() -> None:
+        request = current_request.get()
+        assert request is not None
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def run() -> None:
+            job(request)
+            loop.call_soon_threadsafe(done.set_result, None)
+
+        threading.Thread(target=run).start()
+        await done
+
+    began = time.perf_counter()
+    try:
+        request = _run_registered(sampler, body)
+    finally:
+        sampler.stop()
+    return request, time.perf_counter() - began
+
+
+@pytest.mark.parametrize(
+    "scenario", [_SEEN_AT_THE_JOBS_END, _SEEN_WAITING_BEFORE, _SEEN_SUBMITTING]
+)
+def test_the_task_awaiting_a_job_no_tick_saw_is_not_counted_beside_the_job(
+    scenario: str,
+) -> None:
+    """An unseen job gets its whole time at its end, under its function. The task that
+    awaited it was counted too: 12.5 ms of the job's time as the task's wait (first seen
+    at the tick the job's end makes), as its wait or its stack when submitting (seen
+    before the job), up to the whole job. One request at a time, sync stream chunks
+    showed nearly twice the request's duration. Now the task's time while its job ran is
+    the job's, counted once."""
+    request, duration = _awaiting_an_unseen_job(scenario)
+    job_seconds = _job_seconds(request, "job_function")
+    total = sum(seconds for _, seconds in request.records)
+    shown = [
+        (round(seconds * 1000, 2), [_name(identifier) for identifier in stack[-4:]])
+        for stack, seconds in request.records
+    ]
+    assert 0.038 <= job_seconds <= duration, (job_seconds, shown)
+    assert total - job_seconds < 0.004, shown  # before: 12.5-40 ms more
+    assert total <= duration, (total, duration, shown)
+
+
 def test_a_long_gil_wait_between_two_stacks_goes_to_the_frames_they_share() -> None:
     """A tick delayed by GIL contention saw the request in another frame than before:
     the capped wait goes to the previous frame, and the rest, which ran somewhere between
@@ -760,6 +832,9 @@ def test_one_costly_tick_does_not_space_the_next_ticks_out() -> None:
 def _sampler_without_its_thread() -> AlwaysOnSampler:
     """A sampler whose ticks come only from the calls a test makes (no SIGPROF, and its
     thread is never started)."""
+    # A timer an earlier test's sampler left armed would tick that sampler into the
+    # request current on this thread (its SIGPROF handler reads the context).
+    disarm_all()
     sampler = AlwaysOnSampler(0.005, sigprof=False)
     sampler.thread.wake = lambda: None  # type: ignore[method-assign]
     return sampler

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import sys
 import threading
@@ -180,3 +181,16 @@ def test_a_def_endpoint_no_sample_saw_goes_under_the_endpoint_not_fastapis_wrapp
     # A ``function`` keyword that is no callable is an argument like any other.
     other = functools.partial(_run_sync_endpoint, function=None, arguments={})
     assert job_identifier(other) == code_head(_run_sync_endpoint.__code__)
+
+
+def test_an_asyncio_to_thread_job_no_sample_saw_goes_under_its_function() -> None:
+    # asyncio.to_thread(f, ...) runs partial(copy_context().run, f, ...) in the executor;
+    # before, such a job went under "Context.run" (no file), not under the user's code.
+    submitted_from = ["thread\x00<thread>\x001", "to_thread\x00threads.py\x0012"]
+    job = functools.partial(contextvars.copy_context().run, _a_job, 1)
+    assert job_stack(submitted_from, job)[-1] == code_head(_a_job.__code__)
+    assert job_identifier(job) == code_head(_a_job.__code__)
+    # A bare context.run (nothing to run in it named): the method, as before.
+    assert job_identifier(functools.partial(contextvars.copy_context().run)).startswith(
+        "Context.run\x00"
+    )

@@ -72,6 +72,9 @@ class RequestProfile:
     producer: object = None
     hook_failed = False  # hook mode on a loop: the hook could not be installed for a step
     left_app_at: float | None = None  # WSGI: when the app's call returned (perf_counter)
+    # Always-on: when its last worker-thread job began and ended (perf_counter). Its
+    # task's wait meanwhile was for the job, whose time is recorded under the job's stack.
+    last_job: tuple[float, float] | None = None
     url_factory: Callable[[], str] | None = None  # makes ``url`` when first read
     _url: str | None = None
     _start_wall: float | None = None

@@ -96,7 +96,7 @@ def credit(
             # state); of the sleep, on average half. Never more than its age. A thread
             # that sat still since it started (waiting for the GIL behind busy threads,
             # or blocked in a call) sat still where it is now: that time is this state's.
-            age = _clock.perf_counter() - request.start_perf
+            age = _age(request)
             share = min(age, elapsed, gil_wait + slept / 2)
             if type(now) is Running and not now.worker:
                 share = max(share, min(elapsed, frozen_since_start(request, age)))
@@ -238,7 +238,7 @@ class Ledger:
                 # First seen, waiting: what ``change(request, None, waiting, interval)`` does,
                 # without its calls (there is no previous state to close or to split the
                 # interval with): the state's share of the interval, at most its age.
-                age = _clock.perf_counter() - request.start_perf
+                age = _age(request)
                 request.add_wait(waiting.stack, age if age < first_share else first_share)
                 if not request.closed:  # (closed: its profile ended during this tick)
                     states[request] = waiting
@@ -299,6 +299,25 @@ class Ledger:
             _credit_change(request, before, None, interval)
         self.states.pop(request, None)
 
+    def jobs_ended(self, request: RequestProfile, began: float, ended: float) -> None:
+        """A worker job of ``request`` ran from ``began`` to ``ended``, and its time is
+        recorded under the job's stack: its task's wait meanwhile is not recorded too.
+
+        A job no tick saw (a 10 ms sync stream chunk, whose ticks wait for the GIL
+        behind it) gets its whole time at its end; the task that awaited it was seen
+        waiting before the job began, or is first seen waiting by the tick the job's end
+        makes. Both counted it: with one request at a time, profiles of sync streams held
+        nearly twice the request's duration. (A job a tick saw hands its task's state
+        over then, see :meth:`hand_over`.)
+        """
+        request.last_job = (began, ended)
+        state = self.states.get(request)
+        if type(state) is Waiting and state.seen_at < ended:
+            queued = began - state.seen_at  # (waiting for a worker thread: the task's own)
+            if queued > 0:
+                request.add_wait(state.stack, queued)
+            state.seen_at = ended
+
     def sweep(self) -> None:
         """Forget the states of requests unregistered while a tick was running."""
         states = self.states
@@ -321,7 +340,15 @@ def _credit_change(
     ``job_began``: ``now`` is a worker job that began at that moment of the interval,
     so the interval is split there rather than halfway.
     """
-    close_wait(request, before, interval.end - interval.elapsed)
+    start = interval.end - interval.elapsed
+    close_wait(request, before, start)
+    last_job = request.last_job
+    if (
+        last_job is not None
+        and last_job[1] > start
+        and (type(before) is Waiting or type(now) is Waiting)
+    ):
+        interval = _less_job(interval, start, last_job)
     if job_began is not None and now is not None:
         own = min(interval.elapsed, interval.end - job_began)
         if before is not None and interval.elapsed > own:
@@ -329,3 +356,27 @@ def _credit_change(
         add_time(request, now, own)
     else:
         credit(request, before, now, interval)
+
+
+def _age(request: RequestProfile) -> float:
+    """How long ``request`` has had time of its own to credit: since it started, or since
+    its last worker job ended (the time before that is the job's, see ``jobs_ended``)."""
+    since = request.start_perf
+    last_job = request.last_job
+    if last_job is not None and last_job[1] > since:
+        since = last_job[1]
+    return _clock.perf_counter() - since
+
+
+def _less_job(interval: Interval, start: float, job: tuple[float, float]) -> Interval:
+    """``interval`` (from ``start``) less its overlap with ``job``'s run (began, ended),
+    which the job recorded while the task waited for it: its parts shrunk alike."""
+    covered = min(job[1], interval.end) - max(job[0], start)
+    if covered <= 0.0:
+        return interval
+    if covered >= interval.elapsed:
+        return Interval(interval.end, 0.0, 0.0, 0.0)
+    kept = 1.0 - covered / interval.elapsed
+    return Interval(
+        interval.end, interval.elapsed * kept, interval.slept * kept, interval.gil_wait * kept
+    )

@@ -196,14 +196,15 @@ class AlwaysOnSampler:
             request = job.request
             if request.closed:
                 return
+            now = _clock.perf_counter()
             if state is not None:
-                trailing = self._trailing(max(self.last_tick, job.began))
+                trailing = self._trailing(max(self.last_tick, job.began), until=now)
                 if trailing:
                     add_time(request, state, trailing)
             elif func is not None and job.submitted_from is not None and not job.seen:
-                request.add_worker(
-                    job_stack(job.submitted_from, func, args), _clock.perf_counter() - job.began
-                )
+                request.add_worker(job_stack(job.submitted_from, func, args), now - job.began)
+            if job.submitted_from is not None:
+                self.ledger.jobs_ended(request, job.began, now)
 
     def _tick_if_overdue(self) -> None:
         """Tick now, from this thread, if no tick came for a while (a worker job starting

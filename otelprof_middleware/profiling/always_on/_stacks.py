@@ -7,6 +7,7 @@ of other threads are named read-only (``_frames``); await stacks are cached.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import gc
 import threading
@@ -132,8 +133,21 @@ def _unwrapped(func: Callable[..., Any]) -> Callable[..., Any]:
         # FastAPI runs a ``def`` endpoint as ``_run_sync_endpoint(function=endpoint, ...)``:
         # the endpoint, the user's code, names the job rather than FastAPI's wrapper.
         endpoint = func.keywords.get("function")
-        func = endpoint if callable(endpoint) else func.func
+        if callable(endpoint):
+            func = endpoint
+        elif func.args and _runs_in_a_context(func.func):
+            # ``asyncio.to_thread(f, ...)`` submits ``partial(context.run, f, ...)``.
+            func = func.args[0]
+        else:
+            func = func.func
     return func
+
+
+def _runs_in_a_context(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` is some context's bound ``run`` (``contextvars.Context.run``)."""
+    return type(getattr(func, "__self__", None)) is contextvars.Context and (
+        getattr(func, "__name__", None) == "run"
+    )
 
 
 AWAIT_STACKS: dict[tuple[int, ...], list[str]] = {}
