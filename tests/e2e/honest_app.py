@@ -1,4 +1,9 @@
-"""FastAPI app for the honest-profiles tests: every way a request's work can run."""
+"""FastAPI app for the honest-profiles tests: every way a request's work can run.
+
+Each response reports how long its marker actually ran (``elapsed``, seconds: in the JSON
+body, per chunk of a streamed body, and in the 500 response of the raising endpoint): the
+known time a profile is checked against.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 import anyio.to_thread
-from fastapi import BackgroundTasks, Depends, FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi import BackgroundTasks, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from demo_app.telemetry import configure_tracing
@@ -74,9 +79,9 @@ async def to_thread(n: int, ms: float = 30) -> dict[str, float]:
 async def stream_async(n: int, ms: float = 30) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         for index in range(3):
-            MARKERS[n](_seconds(ms) / 3)
+            elapsed = MARKERS[n](_seconds(ms) / 3)
             await asyncio.sleep(0.001)
-            yield f"chunk {index}\n"
+            yield f"chunk {index} {elapsed}\n"
 
     return StreamingResponse(body(), media_type="text/plain")
 
@@ -85,20 +90,30 @@ async def stream_async(n: int, ms: float = 30) -> StreamingResponse:
 def stream_sync(n: int, ms: float = 30) -> StreamingResponse:
     def body() -> Iterator[str]:
         for index in range(3):
-            MARKERS[n](_seconds(ms) / 3)
-            yield f"chunk {index}\n"
+            elapsed = MARKERS[n](_seconds(ms) / 3)
+            yield f"chunk {index} {elapsed}\n"
 
     return StreamingResponse(body(), media_type="text/plain")
 
 
 class MarkerFailure(RuntimeError):
-    pass
+    def __init__(self, n: int, elapsed: float) -> None:
+        super().__init__(f"marker {n} failed on purpose")
+        self.elapsed = elapsed
 
 
 @app.get("/raise/{n}")
 async def raises(n: int, ms: float = 30) -> None:
-    MARKERS[n](_seconds(ms))
-    raise MarkerFailure(f"marker {n} failed on purpose")
+    raise MarkerFailure(n, MARKERS[n](_seconds(ms)))
+
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's outermost ServerErrorMiddleware sends this 500 and re-raises: the
+    # exception still goes through the profiling middleware and out to the server.
+    return JSONResponse({"elapsed": getattr(exc, "elapsed", None)}, status_code=500)
+
+
+app.add_exception_handler(Exception, _server_error)
 
 
 @app.get("/background/{n}")

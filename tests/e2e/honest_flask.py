@@ -1,10 +1,15 @@
-"""Flask app for the honest-profiles tests under gunicorn gthread."""
+"""Flask app for the honest-profiles tests under gunicorn gthread.
+
+Each response reports how long its marker actually ran (``elapsed``, seconds), as the
+FastAPI app's do.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import InternalServerError
 
 from demo_app.telemetry import configure_tracing
 from otelprof_middleware import WSGIProfilingMiddleware
@@ -33,13 +38,24 @@ def stream(n: int) -> Response:
 
     def body() -> Iterator[str]:
         for index in range(3):
-            MARKERS[n](seconds / 3)
-            yield f"chunk {index}\n"
+            elapsed = MARKERS[n](seconds / 3)
+            yield f"chunk {index} {elapsed}\n"
 
     return Response(body(), mimetype="text/plain")
 
 
+class MarkerFailure(RuntimeError):
+    def __init__(self, n: int, elapsed: float) -> None:
+        super().__init__(f"marker {n} failed on purpose")
+        self.elapsed = elapsed
+
+
 @app.get("/wsgi-raise/<int:n>")
 def raises(n: int) -> Response:
-    MARKERS[n](_seconds())
-    raise RuntimeError(f"marker {n} failed on purpose")
+    raise MarkerFailure(n, MARKERS[n](_seconds()))
+
+
+@app.errorhandler(InternalServerError)
+def server_error(error: InternalServerError) -> tuple[Response, int]:
+    # (Flask's own 500 for an unhandled exception, with the marker's time in it)
+    return jsonify(elapsed=getattr(error.original_exception, "elapsed", None)), 500

@@ -1,8 +1,12 @@
 """Issue 4's measurement: what fraction of each marker's known time is in its own profile.
 
-Known time is the requested 30 ms of wall-clock spinning. Under contention a marker can
-run past its deadline (it notices the deadline only once it holds the GIL again), so
-fractions above 100% appear; the lower bound is what the test holds.
+Each request asks for 30 ms of wall-clock spinning in its marker; the known time is how
+long the marker actually ran, which the app reports in its response. Under contention a
+marker runs past its deadline (it notices the deadline only once it holds the GIL again:
+60 ms and more with 8 threads spinning), so measured against the requested 30 ms a profile
+that missed part of it could still read 100%, and one that over-counted could not be told
+from an overrun. Against the marker's own time, both show: the tests hold a floor and,
+per case, a ceiling on the median.
 
 Real uvicorn (one worker, so every request shares one event loop) and gunicorn gthread
 (8 threads). Each request calls its own uniquely named marker function for a known
@@ -59,6 +63,7 @@ class Sent:
     n: int
     trace_id: str
     status: int
+    marker_seconds: float  # how long the marker actually ran (the app's report)
 
 
 def _send(base_url: str, case: str, n: int) -> Sent:
@@ -67,7 +72,17 @@ def _send(base_url: str, case: str, n: int) -> Sent:
     limits = httpx.Limits(max_keepalive_connections=0)
     with httpx.Client(base_url=base_url, timeout=30, limits=limits) as client:
         response = client.get(f"/{case}/{n}", params={"ms": MARKER_MS}, headers=headers)
-    return Sent(case, n, trace_id, response.status_code)
+    return Sent(case, n, trace_id, response.status_code, _marker_seconds(response))
+
+
+def _marker_seconds(response: httpx.Response) -> float:
+    """How long the request's marker ran, as the app reports it: ``elapsed`` in a JSON
+    body, or the sum of the ``chunk <i> <elapsed>`` lines of a streamed one."""
+    if response.headers.get("content-type", "").startswith("text/plain"):
+        return sum(float(line.split()[2]) for line in response.text.splitlines())
+    elapsed = response.json().get("elapsed")
+    assert isinstance(elapsed, float), f"no marker time in {response.status_code} {response.text}"
+    return elapsed
 
 
 def _stored(
@@ -85,17 +100,24 @@ def _stored(
         store.close()
 
 
-def _report(title: str, rows: dict[str, list[float]], foreign: dict[str, int]) -> str:
+def _report(
+    title: str,
+    rows: dict[str, list[float]],
+    foreign: dict[str, int],
+    totals: dict[str, list[float]],
+) -> str:
     lines = [
         f"### {title}",
         "",
-        "| case | requests | own min | own median | foreign markers |",
-        "|---|---:|---:|---:|---:|",
+        "| case | requests | own min | own median | own max | profile/duration max "
+        "| foreign markers |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for case, fractions in rows.items():
         lines.append(
             f"| {case} | {len(fractions)} | {min(fractions):.0%} | "
-            f"{statistics.median(fractions):.0%} | {foreign[case]} |"
+            f"{statistics.median(fractions):.0%} | {max(fractions):.0%} | "
+            f"{max(totals[case]):.0%} | {foreign[case]} |"
         )
     text = "\n".join(lines) + "\n"
     _append(text)
@@ -128,18 +150,22 @@ def _check(
     assert not missing, f"no profile stored for {missing}"
     rows: dict[str, list[float]] = {}
     foreign: dict[str, int] = {}
+    totals: dict[str, list[float]] = {}  # each profile's recorded time over its duration
     failures = []
     for s in sent:
-        result = attribute(records[s.trace_id].session(), s.n)
-        fraction = result.own_fraction(MARKER_MS / 1000.0)
+        session = records[s.trace_id].session()
+        result = attribute(session, s.n)
+        fraction = result.own_fraction(s.marker_seconds)
         rows.setdefault(s.case, []).append(fraction)
+        recorded = sum(seconds for _, seconds in session.frame_records)
+        totals.setdefault(s.case, []).append(recorded / session.duration)
         foreign[s.case] = foreign.get(s.case, 0) + len(result.foreign)
         # Always-on ticks are statistical (5 ms, jittered, GIL-bound): a single 30 ms
         # marker may get no tick under contention, so only the median is held there.
         too_low = server.mode == "hook" and fraction < OWN_TARGET
         if too_low or result.foreign:
             failures.append((s.case, s.n, round(fraction, 3), sorted(result.foreign)))
-    _report(title, rows, foreign)
+    _report(title, rows, foreign, totals)
     assert not failures, failures
     if server.mode == "always_on":
         pooled = statistics.median(f for fractions in rows.values() for f in fractions)
@@ -197,7 +223,7 @@ def test_background_task_work_is_in_no_profile(asgi_server: Server) -> None:
     for s in sent:
         result = attribute(records[s.trace_id].session(), s.n)
         if asgi_server.mode == "hook":
-            assert result.own_fraction(MARKER_MS / 1000.0) >= OWN_TARGET
+            assert result.own_fraction(s.marker_seconds) >= OWN_TARGET
         assert result.foreign == frozenset(), (s, result.foreign)  # n + 32 is not in it
     # ... nor in any other profile: background work is not attributed to any request.
     store = SQLiteStore(str(asgi_server.state_dir / "profiles.db"))
@@ -273,13 +299,14 @@ def test_wsgi_threads_each_hold_their_own_frames(wsgi_server: Server) -> None:
         sent = list(pool.map(lambda job: _send(wsgi_server.base_url, *job), jobs))
     for s in sent:
         assert s.status == (500 if s.case == "wsgi-raise" else 200), s
-    # Always-on on 8 CPU-bound threads is issue 14's known gap: pooled medians 0.82-0.98 in
-    # four clean runs, 0.69 in a fifth; below the per-case floor it still fails.
+    # Always-on on 8 CPU-bound threads is issue 14's known gap: against each marker's own
+    # time, the Flask rounds' pooled medians read 0.79-1.01 in 14 runs; below the floor it
+    # still fails.
     _check(
         wsgi_server,
         sent,
         "WSGI (gunicorn gthread, 8 threads), 24 requests 16 at a time",
-        known_gap_floor=ALWAYS_ON_CASE_MEDIAN_FLOOR["wsgi"],
+        known_gap_floor=ALWAYS_ON_KNOWN_GAP_FLOORS["wsgi"],
     )
 
 
@@ -290,61 +317,66 @@ def _fresh_report() -> None:
         path.unlink()
 
 
-CASE_MEDIAN_TARGET = 0.85  # issue 14: every case's median own fraction (hook mode holds it)
-# Known gap, always-on with CPU-bound work on threads (gunicorn's 8 threads; on uvicorn the
-# worker threads of `def` endpoints and sync streaming bodies): the sampler thread needs
-# the GIL to read the threads' frames and waits for it behind the busy threads (about one
-# switch interval, 5 ms, per busy thread), so a 30 ms marker gets 0-2 ticks, and the time
-# between a job's start and its first tick is credited only up to a cap (crediting it to
-# what the tick sees put I/O-bound work under the socket write). Measured medians: ASGI
-# 0.67-1.50 per case (sync streaming lowest), gunicorn gthread 0.55-0.81; below these
-# floors in runs on a machine loaded 3x over its cores. Issue 14 keeps this open.
-ALWAYS_ON_CASE_MEDIAN_FLOOR = {"asgi": 0.50, "wsgi": 0.40}
+CASE_MEDIAN_TARGET = 0.85  # issue 14's bar: every case's median own fraction
+CASE_MEDIAN_CEILING = 1.25  # above: a case's profiles over-count their marker
+# Always-on: a case's median below the target is issue 14's known gap, an expected failure
+# (xfail, with the figures); below its floor it fails. The gap is work on threads whose
+# ticks wait for the GIL behind them: a 10 ms sync stream chunk on a worker thread often
+# ends before any tick (the SIGPROF timer's 5 ms of CPU, then up to a 5 ms switch interval
+# before the loop thread runs the handler), and its time goes under the generator without
+# the frames inside it; gunicorn's 8 threads spinning at once wait each other out too.
+# Measured against each marker's own time, 14 runs of the ASGI cases on one machine: per
+# case medians 0.87-1.04 but for sync streaming (0.71-1.00); 6 runs of the Flask cases:
+# 0.84-1.00 (view, raising view) and 0.72-0.98 (generator body).
+ALWAYS_ON_CASE_MEDIAN_FLOOR = 0.75
+ALWAYS_ON_KNOWN_GAP_FLOORS = {
+    "stream-sync": 0.50,
+    "wsgi": 0.40,
+    "wsgi-stream": 0.40,
+    "wsgi-raise": 0.40,
+}
 
 
-def _eight_at_a_time(
-    server: Server, cases: list[str], title: str, *, target: float, known_gap: bool = False
-) -> None:
+def _eight_at_a_time(server: Server, cases: list[str], title: str) -> None:
     """8 concurrent requests of one way of running work, case after case: each case's
-    median own fraction >= ``target``, and no foreign marker anywhere.
-
-    ``known_gap``: a median below ``target`` is an expected failure (xfail, with the
-    figures), not a pass; foreign markers and missing profiles still fail."""
+    median own fraction >= the target (hook mode) or its floor (always-on, where one
+    between the floor and the target is the known gap: xfail), never above the ceiling,
+    and no foreign marker anywhere."""
     sent: list[Sent] = []
     with ThreadPoolExecutor(8) as pool:
         for index, case in enumerate(cases):
             numbers = range(8 * (index % 8), 8 * (index % 8) + 8)  # (64 markers)
             sent.extend(pool.map(lambda n, case=case: _send(server.base_url, case, n), numbers))
-    _check(server, sent, title, pooled_target=0.0 if known_gap else target)
+    _check(server, sent, title, pooled_target=0.0)  # (each case's median is held below)
     records = _stored(server, [s.trace_id for s in sent])
     medians = {
         case: statistics.median(
-            attribute(records[s.trace_id].session(), s.n).own_fraction(MARKER_MS / 1000.0)
+            attribute(records[s.trace_id].session(), s.n).own_fraction(s.marker_seconds)
             for s in sent
             if s.case == case
         )
         for case in cases
     }
-    low = {case: round(m, 2) for case, m in medians.items() if m < target}
-    if low and known_gap:
-        pytest.xfail(f"known gap (issue 14): cases below {target:.0%} median: {low}")
-    assert not low, f"cases below {target:.0%} median: {low}"
+    always_on = server.mode == "always_on"
+    floors = {
+        case: ALWAYS_ON_KNOWN_GAP_FLOORS.get(case, ALWAYS_ON_CASE_MEDIAN_FLOOR)
+        if always_on
+        else CASE_MEDIAN_TARGET
+        for case in cases
+    }
+    low = {case: round(m, 2) for case, m in medians.items() if m < floors[case]}
+    high = {case: round(m, 2) for case, m in medians.items() if m > CASE_MEDIAN_CEILING}
+    assert not low, f"cases below their floor ({floors}): {low}"
+    assert not high, f"cases above {CASE_MEDIAN_CEILING:.0%} median: {high}"
+    gap = {case: round(m, 2) for case, m in medians.items() if m < CASE_MEDIAN_TARGET}
+    if gap:
+        pytest.xfail(f"known gap (issue 14): cases below {CASE_MEDIAN_TARGET:.0%} median: {gap}")
 
 
 def test_8_concurrent_per_case(asgi_server: Server) -> None:
     cases = [case for case in ASGI_CASES if case != "background"]  # (in no profile)
-    target = CASE_MEDIAN_TARGET
-    if asgi_server.mode == "always_on":
-        target = ALWAYS_ON_CASE_MEDIAN_FLOOR["asgi"]
-    title = "ASGI (uvicorn, 1 worker), 8 concurrent per case"
-    _eight_at_a_time(asgi_server, cases, title, target=target)
+    _eight_at_a_time(asgi_server, cases, "ASGI (uvicorn, 1 worker), 8 concurrent per case")
 
 
 def test_wsgi_8_concurrent_per_case(wsgi_server: Server) -> None:
-    """Hook mode holds the target. Always-on on 8 CPU-bound gunicorn threads is the known
-    gap of issue 14 (medians 0.55-0.86 per case, and once 0.0 for the raising view in a
-    clean-clone CI run): there, a case below its floor is an expected failure."""
-    always_on = wsgi_server.mode == "always_on"
-    target = ALWAYS_ON_CASE_MEDIAN_FLOOR["wsgi"] if always_on else CASE_MEDIAN_TARGET
-    title = "WSGI (gunicorn gthread, 8 threads), 8 per case"
-    _eight_at_a_time(wsgi_server, WSGI_CASES, title, target=target, known_gap=always_on)
+    _eight_at_a_time(wsgi_server, WSGI_CASES, "WSGI (gunicorn gthread, 8 threads), 8 per case")
