@@ -42,6 +42,7 @@ from bench.run import (
     _server_env,
     _settle,
     _stop,
+    _tree,
     _wait_ready,
     parse_wrk,
 )
@@ -94,20 +95,11 @@ def _check_serves_its_code(measured: _Measured) -> None:
         served = json.load(response)
     package = Path(served.get("package_path", ""))
     pid = int(served.get("pid", 0))
-    ours = pid == running.process.pid or _parent(pid) == running.process.pid  # (gunicorn's worker)
-    if not ours or measured.code_dir not in package.parents:
+    if pid not in _tree(running.process.pid) or measured.code_dir not in package.parents:
         raise RuntimeError(
             f"{measured.spec}: port {running.port} is served by {served.get('variant')} "
             f"from {package} (pid {pid}), not by this spec's server; see {running.log_path}"
         )
-
-
-def _parent(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    return int(stat.rpartition(")")[2].split()[1])
 
 
 def _wrk(port: int, path: str, connections: int, seconds: int) -> str:
