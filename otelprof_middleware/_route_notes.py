@@ -7,7 +7,8 @@ scope / environ under :data:`~.profiling._span.ROUTE_KEY` once routing has match
 * Falcon, on its request object (``req.uri_template``): a Falcon middleware of ours;
 * Quart, on its request, in a task of its own: its ``request_started`` signal;
 * Flask, for a request whose error Flask propagates: its ``got_request_exception`` signal
-  (any other Flask request is read from the environ when the response starts);
+  (any other Flask request is read from the environ when the response starts), and for
+  a ``BaseException``, which has no signal, :func:`flask_rule_in_traceback`;
 * Pyramid, on its request object (``request.matched_route.pattern``): a ``ContextFound``
   subscriber of ours.
 
@@ -23,6 +24,7 @@ from ._failsafe import log_failure
 from .profiling._span import ROUTE_KEY
 
 __all__ = [
+    "flask_rule_in_traceback",
     "note_falcon_routes",
     "note_flask_routes_on_errors",
     "note_pyramid_routes",
@@ -128,6 +130,33 @@ def note_flask_routes_on_errors(app: object) -> None:
 def _note_flask_route(sender: object, **extra: object) -> None:
     """Flask's ``got_request_exception`` receiver."""
     _note_rule(sys.modules["flask"], "environ")
+
+
+def flask_rule_in_traceback(error: BaseException) -> str | None:
+    """The matched URL rule of the Flask request that ``error`` ended, read from the
+    request context in Flask's ``wsgi_app`` frame of the error's traceback.
+
+    For a ``BaseException``, which Flask never handles and sends no signal for: the
+    ``SystemExit`` that gunicorn's sync worker raises in the view when the request
+    outlives ``--timeout`` (the profile wanted most), a ``KeyboardInterrupt``. By the time
+    it reaches us Flask has cleared its request from the environ, but the finished frame
+    of ``wsgi_app`` still holds its request context (``ctx``, the name since Flask 0.x).
+    Read only on that error path: Flask's ``request_tearing_down`` signal would carry the
+    error too, but costs every request about 1 µs.
+    """
+    flask_app = sys.modules.get("flask.app")
+    if flask_app is None:
+        return None
+    wsgi_app_code = flask_app.Flask.wsgi_app.__code__
+    traceback = error.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_code is wsgi_app_code:
+            request = getattr(frame.f_locals.get("ctx"), "request", None)
+            rule = getattr(getattr(request, "url_rule", None), "rule", None)
+            return rule if isinstance(rule, str) and rule else None
+        traceback = traceback.tb_next
+    return None
 
 
 def _note_rule(framework: Any, carrier: str) -> None:

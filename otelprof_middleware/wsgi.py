@@ -32,7 +32,12 @@ from ._inner_join import (
     otel_wsgi_below,
 )
 from ._request import RequestFacts, normalise_method
-from ._route_notes import note_falcon_routes, note_flask_routes_on_errors, note_pyramid_routes
+from ._route_notes import (
+    flask_rule_in_traceback,
+    note_falcon_routes,
+    note_flask_routes_on_errors,
+    note_pyramid_routes,
+)
 from ._types import ExcInfo, StartResponse, WSGIApp, WSGIEnvironment
 from .profiling._active_profile import ActiveProfile
 from .profiling._engine import ProfilerCore
@@ -224,10 +229,11 @@ class WSGIProfilingMiddleware:
             )
         except BaseException as error:
             # The app raised before start_response (Flask with PROPAGATE_EXCEPTIONS, as in
-            # debug mode): the route is still known, in the request the app left behind.
+            # debug mode; gunicorn's timeout): the route is still known, in the request
+            # the app left behind or in the error's traceback.
             try:
                 method = normalise_method(str(environ.get("REQUEST_METHOD", "")))
-                name_by_route(span, method, route_template(environ, root))
+                name_by_route(span, method, route_template(environ, root, error))
             except Exception as exc:
                 log_failure("span", exc)
             _end_span(span, error)
@@ -306,7 +312,9 @@ def _path_of(environ: WSGIEnvironment) -> str:
     return str(environ.get("PATH_INFO", "") or "/")
 
 
-def route_template(environ: WSGIEnvironment, root: str = "") -> str | None:
+def route_template(
+    environ: WSGIEnvironment, root: str = "", error: BaseException | None = None
+) -> str | None:
     """The matched route template: Flask's URL rule, Django's pattern (RouteMiddleware),
     Bottle's route rule.
 
@@ -315,7 +323,9 @@ def route_template(environ: WSGIEnvironment, root: str = "") -> str | None:
     ``SCRIPT_NAME`` when the middleware was called. A dispatcher inside the middleware
     (werkzeug's ``DispatcherMiddleware``) has moved its mount point into ``SCRIPT_NAME``
     since, and the app's template is relative to that: the mount point is put back in
-    front (``/shop`` + ``/items/<int:item_id>``), as for a Starlette ``Mount``.
+    front (``/shop`` + ``/items/<int:item_id>``), as for a Starlette ``Mount``. ``error``:
+    what the app raised instead of answering, for a Flask request whose rule is in the
+    environ no more (:func:`~._route_notes.flask_rule_in_traceback`).
     """
     request = environ.get("werkzeug.request")
     rule = getattr(getattr(request, "url_rule", None), "rule", None)
@@ -323,6 +333,8 @@ def route_template(environ: WSGIEnvironment, root: str = "") -> str | None:
         rule = environ.get(ROUTE_KEY)
     if not isinstance(rule, str):
         rule = getattr(environ.get("bottle.route"), "rule", None)
+    if not isinstance(rule, str) and error is not None:
+        rule = flask_rule_in_traceback(error)
     if not isinstance(rule, str) or not rule:
         return None
     script_name = environ.get("SCRIPT_NAME", "")
@@ -424,13 +436,14 @@ class _ProfiledResponse:
 
     def app_raised(self, error: BaseException) -> None:
         """The app raised instead of answering: a failed request. Its route is read now
-        if ``start_response`` never ran (Flask with ``PROPAGATE_EXCEPTIONS``, as under
-        ``flask run --debug``): Flask's request, with its matched rule, stays in the
-        environ after the app returns."""
+        if ``start_response`` never ran: Flask with ``PROPAGATE_EXCEPTIONS`` (as under
+        ``flask run --debug``) has noted it in the environ
+        (:func:`~._route_notes.note_flask_routes_on_errors`); for a ``BaseException``
+        (gunicorn's timeout) it is read from the error's traceback."""
         self.failed = isinstance(error, Exception)
         if self._route is None:
             try:
-                self._route = route_template(self._environ, self._root)
+                self._route = route_template(self._environ, self._root, error)
             except Exception as exc:
                 log_failure("adapter", exc)
 

@@ -290,25 +290,42 @@ def test_a_one_item_body_keeps_its_length_for_the_server(otel: Any, closing: lis
     assert ours == plain
 
 
-def test_an_app_that_raises_keeps_its_route(otel: Any, closing: list[Any]) -> None:
-    """Flask propagating the error (``PROPAGATE_EXCEPTIONS``, on under ``flask run
-    --debug``) never calls ``start_response``: the route was read only there, so the kept
-    error profile had an empty route and the span no ``http.route``."""
+@pytest.mark.parametrize(
+    ("error", "propagate"),
+    [
+        (RuntimeError("on purpose"), True),
+        # gunicorn's sync worker raises SystemExit in the view when the request outlives
+        # --timeout (tests/e2e/test_gunicorn_timeout.py runs that for real); Flask never
+        # handles a BaseException, and no signal of Flask's comes with it.
+        (SystemExit(1), False),
+        (KeyboardInterrupt(), False),
+    ],
+    ids=["exception-propagated", "SystemExit", "KeyboardInterrupt"],
+)
+def test_an_app_that_raises_keeps_its_route(
+    otel: Any, closing: list[Any], error: BaseException, propagate: bool
+) -> None:
+    """An error Flask lets through never calls ``start_response``, where the route is
+    read otherwise, and Flask clears its request from the environ before the error reaches
+    us: the kept error profile had an empty route and the span no ``http.route``. Flask
+    propagates an ``Exception`` under ``PROPAGATE_EXCEPTIONS`` (on under ``flask run
+    --debug``) and every ``BaseException``."""
     store = MemoryStore()
     app = make_flask()
-    app.config["PROPAGATE_EXCEPTIONS"] = True
+    app.config["PROPAGATE_EXCEPTIONS"] = propagate
 
     @app.get("/boom/<int:n>")
     def boom(n: int) -> Response:
         marker_alpha(0.003)
-        raise RuntimeError("on purpose")
+        raise error
 
     middleware = profiled(app, otel, store, closing)
-    with pytest.raises(RuntimeError, match="on purpose"):
+    with pytest.raises(type(error)):
         Client(app).get("/boom/7")
     middleware.core.writer.flush()
     [summary] = store.list()
     assert summary.route == "/boom/<int:n>"
+    assert summary.status_code == 500
     [span] = server_spans(otel[1])
     assert span.status.status_code == StatusCode.ERROR
     assert span.name == "GET /boom/<int:n>"

@@ -107,7 +107,9 @@ def uvicorn(
     return command if access_log else [*command, "--no-access-log"]
 
 
-def gunicorn(app: str, port: int, workers: int = 2, threads: int = 4) -> list[str]:
+def gunicorn(
+    app: str, port: int, workers: int = 2, threads: int = 4, worker_class: str = "gthread"
+) -> list[str]:
     return [
         str(BIN / "python"),
         "-m",
@@ -118,7 +120,7 @@ def gunicorn(app: str, port: int, workers: int = 2, threads: int = 4) -> list[st
         "--workers",
         str(workers),
         "--worker-class",
-        "gthread",
+        worker_class,
         "--threads",
         str(threads),
     ]
