@@ -212,3 +212,71 @@ def test_uvicorn_root_path(tmp_path: Path) -> None:
     assert row["route"] == "/items/{item_id}"
     assert row["url"].startswith(server.base_url + "/svc/debug/profile/")
     assert links == [row["url"]]
+
+
+@pytest.mark.parametrize("server_name", ["gunicorn", "uvicorn"])
+def test_workers_recycled_under_load_lose_no_profile(server_name: str, tmp_path: Path) -> None:
+    """The production recipes ``gunicorn --max-requests`` and ``uvicorn
+    --limit-max-requests``: each worker exits after a few requests, with others in
+    flight, and a new one starts. Every request still has its span, every span its link,
+    every link its profile in the store, in the default mode with every profile kept.
+    (The leaving worker's writer has usually emptied its queue before the worker exits:
+    this passes without the exit drain too, which ``tests/test_exit_flush.py`` covers.)"""
+    port = free_port()
+    if server_name == "gunicorn":
+        command = [
+            *gunicorn("demo_app.flask_app:app", port, workers=2, threads=4),
+            "--max-requests",
+            "12",
+            "--max-requests-jitter",
+            "4",
+        ]
+        recycled = "Autorestarting worker after current request"
+    else:
+        command = [
+            *uvicorn("demo_app.fastapi_app:app", port, workers=2),
+            "--limit-max-requests",
+            "12",
+        ]
+        recycled = "Maximum request limit"
+    env = {"OTELPROF_MODE": ""}  # the default mode; the demo keeps every profile
+    requests = 96
+    with run_server(command, tmp_path, port=port, env=env) as server:
+
+        def get(i: int) -> int | str:
+            try:
+                return httpx.get(server.base_url + f"/cpu?ms={10 + i % 5}", timeout=30).status_code
+            except httpx.HTTPError as error:  # (a worker exiting as a connection opens)
+                return type(error).__name__
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(get, range(requests)))
+        answered = statuses.count(200)
+        assert answered >= requests - 8, statuses
+        log = server.log.read_text()
+        assert log.count(recycled) >= 4, log
+        deadline = time.monotonic() + 15
+        while True:
+            spans = [s for s in server.server_spans() if _path(s) == "/cpu"]
+            if len(spans) >= answered or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert len(spans) >= answered, (len(spans), statuses)
+        assert all(PROFILE_URL in s["attributes"] for s in spans)
+        index = httpx.get(server.base_url + "/debug/profile?format=json&limit=1000").json()
+        listed = {(row["trace_id"], row["span_id"]) for row in index["profiles"]}
+        linked = {
+            (
+                s["context"]["trace_id"].removeprefix("0x"),
+                s["context"]["span_id"].removeprefix("0x"),
+            )
+            for s in spans
+        }
+        assert linked <= listed, sorted(linked - listed)
+
+
+def _path(span: dict[str, Any]) -> str:
+    """The request's path, in the new semantic conventions (``url.path``, uvicorn) or the
+    old ones (``http.target``, OTel's WSGI attributes)."""
+    attributes = span["attributes"]
+    return str(attributes.get("url.path") or attributes.get("http.target", "")).split("?")[0]
