@@ -33,8 +33,9 @@ ROUTE = "/reports/<int:report_id>"
 
 @pytest.fixture(params=["defaults", "hook"])
 def sync_worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
-    """gunicorn's sync worker with a 1 s timeout, the middleware at the package defaults
-    (blank: unset, over the suite's conftest) or in hook mode."""
+    """gunicorn's sync worker with a 1 s timeout (and ``--preload``, common with it), the
+    middleware at the package defaults (blank: unset, over the suite's conftest) or in hook
+    mode."""
     env = dict(PACKAGE_DEFAULTS)
     if request.param == "hook":
         env["OTELPROF_MODE"] = "hook"
@@ -43,6 +44,9 @@ def sync_worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Serv
         *gunicorn("tests.e2e.timeout_flask:app", port, workers=1, threads=1, worker_class="sync"),
         "--timeout",
         "1",
+        # The app imported once, before the fork: a worker importing it itself could
+        # outlive the 1 s timeout while it boots on a slow machine, and be killed then.
+        "--preload",
     ]
     with run_server(command, tmp_path, port=port, env=env) as server:
         yield server
