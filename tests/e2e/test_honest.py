@@ -341,22 +341,13 @@ def _eight_at_a_time(server: Server, cases: list[str], title: str) -> None:
     """8 concurrent requests of one way of running work, case after case: each case's
     median own fraction >= the target (hook mode) or its floor (always-on, where one
     between the floor and the target is the known gap: xfail), never above the ceiling,
-    and no foreign marker anywhere."""
-    sent: list[Sent] = []
-    with ThreadPoolExecutor(8) as pool:
-        for index, case in enumerate(cases):
-            numbers = range(8 * (index % 8), 8 * (index % 8) + 8)  # (64 markers)
-            sent.extend(pool.map(lambda n, case=case: _send(server.base_url, case, n), numbers))
-    _check(server, sent, title, pooled_target=0.0)  # (each case's median is held below)
-    records = _stored(server, [s.trace_id for s in sent])
-    medians = {
-        case: statistics.median(
-            attribute(records[s.trace_id].session(), s.n).own_fraction(s.marker_seconds)
-            for s in sent
-            if s.case == case
-        )
-        for case in cases
-    }
+    and no foreign marker anywhere.
+
+    A case whose median of 8 falls below its floor is sent 8 more times and judged on
+    all 16: a burst of another process's CPU on a shared machine can pull 8 requests
+    down at once (an always-on async streaming case read 0.74 so, where 14 undisturbed
+    runs read 0.87 to 1.04), and a real loss stays low over 16.
+    """
     always_on = server.mode == "always_on"
     floors = {
         case: ALWAYS_ON_KNOWN_GAP_FLOORS.get(case, ALWAYS_ON_CASE_MEDIAN_FLOOR)
@@ -364,13 +355,45 @@ def _eight_at_a_time(server: Server, cases: list[str], title: str) -> None:
         else CASE_MEDIAN_TARGET
         for case in cases
     }
+    sent = _eight_each(server, cases, set(cases))
+    medians = _case_medians(server, sent)
+    again = {case for case in cases if medians.get(case, 0.0) < floors[case]}
+    if again:
+        sent += _eight_each(server, cases, again)
+        medians = _case_medians(server, sent)
+    _check(server, sent, title, pooled_target=0.0)  # (each case's median is held below)
     low = {case: round(m, 2) for case, m in medians.items() if m < floors[case]}
     high = {case: round(m, 2) for case, m in medians.items() if m > CASE_MEDIAN_CEILING}
-    assert not low, f"cases below their floor ({floors}): {low}"
+    assert not low, f"cases below their floor ({floors}), after 16 requests each: {low}"
     assert not high, f"cases above {CASE_MEDIAN_CEILING:.0%} median: {high}"
     gap = {case: round(m, 2) for case, m in medians.items() if m < CASE_MEDIAN_TARGET}
     if gap:
         pytest.xfail(f"known gap (issue 14): cases below {CASE_MEDIAN_TARGET:.0%} median: {gap}")
+
+
+def _eight_each(server: Server, cases: list[str], chosen: set[str]) -> list[Sent]:
+    """8 concurrent requests of each chosen case, case after case (each case has its own
+    8 of the 64 markers, by its place in ``cases``)."""
+    sent: list[Sent] = []
+    with ThreadPoolExecutor(8) as pool:
+        for index, case in enumerate(cases):
+            if case not in chosen:
+                continue
+            numbers = range(8 * (index % 8), 8 * (index % 8) + 8)  # (64 markers)
+            sent.extend(pool.map(lambda n, case=case: _send(server.base_url, case, n), numbers))
+    return sent
+
+
+def _case_medians(server: Server, sent: list[Sent]) -> dict[str, float]:
+    """Each case's median own fraction over its stored profiles (``_check`` fails on a
+    missing one)."""
+    records = _stored(server, [s.trace_id for s in sent])
+    fractions: dict[str, list[float]] = {}
+    for s in sent:
+        if s.trace_id in records:
+            result = attribute(records[s.trace_id].session(), s.n)
+            fractions.setdefault(s.case, []).append(result.own_fraction(s.marker_seconds))
+    return {case: statistics.median(values) for case, values in fractions.items()}
 
 
 def test_8_concurrent_per_case(asgi_server: Server) -> None:
