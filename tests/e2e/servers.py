@@ -44,6 +44,14 @@ class Server:
         return [s for s in self.spans() if s["kind"] == "SpanKind.SERVER"]
 
 
+def request_path(span: dict[str, Any]) -> str:
+    """An exported server span's request path, without its query: ``url.path`` in the new
+    HTTP conventions, ``http.target`` in the old ones that OTel's generic ASGI/WSGI
+    middleware still emits."""
+    attributes = span["attributes"]
+    return str(attributes.get("url.path") or attributes.get("http.target", "")).split("?")[0]
+
+
 @contextmanager
 def run_server(
     command: Sequence[str],

@@ -31,7 +31,7 @@ from otelprof_middleware.stores import MemoryStore
 
 from ..django_app import middleware
 from ..helpers import free_port, http_scope, make_provider
-from .servers import Server, fetch_profile, gunicorn, run_server, uvicorn
+from .servers import Server, fetch_profile, gunicorn, request_path, run_server, uvicorn
 from .test_servers import _linked_spans
 
 pytestmark = pytest.mark.e2e
@@ -72,8 +72,7 @@ def _check(server: Server) -> None:
     seen: set[str] = set()
     for span in linked:
         attributes = span["attributes"]
-        # OTel's generic ASGI/WSGI middleware still emits the old HTTP conventions.
-        path = attributes.get("url.path") or attributes["http.target"]
+        path = request_path(span)
         url = attributes[PROFILE_URL]
         span_id = span["context"]["span_id"].removeprefix("0x")
         assert url.startswith(server.base_url) and url.endswith(f"?span_id={span_id}")
@@ -113,7 +112,7 @@ def _instrumented_requests(server: Server) -> None:
 def _check_profiles(linked: list[dict[str, object]]) -> None:
     for span in linked:
         attributes: Any = span["attributes"]
-        path = attributes.get("url.path") or attributes["http.target"]
+        path = request_path(span)
         function = PATHS[path][1]
         response = fetch_profile(attributes[PROFILE_URL])
         assert response.status_code == 200 and function in response.text, path
@@ -188,7 +187,7 @@ def test_django_always_on_profiles_async_views(tmp_path: Path, server_kind: str)
         found: dict[str, int] = {}
         for span in linked:
             attributes: Any = span["attributes"]
-            path = attributes.get("url.path") or attributes["http.target"]
+            path = request_path(span)
             response = fetch_profile(attributes[PROFILE_URL])
             assert response.status_code == 200, path
             found[path] = found.get(path, 0) + (PATHS[path][1] in response.text)
@@ -212,10 +211,7 @@ def test_requests_after_a_large_upload_on_one_connection_get_their_own_spans(
             for path in PATHS:
                 assert client.get(path).status_code == 200
         linked = _linked_spans(server, 1 + len(PATHS))
-        by_path = {
-            span["attributes"].get("url.path") or span["attributes"]["http.target"]: span
-            for span in linked
-        }
+        by_path = {request_path(span): span for span in linked}
         assert set(by_path) >= {"/health/", *PATHS}, sorted(by_path)
         traces = {span["context"]["trace_id"] for span in by_path.values()}
         assert len(traces) == len(by_path)

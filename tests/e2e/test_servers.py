@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from ..helpers import free_port
-from .servers import Server, fetch_profile, gunicorn, run_server, uvicorn
+from .servers import Server, fetch_profile, gunicorn, request_path, run_server, uvicorn
 
 pytestmark = pytest.mark.e2e
 
@@ -181,7 +181,7 @@ def test_concurrent_async_requests_never_mix_under_uvicorn(tmp_path: Path) -> No
             if not url:
                 continue
             text = fetch_profile(url, "folded").text
-            path = span["attributes"].get("url.path") or span["attributes"]["http.target"]
+            path = request_path(span)
             own = "marker_alpha_work" if path == "/alpha" else "marker_beta_work"
             other = "marker_beta_work" if own == "marker_alpha_work" else "marker_alpha_work"
             assert own in text, text
@@ -257,7 +257,7 @@ def test_workers_recycled_under_load_lose_no_profile(server_name: str, tmp_path:
         assert log.count(recycled) >= 4, log
         deadline = time.monotonic() + 15
         while True:
-            spans = [s for s in server.server_spans() if _path(s) == "/cpu"]
+            spans = [s for s in server.server_spans() if request_path(s) == "/cpu"]
             if len(spans) >= answered or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
@@ -273,10 +273,3 @@ def test_workers_recycled_under_load_lose_no_profile(server_name: str, tmp_path:
             for s in spans
         }
         assert linked <= listed, sorted(linked - listed)
-
-
-def _path(span: dict[str, Any]) -> str:
-    """The request's path, in the new semantic conventions (``url.path``, uvicorn) or the
-    old ones (``http.target``, OTel's WSGI attributes)."""
-    attributes = span["attributes"]
-    return str(attributes.get("url.path") or attributes.get("http.target", "")).split("?")[0]
