@@ -4,7 +4,10 @@ The thread starts on first use and again in a forked child (gunicorn ``--preload
 since threads do not survive ``fork()``. It exits after ``IDLE_SECONDS`` with nothing to
 do and starts again with the next item, so a process that builds many apps (a test
 suite) does not keep an idle thread per app. ``offer`` never blocks: a full queue
-refuses the item, and the caller counts the drop.
+refuses the item, and the caller counts the drop. The queue is bounded twice: by its
+number of items, and by the samples of the profiles it holds (:data:`QUEUED_SAMPLES`), so
+that a stalled store or receiver with long profiles waiting cannot take the process's
+memory (256 profiles at ``max_samples`` would be about 1.9 GB).
 
 The thread works in a context of its own, with OpenTelemetry instrumentation suppressed:
 the exporters' HTTP posts and the store's queries are the profiler's plumbing, not the
@@ -30,6 +33,11 @@ from ._fork import renew_locks_in_children
 __all__ = ["BatchingThread"]
 
 _STOP = object()
+QUEUED_SAMPLES = 160_000
+"""Most samples the profiles waiting in one queue (and the batch being processed) may
+hold in all: about 60 MB (a sample of a 30-frame stack takes about 375 bytes in memory),
+room for 8 profiles at the default ``max_samples`` or 800 of a second each. A profile
+larger than that is still taken when the queue holds no other."""
 IDLE_SECONDS = 2.0
 """An idle thread exits after this long: a test suite that builds an app per test (each
 app's middleware has its own writer) keeps a thread only for the apps of the last moment
@@ -55,12 +63,24 @@ class BatchingThread:
         name: the thread's name.
         queue_size: items that may wait; more are refused.
         batch_size: most items handed to one :meth:`_process` call.
+        queued_samples: most samples (:meth:`_samples`) the items waiting and being
+            processed may hold in all; an item over it is refused unless none is held.
     """
 
-    def __init__(self, name: str, queue_size: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        queue_size: int,
+        batch_size: int,
+        *,
+        queued_samples: int = QUEUED_SAMPLES,
+    ) -> None:
         self._thread_name = name
         self._queue_size = max(1, queue_size)
         self._batch_size = max(1, batch_size)
+        self._queued_samples = max(1, queued_samples)
+        self._held_samples = 0  # of the items queued or being processed
+        self._held_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pid = -1  # the process whose thread runs now; -1: none runs
         self._queue_pid = os.getpid()  # the process the queue belongs to
@@ -71,9 +91,11 @@ class BatchingThread:
     def renew_locks(self) -> None:
         """In a forked child: the parent's thread may have held the lock (exiting idle)."""
         self._lock = threading.Lock()
+        self._held_lock = threading.Lock()
 
     def offer(self, item: object) -> bool:
-        """Queue ``item``; never blocks. False when the queue is full or the process exits."""
+        """Queue ``item``; never blocks. False when the queue is full (in items or in
+        samples) or the process exits."""
         if self._pid != os.getpid():
             if _exiting or sys.is_finalizing():
                 # Starting a thread now can wait forever (CPython 3.11 blocks in
@@ -81,11 +103,31 @@ class BatchingThread:
                 # its profile only if the thread already runs.
                 return False
             self._start()
+        samples = self._samples(item)
+        with self._held_lock:
+            held = self._held_samples
+            if held and held + samples > self._queued_samples:
+                return False
+            self._held_samples = held + samples
         try:
             self._queue.put_nowait(item)
         except queue.Full:
+            self._release(samples)
             return False
         return True
+
+    def held_samples(self) -> int:
+        """The samples the items waiting and being processed hold now."""
+        return self._held_samples
+
+    def _samples(self, item: object) -> int:
+        """How many samples ``item`` holds (what :data:`QUEUED_SAMPLES` bounds); 0 here."""
+        return 0
+
+    def _release(self, samples: int) -> None:
+        if samples:
+            with self._held_lock:
+                self._held_samples = max(0, self._held_samples - samples)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued item is processed (tests, shutdown). True if drained."""
@@ -135,6 +177,7 @@ class BatchingThread:
                 stop = True
             else:
                 taken.append(item)
+        self._release(sum(self._samples(item) for item in taken))
         if stop:
             self.ask_to_stop()
         return taken
@@ -165,6 +208,7 @@ class BatchingThread:
             if self._queue_pid != pid:  # a forked child starts afresh
                 self._queue = queue.Queue(self._queue_size)
                 self._queue_pid = pid
+                self._held_samples = 0
             self._thread = threading.Thread(
                 target=self._run, args=(self._queue,), name=self._thread_name, daemon=True
             )
@@ -199,7 +243,10 @@ class BatchingThread:
                     if item is not _STOP and not isinstance(item, threading.Event)
                 ]
                 if items:
-                    self._process(items)
+                    try:
+                        self._process(items)
+                    finally:
+                        self._release(sum(self._samples(item) for item in items))
                 for item in batch:
                     if isinstance(item, threading.Event):
                         item.set()

@@ -19,6 +19,8 @@ from otelprof_middleware.profiling._writer import ProfileWriter
 from otelprof_middleware.profiling.always_on import AlwaysOnSampler
 from otelprof_middleware.stores import MemoryStore
 
+from .helpers import make_summary, marker_alpha, profile
+
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
 
@@ -33,6 +35,7 @@ def _lock_getters() -> dict[str, Callable[[], Any]]:
         "sampler tick": lambda: sampler._tick_lock,
         "sampler thread": lambda: sampler.thread._lock,
         "writer thread": lambda: writer._lock,
+        "writer samples": lambda: writer._held_lock,
         "store opener": lambda: opener._lock,
         "shared stores": lambda: _store_opener._shared.lock,
     }
@@ -84,3 +87,34 @@ def test_a_forked_child_counts_from_zero() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child started from the parent's counts"
     assert _failsafe.snapshot() == {"written": 3, "test.tallied": 1, "failed.store.put": 1}
+
+
+def test_a_forked_childs_writer_holds_none_of_the_parents_samples() -> None:
+    """Profiles queued in the parent stay the parent's: a child that counted them as
+    its own would refuse its own profiles once the parent's filled the samples bound."""
+    release = threading.Event()
+    store = MemoryStore()
+
+    def stalled_store() -> MemoryStore:
+        release.wait(10)
+        return store
+
+    session = profile(lambda: marker_alpha(0.003), interval=0.0005)
+    samples = len(session.frame_records)
+    writer = ProfileWriter(stalled_store, queue_size=10, queued_samples=2 * samples)
+    try:
+        assert writer.submit(make_summary(0), session)
+        assert writer.submit(make_summary(1), session)
+        assert not writer.submit(make_summary(2), session)  # the parent's bound is reached
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            release.set()  # (the child's own store answers at once)
+            ok = writer.submit(make_summary(3), session)  # the parent's bound would refuse it
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        writer.close()
+    assert os.waitstatus_to_exitcode(status) == 0, "the child counted the parent's samples"

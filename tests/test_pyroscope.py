@@ -182,6 +182,23 @@ def test_a_full_queue_drops_and_counts_without_waiting(
     assert pyroscope_receiver.errors == []
 
 
+def test_profiles_waiting_for_the_receiver_count_against_the_samples_bound(
+    pyroscope_receiver: Receiver, exporters: list[Any]
+) -> None:
+    pyroscope_receiver.gate.clear()  # a stalled receiver
+    exporter = PyroscopeExporter(pyroscope_receiver.url, batch_size=1)
+    exporters.append(exporter)
+    session = sample_session()
+    for _ in range(3):
+        assert exporter.submit(exported_summary(), session, SpanFacts())
+    # held from the queue until delivered: what QUEUED_SAMPLES bounds
+    assert exporter.held_samples() == 3 * len(session.frame_records) > 0
+    pyroscope_receiver.gate.set()
+    assert exporter.flush(10)
+    assert exporter.held_samples() == 0
+    assert snapshot().get("pyroscope.exported") == 3
+
+
 def test_after_close_profiles_are_dropped(exporters: list[Any]) -> None:
     exporter = PyroscopeExporter("http://127.0.0.1:9")
     exporters.append(exporter)

@@ -48,6 +48,72 @@ def test_drops_and_counts_when_the_queue_is_full() -> None:
     assert len(store.list()) == accepted.count(True)
 
 
+def test_drops_and_counts_when_the_waiting_profiles_hold_too_many_samples() -> None:
+    """The queue is bounded by its profiles' samples too: long profiles waiting for a
+    stalled store must not take the process's memory, however few they are."""
+    release = threading.Event()
+    store = MemoryStore()
+
+    def stalled_store() -> MemoryStore:
+        release.wait(10)
+        return store
+
+    session = _session()
+    samples = len(session.frame_records)
+    assert samples >= 3
+    writer = ProfileWriter(stalled_store, queue_size=100, queued_samples=3 * samples)
+    accepted = [writer.submit(make_summary(index), session) for index in range(10)]
+    assert accepted == [True] * 3 + [False] * 7  # far below queue_size: the samples bound
+    assert writer.held_samples() == 3 * samples
+    assert counters()["dropped.queue_full"] == 7
+    release.set()
+    assert writer.flush()
+    assert writer.held_samples() == 0  # written: their room is free again
+    assert writer.submit(make_summary(10), session)
+    writer.close()
+    assert sorted(s.trace_id for s in store.list()) == [
+        make_summary(n).trace_id for n in (0, 1, 2, 10)
+    ]
+
+
+def test_a_profile_larger_than_the_samples_bound_is_taken_when_none_waits() -> None:
+    store = MemoryStore()
+    release = threading.Event()
+
+    def stalled_store() -> MemoryStore:
+        release.wait(10)
+        return store
+
+    session = _session()
+    writer = ProfileWriter(stalled_store, queue_size=10, queued_samples=1)
+    assert writer.submit(make_summary(0), session)  # nothing held: taken, whatever its size
+    assert not writer.submit(make_summary(1), session)
+    release.set()
+    writer.close()
+    assert [s.trace_id for s in store.list()] == [make_summary(0).trace_id]
+
+
+def test_profiles_taken_back_at_shutdown_free_their_samples() -> None:
+    release = threading.Event()
+    store = MemoryStore()
+
+    def stalled_store() -> MemoryStore:
+        release.wait(10)
+        return store
+
+    session = _session()
+    writer = ProfileWriter(stalled_store, queue_size=10)
+    for index in range(4):
+        assert writer.submit(make_summary(index), session)
+    taken = writer.take_queued()
+    # one profile may be in the writer's hands already; the rest are taken back
+    assert len(taken) in (3, 4)
+    assert writer.held_samples() == (4 - len(taken)) * len(session.frame_records)
+    release.set()
+    writer.close()
+    assert writer.held_samples() == 0
+
+
 def test_a_failing_store_is_counted_and_the_writer_keeps_going() -> None:
     calls = 0
     store = MemoryStore()

@@ -113,7 +113,8 @@ class HttpExporter(BatchingThread):
         thread_name: the delivery thread's name.
         prefix: the counters' prefix (``<prefix>.exported``, ``<prefix>.failed``, ...)
             and the failure stage ``<prefix>.push``.
-        queue_size: profiles that may wait; more are dropped and counted.
+        queue_size: profiles that may wait; more are dropped and counted, as are
+            profiles beyond :data:`~.._background.QUEUED_SAMPLES` samples in all.
         batch_size: most profiles handed to one :meth:`_send`.
         timeout: seconds per HTTP request.
         transport: an httpx transport (tests).
@@ -157,6 +158,9 @@ class HttpExporter(BatchingThread):
             count(f"{self._prefix}.dropped.queue_full")
             return False
         return True
+
+    def _samples(self, item: object) -> int:
+        return len(item.session.frame_records) if isinstance(item, QueuedProfile) else 0
 
     def span_attributes(self, summary: ProfileSummary) -> Mapping[str, str]:
         """Attributes for the span of an accepted profile (none unless overridden)."""

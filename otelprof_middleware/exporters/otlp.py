@@ -214,7 +214,8 @@ class OtlpProfilesExporter(HttpExporter):
             accepted profile: say so only when the profiles end up in Grafana Pyroscope,
             which labels each sample with its link's span id
             (``OTELPROF_OTLP_PROFILES_PYROSCOPE``).
-        queue_size: profiles that may wait (default 256); more are dropped and counted.
+        queue_size: profiles that may wait (default 256); more are dropped and counted,
+            as are profiles beyond ``QUEUED_SAMPLES`` samples in all (see the base).
         batch_size: at most this many profiles per request (default 32).
         retry: the retry policy (default: 5 attempts within 30 s, backoff from 1 s).
         transport: an httpx transport (tests).

@@ -80,7 +80,8 @@ class PyroscopeExporter(HttpExporter):
             ``service.name`` (default ``unknown_service``). Grafana's default profile
             query is ``{service_name="<the span's service.name>"}``.
         tenant_id: sent as ``X-Scope-OrgID`` (multi-tenant Pyroscope).
-        queue_size: profiles that may wait (default 256); more are dropped and counted.
+        queue_size: profiles that may wait (default 256); more are dropped and counted,
+            as are profiles beyond ``QUEUED_SAMPLES`` samples in all (see the base).
         batch_size: at most this many profiles per request (default 32).
         timeout: seconds per HTTP request (default 5).
         transport: an httpx transport (tests).

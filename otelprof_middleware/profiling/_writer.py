@@ -1,8 +1,9 @@
 """Background writer: serialisation and store writes happen off the request path.
 
-The queue is bounded; when it is full the profile is dropped and counted, the request
-never waits. The thread (:class:`BatchingThread`) starts on first use and again in a
-forked child (gunicorn ``--preload``).
+The queue is bounded, in profiles (``writer_queue_size``) and in their samples
+(:data:`~.._background.QUEUED_SAMPLES`); when it is full the profile is dropped and
+counted, the request never waits. The thread (:class:`BatchingThread`) starts on first
+use and again in a forked child (gunicorn ``--preload``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 from pyinstrument.session import Session
 
-from .._background import BatchingThread
+from .._background import QUEUED_SAMPLES, BatchingThread
 from .._failsafe import count, fail_open, log_event, log_failure, logger
 from .._record import ProfileRecord, ProfileSummary
 from ..stores._base import ProfileStore
@@ -26,11 +27,20 @@ class ProfileWriter(BatchingThread):
 
     Args:
         get_store: returns the store to write to (may raise; the failure is counted).
-        queue_size: profiles that may wait; more are dropped (counter ``dropped.queue_full``).
+        queue_size: profiles that may wait; more are dropped (counter ``dropped.queue_full``),
+            as are profiles beyond ``queued_samples`` samples in all.
+        queued_samples: most samples the waiting profiles may hold in all (a profile
+            over it is taken when none waits).
     """
 
-    def __init__(self, get_store: Callable[[], ProfileStore], queue_size: int) -> None:
-        super().__init__("otelprof-writer", queue_size, BATCH_SIZE)
+    def __init__(
+        self,
+        get_store: Callable[[], ProfileStore],
+        queue_size: int,
+        *,
+        queued_samples: int = QUEUED_SAMPLES,
+    ) -> None:
+        super().__init__("otelprof-writer", queue_size, BATCH_SIZE, queued_samples=queued_samples)
         self._get_store = get_store
 
     def submit(self, summary: ProfileSummary, session: Session) -> bool:
@@ -40,11 +50,18 @@ class ProfileWriter(BatchingThread):
         count("dropped.queue_full")
         log_event(
             "writer.queue_full",
-            "otelprof: the profile writer's queue is full (writer_queue_size=%d); "
-            "profiles are dropped and counted in dropped.queue_full",
+            "otelprof: the profile writer's queue is full (writer_queue_size=%d profiles, "
+            "or %d samples in all: the store is slow or unreachable); profiles are dropped "
+            "and counted in dropped.queue_full",
             self._queue_size,
+            self._queued_samples,
         )
         return False
+
+    def _samples(self, item: object) -> int:
+        assert isinstance(item, tuple)
+        session: Session = item[1]
+        return len(session.frame_records)
 
     def note_unwritten(self, waited: float) -> int:
         """At shutdown, after a flush that did not end within ``waited`` seconds (a slow
