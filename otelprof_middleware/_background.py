@@ -34,8 +34,9 @@ __all__ = ["BatchingThread"]
 
 _STOP = object()
 QUEUED_SAMPLES = 160_000
-"""Most samples the profiles waiting in one queue (and the batch being processed) may
-hold in all: about 60 MB (a sample of a 30-frame stack takes about 375 bytes in memory),
+"""Most sample records (``frame_records``) the profiles waiting in one queue (and the
+batch being processed) may hold in all: about 60 MB (a record of a 30-frame stack takes
+about 375 bytes in memory),
 room for 8 profiles at the default ``max_samples`` or 800 of a second each. A profile
 larger than that is still taken when the queue holds no other."""
 IDLE_SECONDS = 2.0

@@ -541,6 +541,8 @@ def test_a_wsgi_stream_sleeping_between_events_keeps_a_record_per_stretch_not_pe
     assert len(sent) == events
     text = text_of(session)
     assert len(session.frame_records) <= 3 * events, text
+    # ... and each tick still counts as a sample (about 300 at 2 ms over 0.6 s)
+    assert session.sample_count >= 4 * len(session.frame_records), text
     under_app = sum(
         seconds
         for stack, seconds in session.frame_records

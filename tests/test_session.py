@@ -127,6 +127,32 @@ def test_sample_cap_counts_dropped_samples() -> None:
     assert "15 samples dropped" in request.to_session(0.1).target_description
 
 
+def test_equal_samples_in_a_row_share_a_record_and_each_still_counts() -> None:
+    """Always-on merges equal stacks in a row into one record (memory); the profile's
+    sample count must still say how many samples were taken: a request that spent 120 ms
+    in one call at a 5 ms interval said "Samples: 1"."""
+    request = RequestProfile(0.005, 10, [], True)
+    spinning, waiting = ["root\x00file\x001", "spin\x00file\x002"], ["root\x00file\x001"]
+    for _ in range(24):
+        request.add(spinning, 0.005)
+    for _ in range(3):
+        request.add_wait(waiting, 0.005)
+    request.add(waiting, 0.005, waiting=True)
+    assert len(request.records) == 3
+    assert request.samples == 28
+    session = request.to_session(0.14)
+    assert session.sample_count == 28
+    assert len(session.frame_records) == 3
+
+
+def test_dropped_samples_are_not_counted_as_recorded() -> None:
+    request = RequestProfile(0.005, 10, [], True)
+    for index in range(25):  # each stack differs from the last: a record each
+        request.add([f"f{index}\x00file\x001"], 0.005)
+    assert (request.samples, request.dropped_samples) == (10, 15)
+    assert request.to_session(0.1).sample_count == 10
+
+
 def test_a_hook_exception_never_reaches_user_code() -> None:
     class Exploding(RequestProfile):
         def add(self, stack: list[str], seconds: float) -> None:

@@ -76,7 +76,7 @@ class Keeper:
                 status_code=status_code,
                 duration_ms=round(duration * 1000.0, 3),
                 start_time=request.start_wall,
-                sample_count=len(request.records),
+                sample_count=request.samples,
                 mode="always_on" if request.continuous else "hook",
                 interval_ms=round(request.interval * 1000.0, 3),
                 kept_reason=reason,
