@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any, Unpack
@@ -21,6 +22,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 from ._adapter_parts import build_parts
 from ._config import Settings
 from ._failsafe import log_failure
+from ._fork import renew_locks_in_children
 from ._inner_join import (
     JOINER_KEY,
     FalconSpanJoiner,
@@ -101,9 +103,13 @@ class WSGIProfilingMiddleware:
         self._trigger_key = "HTTP_" + self.config.trigger_header.upper().replace("-", "_")
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         # At the first request: is the app instrumented inside (FlaskInstrumentor,
-        # DjangoInstrumentor)? Then its requests are profiled from in there.
+        # DjangoInstrumentor)? Then its requests are profiled from in there. Checked
+        # under a lock: the first requests of a threaded server arrive together, and one
+        # that went on before the check ended would open a second server span.
         self._inside_checked = False
         self._joins_inside = False
+        self._inside_lock = threading.Lock()
+        renew_locks_in_children(self)
         self._joiner: InnerJoiner | None = None  # (Django: handed over)
         self._is_joiner = False  # a copy below OTel's WSGI middleware: joins or passes
         self._otel_excluded = otel_excluded_urls("WSGI")
@@ -149,8 +155,7 @@ class WSGIProfilingMiddleware:
         if self._is_joiner:
             return _PASS  # OTel's middleware above traces not this one
         if not self._inside_checked:
-            self._inside_checked = True
-            self._joins_inside = self._join_inside()
+            self._check_inside()
         if self._joins_inside:
             if self._joiner is not None:
                 environ[JOINER_KEY] = self._joiner  # for Django's RouteMiddleware
@@ -160,6 +165,21 @@ class WSGIProfilingMiddleware:
         ):
             return _PASS  # as OTel's instrumentations leave it out: no span, no profile
         return _OPEN_SPAN
+
+    def renew_locks(self) -> None:
+        """In a forked child: a thread of the parent may have held the lock."""
+        self._inside_lock = threading.Lock()
+
+    def _check_inside(self) -> None:
+        """Decide once, at the first request, whether requests are joined from inside
+        the app; requests arriving meanwhile wait for the decision."""
+        with self._inside_lock:
+            if self._inside_checked:
+                return
+            try:
+                self._joins_inside = self._join_inside()
+            finally:  # (a failure is not retried at every request: our own span then)
+                self._inside_checked = True
 
     def _join_inside(self) -> bool:
         """When FlaskInstrumentor, FalconInstrumentor or DjangoInstrumentor (with our

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from otelprof_middleware import Config, _failsafe
+from otelprof_middleware import Config, WSGIProfilingMiddleware, _failsafe
 from otelprof_middleware.profiling import _store_opener
 from otelprof_middleware.profiling._store_opener import StoreOpener
 from otelprof_middleware.profiling._writer import ProfileWriter
@@ -29,6 +29,7 @@ def _lock_getters() -> dict[str, Callable[[], Any]]:
     writer = ProfileWriter(MemoryStore, queue_size=1)
     opener = StoreOpener(Config.load({}, store="memory://"))
     store = MemoryStore()
+    middleware = WSGIProfilingMiddleware(lambda environ, start_response: [], profile_store=store)
     return {
         "failure counters": lambda: _failsafe._lock,  # (rebound in the child: read late)
         "memory store": lambda: store._lock,
@@ -36,6 +37,7 @@ def _lock_getters() -> dict[str, Callable[[], Any]]:
         "sampler thread": lambda: sampler.thread._lock,
         "writer thread": lambda: writer._lock,
         "writer samples": lambda: writer._held_lock,
+        "WSGI first-request check": lambda: middleware._inside_lock,
         "store opener": lambda: opener._lock,
         "shared stores": lambda: _store_opener._shared.lock,
     }

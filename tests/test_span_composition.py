@@ -520,6 +520,57 @@ def test_flask_instrumentor_keeps_its_server_span_and_gets_the_link(otel: Otel, 
     assert "marker_alpha" in text_of(record.session())
 
 
+def test_first_requests_arriving_together_all_join_the_flask_instrumentors_span(
+    otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request finds out whether the app is instrumented inside; a request
+    arriving meanwhile waits for the answer. It went on as if not: our own SERVER span,
+    FlaskInstrumentor's demoted to INTERNAL under it (a real-user trial: 1 trial in 4
+    with 6 first requests at once, under a short switch interval)."""
+    import threading
+
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+
+    from otelprof_middleware import WSGIProfilingMiddleware, wsgi
+
+    checking, second_sent = threading.Event(), threading.Event()
+    found_by_the_check = wsgi.instrumented_flask_app
+
+    def slow_check(app: Any) -> Any:  # the first request's check, held open
+        checking.set()
+        second_sent.wait(0.3)  # (the second request never sets it: it is waiting)
+        return found_by_the_check(app)
+
+    monkeypatch.setattr(wsgi, "instrumented_flask_app", slow_check)
+    flask_app = flask_items_app()
+    FlaskInstrumentor().instrument_app(flask_app, tracer_provider=otel[0])
+    try:
+        middleware = WSGIProfilingMiddleware(flask_app.wsgi_app, **ours(otel))
+        flask_app.wsgi_app = middleware  # type: ignore[method-assign]
+        texts: list[str] = []
+        first = threading.Thread(
+            target=lambda: texts.append(flask_app.test_client().get("/items/1").text)
+        )
+        first.start()
+        assert checking.wait(5)
+        texts.append(flask_app.test_client().get("/items/2").text)
+        second_sent.set()
+        first.join(5)
+    finally:
+        FlaskInstrumentor().uninstrument_app(flask_app)
+    middleware.core.writer.flush(timeout=5.0)
+    assert sorted(texts) == ["item 1", "item 2"]
+    spans = otel[1].get_finished_spans()
+    assert (
+        sorted((s.kind.name, s.instrumentation_scope.name) for s in spans)
+        == [  # type: ignore[union-attr]
+            ("SERVER", "opentelemetry.instrumentation.flask")
+        ]
+        * 2
+    )
+    assert all((s.attributes or {}).get(PROFILE_URL) for s in spans)
+
+
 def test_flask_instrumentor_failed_request_is_kept_as_error(
     otel: Otel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
