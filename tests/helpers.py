@@ -93,6 +93,20 @@ def slow_writes(store_class: type[Any], seconds: float = 0.3) -> type[Any]:
     return SlowWrites
 
 
+def stalled_store() -> tuple[Any, threading.Event, Callable[[], Any]]:
+    """A memory store, an event, and a store getter that waits (10 s at most) until the
+    event is set: a writer given the getter is stalled until then."""
+    from otelprof_middleware.stores import MemoryStore
+
+    store, release = MemoryStore(), threading.Event()
+
+    def get() -> MemoryStore:
+        release.wait(10)
+        return store
+
+    return store, release, get
+
+
 def until_it_holds(attempt: Callable[[], str | None], attempts: int = 3) -> None:
     """Run ``attempt`` until it returns None (its claim held), ``attempts`` times at most;
     else fail, with the shortfall each run described.

@@ -19,7 +19,7 @@ from otelprof_middleware.profiling._writer import ProfileWriter
 from otelprof_middleware.profiling.always_on import AlwaysOnSampler
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_summary, marker_alpha, profile
+from .helpers import make_summary, marker_alpha, profile, stalled_store
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
@@ -94,16 +94,10 @@ def test_a_forked_child_counts_from_zero() -> None:
 def test_a_forked_childs_writer_holds_none_of_the_parents_samples() -> None:
     """Profiles queued in the parent stay the parent's: a child that counted them as
     its own would refuse its own profiles once the parent's filled the samples bound."""
-    release = threading.Event()
-    store = MemoryStore()
-
-    def stalled_store() -> MemoryStore:
-        release.wait(10)
-        return store
-
+    _, release, get_store = stalled_store()
     session = profile(lambda: marker_alpha(0.003), interval=0.0005)
     samples = len(session.frame_records)
-    writer = ProfileWriter(stalled_store, queue_size=10, queued_samples=2 * samples)
+    writer = ProfileWriter(get_store, queue_size=10, queued_samples=2 * samples)
     try:
         assert writer.submit(make_summary(0), session)
         assert writer.submit(make_summary(1), session)

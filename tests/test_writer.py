@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from pyinstrument.session import Session
@@ -9,7 +8,7 @@ from otelprof_middleware import counters
 from otelprof_middleware.profiling._writer import ProfileWriter
 from otelprof_middleware.stores import MemoryStore
 
-from .helpers import make_summary, marker_alpha, profile
+from .helpers import make_summary, marker_alpha, profile, stalled_store
 
 
 def _session() -> Session:
@@ -30,13 +29,7 @@ def test_writes_in_the_background_and_flushes() -> None:
 
 
 def test_drops_and_counts_when_the_queue_is_full() -> None:
-    release = threading.Event()
-    store = MemoryStore()
-
-    def slow_store() -> MemoryStore:
-        release.wait(10)
-        return store
-
+    store, release, slow_store = stalled_store()
     writer = ProfileWriter(slow_store, queue_size=2)
     session = _session()
     accepted = [writer.submit(make_summary(index), session) for index in range(10)]
@@ -51,17 +44,11 @@ def test_drops_and_counts_when_the_queue_is_full() -> None:
 def test_drops_and_counts_when_the_waiting_profiles_hold_too_many_samples() -> None:
     """The queue is bounded by its profiles' samples too: long profiles waiting for a
     stalled store must not take the process's memory, however few they are."""
-    release = threading.Event()
-    store = MemoryStore()
-
-    def stalled_store() -> MemoryStore:
-        release.wait(10)
-        return store
-
+    store, release, get_store = stalled_store()
     session = _session()
     samples = len(session.frame_records)
     assert samples >= 3
-    writer = ProfileWriter(stalled_store, queue_size=100, queued_samples=3 * samples)
+    writer = ProfileWriter(get_store, queue_size=100, queued_samples=3 * samples)
     accepted = [writer.submit(make_summary(index), session) for index in range(10)]
     assert accepted == [True] * 3 + [False] * 7  # far below queue_size: the samples bound
     assert writer.held_samples() == 3 * samples
@@ -77,15 +64,9 @@ def test_drops_and_counts_when_the_waiting_profiles_hold_too_many_samples() -> N
 
 
 def test_a_profile_larger_than_the_samples_bound_is_taken_when_none_waits() -> None:
-    store = MemoryStore()
-    release = threading.Event()
-
-    def stalled_store() -> MemoryStore:
-        release.wait(10)
-        return store
-
+    store, release, get_store = stalled_store()
     session = _session()
-    writer = ProfileWriter(stalled_store, queue_size=10, queued_samples=1)
+    writer = ProfileWriter(get_store, queue_size=10, queued_samples=1)
     assert writer.submit(make_summary(0), session)  # nothing held: taken, whatever its size
     assert not writer.submit(make_summary(1), session)
     release.set()
@@ -94,15 +75,9 @@ def test_a_profile_larger_than_the_samples_bound_is_taken_when_none_waits() -> N
 
 
 def test_profiles_taken_back_at_shutdown_free_their_samples() -> None:
-    release = threading.Event()
-    store = MemoryStore()
-
-    def stalled_store() -> MemoryStore:
-        release.wait(10)
-        return store
-
+    _, release, get_store = stalled_store()
     session = _session()
-    writer = ProfileWriter(stalled_store, queue_size=10)
+    writer = ProfileWriter(get_store, queue_size=10)
     for index in range(4):
         assert writer.submit(make_summary(index), session)
     taken = writer.take_queued()

@@ -51,8 +51,8 @@ class ProfileWriter(BatchingThread):
         log_event(
             "writer.queue_full",
             "otelprof: the profile writer's queue is full (writer_queue_size=%d profiles, "
-            "or %d samples in all: the store is slow or unreachable); profiles are dropped "
-            "and counted in dropped.queue_full",
+            "or %d sample records in all: the store is slow or unreachable); profiles are "
+            "dropped and counted in dropped.queue_full",
             self._queue_size,
             self._queued_samples,
         )
