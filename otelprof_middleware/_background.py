@@ -36,9 +36,8 @@ _STOP = object()
 QUEUED_SAMPLES = 160_000
 """Most sample records (``frame_records``) the profiles waiting in one queue (and the
 batch being processed) may hold in all: about 60 MB (a record of a 30-frame stack takes
-about 375 bytes in memory),
-room for 8 profiles at the default ``max_samples`` or 800 of a second each. A profile
-larger than that is still taken when the queue holds no other."""
+about 375 bytes in memory), room for 8 profiles at the default ``max_samples`` or 800 of
+a second each. A profile larger than that is still taken when the queue holds no other."""
 IDLE_SECONDS = 2.0
 """An idle thread exits after this long: a test suite that builds an app per test (each
 app's middleware has its own writer) keeps a thread only for the apps of the last moment
